@@ -1,0 +1,67 @@
+"""What every command shares: error reporting, exit codes, output helpers."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from lora_tools.errors import EXIT_ERROR, EXIT_USAGE, LoraToolError
+
+#: Exit code for Ctrl-C, as shells report SIGINT.
+EXIT_INTERRUPTED = 130
+
+
+def error_line(message: str) -> None:
+    """Print one ``loratool: error: ...`` line on stderr."""
+    click.echo(f"loratool: error: {message}", err=True)
+
+
+def run(group: click.Group) -> None:
+    """Run the CLI, mapping every error to one line on stderr and an exit code.
+
+    ``--debug`` anywhere on the command line re-raises with the full traceback.
+    """
+    debug = "--debug" in sys.argv[1:]
+    try:
+        code = group.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        error_line("aborted")
+        sys.exit(EXIT_INTERRUPTED)
+    except click.ClickException as exc:
+        # Usage errors keep click's own formatting (with "Try 'loratool --help'").
+        exc.show()
+        sys.exit(EXIT_USAGE if isinstance(exc, click.UsageError) else exc.exit_code)
+    except LoraToolError as exc:
+        if debug:
+            raise
+        error_line(str(exc))
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        error_line("interrupted; no output was written")
+        sys.exit(EXIT_INTERRUPTED)
+    except BrokenPipeError:
+        sys.exit(0)
+    except Exception as exc:
+        if debug:
+            raise
+        error_line(
+            f"internal error: {type(exc).__name__}: {exc} "
+            "(hint: this is a bug in loratool; rerun with --debug and report the traceback)"
+        )
+        sys.exit(EXIT_ERROR)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def print_json(doc: Any) -> None:
+    """Write one JSON document to stdout."""
+    click.echo(json.dumps(doc, indent=2, sort_keys=False, default=str))
+
+
+def console(stderr: bool = False):
+    """A rich Console for tables on stdout (or progress on stderr)."""
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=False)

@@ -1,0 +1,170 @@
+"""``loratool inspect PATH [--json] [--stats]``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from lora_tools.cli._common import console, print_json
+
+
+@click.command("inspect")
+@click.argument("path")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON document (docs/inspect-json.md)."
+)
+@click.option(
+    "--stats",
+    is_flag=True,
+    help="Per module: ||dW||_F, largest singular value, effective rank (reads the data).",
+)
+def command(path: str, as_json: bool, stats: bool) -> None:
+    """Show what an adapter file or folder holds (PATH may be a Hub id user/name[@rev]).
+
+    \b
+    Example:
+      loratool inspect fixtures/peft/llama-lora
+      loratool inspect adapter.safetensors --stats --json
+    """
+    from lora_tools.io.hub import resolve_input
+    from lora_tools.ops.inspect import inspect_adapter
+
+    report = inspect_adapter(resolve_input(path, role="adapter"), stats=stats)
+    if as_json:
+        print_json(report)
+    else:
+        render(report)
+
+
+def _hist(hist: dict[str, int]) -> str:
+    if len(hist) == 1:
+        return next(iter(hist))
+    return ", ".join(f"{k} x{v}" for k, v in hist.items())
+
+
+def _size(nbytes: int) -> str:
+    value = float(nbytes)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{nbytes} B"
+
+
+def _ranges(indices: list[int]) -> str:
+    if not indices:
+        return ""
+    out, start, prev = [], indices[0], indices[0]
+    for i in [*indices[1:], None]:
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        out.append(str(start) if start == prev else f"{start}-{prev}")
+        if i is not None:
+            start = prev = i
+    return ",".join(out)
+
+
+def render(report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    out = console()
+    mods = report["modules"]
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    base = report["base_model"]
+    rows = [
+        ("file", ", ".join(report["files"])),
+        ("size", _size(report["file_size_bytes"])),
+        ("format", f"{report['format']} ({', '.join(report['variants']) or 'no LoRA modules'})"),
+        (
+            "base model",
+            f"{base['name']}  [dim]({base['source']})[/dim]" if base else "not recorded",
+        ),
+        (
+            "modules",
+            f"{mods['count']}  ({', '.join(f'{k} {v}' for k, v in mods['by_kind'].items())})",
+        ),
+        ("components", ", ".join(f"{k} {v}" for k, v in mods["by_component"].items())),
+        ("targets", ", ".join(f"{k} x{v}" for k, v in mods["targets"].items())),
+        (
+            "blocks",
+            "; ".join(
+                f"{fam} {_ranges(idx)}" if idx else fam for fam, idx in mods["blocks"].items()
+            )
+            or "-",
+        ),
+        ("rank", _hist(report["rank"]["histogram"]) or "-"),
+        ("alpha", _hist(report["alpha"]["histogram"]) or "-"),
+        ("scale", _hist(report["scale"]["histogram"]) or "-"),
+        ("dtypes", ", ".join(f"{k} x{v}" for k, v in report["dtypes"].items())),
+        (
+            "parameters",
+            f"{report['parameters']['lora']:,} LoRA"
+            + (
+                f" + {report['parameters']['passthrough']:,} pass-through"
+                if report["parameters"]["passthrough"]
+                else ""
+            ),
+        ),
+    ]
+    if report["passthrough_tensors"]:
+        names = report["passthrough_tensors"]
+        rows.append(("pass-through", f"{len(names)} tensors, e.g. {names[0]}"))
+    if report["unsupported"]:
+        rows.append(
+            (
+                "unsupported",
+                "[yellow]"
+                + ", ".join(f"{k} ({v} modules)" for k, v in report["unsupported"].items())
+                + "[/yellow]  (detected; math operations refuse them)",
+            )
+        )
+    for key, value in rows:
+        table.add_row(key, value)
+    out.print(table)
+
+    config = report["config"] or {}
+    from lora_tools.ops.inspect import NOTABLE_CONFIG, NOTABLE_METADATA
+
+    notable = [(k, config[k]) for k in NOTABLE_CONFIG if config.get(k) not in (None, {}, [], "")]
+    meta = report["metadata"]
+    notable += [(k, meta[k]) for k in NOTABLE_METADATA if meta.get(k)]
+    if notable:
+        out.print()
+        t = Table(title="config and metadata", title_justify="left", show_header=False, box=None)
+        t.add_column(style="cyan")
+        t.add_column(overflow="fold")
+        for key, value in notable:
+            text = str(value)
+            t.add_row(key, text if len(text) <= 200 else text[:197] + "...")
+        out.print(t)
+
+    stats = report["stats"]
+    if stats:
+        out.print()
+        t = Table(title="per-module update (scaled, from the factors)", title_justify="left")
+        for col in ("module", "rank", "scale", "||dW||_F", "sigma_max", "eff. rank"):
+            t.add_column(col, justify="left" if col == "module" else "right")
+        for row in stats["modules"]:
+            style = "red" if row["outlier"] or not row["finite"] else None
+            t.add_row(
+                row["module"],
+                str(row["rank"]),
+                f"{row['scale']:.4g}",
+                "non-finite" if row["frobenius"] is None else f"{row['frobenius']:.4g}",
+                "" if row["spectral"] is None else f"{row['spectral']:.4g}",
+                "" if row["effective_rank"] is None else f"{row['effective_rank']:.2f}",
+                style=style,
+            )
+        out.print(t)
+        summary = f"median ||dW||_F {stats['frobenius_median']:.4g}"
+        if stats["outliers"]:
+            summary += f"; outliers: {', '.join(stats['outliers'])}"
+        if stats["non_finite"]:
+            summary += f"; NaN/Inf in: {', '.join(stats['non_finite'])}"
+        if stats["zero"]:
+            summary += f"; zero update: {len(stats['zero'])} modules"
+        out.print(summary)

@@ -1,0 +1,171 @@
+"""What every adapter format implements, and the pieces the built-in formats share."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from lora_tools.adapter import Adapter
+from lora_tools.errors import AdapterError, FormatError, UsageError
+from lora_tools.io.safetensors import SafetensorsFile, Tensor
+
+#: Tensor-name suffixes of LyCORIS and other adapter types loratool detects but never computes
+#: with, mapped to the type's name.
+FOREIGN_SUFFIXES: dict[str, str] = {
+    "hada_w1_a": "LoHa",
+    "hada_w1_b": "LoHa",
+    "hada_w2_a": "LoHa",
+    "hada_w2_b": "LoHa",
+    "hada_t1": "LoHa",
+    "hada_t2": "LoHa",
+    "lokr_w1": "LoKr",
+    "lokr_w1_a": "LoKr",
+    "lokr_w1_b": "LoKr",
+    "lokr_w2": "LoKr",
+    "lokr_w2_a": "LoKr",
+    "lokr_w2_b": "LoKr",
+    "lokr_t2": "LoKr",
+    "lora_mid.weight": "Tucker LoCon",
+    "on_input": "IA3",
+    "diff": "full diff",
+    "diff_b": "full diff",
+    "w_norm": "norm",
+    "b_norm": "norm",
+    "oft_blocks": "OFT",
+    "oft_diag": "OFT",
+    "rescale": "OFT",
+    "a1.weight": "GLoRA",
+    "a2.weight": "GLoRA",
+    "b1.weight": "GLoRA",
+    "b2.weight": "GLoRA",
+    "dora_scale": "kohya DoRA",
+    "ia3_l": "IA3",
+    "oft_r": "OFT",
+    "boft_R": "BOFT",
+    "vera_lambda_b": "VeRA",
+    "vera_lambda_d": "VeRA",
+}
+_FOREIGN_RE = re.compile(
+    r"^(?P<stem>.+?)\.(?P<suffix>"
+    + "|".join(re.escape(s) for s in sorted(FOREIGN_SUFFIXES, key=len, reverse=True))
+    + r")(?:\.[A-Za-z0-9_]+)?$"
+)
+
+
+def classify_foreign(key: str) -> tuple[str, str] | None:
+    """``(type, module stem)`` if the key belongs to a LyCORIS / non-LoRA adapter type."""
+    m = _FOREIGN_RE.match(key)
+    if m is None:
+        return None
+    return FOREIGN_SUFFIXES[m.group("suffix")], m.group("stem")
+
+
+def add_foreign(adapter: Adapter, key: str, tensor: Tensor) -> bool:
+    """Keep a foreign tensor as pass-through and note its type; False if the key isn't one."""
+    found = classify_foreign(key)
+    if found is None:
+        return False
+    kind, stem = found
+    stems = adapter.foreign.setdefault(kind, [])
+    if stem not in stems:
+        stems.append(stem)
+    adapter.passthrough[key] = tensor
+    return True
+
+
+@dataclass
+class AdapterSource:
+    """The files an adapter is read from: its weights, and its config when there is one."""
+
+    weights: Path
+    file: SafetensorsFile
+    config: dict[str, Any] | None = None
+    config_path: Path | None = None
+
+    @property
+    def keys(self) -> list[str]:
+        return self.file.keys()
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.file.metadata
+
+
+def read_json_config(path: Path) -> dict[str, Any]:
+    """Parse a JSON config file into a dict, or raise FormatError naming the file."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FormatError(f"cannot read config: {exc}", path=path, kind="config-json") from None
+    except json.JSONDecodeError as exc:
+        raise FormatError(
+            f"config is not valid JSON: {exc}",
+            path=path,
+            hint="fix or regenerate the config",
+            kind="config-json",
+        ) from None
+    if not isinstance(doc, dict):
+        raise FormatError("config is not a JSON object", path=path, kind="config-json")
+    return doc
+
+
+class AdapterFormat:
+    """A naming scheme for LoRA tensors. Subclass it and register it to add a format.
+
+    Third-party formats register through the ``lora_tools.formats`` entry-point group; the entry
+    point names a subclass (or an instance) of this class.
+    """
+
+    #: Short stable name, used by ``--to`` and in JSON output.
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    #: File name used when the output path is a folder.
+    default_filename: ClassVar[str] = "adapter.safetensors"
+
+    def claims(self, key: str) -> bool:
+        """Whether a tensor key is spelled the way this format spells LoRA tensors."""
+        raise NotImplementedError
+
+    def score(self, keys: list[str], metadata: dict[str, str]) -> int:
+        """How many keys this format claims (the format with the highest score reads the file)."""
+        return sum(1 for k in keys if self.claims(k))
+
+    def read(self, source: AdapterSource) -> Adapter:
+        raise NotImplementedError
+
+    def write(self, adapter: Adapter, out: Path, *, refresh_hashes: bool = False) -> Path:
+        """Write ``adapter`` at ``out`` (file or folder, as the format needs); return the
+        weights file written. ``refresh_hashes``: tensors changed, so recompute content hashes
+        kept in metadata.
+        """
+        raise NotImplementedError
+
+
+def unresolved_error(adapter: Adapter, target: str, missing: list[str]) -> UsageError:
+    return UsageError(
+        f"{len(missing)} modules have no known module path (e.g. {missing[0]!r}); "
+        f"{target} names need the dotted path",
+        path=adapter.source,
+        hint="pass --base so kohya names can be resolved against the base checkpoint's keys",
+    )
+
+
+def raise_unknown(source: AdapterSource) -> None:
+    from lora_tools.errors import UnknownFormatError
+
+    sample = ", ".join(repr(k) for k in source.keys[:4]) or "no tensors at all"
+    raise UnknownFormatError(
+        f"tensor names match no known LoRA naming scheme (peft, diffusers, kohya); "
+        f"first keys: {sample}",
+        path=source.weights,
+        hint="is this a LoRA adapter? full checkpoints are bases, pass them with --base",
+        kind="unknown-format",
+    )
+
+
+def ensure(condition: bool, message: str, source: AdapterSource, kind: str) -> None:
+    if not condition:
+        raise AdapterError(message, path=source.weights, kind=kind)

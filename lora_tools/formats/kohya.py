@@ -1,0 +1,219 @@
+"""kohya-ss / sd-scripts LoRA files (and LyCORIS "LoCon", which uses the same keys).
+
+Keys: ``<lora_name>.lora_down.weight`` ``[r, in]`` / ``[r, in, k, k]``, ``.lora_up.weight``
+``[out, r]`` / ``[out, r, 1, 1]`` and ``.alpha`` (a scalar of any dtype, shape ``[]`` or ``[1]``).
+A missing or zero alpha means alpha = r. ``lora_name`` is a prefix (``lora_unet``, ``lora_te``,
+``lora_te1``...) plus the module path with every ``.`` replaced by ``_``: the dotted path cannot be
+recovered from the name alone, so ``path`` stays None until resolved against a base checkpoint.
+
+Training metadata (``ss_*``) is kept as is. ``sshs_model_hash`` is the sha256 of the data buffer;
+writers that change tensors recompute it and drop ``sshs_legacy_hash``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from lora_tools.adapter import CONV, LINEAR, Adapter, LoraModule
+from lora_tools.errors import UsageError
+from lora_tools.formats.base import AdapterFormat, AdapterSource, add_foreign, unresolved_error
+from lora_tools.io.safetensors import (
+    ArrayTensor,
+    Tensor,
+    TensorSpec,
+    reference_order,
+    save_tensors,
+)
+
+#: kohya name prefix -> diffusers pipeline component.
+PREFIXES: dict[str, str] = {
+    "lora_unet": "unet",
+    "lora_te": "text_encoder",
+    "lora_te1": "text_encoder",
+    "lora_te2": "text_encoder_2",
+    "lora_te3": "text_encoder_3",
+    "lora_transformer": "transformer",
+}
+#: component -> the prefix loratool writes.
+COMPONENT_PREFIX = {
+    "unet": "lora_unet",
+    "transformer": "lora_unet",
+    "text_encoder": "lora_te",
+    "text_encoder_2": "lora_te2",
+    "text_encoder_3": "lora_te3",
+}
+_PREFIX_RE = re.compile(r"^(lora_unet|lora_te[123]?|lora_transformer|lycoris)_")
+_ROLE_RE = re.compile(r"^(?P<stem>[^.]+)\.(?P<role>lora_down\.weight|lora_up\.weight|alpha)$")
+_ROLES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+
+
+def flatten_path(path: str) -> str:
+    """A module path as kohya spells it: ``a.b_c.0`` -> ``a_b_c_0``."""
+    return path.replace(".", "_")
+
+
+def kohya_name(component: str | None, path: str) -> str:
+    prefix = COMPONENT_PREFIX.get(component or "unet", "lora_unet")
+    return f"{prefix}_{flatten_path(path)}"
+
+
+def split_name(stem: str) -> tuple[str | None, str]:
+    """``(component, flattened path)`` of a kohya module name."""
+    m = _PREFIX_RE.match(stem)
+    if m is None:
+        return None, stem
+    return PREFIXES.get(m.group(1)), stem[m.end() :]
+
+
+def read_scalar(tensor: Tensor) -> float:
+    """The value of a scalar-like tensor (shape ``[]`` or ``[1]``); NaN if not scalar-like."""
+    if tensor.numel != 1:
+        return float("nan")
+    return float(np.asarray(tensor.numpy(), dtype=np.float64).reshape(()))
+
+
+def data_sha256(tensors: dict[str, Tensor]) -> str:
+    """sha256 of the data buffer a reference-ordered file of these tensors would hold."""
+    digest = hashlib.sha256()
+    specs = reference_order(TensorSpec(k, t.dtype, t.shape) for k, t in tensors.items())
+    for spec in specs:
+        for chunk in tensors[spec.name].iter_bytes():
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class KohyaFormat(AdapterFormat):
+    """kohya-ss / sd-scripts LoRA and LoCon files."""
+
+    name = "kohya"
+    description = "kohya-ss / sd-scripts (lora_unet_* / lora_te*_ with lora_down / lora_up / alpha)"
+    default_filename = "lora.safetensors"
+
+    def claims(self, key: str) -> bool:
+        return bool(_PREFIX_RE.match(key)) or ".lora_down." in key or ".lora_up." in key
+
+    def read(self, source: AdapterSource) -> Adapter:
+        adapter = Adapter(
+            format=self.name, metadata=source.metadata, source=source.weights, config=None
+        )
+        parts: dict[str, dict[str, tuple[str, Tensor]]] = {}
+        for key in source.keys:
+            tensor = source.file.tensor(key)
+            if add_foreign(adapter, key, tensor):
+                continue
+            m = _ROLE_RE.match(key)
+            if m is None:
+                adapter.passthrough[key] = tensor
+                continue
+            parts.setdefault(m.group("stem"), {})[_ROLES[m.group("role")]] = (key, tensor)
+
+        foreign_stems = {s for stems in adapter.foreign.values() for s in stems}
+        for stem, roles in parts.items():
+            if stem in foreign_stems or "down" not in roles or "up" not in roles:
+                # LyCORIS modules keep their alpha; lone factors are kept for validate to report.
+                for key, tensor in roles.values():
+                    adapter.passthrough[key] = tensor
+                continue
+            (down_key, down), (up_key, up) = roles["down"], roles["up"]
+            if len(down.shape) < 2 or len(up.shape) < 2:
+                for key, tensor in roles.values():
+                    adapter.passthrough[key] = tensor
+                continue
+            component, _ = split_name(stem)
+            keys = {"down": down_key, "up": up_key}
+            alpha: float | None = None
+            alpha_tensor = None
+            if "alpha" in roles:
+                keys["alpha"], alpha_tensor = roles["alpha"]
+                value = read_scalar(alpha_tensor)
+                alpha = None if value == 0 else value
+            adapter.modules[stem] = LoraModule(
+                key=stem,
+                down=down,
+                up=up,
+                alpha=alpha,
+                kind=CONV if len(down.shape) > 2 else LINEAR,
+                component=component,
+                alpha_tensor=alpha_tensor,
+                keys=keys,
+            )
+        return adapter
+
+    def tensors_for(self, adapter: Adapter) -> dict[str, Tensor]:
+        missing = [m.key for m in adapter.modules.values() if m.path is None and not m.keys]
+        if missing:
+            raise unresolved_error(adapter, self.name, missing)
+        out: dict[str, Tensor] = {}
+        for m in adapter.modules.values():
+            if m.dora or m.bias is not None:
+                raise UsageError(
+                    f"module {m.key!r} has a DoRA magnitude or a LoRA bias, which kohya "
+                    "files cannot hold",
+                    path=adapter.source,
+                    hint="keep this adapter in PEFT or diffusers format",
+                )
+            stem = m.key if m.keys else kohya_name(m.component, m.path or m.key)
+            out[m.keys.get("down", f"{stem}.lora_down.weight")] = m.down
+            out[m.keys.get("up", f"{stem}.lora_up.weight")] = m.up
+            alpha_tensor = self._alpha_tensor(m)
+            if alpha_tensor is not None:
+                out[m.keys.get("alpha", f"{stem}.alpha")] = alpha_tensor
+        out.update(adapter.passthrough)
+        return out
+
+    @staticmethod
+    def _alpha_tensor(m: LoraModule) -> Tensor | None:
+        """The alpha tensor to write: the stored one while it still holds the module's alpha.
+
+        kohya has no rsLoRA, so an rsLoRA module is written with the alpha that gives the same
+        scale under alpha / r. A changed alpha is stored in the old tensor's shape, as float32.
+        """
+        alpha = m.scale * m.rank if m.rslora else m.alpha
+        if m.alpha_tensor is not None:
+            stored = read_scalar(m.alpha_tensor)
+            if (alpha is None and stored == 0) or alpha == stored:
+                return m.alpha_tensor
+            value = np.array(m.rank if alpha is None else alpha, np.float64)
+            return ArrayTensor(value.reshape(m.alpha_tensor.shape), "F32")
+        if alpha is None:
+            return None
+        return ArrayTensor(np.array(alpha, np.float64), "F32")
+
+    def write(self, adapter: Adapter, out: Path, *, refresh_hashes: bool = False) -> Path:
+        if out.suffix != ".safetensors":
+            raise UsageError(
+                "kohya adapters are single files", path=out, hint="give a .safetensors output path"
+            )
+        tensors = self.tensors_for(adapter)
+        metadata = dict(adapter.metadata)
+        if refresh_hashes:
+            update_training_metadata(metadata, list(adapter.modules.values()))
+            if "sshs_model_hash" in metadata or "sshs_legacy_hash" in metadata:
+                metadata["sshs_model_hash"] = data_sha256(tensors)
+                metadata.pop("sshs_legacy_hash", None)
+        save_tensors(out, tensors, metadata or None)
+        return out
+
+
+def update_training_metadata(metadata: dict[str, str], modules: list[LoraModule]) -> None:
+    """Make ``ss_network_dim`` / ``ss_network_alpha`` describe ``modules`` again."""
+    if not modules:
+        return
+    ranks = Counter(m.rank for m in modules)
+    alphas = Counter(m.effective_alpha for m in modules)
+    if "ss_network_dim" in metadata:
+        metadata["ss_network_dim"] = str(next(iter(ranks))) if len(ranks) == 1 else "Dynamic"
+    if "ss_network_alpha" in metadata:
+        if len(alphas) == 1:
+            alpha = next(iter(alphas))
+            metadata["ss_network_alpha"] = (
+                str(int(alpha)) if math.isfinite(alpha) and alpha.is_integer() else repr(alpha)
+            )
+        else:
+            metadata["ss_network_alpha"] = "Dynamic"

@@ -1,0 +1,401 @@
+"""PEFT adapters, and the PEFT-style keys diffusers pipelines save with a component prefix.
+
+PEFT keys: ``base_model.model.<path>.lora_A.weight`` ``[r, in]`` and ``.lora_B.weight``
+``[out, r]``; embeddings ``.lora_embedding_A`` / ``.lora_embedding_B`` (no ``.weight``); DoRA
+``.lora_magnitude_vector``; ``lora_bias`` ``.lora_B.bias``. Scale comes from adapter_config.json:
+``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``), with per-module ``rank_pattern`` /
+``alpha_pattern`` where the first key ``k`` (dict order) with
+``re.match(rf"(.*\\.)?({k})$", path)`` wins.
+
+Diffusers writes the same keys prefixed by the component (``unet.``, ``transformer.``,
+``text_encoder.``...) and stores each component's LoraConfig in the ``lora_adapter_metadata``
+metadata entry as one flat JSON object with ``<component>.<field>`` keys.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from lora_tools.adapter import CONV, EMBEDDING, LINEAR, Adapter, LoraModule
+from lora_tools.errors import UsageError
+from lora_tools.formats.base import (
+    AdapterFormat,
+    AdapterSource,
+    add_foreign,
+    ensure,
+    unresolved_error,
+)
+from lora_tools.io.atomic import atomic_dir
+from lora_tools.io.safetensors import Tensor, save_tensors
+
+PEFT_PREFIX = "base_model.model."
+#: Pipeline components whose PEFT-style keys diffusers prefixes with the component name.
+COMPONENTS = (
+    "unet",
+    "transformer",
+    "text_encoder",
+    "text_encoder_2",
+    "text_encoder_3",
+    "prior",
+    "decoder",
+)
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+# role suffix -> (role, kind hint)
+_ROLE_RE = re.compile(
+    r"^(?P<stem>.+)\.(?P<role>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|"
+    r"lora_embedding_B|lora_magnitude_vector(?:\.weight)?)$"
+)
+_ROLES = {
+    "lora_A.weight": "down",
+    "lora_B.weight": "up",
+    "lora_B.bias": "bias",
+    "lora_embedding_A": "down",
+    "lora_embedding_B": "up",
+    "lora_magnitude_vector": "magnitude",
+    "lora_magnitude_vector.weight": "magnitude",
+}
+
+
+def pattern_key(patterns: dict[str, Any], path: str) -> str | None:
+    """The first pattern key that PEFT would match against module ``path``, or None."""
+    for key in patterns:
+        try:
+            if re.match(rf"(.*\.)?({key})$", path):
+                return key
+        except re.error:
+            continue
+    return None
+
+
+def split_stem(stem: str) -> tuple[str | None, str]:
+    """``(component, module path)`` for a PEFT or diffusers key stem."""
+    if stem.startswith(PEFT_PREFIX):
+        return None, stem[len(PEFT_PREFIX) :]
+    head, _, rest = stem.partition(".")
+    if head in COMPONENTS and rest:
+        rest = rest[len(PEFT_PREFIX) :] if rest.startswith(PEFT_PREFIX) else rest
+        return head, rest
+    return None, stem
+
+
+def module_scale_params(config: dict[str, Any] | None, path: str, rank: int) -> tuple[float, bool]:
+    """``(alpha, use_rslora)`` for one module under a PEFT config (alpha = rank without one)."""
+    if not config:
+        return float(rank), False
+    alpha = config.get("lora_alpha", config.get("r", rank))
+    alpha_pattern = config.get("alpha_pattern") or {}
+    key = pattern_key(alpha_pattern, path) if isinstance(alpha_pattern, dict) else None
+    if key is not None:
+        alpha = alpha_pattern[key]
+    try:
+        alpha = float(alpha)
+    except (TypeError, ValueError):
+        alpha = float("nan")
+    return alpha, bool(config.get("use_rslora", False))
+
+
+def diffusers_component_configs(metadata: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Split diffusers' flat ``lora_adapter_metadata`` into one config per component."""
+    raw = metadata.get(DIFFUSERS_METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        flat = json.loads(raw)
+    except json.JSONDecodeError:
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    if isinstance(flat, dict):
+        for key, value in flat.items():
+            component, _, field_name = key.partition(".")
+            if field_name:
+                out.setdefault(component, {})[field_name] = value
+    return out
+
+
+class PeftFormat(AdapterFormat):
+    """PEFT's own files: ``base_model.model.`` keys plus adapter_config.json."""
+
+    name = "peft"
+    description = "PEFT (adapter_model.safetensors + adapter_config.json)"
+    default_filename = WEIGHTS_NAME
+
+    def _prefixed(self, stem: str) -> bool:
+        return split_stem(stem)[0] is None
+
+    def claims(self, key: str) -> bool:
+        m = _ROLE_RE.match(key)
+        return m is not None and self._prefixed(m.group("stem"))
+
+    def read(self, source: AdapterSource) -> Adapter:
+        adapter = Adapter(
+            format=self.name,
+            metadata=source.metadata,
+            config=source.config,
+            source=source.weights,
+            config_source=source.config_path,
+        )
+        component_configs = diffusers_component_configs(adapter.metadata)
+        parts: dict[str, dict[str, tuple[str, Tensor]]] = {}
+        for key in source.keys:
+            tensor = source.file.tensor(key)
+            m = _ROLE_RE.match(key)
+            if m is None:
+                if not add_foreign(adapter, key, tensor):
+                    adapter.passthrough[key] = tensor
+                continue
+            role = _ROLES[m.group("role")]
+            parts.setdefault(m.group("stem"), {})[role] = (key, tensor)
+            if m.group("role").startswith("lora_embedding"):
+                parts[m.group("stem")]["embedding"] = (key, tensor)
+
+        for stem, roles in parts.items():
+            if "down" not in roles or "up" not in roles:
+                # A factor without its partner is not a module: keep the tensors, validate says why.
+                for key, tensor in roles.values():
+                    adapter.passthrough[key] = tensor
+                continue
+            component, path = split_stem(stem)
+            down_key, down = roles["down"]
+            up_key, up = roles["up"]
+            ensure(
+                len(down.shape) >= 2 and len(up.shape) >= 2,
+                f"module {stem!r}: factors must have at least 2 dimensions, found "
+                f"{list(down.shape)} and {list(up.shape)}",
+                source,
+                "factor-shape",
+            )
+            kind = EMBEDDING if "embedding" in roles else (CONV if len(down.shape) > 2 else LINEAR)
+            config = component_configs.get(component, None) if component else source.config
+            if component and config is None:
+                config = source.config
+            alpha, rslora = module_scale_params(config, path, down.shape[0])
+            keys = {"down": down_key, "up": up_key}
+            module = LoraModule(
+                key=stem,
+                down=down,
+                up=up,
+                alpha=alpha,
+                kind=kind,
+                path=path,
+                component=component,
+                rslora=rslora,
+                keys=keys,
+            )
+            if "magnitude" in roles:
+                keys["magnitude"], module.magnitude = roles["magnitude"]
+            if "bias" in roles:
+                keys["bias"], module.bias = roles["bias"]
+            adapter.modules[stem] = module
+        return adapter
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def stem_for(self, module: LoraModule) -> str:
+        if module.path is None:
+            raise ValueError(module.key)
+        return PEFT_PREFIX + module.path
+
+    def tensors_for(self, adapter: Adapter) -> dict[str, Tensor]:
+        """Every tensor to write, under this format's keys (original keys when present)."""
+        missing = [m.key for m in adapter.modules.values() if m.path is None and not m.keys]
+        if missing:
+            raise unresolved_error(adapter, self.name, missing)
+        out: dict[str, Tensor] = {}
+        for m in adapter.modules.values():
+            stem = None if m.keys else self.stem_for(m)
+            emb = m.kind == EMBEDDING
+            roles = {
+                "down": m.down,
+                "up": m.up,
+                "magnitude": m.magnitude,
+                "bias": m.bias,
+            }
+            suffix = {
+                "down": "lora_embedding_A" if emb else "lora_A.weight",
+                "up": "lora_embedding_B" if emb else "lora_B.weight",
+                "magnitude": "lora_magnitude_vector",
+                "bias": "lora_B.bias",
+            }
+            for role, tensor in roles.items():
+                if tensor is None:
+                    continue
+                key = m.keys.get(role) or f"{stem or self.stem_for(m)}.{suffix[role]}"
+                out[key] = tensor
+        out.update(adapter.passthrough)
+        return out
+
+    def write(self, adapter: Adapter, out: Path, *, refresh_hashes: bool = False) -> Path:
+        tensors = self.tensors_for(adapter)
+        metadata = dict(adapter.metadata) or {"format": "pt"}
+        config = peft_config_for(adapter)
+        if out.suffix == ".safetensors":
+            if adapter.config is not None and config != adapter.config:
+                raise UsageError(
+                    "this PEFT adapter's r / lora_alpha live in adapter_config.json, which a "
+                    "bare .safetensors output would lose",
+                    path=out,
+                    hint="give a folder as the output path",
+                )
+            save_tensors(out, tensors, metadata)
+            return out
+        with atomic_dir(out, force=True) as tmp:
+            save_tensors(tmp / WEIGHTS_NAME, tensors, metadata)
+            if config is not None:
+                (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        return out / WEIGHTS_NAME
+
+
+class DiffusersFormat(PeftFormat):
+    """PEFT-style keys with a pipeline component prefix, as diffusers' save_lora_weights writes."""
+
+    name = "diffusers"
+    description = "diffusers (pytorch_lora_weights.safetensors, component-prefixed PEFT keys)"
+    default_filename = "pytorch_lora_weights.safetensors"
+
+    def _prefixed(self, stem: str) -> bool:
+        return split_stem(stem)[0] is not None
+
+    def stem_for(self, module: LoraModule) -> str:
+        if module.path is None:
+            raise ValueError(module.key)
+        return f"{module.component or 'transformer'}.{module.path}"
+
+    def write(self, adapter: Adapter, out: Path, *, refresh_hashes: bool = False) -> Path:
+        tensors = self.tensors_for(adapter)
+        metadata = dict(adapter.metadata) or {"format": "pt"}
+        metadata[DIFFUSERS_METADATA_KEY] = json.dumps(
+            diffusers_metadata_for(adapter), indent=2, sort_keys=True
+        )
+        target = out if out.suffix == ".safetensors" else out / self.default_filename
+        if target is out:
+            save_tensors(out, tensors, metadata)
+            return out
+        with atomic_dir(out, force=True) as tmp:
+            save_tensors(tmp / self.default_filename, tensors, metadata)
+        return target
+
+
+# -- configs that reproduce every module's rank and alpha -------------------------------------
+
+
+def _most_common(values: list[Any]) -> Any:
+    return Counter(values).most_common(1)[0][0]
+
+
+def _config_reproduces(config: dict[str, Any], modules: list[LoraModule]) -> bool:
+    for m in modules:
+        alpha, rslora = module_scale_params(config, m.path or "", m.rank)
+        rank_pattern = config.get("rank_pattern") or {}
+        key = pattern_key(rank_pattern, m.path or "")
+        rank = rank_pattern[key] if key is not None else config.get("r")
+        if rank != m.rank or rslora != m.rslora or alpha != m.effective_alpha:
+            return False
+    return True
+
+
+def _pattern_for(path: str, others: list[str]) -> str:
+    """A rank/alpha pattern key that matches ``path`` and no other module path."""
+    clashes = [p for p in others if p != path and re.match(rf"(.*\.)?({path})$", p)]
+    return re.escape(path) if clashes else path
+
+
+def scale_config(modules: list[LoraModule], base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``r``, ``lora_alpha``, ``use_rslora``, ``rank_pattern``, ``alpha_pattern`` for modules.
+
+    Keeps ``base`` untouched when it already reproduces every module's rank and alpha (lossless
+    round trips); otherwise the most common rank and alpha become ``r`` / ``lora_alpha`` and
+    every other module gets an exact entry in the patterns.
+    """
+    base = dict(base or {})
+    if modules and base and _config_reproduces(base, modules):
+        return base
+    if not modules:
+        return base
+    rslora_values = {m.rslora for m in modules}
+    rslora = rslora_values == {True}
+    paths = [m.path or m.key for m in modules]
+
+    def alpha_of(m: LoraModule) -> float:
+        if m.rslora == rslora:
+            return m.effective_alpha
+        # Express the same scale under the config's rule.
+        return m.scale * (m.rank**0.5 if rslora else m.rank)
+
+    r = _most_common([m.rank for m in modules])
+    alphas = [alpha_of(m) for m in modules]
+    lora_alpha = _most_common(alphas)
+    rank_pattern = {
+        _pattern_for(p, paths): m.rank for p, m in zip(paths, modules, strict=True) if m.rank != r
+    }
+    alpha_pattern = {
+        _pattern_for(p, paths): _num(a)
+        for p, a in zip(paths, alphas, strict=True)
+        if a != lora_alpha
+    }
+    base.update(
+        r=r,
+        lora_alpha=_num(lora_alpha),
+        use_rslora=rslora,
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+    )
+    return base
+
+
+def _num(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def peft_config_for(adapter: Adapter) -> dict[str, Any] | None:
+    """The adapter_config.json to write for ``adapter`` in PEFT format.
+
+    A bare file read without a config stays bare while every module has scale 1; an empty dict
+    as ``adapter.config`` asks for a fresh config with PEFT's defaults.
+    """
+    modules = [m for m in adapter.modules.values() if m.component is None]
+    if adapter.config is None and not _needs_config(modules):
+        return None
+    base = adapter.config or {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": adapter.metadata.get("base_model_name_or_path"),
+        "target_modules": sorted({m.target_name for m in modules}),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "lora_dropout": 0.0,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "use_dora": any(m.dora for m in modules),
+        "lora_bias": any(m.bias is not None for m in modules),
+    }
+    return scale_config(modules, base)
+
+
+def _needs_config(modules: list[LoraModule]) -> bool:
+    return any(m.alpha is not None and m.effective_alpha != m.rank for m in modules)
+
+
+def diffusers_metadata_for(adapter: Adapter) -> dict[str, Any]:
+    """The flat ``<component>.<field>`` LoraConfig dict diffusers stores in the metadata."""
+    existing = diffusers_component_configs(adapter.metadata)
+    by_component: dict[str, list[LoraModule]] = {}
+    for m in adapter.modules.values():
+        by_component.setdefault(m.component or "transformer", []).append(m)
+    flat: dict[str, Any] = {}
+    for component, modules in by_component.items():
+        base = existing.get(component) or {
+            "peft_type": "LORA",
+            "target_modules": sorted({m.target_name for m in modules}),
+            "use_dora": any(m.dora for m in modules),
+            "lora_bias": any(m.bias is not None for m in modules),
+        }
+        for key, value in scale_config(modules, base).items():
+            flat[f"{component}.{key}"] = value
+    return flat

@@ -1,0 +1,763 @@
+"""The safetensors container: a header parser that trusts nothing, lazy reads, a streaming writer.
+
+Layout (see docs/formats.md and shared/FORMATS.md section 1): 8-byte little-endian header length
+N, N bytes of UTF-8 JSON, then the data buffer. The JSON maps tensor name to
+``{"dtype", "shape", "data_offsets": [begin, end]}`` plus an optional ``__metadata__`` object of
+strings. Every number in the header is checked before it is used to allocate or seek.
+
+Example:
+    >>> import numpy as np
+    >>> from lora_tools.io.safetensors import SafetensorsFile, save_tensors
+    >>> save_tensors("/tmp/doc-example.safetensors", {"w": np.eye(2, dtype=np.float32)})
+    >>> with SafetensorsFile("/tmp/doc-example.safetensors") as f:
+    ...     f.read("w").tolist()
+    [[1.0, 0.0], [0.0, 1.0]]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from lora_tools.errors import FormatError, LoraToolError, UnsafeFileError
+from lora_tools.io.atomic import atomic_file
+
+#: The reference reader refuses headers longer than this many bytes.
+MAX_HEADER_BYTES = 100_000_000
+METADATA_KEY = "__metadata__"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass(frozen=True)
+class DType:
+    """One safetensors dtype: its name, width in bits and numpy equivalent (None if sub-byte)."""
+
+    name: str
+    bits: int
+    numpy: np.dtype | None
+
+
+def _dt(name: str, bits: int, np_type: object | None) -> DType:
+    return DType(name, bits, np.dtype(np_type) if np_type is not None else None)
+
+
+# Declaration order matters: the reference writer sorts tensors by this order, descending.
+DTYPES: dict[str, DType] = {
+    d.name: d
+    for d in (
+        _dt("BOOL", 8, np.bool_),
+        _dt("F4", 4, None),
+        _dt("F6_E2M3", 6, None),
+        _dt("F6_E3M2", 6, None),
+        _dt("U8", 8, np.uint8),
+        _dt("I8", 8, np.int8),
+        _dt("F8_E5M2", 8, ml_dtypes.float8_e5m2),
+        _dt("F8_E4M3", 8, ml_dtypes.float8_e4m3fn),
+        _dt("F8_E8M0", 8, ml_dtypes.float8_e8m0fnu),
+        _dt("F8_E4M3FNUZ", 8, ml_dtypes.float8_e4m3fnuz),
+        _dt("F8_E5M2FNUZ", 8, ml_dtypes.float8_e5m2fnuz),
+        _dt("I16", 16, np.int16),
+        _dt("U16", 16, np.uint16),
+        _dt("F16", 16, np.float16),
+        _dt("BF16", 16, ml_dtypes.bfloat16),
+        _dt("I32", 32, np.int32),
+        _dt("U32", 32, np.uint32),
+        _dt("F32", 32, np.float32),
+        _dt("C64", 64, np.complex64),
+        _dt("F64", 64, np.float64),
+        _dt("I64", 64, np.int64),
+        _dt("U64", 64, np.uint64),
+    )
+}
+_DTYPE_RANK = {name: i for i, name in enumerate(DTYPES)}
+_NUMPY_TO_DTYPE = {d.numpy: d.name for d in DTYPES.values() if d.numpy is not None}
+
+
+def dtype_of(array: np.ndarray) -> str:
+    """Return the safetensors dtype name of a numpy array.
+
+    Example:
+        >>> dtype_of(np.zeros(2, dtype=ml_dtypes.bfloat16))
+        'BF16'
+    """
+    try:
+        return _NUMPY_TO_DTYPE[array.dtype]
+    except KeyError:
+        raise FormatError(
+            f"numpy dtype {array.dtype} has no safetensors equivalent",
+            hint="cast to float32, float16 or bfloat16 first",
+        ) from None
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """Return the numpy dtype for a safetensors dtype name (sub-byte types have none)."""
+    dt = DTYPES[name].numpy
+    if dt is None:
+        raise FormatError(
+            f"dtype {name} is packed below one byte per element and cannot be decoded to numpy",
+            hint="loratool copies such tensors byte for byte but does not compute with them",
+            kind="dtype-not-decodable",
+        )
+    return dt
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lies in a safetensors file. Offsets are relative to the data buffer."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a container. ``kind`` is a stable slug (validate maps it to a rule)."""
+
+    kind: str
+    message: str
+    tensor: str | None = None
+    hint: str | None = None
+
+
+@dataclass(frozen=True)
+class Header:
+    """A parsed, fully checked safetensors header."""
+
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str] | None
+    header_bytes: int
+    file_bytes: int
+    duplicate_keys: tuple[str, ...] = field(default=())
+
+    @property
+    def data_start(self) -> int:
+        """Absolute file offset of the data buffer."""
+        return 8 + self.header_bytes
+
+    @property
+    def data_bytes(self) -> int:
+        return self.file_bytes - self.data_start
+
+
+def tensor_nbytes(dtype: str, shape: Sequence[int]) -> int:
+    """Bytes a tensor of this dtype and shape occupies; FormatError if not a whole number."""
+    bits = math.prod(shape) * DTYPES[dtype].bits
+    if bits % 8:
+        raise FormatError(
+            f"{math.prod(shape)} elements of {dtype} do not fill a whole number of bytes",
+            kind="misaligned",
+        )
+    return bits // 8
+
+
+def _pairs_with_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    dups: list[str] = []
+    for key, value in pairs:
+        if key in out:
+            dups.append(key)
+        out[key] = value
+    if dups:
+        out.setdefault("\x00duplicates", []).extend(dups)  # type: ignore[union-attr]
+    return out
+
+
+def _is_uint(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_header(
+    header_json: bytes, header_bytes: int, file_bytes: int
+) -> tuple[Header | None, list[Problem]]:
+    """Check a header against every rule of the reference reader, plus duplicate keys.
+
+    Returns the parsed header (None if it could not be parsed far enough to locate tensors) and
+    every problem found. :func:`read_header` raises the first problem; ``loratool validate``
+    reports all of them.
+    """
+    problems: list[Problem] = []
+    try:
+        text = header_json.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, [Problem("header-utf8", f"header is not valid UTF-8 ({exc.reason})")]
+    if not text.startswith("{"):
+        return None, [Problem("header-json", "header does not start with '{'")]
+    try:
+        doc = json.loads(text, object_pairs_hook=_pairs_with_duplicates)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        msg = str(exc) if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+        return None, [Problem("header-json", f"header is not valid JSON: {msg}")]
+    if not isinstance(doc, dict):
+        return None, [Problem("header-json", "header JSON is not an object")]
+    duplicates = tuple(doc.pop("\x00duplicates", ()))
+    for name in duplicates:
+        problems.append(
+            Problem(
+                "duplicate-key",
+                f"key {name!r} appears more than once in the header; readers disagree on which wins",
+                tensor=name,
+                hint="rewrite the file with a tool that writes each key once",
+            )
+        )
+
+    metadata = doc.pop(METADATA_KEY, None)
+    if metadata is not None:
+        if not isinstance(metadata, dict):
+            problems.append(Problem("metadata-type", "__metadata__ is not an object"))
+            metadata = None
+        else:
+            bad = {k: v for k, v in metadata.items() if not isinstance(v, str)}
+            if bad:
+                key, value = next(iter(bad.items()))
+                problems.append(
+                    Problem(
+                        "metadata-type",
+                        f"__metadata__[{key!r}] must be a string, found "
+                        f"{type(value).__name__} {json.dumps(value)[:40]}",
+                        hint="metadata values must be strings; JSON-encode structured values",
+                    )
+                )
+                metadata = {k: v for k, v in metadata.items() if isinstance(v, str)}
+
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in doc.items():
+        info = _check_entry(name, entry, problems)
+        if info is not None:
+            tensors[name] = info
+
+    expected_end = 0
+    for info in sorted(tensors.values(), key=lambda t: (t.begin, t.end)):
+        if info.begin > expected_end:
+            problems.append(
+                Problem(
+                    "gap",
+                    f"tensor {info.name!r} starts at byte {info.begin} of the data buffer, "
+                    f"expected {expected_end}: {info.begin - expected_end} bytes belong to no tensor",
+                    tensor=info.name,
+                )
+            )
+        elif info.begin < expected_end:
+            problems.append(
+                Problem(
+                    "overlap",
+                    f"tensor {info.name!r} starts at byte {info.begin}, inside the previous "
+                    f"tensor which ends at {expected_end}",
+                    tensor=info.name,
+                )
+            )
+        expected_end = max(expected_end, info.end)
+
+    actual_data = file_bytes - 8 - header_bytes
+    if expected_end > actual_data:
+        problems.append(
+            Problem(
+                "truncated",
+                f"tensors need {expected_end} data bytes but the file holds {actual_data}",
+                hint="the file is truncated; copy or download it again",
+            )
+        )
+    elif expected_end < actual_data:
+        problems.append(
+            Problem(
+                "trailing-bytes",
+                f"{actual_data - expected_end} bytes after the last tensor belong to no tensor",
+            )
+        )
+    header = Header(tensors, metadata, header_bytes, file_bytes, duplicates)
+    return header, problems
+
+
+def _check_entry(name: str, entry: object, problems: list[Problem]) -> TensorInfo | None:
+    if not isinstance(entry, dict):
+        problems.append(Problem("header-json", f"entry {name!r} is not an object", tensor=name))
+        return None
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        problems.append(
+            Problem(
+                "dtype",
+                f"tensor {name!r} has unknown dtype {dtype!r}",
+                tensor=name,
+                hint=f"known dtypes: {', '.join(DTYPES)}",
+            )
+        )
+        return None
+    if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
+        problems.append(
+            Problem(
+                "shape",
+                f"tensor {name!r} has shape {shape!r}, expected a list of non-negative integers",
+                tensor=name,
+            )
+        )
+        return None
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_uint(o) for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        problems.append(
+            Problem(
+                "offsets",
+                f"tensor {name!r} has data_offsets {offsets!r}, expected [begin, end] with "
+                "0 <= begin <= end",
+                tensor=name,
+            )
+        )
+        return None
+    numel = math.prod(shape)
+    bits = numel * DTYPES[dtype].bits
+    if bits % 8:
+        problems.append(
+            Problem(
+                "size-mismatch",
+                f"tensor {name!r}: {numel} elements of {dtype} do not fill whole bytes",
+                tensor=name,
+            )
+        )
+        return None
+    begin, end = offsets
+    if bits // 8 != end - begin or bits >= 2**64:
+        problems.append(
+            Problem(
+                "size-mismatch",
+                f"tensor {name!r}: shape {shape} of {dtype} needs {bits // 8} bytes, "
+                f"data_offsets span {end - begin}",
+                tensor=name,
+            )
+        )
+        return None
+    return TensorInfo(name, dtype, tuple(shape), begin, end)
+
+
+def _raise(problem: Problem, path: str | os.PathLike[str]) -> None:
+    raise FormatError(problem.message, path=path, hint=problem.hint, kind=problem.kind)
+
+
+def read_header_bytes(path: str | os.PathLike[str]) -> tuple[bytes, int, int]:
+    """Read the raw header of a file: (json bytes, header length N, file size).
+
+    Checks the length field before allocating anything.
+    """
+    if Path(path).suffix.lower() in PICKLE_SUFFIXES:
+        raise UnsafeFileError(
+            "pickle-based checkpoint; loratool never unpickles files (they can run code)",
+            path=path,
+            hint="convert it to .safetensors in a trusted environment",
+            kind="pickle",
+        )
+    try:
+        with open(path, "rb") as fh:
+            file_bytes = os.fstat(fh.fileno()).st_size
+            if file_bytes < 8:
+                raise FormatError(
+                    f"file is {file_bytes} bytes, too short for a safetensors header",
+                    path=path,
+                    kind="file-too-small",
+                )
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > MAX_HEADER_BYTES:
+                raise FormatError(
+                    f"header length field says {n} bytes, more than the {MAX_HEADER_BYTES} "
+                    "the reference reader accepts",
+                    path=path,
+                    hint="this is not a safetensors file, or its first 8 bytes are corrupt",
+                    kind="header-too-large",
+                )
+            if 8 + n > file_bytes:
+                raise FormatError(
+                    f"header length field says {n} bytes but the file has only "
+                    f"{file_bytes - 8} after it",
+                    path=path,
+                    hint="the file is truncated or not a safetensors file",
+                    kind="header-length",
+                )
+            return fh.read(n), n, file_bytes
+    except OSError as exc:
+        raise FormatError(f"cannot read file: {exc.strerror}", path=path, kind="io") from None
+
+
+def read_header(path: str | os.PathLike[str]) -> Header:
+    """Parse and check the header of a safetensors file without reading tensor data.
+
+    Raises:
+        FormatError: naming the first problem found (see :func:`check_header`).
+    """
+    raw, n, size = read_header_bytes(path)
+    header, problems = check_header(raw, n, size)
+    if problems:
+        _raise(problems[0], path)
+    assert header is not None
+    return header
+
+
+class SafetensorsFile:
+    """Lazy, read-only access to one safetensors file.
+
+    Only the header is read on open. :meth:`read` reads one tensor (or a row range of it) with
+    positioned reads; :meth:`iter_raw` yields a tensor's raw bytes in chunks for copying.
+    Thread-safe for concurrent reads (``os.pread`` carries its own offset).
+
+    Example:
+        >>> with SafetensorsFile("/tmp/doc-example.safetensors") as f:
+        ...     f.info("w").shape
+        (2, 2)
+    """
+
+    def __init__(self, path: str | os.PathLike[str], header: Header | None = None) -> None:
+        self.path = Path(path)
+        self.header = header if header is not None else read_header(self.path)
+        self._fd: int | None = None
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        self.close()
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return dict(self.header.metadata or {})
+
+    def keys(self) -> list[str]:
+        """Tensor names in file order."""
+        return list(self.header.tensors)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.header.tensors
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.header.tensors[name]
+        except KeyError:
+            raise FormatError(f"no tensor named {name!r}", path=self.path) from None
+
+    def _fileno(self) -> int:
+        if self._fd is None:
+            try:
+                self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            except OSError as exc:
+                raise FormatError(f"cannot open: {exc.strerror}", path=self.path) from None
+        return self._fd
+
+    def _pread_into(self, buffer: memoryview, offset: int) -> None:
+        fd = self._fileno()
+        done = 0
+        while done < len(buffer):
+            n = os.preadv(fd, [buffer[done:]], offset + done)
+            if n == 0:
+                raise FormatError(
+                    f"file ended while reading at byte {offset + done}",
+                    path=self.path,
+                    hint="the file changed or was truncated while loratool read it",
+                    kind="truncated",
+                )
+            done += n
+
+    def read_bytes(self, name: str, start: int = 0, length: int | None = None) -> bytes:
+        """Raw bytes of a tensor (or of a byte range within it), without decoding."""
+        info = self.info(name)
+        if length is None:
+            length = info.nbytes - start
+        if start < 0 or length < 0 or start + length > info.nbytes:
+            raise FormatError(f"byte range outside tensor {name!r}", path=self.path)
+        buf = bytearray(length)
+        self._pread_into(memoryview(buf), self.header.data_start + info.begin + start)
+        return bytes(buf)
+
+    def iter_raw(self, name: str, chunk_bytes: int = 16 << 20) -> Iterator[memoryview]:
+        """Yield a tensor's raw bytes in chunks of at most ``chunk_bytes`` (buffer is reused)."""
+        info = self.info(name)
+        buf = bytearray(min(chunk_bytes, max(info.nbytes, 1)))
+        view = memoryview(buf)
+        pos = 0
+        while pos < info.nbytes:
+            n = min(len(buf), info.nbytes - pos)
+            self._pread_into(view[:n], self.header.data_start + info.begin + pos)
+            yield view[:n]
+            pos += n
+
+    def read(self, name: str, rows: slice | None = None) -> np.ndarray:
+        """Read one tensor, or rows ``rows`` of its first dimension, as a numpy array."""
+        info = self.info(name)
+        dt = numpy_dtype(info.dtype)
+        shape = list(info.shape)
+        offset, count = 0, info.numel
+        if rows is not None:
+            if not shape:
+                raise FormatError(f"tensor {name!r} is a scalar; it has no rows", path=self.path)
+            start, stop, step = rows.indices(shape[0])
+            if step != 1:
+                raise ValueError("row slices must be contiguous")
+            row_elems = math.prod(shape[1:])
+            stop = max(stop, start)
+            offset = start * row_elems * dt.itemsize
+            shape[0] = stop - start
+            count = shape[0] * row_elems
+        out = np.empty(count, dtype=dt)
+        if count:
+            self._pread_into(
+                memoryview(out.view(np.uint8)), self.header.data_start + info.begin + offset
+            )
+        return out.reshape(shape)
+
+    def tensor(self, name: str) -> FileTensor:
+        return FileTensor(self, self.info(name))
+
+
+class Tensor:
+    """A tensor known by dtype and shape whose data may not be loaded yet.
+
+    Two kinds exist: :class:`FileTensor` (lazy, in a safetensors file) and :class:`ArrayTensor`
+    (a numpy array in memory). Pass-through tensors stay FileTensors and are copied as bytes.
+    """
+
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_nbytes(self.dtype, self.shape)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def numpy(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def tobytes(self) -> bytes:
+        raise NotImplementedError
+
+    def iter_bytes(self, chunk_bytes: int = 16 << 20) -> Iterable[bytes | memoryview]:
+        yield self.tobytes()
+
+
+class FileTensor(Tensor):
+    """A tensor inside a :class:`SafetensorsFile`, read on demand."""
+
+    def __init__(self, file: SafetensorsFile, info: TensorInfo) -> None:
+        self.file = file
+        self.info = info
+        self.dtype = info.dtype
+        self.shape = info.shape
+
+    def numpy(self) -> np.ndarray:
+        return self.file.read(self.info.name)
+
+    def tobytes(self) -> bytes:
+        return self.file.read_bytes(self.info.name)
+
+    def iter_bytes(self, chunk_bytes: int = 16 << 20) -> Iterable[bytes | memoryview]:
+        return self.file.iter_raw(self.info.name, chunk_bytes)
+
+    def __repr__(self) -> str:
+        return f"FileTensor({self.info.name!r}, {self.dtype}, {list(self.shape)})"
+
+
+class ArrayTensor(Tensor):
+    """A tensor held as a numpy array."""
+
+    def __init__(self, array: np.ndarray, dtype: str | None = None) -> None:
+        array = np.asarray(array)
+        if dtype is not None and array.dtype != numpy_dtype(dtype):
+            array = array.astype(numpy_dtype(dtype))
+        self.array = array if array.flags.c_contiguous else array.copy(order="C")
+        self.dtype = dtype_of(self.array)
+        self.shape = tuple(self.array.shape)
+
+    def numpy(self) -> np.ndarray:
+        return self.array
+
+    def tobytes(self) -> bytes:
+        return self.array.astype(self.array.dtype.newbyteorder("<"), copy=False).tobytes()
+
+    def __repr__(self) -> str:
+        return f"ArrayTensor({self.dtype}, {list(self.shape)})"
+
+
+def as_tensor(value: Tensor | np.ndarray) -> Tensor:
+    return value if isinstance(value, Tensor) else ArrayTensor(value)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What the writer needs to know about a tensor before its data exists."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_nbytes(self.dtype, self.shape)
+
+
+def reference_order(specs: Iterable[TensorSpec]) -> list[TensorSpec]:
+    """Sort as the reference writer does: by dtype descending, then by name."""
+    return sorted(specs, key=lambda s: (-_DTYPE_RANK[s.dtype], s.name))
+
+
+def encode_header(specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None) -> bytes:
+    """The 8-byte length plus JSON header for tensors laid out in the given order.
+
+    The JSON is compact, metadata first, padded with spaces to a multiple of 8 bytes: the same
+    bytes the reference writer produces for the same order.
+    """
+    doc: dict[str, object] = {}
+    if metadata:
+        for key, value in metadata.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise FormatError(
+                    f"metadata {key!r} must map a string to a string, found {type(value).__name__}"
+                )
+        doc[METADATA_KEY] = dict(metadata)
+    offset = 0
+    for spec in specs:
+        if spec.name == METADATA_KEY or spec.name in doc:
+            raise FormatError(f"tensor name {spec.name!r} is reserved or repeated")
+        size = spec.nbytes
+        doc[spec.name] = {
+            "dtype": spec.dtype,
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    body = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    body += b" " * (-len(body) % 8)
+    return struct.pack("<Q", len(body)) + body
+
+
+class SafetensorsWriter:
+    """Write a safetensors file one tensor at a time, header first, atomically.
+
+    The header is computed from the specs, so every shape and dtype must be known up front.
+    Tensors must then be written in :attr:`order`; a tensor may arrive in several chunks
+    (row blocks). The file appears under its final name only when every byte has been written;
+    on any exception the temporary file is removed.
+
+    Example:
+        >>> spec = TensorSpec("w", "F32", (2, 2))
+        >>> with SafetensorsWriter("/tmp/doc-writer.safetensors", [spec]) as w:
+        ...     w.write("w", np.ones((1, 2), np.float32))
+        ...     w.write("w", np.zeros((1, 2), np.float32))
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        specs: Iterable[TensorSpec],
+        metadata: Mapping[str, str] | None = None,
+        *,
+        keep_order: bool = False,
+    ) -> None:
+        specs = list(specs)
+        self.order = specs if keep_order else reference_order(specs)
+        self._specs = {s.name: s for s in self.order}
+        self.path = Path(path)
+        self._header = encode_header(self.order, metadata)
+        self._index = 0
+        self._written = 0
+        self._atomic = atomic_file(self.path)
+        self._fh = None
+
+    def _spec_for(self, name: str) -> TensorSpec:
+        try:
+            return self._specs[name]
+        except KeyError:
+            raise LoraToolError(f"tensor {name!r} is not in the header", path=self.path) from None
+
+    @property
+    def total_bytes(self) -> int:
+        return len(self._header) + sum(s.nbytes for s in self.order)
+
+    def __enter__(self) -> SafetensorsWriter:
+        self._fh = self._atomic.__enter__()
+        self._fh.write(self._header)
+        return self
+
+    def _advance(self) -> None:
+        while self._index < len(self.order) and self._written == self.order[self._index].nbytes:
+            self._index += 1
+            self._written = 0
+
+    def write(self, name: str, data: np.ndarray | bytes | memoryview) -> None:
+        """Append data (whole tensor or the next chunk of it) for tensor ``name``."""
+        assert self._fh is not None, "use SafetensorsWriter as a context manager"
+        if isinstance(data, np.ndarray):
+            if dtype_of(data) != self._spec_for(name).dtype:
+                raise LoraToolError(
+                    f"tensor {name!r}: data has dtype {dtype_of(data)}, "
+                    f"header says {self._spec_for(name).dtype}"
+                )
+            data = memoryview(data if data.flags.c_contiguous else data.copy(order="C")).cast("B")
+        size = len(data) if isinstance(data, bytes) else memoryview(data).nbytes
+        if size == 0:
+            return
+        self._advance()
+        if self._index >= len(self.order):
+            raise LoraToolError(f"tensor {name!r} written after all tensors were complete")
+        spec = self.order[self._index]
+        if spec.name != name:
+            raise LoraToolError(f"tensor {name!r} written out of order; expected {spec.name!r}")
+        if self._written + size > spec.nbytes:
+            raise LoraToolError(
+                f"tensor {name!r}: {self._written + size} bytes written, header says {spec.nbytes}"
+            )
+        self._fh.write(data)
+        self._written += size
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self._advance()
+            if self._index < len(self.order):
+                missing = self.order[self._index].name
+                err = LoraToolError(f"tensor {missing!r} was never written", path=self.path)
+                self._atomic.__exit__(type(err), err, None)
+                raise err
+        self._atomic.__exit__(exc_type, exc, tb)
+
+
+def save_tensors(
+    path: str | os.PathLike[str],
+    tensors: Mapping[str, Tensor | np.ndarray],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write tensors (numpy arrays or lazy Tensors) to a new safetensors file, atomically.
+
+    Lazy :class:`FileTensor` values are copied as raw bytes without decoding.
+    """
+    items = {name: as_tensor(value) for name, value in tensors.items()}
+    specs = [TensorSpec(name, t.dtype, t.shape) for name, t in items.items()]
+    with SafetensorsWriter(path, specs, metadata) as writer:
+        for spec in writer.order:
+            for chunk in items[spec.name].iter_bytes():
+                writer.write(spec.name, chunk)

@@ -1,0 +1,254 @@
+"""``inspect``: what an adapter file holds, from its header alone (``stats``: from its factors).
+
+The report is a plain dict with the stable schema documented in docs/inspect-json.md
+(``schema_version`` 1). Without ``stats`` only headers are read (plus kohya's scalar alpha
+tensors, a few bytes each); torch is never imported.
+
+Example:
+    >>> from lora_tools.ops.inspect import inspect_adapter
+    >>> report = inspect_adapter("fixtures/peft/llama-lora")  # doctest: +SKIP
+    >>> report["format"], report["modules"]["count"]          # doctest: +SKIP
+    ('peft', 8)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lora_tools.adapter import Adapter, LoraModule
+from lora_tools.formats import load_adapter
+from lora_tools.lowrank import effective_rank, singular_values
+
+SCHEMA_VERSION = 1
+
+_BLOCK_RE = re.compile(
+    r"(?:^|[._])(?P<family>layers|h|blocks|down_blocks|up_blocks|input_blocks|output_blocks|"
+    r"double_blocks|single_blocks|transformer_blocks|single_transformer_blocks|resblocks)"
+    r"[._](?P<index>\d+)(?=[._]|$)"
+)
+_MID_RE = re.compile(r"(?:^|[._])(mid_block|middle_block)(?=[._]|$)")
+#: kohya / modelspec metadata worth showing in the human view.
+NOTABLE_METADATA = (
+    "ss_network_module",
+    "ss_network_dim",
+    "ss_network_alpha",
+    "ss_network_args",
+    "ss_base_model_version",
+    "ss_sd_model_name",
+    "ss_output_name",
+    "ss_learning_rate",
+    "ss_unet_lr",
+    "ss_text_encoder_lr",
+    "ss_optimizer",
+    "ss_lr_scheduler",
+    "ss_num_epochs",
+    "ss_max_train_steps",
+    "ss_steps",
+    "ss_resolution",
+    "ss_mixed_precision",
+    "ss_seed",
+    "ss_training_comment",
+    "ss_training_started_at",
+    "modelspec.architecture",
+    "modelspec.title",
+    "sshs_model_hash",
+)
+NOTABLE_CONFIG = (
+    "peft_type",
+    "task_type",
+    "base_model_name_or_path",
+    "r",
+    "lora_alpha",
+    "use_rslora",
+    "use_dora",
+    "target_modules",
+    "rank_pattern",
+    "alpha_pattern",
+    "modules_to_save",
+    "fan_in_fan_out",
+    "init_lora_weights",
+    "lora_bias",
+    "bias",
+)
+
+
+def block_of(module: LoraModule) -> tuple[str, int | None] | None:
+    """``(family, index)`` of the block a module sits in (``("layers", 3)``), if recognisable."""
+    text = module.full_path or module.key
+    matches = list(_BLOCK_RE.finditer(text))
+    if matches:
+        first = matches[0]
+        return first.group("family"), int(first.group("index"))
+    m = _MID_RE.search(text)
+    if m:
+        return m.group(1), None
+    return None
+
+
+def base_model_of(adapter: Adapter) -> dict[str, str] | None:
+    """The base model as recorded in the config or metadata, with where it was found."""
+    cfg = adapter.config or {}
+    meta = adapter.metadata
+    for source, value in (
+        ("adapter_config.json base_model_name_or_path", cfg.get("base_model_name_or_path")),
+        ("metadata ss_sd_model_name", meta.get("ss_sd_model_name")),
+        ("metadata modelspec.architecture", meta.get("modelspec.architecture")),
+        ("metadata ss_base_model_version", meta.get("ss_base_model_version")),
+    ):
+        if value:
+            return {"name": str(value), "source": source}
+    return None
+
+
+def _histogram(values: list[Any]) -> dict[str, int]:
+    counts = Counter(values)
+    return {_fmt_key(k): v for k, v in sorted(counts.items(), key=lambda kv: _sort_key(kv[0]))}
+
+
+def _sort_key(value: Any) -> tuple[int, Any]:
+    if isinstance(value, (int, float)):
+        return (0, value if not math.isnan(value) else math.inf)
+    return (1, str(value))
+
+
+def _fmt_key(value: Any) -> str:
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    return str(value)
+
+
+def _number(value: float) -> float | int | None:
+    if not math.isfinite(value):
+        return None
+    return int(value) if float(value).is_integer() else value
+
+
+def robust_outliers(values: list[float], threshold: float = 3.5) -> list[bool]:
+    """Flag values far from the rest on a log scale (modified z-score > ``threshold``).
+
+    Uses median and median absolute deviation of ``log10(value)``, so a module ten times
+    stronger than its peers stands out while natural spread does not. Zero values are never
+    flagged here (an all-zero update is its own finding).
+    """
+    logs = np.array([math.log10(v) if v > 0 else np.nan for v in values])
+    finite = logs[np.isfinite(logs)]
+    if finite.size < 4:
+        return [False] * len(values)
+    median = float(np.median(finite))
+    mad = float(np.median(np.abs(finite - median)))
+    if mad == 0:
+        mad = 1e-3  # all peers equal: flag only clear departures (factor > ~1.02)
+    z = 0.6745 * (logs - median) / mad
+    return [bool(np.isfinite(zi) and abs(zi) > threshold) for zi in z]
+
+
+def module_stats(module: LoraModule) -> dict[str, Any]:
+    """||dW||_F, largest singular value and effective rank of one module's scaled update."""
+    U, V = module.factors()
+    if not (np.all(np.isfinite(U)) and np.all(np.isfinite(V))):
+        return {"frobenius": None, "spectral": None, "effective_rank": None, "finite": False}
+    S = singular_values(U, V, module.scale)
+    return {
+        "frobenius": float(np.sqrt(np.sum(S**2))),
+        "spectral": float(S[0]) if S.size else 0.0,
+        "effective_rank": round(effective_rank(S), 4),
+        "finite": True,
+    }
+
+
+def inspect_adapter(
+    path_or_adapter: str | os.PathLike[str] | Adapter, *, stats: bool = False
+) -> dict[str, Any]:
+    """Describe an adapter; see docs/inspect-json.md for every field.
+
+    Args:
+        path_or_adapter: an adapter file or folder, or an already loaded Adapter.
+        stats: also compute per-module norms and spectra from the factors (reads the data).
+    """
+    adapter = (
+        path_or_adapter if isinstance(path_or_adapter, Adapter) else load_adapter(path_or_adapter)
+    )
+    modules = list(adapter.modules.values())
+    files = [p for p in (adapter.source, adapter.config_source) if p is not None]
+    dtypes = Counter(
+        t.dtype
+        for m in modules
+        for t in (m.down, m.up, m.magnitude, m.bias, m.alpha_tensor)
+        if t is not None
+    ) + Counter(t.dtype for t in adapter.passthrough.values())
+
+    blocks: dict[str, set[int]] = {}
+    for m in modules:
+        found = block_of(m)
+        if found:
+            family, index = found
+            entries = blocks.setdefault(family, set())
+            if index is not None:
+                entries.add(index)
+
+    report: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "path": str(adapter.source) if adapter.source else None,
+        "files": [str(p) for p in files],
+        "file_size_bytes": sum(Path(p).stat().st_size for p in files),
+        "format": adapter.format,
+        "variants": adapter.variants,
+        "base_model": base_model_of(adapter),
+        "modules": {
+            "count": len(modules),
+            "by_kind": dict(Counter(m.kind for m in modules)),
+            "by_component": dict(Counter(m.component or "model" for m in modules)),
+            "targets": dict(Counter(m.target_name for m in modules).most_common()),
+            "blocks": {family: sorted(idx) for family, idx in blocks.items()},
+        },
+        "rank": {
+            "histogram": _histogram([m.rank for m in modules]),
+            "min": min((m.rank for m in modules), default=None),
+            "max": max((m.rank for m in modules), default=None),
+        },
+        "alpha": {
+            "histogram": _histogram(["none" if m.alpha is None else m.alpha for m in modules]),
+        },
+        "scale": {"histogram": _histogram([m.scale for m in modules])},
+        "rslora": any(m.rslora for m in modules),
+        "dora": any(m.dora for m in modules),
+        "dtypes": dict(dtypes.most_common()),
+        "parameters": {
+            "lora": sum(m.parameter_count for m in modules),
+            "passthrough": sum(t.numel for t in adapter.passthrough.values()),
+        },
+        "passthrough_tensors": sorted(adapter.passthrough),
+        "unsupported": {kind: len(stems) for kind, stems in adapter.foreign.items()},
+        "metadata": dict(adapter.metadata),
+        "config": adapter.config,
+        "stats": None,
+    }
+    if stats:
+        report["stats"] = _stats(modules)
+    return report
+
+
+def _stats(modules: list[LoraModule]) -> dict[str, Any]:
+    rows = []
+    for m in modules:
+        row = {"module": m.key, "rank": m.rank, "scale": m.scale, **module_stats(m)}
+        rows.append(row)
+    norms = [r["frobenius"] if r["frobenius"] is not None else 0.0 for r in rows]
+    flags = robust_outliers(norms)
+    for row, flag in zip(rows, flags, strict=True):
+        row["outlier"] = flag
+    finite = [n for n in norms if n > 0]
+    return {
+        "modules": rows,
+        "outliers": [r["module"] for r in rows if r["outlier"]],
+        "non_finite": [r["module"] for r in rows if not r["finite"]],
+        "zero": [r["module"] for r in rows if r["finite"] and r["frobenius"] == 0],
+        "frobenius_median": float(np.median(finite)) if finite else 0.0,
+    }
