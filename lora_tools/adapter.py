@@ -264,7 +264,7 @@ class Adapter:
             out.append("DoRA")
         if any(m.rslora for m in mods):
             out.append("rsLoRA")
-        if self.format == "kohya" and any(m.kind == CONV for m in mods):
+        if self.format == "kohya" and any(m.kind == CONV and math.prod(m.kernel) > 1 for m in mods):
             out.append("LoCon")
         out.extend(self.foreign)
         return out

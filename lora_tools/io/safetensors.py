@@ -454,6 +454,9 @@ class SafetensorsFile:
     def __contains__(self, name: object) -> bool:
         return name in self.header.tensors
 
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.header.tensors)
+
     def info(self, name: str) -> TensorInfo:
         try:
             return self.header.tensors[name]

@@ -1,0 +1,254 @@
+"""Base checkpoints: a single .safetensors file, an HF folder (single file or sharded with an
+index), or a diffusers pipeline folder whose components (unet/, transformer/, text_encoder/...)
+each hold their own weights.
+
+Looking a key up never opens every shard: a sharded folder answers from its index's weight_map
+and opens (the header of) one shard when a tensor's shape or bytes are needed.
+
+Example:
+    >>> from lora_tools.io.checkpoint import open_checkpoint
+    >>> ckpt = open_checkpoint("fixtures/bases/tiny-llama-sharded")          # doctest: +SKIP
+    >>> comp = ckpt.components[""]                                          # doctest: +SKIP
+    >>> comp.file_for("model.layers.0.self_attn.q_proj.weight").name         # doctest: +SKIP
+    'model-00001-of-00003.safetensors'
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lora_tools.errors import FormatError, UnsafeFileError
+from lora_tools.io.safetensors import PICKLE_SUFFIXES, SafetensorsFile, TensorInfo
+
+#: Index file names, most specific first.
+INDEX_NAMES = ("model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json")
+#: Pipeline components a diffusers folder may hold weights in.
+DIFFUSERS_COMPONENTS = (
+    "unet",
+    "transformer",
+    "text_encoder",
+    "text_encoder_2",
+    "text_encoder_3",
+    "vae",
+    "prior",
+    "decoder",
+    "controlnet",
+)
+
+
+@dataclass
+class Component:
+    """The weights of one model: one file, or shards with an index.
+
+    Attributes:
+        name: ``""`` for a plain checkpoint, else the diffusers component (``unet``...).
+        root: the folder the weight files are in.
+        files: weight files in index order (a single file: one entry).
+        index_path: the ``*.safetensors.index.json`` if sharded.
+        config: the component's config.json, if any.
+    """
+
+    name: str
+    root: Path
+    files: list[Path]
+    index_path: Path | None = None
+    config: dict[str, Any] | None = None
+    _weight_map: dict[str, str] | None = None
+    _index_doc: dict[str, Any] | None = None
+    _open: dict[Path, SafetensorsFile] = field(default_factory=dict)
+
+    @property
+    def model_type(self) -> str | None:
+        return (self.config or {}).get("model_type")
+
+    def open(self, path: Path) -> SafetensorsFile:
+        """The (cached) reader for one of this component's files."""
+        reader = self._open.get(path)
+        if reader is None:
+            reader = SafetensorsFile(path)
+            self._open[path] = reader
+        return reader
+
+    @property
+    def weight_map(self) -> dict[str, str]:
+        """key -> file name. From the index when sharded; else from the single file's header."""
+        if self._weight_map is None:
+            self._weight_map = {}
+            for path in self.files:
+                for key in self.open(path):
+                    if key in self._weight_map:
+                        raise FormatError(
+                            f"tensor {key!r} is in both {self._weight_map[key]} and {path.name}",
+                            path=self.root,
+                            kind="checkpoint-duplicate",
+                        )
+                    self._weight_map[key] = path.name
+        return self._weight_map
+
+    @property
+    def index_metadata(self) -> dict[str, Any]:
+        """The index's ``metadata`` object (e.g. total_size), or {}."""
+        return dict((self._index_doc or {}).get("metadata") or {})
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.weight_map
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.weight_map)
+
+    def file_for(self, key: str) -> Path:
+        try:
+            return self.root / self.weight_map[key]
+        except KeyError:
+            raise FormatError(
+                f"no tensor {key!r} in this checkpoint", path=self.root, kind="missing-key"
+            ) from None
+
+    def info(self, key: str) -> TensorInfo:
+        """Dtype, shape and location of one tensor (opens only the shard that holds it)."""
+        return self.open(self.file_for(key)).info(key)
+
+    def close(self) -> None:
+        for reader in self._open.values():
+            reader.close()
+        self._open.clear()
+
+
+@dataclass
+class Checkpoint:
+    """A base checkpoint of any supported layout.
+
+    Attributes:
+        path: what the user named.
+        kind: ``file``, ``folder`` or ``diffusers``.
+        components: ``{"": Component}`` for files and HF folders; one per pipeline component
+            for diffusers folders.
+    """
+
+    path: Path
+    kind: str
+    components: dict[str, Component]
+
+    @property
+    def weight_files(self) -> list[Path]:
+        return [f for c in self.components.values() for f in c.files]
+
+    @property
+    def index_files(self) -> list[Path]:
+        return [c.index_path for c in self.components.values() if c.index_path is not None]
+
+    def close(self) -> None:
+        for comp in self.components.values():
+            comp.close()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"cannot parse JSON: {exc}", path=path, kind="checkpoint-json") from None
+    if not isinstance(doc, dict):
+        raise FormatError("expected a JSON object", path=path, kind="checkpoint-json")
+    return doc
+
+
+def _component_from_folder(name: str, folder: Path) -> Component | None:
+    """The weights in one folder, or None if it holds no safetensors weights."""
+    config_path = folder / "config.json"
+    config = _read_json(config_path) if config_path.is_file() else None
+    index_paths = [folder / n for n in INDEX_NAMES if (folder / n).is_file()]
+    if not index_paths:
+        index_paths = sorted(folder.glob("*.safetensors.index.json"))
+    if index_paths:
+        index_path = index_paths[0]
+        doc = _read_json(index_path)
+        weight_map = doc.get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        ):
+            raise FormatError(
+                "index has no weight_map of tensor name -> file name",
+                path=index_path,
+                kind="checkpoint-json",
+            )
+        files: list[Path] = []
+        for file_name in dict.fromkeys(weight_map.values()):
+            shard = folder / file_name
+            if os.sep in file_name or "/" in file_name or not shard.is_file():
+                raise FormatError(
+                    f"index names shard {file_name!r}, which is not in the folder",
+                    path=index_path,
+                    hint="the checkpoint is incomplete; download the missing shard",
+                    kind="checkpoint-missing-shard",
+                )
+            files.append(shard)
+        return Component(
+            name, folder, files, index_path, config, _weight_map=dict(weight_map), _index_doc=doc
+        )
+    weights = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
+    if weights:
+        return Component(name, folder, weights, None, config)
+    pickles = sorted(p for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise UnsafeFileError(
+            f"weights are a pickle ({pickles[0].name}); loratool never unpickles files",
+            path=pickles[0],
+            hint="convert the checkpoint to safetensors in a trusted environment",
+            kind="pickle",
+        )
+    return None
+
+
+def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Open a base checkpoint (headers and indexes only).
+
+    Raises:
+        FormatError: no weights found, a shard named by the index is missing, bad JSON.
+        UnsafeFileError: the weights are pickles.
+    """
+    path = Path(path)
+    if path.is_file():
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise UnsafeFileError(
+                "pickle-based checkpoint; loratool never unpickles files (they can run code)",
+                path=path,
+                hint="convert it to .safetensors in a trusted environment",
+                kind="pickle",
+            )
+        SafetensorsFile(path).close()  # check the header now: errors name the file early
+        return Checkpoint(path, "file", {"": Component("", path.parent, [path])})
+    if not path.is_dir():
+        raise FormatError("no such file or folder", path=path, kind="missing")
+    if (path / "model_index.json").is_file():
+        components: dict[str, Component] = {}
+        for sub in sorted(p for p in path.iterdir() if p.is_dir()):
+            comp = _component_from_folder(sub.name, sub)
+            if comp is not None:
+                components[sub.name] = comp
+        if not components:
+            raise FormatError(
+                "diffusers folder with no safetensors weights in any component",
+                path=path,
+                kind="no-weights",
+            )
+        return Checkpoint(path, "diffusers", components)
+    comp = _component_from_folder("", path)
+    if comp is None:
+        raise FormatError(
+            "no *.safetensors weights or index in this folder", path=path, kind="no-weights"
+        )
+    return Checkpoint(path, "folder", {"": comp})

@@ -1,0 +1,357 @@
+"""Resolve adapter modules to the base weights they update, and check that the shapes fit.
+
+- PEFT paths (``base_model.model.`` stripped) name base keys directly: ``<path>.weight``.
+- Component-prefixed keys (``unet.``, ``text_encoder.``...) go to the matching subfolder of a
+  diffusers folder.
+- kohya names (``lora_unet_...``) are matched by flattening every base key the way kohya does
+  (``.`` -> ``_``) after removing the usual single-file prefixes (``model.diffusion_model.``,
+  ``conditioner.embedders.0.transformer.``, ``cond_stage_model.transformer.``...).
+
+A module that resolves to nothing, or to more than one weight, is reported by name; nothing is
+guessed. ``fit`` decides the layout per module from the base tensor's shape: GPT-2 style Conv1D
+weights are stored ``[in, out]`` (PEFT's fan_in_fan_out), embeddings take the transposed update,
+and linear LoRAs on 1x1 convolutions are reshaped.
+
+Example:
+    >>> from lora_tools.formats import load_adapter                      # doctest: +SKIP
+    >>> from lora_tools.io.checkpoint import open_checkpoint             # doctest: +SKIP
+    >>> res = resolve(load_adapter("fixtures/kohya/sd-lora.safetensors"),
+    ...               open_checkpoint("fixtures/bases/tiny-sd"))         # doctest: +SKIP
+    >>> len(res.matches), res.unmatched                                  # doctest: +SKIP
+    (20, [])
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lora_tools.adapter import CONV, EMBEDDING, Adapter, LoraModule
+from lora_tools.errors import ResolveError, ShapeError
+from lora_tools.formats.base import classify_foreign
+from lora_tools.formats.kohya import flatten_path, split_name
+from lora_tools.formats.peft import PEFT_PREFIX, split_stem
+from lora_tools.io.checkpoint import Checkpoint, Component
+from lora_tools.io.safetensors import TensorInfo
+
+#: Single-file key prefixes -> the component they hold, tried in order (longest first).
+SINGLE_FILE_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("conditioner.embedders.0.transformer.", "text_encoder"),
+    ("conditioner.embedders.1.model.", "text_encoder_2"),
+    ("cond_stage_model.transformer.", "text_encoder"),
+    ("cond_stage_model.model.", "text_encoder"),
+    ("text_encoders.clip_l.transformer.", "text_encoder"),
+    ("text_encoders.clip_g.transformer.", "text_encoder_2"),
+    ("text_encoders.t5xxl.transformer.", "text_encoder_3"),
+    ("model.diffusion_model.", "unet"),
+    ("diffusion_model.", "unet"),
+    ("model.", "unet"),
+    ("", "unet"),
+)
+#: Components a kohya ``lora_unet_`` module may live in.
+_DENOISERS = ("unet", "transformer")
+#: transformers model types whose Linear-like layers are Conv1D (weight stored [in, out]).
+CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "gpt_bigcode", "decision_transformer", "imagegpt"}
+CONV1D_NAMES = {"c_attn", "c_proj", "c_fc", "c_attn_v", "q_attn"}
+
+
+@dataclass(frozen=True)
+class Target:
+    """A base tensor: which component, which key, in which file."""
+
+    component: str
+    key: str
+    file: Path
+    info: TensorInfo
+
+
+@dataclass(frozen=True)
+class ModuleMatch:
+    """Where one adapter module goes, and how its update must be laid out there.
+
+    Attributes:
+        transpose: the base stores the layer as ``[in, out]`` (GPT-2 Conv1D / fan_in_fan_out).
+        reshape: the update must be reshaped to the base shape (linear LoRA on a 1x1 conv).
+        bias: the base bias a PEFT ``lora_B.bias`` is added to.
+        component: the logical component (``unet``, ``text_encoder``...) or ``""``.
+        path: the module's dotted path inside that component.
+    """
+
+    module: LoraModule
+    target: Target
+    transpose: bool = False
+    reshape: bool = False
+    bias: Target | None = None
+    component: str = ""
+    path: str = ""
+
+
+@dataclass
+class Resolution:
+    """The outcome of :func:`resolve`: matches, and everything that did not match."""
+
+    matches: dict[str, ModuleMatch] = field(default_factory=dict)
+    unmatched: list[str] = field(default_factory=list)
+    ambiguous: dict[str, list[str]] = field(default_factory=dict)
+    shape_errors: dict[str, str] = field(default_factory=dict)
+    #: pass-through tensors that replace a base tensor (modules_to_save, saved embeddings).
+    replacements: dict[str, Target] = field(default_factory=dict)
+    total: int = 0
+
+    def raise_for_problems(self, adapter: Adapter, *, allow_unmatched: bool = False) -> None:
+        """Raise ResolveError / ShapeError as the CLI reports them (see module docstring)."""
+        source = adapter.source
+        if self.shape_errors:
+            key, msg = next(iter(self.shape_errors.items()))
+            more = f" (and {len(self.shape_errors) - 1} more)" if len(self.shape_errors) > 1 else ""
+            raise ShapeError(f"{msg}{more}", path=source, hint="is this the right base model?")
+        if self.ambiguous:
+            key, cands = next(iter(self.ambiguous.items()))
+            raise ResolveError(
+                f"module {key!r} matches {len(cands)} base weights ({', '.join(cands[:3])})",
+                path=source,
+                hint="the base has several components with this layer; use a PEFT/diffusers "
+                "adapter with component prefixes",
+                kind="ambiguous",
+            )
+        if not self.matches:
+            raise ResolveError(
+                f"0 of {self.total} modules match this base: the adapter would have no effect "
+                f"(e.g. {self.unmatched[0]!r})"
+                if self.unmatched
+                else "the adapter has no modules",
+                path=source,
+                hint="is this adapter made for this base model?",
+                kind="no-match",
+            )
+        if self.unmatched and not allow_unmatched:
+            names = ", ".join(repr(k) for k in self.unmatched[:3])
+            raise ResolveError(
+                f"{len(self.unmatched)} of {self.total} modules match no base weight: {names}"
+                + (" ..." if len(self.unmatched) > 3 else ""),
+                path=source,
+                hint="check the base model, or pass --allow-unmatched to skip them",
+                kind="unmatched",
+            )
+
+
+def _target(comp: Component, key: str) -> Target:
+    return Target(comp.name, key, comp.file_for(key), comp.info(key))
+
+
+def _candidate_components(ckpt: Checkpoint, component: str | None) -> list[Component]:
+    if component is None:
+        return list(ckpt.components.values())
+    if component in ckpt.components:
+        return [ckpt.components[component]]
+    if component in _DENOISERS:
+        found = [ckpt.components[c] for c in _DENOISERS if c in ckpt.components]
+        if found:
+            return found
+    if ckpt.kind != "diffusers":
+        return list(ckpt.components.values())
+    return []
+
+
+class _FlatIndex:
+    """kohya-flattened base keys of a checkpoint: (component, flat name) -> base keys."""
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        self.entries: dict[tuple[str, str], list[tuple[Component, str]]] = {}
+        for comp in ckpt.components.values():
+            for key in comp:
+                if not key.endswith(".weight"):
+                    continue
+                module = key[: -len(".weight")]
+                if ckpt.kind == "diffusers":
+                    logical = comp.name
+                    self._add(logical, flatten_path(module), comp, key)
+                    continue
+                for prefix, logical in SINGLE_FILE_PREFIXES:
+                    if module.startswith(prefix):
+                        self._add(logical, flatten_path(module[len(prefix) :]), comp, key)
+                        break
+
+    def _add(self, logical: str, flat: str, comp: Component, key: str) -> None:
+        bucket = self.entries.setdefault((logical, flat), [])
+        if (comp, key) not in bucket:
+            bucket.append((comp, key))
+
+    def lookup(self, component: str | None, flat: str) -> tuple[list[tuple[Component, str]], str]:
+        logicals = [component] if component else [c for c, _ in self.entries]
+        if component in _DENOISERS:
+            logicals = list(_DENOISERS)
+        if component == "text_encoder":
+            logicals = ["text_encoder"]
+        found: list[tuple[Component, str]] = []
+        logical_found = component or ""
+        for logical in dict.fromkeys(logicals):
+            hits = self.entries.get((logical, flat), [])
+            if hits:
+                logical_found = logical
+            found.extend(hits)
+        return found, logical_found
+
+
+def _path_candidates(path: str) -> list[str]:
+    """Base module paths a PEFT path may correspond to (task heads vs bare models)."""
+    out = [path]
+    if "." in path:
+        out.append(path.split(".", 1)[1])
+    return out
+
+
+def _path_hits(
+    comp: Component, path: str, component: str | None, kind: str
+) -> list[tuple[Component, str, str, str]]:
+    """Base weights for a dotted module path: exact, without the first segment, under a
+    single-file prefix, or, failing those, the one key that ends with ``.<path>.weight`` (the
+    text encoders diffusers saves without their ``text_model.`` root)."""
+    logical = component or comp.name
+    for candidate in _path_candidates(path):
+        if f"{candidate}.weight" in comp:
+            return [(comp, f"{candidate}.weight", logical, candidate)]
+    if kind == "file":
+        hits = _single_file_hits(comp, path, component)
+        if hits:
+            return hits
+    suffix = f".{path}.weight"
+    return [
+        (comp, key, logical, key.removesuffix(".weight")) for key in comp if key.endswith(suffix)
+    ]
+
+
+def resolve(adapter: Adapter, ckpt: Checkpoint) -> Resolution:
+    """Find the base weight of every module in ``adapter`` and check the shapes fit.
+
+    Returns a :class:`Resolution`; call ``raise_for_problems`` to turn problems into errors.
+    """
+    res = Resolution(total=len(adapter.modules))
+    flat_index: _FlatIndex | None = None
+    for key, module in adapter.modules.items():
+        hits: list[tuple[Component, str, str, str]] = []  # comp, base key, logical, path
+        if module.path is not None:
+            for comp in _candidate_components(ckpt, module.component):
+                hits.extend(_path_hits(comp, module.path, module.component, ckpt.kind))
+        else:
+            if flat_index is None:
+                flat_index = _FlatIndex(ckpt)
+            component, flat = split_name(module.key)
+            found, logical = flat_index.lookup(component, flat)
+            for comp, base_key in found:
+                hits.append((comp, base_key, logical, _strip_prefix(base_key, ckpt)))
+        unique = list({(c.name, k): (c, k, lg, p) for c, k, lg, p in hits}.values())
+        if not unique:
+            res.unmatched.append(key)
+            continue
+        if len(unique) > 1:
+            res.ambiguous[key] = [f"{c.name + '/' if c.name else ''}{k}" for c, k, _, _ in unique]
+            continue
+        comp, base_key, logical, path = unique[0]
+        target = _target(comp, base_key)
+        try:
+            transpose, reshape = fit(module, target.info, comp.model_type, path)
+        except ShapeError as exc:
+            res.shape_errors[key] = exc.message
+            continue
+        bias = None
+        if module.bias is not None:
+            bias_key = base_key[: -len(".weight")] + ".bias"
+            if bias_key not in comp:
+                res.shape_errors[key] = (
+                    f"module {key!r} has a lora_B.bias but the base has no {bias_key!r}"
+                )
+                continue
+            bias = _target(comp, bias_key)
+        res.matches[key] = ModuleMatch(
+            module, target, transpose, reshape, bias, component=logical or "", path=path
+        )
+    res.replacements = _resolve_passthrough(adapter, ckpt)
+    return res
+
+
+def _strip_prefix(base_key: str, ckpt: Checkpoint) -> str:
+    module = base_key.removesuffix(".weight")
+    if ckpt.kind == "diffusers":
+        return module
+    for prefix, _ in SINGLE_FILE_PREFIXES:
+        if prefix and module.startswith(prefix):
+            return module[len(prefix) :]
+    return module
+
+
+def _single_file_hits(
+    comp: Component, path: str, component: str | None
+) -> list[tuple[Component, str, str, str]]:
+    """Matches for a dotted path in a single-file checkpoint under its usual prefixes."""
+    out = []
+    for prefix, logical in SINGLE_FILE_PREFIXES:
+        if not prefix or (component and logical != component and component not in _DENOISERS):
+            continue
+        key = f"{prefix}{path}.weight"
+        if key in comp:
+            out.append((comp, key, logical, path))
+    return out
+
+
+def fit(
+    module: LoraModule, base: TensorInfo, model_type: str | None = None, path: str = ""
+) -> tuple[bool, bool]:
+    """``(transpose, reshape)`` that make the module's update fit the base tensor.
+
+    Raises:
+        ShapeError: the update cannot be laid onto this base tensor.
+    """
+    delta = module.delta_shape
+    shape = base.shape
+    name = path.rsplit(".", 1)[-1]
+    conv1d = model_type in CONV1D_MODEL_TYPES and name in CONV1D_NAMES
+    if module.kind == EMBEDDING or module.kind == CONV:
+        if tuple(shape) == delta:
+            return False, False
+    elif len(shape) == 2:
+        out_f, in_f = delta
+        if conv1d and tuple(shape) == (in_f, out_f):
+            return True, False
+        if tuple(shape) == (out_f, in_f):
+            return False, False
+        if tuple(shape) == (in_f, out_f):
+            return True, False
+    elif len(shape) > 2 and math.prod(shape[2:]) == 1 and tuple(shape[:2]) == delta:
+        return False, True  # linear LoRA on a 1x1 convolution
+    if module.kind == CONV and math.prod(module.kernel) == 1 and tuple(shape) == delta[:2]:
+        return False, True  # 1x1 conv LoRA on a linear layer
+    raise ShapeError(
+        f"module {module.key!r} ({module.kind}, update {list(delta)}) does not fit base "
+        f"weight {base.name!r} of shape {list(shape)}"
+    )
+
+
+def _resolve_passthrough(adapter: Adapter, ckpt: Checkpoint) -> dict[str, Target]:
+    """Pass-through tensors (PEFT modules_to_save, saved embedding layers) that replace a base
+    tensor of the same key and shape."""
+    out: dict[str, Target] = {}
+    for key, tensor in adapter.passthrough.items():
+        component, rest = split_stem(key)
+        if classify_foreign(key) is not None or not (key.startswith(PEFT_PREFIX) or component):
+            continue
+        for marker in (".modules_to_save.default.", ".base_layer.", ".original_module."):
+            rest = rest.replace(marker, ".")
+        for comp in _candidate_components(ckpt, component):
+            for path in _path_candidates(rest):
+                if path in comp and tuple(comp.info(path).shape) == tuple(tensor.shape):
+                    out[key] = _target(comp, path)
+                    break
+            if key in out:
+                break
+    return out
+
+
+__all__ = [
+    "ModuleMatch",
+    "Resolution",
+    "Target",
+    "fit",
+    "resolve",
+]
