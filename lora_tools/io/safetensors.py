@@ -239,32 +239,38 @@ def check_header(
                 metadata = {k: v for k, v in metadata.items() if isinstance(v, str)}
 
     tensors: dict[str, TensorInfo] = {}
+    spans: list[tuple[int, int, str]] = []
     for name, entry in doc.items():
         info = _check_entry(name, entry, problems)
         if info is not None:
             tensors[name] = info
+            spans.append((info.begin, info.end, name))
+        elif (span := _valid_offsets(entry)) is not None:
+            # An entry rejected for its dtype or shape still occupies its bytes: keeping its span
+            # stops one bad entry from also being reported as a gap or as trailing bytes.
+            spans.append((*span, name))
 
     expected_end = 0
-    for info in sorted(tensors.values(), key=lambda t: (t.begin, t.end)):
-        if info.begin > expected_end:
+    for begin, end, name in sorted(spans):
+        if begin > expected_end:
             problems.append(
                 Problem(
                     "gap",
-                    f"tensor {info.name!r} starts at byte {info.begin} of the data buffer, "
-                    f"expected {expected_end}: {info.begin - expected_end} bytes belong to no tensor",
-                    tensor=info.name,
+                    f"tensor {name!r} starts at byte {begin} of the data buffer, "
+                    f"expected {expected_end}: {begin - expected_end} bytes belong to no tensor",
+                    tensor=name,
                 )
             )
-        elif info.begin < expected_end:
+        elif begin < expected_end:
             problems.append(
                 Problem(
                     "overlap",
-                    f"tensor {info.name!r} starts at byte {info.begin}, inside the previous "
+                    f"tensor {name!r} starts at byte {begin}, inside the previous "
                     f"tensor which ends at {expected_end}",
-                    tensor=info.name,
+                    tensor=name,
                 )
             )
-        expected_end = max(expected_end, info.end)
+        expected_end = max(expected_end, end)
 
     actual_data = file_bytes - 8 - header_bytes
     if expected_end > actual_data:
@@ -284,6 +290,18 @@ def check_header(
         )
     header = Header(tensors, metadata, header_bytes, file_bytes, duplicates)
     return header, problems
+
+
+def _valid_offsets(entry: object) -> tuple[int, int] | None:
+    offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+    if (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(_is_uint(o) for o in offsets)
+        and offsets[0] <= offsets[1]
+    ):
+        return offsets[0], offsets[1]
+    return None
 
 
 def _check_entry(name: str, entry: object, problems: list[Problem]) -> TensorInfo | None:
@@ -425,9 +443,9 @@ class SafetensorsFile:
     """
 
     def __init__(self, path: str | os.PathLike[str], header: Header | None = None) -> None:
+        self._fd: int | None = None  # set first: __del__ runs even when the header is bad
         self.path = Path(path)
         self.header = header if header is not None else read_header(self.path)
-        self._fd: int | None = None
 
     def __enter__(self) -> SafetensorsFile:
         return self
@@ -721,7 +739,9 @@ class SafetensorsWriter:
                     f"tensor {name!r}: data has dtype {dtype_of(data)}, "
                     f"header says {self._spec_for(name).dtype}"
                 )
-            data = memoryview(data if data.flags.c_contiguous else data.copy(order="C")).cast("B")
+            # A uint8 view, not memoryview(array): ml_dtypes types (bfloat16, float8) have no
+            # buffer-protocol format code.
+            data = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
         size = len(data) if isinstance(data, bytes) else memoryview(data).nbytes
         if size == 0:
             return
