@@ -1,0 +1,120 @@
+"""What rescale, resize, combine and convert share: module identity, factor replacement, the
+history note, and writing the result.
+
+Private to the algebra operations; the public entry points are in their own modules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lora_tools import __version__
+from lora_tools.adapter import Adapter, LoraModule
+from lora_tools.formats import save_adapter
+from lora_tools.formats.kohya import flatten_path, split_name
+from lora_tools.io.atomic import check_output
+from lora_tools.io.safetensors import ArrayTensor, Tensor, numpy_dtype
+
+#: Metadata key holding a JSON list of what loratool did to the file, oldest first.
+HISTORY_KEY = "loratool_history"
+
+#: ``progress(done, total)``: called after each module so callers can draw a progress bar.
+Progress = Callable[[int, int], None]
+
+
+def module_identity(module: LoraModule) -> tuple[str | None, str]:
+    """``(component, flattened path)``: the same layer read from any format gets the same pair.
+
+    kohya names lose the dots of the module path, so paths are compared flattened.
+    """
+    if module.path is not None:
+        return module.component, flatten_path(module.path)
+    component, flat = split_name(module.key)
+    return component or module.component, flat
+
+
+def cast_like(array: np.ndarray, like: Tensor) -> ArrayTensor:
+    """``array`` cast once to ``like``'s dtype (the input's dtype), as a tensor."""
+    return ArrayTensor(np.ascontiguousarray(array).astype(numpy_dtype(like.dtype)), like.dtype)
+
+
+def with_factors(
+    module: LoraModule,
+    up: np.ndarray,
+    down: np.ndarray,
+    *,
+    alpha: float | None,
+    rslora: bool | None = None,
+    dtype_from: LoraModule | None = None,
+    bias: np.ndarray | None = None,
+) -> LoraModule:
+    """A copy of ``module`` with new 2-D factors ``up`` ``[out, k]`` and ``down`` ``[k, in*]``.
+
+    The factors are reshaped to the module's layout (conv: ``[out, k, 1, ...]`` and
+    ``[k, in, *kernel]``) and cast to the dtypes of ``dtype_from`` (default: ``module``).
+    """
+    src = dtype_from or module
+    k = up.shape[1]
+    up_shape = (module.up.shape[0], k, *module.up.shape[2:])
+    down_shape = (k, *module.down.shape[1:])
+    changes: dict[str, Any] = {
+        "up": cast_like(up.reshape(up_shape), src.up),
+        "down": cast_like(down.reshape(down_shape), src.down),
+        "alpha": alpha,
+    }
+    if rslora is not None:
+        changes["rslora"] = rslora
+    if bias is not None:
+        like = src.bias if src.bias is not None else src.up
+        changes["bias"] = cast_like(bias, like)
+    return dataclasses.replace(module, **changes)
+
+
+def add_history(adapter: Adapter, op: str, **params: Any) -> None:
+    """Append ``{"op", "version", **params}`` to the adapter's ``loratool_history`` metadata.
+
+    Metadata stays string -> string: the list is stored as JSON text. A malformed earlier value
+    is kept under ``loratool_history_unparsed`` rather than lost.
+    """
+    history: list[Any] = []
+    raw = adapter.metadata.get(HISTORY_KEY)
+    if raw:
+        try:
+            parsed = json.loads(raw)
+            history = parsed if isinstance(parsed, list) else [parsed]
+        except json.JSONDecodeError:
+            adapter.metadata[f"{HISTORY_KEY}_unparsed"] = raw
+    entry = {"op": op, "version": __version__}
+    entry.update({k: v for k, v in params.items() if v is not None})
+    history.append(entry)
+    adapter.metadata = {**adapter.metadata, HISTORY_KEY: json.dumps(history, sort_keys=True)}
+
+
+def input_paths(adapter: Adapter, given: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Every path the output must not overwrite: what the user gave, the weights, the config."""
+    out = [Path(p) for p in (given, adapter.source, adapter.config_source) if p is not None]
+    return out
+
+
+def write_adapter(
+    adapter: Adapter,
+    out: str | os.PathLike[str],
+    inputs: list[Path],
+    *,
+    force: bool = False,
+    format: str | None = None,
+) -> Path:
+    """Refuse unsafe outputs, then write ``adapter`` atomically with refreshed hashes/metadata.
+
+    Returns:
+        The weights file written.
+    """
+    check_output(out, list(inputs), force=force)
+    return save_adapter(adapter, out, format=format, refresh_hashes=True)

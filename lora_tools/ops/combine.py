@@ -1,0 +1,375 @@
+"""``combine``: one adapter whose update is ``sum_i w_i * dW_i``, per module.
+
+Methods (docs/math.md has the derivations):
+
+- ``concat``: exact. ``sum_i w_i s_i U_i V_i = [w_1 s_1 U_1 | ...] @ [V_1; ...]``, so the
+  factors are concatenated along the rank axis; rank = sum of ranks; nothing dense is formed.
+- ``svd``: the optimal rank-R approximation of the exact weighted sum, from the stacked factors
+  (QR of both, SVD of the small core): still never dense.
+- ``ties`` (Yadav et al. 2023): on the dense per-module task vectors ``t_i = w_i dW_i``: keep
+  each one's top ``density`` fraction of entries by magnitude, elect each entry's sign as the
+  sign of the sum of the trimmed values, and average the trimmed values that agree with it
+  (disjoint mean). Then truncated to rank R.
+- ``dare`` (Yu et al. 2023): drop each entry of each ``dW_i`` with probability ``1 - density``
+  and rescale the survivors by ``1 / density`` (seeded), then sum with the weights. Then
+  truncated to rank R.
+
+Modules are matched across inputs by component and (flattened) module path, so inputs may be
+in different formats; a module present in only some inputs sums only those. Shapes and layer
+kinds must agree. Output modules have scale 1 (alpha = rank) and the first input's format,
+names and dtypes. DoRA, LyCORIS and inputs with full replacement tensors (modules_to_save) are
+refused: their combination is not a sum of low-rank updates.
+
+Example:
+    >>> from lora_tools.formats import load_adapter                        # doctest: +SKIP
+    >>> a = load_adapter("fixtures/peft/llama-lora")                       # doctest: +SKIP
+    >>> res = combine_adapters([a, a], weights=[1.0, -1.0], method="concat")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lora_tools.adapter import Adapter, LoraModule
+from lora_tools.errors import ShapeError, UnsupportedAdapterError, UsageError
+from lora_tools.lowrank import (
+    DISTRIBUTIONS,
+    dense_low_rank,
+    low_rank_approx,
+    split_scalar,
+    stack_factors,
+)
+from lora_tools.ops._algebra import Progress, add_history, module_identity, with_factors
+
+METHODS = ("concat", "svd", "ties", "dare")
+
+
+@dataclass(frozen=True)
+class ModuleCombine:
+    """What combine did for one output module.
+
+    Attributes:
+        key: the output module's key.
+        inputs: indices of the inputs that hold this module.
+        rank: output rank.
+        exact_rank: rank of the exact combination before truncation (concat: = rank).
+        retained_energy: fraction of ``||combination||_F^2`` kept by the truncation.
+        relative_error: ``||combination - output||_F / ||combination||_F``, where combination is
+            the weighted sum (concat, svd) or the TIES / DARE result (ties, dare).
+    """
+
+    key: str
+    inputs: tuple[int, ...]
+    rank: int
+    exact_rank: int
+    retained_energy: float
+    relative_error: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class CombineResult:
+    """The combined adapter and one row per output module."""
+
+    adapter: Adapter
+    modules: list[ModuleCombine] = field(default_factory=list)
+    method: str = "concat"
+
+
+def _check_inputs(adapters: list[Adapter], weights: list[float]) -> None:
+    if len(adapters) < 1:
+        raise UsageError("combine needs at least one input adapter")
+    if len(weights) != len(adapters):
+        raise UsageError(
+            f"{len(weights)} weights for {len(adapters)} inputs",
+            hint="give one weight per input: --weights 1,0.5,...",
+        )
+    if not all(np.isfinite(w) for w in weights):
+        raise UsageError(f"weights must be finite numbers, got {weights}")
+    for a in adapters:
+        a.require_plain_lora("combine")
+        a.require_no_dora("combine")
+        if a.passthrough:
+            name = next(iter(a.passthrough))
+            raise UnsupportedAdapterError(
+                f"holds {len(a.passthrough)} full tensors (e.g. {name!r}: modules_to_save or a "
+                "saved layer) that replace base weights; replacements cannot be summed like "
+                "low-rank updates",
+                path=a.source,
+                hint="merge such adapters into the base with `loratool merge` instead",
+                kind="unsupported-type",
+            )
+
+
+def match_modules(
+    adapters: list[Adapter],
+) -> dict[tuple[str | None, str], list[tuple[int, LoraModule]]]:
+    """Group modules of all inputs by layer: identity -> [(input index, module)], first-seen order.
+
+    A module without a component (a plain PEFT adapter) matches the one component that holds
+    the same path in another input (a diffusers or kohya file for the same model).
+    """
+    groups: dict[tuple[str | None, str], list[tuple[int, LoraModule]]] = {}
+    for i, a in enumerate(adapters):
+        for m in a.modules.values():
+            groups.setdefault(module_identity(m), []).append((i, m))
+    by_flat: dict[str, list[tuple[str | None, str]]] = {}
+    for ident in groups:
+        by_flat.setdefault(ident[1], []).append(ident)
+    for idents in by_flat.values():
+        named = [x for x in idents if x[0] is not None]
+        if (None, idents[0][1]) in idents and len(named) == 1:
+            loose = groups.pop((None, idents[0][1]))
+            groups[named[0]] = sorted(groups[named[0]] + loose, key=lambda t: t[0])
+    return groups
+
+
+def _check_shapes(adapters: list[Adapter], members: list[tuple[int, LoraModule]]) -> None:
+    i0, m0 = members[0]
+    for i, m in members[1:]:
+        if m.kind != m0.kind or m.delta_shape != m0.delta_shape:
+            raise ShapeError(
+                f"module {m0.key!r}: {m0.kind} update {list(m0.delta_shape)} in "
+                f"{adapters[i0].name} but {m.kind} update {list(m.delta_shape)} in "
+                f"{adapters[i].name} ({m.key!r})",
+                hint="combine adapters trained for the same base model",
+            )
+
+
+def combine_adapters(
+    adapters: list[Adapter],
+    *,
+    weights: list[float] | None = None,
+    method: str = "concat",
+    rank: int | None = None,
+    density: float | None = None,
+    seed: int = 0,
+    distribute: str = "sqrt",
+    progress: Progress | None = None,
+) -> CombineResult:
+    """Combine adapters into one whose update is the weighted sum (see the module docstring).
+
+    Args:
+        adapters: the inputs (not modified); the first one gives the output's format and names.
+        weights: one per input (default all 1); may be negative.
+        method: ``concat``, ``svd``, ``ties`` or ``dare``.
+        rank: output rank for svd / ties / dare (default: per module, the largest input rank).
+        density: fraction of entries kept by ties / dare, in (0, 1].
+        seed: seed of dare's random drop.
+        distribute: how singular values are split between factors (svd / ties / dare).
+        progress: optional ``progress(done, total)`` callback.
+
+    Returns:
+        A :class:`CombineResult`.
+
+    Raises:
+        UsageError: bad method, weights, rank or density.
+        ShapeError: a module has different shapes in two inputs.
+        UnsupportedAdapterError: DoRA, LyCORIS or full replacement tensors in an input.
+    """
+    weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
+    if method not in METHODS:
+        raise UsageError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
+    if distribute not in DISTRIBUTIONS:
+        raise UsageError(f"--distribute must be one of {', '.join(DISTRIBUTIONS)}")
+    if rank is not None and (not isinstance(rank, int) or rank < 1):
+        raise UsageError(f"--rank must be an integer >= 1, got {rank!r}")
+    if method == "concat" and rank is not None:
+        raise UsageError("--rank does not apply to --method concat (its rank is the sum)")
+    if method in ("ties", "dare"):
+        if density is None:
+            raise UsageError(f"--method {method} needs --density (fraction of entries kept)")
+        if not 0 < density <= 1:
+            raise UsageError(f"--density must be in (0, 1], got {density}")
+    elif density is not None:
+        raise UsageError("--density applies to --method ties and dare only")
+    _check_inputs(adapters, weights)
+
+    first = adapters[0]
+    groups = match_modules(adapters)
+    result = CombineResult(adapter=first, method=method)
+    modules: dict[str, LoraModule] = {}
+    for n, members in enumerate(groups.values()):
+        _check_shapes(adapters, members)
+        template = _template(first, members)
+        terms = [(m.factors(), weights[i] * m.scale, m) for i, m in members]
+        if method == "concat":
+            new, row = _concat(template, terms)
+        elif method == "svd":
+            new, row = _svd(template, terms, rank, distribute)
+        else:
+            dense = _dense_combination(method, members, weights, density, seed)
+            k = rank or max(m.rank for _, m in members)
+            lr = dense_low_rank(dense, k, distribute=distribute)
+            exact = numerical_rank(lr.S)
+            new = with_factors(
+                template, lr.up, lr.down, alpha=float(lr.k), rslora=False, bias=_bias_sum(terms)
+            )
+            row = (lr.k, exact, lr.retained_energy, lr.relative_error)
+        modules[new.key] = new
+        result.modules.append(ModuleCombine(new.key, tuple(i for i, _ in members), *row))
+        if progress is not None:
+            progress(n + 1, len(groups))
+
+    out = dataclasses.replace(
+        first,
+        modules=modules,
+        passthrough={},
+        metadata=dict(first.metadata),
+        config=_config(first, modules),
+    )
+    add_history(
+        out,
+        "combine",
+        method=method,
+        weights=weights,
+        inputs=[a.name for a in adapters],
+        rank=rank,
+        density=density,
+        seed=seed if method == "dare" else None,
+    )
+    result.adapter = out
+    return result
+
+
+def _template(first: Adapter, members: list[tuple[int, LoraModule]]) -> LoraModule:
+    """The module that names the output: the first input's, else the first holder's, renamed
+    for the first input's format (its own keys are in another format)."""
+    i, m = members[0]
+    if i == 0:
+        return m
+    if m.path is None and first.format != "kohya":
+        raise UsageError(
+            f"module {m.key!r} exists only in a kohya input and has no module path, so it "
+            f"cannot be named in the first input's format ({first.format})",
+            hint="convert the kohya input with `loratool convert --to "
+            f"{first.format} --base BASE` first, or list it first",
+        )
+    return dataclasses.replace(m, keys={}, alpha_tensor=None)
+
+
+def numerical_rank(values: np.ndarray) -> int:
+    """How many singular values are above the round-off floor ``1e-12 * S_0``."""
+    if len(values) == 0:
+        return 0
+    return int(np.count_nonzero(values > values[0] * 1e-12))
+
+
+def _bias_sum(terms: list[tuple[Any, float, LoraModule]]) -> np.ndarray | None:
+    """``sum_i w_i s_i bias_i`` (PEFT adds scale * bias), for an output of scale 1."""
+    parts = [c * np.asarray(m.bias.numpy(), np.float64) for _, c, m in terms if m.bias is not None]
+    return np.sum(parts, axis=0) if parts else None
+
+
+def _concat(template: LoraModule, terms: list) -> tuple[LoraModule, tuple]:
+    ups, downs = [], []
+    for (U, V), c, _ in terms:
+        c_up, c_down = split_scalar(c)
+        ups.append(U * c_up)
+        downs.append(V * c_down)
+    up, down = np.concatenate(ups, axis=1), np.concatenate(downs, axis=0)
+    rank = up.shape[1]
+    new = with_factors(template, up, down, alpha=float(rank), rslora=False, bias=_bias_sum(terms))
+    return new, (rank, rank, 1.0, 0.0)
+
+
+def _svd(template: LoraModule, terms: list, rank: int | None, distribute: str) -> tuple:
+    U, V = stack_factors([(U, V, c) for (U, V), c, _ in terms])
+    k = rank or max(m.rank for _, _, m in terms)
+    lr = low_rank_approx(U, V, 1.0, k, distribute=distribute)
+    exact = numerical_rank(lr.S)
+    new = with_factors(
+        template, lr.up, lr.down, alpha=float(lr.k), rslora=False, bias=_bias_sum(terms)
+    )
+    return new, (lr.k, exact, lr.retained_energy, lr.relative_error)
+
+
+def _dense_combination(
+    method: str,
+    members: list[tuple[int, LoraModule]],
+    weights: list[float],
+    density: float | None,
+    seed: int,
+) -> np.ndarray:
+    """The TIES or DARE combination of the members' dense updates (factor-matrix layout)."""
+    assert density is not None
+    if method == "ties":
+        return ties([weights[i] * _dense(m) for i, m in members], density)
+    ident = "/".join(str(x) for x in module_identity(members[0][1]))
+    # One generator per (seed, module, input): the drop pattern of a module does not depend on
+    # which other modules or inputs exist, or their order.
+    parts = []
+    for i, m in members:
+        rng = np.random.default_rng([seed, zlib.crc32(ident.encode()), i])
+        parts.append(weights[i] * dare(_dense(m), density, rng))
+    return np.sum(parts, axis=0)
+
+
+def _dense(m: LoraModule) -> np.ndarray:
+    U, V = m.factors()
+    return (U * m.scale) @ V
+
+
+def ties(task_vectors: list[np.ndarray], density: float) -> np.ndarray:
+    """TIES-merging (Yadav et al. 2023) of task vectors, without the final ``lambda``.
+
+    1. Trim: in each ``t_i`` keep the ``round(density * size)`` entries of largest magnitude.
+    2. Elect: ``sign = sign(sum_i trimmed_i)`` per entry.
+    3. Disjoint mean: per entry, the mean of the trimmed values whose sign equals the elected
+       sign (entries where none agrees are 0).
+
+    Example:
+        >>> ties([np.array([3.0, -1.0]), np.array([1.0, 2.0])], 1.0).tolist()
+        [2.0, 2.0]
+    """
+    trimmed = [_trim(t, density) for t in task_vectors]
+    stacked = np.stack(trimmed)
+    sign = np.sign(stacked.sum(axis=0))
+    agree = (np.sign(stacked) == sign) & (stacked != 0)
+    count = agree.sum(axis=0)
+    total = np.where(agree, stacked, 0.0).sum(axis=0)
+    return np.divide(total, count, out=np.zeros_like(total), where=count > 0)
+
+
+def _trim(t: np.ndarray, density: float) -> np.ndarray:
+    flat = t.ravel()
+    keep = round(density * flat.size)
+    if keep >= flat.size:
+        return t.copy()
+    out = np.zeros_like(flat)
+    if keep > 0:
+        idx = np.argpartition(np.abs(flat), flat.size - keep)[flat.size - keep :]
+        out[idx] = flat[idx]
+    return out.reshape(t.shape)
+
+
+def dare(delta: np.ndarray, density: float, rng: np.random.Generator) -> np.ndarray:
+    """DARE (Yu et al. 2023): drop each entry with probability ``1 - density``, rescale the rest
+    by ``1 / density`` (so the expectation is unchanged).
+
+    Example:
+        >>> dare(np.ones(4), 1.0, np.random.default_rng(0)).tolist()
+        [1.0, 1.0, 1.0, 1.0]
+    """
+    keep = rng.random(delta.shape) < density
+    return np.where(keep, delta / density, 0.0)
+
+
+def _config(first: Adapter, modules: dict[str, LoraModule]) -> dict[str, Any] | None:
+    """The first input's config, noting ``lora_bias`` when bias terms are written."""
+    if first.config is None:
+        return None
+    config = dict(first.config)
+    if any(m.bias is not None for m in modules.values()):
+        config["lora_bias"] = True
+    return config
+
+
+__all__ = ["METHODS", "CombineResult", "ModuleCombine", "combine_adapters", "dare", "ties"]

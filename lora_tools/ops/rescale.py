@@ -1,0 +1,155 @@
+"""``rescale``: change alpha without changing the update, or change the update's strength.
+
+Every module applies ``dW = scale * up @ down`` with ``scale = alpha / r`` (rsLoRA:
+``alpha / sqrt(r)``). Three modes:
+
+- ``alpha=A``: set every module's alpha to A and multiply the factors by ``scale_old /
+  scale_new``: dW is unchanged.
+- ``normalize=True``: set every module's scale to 1 (alpha = r, rsLoRA: alpha = sqrt(r)) and
+  fold the old scale into the factors: dW is unchanged.
+- ``factor=F``: multiply the factors by F (alpha unchanged): dW becomes ``F * dW``.
+
+A multiplier ``c`` is split as ``c_up * c_down`` with ``c_down`` a power of two (exact in binary
+floating point), so fp16 factors stay in range. PEFT ``lora_B.bias`` terms are scaled with the
+update (PEFT adds ``bias * scale``).
+
+DoRA: alpha and normalize leave ``dW`` and so ``W' = m * (W + dW) / ||W + dW||`` unchanged and are
+allowed; ``factor`` is refused, since DoRA renormalises ``W + F dW`` and F would not be the change
+in strength. LyCORIS types are refused.
+
+Example:
+    >>> from lora_tools.formats import load_adapter                    # doctest: +SKIP
+    >>> result = rescale_adapter(load_adapter("fixtures/peft/llama-lora"), normalize=True)
+    >>> {m.scale for m in result.adapter.modules.values()}             # doctest: +SKIP
+    {1.0}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lora_tools.adapter import Adapter, LoraModule
+from lora_tools.errors import UsageError
+from lora_tools.lowrank import split_scalar
+from lora_tools.ops._algebra import Progress, add_history, with_factors
+
+
+@dataclass
+class RescaleResult:
+    """The rescaled adapter and what changed.
+
+    Attributes:
+        adapter: the new adapter (unchanged modules keep their original tensors).
+        changed: keys of modules whose tensors changed.
+        old_alphas / new_alphas: per-module alpha before and after (effective values).
+        notes: things the user should know (tensors the operation could not scale).
+    """
+
+    adapter: Adapter
+    changed: list[str] = field(default_factory=list)
+    old_alphas: dict[str, float] = field(default_factory=dict)
+    new_alphas: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _check_number(name: str, value: float, *, positive: bool) -> None:
+    if not math.isfinite(value) or (positive and value <= 0):
+        need = "a finite number > 0" if positive else "a finite number"
+        raise UsageError(f"--{name} must be {need}, got {value!r}")
+
+
+def rescale_adapter(
+    adapter: Adapter,
+    *,
+    alpha: float | None = None,
+    factor: float | None = None,
+    normalize: bool = False,
+    progress: Progress | None = None,
+) -> RescaleResult:
+    """Rescale every module of ``adapter`` (exactly one of ``alpha``, ``factor``, ``normalize``).
+
+    Args:
+        adapter: the adapter to rescale (not modified).
+        alpha: new alpha for every module; the update is unchanged.
+        factor: multiply every update by this (may be negative); alpha unchanged.
+        normalize: make every scale 1; the update is unchanged.
+        progress: optional ``progress(done, total)`` callback.
+
+    Returns:
+        A :class:`RescaleResult`; write ``result.adapter`` with ``save_adapter``.
+
+    Raises:
+        UsageError: not exactly one mode, or a bad number.
+        UnsupportedAdapterError: LyCORIS modules, or DoRA with ``factor``.
+    """
+    if sum(x is not None and x is not False for x in (alpha, factor, normalize or None)) != 1:
+        raise UsageError("give exactly one of --alpha, --factor, --normalize")
+    adapter.require_plain_lora("rescale")
+    if alpha is not None:
+        _check_number("alpha", alpha, positive=True)
+    if factor is not None:
+        _check_number("factor", factor, positive=False)
+        adapter.require_no_dora("rescale --factor")
+
+    result = RescaleResult(adapter=adapter)
+    modules: dict[str, LoraModule] = {}
+    total = len(adapter.modules)
+    for i, (key, m) in enumerate(adapter.modules.items()):
+        new_alpha: float | None
+        if factor is not None:
+            multiplier, new_alpha = factor, m.alpha
+        elif normalize:
+            new_alpha = math.sqrt(m.rank) if m.rslora else float(m.rank)
+            multiplier = m.scale
+            if m.alpha is None:
+                new_alpha = None  # a missing alpha already means scale 1
+        else:
+            assert alpha is not None
+            new_alpha = float(alpha)
+            new_scale = new_alpha / (math.sqrt(m.rank) if m.rslora else m.rank)
+            multiplier = m.scale / new_scale
+        result.old_alphas[key] = m.effective_alpha
+        if multiplier == 1.0:
+            modules[key] = dataclasses.replace(m, alpha=new_alpha)
+        else:
+            modules[key] = _scaled(m, multiplier, new_alpha)
+            result.changed.append(key)
+        result.new_alphas[key] = modules[key].effective_alpha
+        if progress is not None:
+            progress(i + 1, total)
+
+    if factor is not None and adapter.passthrough:
+        names = list(adapter.passthrough)
+        result.notes.append(
+            f"{len(names)} full tensors (e.g. {names[0]!r}: modules_to_save or saved layers) "
+            f"replace base weights instead of adding to them; --factor cannot scale them "
+            "without the base, so they are kept unchanged"
+        )
+    out = dataclasses.replace(adapter, modules=modules, metadata=dict(adapter.metadata))
+    if out.config is not None:
+        out.config = dict(out.config)
+    add_history(
+        out,
+        "rescale",
+        alpha=alpha,
+        factor=factor,
+        normalize=normalize or None,
+    )
+    result.adapter = out
+    return result
+
+
+def _scaled(m: LoraModule, multiplier: float, new_alpha: float | None) -> LoraModule:
+    """``m`` with factors (and lora bias) multiplied by ``multiplier``, alpha set to new_alpha."""
+    c_up, c_down = split_scalar(multiplier)
+    up, down = m.factors()
+    bias = None
+    if m.bias is not None:
+        # PEFT adds scale * bias. With the update's gain g (F, or 1 for alpha / normalize) the
+        # new bias is bias * g * scale_old / scale_new, which is bias * multiplier in every mode.
+        bias = np.asarray(m.bias.numpy(), dtype=np.float64) * multiplier
+    return with_factors(m, up * c_up, down * c_down, alpha=new_alpha, bias=bias)
