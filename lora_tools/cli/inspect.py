@@ -146,12 +146,13 @@ def render(report: dict[str, Any]) -> None:
     if stats:
         out.print()
         t = Table(title="per-module update (scaled, from the factors)", title_justify="left")
-        for col in ("module", "rank", "scale", "||dW||_F", "sigma_max", "eff. rank"):
-            t.add_column(col, justify="left" if col == "module" else "right")
+        t.add_column("module", overflow="fold", ratio=1)
+        for col in ("rank", "scale", "||dW||_F", "sigma_max", "eff. rank"):
+            t.add_column(col, justify="right", no_wrap=True)
         for row in stats["modules"]:
             style = "red" if row["outlier"] or not row["finite"] else None
             t.add_row(
-                row["module"],
+                row["module"].removeprefix("base_model.model."),
                 str(row["rank"]),
                 f"{row['scale']:.4g}",
                 "non-finite" if row["frobenius"] is None else f"{row['frobenius']:.4g}",
