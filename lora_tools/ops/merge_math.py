@@ -1,0 +1,249 @@
+"""The arithmetic of a merge, in numpy: each module's update exactly as PEFT computes it.
+
+Definitions (float32 throughout, as PEFT's default merge path on an fp32 adapter):
+
+- The product ``P = up @ down`` is the float32 matrix product with each element accumulated by
+  a sequence of fused multiply-adds over the rank, ``acc = fma(up[i, k], down[k, j], acc)`` for
+  ``k = 0 .. r-1``. This is what torch's CPU matmul (MKL) computes for these thin shapes, so it is
+  what ``merge_and_unload`` adds. numpy's own matmul (OpenBLAS) sums in another order, so the
+  numpy engine emulates the fused sequence exactly: each product of two float32 numbers is exact
+  in float64, and the one case where rounding the float64 sum again to float32 differs from a
+  single rounding (a float64 sum that lands on a float32 midpoint) is corrected with the exact
+  error term of the addition.
+- ``dW = P * float32(scale)`` (linear, conv), ``dW = P.T * float32(scale)`` (GPT-2 Conv1D
+  stored ``[in, out]``, embeddings), with ``scale = alpha / r`` (rsLoRA ``alpha / sqrt(r)``)
+  times the adapter's merge weight.
+- ``W' = round_to_output_dtype(float32(W) + dW_1 + dW_2 + ...)``: one rounding at the end.
+- DoRA (PEFT's ``merge_unsafe``): ``T = float32(W + dW)``; ``n = ||T||`` per output row (the
+  norm reduced as torch's CPU kernel reduces a contiguous last dimension: 8 float32 lanes of
+  ``acc += x * x``, folded left, then the remainder with fused multiply-adds); then
+  ``W' = round(float32((m / n) * T))``.
+- lora_bias: ``b' = round(float32(b) + float32(bias * float32(scale)))``.
+
+Everything here works on row blocks of a base tensor so that memory stays bounded.
+
+Example:
+    >>> import numpy as np
+    >>> up = np.full((2, 1), 0.5, np.float32); down = np.full((1, 3), 2.0, np.float32)
+    >>> fma_product(up, down).tolist()
+    [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from lora_tools.io.safetensors import numpy_dtype
+
+#: Float dtypes a merge can compute on and write.
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+#: Lanes of torch's vectorised float32 norm reduction (``Vectorized<float>::size()``).
+NORM_LANES = 8
+
+_LOW29 = np.uint64((1 << 29) - 1)
+_HALF29 = np.uint64(1 << 28)
+
+
+def _fix_double_rounding(
+    total: np.ndarray, acc: np.ndarray, prod: np.ndarray, where: tuple[np.ndarray, ...]
+) -> None:
+    """Where the float64 sum ``total = acc + prod`` sits exactly on a float32 midpoint but the
+    exact sum does not, move ``total`` one float64 step towards the exact sum, so that the
+    following float32 rounding is the single rounding a fused multiply-add performs."""
+    a, p, s = acc[where], prod[where], total[where]
+    bb = s - a
+    err = (a - (s - bb)) + (p - bb)  # TwoSum: exact error of the float64 addition
+    total[where] = np.where(
+        err > 0, np.nextafter(s, np.inf), np.where(err < 0, np.nextafter(s, -np.inf), s)
+    )
+
+
+def fma_round(acc: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``float32(acc + a * b)`` with one rounding, as a fused multiply-add computes it.
+
+    ``acc``, ``a`` and ``b`` are float32 arrays (broadcastable); returns float32.
+    """
+    acc64 = acc.astype(np.float64)
+    prod = a.astype(np.float64) * b.astype(np.float64)  # exact: 24 + 24 bits < 53
+    total = acc64 + prod
+    total, acc64, prod = np.broadcast_arrays(total, acc64, prod)
+    total = np.array(total)
+    mid = (total.view(np.uint64) & _LOW29) == _HALF29
+    if mid.any():
+        _fix_double_rounding(total, acc64, prod, np.nonzero(mid))
+    return total.astype(np.float32)
+
+
+def fma_product(up: np.ndarray, down: np.ndarray) -> np.ndarray:
+    """``up @ down`` in float32 with each element a left-to-right chain of fused multiply-adds.
+
+    Args:
+        up: ``[m, r]`` float32.
+        down: ``[r, n]`` float32.
+
+    Returns:
+        ``[m, n]`` float32, bit-identical to torch's CPU float32 matmul for these thin shapes.
+    """
+    m, r = up.shape
+    n = down.shape[1]
+    u = up.astype(np.float64)
+    v = down.astype(np.float64)
+    acc = np.zeros((m, n), np.float32)
+    prod = np.empty((m, n), np.float64)
+    total = np.empty((m, n), np.float64)
+    for k in range(r):
+        np.multiply(u[:, k : k + 1], v[k : k + 1, :], out=prod)
+        np.add(acc, prod, out=total)
+        mid = (total.view(np.uint64) & _LOW29) == _HALF29
+        if mid.any():
+            _fix_double_rounding(total, acc.astype(np.float64), prod, np.nonzero(mid))
+        acc = total.astype(np.float32)
+    return acc
+
+
+def lane_norm(rows: np.ndarray) -> np.ndarray:
+    """Per-row L2 norm of a float32 ``[m, n]`` array, reduced as torch's CPU kernel does.
+
+    8 lanes accumulate ``acc += x * x`` (separately rounded), the lanes are folded left into
+    lane 0, the ``n % 8`` remaining elements are added with fused multiply-adds, then sqrt.
+    """
+    m, n = rows.shape
+    full = n - n % NORM_LANES
+    lanes = np.zeros((m, NORM_LANES), np.float32)
+    for j in range(0, full, NORM_LANES):
+        chunk = rows[:, j : j + NORM_LANES]
+        lanes = lanes + chunk * chunk
+    total = lanes[:, 0].copy()
+    for j in range(1, NORM_LANES):
+        total = total + lanes[:, j]
+    for j in range(full, n):
+        total = fma_round(total, rows[:, j], rows[:, j])
+    return np.sqrt(total)
+
+
+@dataclass(frozen=True)
+class LowRankTerm:
+    """One adapter module's contribution to one base tensor.
+
+    Attributes:
+        up: ``[m, r]`` float32 (B / lora_up, conv kernels flattened).
+        down: ``[r, n]`` float32 (A / lora_down, flattened).
+        scale: the module's scale times the adapter's merge weight (float32 when applied).
+        transposed: the base stores the update transposed (GPT-2 Conv1D ``[in, out]``,
+            embeddings): base row ``i`` is column ``i`` of ``up @ down``.
+        magnitude: the DoRA magnitude, one float32 per output feature, or None.
+        label: the module's name, for messages.
+    """
+
+    up: np.ndarray
+    down: np.ndarray
+    scale: float
+    transposed: bool = False
+    magnitude: np.ndarray | None = None
+    label: str = ""
+
+    @property
+    def base_rows(self) -> int:
+        return self.down.shape[1] if self.transposed else self.up.shape[0]
+
+    @property
+    def base_cols(self) -> int:
+        return self.up.shape[0] if self.transposed else self.down.shape[1]
+
+    @property
+    def needs_whole_tensor(self) -> bool:
+        """DoRA on a transposed layout normalises columns of the base: no row blocks."""
+        return self.magnitude is not None and self.transposed
+
+
+@dataclass(frozen=True)
+class DenseTerm:
+    """A dense update ``value * scale`` (PEFT lora_bias added to the base bias)."""
+
+    value: np.ndarray
+    scale: float
+    label: str = ""
+
+    needs_whole_tensor = False
+
+
+Term = LowRankTerm | DenseTerm
+
+
+def term_delta(term: Term, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of the term's scaled update, float32, shaped ``[rows, cols]``."""
+    scale = np.float32(term.scale)
+    if isinstance(term, DenseTerm):
+        flat = term.value.reshape(term.value.shape[0], -1)[start:stop]
+        return flat.astype(np.float32) * scale
+    if term.transposed:
+        return fma_product(term.up, term.down[:, start:stop]).T * scale
+    return fma_product(term.up[start:stop], term.down) * scale
+
+
+def apply_terms(
+    base: np.ndarray, terms: list[Term], start: int, compute_dtype: np.dtype = np.float32
+) -> np.ndarray:
+    """Merge ``terms`` into rows ``start:start+len(base)`` of a base tensor.
+
+    Args:
+        base: the base rows upcast to ``compute_dtype``, 2-D ``[rows, cols]``.
+        terms: updates in adapter order.
+        start: index of the first row within the whole tensor.
+
+    Returns:
+        The merged rows in ``compute_dtype`` (the caller rounds once to the output dtype).
+    """
+    stop = start + base.shape[0]
+    acc = base
+    for term in terms:
+        delta = term_delta(term, start, stop)
+        if isinstance(term, LowRankTerm) and term.magnitude is not None:
+            acc = _dora(base, acc, delta, term, start)
+        else:
+            acc = (acc + delta).astype(compute_dtype, copy=False)
+    return acc
+
+
+def _dora(
+    base: np.ndarray, acc: np.ndarray, delta: np.ndarray, term: LowRankTerm, start: int
+) -> np.ndarray:
+    """PEFT's DoRA merge: the norm of the unmerged base plus this update, per output feature."""
+    assert term.magnitude is not None
+    unmerged = (base + delta).astype(np.float32)
+    merged = (acc + delta).astype(np.float32)
+    if term.transposed:
+        factor = term.magnitude.astype(np.float32) / lane_norm(np.ascontiguousarray(unmerged.T))
+        return factor[None, :] * merged
+    magnitude = term.magnitude.astype(np.float32).reshape(-1)[start : start + len(unmerged)]
+    return (magnitude / lane_norm(unmerged))[:, None] * merged
+
+
+def to_float(raw: np.ndarray, compute_dtype: np.dtype = np.float32) -> np.ndarray:
+    """Upcast decoded base values to the compute dtype (exact for F16 / BF16 / F32)."""
+    return raw.astype(compute_dtype)
+
+
+def round_to(values: np.ndarray, dtype: str) -> np.ndarray:
+    """Round once (to nearest, ties to even) to a safetensors float dtype."""
+    return values.astype(numpy_dtype(dtype))
+
+
+def compute_dtype_for(dtype: str) -> np.dtype:
+    """float32, or float64 for float64 bases (torch promotes ``W64 += dW32`` to float64)."""
+    return np.dtype(np.float64) if dtype == "F64" else np.dtype(np.float32)
+
+
+def row_block(rows: int, row_bytes: int, block_bytes: int) -> int:
+    """How many rows fit in ``block_bytes`` (at least one)."""
+    return max(1, min(rows, block_bytes // max(row_bytes, 1)))
+
+
+def dims_2d(shape: tuple[int, ...]) -> tuple[int, int]:
+    """``(rows, cols)`` of a tensor viewed as a matrix over its first dimension."""
+    if not shape:
+        return 1, 1
+    return shape[0], math.prod(shape[1:])
