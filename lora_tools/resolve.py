@@ -203,23 +203,23 @@ def _path_candidates(path: str) -> list[str]:
 
 
 def _path_hits(
-    comp: Component, path: str, component: str | None, kind: str
+    comp: Component, path: str, component: str | None, kind: str, by_suffix: bool
 ) -> list[tuple[Component, str, str, str]]:
-    """Base weights for a dotted module path: exact, without the first segment, under a
-    single-file prefix, or, failing those, the one key that ends with ``.<path>.weight`` (the
-    text encoders diffusers saves without their ``text_model.`` root)."""
+    """Base weights for a dotted module path: exact, without the first segment, or under a
+    single-file prefix; with ``by_suffix``, the keys that end with ``.<path>.weight`` instead
+    (text encoders that diffusers saves without their ``text_model.`` root)."""
     logical = component or comp.name
+    if by_suffix:
+        suffix = f".{path}.weight"
+        return [
+            (comp, key, logical, key.removesuffix(".weight"))
+            for key in comp
+            if key.endswith(suffix)
+        ]
     for candidate in _path_candidates(path):
         if f"{candidate}.weight" in comp:
             return [(comp, f"{candidate}.weight", logical, candidate)]
-    if kind == "file":
-        hits = _single_file_hits(comp, path, component)
-        if hits:
-            return hits
-    suffix = f".{path}.weight"
-    return [
-        (comp, key, logical, key.removesuffix(".weight")) for key in comp if key.endswith(suffix)
-    ]
+    return _single_file_hits(comp, path, component) if kind == "file" else []
 
 
 def resolve(adapter: Adapter, ckpt: Checkpoint) -> Resolution:
@@ -232,8 +232,14 @@ def resolve(adapter: Adapter, ckpt: Checkpoint) -> Resolution:
     for key, module in adapter.modules.items():
         hits: list[tuple[Component, str, str, str]] = []  # comp, base key, logical, path
         if module.path is not None:
-            for comp in _candidate_components(ckpt, module.component):
-                hits.extend(_path_hits(comp, module.path, module.component, ckpt.kind))
+            comps = _candidate_components(ckpt, module.component)
+            for by_suffix in (False, True):  # exact names in any component beat suffix matches
+                for comp in comps:
+                    hits.extend(
+                        _path_hits(comp, module.path, module.component, ckpt.kind, by_suffix)
+                    )
+                if hits:
+                    break
         else:
             if flat_index is None:
                 flat_index = _FlatIndex(ckpt)
