@@ -15,6 +15,10 @@ from lora_tools import __version__
 #: command name -> "module:attribute"
 COMMANDS = {
     "inspect": "lora_tools.cli.inspect:command",
+    "rescale": "lora_tools.cli.rescale:command",
+    "resize": "lora_tools.cli.resize:command",
+    "combine": "lora_tools.cli.combine:command",
+    "convert": "lora_tools.cli.convert:command",
 }
 
 

@@ -1,0 +1,87 @@
+"""``loratool convert ADAPTER --to peft|kohya|diffusers -o OUT [--base BASE]``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from lora_tools.cli._algebra import force_option, json_option, load_input, output_option, warn
+from lora_tools.cli._common import print_json
+
+
+@click.command("convert")
+@click.argument("adapter")
+@click.option(
+    "--to",
+    "to",
+    required=True,
+    type=click.Choice(["peft", "kohya", "diffusers"]),
+    help="Target naming scheme.",
+)
+@output_option()
+@click.option(
+    "--base",
+    help="Base checkpoint (file, HF folder or diffusers pipeline folder): needed to recover "
+    "module paths from kohya names; also checks every module fits the base.",
+)
+@click.option(
+    "--component",
+    help="Pipeline component (unet, transformer, text_encoder...): the one to keep when "
+    "converting a multi-component file to PEFT, or the one a plain PEFT adapter belongs to.",
+)
+@force_option
+@json_option
+def command(
+    adapter: str,
+    to: str,
+    output: Path,
+    base: str | None,
+    component: str | None,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Convert between PEFT, kohya and diffusers naming, carrying every module's scale exactly.
+
+    Factors are copied unchanged; scale moves to alpha_pattern (PEFT), lora_adapter_metadata
+    (diffusers) or per-module alpha tensors (kohya; rsLoRA expressed as alpha).
+
+    \b
+    Examples:
+      loratool convert fixtures/kohya/sd-lora.safetensors --to diffusers -o out/sd \\
+          --base fixtures/bases/tiny-sd
+      loratool convert fixtures/peft/sd-unet-conv --to kohya -o out/unet.safetensors
+      loratool convert fixtures/diffusers/sd-lora --to peft --component unet -o out/unet
+    """
+    from lora_tools.ops._algebra import input_paths, write_adapter
+    from lora_tools.ops.convert import convert_adapter
+
+    source = load_input(adapter)
+    base_path = None
+    if base is not None:
+        from lora_tools.io.hub import resolve_input
+
+        base_path = resolve_input(base, role="base")
+    result = convert_adapter(source, to, base=base_path, component=component)
+    written = write_adapter(result.adapter, output, input_paths(source, adapter), force=force)
+    if result.dropped:
+        warn(
+            f"{len(result.dropped)} modules of other components left out "
+            f"(e.g. {result.dropped[0]!r}); convert them with another --component"
+        )
+    if as_json:
+        print_json(
+            {
+                "output": str(written),
+                "from": source.format,
+                "to": to,
+                "modules": len(result.adapter.modules),
+                "resolved_from_base": result.resolved,
+                "dropped": result.dropped,
+            }
+        )
+        return
+    click.echo(
+        f"wrote {written}: {source.format} -> {to}, {len(result.adapter.modules)} modules"
+        + (f" ({result.resolved} paths resolved against the base)" if result.resolved else "")
+    )

@@ -1,0 +1,158 @@
+"""``loratool resize ADAPTER -o OUT (--rank R | --energy E | --sv-ratio X | --sv-cumulative X)``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from lora_tools.cli._algebra import (
+    force_option,
+    json_option,
+    load_input,
+    output_option,
+    progress_bar,
+    quiet_option,
+)
+from lora_tools.cli._common import console, print_json
+
+
+@click.command("resize")
+@click.argument("adapter")
+@output_option(required=False)
+@click.option("--rank", type=int, help="Fixed rank; modules already at or below it are kept.")
+@click.option(
+    "--energy",
+    type=float,
+    help="Smallest rank keeping this fraction (0-1] of ||dW||_F^2 (sd-scripts sv_fro = sqrt).",
+)
+@click.option("--sv-ratio", type=float, help="Keep singular values >= largest / X (X >= 1).")
+@click.option(
+    "--sv-cumulative",
+    type=float,
+    help="Smallest rank whose singular values sum to this fraction (0-1] of their total.",
+)
+@click.option("--min-rank", type=int, help="Lower bound for the dynamic rules.")
+@click.option("--max-rank", type=int, help="Upper bound for the dynamic rules.")
+@click.option(
+    "--distribute",
+    type=click.Choice(["sqrt", "up"]),
+    default="sqrt",
+    show_default=True,
+    help="sqrt: sqrt(S) in both factors; up: S in the up factor, down orthonormal (sd-scripts).",
+)
+@click.option("--dry-run", is_flag=True, help="Print the plan; write nothing (-o not needed).")
+@force_option
+@json_option
+@quiet_option
+def command(
+    adapter: str,
+    output: Path | None,
+    rank: int | None,
+    energy: float | None,
+    sv_ratio: float | None,
+    sv_cumulative: float | None,
+    min_rank: int | None,
+    max_rank: int | None,
+    distribute: str,
+    dry_run: bool,
+    force: bool,
+    as_json: bool,
+    quiet: bool,
+) -> None:
+    """Re-rank an adapter by SVD truncation of each module's update, in factor space.
+
+    Each module gets the optimal rank-k approximation of its update (Eckart-Young), computed
+    from the factors without forming the dense matrix. Per-module ranks that differ are written
+    as rank_pattern / alpha_pattern (PEFT) or per-module alpha (kohya); each module keeps its
+    scale. Prints per module the chosen rank, retained energy and relative error.
+
+    \b
+    Examples:
+      loratool resize fixtures/peft/llama-all-linear -o out/r4 --rank 4
+      loratool resize fixtures/kohya/sd-locon.safetensors -o out/e.safetensors --energy 0.9
+      loratool resize fixtures/peft/llama-lora --sv-ratio 4 --min-rank 2 --dry-run
+    """
+    from lora_tools.errors import UsageError
+    from lora_tools.ops._algebra import input_paths, write_adapter
+    from lora_tools.ops.resize import check_rule, resize_adapter
+
+    check_rule(
+        rank=rank,
+        energy=energy,
+        sv_ratio=sv_ratio,
+        sv_cumulative=sv_cumulative,
+        min_rank=min_rank,
+        max_rank=max_rank,
+    )
+    if output is None and not dry_run:
+        raise UsageError("give -o OUTPUT (or --dry-run to only see the plan)")
+    source = load_input(adapter)
+    with progress_bar("resize", quiet) as progress:
+        result = resize_adapter(
+            source,
+            rank=rank,
+            energy=energy,
+            sv_ratio=sv_ratio,
+            sv_cumulative=sv_cumulative,
+            min_rank=min_rank,
+            max_rank=max_rank,
+            distribute=distribute,
+            dry_run=dry_run,
+            progress=progress,
+        )
+    written = None
+    if not dry_run:
+        assert result.adapter is not None and output is not None
+        written = write_adapter(result.adapter, output, input_paths(source, adapter), force=force)
+    summary = result.summary(source)
+    if as_json:
+        print_json(
+            {
+                "output": str(written) if written else None,
+                "dry_run": dry_run,
+                "rule": result.rule,
+                "distribute": distribute,
+                "modules": [row.as_dict() for row in result.modules],
+                "summary": summary,
+            }
+        )
+        return
+    render(result.modules, summary, written, dry_run)
+
+
+def render(rows: list[Any], summary: dict[str, Any], written: Path | None, dry_run: bool) -> None:
+    from rich.table import Table
+
+    out = console()
+    table = Table(title="resize plan" if dry_run else "resize", title_justify="left")
+    for col in ("module", "kind", "rank", "energy kept", "rel. error"):
+        table.add_column(col, justify="left" if col in ("module", "kind") else "right")
+    for row in rows:
+        ranks = f"{row.old_rank} -> {row.new_rank}" if row.changed else f"{row.old_rank} (kept)"
+        table.add_row(
+            row.key,
+            row.kind,
+            ranks,
+            f"{row.retained_energy:.4f}",
+            f"{row.relative_error:.2e}",
+        )
+    out.print(table)
+    hist = ", ".join(f"{k} x{v}" for k, v in summary["ranks_after"].items())
+    lines = [
+        f"{summary['changed']} of {summary['modules']} modules re-ranked; ranks now {hist}",
+        f"LoRA parameters {summary['lora_parameters_before']:,} -> "
+        f"{summary['lora_parameters_after']:,}",
+        f"min energy kept {summary['min_retained_energy']:.4f}, max relative error "
+        f"{summary['max_relative_error']:.2e}, overall {summary['overall_relative_error']:.2e}",
+    ]
+    if summary["changed"] == 0:
+        lines.append(
+            "nothing to truncate: every module is already at or below the chosen rank"
+            + ("" if dry_run else "; the output is an unchanged copy")
+        )
+    if written is not None:
+        lines.append(f"wrote {written}")
+    for line in lines:
+        out.print(line)

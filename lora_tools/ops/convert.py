@@ -1,0 +1,385 @@
+"""``convert``: rename an adapter into another naming scheme, carrying every module's scale.
+
+Targets: ``peft`` (``base_model.model.<path>`` + adapter_config.json), ``diffusers``
+(``<component>.<path>`` + ``lora_adapter_metadata``) and ``kohya`` (``lora_unet_*`` /
+``lora_te*_`` with per-module alpha tensors). The factors are copied byte for byte; only names
+and the places scale lives change:
+
+- PEFT and diffusers: per-module alpha through ``lora_alpha`` + ``alpha_pattern`` (written
+  exactly by :func:`lora_tools.formats.peft.scale_config`); rsLoRA stays rsLoRA.
+- kohya: one alpha tensor per module; rsLoRA is expressed as the alpha giving the same scale
+  under ``alpha / r`` (``alpha_kohya = alpha * sqrt(r) / r * r``).
+
+kohya names flatten the module path (``.`` -> ``_``), so converting from kohya to PEFT or
+diffusers needs the base checkpoint: each name is resolved by flattening the base's keys
+(:mod:`lora_tools.resolve`), and names that resolve to nothing are listed in the error.
+PEFT files hold one model: a diffusers file with several components converts one at a time
+(``component``). A plain PEFT file has no component; converting it to diffusers or kohya takes
+it from ``component``, the resolution against ``base``, or the config's base model folder.
+
+Example:
+    >>> from lora_tools.formats import load_adapter                               # doctest: +SKIP
+    >>> res = convert_adapter(load_adapter("fixtures/kohya/sd-lora.safetensors"), "diffusers",
+    ...                       base="fixtures/bases/tiny-sd")                      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+
+from lora_tools.adapter import Adapter, LoraModule
+from lora_tools.errors import UnsupportedAdapterError, UsageError
+from lora_tools.formats.kohya import COMPONENT_PREFIX
+from lora_tools.formats.peft import (
+    COMPONENTS,
+    DIFFUSERS_METADATA_KEY,
+    PEFT_PREFIX,
+    diffusers_component_configs,
+    peft_config_for,
+    split_stem,
+)
+from lora_tools.ops._algebra import add_history
+
+TARGETS = ("peft", "kohya", "diffusers")
+#: Metadata that describes the source file's bytes and would be wrong for the output.
+_STALE_METADATA = ("sshs_model_hash", "sshs_legacy_hash", DIFFUSERS_METADATA_KEY)
+#: PEFT config fields that describe the model and the training, not the tensors.
+_CONFIG_FIELDS_TO_KEEP = (
+    "base_model_name_or_path",
+    "task_type",
+    "bias",
+    "lora_dropout",
+    "init_lora_weights",
+    "layers_to_transform",
+    "layers_pattern",
+)
+
+
+@dataclass
+class ConvertResult:
+    """The converted adapter and what the conversion had to decide.
+
+    Attributes:
+        adapter: the adapter in the target format (write it with ``save_adapter``).
+        resolved: modules whose path came from the base checkpoint.
+        dropped: modules left out because they belong to another component than ``component``.
+        notes: anything else the user should know.
+    """
+
+    adapter: Adapter
+    resolved: int = 0
+    dropped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def convert_adapter(
+    adapter: Adapter,
+    to: str,
+    *,
+    base: str | os.PathLike[str] | None = None,
+    component: str | None = None,
+) -> ConvertResult:
+    """Convert ``adapter`` to the ``to`` naming scheme with every module's scale unchanged.
+
+    Args:
+        adapter: the adapter (not modified).
+        to: ``peft``, ``kohya`` or ``diffusers``.
+        base: base checkpoint (file, HF folder or diffusers pipeline folder), needed to recover
+            module paths from kohya names; also checks that every module fits the base.
+        component: the pipeline component (``unet``, ``text_encoder``, ``transformer``...) to
+            keep (to PEFT, from a multi-component file) or to assign (PEFT to diffusers/kohya).
+
+    Returns:
+        A :class:`ConvertResult`.
+
+    Raises:
+        UsageError: unknown target, missing ``base`` / ``component``.
+        ResolveError: modules that resolve to no base weight (named in the message).
+        UnsupportedAdapterError: LyCORIS modules; DoRA, lora bias or full tensors to kohya.
+    """
+    if to not in TARGETS:
+        raise UsageError(f"--to must be one of {', '.join(TARGETS)}, not {to!r}")
+    if component is not None and component not in COMPONENTS:
+        raise UsageError(
+            f"unknown component {component!r}", hint=f"known components: {', '.join(COMPONENTS)}"
+        )
+    adapter.require_plain_lora("convert")
+    result = ConvertResult(adapter=adapter)
+    modules = {k: dataclasses.replace(m) for k, m in adapter.modules.items()}
+    transposed = False
+    if base is not None:
+        result.resolved, transposed = _resolve_paths(adapter, modules, base)
+    missing = [m.key for m in modules.values() if m.path is None]
+    if missing and to in ("peft", "diffusers"):
+        raise UsageError(
+            f"{len(missing)} modules have kohya names (e.g. {missing[0]!r}), which do not say "
+            f"where the dots of the module path were; {to} names need the dotted path",
+            path=adapter.source,
+            hint="pass --base with the base checkpoint the adapter was trained on",
+        )
+
+    modules = _place_components(adapter, modules, to, component, result)
+    if to == "kohya":
+        _check_kohya(adapter, modules)
+    converted = {}
+    for m in modules.values():
+        new = _renamed(m, to)
+        converted[new.key] = new
+
+    metadata = {k: v for k, v in adapter.metadata.items() if k not in _STALE_METADATA}
+    out = Adapter(
+        format=to,
+        modules=converted,
+        passthrough=_passthrough(adapter, to, modules),
+        foreign={},
+        metadata=metadata,
+        config=None,
+        source=adapter.source,
+        config_source=adapter.config_source,
+    )
+    if to == "peft":
+        out.metadata["format"] = "pt"
+        out.config = _peft_config(adapter, out, component, transposed)
+    elif to == "diffusers":
+        out.metadata["format"] = "pt"
+        out.metadata[DIFFUSERS_METADATA_KEY] = json.dumps(
+            _diffusers_seed(adapter, out, transposed), sort_keys=True
+        )
+    else:
+        for key, value in (
+            ("ss_network_module", "networks.lora"),
+            ("ss_network_dim", ""),
+            ("ss_network_alpha", ""),
+        ):
+            out.metadata.setdefault(key, value)  # filled in by the kohya writer
+    add_history(
+        out,
+        "convert",
+        source_format=adapter.format,
+        to=to,
+        base=os.fspath(base) if base is not None else None,
+        component=component,
+    )
+    result.adapter = out
+    return result
+
+
+def _resolve_paths(
+    adapter: Adapter, modules: dict[str, LoraModule], base: str | os.PathLike[str]
+) -> tuple[int, bool]:
+    """Fill path and component of every module from the base; return (count, any Conv1D)."""
+    from lora_tools.io.checkpoint import open_checkpoint
+    from lora_tools.resolve import resolve
+
+    with open_checkpoint(base) as ckpt:
+        res = resolve(adapter, ckpt)
+        res.raise_for_problems(adapter)
+    count = 0
+    for key, match in res.matches.items():
+        m = modules[key]
+        if m.path is None:
+            count += 1
+        m.path = match.path
+        if match.component:
+            m.component = match.component
+    return count, any(match.transpose for match in res.matches.values())
+
+
+def _infer_component(adapter: Adapter) -> str | None:
+    """The component named by the config's base model folder (``.../tiny-sd/unet``), if any."""
+    name = (adapter.config or {}).get("base_model_name_or_path")
+    if isinstance(name, str):
+        leaf = PurePosixPath(name.replace("\\", "/")).name
+        if leaf in COMPONENTS:
+            return leaf
+    return None
+
+
+def _place_components(
+    adapter: Adapter,
+    modules: dict[str, LoraModule],
+    to: str,
+    component: str | None,
+    result: ConvertResult,
+) -> dict[str, LoraModule]:
+    present = {m.component for m in modules.values()}
+    if to == "peft":
+        named = sorted(c for c in present if c is not None)
+        if component is None and len(named) > 1:
+            raise UsageError(
+                f"this adapter holds {len(named)} components ({', '.join(named)}); a PEFT "
+                "adapter holds one model",
+                path=adapter.source,
+                hint=f"pass --component {named[0]} (and convert each component separately)",
+            )
+        keep = {}
+        for key, m in modules.items():
+            if component is not None and m.component not in (component, None):
+                result.dropped.append(key)
+                continue
+            m.component = None
+            keep[key] = m
+        if not keep:
+            raise UsageError(
+                f"no module belongs to component {component!r}",
+                path=adapter.source,
+                hint=f"components here: {', '.join(sorted(c for c in present if c)) or 'none'}",
+            )
+        return keep
+    if None in present:
+        assign = component or _infer_component(adapter)
+        if assign is None and to == "diffusers":
+            raise UsageError(
+                "this PEFT adapter does not say which pipeline component it belongs to",
+                path=adapter.source,
+                hint="pass --component unet / transformer / text_encoder ... "
+                "(or --base with the pipeline folder)",
+            )
+        for m in modules.values():
+            if m.component is None:
+                m.component = assign
+    if component is not None:
+        for key, m in list(modules.items()):
+            if m.component != component:
+                result.dropped.append(key)
+                del modules[key]
+    return modules
+
+
+def _check_kohya(adapter: Adapter, modules: dict[str, LoraModule]) -> None:
+    for m in modules.values():
+        if m.dora or m.bias is not None:
+            what = "DoRA magnitude" if m.dora else "lora_B bias"
+            raise UnsupportedAdapterError(
+                f"module {m.key!r} has a {what}, which kohya LoRA files cannot hold",
+                path=adapter.source,
+                hint="keep this adapter in PEFT or diffusers format",
+                kind="unsupported-type",
+            )
+        if m.component is not None and m.component not in COMPONENT_PREFIX:
+            raise UsageError(
+                f"module {m.key!r} belongs to component {m.component!r}, which has no kohya "
+                "name prefix",
+                path=adapter.source,
+            )
+
+
+def _renamed(m: LoraModule, to: str) -> LoraModule:
+    """``m`` with its keys cleared (the writer names it for ``to``) and its scale expressed the
+    way ``to`` stores it."""
+    alpha, rslora = m.alpha, m.rslora
+    if to == "kohya" and rslora:
+        alpha, rslora = m.scale * m.rank, False
+    elif to != "kohya" and alpha is None:
+        alpha = float(m.rank)
+    if to == "kohya" and m.path is None:
+        # Already a kohya name (no path to rebuild it from): keep it and its keys.
+        return dataclasses.replace(m, alpha=alpha, rslora=rslora)
+    new = dataclasses.replace(
+        m,
+        keys={},
+        alpha=alpha,
+        rslora=rslora,
+        alpha_tensor=m.alpha_tensor if to == "kohya" else None,
+    )
+    if to == "kohya":
+        from lora_tools.formats.kohya import kohya_name
+
+        new.key = kohya_name(m.component, m.path or "")
+    elif to == "peft":
+        new.key = PEFT_PREFIX + (m.path or "")
+    else:
+        new.key = f"{m.component}.{m.path}"
+    return new
+
+
+def _passthrough(adapter: Adapter, to: str, kept: dict[str, LoraModule]) -> dict[str, Any]:
+    """Full tensors (modules_to_save, saved layers) under the target's prefix."""
+    if not adapter.passthrough or to == adapter.format:
+        return dict(adapter.passthrough)
+    if to == "kohya":
+        name = next(iter(adapter.passthrough))
+        raise UnsupportedAdapterError(
+            f"holds {len(adapter.passthrough)} full tensors (e.g. {name!r}) that kohya LoRA "
+            "files cannot hold",
+            path=adapter.source,
+            hint="keep this adapter in PEFT or diffusers format",
+            kind="unsupported-type",
+        )
+    components = {m.component for m in kept.values()}
+    out = {}
+    for key, tensor in adapter.passthrough.items():
+        comp, rest = split_stem(key)
+        if key.startswith(PEFT_PREFIX) or comp is not None:
+            if to == "peft":
+                if comp is None or comp in components or None in components:
+                    out[PEFT_PREFIX + rest] = tensor
+            else:
+                target = comp or next(iter(components))
+                out[f"{target}.{rest}"] = tensor
+        else:
+            out[key] = tensor
+    return out
+
+
+def _exact_targets(modules: list[LoraModule]) -> list[str]:
+    """Full module paths: PEFT matches a list entry by name or ``.``-suffix, so full paths
+    target exactly the modules in the file (no extra, zero-initialised LoRA layers)."""
+    return sorted({m.path for m in modules if m.path})
+
+
+def _peft_config(
+    source: Adapter, out: Adapter, component: str | None, transposed: bool
+) -> dict[str, Any]:
+    """adapter_config.json for the converted adapter (scale fields are filled by the writer)."""
+    if source.format == "peft" and source.config:
+        return dict(source.config)
+    if source.format == "diffusers":
+        configs = diffusers_component_configs(source.metadata)
+        comps = {m.component for m in source.modules.values()}
+        comp = component or (next(iter(comps)) if len(comps) == 1 else None)
+        if comp in configs:
+            config = dict(configs[comp])
+            config.setdefault("peft_type", "LORA")
+            return config
+    fresh = peft_config_for(dataclasses.replace(out, config={})) or {}
+    fresh["target_modules"] = _exact_targets(list(out.modules.values()))
+    fresh["fan_in_fan_out"] = transposed
+    for key in _CONFIG_FIELDS_TO_KEEP:
+        value = (source.config or {}).get(key)
+        if value is not None:
+            fresh[key] = value
+    return fresh
+
+
+def _diffusers_seed(source: Adapter, out: Adapter, transposed: bool) -> dict[str, Any]:
+    """Flat ``<component>.<field>`` configs the diffusers writer completes with scale fields."""
+    existing = diffusers_component_configs(source.metadata) if source.format == "diffusers" else {}
+    by_component: dict[str, list[LoraModule]] = {}
+    for m in out.modules.values():
+        by_component.setdefault(m.component or "transformer", []).append(m)
+    flat: dict[str, Any] = {}
+    for comp, modules in by_component.items():
+        if comp in existing:
+            config = dict(existing[comp])
+        elif source.format == "peft" and source.config:
+            config = dict(source.config)
+        else:
+            config = {
+                "peft_type": "LORA",
+                "target_modules": sorted({m.target_name for m in modules}),
+                "use_dora": any(m.dora for m in modules),
+                "lora_bias": any(m.bias is not None for m in modules),
+                "fan_in_fan_out": transposed,
+            }
+        for key, value in config.items():
+            flat[f"{comp}.{key}"] = value
+    return flat
+
+
+__all__ = ["TARGETS", "ConvertResult", "convert_adapter"]
