@@ -19,6 +19,8 @@ COMMANDS = {
     "resize": "lora_tools.cli.resize:command",
     "combine": "lora_tools.cli.combine:command",
     "convert": "lora_tools.cli.convert:command",
+    "validate": "lora_tools.cli.validate:command",
+    "merge": "lora_tools.cli.merge:command",
 }
 
 

@@ -1,0 +1,195 @@
+"""``loratool validate PATH... [--base BASE] [--select IDS] [--ignore IDS] [--fail-on LEVEL]
+[--output-format text|json|github|sarif] [--exit-zero]``."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from lora_tools.cli._common import print_json
+
+_EPILOG = """\b
+Rules: docs/rules.md (LT0xx file integrity, LT1xx structure, LT2xx values,
+LT3xx config and metadata, LT4xx base). --ignore LT2 reads headers only.
+Defaults may live in pyproject.toml under [tool.loratool.validate]
+(select, ignore, fail-on, output-format).
+Exit codes: 0 clean, 1 findings at or above --fail-on, 2 usage, 3 could not
+run (e.g. BASE unreadable)."""
+
+
+@click.command("validate", epilog=_EPILOG)
+@click.argument("paths", nargs=-1, required=True, metavar="PATH...")
+@click.option(
+    "--base",
+    metavar="BASE",
+    help="Base checkpoint (file, HF folder, sharded, diffusers folder or Hub id): every module "
+    "must resolve to exactly one base weight.",
+)
+@click.option(
+    "--select",
+    "select",
+    multiple=True,
+    metavar="IDS",
+    help="Rules to run: codes (LT012), prefixes (LT2), names (truncated) or ALL; comma-separated "
+    "or repeated. Default: ALL.",
+)
+@click.option(
+    "--ignore", "ignore", multiple=True, metavar="IDS", help="Rules to leave out (same spelling)."
+)
+@click.option(
+    "--fail-on",
+    type=click.Choice(["error", "warning"]),
+    default=None,
+    help="Lowest severity that makes the exit code 1. Default: error.",
+)
+@click.option(
+    "--output-format",
+    type=click.Choice(["text", "json", "github", "sarif"]),
+    default=None,
+    help="text (grouped by file), json (docs/rules.md), github (workflow annotations) or sarif "
+    "(2.1.0, for code scanning). Default: text.",
+)
+@click.option("--exit-zero", is_flag=True, help="Exit 0 even when there are findings.")
+@click.option(
+    "-q", "--quiet", is_flag=True, help="No progress bar; text output lists findings only."
+)
+@click.pass_context
+def command(
+    ctx: click.Context,
+    paths: tuple[str, ...],
+    base: str | None,
+    select: tuple[str, ...],
+    ignore: tuple[str, ...],
+    fail_on: str | None,
+    output_format: str | None,
+    exit_zero: bool,
+    quiet: bool,
+) -> None:
+    """Check adapter files and folders: file integrity, structure, values, config and metadata,
+    and (with --base) that every module fits the base model.
+
+    \b
+    Example:
+      loratool validate adapters/ --fail-on warning
+      loratool validate my-lora/ --base meta-llama/Llama-3.1-8B --output-format github
+    """
+    from lora_tools.ops.validate import (
+        load_settings,
+        to_github,
+        to_json,
+        to_sarif,
+        validate,
+    )
+
+    settings = load_settings()
+    fail_on = fail_on or settings.fail_on
+    output_format = output_format or settings.output_format
+    with _progress(enabled=not quiet) as progress:
+        report = validate(
+            paths,
+            base=base,
+            select=list(select) or list(settings.select) or None,
+            ignore=list(ignore) or list(settings.ignore) or None,
+            progress=progress,
+        )
+    if output_format == "json":
+        print_json(to_json(report, fail_on))
+    elif output_format == "sarif":
+        print_json(to_sarif(report))
+    elif output_format == "github":
+        for line in to_github(report):
+            click.echo(line)
+    else:
+        render(report, fail_on, quiet)
+    failed = report.failed(fail_on) and not exit_zero
+    ctx.exit(1 if failed else 0)
+
+
+class _Bar:
+    """A rich progress bar on stderr over the bytes the value rules read."""
+
+    def __init__(self) -> None:
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TransferSpeedColumn,
+        )
+
+        from lora_tools.cli._common import console
+
+        self.progress = Progress(
+            TextColumn("validate"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            console=console(stderr=True),
+            transient=True,
+        )
+        self.task: Any = None
+
+    def start(self, total_bytes: int) -> None:
+        self.progress.start()
+        self.task = self.progress.add_task("read", total=total_bytes)
+
+    def advance(self, nbytes: int) -> None:
+        self.progress.advance(self.task, nbytes)
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.progress.stop()
+
+
+class _progress:
+    """Context manager yielding a progress bar when stderr is a terminal, else None."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.bar = _Bar() if enabled and sys.stderr.isatty() else None
+
+    def __enter__(self) -> _Bar | None:
+        return self.bar
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
+
+
+def render(report: Any, fail_on: str, quiet: bool = False) -> None:
+    """Findings grouped by file, then a one-line summary."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    out = Console(highlight=False, soft_wrap=True)
+    for fr in report.files:
+        if not fr.findings:
+            continue
+        fmt = f" [dim]({fr.format})[/dim]" if fr.format else ""
+        out.print(f"[bold]{escape(fr.path)}[/bold]{fmt}")
+        for f in fr.findings:
+            where = f"[dim]{escape(f.path)}:[/dim] " if f.path != fr.path else ""
+            hint = f" [dim](hint: {escape(f.hint)})[/dim]" if f.hint else ""
+            out.print(
+                f"  [{_STYLE[f.severity]}]{f.severity:<7}[/] {f.rule.code} "
+                f"[dim]{f.rule.name}[/dim]  {where}{escape(f.message)}{hint}"
+            )
+        out.print()
+    if quiet and not report.findings:
+        return
+    counts = report.counts()
+    total = sum(counts.values())
+    files_with = sum(1 for fr in report.files if fr.findings)
+    if not total:
+        out.print(f"[green]All checks passed[/green]: {len(report.files)} adapter(s), no findings.")
+        return
+    parts = ", ".join(f"{n} {sev}{'s' if n != 1 else ''}" for sev, n in counts.items() if n)
+    verdict = "[red]failed[/red]" if report.failed(fail_on) else "[green]passed[/green]"
+    out.print(
+        f"{parts} in {files_with} of {len(report.files)} adapter(s); {verdict} "
+        f"(--fail-on {fail_on})"
+    )
