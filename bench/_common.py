@@ -28,8 +28,14 @@ LLAMA7B_LINEARS = {
 
 
 def llama_adapter(
-    path: Path, rank: int, *, layers: int = 32, dtype: str = "F32", kohya: bool = False,
-    fill: str = "zeros", seed: int = 0,
+    path: Path,
+    rank: int,
+    *,
+    layers: int = 32,
+    dtype: str = "F32",
+    kohya: bool = False,
+    fill: str = "zeros",
+    seed: int = 0,
 ) -> Path:
     """Write a Llama-7B-shaped LoRA (7 linears x ``layers``) in PEFT or kohya naming.
 
@@ -55,9 +61,22 @@ def llama_adapter(
     if not kohya:
         path.mkdir(exist_ok=True)
         (path / "adapter_config.json").write_text(
-            json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": rank * 2,
-                        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj",
-                                           "gate_proj", "up_proj", "down_proj"]})
+            json.dumps(
+                {
+                    "peft_type": "LORA",
+                    "r": rank,
+                    "lora_alpha": rank * 2,
+                    "target_modules": [
+                        "q_proj",
+                        "k_proj",
+                        "v_proj",
+                        "o_proj",
+                        "gate_proj",
+                        "up_proj",
+                        "down_proj",
+                    ],
+                }
+            )
         )
     np_dtype = numpy_dtype(dtype)
     with SafetensorsWriter(weights, specs, {"format": "pt"}) as writer:

@@ -43,23 +43,37 @@ def main() -> None:
 
     # torch is never imported by inspect
     probe = subprocess.run(
-        [PY, "-c", f"import sys; from lora_tools.ops.inspect import inspect_adapter; "
-         f"inspect_adapter({str(peft_dir)!r}); print('torch' in sys.modules)"],
-        capture_output=True, text=True, check=True,
+        [
+            PY,
+            "-c",
+            f"import sys; from lora_tools.ops.inspect import inspect_adapter; "
+            f"inspect_adapter({str(peft_dir)!r}); print('torch' in sys.modules)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
 
-    print(f"Machine: {machine()}; adapter: Llama-7B shapes, 224 modules, rank 104, F32, "
-          f"{size / 1e9:.2f} GB; median of 7 runs (full read: 3), warm page cache.\n")
-    print("| adapter | `loratool inspect --json` (new process) | `inspect_adapter()` in process | "
-          "reference: `safe_open` + keys | reading the whole file |")
+    print(
+        f"Machine: {machine()}; adapter: Llama-7B shapes, 224 modules, rank 104, F32, "
+        f"{size / 1e9:.2f} GB; median of 7 runs (full read: 3), warm page cache.\n"
+    )
+    print(
+        "| adapter | `loratool inspect --json` (new process) | `inspect_adapter()` in process | "
+        "reference: `safe_open` + keys | reading the whole file |"
+    )
     print("|---|---|---|---|---|")
     for label, cli, lib, ref, full in rows:
-        print(f"| {label} | {cli * 1000:.0f} ms | {lib * 1000:.1f} ms | {ref * 1000:.1f} ms | "
-              f"{full * 1000:.0f} ms ({full / cli:.1f}x the CLI) |")
+        print(
+            f"| {label} | {cli * 1000:.0f} ms | {lib * 1000:.1f} ms | {ref * 1000:.1f} ms | "
+            f"{full * 1000:.0f} ms ({full / cli:.1f}x the CLI) |"
+        )
     bare = time_command([PY, "-c", "pass"])
     deps = time_command([PY, "-c", "import numpy, ml_dtypes, click, rich"])
-    print(f"\nStart-up alone: `python -c pass` {bare * 1000:.0f} ms; importing numpy, ml_dtypes, "
-          f"click and rich {deps * 1000:.0f} ms. torch imported by inspect: {probe}.")
+    print(
+        f"\nStart-up alone: `python -c pass` {bare * 1000:.0f} ms; importing numpy, ml_dtypes, "
+        f"click and rich {deps * 1000:.0f} ms. torch imported by inspect: {probe}."
+    )
 
 
 if __name__ == "__main__":
