@@ -645,6 +645,7 @@ def merge(
     force: bool = False,
     allow_unmatched: bool = False,
     progress: ProgressFn | None = None,
+    on_plan: Callable[[int, int], None] | None = None,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
 ) -> dict[str, Any]:
     """Merge adapters into a base checkpoint and write the result at ``out``.
@@ -660,6 +661,7 @@ def merge(
         force: replace an existing ``out``.
         allow_unmatched: skip modules that match no base weight instead of failing.
         progress: called with ``(bytes written, tensors finished)`` increments.
+        on_plan: called once planning is done with ``(bytes to write, tensors to write)``.
         block_bytes: float32 bytes per row block of a merged tensor.
 
     Returns:
@@ -698,6 +700,8 @@ def merge(
         allow_unmatched=allow_unmatched,
         base_spec=os.fspath(base),
     )
+    if on_plan is not None:
+        on_plan(plan.total_bytes, plan.total_tensors)
     with _closing(plan.base):
         for report, spec in zip(plan.adapters, specs, strict=True):
             report.spec = AdapterSpec(spec.path, report.spec.weight)

@@ -109,6 +109,9 @@ def lane_norm(rows: np.ndarray) -> np.ndarray:
 
     8 lanes accumulate ``acc += x * x`` (separately rounded), the lanes are folded left into
     lane 0, the ``n % 8`` remaining elements are added with fused multiply-adds, then sqrt.
+    Bit-identical to ``torch.linalg.norm(rows, dim=1)`` on CPU when ``n`` is a multiple of 8
+    (every transformer hidden size); for other lengths torch's remainder handling differs in
+    the last bit for some rows.
     """
     m, n = rows.shape
     full = n - n % NORM_LANES

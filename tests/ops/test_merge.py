@@ -1,0 +1,459 @@
+"""loratool merge: PEFT / diffusers oracles, output layout, safety, engines."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lora_tools.errors import DeviceError, FormatError, OutputError, ResolveError, UsageError
+from lora_tools.io.safetensors import SafetensorsFile, read_header, save_tensors
+from lora_tools.ops.merge import PROVENANCE_NAME, merge, select_engine
+
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
+PEFT_CASES = [
+    ("tiny-llama", "llama-lora"),
+    ("tiny-llama", "llama-all-linear"),
+    ("tiny-llama", "llama-patterns"),
+    ("tiny-llama", "llama-rslora"),
+    ("tiny-llama", "llama-dora"),
+    ("tiny-llama", "llama-embedding"),
+    ("tiny-llama", "llama-modules-to-save"),
+    ("tiny-gpt2", "gpt2-lora"),
+    ("tiny-gpt2", "gpt2-bias"),
+    ("tiny-llama-bf16", "llama-lora-bf16"),
+    ("tiny-llama-bf16", "llama-lora"),
+    ("tiny-llama-sharded", "llama-lora"),
+]
+ENGINES = ["numpy", "cpu"]
+
+
+def _tensors(folder: Path) -> dict[str, np.ndarray]:
+    out = {}
+    for path in sorted(folder.rglob("*.safetensors")):
+        with SafetensorsFile(path) as f:
+            for key in f.header.tensors:
+                out[key] = f.read(key)
+    return out
+
+
+def _raw(folder: Path) -> dict[str, bytes]:
+    out = {}
+    for path in sorted(folder.rglob("*.safetensors")):
+        with SafetensorsFile(path) as f:
+            for key in f.header.tensors:
+                out[f"{path.relative_to(folder)}:{key}"] = f.read_bytes(key)
+    return out
+
+
+def _sha(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="session")
+def peft_reference():
+    """PEFT's merge_and_unload state dict (raw bytes) per (base, adapter), cached."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cache: dict[tuple[str, str], dict[str, bytes]] = {}
+
+    def get(base: str, adapter: str) -> dict[str, bytes]:
+        if (base, adapter) not in cache:
+            dtype = torch.bfloat16 if "bf16" in base else torch.float32
+            model = AutoModelForCausalLM.from_pretrained(FIXTURES / "bases" / base, dtype=dtype)
+            merged = PeftModel.from_pretrained(
+                model, FIXTURES / "peft" / adapter
+            ).merge_and_unload()
+            cache[(base, adapter)] = {
+                k: v.contiguous().view(torch.uint8).numpy().tobytes()
+                for k, v in merged.state_dict().items()
+            }
+        return cache[(base, adapter)]
+
+    return get
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("base,adapter", PEFT_CASES)
+def test_bit_identical_to_peft_merge_and_unload(
+    tmp_path: Path, peft_reference, base: str, adapter: str, engine: str
+) -> None:
+    out = tmp_path / "out"
+    summary = merge(FIXTURES / "bases" / base, [FIXTURES / "peft" / adapter], out, device=engine)
+    ref = peft_reference(base, adapter)
+    got = {k.split(":", 1)[1]: v for k, v in _raw(out).items()}
+    changed = [k for k in got if k in ref and got[k] != ref[k]]
+    assert changed == []
+    assert set(ref) - set(got) <= {"lm_head.weight"}  # GPT-2's tied head is not stored
+    assert summary["tensors"]["merged"] + summary["tensors"]["replaced"] > 0
+    # the merge changed something: a silent no-op would also "equal" an untouched reference
+    base_vals = _raw(FIXTURES / "bases" / base)
+    assert any(got[k.split(":", 1)[1]] != v for k, v in base_vals.items())
+
+
+def test_numpy_and_torch_cpu_engines_write_the_same_bytes(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    base, adapter = _synthetic(tmp_path, dtype="BF16", rank=16)
+    outs = {}
+    for engine in ("numpy", "cpu"):
+        outs[engine] = tmp_path / f"out-{engine}"
+        # small blocks: several row blocks per tensor and a transposed (embedding-like) layout
+        merge(base, [adapter], outs[engine], device=engine, block_bytes=64 << 10)
+    assert (outs["numpy"] / "model.safetensors").read_bytes() == (
+        outs["cpu"] / "model.safetensors"
+    ).read_bytes()
+
+
+@pytest.mark.gpu
+def test_cuda_engine_writes_the_same_bytes_as_numpy(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA")
+    for base_name, adapter_name in PEFT_CASES:
+        outs = {}
+        for engine in ("numpy", "cuda"):
+            outs[engine] = tmp_path / f"{base_name}-{adapter_name}-{engine}"
+            merge(
+                FIXTURES / "bases" / base_name,
+                [FIXTURES / "peft" / adapter_name],
+                outs[engine],
+                device=engine,
+            )
+        assert _raw(outs["numpy"]) == _raw(outs["cuda"]), (base_name, adapter_name)
+    base, adapter = _synthetic(tmp_path, dtype="BF16", rank=16)
+    a, b = tmp_path / "syn-numpy", tmp_path / "syn-cuda"
+    merge(base, [adapter], a, device="numpy")
+    merge(base, [adapter], b, device="cuda", block_bytes=64 << 10)
+    assert _raw(a) == _raw(b)
+
+
+def _synthetic(tmp_path: Path, dtype: str = "BF16", rank: int = 16) -> tuple[Path, Path]:
+    """A small Llama-like base (one file) and a PEFT adapter on q_proj and embed_tokens."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(7)
+    np_dtype = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32}[dtype]
+    base = tmp_path / "base"
+    base.mkdir()
+    tensors = {
+        "model.embed_tokens.weight": rng.standard_normal((300, 64)).astype(np_dtype),
+        "model.layers.0.self_attn.q_proj.weight": rng.standard_normal((256, 64)).astype(np_dtype),
+        "model.norm.weight": np.ones(64, np_dtype),
+    }
+    save_tensors(base / "model.safetensors", tensors, {"format": "pt"})
+    (base / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    p = "base_model.model.model."
+    save_tensors(
+        adapter / "adapter_model.safetensors",
+        {
+            p + "layers.0.self_attn.q_proj.lora_A.weight": rng.standard_normal((rank, 64)).astype(
+                np.float32
+            ),
+            p + "layers.0.self_attn.q_proj.lora_B.weight": rng.standard_normal((256, rank)).astype(
+                np.float32
+            ),
+            p + "embed_tokens.lora_embedding_A": rng.standard_normal((rank, 300)).astype(
+                np.float32
+            ),
+            p + "embed_tokens.lora_embedding_B": rng.standard_normal((64, rank)).astype(np.float32),
+        },
+        {"format": "pt"},
+    )
+    (adapter / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": rank,
+                "lora_alpha": 2 * rank,
+                "target_modules": ["q_proj", "embed_tokens"],
+            }
+        )
+    )
+    return base, adapter
+
+
+def test_float64_reference_and_weights(tmp_path: Path) -> None:
+    """Against numpy float64: W + sum_i w_i * s_i * B_i @ A_i, within float32 rounding."""
+    base, adapter = _synthetic(tmp_path, dtype="F32", rank=4)
+    out = tmp_path / "out"
+    merge(base, [adapter, adapter], out, weights=[0.5, -0.25], device="numpy")
+    with SafetensorsFile(adapter / "adapter_model.safetensors") as f:
+        A = f.read("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight").astype(
+            np.float64
+        )
+        B = f.read("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight").astype(
+            np.float64
+        )
+    with SafetensorsFile(base / "model.safetensors") as f:
+        W = f.read("model.layers.0.self_attn.q_proj.weight").astype(np.float64)
+    expected = W + (0.5 - 0.25) * 2.0 * (B @ A)
+    got = _tensors(out)["model.layers.0.self_attn.q_proj.weight"].astype(np.float64)
+    assert np.max(np.abs(got - expected)) < 1e-5 * np.max(np.abs(expected))
+    assert np.max(np.abs(got - W)) > 0.1
+
+
+def test_weight_minus_one_undoes_a_merge(tmp_path: Path) -> None:
+    base = FIXTURES / "bases" / "tiny-llama"
+    merged, undone = tmp_path / "merged", tmp_path / "undone"
+    merge(base, [FIXTURES / "peft" / "llama-lora"], merged, device="numpy")
+    merge(merged, [FIXTURES / "peft" / "llama-lora"], undone, weights=[-1.0], device="numpy")
+    a, b = _tensors(base), _tensors(undone)
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert not np.array_equal(_tensors(merged)[key], a[key])
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-6)
+
+
+def test_sharded_output_mirrors_the_base(tmp_path: Path) -> None:
+    base = FIXTURES / "bases" / "tiny-llama-sharded"
+    out = tmp_path / "out"
+    before = _sha(base)
+    merge(base, [FIXTURES / "peft" / "llama-lora"], out, device="numpy")
+    assert _sha(base) == before  # inputs untouched
+    shards = sorted(p.name for p in base.glob("*.safetensors"))
+    assert sorted(p.name for p in out.glob("*.safetensors")) == shards
+    for name in shards:
+        src, dst = read_header(base / name), read_header(out / name)
+        assert list(dst.tensors) == [
+            i.name for i in sorted(src.tensors.values(), key=lambda i: i.begin)
+        ]
+        assert {k: (v.dtype, v.shape) for k, v in dst.tensors.items()} == {
+            k: (v.dtype, v.shape) for k, v in src.tensors.items()
+        }
+        assert dst.metadata == src.metadata
+    index_src = json.loads((base / "model.safetensors.index.json").read_text())
+    index_dst = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index_dst["weight_map"] == index_src["weight_map"]
+    assert index_dst["metadata"]["total_size"] == sum(
+        read_header(out / n).data_bytes for n in shards
+    )
+    for name in ("config.json", "generation_config.json"):
+        assert (out / name).read_bytes() == (base / name).read_bytes()
+    prov = json.loads((out / PROVENANCE_NAME).read_text())
+    assert prov["adapters"][0]["weight"] == 1.0
+    assert (
+        prov["adapters"][0]["sha256"]
+        == hashlib.sha256(
+            (FIXTURES / "peft" / "llama-lora" / "adapter_model.safetensors").read_bytes()
+        ).hexdigest()
+    )
+    assert "base_model:" in (out / "README.md").read_text()
+
+
+def test_dtype_option_changes_dtypes_and_total_size(tmp_path: Path) -> None:
+    base = FIXTURES / "bases" / "tiny-llama-sharded"
+    out = tmp_path / "out"
+    merge(base, [FIXTURES / "peft" / "llama-lora"], out, dtype="bf16", device="numpy")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    src_total = json.loads((base / "model.safetensors.index.json").read_text())["metadata"][
+        "total_size"
+    ]
+    assert index["metadata"]["total_size"] == src_total // 2
+    for shard in out.glob("*.safetensors"):
+        assert {t.dtype for t in read_header(shard).tensors.values()} == {"BF16"}
+
+
+def test_tokenizer_files_copied_and_pickles_dropped(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    shutil.copytree(FIXTURES / "bases" / "tiny-llama", base)
+    (base / "pytorch_model.bin").write_bytes(b"pickle")
+    out = tmp_path / "out"
+    summary = merge(base, [FIXTURES / "peft" / "llama-lora"], out, device="numpy")
+    assert (out / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()
+    assert not (out / "pytorch_model.bin").exists()
+    assert "tokenizer.json" in summary["copied_files"]
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize(
+    "adapter", ["kohya/sd-lora.safetensors", "kohya/sd-locon.safetensors", "diffusers/sd-lora"]
+)
+def test_diffusers_fuse_lora_agrees(tmp_path: Path, adapter: str) -> None:
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    from diffusers import StableDiffusionPipeline
+
+    base = FIXTURES / "bases" / "tiny-sd"
+    out = tmp_path / "out"
+    merge(base, [FIXTURES / adapter], out, device="numpy")
+    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
+    pipe.load_lora_weights(FIXTURES / adapter)
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    worst = 0.0
+    changed = 0
+    for comp, folder in (("unet", "unet"), ("text_encoder", "text_encoder")):
+        ref = getattr(pipe, comp).state_dict()
+        with SafetensorsFile(next((out / folder).glob("*.safetensors"))) as f:
+            for key in f.header.tensors:
+                rkey = key if key in ref else key.removeprefix("text_model.")
+                got = torch.from_numpy(f.read(key).astype(np.float32))
+                diff = (got - ref[rkey].float()).abs().max().item()
+                worst = max(worst, diff)
+        with (
+            SafetensorsFile(next((base / folder).glob("*.safetensors"))) as f0,
+            SafetensorsFile(next((out / folder).glob("*.safetensors"))) as f1,
+        ):
+            changed += sum(f0.read_bytes(k) != f1.read_bytes(k) for k in f0.header.tensors)
+    assert changed > 0
+    # diffusers bakes kohya's alpha / r into the factors and fuses through PEFT: the values
+    # agree to float32 rounding (measured max abs diff: 0 for sd-lora and diffusers sd-lora,
+    # 5.96e-08 for sd-locon, whose 3x3 convs PEFT fuses through conv2d)
+    print(f"max abs diff vs diffusers fuse_lora: {worst:.3g}")
+    assert worst < 2e-6, worst
+
+
+def test_single_file_bases_sdxl_and_flux(tmp_path: Path) -> None:
+    for base, adapter in (
+        ("tiny-sdxl.safetensors", "sdxl-lora"),
+        ("tiny-flux.safetensors", "flux-lora"),
+    ):
+        out = tmp_path / f"{adapter}.safetensors"
+        summary = merge(
+            FIXTURES / "bases" / base,
+            [FIXTURES / "kohya" / f"{adapter}.safetensors"],
+            out,
+            device="numpy",
+        )
+        assert summary["tensors"]["merged"] == summary["adapters"][0]["modules"] > 0
+        hdr = read_header(out)
+        assert json.loads(hdr.metadata["loratool_merge"])["adapters"][0]["weight"] == 1.0
+        # float64 reference for every merged tensor, within one rounding of the output dtype
+        from lora_tools.formats import load_adapter
+        from lora_tools.io.checkpoint import open_checkpoint
+        from lora_tools.resolve import resolve
+
+        ad = load_adapter(FIXTURES / "kohya" / f"{adapter}.safetensors")
+        with open_checkpoint(FIXTURES / "bases" / base) as ckpt:
+            res = resolve(ad, ckpt)
+            with SafetensorsFile(FIXTURES / "bases" / base) as fb, SafetensorsFile(out) as fo:
+                for match in res.matches.values():
+                    key = match.target.key
+                    w = fb.read(key).astype(np.float64)
+                    want = w + match.module.delta().reshape(w.shape)
+                    got = fo.read(key).astype(np.float64)
+                    ulp = np.abs(want) * 2.0 ** -(8 if "flux" in base else 11) + 1e-6
+                    assert np.all(np.abs(got - want) <= ulp), key
+
+
+def test_unmatched_modules(tmp_path: Path) -> None:
+    base = FIXTURES / "bases" / "tiny-llama"
+    with pytest.raises(ResolveError, match="0 of 8 modules"):
+        merge(base, [FIXTURES / "peft" / "gpt2-lora"], tmp_path / "a", device="numpy")
+    adapter = tmp_path / "partial"
+    shutil.copytree(FIXTURES / "peft" / "llama-lora", adapter)
+    src = adapter / "adapter_model.safetensors"
+    with SafetensorsFile(src) as f:
+        tensors = {
+            k.replace("layers.1.self_attn.q_proj", "layers.9.self_attn.q_proj"): f.read(k)
+            for k in f.header.tensors
+        }
+    save_tensors(src, tensors, {"format": "pt"})
+    with pytest.raises(ResolveError, match="1 of 8 modules match no base weight"):
+        merge(base, [adapter], tmp_path / "b", device="numpy")
+    assert not (tmp_path / "b").exists()
+    summary = merge(base, [adapter], tmp_path / "c", device="numpy", allow_unmatched=True)
+    assert summary["adapters"][0]["merged"] == 7
+    assert len(summary["adapters"][0]["unmatched"]) == 1
+
+
+def _no_leftovers(parent: Path, name: str) -> None:
+    assert not (parent / name).exists()
+    assert [p.name for p in parent.iterdir() if name in p.name] == []
+
+
+def test_corrupt_shard_halfway_leaves_nothing(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    shutil.copytree(FIXTURES / "bases" / "tiny-llama-sharded", base)
+    last = sorted(base.glob("model-*.safetensors"))[-1]
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) - 100])  # truncated: found when the third shard opens
+    for engine in ENGINES:
+        with pytest.raises(FormatError):
+            merge(base, [FIXTURES / "peft" / "llama-lora"], tmp_path / "out", device=engine)
+        _no_leftovers(tmp_path, "out")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_interrupt_leaves_nothing(tmp_path: Path, engine: str) -> None:
+    seen = {"bytes": 0}
+
+    def interrupt(nbytes: int, tensors: int) -> None:
+        seen["bytes"] += nbytes
+        if seen["bytes"] > 20_000:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        merge(
+            FIXTURES / "bases" / "tiny-llama-sharded",
+            [FIXTURES / "peft" / "llama-lora"],
+            tmp_path / "out",
+            device=engine,
+            progress=interrupt,
+        )
+    _no_leftovers(tmp_path, "out")
+
+
+def test_output_checks(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    shutil.copytree(FIXTURES / "bases" / "tiny-llama", base)
+    adapter = FIXTURES / "peft" / "llama-lora"
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(OutputError, match="already exists"):
+        merge(base, [adapter], tmp_path / "exists", device="numpy")
+    merge(base, [adapter], tmp_path / "exists", device="numpy", force=True)
+    assert (tmp_path / "exists" / "model.safetensors").is_file()
+    with pytest.raises(OutputError, match="inside the input"):
+        merge(base, [adapter], base / "merged", device="numpy")
+    with pytest.raises(OutputError, match="same path"):
+        merge(base, [adapter], base, device="numpy", force=True)
+
+
+def test_refuses_lycoris_and_bad_weights(tmp_path: Path) -> None:
+    from lora_tools.errors import UnsupportedAdapterError
+
+    with pytest.raises(UnsupportedAdapterError):
+        merge(
+            FIXTURES / "bases" / "tiny-sd",
+            [FIXTURES / "kohya" / "sd-loha.safetensors"],
+            tmp_path / "a",
+            device="numpy",
+        )
+    with pytest.raises(UsageError, match="weight"):
+        merge(
+            FIXTURES / "bases" / "tiny-llama",
+            [FIXTURES / "peft" / "llama-modules-to-save"],
+            tmp_path / "b",
+            weights=[0.5],
+            device="numpy",
+        )
+
+
+def test_device_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="cuda"):
+            select_engine("cuda")
+        assert select_engine("auto").name == "torch-cpu"
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
+    with pytest.raises(DeviceError, match="needs torch"):
+        select_engine("cuda:0")
+    assert select_engine("auto").name == "numpy"
+    assert select_engine("cpu").name == "numpy"
+    with pytest.raises(UsageError):
+        select_engine("tpu")
