@@ -1,0 +1,105 @@
+"""``loratool merge`` on the command line: exit codes, JSON summary, error lines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from lora_tools.cli import cli
+from lora_tools.errors import OutputError
+
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
+BASE = str(FIXTURES / "bases" / "tiny-llama-sharded")
+ADAPTER = str(FIXTURES / "peft" / "llama-lora")
+
+
+def _run(*args: str):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False, standalone_mode=False)
+
+
+def test_json_summary(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        cli, ["merge", BASE, ADAPTER, "-o", str(out), "--json", "--device", "numpy"]
+    )
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["adapters"][0]["merged"] == 8
+    assert doc["tensors"] == {"total": 21, "merged": 8, "replaced": 0, "copied": 13}
+    assert doc["bytes_written"] == sum(p.stat().st_size for p in out.glob("*.safetensors")) - sum(
+        8 + int.from_bytes(p.read_bytes()[:8], "little") for p in out.glob("*.safetensors")
+    )
+    assert doc["engine"] == "numpy"
+
+
+def test_errors_and_exit_codes(tmp_path: Path) -> None:
+    runner = CliRunner()
+    (tmp_path / "exists").mkdir()
+    r = runner.invoke(cli, ["merge", BASE, ADAPTER, "-o", str(tmp_path / "exists"), "--quiet"])
+    # the group raises; lora_tools.cli.main maps LoraToolError to exit code 3 (tested below)
+    assert isinstance(r.exception, OutputError) and r.exception.exit_code == 3
+    r = runner.invoke(
+        cli,
+        [
+            "merge",
+            BASE,
+            ADAPTER,
+            ADAPTER,
+            "--weight",
+            "1",
+            "--weight",
+            "2",
+            "--weight",
+            "3",
+            "-o",
+            str(tmp_path / "w"),
+        ],
+    )
+    assert r.exit_code == 2
+    r = runner.invoke(cli, ["merge", BASE, "-o", str(tmp_path / "x")])
+    assert r.exit_code == 2  # no adapter
+    assert not (tmp_path / "w").exists() and not (tmp_path / "x").exists()
+
+
+def test_main_maps_errors_to_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lora_tools",
+            "merge",
+            BASE,
+            str(FIXTURES / "peft" / "gpt2-lora"),
+            "-o",
+            str(tmp_path / "o"),
+            "--device",
+            "numpy",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 3
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "0 of 8 modules match this base" in lines[0]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lora_tools",
+            "merge",
+            BASE,
+            ADAPTER,
+            "-o",
+            str(tmp_path / "o"),
+            "--allow-unmatched",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0 and (tmp_path / "o" / "model.safetensors.index.json").is_file()
