@@ -8,7 +8,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from lora_tools.cli import cli
-from lora_tools.errors import OutputError
+from lora_tools.errors import OutputError, UsageError
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 BASE = str(FIXTURES / "bases" / "tiny-llama-sharded")
@@ -57,7 +57,7 @@ def test_errors_and_exit_codes(tmp_path: Path) -> None:
             str(tmp_path / "w"),
         ],
     )
-    assert r.exit_code == 2
+    assert isinstance(r.exception, UsageError) and r.exception.exit_code == 2
     r = runner.invoke(cli, ["merge", BASE, "-o", str(tmp_path / "x")])
     assert r.exit_code == 2  # no adapter
     assert not (tmp_path / "w").exists() and not (tmp_path / "x").exists()
