@@ -257,7 +257,12 @@ def load_settings(start: str | os.PathLike[str] | None = None) -> Settings:
             isinstance(value, list) and all(isinstance(v, str) for v in value)
         ):
             lists[key] = tuple(split_selectors(value))
-            select_rules(lists[key] or None)  # unknown codes fail here, naming the value
+            try:
+                select_rules(lists[key] or None)
+            except UsageError as exc:
+                raise UsageError(
+                    f"[tool.loratool.validate] {key}: {exc.message}", path=candidate, hint=exc.hint
+                ) from None
         else:
             raise bad(key, value, "a list of rule codes")
     fail_on = table.get("fail-on", ERROR)
@@ -435,6 +440,7 @@ class _Checker:
         self.path = target.path
         self._file: SafetensorsFile | None = None  # the weights, over the trusted tensors
         self._no_alpha: list[str] = []
+        self._nonfinite_alphas: set[str] = set()  # stems whose NaN alpha LT108 reported
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -855,6 +861,7 @@ class _Checker:
         self, module: str, value: float, what: str, path: str | None = None
     ) -> bool:
         if not math.isfinite(value):
+            self._nonfinite_alphas.add(module)
             self.add(
                 "LT108",
                 f"{what} of {module!r} is {value}; every scale alpha / r becomes {value}",
@@ -1212,6 +1219,8 @@ class _Checker:
         try:
             for info in sorted(header.tensors.values(), key=lambda i: i.begin):
                 role = factor_role.get(info.name)
+                stem_of_alpha = info.name.removesuffix(".alpha")
+                already = stem_of_alpha != info.name and stem_of_alpha in self._nonfinite_alphas
                 chunk = max(info.nbytes, 1) if role else CHUNK_BYTES
                 state = _TensorScan(info.dtype)
                 for raw in scan.iter_raw(info.name, chunk):
@@ -1222,7 +1231,7 @@ class _Checker:
                         grams.setdefault(role[0], {})[role[1]] = _gram(raw, info, role[1])
                     if self.progress is not None:
                         self.progress.advance(len(raw))
-                if state.nan or state.inf:
+                if (state.nan or state.inf) and not already:
                     non_finite.add(info.name)
                     self.add(
                         "LT201",
@@ -1350,7 +1359,7 @@ class _Checker:
             )
         for key, message in res.shape_errors.items():
             self.add("LT403", message, module=key, hint="is this the right base model?")
-        if res.total and not res.matches:
+        if res.total and len(res.unmatched) == res.total:
             self.add(
                 "LT404",
                 f"0 of {res.total} modules match this base ({base}): the adapter would load "
