@@ -1455,11 +1455,16 @@ def _gram(raw: memoryview, info: TensorInfo, role: str) -> np.ndarray:
     """
     values = np.frombuffer(raw, dtype=numpy_dtype(info.dtype))
     work = values if values.dtype in (np.float32, np.float64) else values.astype(np.float32)
-    if role == "up":
-        mat = work.reshape(info.shape[0], -1)
-        return (mat.T @ mat).astype(np.float64)
     mat = work.reshape(info.shape[0], -1)
-    return (mat @ mat.T).astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        gram = mat.T @ mat if role == "up" else mat @ mat.T
+    if not np.all(np.isfinite(gram)):
+        # Finite values beyond float32's square range: redo in float64 (rare, and exactly the
+        # modules the outlier rule is for).
+        mat = mat.astype(np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):
+            gram = mat.T @ mat if role == "up" else mat @ mat.T
+    return gram.astype(np.float64)
 
 
 # ----------------------------------------------------------------------------- entry point
