@@ -212,7 +212,7 @@ def render_card(existing: str | None, facts: CardFacts, *, override_base: bool =
     else:
         body = body.rstrip("\n") + "\n\n" + _block(facts)
     yaml = ModelCardData(**meta).to_yaml()
-    return f"---\n{yaml}\n---\n{body if body.startswith(chr(10)) else chr(10) + body}", notes
+    return f"---\n{yaml}\n---\n{body}", notes
 
 
 def _intro(facts: CardFacts) -> str:
