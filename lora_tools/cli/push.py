@@ -92,6 +92,7 @@ def command(
                 "commit_oid": result.commit_oid,
                 "pr_url": result.pr_url,
                 "repo_created": result.repo_created,
+                "changed": result.changed,
                 "files": [f.path_in_repo for f in plan.files],
             }
         )

@@ -110,13 +110,18 @@ class PushPlan:
 
 @dataclass(frozen=True)
 class PushResult:
-    """What a push created. ``url`` is the PR's for a pull request, else the commit's."""
+    """What a push created. ``url`` is the PR's for a pull request, else the commit's.
+
+    ``changed`` is False when the target already held exactly these files: the client then makes
+    no commit (and opens no pull request), and ``commit_url`` is the current head's.
+    """
 
     repo_id: str
     commit_url: str
     commit_oid: str
     pr_url: str | None
     repo_created: bool
+    changed: bool = True
     notes: tuple[str, ...] = ()
 
     @property
@@ -535,9 +540,13 @@ def publish(
             step = "creating the repo"
             api.create_repo(repo_id, private=private, exist_ok=True)
             created = True
-        if revision and revision != "main":
+        on_branch = bool(revision) and revision != "main"
+        if on_branch:
             step = f"creating branch {revision}"
             api.create_branch(repo_id, branch=revision, exist_ok=True)
+        head = None
+        if not created:
+            head = api.model_info(repo_id, revision=revision).sha if on_branch else info.sha
         files = list(plan.files)
         if plan.local_card is None and not created:
             step = "reading the existing README.md"
@@ -567,11 +576,15 @@ def publish(
             error.message += " (nothing was published"
             error.message += "; the new repo is empty)" if created else ")"
         raise error from None
+    changed = commit.oid != head
+    if not changed:
+        notes.append("the repo already holds exactly these files; no commit was made")
     return PushResult(
         repo_id=repo_id,
         commit_url=commit.commit_url,
         commit_oid=commit.oid,
         pr_url=commit.pr_url,
         repo_created=created,
+        changed=changed,
         notes=tuple(notes),
     )
