@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_tools import __version__
-from lora_tools.errors import FormatError, HubError, UsageError
+from lora_tools.errors import EXIT_FINDINGS, FormatError, HubError, LoraToolError, UsageError
 from lora_tools.io.hub import parse_hub_id
 from lora_tools.io.safetensors import PICKLE_SUFFIXES, SafetensorsFile
 from lora_tools.ops.card import (
@@ -365,10 +365,10 @@ def _read_json(path: Path) -> dict[str, Any]:
     return doc
 
 
-class ValidationFailed(UsageError):
+class ValidationFailed(LoraToolError):
     """validate found errors in the adapter; push refuses to publish it (exit code 1)."""
 
-    exit_code = 1
+    exit_code = EXIT_FINDINGS
 
     def __init__(self, path: Path, errors: list[str]) -> None:
         self.errors = errors
