@@ -1210,6 +1210,8 @@ class _Checker:
         digest = hashlib.sha256() if expected_hash and clean else None
 
         grams: dict[str, dict[str, np.ndarray]] = {}
+        # The Grams are the only O(size * rank) work of the pass: skip them unless LT204 runs.
+        want_norms = "LT204" in self.rules
         zero: dict[str, list[str]] = {}
         non_finite: set[str] = set()
         scan = SafetensorsFile(file.path, header=header)
@@ -1227,7 +1229,7 @@ class _Checker:
                     if digest is not None:
                         digest.update(raw)
                     state.feed(raw)
-                    if role is not None and state.finite:
+                    if role is not None and state.finite and want_norms:
                         grams.setdefault(role[0], {})[role[1]] = _gram(raw, info, role[1])
                     if self.progress is not None:
                         self.progress.advance(len(raw))
