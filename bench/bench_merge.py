@@ -1,0 +1,250 @@
+"""Benchmark ``loratool merge`` against ``cp -r`` and transformers + PEFT merge_and_unload.
+
+Usage (from the repository root; prints a markdown table for docs/benchmarks.md):
+
+    .venv/bin/python bench/bench_merge.py                 # 1.6 GB Llama-shaped base, 3 runs
+    .venv/bin/python bench/bench_merge.py --size 8b       # 16 GB 8B-shaped base (no PEFT run)
+    .venv/bin/python bench/bench_merge.py --devices cpu,numpy,cuda --runs 5
+
+Everything is generated under bench/_work/ (gitignored): a bf16 sharded checkpoint with random
+weights written by the streaming writer, and a rank-16 all-linear PEFT adapter (fp32). Each
+contender runs as a child process; wall time is measured around it and peak RSS is the child's
+``ru_maxrss`` from ``os.wait4``. The page cache is warm for every contender (the base is read
+once before timing starts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "bench" / "_work"
+SHAPES = {
+    "1b": dict(hidden=2048, layers=16, inter=5632, vocab=32000, heads=32, kv=4),
+    "8b": dict(hidden=4096, layers=32, inter=14336, vocab=128256, heads=32, kv=8),
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MAX_SHARD_BYTES = 1 << 29
+
+
+def llama_tensors(s: dict) -> list[tuple[str, tuple[int, ...]]]:
+    h, i, v, hd = s["hidden"], s["inter"], s["vocab"], s["hidden"] // s["heads"]
+    kv = s["kv"] * hd
+    out = [("model.embed_tokens.weight", (v, h))]
+    for n in range(s["layers"]):
+        p = f"model.layers.{n}."
+        out += [
+            (p + "input_layernorm.weight", (h,)),
+            (p + "mlp.down_proj.weight", (h, i)),
+            (p + "mlp.gate_proj.weight", (i, h)),
+            (p + "mlp.up_proj.weight", (i, h)),
+            (p + "post_attention_layernorm.weight", (h,)),
+            (p + "self_attn.k_proj.weight", (kv, h)),
+            (p + "self_attn.o_proj.weight", (h, h)),
+            (p + "self_attn.q_proj.weight", (h, h)),
+            (p + "self_attn.v_proj.weight", (kv, h)),
+        ]
+    return [*out, ("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
+
+
+def random_bf16_bytes(rng: np.random.Generator, count: int) -> np.ndarray:
+    """Random bf16 values of magnitude ~0.01 (sign, exponent 2^-7, random mantissa), fast."""
+    bits = rng.integers(0, 1 << 16, size=count, dtype=np.uint16)
+    return (bits & np.uint16(0x807F)) | np.uint16(0x3C00)
+
+
+def make_base(folder: Path, s: dict) -> None:
+    from lora_tools.io.safetensors import SafetensorsWriter, TensorSpec
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, shape in llama_tensors(s):
+        nbytes = int(np.prod(shape)) * 2
+        if size + nbytes > MAX_SHARD_BYTES and shards[-1]:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape))
+        size += nbytes
+    weight_map, total = {}, 0
+    for n, tensors in enumerate(shards, 1):
+        fname = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+        specs = [TensorSpec(name, "BF16", shape) for name, shape in tensors]
+        with SafetensorsWriter(folder / fname, specs, {"format": "pt"}, keep_order=True) as w:
+            for spec in specs:
+                count = int(np.prod(spec.shape))
+                for start in range(0, count, 1 << 26):
+                    w.write(
+                        spec.name, memoryview(random_bf16_bytes(rng, min(1 << 26, count - start)))
+                    )
+                weight_map[spec.name] = fname
+                total += count * 2
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": s["hidden"],
+        "intermediate_size": s["inter"],
+        "num_hidden_layers": s["layers"],
+        "num_attention_heads": s["heads"],
+        "num_key_value_heads": s["kv"],
+        "vocab_size": s["vocab"],
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def make_adapter(folder: Path, s: dict, rank: int = 16) -> None:
+    from lora_tools.io.safetensors import save_tensors
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    tensors = {}
+    for name, shape in llama_tensors(s):
+        if not any(name.endswith(f"{t}.weight") for t in TARGETS):
+            continue
+        stem = "base_model.model." + name.removesuffix(".weight")
+        tensors[stem + ".lora_A.weight"] = (rng.standard_normal((rank, shape[1])) * 0.01).astype(
+            np.float32
+        )
+        tensors[stem + ".lora_B.weight"] = (rng.standard_normal((shape[0], rank)) * 0.01).astype(
+            np.float32
+        )
+    save_tensors(folder / "adapter_model.safetensors", tensors, {"format": "pt"})
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "target_modules": TARGETS,
+        "base_model_name_or_path": str(folder.parent / "base"),
+        "lora_dropout": 0.0,
+        "bias": "none",
+    }
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+
+PEFT_SCRIPT = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+torch.set_num_threads({threads})
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
+m = PeftModel.from_pretrained(m, sys.argv[2]).merge_and_unload()
+m.save_pretrained(sys.argv[3], max_shard_size="{shard}")
+"""
+
+
+def timed(cmd: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS MB) of one child process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        err = proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{err}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", choices=SHAPES, default="1b")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--devices", default="cpu", help="comma list of loratool --device values")
+    ap.add_argument("--no-peft", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep bench/_work/<size> afterwards")
+    ap.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    s = SHAPES[args.size]
+    work = WORK / args.size
+    base, adapter, out = work / "base", work / "adapter", work / "out"
+    if args.generate_only:
+        shutil.rmtree(work, ignore_errors=True)
+        make_base(base, s)
+        make_adapter(adapter, s)
+        return
+    if not base.exists():
+        # in a child process: the parent stays small, so the children it forks report their
+        # own peak RSS, not the generator's
+        t = time.perf_counter()
+        subprocess.run(
+            [sys.executable, __file__, "--size", args.size, "--generate-only"], check=True
+        )
+        print(f"generated {args.size} base in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    size_gb = sum(p.stat().st_size for p in base.glob("*.safetensors")) / 1e9
+    subprocess.run(["cat", *map(str, base.glob("*.safetensors"))], stdout=subprocess.DEVNULL)
+
+    py = sys.executable
+    sys.path.insert(0, str(ROOT))
+    contenders = {"cp -r": ["cp", "-r", str(base), str(out)]}
+    for dev in args.devices.split(","):
+        contenders[f"loratool merge --device {dev}"] = [
+            py,
+            "-m",
+            "lora_tools",
+            "merge",
+            str(base),
+            str(adapter),
+            "-o",
+            str(out),
+            "--device",
+            dev,
+            "--quiet",
+        ]
+    if not args.no_peft and args.size == "1b":
+        script = PEFT_SCRIPT.format(threads=os.cpu_count(), shard="2GB")
+        contenders["transformers + PEFT merge_and_unload"] = [
+            py,
+            "-c",
+            script,
+            str(base),
+            str(adapter),
+            str(out),
+        ]
+    results: dict[str, list[tuple[float, float]]] = {k: [] for k in contenders}
+    for _ in range(args.runs):
+        for name, cmd in contenders.items():
+            shutil.rmtree(out, ignore_errors=True)
+            results[name].append(timed(cmd))
+    shutil.rmtree(out, ignore_errors=True)
+
+    cp = statistics.median(w for w, _ in results["cp -r"])
+    peft = results.get("transformers + PEFT merge_and_unload")
+    peft_wall = statistics.median(w for w, _ in peft) if peft else None
+    print(
+        f"\n{args.size}-shaped bf16 checkpoint, {size_gb:.2f} GB in "
+        f"{len(list(base.glob('*.safetensors')))} shards, rank-16 all-linear adapter; "
+        f"median of {args.runs} runs; {platform.node()}, {os.cpu_count()} CPUs, "
+        f"{platform.python_version()}\n"
+    )
+    print("| command | wall (s) | x cp | PEFT / this | peak RSS (MB) |")
+    print("|---|---:|---:|---:|---:|")
+    for name, runs in results.items():
+        wall = statistics.median(w for w, _ in runs)
+        rss = max(r for _, r in runs)
+        vs_peft = f"{peft_wall / wall:.1f}" if peft_wall else "-"
+        print(f"| {name} | {wall:.2f} | {wall / cp:.2f} | {vs_peft} | {rss:.0f} |")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
