@@ -48,6 +48,7 @@ from lora_tools.formats import diffusers_old as diffusers_old_format
 from lora_tools.formats import kohya as kohya_format
 from lora_tools.formats import peft as peft_format
 from lora_tools.formats.base import AdapterFormat, AdapterSource, classify_foreign
+from lora_tools.io.hub import parse_hub_id, resolve_input
 from lora_tools.io.safetensors import (
     DTYPES,
     PICKLE_SUFFIXES,
@@ -336,7 +337,7 @@ def _folder_targets(display: str, folder: Path) -> list[Target]:
 
 
 def discover(paths: Iterable[str | os.PathLike[str]]) -> list[Target]:
-    """The adapters named by ``paths`` (files or folders), each once.
+    """The adapters named by ``paths`` (files, folders or Hub ids), each once.
 
     A folder means its adapter weights (PEFT's or diffusers' file name, else every
     ``*.safetensors`` in it); ``adapter_config.json`` alone means its folder; a weights file
@@ -347,6 +348,8 @@ def discover(paths: Iterable[str | os.PathLike[str]]) -> list[Target]:
     for spec in paths:
         display = os.fspath(spec)
         path = Path(display)
+        if not path.exists() and parse_hub_id(display) is not None:
+            path = resolve_input(display, role="adapter")  # a local path always wins
         if path.is_dir():
             found = _folder_targets(display, path)
         elif path.is_file() and path.name == CONFIG_NAME:
