@@ -15,7 +15,7 @@ from lora_tools.cli._algebra import (
     progress_bar,
     quiet_option,
 )
-from lora_tools.cli._common import console, print_json
+from lora_tools.cli._common import print_json
 
 
 @click.command("combine")
@@ -101,21 +101,20 @@ def command(
             }
         )
         return
-    out = console()
     rows = result.modules
     ranks: dict[int, int] = {}
     for row in rows:
         ranks[row.rank] = ranks.get(row.rank, 0) + 1
     partial = sum(1 for row in rows if len(row.inputs) < len(sources))
-    out.print(
+    click.echo(
         f"wrote {written} ({result.adapter.format}, {method}): {len(rows)} modules, ranks "
         + ", ".join(f"{k} x{v}" for k, v in sorted(ranks.items()))
     )
     if partial:
-        out.print(f"{partial} modules are in only some of the inputs (summed over those)")
+        click.echo(f"{partial} modules are in only some of the inputs (summed over those)")
     if method != "concat" and rows:
         worst = max(rows, key=lambda r: r.relative_error)
-        out.print(
+        click.echo(
             f"truncation: min energy kept {min(r.retained_energy for r in rows):.4f}, "
             f"max relative error {worst.relative_error:.2e} ({worst.key})"
         )

@@ -155,4 +155,4 @@ def render(rows: list[Any], summary: dict[str, Any], written: Path | None, dry_r
     if written is not None:
         lines.append(f"wrote {written}")
     for line in lines:
-        out.print(line)
+        click.echo(line)
