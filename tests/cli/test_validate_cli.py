@@ -305,3 +305,44 @@ def test_real_pre_commit_try_repo(tmp_path):
     assert "Failed" in failed.stdout
     assert "LT012" in failed.stdout and "bad/lora.safetensors" in failed.stdout
     assert "LT101" in failed.stdout and "good/adapter_model.safetensors" not in failed.stdout
+
+
+@pytest.mark.slow
+def test_real_pre_commit_python_hook_builds_its_own_environment(tmp_path):
+    """The hook users copy into .pre-commit-config.yaml: pre-commit pip-installs loratool from
+    this repository into its own virtualenv (dependencies come from the package index)."""
+    pre_commit = VENV_BIN / "pre-commit"
+    if not pre_commit.exists() or shutil.which("git") is None:
+        pytest.skip("needs git and pre-commit")
+    work = tmp_path / "work"
+    work.mkdir()
+    git("init", "-q", cwd=work)
+    shutil.copytree(GOOD, work / "good")
+    git("add", ".", cwd=work)
+    env = {
+        **os.environ,
+        "PRE_COMMIT_HOME": str(tmp_path / "cache"),
+        "HF_HUB_OFFLINE": "1",
+        "PATH": os.pathsep.join(
+            p for p in os.environ.get("PATH", "").split(os.pathsep) if Path(p) != VENV_BIN
+        ),
+    }
+
+    def try_repo() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(pre_commit), "try-repo", str(ROOT), "loratool-validate", "--all-files"],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    passed = try_repo()
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    assert "Passed" in passed.stdout
+    shutil.copy(BROKEN / "overlap.safetensors", work / "good" / "extra.safetensors")
+    git("add", ".", cwd=work)
+    failed = try_repo()
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert "LT0" in failed.stdout and "extra.safetensors" in failed.stdout
