@@ -155,43 +155,46 @@ def _candidate_components(ckpt: Checkpoint, component: str | None) -> list[Compo
 
 
 class _FlatIndex:
-    """kohya-flattened base keys of a checkpoint: (component, flat name) -> base keys."""
+    """kohya-flattened base keys: (kohya component, flat name) -> matching base weights.
+
+    Each hit carries the logical component and dotted module path the name stands for: in a
+    diffusers folder the component's own; in a single file the part after a known prefix
+    (``model.diffusion_model.`` -> ``unet``...); for plain models (LLMs) the whole key, since
+    kohya names written for them keep their ``model.`` root.
+    """
 
     def __init__(self, ckpt: Checkpoint) -> None:
-        self.entries: dict[tuple[str, str], list[tuple[Component, str]]] = {}
+        self.entries: dict[tuple[str, str], list[tuple[Component, str, str, str]]] = {}
         for comp in ckpt.components.values():
             for key in comp:
                 if not key.endswith(".weight"):
                     continue
                 module = key[: -len(".weight")]
                 if ckpt.kind == "diffusers":
-                    logical = comp.name
-                    self._add(logical, flatten_path(module), comp, key)
+                    self._add(comp.name, module, (comp, key, comp.name, module))
                     continue
                 for prefix, logical in SINGLE_FILE_PREFIXES:
                     if module.startswith(prefix):
-                        self._add(logical, flatten_path(module[len(prefix) :]), comp, key)
+                        path = module[len(prefix) :]
+                        self._add(logical, path, (comp, key, logical if prefix else "", path))
                         break
+                if module.startswith("model.") and not module.startswith("model.diffusion_model."):
+                    self._add("unet", module, (comp, key, "", module))
 
-    def _add(self, logical: str, flat: str, comp: Component, key: str) -> None:
-        bucket = self.entries.setdefault((logical, flat), [])
-        if (comp, key) not in bucket:
-            bucket.append((comp, key))
+    def _add(self, bucket: str, path: str, hit: tuple[Component, str, str, str]) -> None:
+        hits = self.entries.setdefault((bucket, flatten_path(path)), [])
+        if hit not in hits:
+            hits.append(hit)
 
-    def lookup(self, component: str | None, flat: str) -> tuple[list[tuple[Component, str]], str]:
-        logicals = [component] if component else [c for c, _ in self.entries]
+    def lookup(self, component: str | None, flat: str) -> list[tuple[Component, str, str, str]]:
+        """Hits ``(component, base key, logical component, module path)`` for a kohya name."""
         if component in _DENOISERS:
-            logicals = list(_DENOISERS)
-        if component == "text_encoder":
-            logicals = ["text_encoder"]
-        found: list[tuple[Component, str]] = []
-        logical_found = component or ""
-        for logical in dict.fromkeys(logicals):
-            hits = self.entries.get((logical, flat), [])
-            if hits:
-                logical_found = logical
-            found.extend(hits)
-        return found, logical_found
+            buckets = list(_DENOISERS)
+        elif component:
+            buckets = [component]
+        else:
+            buckets = sorted({bucket for bucket, _ in self.entries})
+        return [hit for bucket in buckets for hit in self.entries.get((bucket, flat), [])]
 
 
 def _path_candidates(path: str) -> list[str]:
@@ -244,9 +247,7 @@ def resolve(adapter: Adapter, ckpt: Checkpoint) -> Resolution:
             if flat_index is None:
                 flat_index = _FlatIndex(ckpt)
             component, flat = split_name(module.key)
-            found, logical = flat_index.lookup(component, flat)
-            for comp, base_key in found:
-                hits.append((comp, base_key, logical, _strip_prefix(base_key, ckpt)))
+            hits.extend(flat_index.lookup(component, flat))
         unique = list({(c.name, k): (c, k, lg, p) for c, k, lg, p in hits}.values())
         if not unique:
             res.unmatched.append(key)
@@ -275,16 +276,6 @@ def resolve(adapter: Adapter, ckpt: Checkpoint) -> Resolution:
         )
     res.replacements = _resolve_passthrough(adapter, ckpt)
     return res
-
-
-def _strip_prefix(base_key: str, ckpt: Checkpoint) -> str:
-    module = base_key.removesuffix(".weight")
-    if ckpt.kind == "diffusers":
-        return module
-    for prefix, _ in SINGLE_FILE_PREFIXES:
-        if prefix and module.startswith(prefix):
-            return module[len(prefix) :]
-    return module
 
 
 def _single_file_hits(

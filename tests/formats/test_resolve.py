@@ -124,3 +124,31 @@ def test_fit_square_conv1d_needs_architecture():
     assert fit(m, info, "llama", "model.layers.0.self_attn.o_proj") == (False, False)
     with pytest.raises(ShapeError, match="does not fit"):
         fit(m, TensorInfo("w", "F32", (4, 5), 0, 0))
+
+
+def test_kohya_names_of_a_plain_model_keep_its_model_prefix(fixtures_dir, tmp_path):
+    """PEFT -> kohya on an LLM writes lora_unet_model_layers_...: it must resolve back."""
+    from lora_tools.formats import save_adapter
+
+    peft = load_adapter(fixtures_dir / "peft/llama-lora")
+    for m in peft.modules.values():
+        m.keys = {}
+    out = save_adapter(peft, tmp_path / "k.safetensors", format="kohya")
+    kohya = load_adapter(out)
+    assert next(iter(kohya.modules)).startswith("lora_unet_model_layers_0_")
+    res = resolve(kohya, open_checkpoint(fixtures_dir / "bases/tiny-llama"))
+    assert (len(res.matches), res.unmatched, res.ambiguous) == (8, [], {})
+    assert {m.target.key for m in res.matches.values()} == {
+        f"{m.path}.weight" for m in peft.modules.values()
+    }
+    # convert takes the module path and component from here: the PEFT path, no component
+    assert {(m.component, m.path) for m in res.matches.values()} == {
+        ("", m.path) for m in peft.modules.values()
+    }
+    sdxl = resolve(
+        load_adapter(fixtures_dir / "kohya/sdxl-lora.safetensors"),
+        open_checkpoint(fixtures_dir / "bases/tiny-sdxl.safetensors"),
+    )
+    assert ("unet", "input_blocks.4.1.transformer_blocks.0.attn1.to_q") in {
+        (m.component, m.path) for m in sdxl.matches.values()
+    }

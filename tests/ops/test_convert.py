@@ -167,6 +167,21 @@ def test_converted_peft_loads_in_peft_llama(fixtures_dir, tmp_path):
 
 
 @pytest.mark.oracle
+def test_llama_peft_kohya_peft_with_base_loads_in_peft(fixtures_dir, tmp_path):
+    """PEFT -> kohya -> PEFT (--base recovers the paths) on the tiny Llama, patterns included."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    src_dir = fixtures_dir / "peft/llama-patterns"
+    kohya, _ = write(load_adapter(src_dir), "kohya", tmp_path / "k.safetensors")
+    assert next(iter(kohya.modules)).startswith("lora_unet_model_layers_")
+    _, res = write(kohya, "peft", tmp_path / "p", base=fixtures_dir / "bases/tiny-llama")
+    assert res.resolved == 8
+    expected = _peft_merged(_llama(fixtures_dir), src_dir)
+    for k, v in _peft_merged(_llama(fixtures_dir), tmp_path / "p").items():
+        torch.testing.assert_close(v, expected[k], rtol=0, atol=0)
+
+
+@pytest.mark.oracle
 def test_converted_peft_loads_in_peft_unet(fixtures_dir, tmp_path):
     """kohya (from PEFT) -> PEFT with --base on the tiny SD UNet: same merged weights."""
     torch = pytest.importorskip("torch")
