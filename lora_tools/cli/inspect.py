@@ -37,10 +37,18 @@ def command(path: str, as_json: bool, stats: bool) -> None:
         render(report)
 
 
+def _short(key: str) -> str:
+    """A histogram key for people: floats to 4 significant digits (JSON keeps them whole)."""
+    try:
+        return f"{float(key):.4g}"
+    except ValueError:
+        return key
+
+
 def _hist(hist: dict[str, int]) -> str:
     if len(hist) == 1:
-        return next(iter(hist))
-    return ", ".join(f"{k} x{v}" for k, v in hist.items())
+        return _short(next(iter(hist)))
+    return ", ".join(f"{_short(k)} x{v}" for k, v in hist.items())
 
 
 def _size(nbytes: int) -> str:
