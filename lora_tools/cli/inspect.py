@@ -51,15 +51,6 @@ def _hist(hist: dict[str, int]) -> str:
     return ", ".join(f"{_short(k)} x{v}" for k, v in hist.items())
 
 
-def _size(nbytes: int) -> str:
-    value = float(nbytes)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{nbytes} B"
-
-
 def _ranges(indices: list[int]) -> str:
     if not indices:
         return ""
@@ -77,6 +68,8 @@ def _ranges(indices: list[int]) -> str:
 def render(report: dict[str, Any]) -> None:
     from rich.table import Table
 
+    from lora_tools.ops.inspect import NOTABLE_CONFIG, NOTABLE_METADATA, human_size
+
     out = console()
     mods = report["modules"]
     table = Table(show_header=False, box=None, pad_edge=False)
@@ -85,7 +78,7 @@ def render(report: dict[str, Any]) -> None:
     base = report["base_model"]
     rows = [
         ("file", ", ".join(report["files"])),
-        ("size", _size(report["file_size_bytes"])),
+        ("size", human_size(report["file_size_bytes"])),
         ("format", f"{report['format']} ({', '.join(report['variants']) or 'no LoRA modules'})"),
         (
             "base model",
@@ -135,7 +128,6 @@ def render(report: dict[str, Any]) -> None:
     out.print(table)
 
     config = report["config"] or {}
-    from lora_tools.ops.inspect import NOTABLE_CONFIG, NOTABLE_METADATA
 
     notable = [(k, config[k]) for k in NOTABLE_CONFIG if config.get(k) not in (None, {}, [], "")]
     meta = report["metadata"]

@@ -103,7 +103,7 @@ def command(
 def _render_plan(plan) -> None:
     from rich.table import Table
 
-    from lora_tools.ops.card import human_size
+    from lora_tools.ops.inspect import human_size
 
     out = console()
     out.print(f"would push {plan.kind} {plan.path} to {plan.repo_id} (one commit):", markup=False)

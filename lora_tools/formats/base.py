@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 from lora_tools.adapter import Adapter
-from lora_tools.errors import AdapterError, FormatError, UsageError
+from lora_tools.errors import AdapterError, UsageError
+from lora_tools.io.jsonfile import read_json_object
 from lora_tools.io.safetensors import SafetensorsFile, Tensor
 
 #: Tensor-name suffixes of LyCORIS and other adapter types loratool detects but never computes
@@ -95,21 +95,8 @@ class AdapterSource:
 
 
 def read_json_config(path: Path) -> dict[str, Any]:
-    """Parse a JSON config file into a dict, or raise FormatError naming the file."""
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise FormatError(f"cannot read config: {exc}", path=path, kind="config-json") from None
-    except json.JSONDecodeError as exc:
-        raise FormatError(
-            f"config is not valid JSON: {exc}",
-            path=path,
-            hint="fix or regenerate the config",
-            kind="config-json",
-        ) from None
-    if not isinstance(doc, dict):
-        raise FormatError("config is not a JSON object", path=path, kind="config-json")
-    return doc
+    """Parse an adapter config (adapter_config.json) into a dict, or raise FormatError."""
+    return read_json_object(path, kind="config-json")
 
 
 class AdapterFormat:

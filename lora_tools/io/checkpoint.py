@@ -15,7 +15,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_tools.errors import FormatError, UnsafeFileError
+from lora_tools.io.jsonfile import read_json_object
 from lora_tools.io.safetensors import PICKLE_SUFFIXES, SafetensorsFile, TensorInfo
 
 #: Index file names, most specific first.
@@ -156,26 +156,18 @@ class Checkpoint:
         self.close()
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"cannot parse JSON: {exc}", path=path, kind="checkpoint-json") from None
-    if not isinstance(doc, dict):
-        raise FormatError("expected a JSON object", path=path, kind="checkpoint-json")
-    return doc
-
-
 def _component_from_folder(name: str, folder: Path) -> Component | None:
     """The weights in one folder, or None if it holds no safetensors weights."""
     config_path = folder / "config.json"
-    config = _read_json(config_path) if config_path.is_file() else None
+    config = (
+        read_json_object(config_path, kind="checkpoint-json") if config_path.is_file() else None
+    )
     index_paths = [folder / n for n in INDEX_NAMES if (folder / n).is_file()]
     if not index_paths:
         index_paths = sorted(folder.glob("*.safetensors.index.json"))
     if index_paths:
         index_path = index_paths[0]
-        doc = _read_json(index_path)
+        doc = read_json_object(index_path, kind="checkpoint-json")
         weight_map = doc.get("weight_map")
         if not isinstance(weight_map, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()

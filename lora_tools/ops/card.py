@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lora_tools import __version__
+from lora_tools.ops.inspect import human_size
 
 #: Markers around the block loratool owns in a card's body.
 BEGIN = "<!-- loratool:begin (written by `loratool push`; replaced on every push) -->"
@@ -226,16 +227,6 @@ def _intro(facts: CardFacts) -> str:
         return f"A LoRA adapter{on}."
     on = base or (f"`{facts.base_note}`" if facts.base_note else "its base model")
     return f"{on} with LoRA adapters merged into its weights."
-
-
-def human_size(nbytes: int) -> str:
-    """``12.3 kB`` (decimal units, as the Hub shows sizes)."""
-    value = float(nbytes)
-    for unit in ("B", "kB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{nbytes} B"
 
 
 def _hist(hist: dict[str, int]) -> str:

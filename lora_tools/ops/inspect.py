@@ -107,6 +107,16 @@ def base_model_of(adapter: Adapter) -> dict[str, str] | None:
     return None
 
 
+def human_size(nbytes: int) -> str:
+    """``12.3 kB`` (decimal units, as the Hub shows sizes)."""
+    value = float(nbytes)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{nbytes} B"
+
+
 def _histogram(values: list[Any]) -> dict[str, int]:
     counts = Counter(values)
     return {_fmt_key(k): v for k, v in sorted(counts.items(), key=lambda kv: _sort_key(kv[0]))}

@@ -33,6 +33,7 @@ from typing import Any
 from lora_tools import __version__
 from lora_tools.errors import EXIT_FINDINGS, FormatError, HubError, LoraToolError, UsageError
 from lora_tools.io.hub import parse_hub_id
+from lora_tools.io.jsonfile import read_json_object
 from lora_tools.io.safetensors import PICKLE_SUFFIXES, SafetensorsFile
 from lora_tools.ops.card import (
     PIPELINE_TAGS,
@@ -318,14 +319,14 @@ def _plan_model(
         _check_model_files(files)
         uploads = _relative(path, files)
         provenance_path = path / PROVENANCE_NAME
-        provenance = _read_json(provenance_path) if provenance_path.is_file() else None
+        provenance = read_json_object(provenance_path) if provenance_path.is_file() else None
         card_path = path / CARD_NAME
         local_card = card_path.read_text(encoding="utf-8") if card_path.is_file() else None
         pipeline = (path / "model_index.json").is_file()
         config_path = path / "config.json"
         library = "diffusers" if pipeline else ("transformers" if config_path.is_file() else None)
         config_name = (
-            _read_json(config_path).get("_name_or_path") if config_path.is_file() else None
+            read_json_object(config_path).get("_name_or_path") if config_path.is_file() else None
         )
     else:
         _check_model_files([path])
@@ -353,16 +354,6 @@ def _plan_model(
             "base_model (pass --base-model user/name to link it)"
         )
     return uploads, facts, local_card, notes
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"cannot parse JSON: {exc}", path=path, kind="json") from None
-    if not isinstance(doc, dict):
-        raise FormatError("expected a JSON object", path=path, kind="json")
-    return doc
 
 
 class ValidationFailed(LoraToolError):
