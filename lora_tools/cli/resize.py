@@ -78,26 +78,22 @@ def command(
     from lora_tools.ops._algebra import input_paths, write_adapter
     from lora_tools.ops.resize import check_rule, resize_adapter
 
-    check_rule(
-        rank=rank,
-        energy=energy,
-        sv_ratio=sv_ratio,
-        sv_cumulative=sv_cumulative,
-        min_rank=min_rank,
-        max_rank=max_rank,
-    )
+    rule = {
+        "rank": rank,
+        "energy": energy,
+        "sv_ratio": sv_ratio,
+        "sv_cumulative": sv_cumulative,
+        "min_rank": min_rank,
+        "max_rank": max_rank,
+    }
+    check_rule(**rule)  # before loading anything: a bad rule is a usage error
     if output is None and not dry_run:
         raise UsageError("give -o OUTPUT (or --dry-run to only see the plan)")
     source = load_input(adapter)
     with progress_bar("resize", quiet) as progress:
         result = resize_adapter(
             source,
-            rank=rank,
-            energy=energy,
-            sv_ratio=sv_ratio,
-            sv_cumulative=sv_cumulative,
-            min_rank=min_rank,
-            max_rank=max_rank,
+            **rule,
             distribute=distribute,
             dry_run=dry_run,
             progress=progress,
