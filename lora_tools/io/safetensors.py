@@ -16,11 +16,12 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import struct
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +39,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 @dataclass(frozen=True)
 class DType:
-    """One safetensors dtype: its name, width in bits and numpy equivalent (None if sub-byte)."""
+    """One safetensors dtype: its name, width in bits and numpy equivalent (None: F6 types,
+    whose packing of 4 elements into 3 bytes no reference defines)."""
 
     name: str
     bits: int
@@ -54,7 +56,7 @@ DTYPES: dict[str, DType] = {
     d.name: d
     for d in (
         _dt("BOOL", 8, np.bool_),
-        _dt("F4", 4, None),
+        _dt("F4", 4, ml_dtypes.float4_e2m1fn),  # packed two per byte, low nibble first
         _dt("F6_E2M3", 6, None),
         _dt("F6_E3M2", 6, None),
         _dt("U8", 8, np.uint8),
@@ -98,12 +100,12 @@ def dtype_of(array: np.ndarray) -> str:
 
 
 def numpy_dtype(name: str) -> np.dtype:
-    """Return the numpy dtype for a safetensors dtype name (sub-byte types have none)."""
+    """Return the numpy dtype for a safetensors dtype name (the F6 types have none)."""
     dt = DTYPES[name].numpy
     if dt is None:
         raise FormatError(
-            f"dtype {name} is packed below one byte per element and cannot be decoded to numpy",
-            hint="loratool copies such tensors byte for byte but does not compute with them",
+            f"dtype {name} packs 4 elements into 3 bytes in an order no reference defines",
+            hint="loratool copies such tensors byte for byte but does not decode them",
             kind="dtype-not-decodable",
         )
     return dt
@@ -156,6 +158,24 @@ class Header:
     @property
     def data_bytes(self) -> int:
         return self.file_bytes - self.data_start
+
+
+def unpack_f4(packed: np.ndarray) -> np.ndarray:
+    """F4 bytes -> one float4_e2m1fn per element: element ``2i`` is the low nibble of byte
+    ``i``, element ``2i + 1`` the high nibble (PyTorch's ``float4_e2m1fn_x2`` layout, which the
+    reference torch binding reads F4 as)."""
+    codes = np.empty(packed.size * 2, np.uint8)
+    codes[0::2] = packed & 0x0F
+    codes[1::2] = packed >> 4
+    return codes.view(ml_dtypes.float4_e2m1fn)
+
+
+def pack_f4(values: np.ndarray) -> np.ndarray:
+    """float4_e2m1fn elements (an even count) -> F4 bytes; the inverse of :func:`unpack_f4`."""
+    codes = np.ascontiguousarray(values).reshape(-1).view(np.uint8) & 0x0F
+    if codes.size % 2:
+        raise FormatError(f"{codes.size} F4 elements do not fill whole bytes", kind="misaligned")
+    return codes[0::2] | (codes[1::2] << 4)
 
 
 def tensor_nbytes(dtype: str, shape: Sequence[int]) -> int:
@@ -481,6 +501,10 @@ class SafetensorsFile:
         except KeyError:
             raise FormatError(f"no tensor named {name!r}", path=self.path) from None
 
+    def fileno(self) -> int:
+        """The OS file descriptor (opened on first use), for kernel-side copies."""
+        return self._fileno()
+
     def _fileno(self) -> int:
         if self._fd is None:
             try:
@@ -526,12 +550,37 @@ class SafetensorsFile:
             yield view[:n]
             pos += n
 
+    def read_into(self, name: str, out: np.ndarray, row_start: int = 0) -> np.ndarray:
+        """Fill ``out`` with the raw bytes of tensor ``name`` from row ``row_start`` on.
+
+        ``out`` is any C-contiguous array (usually a reused buffer of the tensor's dtype); it
+        receives ``out.nbytes`` bytes, which must be whole rows inside the tensor.
+
+        Example:
+            >>> buf = np.empty((1, 2), np.float32)
+            >>> with SafetensorsFile("/tmp/doc-example.safetensors") as f:
+            ...     f.read_into("w", buf, row_start=1).tolist()
+            [[0.0, 1.0]]
+        """
+        info = self.info(name)
+        row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else info.nbytes
+        start = row_start * row_bytes
+        if not out.flags.c_contiguous or row_start < 0 or start + out.nbytes > info.nbytes:
+            raise FormatError(f"rows outside tensor {name!r} (or a strided buffer)", path=self.path)
+        if out.nbytes:
+            self._pread_into(
+                memoryview(out.reshape(-1).view(np.uint8)),
+                self.header.data_start + info.begin + start,
+            )
+        return out
+
     def read(self, name: str, rows: slice | None = None) -> np.ndarray:
         """Read one tensor, or rows ``rows`` of its first dimension, as a numpy array."""
         info = self.info(name)
         dt = numpy_dtype(info.dtype)
+        bits = DTYPES[info.dtype].bits
         shape = list(info.shape)
-        offset, count = 0, info.numel
+        first, count = 0, info.numel
         if rows is not None:
             if not shape:
                 raise FormatError(f"tensor {name!r} is a scalar; it has no rows", path=self.path)
@@ -539,15 +588,21 @@ class SafetensorsFile:
             if step != 1:
                 raise ValueError("row slices must be contiguous")
             row_elems = math.prod(shape[1:])
-            stop = max(stop, start)
-            offset = start * row_elems * dt.itemsize
-            shape[0] = stop - start
+            if row_elems * bits % 8:
+                raise FormatError(
+                    f"rows of {info.dtype} tensor {name!r} do not start on byte boundaries",
+                    path=self.path,
+                    hint="read the whole tensor",
+                )
+            first = start * row_elems
+            shape[0] = max(stop, start) - start
             count = shape[0] * row_elems
-        out = np.empty(count, dtype=dt)
+        raw = np.empty(count * bits // 8, np.uint8)
         if count:
             self._pread_into(
-                memoryview(out.view(np.uint8)), self.header.data_start + info.begin + offset
+                memoryview(raw), self.header.data_start + info.begin + first * bits // 8
             )
+        out = unpack_f4(raw) if info.dtype == "F4" else raw.view(dt)
         return out.reshape(shape)
 
     def tensor(self, name: str) -> FileTensor:
@@ -619,6 +674,8 @@ class ArrayTensor(Tensor):
         return self.array
 
     def tobytes(self) -> bytes:
+        if self.dtype == "F4":
+            return pack_f4(self.array).tobytes()
         return self.array.astype(self.array.dtype.newbyteorder("<"), copy=False).tobytes()
 
     def __repr__(self) -> str:
@@ -741,7 +798,10 @@ class SafetensorsWriter:
                 )
             # A uint8 view, not memoryview(array): ml_dtypes types (bfloat16, float8) have no
             # buffer-protocol format code.
-            data = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+            flat = np.ascontiguousarray(data).reshape(-1)
+            data = memoryview(
+                pack_f4(flat) if self._spec_for(name).dtype == "F4" else flat.view(np.uint8)
+            )
         size = len(data) if isinstance(data, bytes) else memoryview(data).nbytes
         if size == 0:
             return
@@ -758,6 +818,59 @@ class SafetensorsWriter:
         self._fh.write(data)
         self._written += size
 
+    def copy_range(
+        self,
+        name: str,
+        fd: int,
+        offset: int,
+        nbytes: int,
+        on_chunk: Callable[[int], None] | None = None,
+        chunk_bytes: int = 64 << 20,
+    ) -> None:
+        """Append ``nbytes`` bytes of tensor ``name`` copied from ``fd`` at ``offset``.
+
+        The copy runs in the kernel (``os.copy_file_range``: no Python buffers, no GIL) and
+        falls back to positioned reads and writes where that call is missing or refused (another
+        file system, an old kernel). ``on_chunk`` is called with the bytes of each chunk copied.
+
+        Example:
+            >>> spec = TensorSpec("w", "F32", (2, 2))
+            >>> with SafetensorsFile("/tmp/doc-example.safetensors") as src:
+            ...     with SafetensorsWriter("/tmp/doc-copy.safetensors", [spec]) as w:
+            ...         w.copy_range("w", src.fileno(), src.header.data_start, 16)
+        """
+        assert self._fh is not None, "use SafetensorsWriter as a context manager"
+        if nbytes == 0:
+            return
+        self._advance()
+        if self._index >= len(self.order) or self.order[self._index].name != name:
+            expected = self.order[self._index].name if self._index < len(self.order) else None
+            raise LoraToolError(f"tensor {name!r} written out of order; expected {expected!r}")
+        if self._written + nbytes > self.order[self._index].nbytes:
+            raise LoraToolError(
+                f"tensor {name!r}: {self._written + nbytes} bytes written, "
+                f"header says {self.order[self._index].nbytes}"
+            )
+        self._fh.flush()
+        out_fd = self._fh.fileno()
+        pos = self._fh.tell()
+        done = 0
+        while done < nbytes:
+            n = min(chunk_bytes, nbytes - done)
+            copied = _copy_chunk(fd, out_fd, offset + done, pos + done, n)
+            if copied == 0:
+                raise FormatError(
+                    f"source ended while copying tensor {name!r}",
+                    hint="the input file changed or was truncated while loratool read it",
+                    kind="truncated",
+                )
+            done += copied
+            if on_chunk is not None:
+                on_chunk(copied)
+        # the buffered file object must continue after the bytes the kernel wrote
+        self._fh.seek(pos + nbytes)
+        self._written += nbytes
+
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is None:
             self._advance()
@@ -767,6 +880,21 @@ class SafetensorsWriter:
                 self._atomic.__exit__(type(err), err, None)
                 raise err
         self._atomic.__exit__(exc_type, exc, tb)
+
+
+_COPY_REFUSED = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
+
+
+def _copy_chunk(src: int, dst: int, src_pos: int, dst_pos: int, nbytes: int) -> int:
+    """Copy up to ``nbytes`` between file positions in the kernel; returns bytes copied."""
+    if hasattr(os, "copy_file_range"):
+        try:
+            return os.copy_file_range(src, dst, nbytes, src_pos, dst_pos)
+        except OSError as exc:
+            if exc.errno not in _COPY_REFUSED:
+                raise
+    data = os.pread(src, nbytes, src_pos)
+    return os.pwrite(dst, data, dst_pos) if data else 0
 
 
 def save_tensors(

@@ -61,7 +61,16 @@ def test_every_numpy_dtype_round_trips_through_reference_reader(tmp_path, dtype)
         assert f.info("t").dtype == dtype.name
     assert ours.dtype == dtype.numpy
     assert ours.tobytes() == array.tobytes()
-    if dtype.name not in ("F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "C64", "U16", "U32", "U64"):
+    if dtype.name not in (
+        "F4",
+        "F8_E8M0",
+        "F8_E4M3FNUZ",
+        "F8_E5M2FNUZ",
+        "C64",
+        "U16",
+        "U32",
+        "U64",
+    ):
         with safe_open(path, "pt") as ref:  # the reference reader sees the same values
             assert np.array_equal(ref.get_tensor("t").float().numpy(), array.astype(np.float32))
 
@@ -240,3 +249,36 @@ def test_array_tensor_keeps_dtype_and_scalar_shape():
     t = ArrayTensor(np.array(3.0, np.float32))
     assert (t.dtype, t.shape, t.nbytes) == ("F32", (), 4)
     assert ArrayTensor(np.ones(2), "BF16").dtype == "BF16"
+
+
+def test_f4_matches_the_reference_torch_layout(tmp_path):
+    """F4 packs two elements per byte, low nibble first (torch's float4_e2m1fn_x2)."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file
+    from safetensors.torch import save_file as torch_save_file
+
+    codes = torch.tensor([[0x21, 0x43], [0xF8, 0x7A]], dtype=torch.uint8)
+    torch_save_file({"x": codes.view(torch.float4_e2m1fn_x2)}, tmp_path / "ref.safetensors")
+    with SafetensorsFile(tmp_path / "ref.safetensors") as f:
+        values = f.read("x")
+        assert f.info("x").shape == (2, 4)
+        assert f.read("x", rows=slice(1, 2)).astype(np.float32).tolist() == [
+            [-0.0, -6.0, -1.0, 6.0]
+        ]
+    assert values.astype(np.float32).tolist() == [[0.5, 1.0, 1.5, 2.0], [-0.0, -6.0, -1.0, 6.0]]
+    save_tensors(tmp_path / "ours.safetensors", {"x": values})
+    assert (tmp_path / "ours.safetensors").read_bytes() == (
+        tmp_path / "ref.safetensors"
+    ).read_bytes()
+    back = load_file(tmp_path / "ours.safetensors")["x"].view(torch.uint8)
+    assert back.tolist() == codes.tolist()
+
+
+def test_f6_is_kept_but_not_decoded(tmp_path):
+    body = json.dumps({"x": {"dtype": "F6_E2M3", "shape": [4], "data_offsets": [0, 3]}}).encode()
+    path = tmp_path / "f6.safetensors"
+    path.write_bytes(struct.pack("<Q", len(body)) + body + b"\x01\x02\x03")
+    with SafetensorsFile(path) as f:
+        assert f.read_bytes("x") == b"\x01\x02\x03"
+        with pytest.raises(FormatError, match="no reference defines"):
+            f.read("x")
