@@ -146,7 +146,7 @@ def test_github_annotations():
 
 
 def test_github_escaping():
-    from lora_tools.ops.validate import _escape_data, _escape_property
+    from lora_tools.ops.validate.outputs import _escape_data, _escape_property
 
     assert _escape_data("a%b\nc\r") == "a%25b%0Ac%0D"
     assert _escape_property("x,y:z") == "x%2Cy%3Az"

@@ -1,54 +1,26 @@
-"""``validate``: check adapter files for everything that makes them fail, or load as a no-op.
-
-Checks run in layers, each on what the previous one could establish (rules in
-:mod:`lora_tools.ops.rules`, documented in docs/rules.md):
-
-1. file integrity (``LT0xx``): every problem :func:`~lora_tools.io.safetensors.check_header`
-   finds, all of them, plus pickles, which are never opened;
-2. structure (``LT1xx``): factors, ranks, shapes, alphas, adapter types and keys, from the header
-   (plus kohya's scalar alpha tensors); tensors named by a container problem are left out here;
-3. config and metadata (``LT3xx``): adapter_config.json or diffusers' ``lora_adapter_metadata``
-   against the tensors, kohya's ``ss_network_dim`` / ``ss_network_alpha``;
-4. values (``LT2xx``): one pass over the data buffer in file order, each byte read once, in
-   bounded chunks: NaN/Inf, all-zero factors, update-norm outliers and ``sshs_model_hash``;
-5. base (``LT4xx``, with ``base``): every module resolved to exactly one base weight.
-
-Validation never writes anything and never modifies its inputs; torch is never imported.
-
-Example:
-    >>> from lora_tools.ops.validate import validate
-    >>> report = validate(["fixtures/broken/truncated.safetensors"])      # doctest: +SKIP
-    >>> [f.rule.code for f in report.findings]                            # doctest: +SKIP
-    ['LT012']
-"""
+"""Every rule family run on one target, by one checker object (split into checks/ next)."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
-import os
 import re
-import sys
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any, Protocol
-from urllib.parse import quote
+from typing import Any
 
 import numpy as np
 
-from lora_tools import __version__
 from lora_tools.adapter import CONV, Adapter, LoraModule
-from lora_tools.errors import LoraToolError, UsageError
+from lora_tools.errors import LoraToolError
 from lora_tools.formats import WEIGHT_NAMES, registry
 from lora_tools.formats import diffusers_old as diffusers_old_format
 from lora_tools.formats import kohya as kohya_format
 from lora_tools.formats import peft as peft_format
 from lora_tools.formats.base import AdapterFormat, AdapterSource, classify_foreign
-from lora_tools.io.hub import parse_hub_id, resolve_input
+from lora_tools.formats.peft import CONFIG_NAME
 from lora_tools.io.safetensors import (
     DTYPES,
     PICKLE_SUFFIXES,
@@ -56,26 +28,14 @@ from lora_tools.io.safetensors import (
     SafetensorsFile,
     TensorInfo,
     check_header,
-    numpy_dtype,
     read_header_bytes,
 )
 from lora_tools.ops.inspect import robust_outliers
-from lora_tools.ops.rules import (
-    ERROR,
-    INFO,
-    PROBLEM_RULES,
-    RULES,
-    SEVERITIES,
-    WARNING,
-    Rule,
-    at_least,
-    select_rules,
-    split_selectors,
-)
+from lora_tools.ops.validate.report import FileReport, Finding, Progress
+from lora_tools.ops.validate.rules import ERROR, PROBLEM_RULES, RULES
+from lora_tools.ops.validate.scan import TensorScan, gram
+from lora_tools.ops.validate.targets import Target
 
-SCHEMA_VERSION = 1
-OUTPUT_FORMATS = ("text", "json", "github", "sarif")
-FAIL_ON = (ERROR, WARNING)
 #: Modified z-score (log10 of the update norm) above which a module is an extreme outlier. The
 #: inspect view flags at 3.5; validate fails builds, so it only speaks up for a far larger gap
 #: (with typical spreads, an order of magnitude away from the median).
@@ -84,310 +44,9 @@ OUTLIER_Z = 8.0
 #: file whose modules are all alike (tiny MAD) does not turn small differences into findings.
 OUTLIER_MIN_RATIO = 10.0
 #: Bytes read per chunk for tensors that are not LoRA factors (embeddings, modules_to_save).
-CHUNK_BYTES = 8 << 20
 FLOAT_DTYPES = frozenset(
     name for name in DTYPES if name.startswith(("F", "BF")) or name in ("C64",)
 )
-#: dtype -> (unsigned view, mask clearing the sign bit, bit pattern of +Inf). With the sign
-#: cleared, max(bits) >= Inf means NaN/Inf somewhere and max(bits) == 0 means all zeros: both
-#: from one masked max, the cheapest way to look at every value.
-_BIT_CHECKS: dict[str, tuple[type, int, int]] = {
-    "F16": (np.uint16, 0x7FFF, 0x7C00),
-    "BF16": (np.uint16, 0x7FFF, 0x7F80),
-    "F32": (np.uint32, 0x7FFF_FFFF, 0x7F80_0000),
-    "F64": (np.uint64, 0x7FFF_FFFF_FFFF_FFFF, 0x7FF0_0000_0000_0000),
-}
-CONFIG_NAME = peft_format.CONFIG_NAME
-
-
-# ----------------------------------------------------------------------------- report model
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One rule violation.
-
-    Attributes:
-        rule: the rule violated (code, name, severity).
-        path: the file the finding is about (weights, config, or the folder), as given.
-        message: what is wrong, naming the module or tensor, expected vs found.
-        module: the module or tensor (or config key) concerned, if any.
-        expected: what a valid file would hold, if there is one answer.
-        found: what this file holds.
-        hint: what to do about it.
-    """
-
-    rule: Rule
-    path: str
-    message: str
-    module: str | None = None
-    expected: str | None = None
-    found: str | None = None
-    hint: str | None = None
-
-    @property
-    def severity(self) -> str:
-        return self.rule.severity
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "rule": self.rule.code,
-            "name": self.rule.name,
-            "severity": self.severity,
-            "path": self.path,
-            "module": self.module,
-            "message": self.message,
-            "expected": self.expected,
-            "found": self.found,
-            "hint": self.hint,
-        }
-
-
-@dataclass
-class FileReport:
-    """The findings for one adapter (a weights file, plus its config when it has one)."""
-
-    path: str
-    format: str | None = None
-    config: str | None = None
-    findings: list[Finding] = field(default_factory=list)
-
-    def counts(self) -> dict[str, int]:
-        found = Counter(f.severity for f in self.findings)
-        return {sev: found.get(sev, 0) for sev in reversed(SEVERITIES)}
-
-
-@dataclass
-class Report:
-    """Everything one validation run found, file by file."""
-
-    files: list[FileReport]
-    rules: frozenset[str]
-    base: str | None = None
-
-    @property
-    def findings(self) -> list[Finding]:
-        return [f for fr in self.files for f in fr.findings]
-
-    def counts(self) -> dict[str, int]:
-        found = Counter(f.severity for f in self.findings)
-        return {sev: found.get(sev, 0) for sev in reversed(SEVERITIES)}
-
-    def failed(self, fail_on: str = ERROR) -> bool:
-        """Whether any finding is at or above ``fail_on`` (``error`` or ``warning``)."""
-        return any(at_least(f.severity, fail_on) for f in self.findings)
-
-
-class Progress(Protocol):
-    """Receives how many data bytes the value rules will read, then each chunk read."""
-
-    def start(self, total_bytes: int) -> None: ...
-
-    def advance(self, nbytes: int) -> None: ...
-
-
-# ----------------------------------------------------------------------------- settings
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Defaults for the command line, from ``[tool.loratool.validate]`` in pyproject.toml."""
-
-    select: tuple[str, ...] = ()
-    ignore: tuple[str, ...] = ()
-    fail_on: str = ERROR
-    output_format: str = "text"
-    source: Path | None = None
-
-
-_SETTING_KEYS = {"select", "ignore", "fail-on", "output-format"}
-
-
-def load_settings(start: str | os.PathLike[str] | None = None) -> Settings:
-    """Read ``[tool.loratool.validate]`` from the nearest pyproject.toml at or above ``start``.
-
-    Keys: ``select`` and ``ignore`` (a list, or a comma-separated string of codes, prefixes or
-    names), ``fail-on`` (``error`` or ``warning``), ``output-format`` (``text``, ``json``,
-    ``github`` or ``sarif``). A pyproject.toml without the table gives the defaults.
-
-    Raises:
-        UsageError: unparsable TOML, an unknown key or an invalid value (names the file).
-
-    Example:
-        >>> load_settings("/").fail_on
-        'error'
-    """
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover - Python 3.10
-        import tomli as tomllib
-
-    here = Path(start or Path.cwd()).resolve()
-    for folder in (here, *here.parents):
-        candidate = folder / "pyproject.toml"
-        if candidate.is_file():
-            break
-    else:
-        return Settings()
-    try:
-        doc = tomllib.loads(candidate.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise UsageError(f"cannot read settings: {exc}", path=candidate) from None
-    table = doc.get("tool", {}).get("loratool", {}).get("validate")
-    if table is None:
-        return Settings()
-
-    def bad(key: str, value: object, expected: str) -> UsageError:
-        return UsageError(
-            f"[tool.loratool.validate] {key} = {value!r}: expected {expected}", path=candidate
-        )
-
-    if not isinstance(table, dict):
-        raise bad("validate", table, "a table")
-    unknown = sorted(set(table) - _SETTING_KEYS)
-    if unknown:
-        raise UsageError(
-            f"[tool.loratool.validate] has unknown key(s) {', '.join(unknown)}",
-            path=candidate,
-            hint=f"known keys: {', '.join(sorted(_SETTING_KEYS))}",
-        )
-    lists: dict[str, tuple[str, ...]] = {}
-    for key in ("select", "ignore"):
-        value = table.get(key, [])
-        if isinstance(value, str) or (
-            isinstance(value, list) and all(isinstance(v, str) for v in value)
-        ):
-            lists[key] = tuple(split_selectors(value))
-            try:
-                select_rules(lists[key] or None)
-            except UsageError as exc:
-                raise UsageError(
-                    f"[tool.loratool.validate] {key}: {exc.message}", path=candidate, hint=exc.hint
-                ) from None
-        else:
-            raise bad(key, value, "a list of rule codes")
-    fail_on = table.get("fail-on", ERROR)
-    if fail_on not in FAIL_ON:
-        raise bad("fail-on", fail_on, " or ".join(FAIL_ON))
-    output_format = table.get("output-format", "text")
-    if output_format not in OUTPUT_FORMATS:
-        raise bad("output-format", output_format, ", ".join(OUTPUT_FORMATS))
-    return Settings(lists["select"], lists["ignore"], fail_on, output_format, candidate)
-
-
-# ----------------------------------------------------------------------------- targets
-
-
-@dataclass(frozen=True)
-class Target:
-    """One adapter to validate: a weights file (or a pickle), its config, or a problem path."""
-
-    path: str
-    weights: Path | None
-    config: Path | None = None
-    config_display: str | None = None
-    problem: str | None = None  # an LT0xx code when the path itself is the finding
-    problem_message: str | None = None
-
-    @property
-    def key(self) -> tuple[str, ...]:
-        parts = [os.path.realpath(self.weights) if self.weights else self.path]
-        parts.append(os.path.realpath(self.config) if self.config else "")
-        return tuple(parts)
-
-
-def _join(display: str, name: str) -> str:
-    return os.path.normpath(os.path.join(display, name))
-
-
-def _folder_targets(display: str, folder: Path) -> list[Target]:
-    config = folder / CONFIG_NAME
-    cfg = config if config.is_file() else None
-    cfg_display = _join(display, CONFIG_NAME) if cfg else None
-    standard = [folder / n for n in WEIGHT_NAMES if (folder / n).is_file()]
-    files = standard or sorted(p for p in folder.glob("*.safetensors") if p.is_file())
-    if files:
-        targets = []
-        for weights in files:
-            # The config belongs to PEFT's weights file, or to the folder's only weights file.
-            attach = cfg is not None and (weights.name == WEIGHT_NAMES[0] or len(files) == 1)
-            targets.append(
-                Target(
-                    _join(display, weights.name),
-                    weights,
-                    cfg if attach else None,
-                    cfg_display if attach else None,
-                )
-            )
-        return targets
-    pickles = sorted(p for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
-    if pickles:
-        return [Target(_join(display, p.name), p, cfg, cfg_display) for p in pickles]
-    return [
-        Target(
-            display,
-            None,
-            cfg,
-            cfg_display,
-            problem="LT018",
-            problem_message="no adapter weights here (looked for adapter_model.safetensors, "
-            "pytorch_lora_weights.safetensors, *.safetensors)",
-        )
-    ]
-
-
-def discover(paths: Iterable[str | os.PathLike[str]]) -> list[Target]:
-    """The adapters named by ``paths`` (files, folders or Hub ids), each once.
-
-    A folder means its adapter weights (PEFT's or diffusers' file name, else every
-    ``*.safetensors`` in it); ``adapter_config.json`` alone means its folder; a weights file
-    named ``adapter_model.safetensors`` takes the config beside it. Paths naming the same files
-    are validated once.
-    """
-    out: dict[tuple[str, ...], Target] = {}
-    for spec in paths:
-        display = os.fspath(spec)
-        path = Path(display)
-        if not path.exists() and parse_hub_id(display) is not None:
-            path = resolve_input(display, role="adapter")  # a local path always wins
-        if path.is_dir():
-            found = _folder_targets(display, path)
-        elif path.is_file() and path.name == CONFIG_NAME:
-            found = _folder_targets(os.path.dirname(display) or ".", path.parent)
-        elif path.is_file():
-            config = path.with_name(CONFIG_NAME)
-            attach = path.name == WEIGHT_NAMES[0] and config.is_file()
-            found = [
-                Target(
-                    display,
-                    path,
-                    config if attach else None,
-                    _join(os.path.dirname(display), CONFIG_NAME) if attach else None,
-                )
-            ]
-        else:
-            found = [
-                Target(
-                    display,
-                    None,
-                    problem="LT017",
-                    problem_message="no such file or folder",
-                )
-            ]
-        for target in found:
-            out.setdefault(target.key, target)
-    # A weights file given alone and again through its folder is one adapter: keep the one
-    # that carries the config.
-    by_weights: dict[str, Target] = {}
-    for target in out.values():
-        wkey = os.path.realpath(target.weights) if target.weights else target.path
-        kept = by_weights.get(wkey)
-        if kept is None or (kept.config is None and target.config is not None):
-            by_weights[wkey] = target
-    return list(by_weights.values())
-
-
-# ----------------------------------------------------------------------------- the checker
 
 
 @dataclass
@@ -425,7 +84,7 @@ def _num(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
-class _Checker:
+class Checker:
     """Validates one target; findings for disabled rules are never produced."""
 
     def __init__(
@@ -434,11 +93,13 @@ class _Checker:
         rules: frozenset[str],
         checkpoint: Any | None,
         progress: Progress | None,
+        chunk_bytes: int,
     ) -> None:
         self.target = target
         self.rules = rules
         self.checkpoint = checkpoint
         self.progress = progress
+        self.chunk_bytes = chunk_bytes
         self.report = FileReport(target.path, config=target.config_display)
         self.path = target.path
         self._file: SafetensorsFile | None = None  # the weights, over the trusted tensors
@@ -1226,14 +887,14 @@ class _Checker:
                 role = factor_role.get(info.name)
                 stem_of_alpha = info.name.removesuffix(".alpha")
                 already = stem_of_alpha != info.name and stem_of_alpha in self._nonfinite_alphas
-                chunk = max(info.nbytes, 1) if role else CHUNK_BYTES
-                state = _TensorScan(info.dtype)
+                chunk = max(info.nbytes, 1) if role else self.chunk_bytes
+                state = TensorScan(info.dtype)
                 for raw in scan.iter_raw(info.name, chunk):
                     if digest is not None:
                         digest.update(raw)
                     state.feed(raw)
                     if role is not None and state.finite and want_norms:
-                        grams.setdefault(role[0], {})[role[1]] = _gram(raw, info, role[1])
+                        grams.setdefault(role[0], {})[role[1]] = gram(raw, info, role[1])
                     if self.progress is not None:
                         self.progress.advance(len(raw))
                 if (state.nan or state.inf) and not already:
@@ -1400,318 +1061,3 @@ def _parse_number(value: object) -> float | None:
     except (TypeError, ValueError):
         return None  # "Dynamic" and friends: nothing to compare
     return number if math.isfinite(number) else None
-
-
-class _TensorScan:
-    """NaN/Inf counts and the all-zero flag of one tensor, fed chunk by chunk."""
-
-    def __init__(self, dtype: str) -> None:
-        self.dtype = dtype
-        self.nan = 0
-        self.inf = 0
-        self.all_zero = True
-        self.finite = True
-
-    def feed(self, raw: memoryview) -> None:
-        check = _BIT_CHECKS.get(self.dtype)
-        if check is not None:
-            view_type, mask, inf_bits = check
-            bits = np.frombuffer(raw, dtype=view_type) & view_type(mask)
-            top = int(bits.max()) if bits.size else 0
-            if top:
-                self.all_zero = False
-            if top >= inf_bits:
-                self.finite = False
-                self.nan += int(np.count_nonzero(bits > inf_bits))
-                self.inf += int(np.count_nonzero(bits == inf_bits))
-            return
-        np_dtype = DTYPES[self.dtype].numpy
-        if np_dtype is None:  # sub-byte floats: no NaN encoding to look for
-            self.all_zero = self.all_zero and not any(raw)
-            return
-        values = np.frombuffer(raw, dtype=np_dtype)
-        if np_dtype.kind == "c":
-            values = values.view(np.float32)
-        if values.size and np.any(values != 0):
-            self.all_zero = False
-        if np_dtype.kind in "fc" and values.size:
-            as_float = values.astype(np.float32)
-            nan = int(np.count_nonzero(np.isnan(as_float)))
-            inf = int(np.count_nonzero(np.isinf(as_float)))
-            if nan or inf:
-                self.finite = False
-                self.nan += nan
-                self.inf += inf
-
-    def describe(self) -> str:
-        parts = []
-        if self.nan:
-            parts.append(f"{self.nan} NaN")
-        if self.inf:
-            parts.append(f"{self.inf} Inf")
-        return " and ".join(parts)
-
-
-def _gram(raw: memoryview, info: TensorInfo, role: str) -> np.ndarray:
-    """The ``r x r`` Gram matrix of a factor: ``U^T U`` for up, ``V V^T`` for down.
-
-    ``||s U V||_F^2 = s^2 trace(U^T U V V^T)``, so the two Grams give the update norm without
-    forming it; float32 products (float64 for F64 data) are plenty for an outlier test.
-    """
-    values = np.frombuffer(raw, dtype=numpy_dtype(info.dtype))
-    work = values if values.dtype in (np.float32, np.float64) else values.astype(np.float32)
-    mat = work.reshape(info.shape[0], -1)
-    with np.errstate(over="ignore", invalid="ignore"):
-        gram = mat.T @ mat if role == "up" else mat @ mat.T
-    if not np.all(np.isfinite(gram)):
-        # Finite values beyond float32's square range: redo in float64 (rare, and exactly the
-        # modules the outlier rule is for).
-        mat = mat.astype(np.float64)
-        with np.errstate(over="ignore", invalid="ignore"):
-            gram = mat.T @ mat if role == "up" else mat @ mat.T
-    return gram.astype(np.float64)
-
-
-# ----------------------------------------------------------------------------- entry point
-
-
-def validate(
-    paths: Iterable[str | os.PathLike[str]],
-    *,
-    base: str | os.PathLike[str] | None = None,
-    select: Iterable[str] | str | None = None,
-    ignore: Iterable[str] | str | None = None,
-    progress: Progress | None = None,
-) -> Report:
-    """Validate adapters; return every finding, file by file.
-
-    Args:
-        paths: adapter files or folders (``adapter_config.json`` alone means its folder).
-        base: a base checkpoint (file, HF folder, sharded folder, diffusers folder or Hub id)
-            to resolve every module against (``LT4xx`` rules).
-        select: rule codes, prefixes (``LT2``), names or ``ALL`` (default: all rules).
-        ignore: rules to leave out, in the same spelling.
-        progress: told how many data bytes the value rules will read, then each chunk.
-
-    Returns:
-        A :class:`Report`; ``report.failed("error")`` is the exit decision.
-
-    Raises:
-        UsageError: a selector names no rule.
-        LoraToolError: ``base`` cannot be opened (the CLI exits 3).
-
-    Example:
-        >>> report = validate(["fixtures/peft/llama-lora"])     # doctest: +SKIP
-        >>> report.failed()                                       # doctest: +SKIP
-        False
-    """
-    rules = select_rules(select, ignore)
-    checkpoint = None
-    if base is not None:
-        from lora_tools.io.checkpoint import open_checkpoint
-        from lora_tools.io.hub import resolve_input
-
-        checkpoint = open_checkpoint(resolve_input(base, role="base"))
-    targets = discover(paths)
-    if progress is not None and any(code.startswith("LT2") for code in rules):
-        total = 0
-        for t in targets:
-            if t.weights is not None and t.weights.suffix.lower() not in PICKLE_SUFFIXES:
-                with contextlib.suppress(OSError):
-                    total += t.weights.stat().st_size
-        progress = _Totalled(progress, total)
-    files = []
-    try:
-        for target in targets:
-            files.append(_Checker(target, rules, checkpoint, progress).run())
-    finally:
-        if checkpoint is not None:
-            checkpoint.close()
-    return Report(files, rules, os.fspath(base) if base is not None else None)
-
-
-class _Totalled:
-    """Report one total for all files to a Progress (each file's scan only advances it)."""
-
-    def __init__(self, inner: Progress, total: int) -> None:
-        self.inner = inner
-        inner.start(total)
-
-    def start(self, total_bytes: int) -> None:
-        pass
-
-    def advance(self, nbytes: int) -> None:
-        self.inner.advance(nbytes)
-
-
-# ----------------------------------------------------------------------------- outputs
-
-
-def to_json(report: Report, fail_on: str = ERROR) -> dict[str, Any]:
-    """The ``--output-format json`` document (schema in docs/rules.md, ``schema_version`` 1)."""
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "tool": {"name": "loratool", "version": __version__},
-        "base": report.base,
-        "fail_on": fail_on,
-        "failed": report.failed(fail_on),
-        "summary": {"files": len(report.files), **report.counts()},
-        "files": [
-            {
-                "path": fr.path,
-                "config": fr.config,
-                "format": fr.format,
-                "counts": fr.counts(),
-                "findings": [f.to_dict() for f in fr.findings],
-            }
-            for fr in report.files
-        ],
-    }
-
-
-def _escape_data(text: str) -> str:
-    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
-
-
-def _escape_property(text: str) -> str:
-    return _escape_data(text).replace(":", "%3A").replace(",", "%2C")
-
-
-_GITHUB_LEVEL = {ERROR: "error", WARNING: "warning", INFO: "notice"}
-
-
-def to_github(report: Report) -> list[str]:
-    """GitHub Actions workflow commands, one line per finding.
-
-    Example line: ``::error file=a.safetensors,title=LT012 truncated::a.safetensors: ...``
-    """
-    lines = []
-    for f in report.findings:
-        title = f"{f.rule.code} {f.rule.name}"
-        text = f.message + (f" (hint: {f.hint})" if f.hint else "")
-        lines.append(
-            f"::{_GITHUB_LEVEL[f.severity]} file={_escape_property(f.path)},"
-            f"title={_escape_property(title)}::{_escape_data(text)}"
-        )
-    return lines
-
-
-_SARIF_LEVEL = {ERROR: "error", WARNING: "warning", INFO: "note"}
-SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
-
-
-def artifact_uri(path: str) -> str:
-    """A SARIF artifact URI: relative paths as forward-slash URI references, absolute as file:."""
-    p = Path(path)
-    if p.is_absolute():
-        return p.as_uri()
-    return quote(p.as_posix())
-
-
-def to_sarif(report: Report, docs_url: str | None = None) -> dict[str, Any]:
-    """A SARIF 2.1.0 log that GitHub code scanning accepts (one run, every rule described).
-
-    Args:
-        report: the validation report.
-        docs_url: where docs/rules.md is published; rule anchors are appended to it. Defaults to
-            the package's documentation URL (see :func:`rules_doc_url`).
-    """
-    docs = docs_url or rules_doc_url()
-    codes = sorted(report.rules | {f.rule.code for f in report.findings})
-    index = {code: i for i, code in enumerate(codes)}
-    rules = []
-    for code in codes:
-        rule = RULES[code]
-        rules.append(
-            {
-                "id": rule.code,
-                "name": rule.name,
-                "shortDescription": {"text": rule.summary},
-                "fullDescription": {"text": f"{rule.summary} ({rule.category} rule)"},
-                "helpUri": f"{docs}#{rule.anchor}",
-                "help": {
-                    "text": f"{rule.code} {rule.name}: {rule.summary}. See {docs}#{rule.anchor}",
-                    "markdown": f"**{rule.code} {rule.name}**: {rule.summary}. "
-                    f"[Documentation]({docs}#{rule.anchor})",
-                },
-                "defaultConfiguration": {"level": _SARIF_LEVEL[rule.severity]},
-                "properties": {"category": rule.category, "tags": [rule.category]},
-            }
-        )
-    results = []
-    for f in report.findings:
-        text = f.message + (f" (hint: {f.hint})" if f.hint else "")
-        result: dict[str, Any] = {
-            "ruleId": f.rule.code,
-            "ruleIndex": index[f.rule.code],
-            "level": _SARIF_LEVEL[f.severity],
-            "message": {"text": text},
-            "locations": [
-                {
-                    "physicalLocation": {
-                        "artifactLocation": {"uri": artifact_uri(f.path)},
-                        "region": {"startLine": 1},
-                    }
-                }
-            ],
-        }
-        if f.module:
-            result["locations"][0]["logicalLocations"] = [{"name": f.module, "kind": "member"}]
-        props = {k: v for k, v in (("expected", f.expected), ("found", f.found)) if v is not None}
-        if props:
-            result["properties"] = props
-        results.append(result)
-    return {
-        "$schema": SARIF_SCHEMA,
-        "version": "2.1.0",
-        "runs": [
-            {
-                "tool": {
-                    "driver": {
-                        "name": "loratool",
-                        "version": __version__,
-                        "semanticVersion": __version__,
-                        "informationUri": docs.split("#")[0],
-                        "rules": rules,
-                    }
-                },
-                "results": results,
-                "columnKind": "unicodeCodePoints",
-            }
-        ],
-    }
-
-
-#: Used when the installed package's metadata names no documentation URL.
-FALLBACK_DOCS_URL = "https://pypi.org/project/loratool/"
-
-
-def rules_doc_url() -> str:
-    """The published docs/rules.md: the package's ``Documentation`` project URL, if any."""
-    try:
-        from importlib.metadata import PackageNotFoundError, metadata
-
-        urls = metadata("loratool").get_all("Project-URL") or []
-    except PackageNotFoundError:
-        urls = []
-    for entry in urls:
-        label, _, url = entry.partition(",")
-        if label.strip().lower() in ("documentation", "rules"):
-            return url.strip()
-    return FALLBACK_DOCS_URL
-
-
-__all__ = [
-    "FileReport",
-    "Finding",
-    "Progress",
-    "Report",
-    "Settings",
-    "Target",
-    "discover",
-    "load_settings",
-    "to_github",
-    "to_json",
-    "to_sarif",
-    "validate",
-]

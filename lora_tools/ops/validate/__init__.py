@@ -1,0 +1,161 @@
+"""``validate``: check adapter files for everything that makes them fail, or load as a no-op.
+
+Checks run in layers, each on what the previous one could establish (rules in
+:mod:`lora_tools.ops.validate.rules`, documented in docs/rules.md):
+
+1. file integrity (``LT0xx``): every problem :func:`~lora_tools.io.safetensors.check_header`
+   finds, all of them, plus pickles, which are never opened;
+2. structure (``LT1xx``): factors, ranks, shapes, alphas, adapter types and keys, from the header
+   (plus kohya's scalar alpha tensors); tensors named by a container problem are left out here;
+3. config and metadata (``LT3xx``): adapter_config.json or diffusers' ``lora_adapter_metadata``
+   against the tensors, kohya's ``ss_network_dim`` / ``ss_network_alpha``;
+4. values (``LT2xx``): one pass over the data buffer in file order, each byte read once, in
+   bounded chunks: NaN/Inf, all-zero factors, update-norm outliers and ``sshs_model_hash``;
+5. base (``LT4xx``, with ``base``): every module resolved to exactly one base weight.
+
+Validation never writes anything and never modifies its inputs; torch is never imported.
+
+Modules of this package:
+
+- ``rules``: the rule catalogue (codes, names, severities) and rule selection;
+- ``settings``: ``[tool.loratool.validate]`` defaults from pyproject.toml;
+- ``targets``: which adapters (weights file + config) the given paths name;
+- ``checker``: the rule families run on one target;
+- ``scan``: the value scan's per-chunk arithmetic (NaN/Inf, zeros, Gram matrices);
+- ``report``: findings and reports; ``outputs``: JSON, GitHub annotations, SARIF;
+- this module: :func:`validate`, the entry point.
+
+Example:
+    >>> from lora_tools.ops.validate import validate
+    >>> report = validate(["fixtures/broken/truncated.safetensors"])      # doctest: +SKIP
+    >>> [f.rule.code for f in report.findings]                            # doctest: +SKIP
+    ['LT012']
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable
+
+from lora_tools.io.safetensors import PICKLE_SUFFIXES
+from lora_tools.ops.validate.checker import (
+    FLOAT_DTYPES,
+    OUTLIER_MIN_RATIO,
+    OUTLIER_Z,
+    Checker,
+)
+from lora_tools.ops.validate.outputs import (
+    FALLBACK_DOCS_URL,
+    SARIF_SCHEMA,
+    SCHEMA_VERSION,
+    artifact_uri,
+    rules_doc_url,
+    to_github,
+    to_json,
+    to_sarif,
+)
+from lora_tools.ops.validate.report import FileReport, Finding, Progress, Report
+from lora_tools.ops.validate.rules import RULES, Rule, select_rules
+from lora_tools.ops.validate.scan import CHUNK_BYTES
+from lora_tools.ops.validate.settings import FAIL_ON, OUTPUT_FORMATS, Settings, load_settings
+from lora_tools.ops.validate.targets import CONFIG_NAME, Target, discover
+
+
+def validate(
+    paths: Iterable[str | os.PathLike[str]],
+    *,
+    base: str | os.PathLike[str] | None = None,
+    select: Iterable[str] | str | None = None,
+    ignore: Iterable[str] | str | None = None,
+    progress: Progress | None = None,
+) -> Report:
+    """Validate adapters; return every finding, file by file.
+
+    Args:
+        paths: adapter files or folders (``adapter_config.json`` alone means its folder).
+        base: a base checkpoint (file, HF folder, sharded folder, diffusers folder or Hub id)
+            to resolve every module against (``LT4xx`` rules).
+        select: rule codes, prefixes (``LT2``), names or ``ALL`` (default: all rules).
+        ignore: rules to leave out, in the same spelling.
+        progress: told how many data bytes the value rules will read, then each chunk.
+
+    Returns:
+        A :class:`Report`; ``report.failed("error")`` is the exit decision.
+
+    Raises:
+        UsageError: a selector names no rule.
+        LoraToolError: ``base`` cannot be opened (the CLI exits 3).
+
+    Example:
+        >>> report = validate(["fixtures/peft/llama-lora"])     # doctest: +SKIP
+        >>> report.failed()                                       # doctest: +SKIP
+        False
+    """
+    rules = select_rules(select, ignore)
+    checkpoint = None
+    if base is not None:
+        from lora_tools.io.checkpoint import open_checkpoint
+        from lora_tools.io.hub import resolve_input
+
+        checkpoint = open_checkpoint(resolve_input(base, role="base"))
+    targets = discover(paths)
+    if progress is not None and any(code.startswith("LT2") for code in rules):
+        total = 0
+        for t in targets:
+            if t.weights is not None and t.weights.suffix.lower() not in PICKLE_SUFFIXES:
+                with contextlib.suppress(OSError):
+                    total += t.weights.stat().st_size
+        progress = _Totalled(progress, total)
+    files = []
+    try:
+        for target in targets:
+            files.append(Checker(target, rules, checkpoint, progress, CHUNK_BYTES).run())
+    finally:
+        if checkpoint is not None:
+            checkpoint.close()
+    return Report(files, rules, os.fspath(base) if base is not None else None)
+
+
+class _Totalled:
+    """Report one total for all files to a Progress (each file's scan only advances it)."""
+
+    def __init__(self, inner: Progress, total: int) -> None:
+        self.inner = inner
+        inner.start(total)
+
+    def start(self, total_bytes: int) -> None:
+        pass
+
+    def advance(self, nbytes: int) -> None:
+        self.inner.advance(nbytes)
+
+
+__all__ = [
+    "CHUNK_BYTES",
+    "CONFIG_NAME",
+    "FAIL_ON",
+    "FALLBACK_DOCS_URL",
+    "FLOAT_DTYPES",
+    "OUTLIER_MIN_RATIO",
+    "OUTLIER_Z",
+    "OUTPUT_FORMATS",
+    "RULES",
+    "SARIF_SCHEMA",
+    "SCHEMA_VERSION",
+    "FileReport",
+    "Finding",
+    "Progress",
+    "Report",
+    "Rule",
+    "Settings",
+    "Target",
+    "artifact_uri",
+    "discover",
+    "load_settings",
+    "rules_doc_url",
+    "to_github",
+    "to_json",
+    "to_sarif",
+    "validate",
+]

@@ -1,0 +1,225 @@
+"""The rule catalogue of ``loratool validate``: stable IDs, severities, names and summaries.
+
+Every rule has a code (``LT012``), a one-line kebab-case name (``truncated``), a default severity
+and a page in docs/rules.md (what it checks, why it matters, an example, how to fix). Codes never
+change meaning and are never reused; the hundreds digit is the category:
+
+- ``LT0xx`` file integrity: the safetensors container (header only), pickles
+- ``LT1xx`` structure: factors, ranks, shapes, alphas, adapter types, keys (header only)
+- ``LT2xx`` values: read the tensor data, each byte once (NaN/Inf, zero factors, outliers, hash)
+- ``LT3xx`` config and metadata: adapter_config.json, diffusers and kohya metadata
+- ``LT4xx`` base: every module against a ``--base`` checkpoint
+
+Selections name codes, code prefixes (``LT2`` = every value rule), rule names or ``ALL``, the
+way ruff's ``--select`` does.
+
+Example:
+    >>> from lora_tools.ops.validate.rules import RULES, select_rules
+    >>> RULES["LT012"].name, RULES["LT012"].severity
+    ('truncated', 'error')
+    >>> sorted(select_rules(["LT01"], ["LT013"]))[:3]
+    ['LT010', 'LT011', 'LT012']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from lora_tools.errors import UsageError
+
+ERROR = "error"
+WARNING = "warning"
+INFO = "info"
+#: Severities from least to most severe.
+SEVERITIES = (INFO, WARNING, ERROR)
+SEVERITY_RANK = {name: i for i, name in enumerate(SEVERITIES)}
+
+CATEGORIES = {
+    "LT0": "file integrity",
+    "LT1": "structure",
+    "LT2": "values",
+    "LT3": "config and metadata",
+    "LT4": "base checkpoint",
+}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One check: its stable code, kebab-case name, severity and one-line summary."""
+
+    code: str
+    name: str
+    severity: str
+    summary: str
+
+    @property
+    def category(self) -> str:
+        return CATEGORIES[self.code[:3]]
+
+    @property
+    def anchor(self) -> str:
+        """The heading anchor of this rule's section in docs/rules.md (``lt012-truncated``)."""
+        return f"{self.code.lower()}-{self.name}"
+
+    @property
+    def reads_data(self) -> bool:
+        """Whether checking this rule reads tensor data (not just headers)."""
+        return self.code.startswith("LT2")
+
+
+_CATALOGUE = (
+    # -- LT0xx file integrity (the reference safetensors reader rejects all of these but LT014)
+    Rule("LT001", "file-too-small", ERROR, "file is shorter than the 8-byte header length field"),
+    Rule("LT002", "header-length-overflow", ERROR, "header length field points past end of file"),
+    Rule("LT003", "header-too-large", ERROR, "header length field exceeds the 100 MB limit"),
+    Rule("LT004", "header-not-utf8", ERROR, "header bytes are not valid UTF-8"),
+    Rule("LT005", "header-invalid-json", ERROR, "header is not a JSON object of tensor entries"),
+    Rule("LT006", "unknown-dtype", ERROR, "tensor dtype is not a safetensors dtype"),
+    Rule("LT007", "invalid-shape", ERROR, "tensor shape is not a list of non-negative integers"),
+    Rule("LT008", "invalid-offsets", ERROR, "tensor data_offsets are not [begin, end]"),
+    Rule("LT009", "size-mismatch", ERROR, "tensor byte span does not match its shape and dtype"),
+    Rule("LT010", "data-gap", ERROR, "bytes between tensors belong to no tensor"),
+    Rule("LT011", "data-overlap", ERROR, "two tensors share bytes of the data buffer"),
+    Rule("LT012", "truncated", ERROR, "file ends before the last tensor does"),
+    Rule("LT013", "trailing-bytes", ERROR, "bytes after the last tensor belong to no tensor"),
+    Rule("LT014", "duplicate-key", ERROR, "a key appears twice in the header"),
+    Rule("LT015", "non-string-metadata", ERROR, "__metadata__ holds a value that is not a string"),
+    Rule("LT016", "pickle-file", ERROR, "pickle-based weights (.bin/.pt/.ckpt) can run code"),
+    Rule("LT017", "unreadable-file", ERROR, "path does not exist or cannot be read"),
+    Rule("LT018", "no-adapter-weights", ERROR, "folder holds no adapter weights file"),
+    # -- LT1xx structure (header only)
+    Rule("LT101", "missing-partner", ERROR, "LoRA factor without its partner factor"),
+    Rule("LT102", "rank-mismatch", ERROR, "rank of the down factor differs from the up factor"),
+    Rule("LT103", "zero-rank", ERROR, "module has rank 0"),
+    Rule("LT104", "factor-shape", ERROR, "factor shapes fit no layer kind"),
+    Rule("LT105", "alpha-missing", INFO, "kohya module has no alpha (scale 1 is assumed)"),
+    Rule("LT106", "alpha-zero", WARNING, "alpha is 0 (loaders disagree on the scale)"),
+    Rule("LT107", "alpha-negative", WARNING, "alpha is negative (the update changes sign)"),
+    Rule("LT108", "alpha-not-finite", ERROR, "alpha is NaN, infinite or not a number"),
+    Rule("LT109", "alpha-not-scalar", ERROR, "alpha tensor holds more than one value"),
+    Rule("LT110", "foreign-adapter-type", INFO, "LyCORIS or other non-LoRA adapter type"),
+    Rule("LT111", "mixed-adapter-types", WARNING, "LoRA modules mixed with other adapter types"),
+    Rule("LT112", "unknown-key", WARNING, "tensor key belongs to no module of the format"),
+    Rule("LT113", "unknown-format", ERROR, "tensor names match no LoRA naming scheme"),
+    Rule("LT114", "no-lora-modules", ERROR, "no complete LoRA module in the file"),
+    Rule("LT115", "factor-dtype", ERROR, "LoRA tensor has a non-floating-point dtype"),
+    # -- LT2xx values (read the data, each byte once)
+    Rule("LT201", "non-finite", ERROR, "tensor holds NaN or infinite values"),
+    Rule("LT202", "untrained-adapter", ERROR, "every module's update is exactly zero"),
+    Rule("LT203", "zero-factor", WARNING, "module has an all-zero factor (update is zero)"),
+    Rule("LT204", "update-norm-outlier", WARNING, "module update norm is an extreme outlier"),
+    Rule("LT205", "model-hash-mismatch", ERROR, "sshs_model_hash does not match the data"),
+    # -- LT3xx config and metadata
+    Rule("LT301", "config-missing", ERROR, "PEFT keys without adapter_config.json"),
+    Rule("LT302", "config-invalid", ERROR, "adapter config is not a valid JSON object"),
+    Rule("LT303", "peft-type", ERROR, "peft_type is missing or not LORA"),
+    Rule("LT304", "config-rank-mismatch", ERROR, "config r / rank_pattern contradicts the tensors"),
+    Rule("LT305", "pattern-unmatched", WARNING, "rank/alpha pattern key matches no module"),
+    Rule("LT306", "target-modules-none", ERROR, "target_modules covers none of the modules"),
+    Rule("LT307", "target-modules-miss", WARNING, "target_modules does not cover a module"),
+    Rule("LT308", "dora-mismatch", ERROR, "use_dora disagrees with the magnitude vectors"),
+    Rule("LT309", "network-dim-mismatch", WARNING, "ss_network_dim contradicts the tensors"),
+    Rule("LT310", "network-alpha-mismatch", WARNING, "ss_network_alpha contradicts the tensors"),
+    # -- LT4xx base checkpoint
+    Rule("LT401", "unresolved-module", ERROR, "module resolves to no base weight"),
+    Rule("LT402", "ambiguous-module", ERROR, "module resolves to more than one base weight"),
+    Rule("LT403", "base-shape-mismatch", ERROR, "module update does not fit the base weight"),
+    Rule("LT404", "no-module-matches-base", ERROR, "0 of N modules match the base"),
+    Rule("LT405", "dtype-differs", INFO, "adapter dtype differs from the base dtype"),
+)
+
+#: Every rule by code, in code order.
+RULES: dict[str, Rule] = {rule.code: rule for rule in _CATALOGUE}
+_BY_NAME = {rule.name: rule for rule in _CATALOGUE}
+
+#: Problem.kind slugs of the io layer (check_header, read_header_bytes) -> rule code.
+PROBLEM_RULES = {
+    "file-too-small": "LT001",
+    "header-length": "LT002",
+    "header-too-large": "LT003",
+    "header-utf8": "LT004",
+    "header-json": "LT005",
+    "dtype": "LT006",
+    "shape": "LT007",
+    "offsets": "LT008",
+    "size-mismatch": "LT009",
+    "misaligned": "LT009",
+    "gap": "LT010",
+    "overlap": "LT011",
+    "truncated": "LT012",
+    "trailing-bytes": "LT013",
+    "duplicate-key": "LT014",
+    "metadata-type": "LT015",
+    "pickle": "LT016",
+    "io": "LT017",
+    "missing": "LT017",
+    "no-weights": "LT018",
+}
+
+
+def get_rule(code_or_name: str) -> Rule:
+    """A rule by code (``LT012``) or name (``truncated``).
+
+    Raises:
+        UsageError: no such rule.
+    """
+    rule = RULES.get(code_or_name.upper()) or _BY_NAME.get(code_or_name.lower())
+    if rule is None:
+        raise UsageError(
+            f"unknown rule {code_or_name!r}",
+            hint="see docs/rules.md, or `loratool validate --help`, for rule codes",
+        )
+    return rule
+
+
+def _expand(selector: str) -> set[str]:
+    token = selector.strip()
+    if token.upper() == "ALL":
+        return set(RULES)
+    if token.lower() in _BY_NAME:
+        return {_BY_NAME[token.lower()].code}
+    prefix = token.upper()
+    matched = {code for code in RULES if code.startswith(prefix)}
+    if not matched or not prefix.startswith("LT"):
+        raise UsageError(
+            f"{selector!r} names no rule (expected a code such as LT012, a prefix such as LT2, "
+            "a rule name such as truncated, or ALL)",
+            hint="docs/rules.md lists every rule",
+        )
+    return matched
+
+
+def split_selectors(values: Iterable[str] | str | None) -> list[str]:
+    """Flatten ``["LT0,LT1", "LT2"]`` or ``"LT0, LT1"`` into ``["LT0", "LT1", "LT2"]``."""
+    if values is None:
+        return []
+    if isinstance(values, str):
+        values = [values]
+    return [part.strip() for value in values for part in value.split(",") if part.strip()]
+
+
+def select_rules(
+    select: Iterable[str] | str | None = None, ignore: Iterable[str] | str | None = None
+) -> frozenset[str]:
+    """The rule codes enabled by ``select`` (default: all) minus ``ignore``.
+
+    Args:
+        select: codes, prefixes, names or ``ALL``, as a list or a comma-separated string.
+        ignore: the same, removed after selecting.
+
+    Raises:
+        UsageError: a selector names no rule.
+    """
+    chosen: set[str] = set()
+    selectors = split_selectors(select) or ["ALL"]
+    for selector in selectors:
+        chosen |= _expand(selector)
+    for selector in split_selectors(ignore):
+        chosen -= _expand(selector)
+    return frozenset(chosen)
+
+
+def at_least(severity: str, threshold: str) -> bool:
+    """Whether ``severity`` is at or above ``threshold`` (``error`` > ``warning`` > ``info``)."""
+    return SEVERITY_RANK[severity] >= SEVERITY_RANK[threshold]

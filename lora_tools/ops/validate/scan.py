@@ -1,0 +1,93 @@
+"""The value scan's per-chunk arithmetic: NaN/Inf counts, all-zero flags, factor Gram matrices.
+
+The values rules (:mod:`lora_tools.ops.validate.checks.values`) read every tensor once, in file
+order and bounded chunks, and feed each chunk here; nothing in this module reads files.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lora_tools.io.safetensors import DTYPES, TensorInfo, numpy_dtype
+
+#: Bytes read per chunk for tensors that are not LoRA factors (embeddings, modules_to_save).
+CHUNK_BYTES = 8 << 20
+#: dtype -> (unsigned view, mask clearing the sign bit, bit pattern of +Inf). With the sign
+#: cleared, max(bits) >= Inf means NaN/Inf somewhere and max(bits) == 0 means all zeros: both
+#: from one masked max, the cheapest way to look at every value.
+_BIT_CHECKS: dict[str, tuple[type, int, int]] = {
+    "F16": (np.uint16, 0x7FFF, 0x7C00),
+    "BF16": (np.uint16, 0x7FFF, 0x7F80),
+    "F32": (np.uint32, 0x7FFF_FFFF, 0x7F80_0000),
+    "F64": (np.uint64, 0x7FFF_FFFF_FFFF_FFFF, 0x7FF0_0000_0000_0000),
+}
+
+
+class TensorScan:
+    """NaN/Inf counts and the all-zero flag of one tensor, fed chunk by chunk."""
+
+    def __init__(self, dtype: str) -> None:
+        self.dtype = dtype
+        self.nan = 0
+        self.inf = 0
+        self.all_zero = True
+        self.finite = True
+
+    def feed(self, raw: memoryview) -> None:
+        check = _BIT_CHECKS.get(self.dtype)
+        if check is not None:
+            view_type, mask, inf_bits = check
+            bits = np.frombuffer(raw, dtype=view_type) & view_type(mask)
+            top = int(bits.max()) if bits.size else 0
+            if top:
+                self.all_zero = False
+            if top >= inf_bits:
+                self.finite = False
+                self.nan += int(np.count_nonzero(bits > inf_bits))
+                self.inf += int(np.count_nonzero(bits == inf_bits))
+            return
+        np_dtype = DTYPES[self.dtype].numpy
+        if np_dtype is None:  # sub-byte floats: no NaN encoding to look for
+            self.all_zero = self.all_zero and not any(raw)
+            return
+        values = np.frombuffer(raw, dtype=np_dtype)
+        if np_dtype.kind == "c":
+            values = values.view(np.float32)
+        if values.size and np.any(values != 0):
+            self.all_zero = False
+        if np_dtype.kind in "fc" and values.size:
+            as_float = values.astype(np.float32)
+            nan = int(np.count_nonzero(np.isnan(as_float)))
+            inf = int(np.count_nonzero(np.isinf(as_float)))
+            if nan or inf:
+                self.finite = False
+                self.nan += nan
+                self.inf += inf
+
+    def describe(self) -> str:
+        parts = []
+        if self.nan:
+            parts.append(f"{self.nan} NaN")
+        if self.inf:
+            parts.append(f"{self.inf} Inf")
+        return " and ".join(parts)
+
+
+def gram(raw: memoryview, info: TensorInfo, role: str) -> np.ndarray:
+    """The ``r x r`` Gram matrix of a factor: ``U^T U`` for up, ``V V^T`` for down.
+
+    ``||s U V||_F^2 = s^2 trace(U^T U V V^T)``, so the two Grams give the update norm without
+    forming it; float32 products (float64 for F64 data) are plenty for an outlier test.
+    """
+    values = np.frombuffer(raw, dtype=numpy_dtype(info.dtype))
+    work = values if values.dtype in (np.float32, np.float64) else values.astype(np.float32)
+    mat = work.reshape(info.shape[0], -1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        gram = mat.T @ mat if role == "up" else mat @ mat.T
+    if not np.all(np.isfinite(gram)):
+        # Finite values beyond float32's square range: redo in float64 (rare, and exactly the
+        # modules the outlier rule is for).
+        mat = mat.astype(np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):
+            gram = mat.T @ mat if role == "up" else mat @ mat.T
+    return gram.astype(np.float64)
