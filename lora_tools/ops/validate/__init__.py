@@ -20,7 +20,9 @@ Modules of this package:
 - ``rules``: the rule catalogue (codes, names, severities) and rule selection;
 - ``settings``: ``[tool.loratool.validate]`` defaults from pyproject.toml;
 - ``targets``: which adapters (weights file + config) the given paths name;
-- ``checker``: the rule families run on one target;
+- ``checks``: the rule families, one module each (``integrity``, ``structure``, ``config``,
+  ``values``, ``base``), run on one target by ``checks.check_target``;
+- ``context``: what the families share while checking one target (findings, enabled rules);
 - ``scan``: the value scan's per-chunk arithmetic (NaN/Inf, zeros, Gram matrices);
 - ``report``: findings and reports; ``outputs``: JSON, GitHub annotations, SARIF;
 - this module: :func:`validate`, the entry point.
@@ -39,12 +41,9 @@ import os
 from collections.abc import Iterable
 
 from lora_tools.io.safetensors import PICKLE_SUFFIXES
-from lora_tools.ops.validate.checker import (
-    FLOAT_DTYPES,
-    OUTLIER_MIN_RATIO,
-    OUTLIER_Z,
-    Checker,
-)
+from lora_tools.ops.validate.checks import check_target
+from lora_tools.ops.validate.checks.structure import FLOAT_DTYPES
+from lora_tools.ops.validate.checks.values import OUTLIER_MIN_RATIO, OUTLIER_Z
 from lora_tools.ops.validate.outputs import (
     FALLBACK_DOCS_URL,
     SARIF_SCHEMA,
@@ -110,7 +109,9 @@ def validate(
     files = []
     try:
         for target in targets:
-            files.append(Checker(target, rules, checkpoint, progress, CHUNK_BYTES).run())
+            # CHUNK_BYTES is looked up here, on the package, so that setting it there tunes
+            # the scan (the tests shrink it to exercise chunked reads).
+            files.append(check_target(target, rules, checkpoint, progress, CHUNK_BYTES))
     finally:
         if checkpoint is not None:
             checkpoint.close()

@@ -1,0 +1,377 @@
+"""Config and metadata rules (``LT3xx``): adapter_config.json, diffusers'
+``lora_adapter_metadata`` and kohya's ``ss_network_*`` training metadata against the tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from typing import Any
+
+from lora_tools.adapter import CONV, Adapter, LoraModule
+from lora_tools.formats import WEIGHT_NAMES
+from lora_tools.formats import peft as peft_format
+from lora_tools.formats.base import AdapterFormat
+from lora_tools.formats.peft import CONFIG_NAME
+from lora_tools.ops.validate.checks.structure import check_alpha_value
+from lora_tools.ops.validate.context import Context, fmt_number, fmt_shape
+
+
+def check_config_only(ctx: Context) -> None:
+    """Checks of the config alone, when the weights could not be read (LT302, LT303)."""
+    if ctx.target.config is None:
+        return
+    config = read_config(ctx)
+    if config is not None:
+        _check_peft_type(ctx, config, ctx.target.config_display or "")
+
+
+def read_config(ctx: Context) -> dict[str, Any] | None:
+    """The target's adapter_config.json as a dict, or None after an LT302 finding."""
+    assert ctx.target.config is not None
+    display = ctx.target.config_display or str(ctx.target.config)
+    try:
+        text = ctx.target.config.read_text(encoding="utf-8")
+        doc = json.loads(text)
+    except (OSError, UnicodeDecodeError) as exc:
+        ctx.add("LT302", f"cannot read config: {exc}", path=display)
+        return None
+    except json.JSONDecodeError as exc:
+        ctx.add(
+            "LT302",
+            f"config is not valid JSON: {exc}",
+            path=display,
+            hint="fix or regenerate adapter_config.json (PEFT's save_pretrained writes it)",
+        )
+        return None
+    if not isinstance(doc, dict):
+        ctx.add(
+            "LT302",
+            f"config is a JSON {type(doc).__name__}, expected an object",
+            path=display,
+        )
+        return None
+    return doc
+
+
+def check_adapter_config(
+    ctx: Context, fmt: AdapterFormat, adapter: Adapter, config: dict[str, Any] | None
+) -> None:
+    """The config and metadata rules (LT301-LT310) for the adapter as its format reads it.
+
+    Args:
+        ctx: the target's context.
+        fmt: the detected format; PEFT files are checked against ``config``, diffusers files
+            against their ``lora_adapter_metadata``, kohya files against ``ss_network_*``.
+        adapter: the adapter read from the weights.
+        config: the parsed adapter_config.json of a PEFT file, if there is one.
+    """
+    modules = list(adapter.modules.values())
+    if fmt.name == "peft":
+        # Only PEFT's own layout promises a config; a bare renamed file carries none.
+        weights = ctx.target.weights
+        if ctx.target.config is None and weights is not None and weights.name == WEIGHT_NAMES[0]:
+            ctx.add(
+                "LT301",
+                f"PEFT keys ({len(modules)} modules) but no {CONFIG_NAME} beside the "
+                "weights: PEFT cannot load the adapter, and r / lora_alpha are unknown "
+                "(scale 1 assumed)",
+                hint=f"add the {CONFIG_NAME} the adapter was trained with",
+            )
+        elif config is not None:
+            display = ctx.target.config_display or str(ctx.target.config)
+            _check_peft_type(ctx, config, display)
+            _check_config(ctx, config, modules, display)
+    elif fmt.name == "diffusers":
+        _check_diffusers_metadata(ctx, adapter, modules)
+    elif fmt.name == "kohya":
+        _check_kohya_metadata(ctx, adapter, modules)
+
+
+def _check_peft_type(ctx: Context, config: dict[str, Any], display: str) -> None:
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        ctx.add(
+            "LT303",
+            f"peft_type is {peft_type!r}, expected 'LORA'"
+            + ("; PEFT cannot load a config without it" if peft_type is None else ""),
+            module="peft_type",
+            expected="LORA",
+            found=repr(peft_type),
+            path=display,
+            hint="loratool handles LoRA adapters only"
+            if peft_type is not None
+            else 'add "peft_type": "LORA"',
+        )
+
+
+def _check_config(
+    ctx: Context, config: dict[str, Any], modules: list[LoraModule], display: str
+) -> None:
+    """r / lora_alpha / patterns / target_modules / use_dora of one config vs its modules."""
+    paths = [m.path or m.key for m in modules]
+    r = config.get("r")
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    for name, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        if not isinstance(pattern, dict):
+            ctx.add(
+                "LT302",
+                f"{name} is a {type(pattern).__name__}, expected an object",
+                module=name,
+                path=display,
+            )
+            continue
+        for key in pattern:
+            try:
+                regex = re.compile(rf"(.*\.)?({key})$")
+            except re.error as exc:
+                ctx.add(
+                    "LT305",
+                    f"{name} key {key!r} is not a valid regular expression ({exc}); PEFT skips it",
+                    module=f"{name}[{key!r}]",
+                    path=display,
+                )
+                continue
+            if paths and not any(regex.match(p) for p in paths):
+                ctx.add(
+                    "LT305",
+                    f"{name} key {key!r} matches none of the {len(paths)} modules; PEFT "
+                    "ignores it silently, so its value applies nowhere",
+                    module=f"{name}[{key!r}]",
+                    path=display,
+                    hint="PEFT matches keys as (.*\\.)?(KEY)$ against module paths such as "
+                    f"{paths[0]!r}",
+                )
+    if not isinstance(rank_pattern, dict):
+        rank_pattern = {}
+    if not isinstance(alpha_pattern, dict):
+        alpha_pattern = {}
+
+    if not (isinstance(r, int) and not isinstance(r, bool) and r > 0):
+        ctx.add(
+            "LT304",
+            f"r is {r!r}, expected a positive integer",
+            module="r",
+            expected="a positive integer",
+            found=repr(r),
+            path=display,
+        )
+        r = None
+    for m in modules:
+        key = peft_format.pattern_key(rank_pattern, m.path or "")
+        expected = rank_pattern[key] if key is not None else r
+        if expected is None or expected == m.rank:
+            continue
+        source = f"rank_pattern[{key!r}]" if key is not None else "r"
+        ctx.add(
+            "LT304",
+            f"module {m.key!r} has rank {m.rank} (down {fmt_shape(m.down.shape)}) but the "
+            f"config's {source} says {expected}; PEFT refuses to load it (size mismatch)",
+            module=m.key,
+            expected=str(expected),
+            found=str(m.rank),
+            path=display,
+            hint=f"set {source} to {m.rank}",
+        )
+
+    alpha = config.get("lora_alpha", r)
+    checks = [("lora_alpha", alpha)] + [
+        (f"alpha_pattern[{k!r}]", v) for k, v in alpha_pattern.items()
+    ]
+    for name, value in checks:
+        if value is None:
+            continue
+        try:
+            number = float(value) if not isinstance(value, bool) else float("nan")
+        except (TypeError, ValueError):
+            number = float("nan")
+        check_alpha_value(ctx, name, number, "config value", path=display)
+
+    _check_targets(ctx, config, modules, display)
+    _check_dora(ctx, config, modules, display)
+
+
+def _check_targets(
+    ctx: Context, config: dict[str, Any], modules: list[LoraModule], display: str
+) -> None:
+    targets = config.get("target_modules")
+    if targets is None or not modules:
+        return
+    if isinstance(targets, str):
+        if targets.lower() == "all-linear":
+            return  # PEFT resolves it at creation; any linear layer qualifies
+
+        def covered(path: str) -> bool:
+            try:
+                return re.fullmatch(targets, path) is not None
+            except re.error:
+                return False
+    elif isinstance(targets, list) and all(isinstance(t, str) for t in targets):
+
+        def covered(path: str) -> bool:
+            return any(path == t or path.endswith("." + t) for t in targets)
+    else:
+        ctx.add(
+            "LT302",
+            f"target_modules is {targets!r}, expected a list of names or a regex string",
+            module="target_modules",
+            path=display,
+        )
+        return
+    missing = [m for m in modules if not covered(m.path or m.key)]
+    shown = targets if isinstance(targets, str) else ", ".join(targets)
+    if len(missing) == len(modules):
+        ctx.add(
+            "LT306",
+            f"target_modules ({shown}) covers none of the {len(modules)} saved modules "
+            f"(e.g. {modules[0].path!r}); PEFT creates other layers and ignores every "
+            "saved tensor",
+            module="target_modules",
+            expected=f"names matching e.g. {modules[0].target_name!r}",
+            found=shown,
+            path=display,
+            hint="set target_modules to the layers the adapter was trained on",
+        )
+        return
+    for m in missing:
+        ctx.add(
+            "LT307",
+            f"module {m.key!r} ({m.path}) is not covered by target_modules ({shown}); "
+            "PEFT creates no layer for it and drops its tensors silently",
+            module=m.key,
+            path=display,
+            hint=f"add {m.target_name!r} to target_modules",
+        )
+
+
+def _check_dora(
+    ctx: Context, config: dict[str, Any], modules: list[LoraModule], display: str
+) -> None:
+    if not modules:
+        return
+    use_dora = bool(config.get("use_dora", False))
+    with_magnitude = [m for m in modules if m.dora]
+    if use_dora and not with_magnitude:
+        ctx.add(
+            "LT308",
+            f"use_dora is true but none of the {len(modules)} modules has a "
+            "lora_magnitude_vector; PEFT would initialise magnitudes from the base",
+            module="use_dora",
+            expected="lora_magnitude_vector per module",
+            found="none",
+            path=display,
+            hint="set use_dora to false, or save the DoRA adapter again",
+        )
+    elif not use_dora and with_magnitude:
+        ctx.add(
+            "LT308",
+            f"{len(with_magnitude)} modules carry lora_magnitude_vector but use_dora is "
+            "false; PEFT loads them as plain LoRA and drops the magnitudes silently",
+            module="use_dora",
+            expected="use_dora: true",
+            found="false",
+            path=display,
+            hint="set use_dora to true",
+        )
+
+
+def _check_diffusers_metadata(ctx: Context, adapter: Adapter, modules: list[LoraModule]) -> None:
+    raw = adapter.metadata.get(peft_format.DIFFUSERS_METADATA_KEY)
+    if raw is None:
+        return
+    try:
+        flat = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        flat = None
+        problem = f"is not valid JSON ({exc})"
+    else:
+        problem = "is not a JSON object"
+    if not isinstance(flat, dict):
+        ctx.add(
+            "LT302",
+            f"__metadata__[{peft_format.DIFFUSERS_METADATA_KEY!r}] {problem}; diffusers "
+            "falls back to guessing rank and alpha",
+            module=f"__metadata__[{peft_format.DIFFUSERS_METADATA_KEY!r}]",
+        )
+        return
+    configs = peft_format.diffusers_component_configs(adapter.metadata)
+    by_component: dict[str, list[LoraModule]] = {}
+    for m in modules:
+        by_component.setdefault(m.component or "", []).append(m)
+    for component, config in configs.items():
+        members = by_component.get(component, [])
+        if not members:
+            continue
+        _check_config(ctx, config, members, ctx.path)
+
+
+def _check_kohya_metadata(ctx: Context, adapter: Adapter, modules: list[LoraModule]) -> None:
+    if not modules:
+        return
+    meta = adapter.metadata
+    try:
+        args = json.loads(meta.get("ss_network_args") or "{}")
+    except json.JSONDecodeError:
+        args = {}
+    if not isinstance(args, dict):
+        args = {}
+    # kohya trains 3x3 (and larger) convolutions with conv_dim / conv_alpha, everything else
+    # (linear layers and 1x1 convolutions) with network_dim / network_alpha.
+    wide = [m for m in modules if m.kind == CONV and math.prod(m.kernel) > 1]
+    narrow = [m for m in modules if m not in wide]
+    groups = (
+        (narrow, meta.get("ss_network_dim"), meta.get("ss_network_alpha"), "ss_network"),
+        (wide, args.get("conv_dim"), args.get("conv_alpha"), "ss_network_args conv"),
+    )
+    for members, dim, alpha, label in groups:
+        if not members:
+            continue
+        dim_value = _parse_number(dim)
+        if dim_value is not None:
+            # Per-block and per-type dims (block_dims, type_dims) legitimately vary, with
+            # the metadata naming the default: only a value no module has is stale.
+            ranks = Counter(m.rank for m in members)
+            if all(m.rank != dim_value for m in members):
+                ctx.add(
+                    "LT309",
+                    f"{label}_dim says {fmt_number(dim_value)} but none of the {len(members)} "
+                    f"modules has that rank ({_hist(ranks)})",
+                    module=members[0].key,
+                    expected=fmt_number(dim_value),
+                    found=_hist(ranks),
+                    hint="the metadata is stale (resized or merged file); update it, or "
+                    "set it to Dynamic",
+                )
+        alpha_value = _parse_number(alpha)
+        # Stored alphas may be fp16-rounded: compare with a relative tolerance.
+        if alpha_value is not None and not any(
+            math.isclose(m.effective_alpha, alpha_value, rel_tol=1e-3, abs_tol=1e-6)
+            for m in members
+        ):
+            alphas = Counter(fmt_number(m.effective_alpha) for m in members)
+            ctx.add(
+                "LT310",
+                f"{label}_alpha says {fmt_number(alpha_value)} but none of the {len(members)} "
+                f"modules has that alpha ({_hist(alphas)})",
+                module=members[0].key,
+                expected=fmt_number(alpha_value),
+                found=_hist(alphas),
+                hint="the metadata is stale (rescaled or merged file); update it",
+            )
+
+
+def _hist(counter: Counter) -> str:
+    return ", ".join(f"{k} x{v}" for k, v in sorted(counter.items(), key=lambda kv: str(kv[0])))
+
+
+def _parse_number(value: object) -> float | None:
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None  # "Dynamic" and friends: nothing to compare
+    return number if math.isfinite(number) else None

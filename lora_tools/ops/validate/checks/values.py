@@ -1,0 +1,165 @@
+"""Value rules (``LT2xx``): NaN/Inf, all-zero factors, update-norm outliers and
+``sshs_model_hash``, from one streaming pass over the data buffer (arithmetic in
+:mod:`lora_tools.ops.validate.scan`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import Counter
+
+import numpy as np
+
+from lora_tools.adapter import Adapter
+from lora_tools.io.safetensors import Header, SafetensorsFile
+from lora_tools.ops.inspect import robust_outliers
+from lora_tools.ops.validate.context import Context
+from lora_tools.ops.validate.scan import TensorScan, gram
+
+#: Modified z-score (log10 of the update norm) above which a module is an extreme outlier. The
+#: inspect view flags at 3.5; validate fails builds, so it only speaks up for a far larger gap
+#: (with typical spreads, an order of magnitude away from the median).
+OUTLIER_Z = 8.0
+#: ...and only when the norm is at least this many times above (or below) the median, so that a
+#: file whose modules are all alike (tiny MAD) does not turn small differences into findings.
+OUTLIER_MIN_RATIO = 10.0
+
+
+def check_values(ctx: Context, adapter: Adapter, header: Header, clean: bool) -> None:
+    """The value rules (LT201-LT205) in one pass over the data in file order: each byte read
+    once, in bounded chunks.
+
+    Args:
+        ctx: the target's context (its weights file is read).
+        adapter: the adapter read from the weights; its factors are the modules scanned.
+        header: the trusted tensors; only these are read.
+        clean: the container had no problem at all, so the data buffer can be hashed as a
+            whole against ``sshs_model_hash``.
+    """
+    assert ctx.target.weights is not None
+    factor_role: dict[str, tuple[str, str]] = {}
+    for stem, m in adapter.modules.items():
+        factor_role[m.keys.get("down", "")] = (stem, "down")
+        factor_role[m.keys.get("up", "")] = (stem, "up")
+    expected_hash = adapter.metadata.get("sshs_model_hash") if "LT205" in ctx.rules else None
+    digest = hashlib.sha256() if expected_hash and clean else None
+
+    grams: dict[str, dict[str, np.ndarray]] = {}
+    # The Grams are the only O(size * rank) work of the pass: skip them unless LT204 runs.
+    want_norms = "LT204" in ctx.rules
+    zero: dict[str, list[str]] = {}
+    non_finite: set[str] = set()
+    scan = SafetensorsFile(ctx.target.weights, header=header)
+    total = sum(info.nbytes for info in header.tensors.values())
+    if ctx.progress is not None:
+        ctx.progress.start(total)
+    try:
+        for info in sorted(header.tensors.values(), key=lambda i: i.begin):
+            role = factor_role.get(info.name)
+            stem_of_alpha = info.name.removesuffix(".alpha")
+            already = stem_of_alpha != info.name and stem_of_alpha in ctx.nonfinite_alphas
+            chunk = max(info.nbytes, 1) if role else ctx.chunk_bytes
+            state = TensorScan(info.dtype)
+            for raw in scan.iter_raw(info.name, chunk):
+                if digest is not None:
+                    digest.update(raw)
+                state.feed(raw)
+                if role is not None and state.finite and want_norms:
+                    grams.setdefault(role[0], {})[role[1]] = gram(raw, info, role[1])
+                if ctx.progress is not None:
+                    ctx.progress.advance(len(raw))
+            if (state.nan or state.inf) and not already:
+                non_finite.add(info.name)
+                ctx.add(
+                    "LT201",
+                    f"tensor {info.name!r} holds {state.describe()} of {info.numel} values; "
+                    "merging it makes the base weights non-finite",
+                    module=role[0] if role else info.name,
+                    expected="finite values",
+                    found=state.describe(),
+                    hint="the training diverged or the file is corrupt; use an earlier checkpoint",
+                )
+            if role is not None and state.all_zero and info.numel:
+                zero.setdefault(role[0], []).append(role[1])
+    finally:
+        scan.close()
+
+    _zero_rules(ctx, adapter, zero)
+    _outliers(ctx, adapter, grams, zero, non_finite)
+    if digest is not None and expected_hash is not None:
+        actual = digest.hexdigest()
+        if actual != expected_hash.lower():
+            ctx.add(
+                "LT205",
+                f"sshs_model_hash is {expected_hash} but the data buffer hashes to {actual}: "
+                "the tensors changed after the hash was written, or the file is corrupt",
+                module="__metadata__[sshs_model_hash]",
+                expected=actual,
+                found=expected_hash,
+                hint="re-save with a tool that refreshes the hash (loratool does), or drop "
+                "sshs_model_hash and sshs_legacy_hash",
+            )
+
+
+def _zero_rules(ctx: Context, adapter: Adapter, zero: dict[str, list[str]]) -> None:
+    modules = adapter.modules
+    if not zero:
+        return
+    names = {"down": "down (lora_A)", "up": "up (lora_B)"}
+    if len(zero) == len(modules):
+        roles = Counter(r for rs in zero.values() for r in rs)
+        which = " and ".join(f"{names[r]} x{n}" for r, n in roles.items())
+        ctx.add(
+            "LT202",
+            f"every one of the {len(modules)} modules has an all-zero factor ({which}): the "
+            "update is exactly zero, as saved right after initialisation, before training",
+            expected="trained (non-zero) factors",
+            found=f"{len(zero)} of {len(modules)} modules zero",
+            hint="save the adapter after training; PEFT initialises lora_B to zero",
+        )
+        return
+    for stem, roles in zero.items():
+        ctx.add(
+            "LT203",
+            f"module {stem!r} has an all-zero {' and '.join(names[r] for r in roles)}: its "
+            "update is exactly zero",
+            module=stem,
+            hint="this module learned nothing; drop it or check the training setup",
+        )
+
+
+def _outliers(
+    ctx: Context,
+    adapter: Adapter,
+    grams: dict[str, dict[str, np.ndarray]],
+    zero: dict[str, list[str]],
+    non_finite: set[str],
+) -> None:
+    stems, norms = [], []
+    for stem, m in adapter.modules.items():
+        pair = grams.get(stem, {})
+        if stem in zero or len(pair) != 2 or any(k in non_finite for k in m.keys.values()):
+            continue
+        scale = m.scale
+        value = float(np.sum(pair["up"] * pair["down"])) * scale * scale
+        if not math.isfinite(value):
+            continue
+        stems.append(stem)
+        norms.append(math.sqrt(max(value, 0.0)))
+    flags = robust_outliers(norms, threshold=OUTLIER_Z)
+    positive = [n for n in norms if n > 0]
+    median = float(np.median(positive)) if positive else 0.0
+    for stem, norm, flag in zip(stems, norms, flags, strict=True):
+        ratio = norm / median if median else float("inf")
+        if not flag or 1 / OUTLIER_MIN_RATIO < ratio < OUTLIER_MIN_RATIO:
+            continue
+        ctx.add(
+            "LT204",
+            f"module {stem!r} has update norm ||dW||_F = {norm:.4g}, {ratio:.3g}x the "
+            f"median {median:.4g} of the file's {len(norms)} modules",
+            module=stem,
+            expected=f"about {median:.4g}",
+            found=f"{norm:.4g}",
+            hint="a diverged module or a wrong alpha; inspect it with `loratool inspect --stats`",
+        )
