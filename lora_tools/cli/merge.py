@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from lora_tools.cli._common import console, print_json
+from lora_tools.cli.validate import single_threaded_blas
 
 
 @click.command("merge")
@@ -25,7 +26,8 @@ from lora_tools.cli._common import console, print_json
     "--device",
     default="auto",
     show_default=True,
-    help="auto | cpu | cuda | cuda:N | numpy (the torch-free engine).",
+    help="auto (CUDA when torch sees a GPU, else cpu) | cpu (numpy, never imports torch) | "
+    "cuda | cuda:N.",
 )
 @click.option(
     "--dtype",
@@ -66,6 +68,8 @@ def command(
       loratool merge sd.safetensors style.safetensors detail.safetensors \\
           --weight 0.8 --weight -0.3 -o merged.safetensors
     """
+    # the engine runs one BLAS call per worker thread; BLAS's own threads would oversubscribe
+    single_threaded_blas()
     from lora_tools.errors import UsageError
     from lora_tools.ops.merge import merge
 

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import struct
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -738,9 +739,19 @@ class SafetensorsWriter:
     """Write a safetensors file one tensor at a time, header first, atomically.
 
     The header is computed from the specs, so every shape and dtype must be known up front.
-    Tensors must then be written in :attr:`order`; a tensor may arrive in several chunks
-    (row blocks). The file appears under its final name only when every byte has been written;
-    on any exception the temporary file is removed.
+    Two ways to fill it in, not mixed in one file:
+
+    - sequential: :meth:`write` (and :meth:`copy_range` without ``at``) in :attr:`order`, a
+      tensor possibly in several chunks (row blocks);
+    - positional: :meth:`write_at` and ``copy_range(..., at=...)`` put bytes at an offset inside
+      a tensor, in any order and from several threads at once (``os.pwrite``); every byte must be
+      written exactly once. With ``stream_to_disk`` each positional write is handed to the disk
+      at once and dropped from the page cache (``posix_fadvise(DONTNEED)``), so the closing
+      fsync has little left to wait for and a file larger than RAM does not push everything
+      else out of the cache.
+
+    The file appears under its final name only when every byte has been written; on any
+    exception the temporary file is removed.
 
     Example:
         >>> spec = TensorSpec("w", "F32", (2, 2))
@@ -756,14 +767,23 @@ class SafetensorsWriter:
         metadata: Mapping[str, str] | None = None,
         *,
         keep_order: bool = False,
+        stream_to_disk: bool = False,
     ) -> None:
         specs = list(specs)
+        self.stream_to_disk = stream_to_disk and hasattr(os, "posix_fadvise")
         self.order = specs if keep_order else reference_order(specs)
         self._specs = {s.name: s for s in self.order}
         self.path = Path(path)
         self._header = encode_header(self.order, metadata)
+        self._starts: dict[str, int] = {}
+        pos = len(self._header)
+        for spec in self.order:
+            self._starts[spec.name] = pos
+            pos += spec.nbytes
         self._index = 0
         self._written = 0
+        self._positional: dict[str, int] | None = None
+        self._lock = threading.Lock()
         self._atomic = atomic_file(self.path)
         self._fh = None
 
@@ -787,24 +807,25 @@ class SafetensorsWriter:
             self._index += 1
             self._written = 0
 
-    def write(self, name: str, data: np.ndarray | bytes | memoryview) -> None:
-        """Append data (whole tensor or the next chunk of it) for tensor ``name``."""
-        assert self._fh is not None, "use SafetensorsWriter as a context manager"
+    @staticmethod
+    def _as_bytes(data: np.ndarray | bytes | memoryview) -> memoryview:
         if isinstance(data, np.ndarray):
-            if dtype_of(data) != self._spec_for(name).dtype:
-                raise LoraToolError(
-                    f"tensor {name!r}: data has dtype {dtype_of(data)}, "
-                    f"header says {self._spec_for(name).dtype}"
-                )
             # A uint8 view, not memoryview(array): ml_dtypes types (bfloat16, float8) have no
             # buffer-protocol format code.
-            flat = np.ascontiguousarray(data).reshape(-1)
-            data = memoryview(
-                pack_f4(flat) if self._spec_for(name).dtype == "F4" else flat.view(np.uint8)
+            return memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+        return memoryview(data).cast("B")
+
+    def _check_dtype(self, name: str, data: np.ndarray | bytes | memoryview) -> None:
+        if isinstance(data, np.ndarray) and dtype_of(data) != self._spec_for(name).dtype:
+            raise LoraToolError(
+                f"tensor {name!r}: data has dtype {dtype_of(data)}, "
+                f"header says {self._spec_for(name).dtype}"
             )
-        size = len(data) if isinstance(data, bytes) else memoryview(data).nbytes
-        if size == 0:
-            return
+
+    def _sequential_slot(self, name: str, size: int) -> None:
+        """Check that ``size`` bytes of ``name`` come next in sequential order."""
+        if self._positional is not None:
+            raise LoraToolError("sequential write after positional writes", path=self.path)
         self._advance()
         if self._index >= len(self.order):
             raise LoraToolError(f"tensor {name!r} written after all tensors were complete")
@@ -815,8 +836,60 @@ class SafetensorsWriter:
             raise LoraToolError(
                 f"tensor {name!r}: {self._written + size} bytes written, header says {spec.nbytes}"
             )
-        self._fh.write(data)
-        self._written += size
+
+    def write(self, name: str, data: np.ndarray | bytes | memoryview) -> None:
+        """Append data (whole tensor or the next chunk of it) for tensor ``name``."""
+        assert self._fh is not None, "use SafetensorsWriter as a context manager"
+        self._check_dtype(name, data)
+        view = self._as_bytes(data)
+        if view.nbytes == 0:
+            return
+        self._sequential_slot(name, view.nbytes)
+        self._fh.write(view)
+        self._written += view.nbytes
+
+    def _claim(self, name: str, at: int, size: int) -> int:
+        """Record a positional write of ``size`` bytes at ``at`` in ``name``; its file offset."""
+        spec = self._spec_for(name)
+        if at < 0 or at + size > spec.nbytes:
+            raise LoraToolError(
+                f"tensor {name!r}: bytes {at}..{at + size} lie outside its {spec.nbytes}",
+                path=self.path,
+            )
+        with self._lock:
+            if self._positional is None:
+                if self._index or self._written:
+                    raise LoraToolError("positional write after sequential writes", path=self.path)
+                assert self._fh is not None, "use SafetensorsWriter as a context manager"
+                self._fh.flush()
+                self._positional = {}
+            self._positional[name] = self._positional.get(name, 0) + size
+        return self._starts[name] + at
+
+    def write_at(self, name: str, at: int, data: np.ndarray | bytes | memoryview) -> None:
+        """Write ``data`` at byte ``at`` of tensor ``name`` (positional mode; thread-safe).
+
+        Example:
+            >>> spec = TensorSpec("w", "F32", (2, 2))
+            >>> with SafetensorsWriter("/tmp/doc-writer.safetensors", [spec]) as w:
+            ...     w.write_at("w", 8, np.zeros((1, 2), np.float32))
+            ...     w.write_at("w", 0, np.ones((1, 2), np.float32))
+        """
+        assert self._fh is not None, "use SafetensorsWriter as a context manager"
+        self._check_dtype(name, data)
+        view = self._as_bytes(data)
+        pos = self._claim(name, at, view.nbytes)
+        fd = self._fh.fileno()
+        done = 0
+        while done < view.nbytes:
+            done += os.pwrite(fd, view[done:], pos + done)
+        self._written_out(pos, view.nbytes)
+
+    def _written_out(self, pos: int, nbytes: int) -> None:
+        if self.stream_to_disk and nbytes:
+            assert self._fh is not None
+            # starts writeback of the range now (and drops the pages once they are clean)
+            os.posix_fadvise(self._fh.fileno(), pos, nbytes, os.POSIX_FADV_DONTNEED)
 
     def copy_range(
         self,
@@ -824,14 +897,18 @@ class SafetensorsWriter:
         fd: int,
         offset: int,
         nbytes: int,
+        *,
+        at: int | None = None,
         on_chunk: Callable[[int], None] | None = None,
         chunk_bytes: int = 64 << 20,
     ) -> None:
-        """Append ``nbytes`` bytes of tensor ``name`` copied from ``fd`` at ``offset``.
+        """Copy ``nbytes`` bytes of tensor ``name`` from ``fd`` at ``offset``.
 
-        The copy runs in the kernel (``os.copy_file_range``: no Python buffers, no GIL) and
-        falls back to positioned reads and writes where that call is missing or refused (another
-        file system, an old kernel). ``on_chunk`` is called with the bytes of each chunk copied.
+        Appended in sequential mode (``at`` None), or placed at byte ``at`` of the tensor in
+        positional mode. The copy runs in the kernel (``os.copy_file_range``: no Python buffers,
+        no GIL) and falls back to positioned reads and writes where that call is missing or
+        refused (another file system, an old kernel). ``on_chunk`` is called with the bytes of
+        each chunk copied.
 
         Example:
             >>> spec = TensorSpec("w", "F32", (2, 2))
@@ -842,18 +919,13 @@ class SafetensorsWriter:
         assert self._fh is not None, "use SafetensorsWriter as a context manager"
         if nbytes == 0:
             return
-        self._advance()
-        if self._index >= len(self.order) or self.order[self._index].name != name:
-            expected = self.order[self._index].name if self._index < len(self.order) else None
-            raise LoraToolError(f"tensor {name!r} written out of order; expected {expected!r}")
-        if self._written + nbytes > self.order[self._index].nbytes:
-            raise LoraToolError(
-                f"tensor {name!r}: {self._written + nbytes} bytes written, "
-                f"header says {self.order[self._index].nbytes}"
-            )
-        self._fh.flush()
+        if at is None:
+            self._sequential_slot(name, nbytes)
+            self._fh.flush()
+            pos = self._fh.tell()
+        else:
+            pos = self._claim(name, at, nbytes)
         out_fd = self._fh.fileno()
-        pos = self._fh.tell()
         done = 0
         while done < nbytes:
             n = min(chunk_bytes, nbytes - done)
@@ -867,18 +939,28 @@ class SafetensorsWriter:
             done += copied
             if on_chunk is not None:
                 on_chunk(copied)
-        # the buffered file object must continue after the bytes the kernel wrote
-        self._fh.seek(pos + nbytes)
-        self._written += nbytes
+        if at is None:
+            # the buffered file object must continue after the bytes the kernel wrote
+            self._fh.seek(pos + nbytes)
+            self._written += nbytes
+        else:
+            self._written_out(pos, nbytes)
+
+    def _missing(self) -> str | None:
+        """The first tensor not completely written, or None."""
+        if self._positional is not None:
+            for spec in self.order:
+                if self._positional.get(spec.name, 0) != spec.nbytes:
+                    return spec.name
+            return None
+        self._advance()
+        return self.order[self._index].name if self._index < len(self.order) else None
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is None:
-            self._advance()
-            if self._index < len(self.order):
-                missing = self.order[self._index].name
-                err = LoraToolError(f"tensor {missing!r} was never written", path=self.path)
-                self._atomic.__exit__(type(err), err, None)
-                raise err
+        if exc_type is None and (missing := self._missing()) is not None:
+            err = LoraToolError(f"tensor {missing!r} was never written", path=self.path)
+            self._atomic.__exit__(type(err), err, None)
+            raise err
         self._atomic.__exit__(exc_type, exc, tb)
 
 

@@ -1,15 +1,13 @@
-"""The arithmetic of a merge, in numpy: each module's update exactly as PEFT computes it.
+"""The arithmetic of a merge, in numpy: each module's update as PEFT computes it.
 
 Definitions (float32 throughout, as PEFT's default merge path on an fp32 adapter):
 
-- The product ``P = up @ down`` is the float32 matrix product with each element accumulated by
-  a sequence of fused multiply-adds over the rank, ``acc = fma(up[i, k], down[k, j], acc)`` for
-  ``k = 0 .. r-1``. This is what torch's CPU matmul (MKL) computes for these thin shapes, so it is
-  what ``merge_and_unload`` adds. numpy's own matmul (OpenBLAS) sums in another order, so the
-  numpy engine emulates the fused sequence exactly: each product of two float32 numbers is exact
-  in float64, and the one case where rounding the float64 sum again to float32 differs from a
-  single rounding (a float64 sum that lands on a float32 midpoint) is corrected with the exact
-  error term of the addition.
+- The product ``P = up @ down`` is a float32 matrix product (BLAS ``sgemm``), computed in calls
+  of :data:`PRODUCT_ROWS` rows each, so that which rows share a call, and with it the order in
+  which BLAS sums over the rank, does not depend on the row-block size or thread count chosen.
+  PEFT's product is torch's (MKL on CPU); the two libraries sum the ``r`` terms of a product in
+  different orders, so for ``r >= 8`` some elements of ``P`` differ in the last bit (measured
+  and recorded in docs/benchmarks.md). For the fixtures' shapes the bytes are PEFT's exactly.
 - ``dW = P * float32(scale)`` (linear, conv), ``dW = P.T * float32(scale)`` (GPT-2 Conv1D
   stored ``[in, out]``, embeddings), with ``scale = alpha / r`` (rsLoRA ``alpha / sqrt(r)``)
   times the adapter's merge weight.
@@ -20,13 +18,15 @@ Definitions (float32 throughout, as PEFT's default merge path on an fp32 adapter
   ``W' = round(float32((m / n) * T))``.
 - lora_bias: ``b' = round(float32(b) + float32(bias * float32(scale)))``.
 
-Everything here works on row blocks of a base tensor so that memory stays bounded.
+Everything here works on row blocks of a base tensor, in place where it can, so that memory stays
+bounded and no pass allocates.
 
 Example:
     >>> import numpy as np
     >>> up = np.full((2, 1), 0.5, np.float32); down = np.full((1, 3), 2.0, np.float32)
-    >>> fma_product(up, down).tolist()
-    [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
+    >>> term = LowRankTerm(up, down, scale=2.0)
+    >>> apply_terms(np.zeros((2, 3), np.float32), [term], 0).tolist()
+    [[2.0, 2.0, 2.0], [2.0, 2.0, 2.0]]
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ from lora_tools.io.safetensors import numpy_dtype
 
 #: Float dtypes a merge can compute on and write.
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+#: Rows of ``up`` per BLAS call of a product (see the module docstring).
+PRODUCT_ROWS = 64
 #: Lanes of torch's vectorised float32 norm reduction (``Vectorized<float>::size()``).
 NORM_LANES = 8
 
@@ -75,33 +77,6 @@ def fma_round(acc: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     if mid.any():
         _fix_double_rounding(total, acc64, prod, np.nonzero(mid))
     return total.astype(np.float32)
-
-
-def fma_product(up: np.ndarray, down: np.ndarray) -> np.ndarray:
-    """``up @ down`` in float32 with each element a left-to-right chain of fused multiply-adds.
-
-    Args:
-        up: ``[m, r]`` float32.
-        down: ``[r, n]`` float32.
-
-    Returns:
-        ``[m, n]`` float32, bit-identical to torch's CPU float32 matmul for these thin shapes.
-    """
-    m, r = up.shape
-    n = down.shape[1]
-    u = up.astype(np.float64)
-    v = down.astype(np.float64)
-    acc = np.zeros((m, n), np.float32)
-    prod = np.empty((m, n), np.float64)
-    total = np.empty((m, n), np.float64)
-    for k in range(r):
-        np.multiply(u[:, k : k + 1], v[k : k + 1, :], out=prod)
-        np.add(acc, prod, out=total)
-        mid = (total.view(np.uint64) & _LOW29) == _HALF29
-        if mid.any():
-            _fix_double_rounding(total, acc.astype(np.float64), prod, np.nonzero(mid))
-        acc = total.astype(np.float32)
-    return acc
 
 
 def lane_norm(rows: np.ndarray) -> np.ndarray:
@@ -176,39 +151,83 @@ class DenseTerm:
 Term = LowRankTerm | DenseTerm
 
 
-def term_delta(term: Term, start: int, stop: int) -> np.ndarray:
-    """Rows ``start:stop`` of the term's scaled update, float32, shaped ``[rows, cols]``."""
+def product_rows(up: np.ndarray, down: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``out = up @ down`` in float32, in calls of :data:`PRODUCT_ROWS` rows of ``up``.
+
+    Args:
+        up: ``[m, r]`` float32, m a multiple of PRODUCT_ROWS unless it holds a tensor's last rows.
+        down: ``[r, n]`` float32.
+        out: ``[m, n]`` float32, C-contiguous (written in place).
+
+    Returns:
+        ``out``.
+    """
+    for a in range(0, up.shape[0], PRODUCT_ROWS):
+        np.matmul(up[a : a + PRODUCT_ROWS], down, out=out[a : a + PRODUCT_ROWS])
+    return out
+
+
+def term_delta(term: Term, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Rows ``start:stop`` of the term's scaled update, float32, shaped ``[rows, cols]``.
+
+    ``start`` must be a multiple of :data:`PRODUCT_ROWS`; ``out`` (float32 ``[rows, cols]``,
+    C-contiguous) receives the result when given.
+    """
     scale = np.float32(term.scale)
+    rows = stop - start
     if isinstance(term, DenseTerm):
         flat = term.value.reshape(term.value.shape[0], -1)[start:stop]
-        return flat.astype(np.float32) * scale
+        return np.multiply(flat.astype(np.float32, copy=False), scale, out=out)
     if term.transposed:
-        return fma_product(term.up, term.down[:, start:stop]).T * scale
-    return fma_product(term.up[start:stop], term.down) * scale
+        # base row i is column i of up @ down: compute the columns, then transpose
+        cols = np.empty((rows, term.up.shape[0]), np.float32) if out is None else out
+        prod_t = product_rows(
+            np.ascontiguousarray(term.down[:, start:stop].T),
+            np.ascontiguousarray(term.up.T),
+            cols,
+        )
+        return np.multiply(prod_t, scale, out=prod_t)
+    if out is None:
+        out = np.empty((rows, term.down.shape[1]), np.float32)
+    product_rows(term.up[start:stop], term.down, out)
+    return np.multiply(out, scale, out=out)
 
 
 def apply_terms(
-    base: np.ndarray, terms: list[Term], start: int, compute_dtype: np.dtype = np.float32
+    base: np.ndarray,
+    terms: list[Term],
+    start: int,
+    compute_dtype: np.dtype = np.float32,
+    scratch: np.ndarray | None = None,
 ) -> np.ndarray:
     """Merge ``terms`` into rows ``start:start+len(base)`` of a base tensor.
 
     Args:
-        base: the base rows upcast to ``compute_dtype``, 2-D ``[rows, cols]``.
+        base: the base rows upcast to ``compute_dtype``, 2-D ``[rows, cols]``, C-contiguous;
+            updated in place (the result may be ``base`` itself).
         terms: updates in adapter order.
-        start: index of the first row within the whole tensor.
+        start: index of the first row within the whole tensor (a multiple of PRODUCT_ROWS).
+        compute_dtype: float32, or float64 for float64 bases.
+        scratch: a float32 ``[rows, cols]`` buffer for the updates (allocated when None).
 
     Returns:
         The merged rows in ``compute_dtype`` (the caller rounds once to the output dtype).
     """
     stop = start + base.shape[0]
+    unmerged_base = base.copy() if any(_is_dora(t) for t in terms) else None
     acc = base
     for term in terms:
-        delta = term_delta(term, start, stop)
+        delta = term_delta(term, start, stop, out=scratch)
         if isinstance(term, LowRankTerm) and term.magnitude is not None:
-            acc = _dora(base, acc, delta, term, start)
+            assert unmerged_base is not None
+            acc = _dora(unmerged_base, acc, delta, term, start).astype(compute_dtype, copy=False)
         else:
-            acc = (acc + delta).astype(compute_dtype, copy=False)
+            np.add(acc, delta, out=acc)
     return acc
+
+
+def _is_dora(term: Term) -> bool:
+    return isinstance(term, LowRankTerm) and term.magnitude is not None
 
 
 def _dora(

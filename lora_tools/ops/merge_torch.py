@@ -1,6 +1,8 @@
 """The torch engine of ``loratool merge``: the same arithmetic as :mod:`merge_math`, on CPU or CUDA.
 
-Imported only when torch is used (``--device auto|cpu|cuda``); the core install never loads it.
+Imported only for ``--device cuda[:N]`` (or ``auto`` on a machine with a GPU); ``--device cpu``
+is the numpy engine and never loads torch. ``select_engine("torch-cpu")`` runs this engine on
+the CPU so that its code path is tested where no GPU is present.
 
 Work is split over three threads so that reading, transfers, compute and writing overlap:
 
@@ -12,9 +14,11 @@ Work is split over three threads so that reading, transfers, compute and writing
 - a writer thread waits for each block's event and appends it to the output file; it also copies
   untouched tensors byte for byte, so raw copies proceed while the GPU computes.
 
-The products ``up @ down`` use torch's float32 matmul (the fused multiply-add chain that
-:func:`lora_tools.ops.merge_math.fma_product` emulates), TF32 disabled; every other step is the
-same elementwise operation sequence as the numpy engine, so both write the same bytes.
+The products ``up @ down`` use torch's float32 matmul (cuBLAS on CUDA, MKL on CPU) with TF32
+disabled; every other step is the same elementwise operation sequence as the numpy engine. The
+two engines therefore write the same bytes except where the BLAS libraries sum the rank of a
+product in different orders (the last bit of a float32 product, for ranks >= 8; see
+:mod:`lora_tools.ops.merge_math`).
 
 Example:
     >>> from lora_tools.ops.merge_torch import TorchEngine
@@ -250,8 +254,7 @@ class TorchEngine:
         info = job.info
         itemsize = info.nbytes // max(info.numel, 1)
         buf = self._host_buffer(count * cols * itemsize)
-        offset = reader.header.data_start + info.begin + start * cols * itemsize
-        reader._pread_into(memoryview(_as_numpy_bytes(buf)), offset)
+        reader.read_into(job.name, _as_numpy_bytes(buf), row_start=start)
         return buf.view(TORCH_DTYPES[info.dtype]).reshape(count, cols)
 
     def _write_items(

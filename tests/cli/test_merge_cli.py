@@ -22,7 +22,7 @@ def _run(*args: str):
 def test_json_summary(tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = CliRunner().invoke(
-        cli, ["merge", BASE, ADAPTER, "-o", str(out), "--json", "--device", "numpy"]
+        cli, ["merge", BASE, ADAPTER, "-o", str(out), "--json", "--device", "cpu"]
     )
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
@@ -78,7 +78,7 @@ def test_main_maps_errors_to_one_line(tmp_path: Path) -> None:
             "-o",
             str(tmp_path / "o"),
             "--device",
-            "numpy",
+            "cpu",
         ],
         capture_output=True,
         text=True,
@@ -103,3 +103,40 @@ def test_main_maps_errors_to_one_line(tmp_path: Path) -> None:
         text=True,
     )
     assert proc.returncode == 0 and (tmp_path / "o" / "model.safetensors.index.json").is_file()
+
+
+def test_cli_cpu_and_auto_never_import_torch(tmp_path: Path) -> None:
+    """``--device cpu`` (and ``auto`` without a GPU) runs without torch: 220 MB and 2 s saved."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from lora_tools.cli import main\n"
+        "sys.argv = ['loratool', 'merge', sys.argv[1], sys.argv[2], '-o', sys.argv[3], "
+        "'--device', sys.argv[4], '--quiet']\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as exc:\n"
+        "    print('exit', exc.code, 'torch' in sys.modules)\n"
+    )
+    for device in ("cpu", "auto"):
+        env = dict(__import__("os").environ, CUDA_VISIBLE_DEVICES="")  # auto: no GPU to find
+        out = tmp_path / device
+        proc = subprocess.run(
+            [sys.executable, "-c", script, BASE, ADAPTER, str(out), device],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        assert proc.stdout.split() == ["exit", "0", "False"], proc.stderr
+        assert (out / "model.safetensors.index.json").is_file()
+        assert json.loads((out / "loratool_merge.json").read_text())["engine"] == "numpy"
+
+
+def test_unknown_device_is_a_usage_error(tmp_path: Path) -> None:
+    r = CliRunner().invoke(
+        cli, ["merge", BASE, ADAPTER, "-o", str(tmp_path / "o"), "--device", "numpy"]
+    )
+    assert isinstance(r.exception, UsageError) and r.exception.exit_code == 2
+    assert not (tmp_path / "o").exists()
