@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from lora_tools.adapter import Adapter
 from lora_tools.errors import AdapterError, UsageError
@@ -76,6 +76,21 @@ def add_foreign(adapter: Adapter, key: str, tensor: Tensor) -> bool:
     return True
 
 
+class ParsedKey(NamedTuple):
+    """A LoRA tensor key split the way its format names tensors.
+
+    Attributes:
+        stem: the module's name in the file (the key without the role suffix); the tensors of
+            one module share it.
+        role: ``down``, ``up``, ``alpha``, ``magnitude`` (DoRA) or ``bias`` (lora_bias).
+        embedding: the key is an embedding factor (PEFT's ``lora_embedding_A`` / ``_B``).
+    """
+
+    stem: str
+    role: str
+    embedding: bool = False
+
+
 @dataclass
 class AdapterSource:
     """The files an adapter is read from: its weights, and its config when there is one."""
@@ -115,6 +130,29 @@ class AdapterFormat:
     def claims(self, key: str) -> bool:
         """Whether a tensor key is spelled the way this format spells LoRA tensors."""
         raise NotImplementedError
+
+    def parse_key(self, key: str) -> ParsedKey | None:
+        """Split a LoRA tensor key into module stem and role; None for any other key.
+
+        The built-in readers group tensors into modules with this, and ``loratool validate``
+        checks each module's tensors with it, so the two always agree on what a module is. A
+        format that does not override it gets no per-module structure rules in validate.
+
+        Args:
+            key: a tensor name from the file.
+
+        Returns:
+            ``ParsedKey(stem, role, embedding)``, or None when the key is no LoRA tensor of
+            this format (foreign types, full tensors such as modules_to_save).
+
+        Example:
+            >>> from lora_tools.formats import get_format
+            >>> get_format("peft").parse_key("base_model.model.q_proj.lora_A.weight")
+            ParsedKey(stem='base_model.model.q_proj', role='down', embedding=False)
+            >>> get_format("kohya").parse_key("lora_unet_a_b.alpha").role
+            'alpha'
+        """
+        return None
 
     def score(self, keys: list[str], metadata: dict[str, str]) -> int:
         """How many keys this format claims (the format with the highest score reads the file)."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lora_tools.adapter import CONV, LINEAR, Adapter, LoraModule
 from lora_tools.errors import UsageError
-from lora_tools.formats.base import AdapterFormat, AdapterSource, add_foreign
+from lora_tools.formats.base import AdapterFormat, AdapterSource, ParsedKey, add_foreign
 from lora_tools.formats.peft import COMPONENTS
 from lora_tools.io.safetensors import Tensor, save_tensors
 
@@ -27,8 +27,16 @@ _LAYER_RE = re.compile(
 )
 
 
-def parse_key(key: str) -> tuple[str, str, str] | None:
-    """``(stem, module path with component, role)`` for an old diffusers key, else None."""
+def split_key(key: str) -> tuple[str, str, str] | None:
+    """``(stem, module path with component, role)`` for an old diffusers key, else None.
+
+    The one grammar of this format: :meth:`DiffusersOldFormat.parse_key` and the reader both
+    use it.
+
+    Example:
+        >>> split_key("down_blocks.0.attn.processor.to_out_lora.up.weight")
+        ('down_blocks.0.attn.processor.to_out_lora', 'down_blocks.0.attn.to_out.0', 'up')
+    """
     m = _PROCESSOR_RE.match(key)
     if m is not None:
         proj = "to_out.0" if m.group("proj") == "to_out" else m.group("proj")
@@ -47,7 +55,12 @@ class DiffusersOldFormat(AdapterFormat):
     default_filename = "pytorch_lora_weights.safetensors"
 
     def claims(self, key: str) -> bool:
-        return parse_key(key) is not None
+        return split_key(key) is not None
+
+    def parse_key(self, key: str) -> ParsedKey | None:
+        """``<stem>.down.weight`` / ``.up.weight`` -> ``(stem, role)`` (see :func:`split_key`)."""
+        parsed = split_key(key)
+        return ParsedKey(parsed[0], parsed[2]) if parsed else None
 
     def read(self, source: AdapterSource) -> Adapter:
         adapter = Adapter(format=self.name, metadata=source.metadata, source=source.weights)
@@ -55,7 +68,7 @@ class DiffusersOldFormat(AdapterFormat):
         paths: dict[str, str] = {}
         for key in source.keys:
             tensor = source.file.tensor(key)
-            parsed = parse_key(key)
+            parsed = split_key(key)
             if parsed is None:
                 if not add_foreign(adapter, key, tensor):
                     adapter.passthrough[key] = tensor

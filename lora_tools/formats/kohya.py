@@ -22,7 +22,13 @@ import numpy as np
 
 from lora_tools.adapter import CONV, LINEAR, Adapter, LoraModule
 from lora_tools.errors import UsageError
-from lora_tools.formats.base import AdapterFormat, AdapterSource, add_foreign, unresolved_error
+from lora_tools.formats.base import (
+    AdapterFormat,
+    AdapterSource,
+    ParsedKey,
+    add_foreign,
+    unresolved_error,
+)
 from lora_tools.io.safetensors import (
     ArrayTensor,
     Tensor,
@@ -98,6 +104,18 @@ class KohyaFormat(AdapterFormat):
     def claims(self, key: str) -> bool:
         return bool(_PREFIX_RE.match(key)) or ".lora_down." in key or ".lora_up." in key
 
+    def parse_key(self, key: str) -> ParsedKey | None:
+        """``<lora_name>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` -> (name, role).
+
+        Example:
+            >>> KohyaFormat().parse_key("lora_te_text_model_q_proj.lora_up.weight")
+            ParsedKey(stem='lora_te_text_model_q_proj', role='up', embedding=False)
+        """
+        m = _ROLE_RE.match(key)
+        if m is None:
+            return None
+        return ParsedKey(m.group("stem"), _ROLES[m.group("role")])
+
     def read(self, source: AdapterSource) -> Adapter:
         adapter = Adapter(
             format=self.name, metadata=source.metadata, source=source.weights, config=None
@@ -107,11 +125,11 @@ class KohyaFormat(AdapterFormat):
             tensor = source.file.tensor(key)
             if add_foreign(adapter, key, tensor):
                 continue
-            m = _ROLE_RE.match(key)
-            if m is None:
+            parsed = self.parse_key(key)
+            if parsed is None:
                 adapter.passthrough[key] = tensor
                 continue
-            parts.setdefault(m.group("stem"), {})[_ROLES[m.group("role")]] = (key, tensor)
+            parts.setdefault(parsed.stem, {})[parsed.role] = (key, tensor)
 
         foreign_stems = {s for stems in adapter.foreign.values() for s in stems}
         for stem, roles in parts.items():

@@ -25,6 +25,7 @@ from lora_tools.errors import UsageError
 from lora_tools.formats.base import (
     AdapterFormat,
     AdapterSource,
+    ParsedKey,
     add_foreign,
     ensure,
     unresolved_error,
@@ -47,7 +48,7 @@ DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
-# role suffix -> (role, kind hint)
+# The key grammar: stem + role suffix; the suffix names the role (parse_key).
 _ROLE_RE = re.compile(
     r"^(?P<stem>.+)\.(?P<role>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|"
     r"lora_embedding_B|lora_magnitude_vector(?:\.weight)?)$"
@@ -129,9 +130,24 @@ class PeftFormat(AdapterFormat):
     def _prefixed(self, stem: str) -> bool:
         return split_stem(stem)[0] is None
 
-    def claims(self, key: str) -> bool:
+    def parse_key(self, key: str) -> ParsedKey | None:
+        """``<stem>.lora_A.weight`` -> ``(stem, "down")``; embeddings, DoRA and bias too.
+
+        The stem keeps its prefix (``base_model.model.``, or a diffusers component).
+
+        Example:
+            >>> PeftFormat().parse_key("base_model.model.embed.lora_embedding_B")
+            ParsedKey(stem='base_model.model.embed', role='up', embedding=True)
+        """
         m = _ROLE_RE.match(key)
-        return m is not None and self._prefixed(m.group("stem"))
+        if m is None:
+            return None
+        suffix = m.group("role")
+        return ParsedKey(m.group("stem"), _ROLES[suffix], suffix.startswith("lora_embedding"))
+
+    def claims(self, key: str) -> bool:
+        parsed = self.parse_key(key)
+        return parsed is not None and self._prefixed(parsed.stem)
 
     def read(self, source: AdapterSource) -> Adapter:
         adapter = Adapter(
@@ -145,15 +161,14 @@ class PeftFormat(AdapterFormat):
         parts: dict[str, dict[str, tuple[str, Tensor]]] = {}
         for key in source.keys:
             tensor = source.file.tensor(key)
-            m = _ROLE_RE.match(key)
-            if m is None:
+            parsed = self.parse_key(key)
+            if parsed is None:
                 if not add_foreign(adapter, key, tensor):
                     adapter.passthrough[key] = tensor
                 continue
-            role = _ROLES[m.group("role")]
-            parts.setdefault(m.group("stem"), {})[role] = (key, tensor)
-            if m.group("role").startswith("lora_embedding"):
-                parts[m.group("stem")]["embedding"] = (key, tensor)
+            parts.setdefault(parsed.stem, {})[parsed.role] = (key, tensor)
+            if parsed.embedding:
+                parts[parsed.stem]["embedding"] = (key, tensor)
 
         for stem, roles in parts.items():
             if "down" not in roles or "up" not in roles:

@@ -10,8 +10,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lora_tools.formats import diffusers_old as diffusers_old_format
-from lora_tools.formats import kohya as kohya_format
 from lora_tools.formats import peft as peft_format
 from lora_tools.formats import registry
 from lora_tools.formats.base import AdapterFormat, classify_foreign
@@ -29,25 +27,6 @@ class Stem:
 
     roles: dict[str, str] = field(default_factory=dict)
     embedding: bool = False
-
-
-def _parse_role(format_name: str, key: str) -> tuple[str, str, bool] | None:
-    """``(stem, role, is_embedding)`` for a LoRA tensor key of a built-in format, else None."""
-    if format_name in ("peft", "diffusers"):
-        m = peft_format._ROLE_RE.match(key)
-        if m is None:
-            return None
-        role = m.group("role")
-        return m.group("stem"), peft_format._ROLES[role], role.startswith("lora_embedding")
-    if format_name == "kohya":
-        m = kohya_format._ROLE_RE.match(key)
-        if m is None:
-            return None
-        return m.group("stem"), kohya_format._ROLES[m.group("role")], False
-    if format_name == "diffusers-old":
-        parsed = diffusers_old_format.parse_key(key)
-        return (parsed[0], parsed[2], False) if parsed else None
-    return None
 
 
 def detect_format(ctx: Context, names: list[str], metadata: dict[str, str]) -> AdapterFormat | None:
@@ -98,14 +77,13 @@ def check_structure(
         if found is not None:
             foreign.setdefault(found[0], set()).add(found[1])
             continue
-        parsed = _parse_role(fmt.name, key)
+        parsed = fmt.parse_key(key)
         if parsed is None:
             unknown.append(key)
             continue
-        stem, role, embedding = parsed
-        entry = stems.setdefault(stem, Stem())
-        entry.roles[role] = key
-        entry.embedding = entry.embedding or embedding
+        entry = stems.setdefault(parsed.stem, Stem())
+        entry.roles[parsed.role] = key
+        entry.embedding = entry.embedding or parsed.embedding
     foreign_stems = {s for group in foreign.values() for s in group}
     bad: set[str] = set()
     info = header.tensors
