@@ -69,13 +69,13 @@ def check_structure(
         The stems that cannot be loaded, and every stem's tensors by role.
     """
     stems: dict[str, Stem] = {}
-    foreign: dict[str, set[str]] = {}
+    foreign: dict[str, dict[str, None]] = {}  # stems in file order: messages name the same one
     unknown: list[str] = []
     no_alpha: list[str] = []  # kohya modules without an alpha tensor, reported once (LT105)
     for key in names:
         found = classify_foreign(key)
         if found is not None:
-            foreign.setdefault(found[0], set()).add(found[1])
+            foreign.setdefault(found[0], {})[found[1]] = None
             continue
         parsed = fmt.parse_key(key)
         if parsed is None:
