@@ -4,13 +4,18 @@ Usage (from the repository root; prints a markdown table for docs/benchmarks.md)
 
     .venv/bin/python bench/bench_merge.py                 # 1.6 GB Llama-shaped base, 3 runs
     .venv/bin/python bench/bench_merge.py --size 8b       # 16 GB 8B-shaped base (no PEFT run)
-    .venv/bin/python bench/bench_merge.py --devices cpu,numpy,cuda --runs 5
+    .venv/bin/python bench/bench_merge.py --devices cpu,cuda --runs 5
 
-Everything is generated under bench/_work/ (gitignored): a bf16 sharded checkpoint with random
-weights written by the streaming writer, and a rank-16 all-linear PEFT adapter (fp32). Each
-contender runs as a child process; wall time is measured around it and peak RSS is the child's
-``ru_maxrss`` from ``os.wait4``. The page cache is warm for every contender (the base is read
-once before timing starts).
+Everything is generated under bench/_work/ (gitignored): a bf16 checkpoint with random weights
+written by the streaming writer, sharded like HF (~5 GB shards for 8b, 512 MiB for 1b), and a
+rank-16 all-linear PEFT adapter (fp32). Each contender runs as a child process; wall time is
+measured around it and peak RSS is the child's ``ru_maxrss`` from ``os.wait4``. The page cache
+holds the base for every contender (read once before timing starts), and ``sync`` runs before
+each timed run so that no run pays for the previous one's writeback. loratool's time includes
+its fsync of every output file (cp's does not: cp leaves its data in the page cache).
+
+After the timed runs, the PEFT output and loratool's output are compared tensor by tensor
+(elements that differ, and by how many bf16 ulps).
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ SHAPES = {
     "8b": dict(hidden=4096, layers=32, inter=14336, vocab=128256, heads=32, kv=8),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-MAX_SHARD_BYTES = 1 << 29
+#: Shard size of the generated base, like HF's default for each size.
+MAX_SHARD_BYTES = {"1b": 1 << 29, "8b": 5 * 10**9}
 
 
 def llama_tensors(s: dict) -> list[tuple[str, tuple[int, ...]]]:
@@ -64,7 +70,7 @@ def random_bf16_bytes(rng: np.random.Generator, count: int) -> np.ndarray:
     return (bits & np.uint16(0x807F)) | np.uint16(0x3C00)
 
 
-def make_base(folder: Path, s: dict) -> None:
+def make_base(folder: Path, s: dict, max_shard_bytes: int) -> None:
     from lora_tools.io.safetensors import SafetensorsWriter, TensorSpec
 
     folder.mkdir(parents=True)
@@ -73,7 +79,7 @@ def make_base(folder: Path, s: dict) -> None:
     size = 0
     for name, shape in llama_tensors(s):
         nbytes = int(np.prod(shape)) * 2
-        if size + nbytes > MAX_SHARD_BYTES and shards[-1]:
+        if size + nbytes > max_shard_bytes and shards[-1]:
             shards.append([])
             size = 0
         shards[-1].append((name, shape))
@@ -153,6 +159,8 @@ m.save_pretrained(sys.argv[3], max_shard_size="{shard}")
 
 def timed(cmd: list[str]) -> tuple[float, float]:
     """(wall seconds, peak RSS MB) of one child process."""
+    os.sync()  # earlier runs' dirty pages are not this run's cost
+    time.sleep(1)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -169,6 +177,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--devices", default="cpu", help="comma list of loratool --device values")
     ap.add_argument("--no-peft", action="store_true")
+    ap.add_argument("--peft-runs", type=int, default=1, help="PEFT runs (slow; default 1)")
     ap.add_argument("--keep", action="store_true", help="keep bench/_work/<size> afterwards")
     ap.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -178,7 +187,7 @@ def main() -> None:
     base, adapter, out = work / "base", work / "adapter", work / "out"
     if args.generate_only:
         shutil.rmtree(work, ignore_errors=True)
-        make_base(base, s)
+        make_base(base, s, MAX_SHARD_BYTES[args.size])
         make_adapter(adapter, s)
         return
     if not base.exists():
@@ -194,9 +203,16 @@ def main() -> None:
 
     py = sys.executable
     sys.path.insert(0, str(ROOT))
-    contenders = {"cp -r": ["cp", "-r", str(base), str(out)]}
+    outs = {"cp -r": work / "out-cp", "cp -r && sync": work / "out-cp-sync"}
+    contenders = {
+        "cp -r": ["cp", "-r", str(base), str(outs["cp -r"])],
+        # what loratool does too: the data on disk (it fsyncs each file before the rename)
+        "cp -r && sync": ["sh", "-c", f"cp -r '{base}' '{outs['cp -r && sync']}' && sync"],
+    }
     for dev in args.devices.split(","):
-        contenders[f"loratool merge --device {dev}"] = [
+        name = f"loratool merge --device {dev}"
+        outs[name] = work / f"out-{dev}"
+        contenders[name] = [
             py,
             "-m",
             "lora_tools",
@@ -204,46 +220,94 @@ def main() -> None:
             str(base),
             str(adapter),
             "-o",
-            str(out),
+            str(outs[name]),
             "--device",
             dev,
             "--quiet",
         ]
+    peft_name = "transformers + PEFT merge_and_unload"
     if not args.no_peft and args.size == "1b":
+        outs[peft_name] = work / "out-peft"
         script = PEFT_SCRIPT.format(threads=os.cpu_count(), shard="2GB")
-        contenders["transformers + PEFT merge_and_unload"] = [
-            py,
-            "-c",
-            script,
-            str(base),
-            str(adapter),
-            str(out),
-        ]
+        contenders[peft_name] = [py, "-c", script, str(base), str(adapter), str(outs[peft_name])]
     results: dict[str, list[tuple[float, float]]] = {k: [] for k in contenders}
-    for _ in range(args.runs):
+    loads = [os.getloadavg()[0]]
+    for i in range(args.runs):
         for name, cmd in contenders.items():
-            shutil.rmtree(out, ignore_errors=True)
+            if name == peft_name and i >= args.peft_runs:
+                continue
+            shutil.rmtree(outs[name], ignore_errors=True)
             results[name].append(timed(cmd))
-    shutil.rmtree(out, ignore_errors=True)
+            loads.append(os.getloadavg()[0])
+            if name.startswith("cp"):
+                shutil.rmtree(outs[name], ignore_errors=True)  # 16 GB twice does not fit
 
     cp = statistics.median(w for w, _ in results["cp -r"])
-    peft = results.get("transformers + PEFT merge_and_unload")
+    peft = results.get(peft_name)
     peft_wall = statistics.median(w for w, _ in peft) if peft else None
     print(
         f"\n{args.size}-shaped bf16 checkpoint, {size_gb:.2f} GB in "
         f"{len(list(base.glob('*.safetensors')))} shards, rank-16 all-linear adapter; "
-        f"median of {args.runs} runs; {platform.node()}, {os.cpu_count()} CPUs, "
-        f"{platform.python_version()}\n"
+        f"median of {args.runs} runs (PEFT: {min(args.runs, args.peft_runs)}); "
+        f"{platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
+        f"1-min load average during the runs {min(loads):.2f}..{max(loads):.2f}\n"
     )
-    print("| command | wall (s) | x cp | PEFT / this | peak RSS (MB) |")
-    print("|---|---:|---:|---:|---:|")
+    cp_sync = statistics.median(w for w, _ in results["cp -r && sync"])
+    print("| command | wall (s) | runs (s) | x cp | x (cp && sync) | PEFT / this | peak RSS (MB) |")
+    print("|---|---:|---|---:|---:|---:|---:|")
     for name, runs in results.items():
         wall = statistics.median(w for w, _ in runs)
         rss = max(r for _, r in runs)
         vs_peft = f"{peft_wall / wall:.1f}" if peft_wall else "-"
-        print(f"| {name} | {wall:.2f} | {wall / cp:.2f} | {vs_peft} | {rss:.0f} |")
+        each = ", ".join(f"{w:.2f}" for w, _ in runs)
+        print(
+            f"| {name} | {wall:.2f} | {each} | {wall / cp:.2f} | {wall / cp_sync:.2f} | "
+            f"{vs_peft} | {rss:.0f} |"
+        )
+    for name in outs:
+        if peft and name.startswith("loratool"):
+            print()
+            print(compare_outputs(outs[name], outs[peft_name], name))
+    for out in outs.values():
+        shutil.rmtree(out, ignore_errors=True)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _ordered(bits: np.ndarray) -> np.ndarray:
+    """bf16 bit patterns as integers in value order (adjacent floats differ by 1)."""
+    i = bits.astype(np.int64)
+    return np.where(i & 0x8000, -(i & 0x7FFF), i)
+
+
+def compare_outputs(ours: Path, peft: Path, label: str) -> str:
+    """Elements of each tensor that differ from PEFT's output, and by how many bf16 ulps."""
+    from lora_tools.io.safetensors import SafetensorsFile
+
+    def files(folder: Path) -> dict[str, Path]:
+        found = {}
+        for path in folder.glob("*.safetensors"):
+            with SafetensorsFile(path) as f:
+                found.update({k: path for k in f})
+        return found
+
+    mine, theirs = files(ours), files(peft)
+    total = differ = changed_tensors = 0
+    worst = 0
+    for key, path in mine.items():
+        with SafetensorsFile(path) as a, SafetensorsFile(theirs[key]) as b:
+            x = a.read(key).view(np.uint16)
+            y = b.read(key).view(np.uint16)
+        d = np.abs(_ordered(x) - _ordered(y))
+        n = int(np.count_nonzero(d))
+        total += x.size
+        differ += n
+        changed_tensors += n > 0
+        worst = max(worst, int(d.max(initial=0)))
+    return (
+        f"{label} vs PEFT: {differ} of {total} elements differ ({differ / total:.2e}), "
+        f"in {changed_tensors} of {len(mine)} tensors; largest difference {worst} bf16 ulp"
+    )
 
 
 if __name__ == "__main__":

@@ -36,8 +36,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lora_tools.io.safetensors import numpy_dtype
-
 #: Float dtypes a merge can compute on and write.
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 #: Rows of ``up`` per BLAS call of a product (see the module docstring).
@@ -242,16 +240,6 @@ def _dora(
         return factor[None, :] * merged
     magnitude = term.magnitude.astype(np.float32).reshape(-1)[start : start + len(unmerged)]
     return (magnitude / lane_norm(unmerged))[:, None] * merged
-
-
-def to_float(raw: np.ndarray, compute_dtype: np.dtype = np.float32) -> np.ndarray:
-    """Upcast decoded base values to the compute dtype (exact for F16 / BF16 / F32)."""
-    return raw.astype(compute_dtype)
-
-
-def round_to(values: np.ndarray, dtype: str) -> np.ndarray:
-    """Round once (to nearest, ties to even) to a safetensors float dtype."""
-    return values.astype(numpy_dtype(dtype))
 
 
 def compute_dtype_for(dtype: str) -> np.dtype:
