@@ -30,6 +30,13 @@ from lora_tools.cli.validate import single_threaded_blas
     "cuda | cuda:N.",
 )
 @click.option(
+    "--exact",
+    is_flag=True,
+    help="Merge on the CPU with torch's own matmul: bit-identical to PEFT's merge_and_unload "
+    "for every rank (needs the torch extra; slower start-up). Without it the cpu engine matches "
+    "PEFT except for the last bit of a few elements at larger ranks.",
+)
+@click.option(
     "--dtype",
     type=click.Choice(["keep", "bf16", "fp16", "fp32"]),
     default="keep",
@@ -50,6 +57,7 @@ def command(
     out: str,
     weights: tuple[float, ...],
     device: str,
+    exact: bool,
     dtype: str,
     force: bool,
     allow_unmatched: bool,
@@ -73,6 +81,13 @@ def command(
     from lora_tools.errors import UsageError
     from lora_tools.ops.merge import merge
 
+    if exact:
+        if device not in ("auto", "cpu"):
+            raise UsageError(
+                f"--exact reproduces PEFT's CPU merge and cannot run on --device {device}",
+                hint="drop --device, or drop --exact",
+            )
+        device = "torch-cpu"
     if weights and len(weights) not in (1, len(adapters)):
         raise UsageError(
             f"{len(weights)} --weight values for {len(adapters)} adapters",

@@ -140,3 +140,17 @@ def test_unknown_device_is_a_usage_error(tmp_path: Path) -> None:
     )
     assert isinstance(r.exception, UsageError) and r.exception.exit_code == 2
     assert not (tmp_path / "o").exists()
+
+
+def test_exact_merges_with_torch_and_refuses_other_devices(tmp_path: Path) -> None:
+    """--exact is the torch-cpu engine (bit-identical to PEFT: tests/ops/test_merge.py)."""
+    runner = CliRunner()
+    args = ["merge", str(FIXTURES / "bases/tiny-llama"), str(FIXTURES / "peft/llama-all-linear")]
+    exact = runner.invoke(cli, [*args, "-o", str(tmp_path / "exact"), "--exact", "--json"])
+    assert exact.exit_code == 0, exact.output
+    assert json.loads(exact.stdout)["engine"] == "torch-cpu"
+    refused = runner.invoke(
+        cli, [*args, "-o", str(tmp_path / "gpu"), "--exact", "--device", "cuda"]
+    )
+    assert isinstance(refused.exception, UsageError)
+    assert not (tmp_path / "gpu").exists()
