@@ -7,21 +7,21 @@ PY := $(VENV)/bin/python
 LORATOOL := $(VENV)/bin/loratool
 # The CPU build of torch lies in the local wheel cache; any other torch pulls GBs of CUDA.
 TORCH_PIN ?= torch==2.13.0
-PIP_QUIET ?= -q
+PIP_FLAGS ?= -q
 
 .PHONY: demo test lint format bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install $(PIP_QUIET) --upgrade pip
+	$(PY) -m pip install $(PIP_FLAGS) --upgrade pip
 
 $(VENV)/.core: pyproject.toml | $(PY)
-	$(PY) -m pip install $(PIP_QUIET) -e .
+	$(PY) -m pip install $(PIP_FLAGS) -e .
 	touch $@
 
 $(VENV)/.dev: pyproject.toml | $(PY)
-	$(PY) -m pip install $(PIP_QUIET) $(TORCH_PIN)
-	$(PY) -m pip install $(PIP_QUIET) -e '.[dev]'
+	$(PY) -m pip install $(PIP_FLAGS) $(TORCH_PIN)
+	$(PY) -m pip install $(PIP_FLAGS) -e '.[dev]'
 	touch $@ $(VENV)/.core
 
 demo: $(VENV)/.core
