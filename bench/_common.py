@@ -36,48 +36,45 @@ def llama_adapter(
     kohya: bool = False,
     fill: str = "zeros",
     seed: int = 0,
+    alpha: float | None = None,
+    up_decay: np.ndarray | None = None,
 ) -> Path:
     """Write a Llama-7B-shaped LoRA (7 linears x ``layers``) in PEFT or kohya naming.
 
-    ``fill="zeros"`` is fast (header-only benchmarks); ``"random"`` gives real spectra.
+    ``fill="zeros"`` is fast (header-only benchmarks); ``"random"`` draws seeded normal factors
+    scaled by 0.01, the up factor's columns multiplied by ``up_decay`` when given (trained LoRA
+    spectra decay; a flat one makes the top-k subspace ill-defined). ``alpha`` defaults to
+    ``2 * rank``. Returns the adapter folder (PEFT) or file (kohya).
     """
     from lora_tools.io.safetensors import SafetensorsWriter, TensorSpec, numpy_dtype
 
+    alpha = 2.0 * rank if alpha is None else alpha
     rng = np.random.default_rng(seed)
-    specs, values = [], {}
+    specs, values, ups = [], {}, set()
     for layer in range(layers):
         for name, (out_f, in_f) in LLAMA7B_LINEARS.items():
             if kohya:
                 stem = f"lora_unet_layers_{layer}_{name.replace('.', '_')}"
                 down, up = f"{stem}.lora_down.weight", f"{stem}.lora_up.weight"
                 specs.append(TensorSpec(f"{stem}.alpha", "F32", ()))
-                values[f"{stem}.alpha"] = np.array(rank / 2, np.float32)
+                values[f"{stem}.alpha"] = np.array(alpha, np.float32)
             else:
                 stem = f"base_model.model.model.layers.{layer}.{name}"
                 down, up = f"{stem}.lora_A.weight", f"{stem}.lora_B.weight"
             specs += [TensorSpec(down, dtype, (rank, in_f)), TensorSpec(up, dtype, (out_f, rank))]
+            ups.add(up)
     path.parent.mkdir(parents=True, exist_ok=True)
-    weights = path / "adapter_model.safetensors" if not kohya else path
+    weights = path if kohya else path / "adapter_model.safetensors"
     if not kohya:
         path.mkdir(exist_ok=True)
-        (path / "adapter_config.json").write_text(
-            json.dumps(
-                {
-                    "peft_type": "LORA",
-                    "r": rank,
-                    "lora_alpha": rank * 2,
-                    "target_modules": [
-                        "q_proj",
-                        "k_proj",
-                        "v_proj",
-                        "o_proj",
-                        "gate_proj",
-                        "up_proj",
-                        "down_proj",
-                    ],
-                }
-            )
-        )
+        config = {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": rank,
+            "lora_alpha": alpha,
+            "target_modules": [name.split(".")[-1] for name in LLAMA7B_LINEARS],
+        }
+        (path / "adapter_config.json").write_text(json.dumps(config))
     np_dtype = numpy_dtype(dtype)
     with SafetensorsWriter(weights, specs, {"format": "pt"}) as writer:
         for spec in writer.order:
@@ -86,7 +83,10 @@ def llama_adapter(
             elif fill == "zeros":
                 writer.write(spec.name, np.zeros(spec.shape, np_dtype))
             else:
-                writer.write(spec.name, (rng.standard_normal(spec.shape) * 0.02).astype(np_dtype))
+                factor = rng.standard_normal(spec.shape, np.float32) * np.float32(0.01)
+                if up_decay is not None and spec.name in ups:
+                    factor *= up_decay
+                writer.write(spec.name, factor.astype(np_dtype))
     return path
 
 

@@ -32,8 +32,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lora_tools.formats import load_adapter, save_adapter
-from lora_tools.io.safetensors import save_tensors
 from lora_tools.ops.resize import resize_adapter
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import llama_adapter
 
 SQUARE = ("q_proj", "k_proj", "v_proj", "o_proj")
 SHAPES = {
@@ -52,31 +54,9 @@ def module_path(layer: int, name: str) -> str:
 
 
 def make_adapter(folder: Path) -> None:
-    """A PEFT folder with random float32 factors of the real shapes (lora_B not zero).
-
-    The up factor's columns decay like exp(-i / 12), as trained LoRA spectra do; a flat
-    random spectrum would make the top-16 subspace ill-defined and any two SVDs disagree.
-    """
-    import json
-
-    rng = np.random.default_rng(0)
-    tensors = {}
-    for layer in range(LAYERS):
-        for name, (out_f, in_f) in SHAPES.items():
-            stem = "base_model.model." + module_path(layer, name)
-            tensors[f"{stem}.lora_A.weight"] = rng.standard_normal((RANK, in_f), np.float32) * 0.01
-            up = rng.standard_normal((out_f, RANK), np.float32) * 0.01
-            tensors[f"{stem}.lora_B.weight"] = up * DECAY
-    folder.mkdir()
-    save_tensors(folder / "adapter_model.safetensors", tensors, {"format": "pt"})
-    config = {
-        "peft_type": "LORA",
-        "r": RANK,
-        "lora_alpha": ALPHA,
-        "target_modules": list(SHAPES),
-        "task_type": "CAUSAL_LM",
-    }
-    (folder / "adapter_config.json").write_text(json.dumps(config))
+    """A PEFT folder of the real shapes, random float32 factors (lora_B not zero) whose up
+    columns decay like exp(-i / 12), as trained LoRA spectra do."""
+    llama_adapter(folder, RANK, layers=LAYERS, fill="random", alpha=ALPHA, up_decay=DECAY)
 
 
 def time_loratool(src: Path, work: Path, runs: int) -> tuple[list[float], object]:

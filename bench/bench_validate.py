@@ -19,14 +19,11 @@ is read once first) and reports the median of ``--runs``:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 # As the CLI does (lora_tools/cli/validate.py): validate's BLAS work is r x r Gram matrices, and
@@ -39,55 +36,19 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lora_tools.io.safetensors import SafetensorsWriter, TensorSpec  # noqa: E402
 from lora_tools.ops.validate import validate  # noqa: E402
 
-HIDDEN, MLP, LAYERS = 4096, 11008, 32
-#: (module, in, out) per layer.
-MODULES = [
-    ("self_attn.q_proj", HIDDEN, HIDDEN),
-    ("self_attn.k_proj", HIDDEN, HIDDEN),
-    ("self_attn.v_proj", HIDDEN, HIDDEN),
-    ("self_attn.o_proj", HIDDEN, HIDDEN),
-    ("mlp.gate_proj", HIDDEN, MLP),
-    ("mlp.up_proj", HIDDEN, MLP),
-    ("mlp.down_proj", MLP, HIDDEN),
-]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import LLAMA7B_LINEARS, llama_adapter, median_time  # noqa: E402
+
+LAYERS = 32
 
 
 def make_adapter(folder: Path, size_bytes: int) -> Path:
-    per_rank = LAYERS * sum(i + o for _, i, o in MODULES) * 4
+    """A Llama-7B-shaped PEFT adapter of about ``size_bytes``, random F32 factors."""
+    per_rank = LAYERS * sum(i + o for o, i in LLAMA7B_LINEARS.values()) * 4
     rank = max(1, round(size_bytes / per_rank))
-    specs, shapes = [], {}
-    for layer in range(LAYERS):
-        for name, n_in, n_out in MODULES:
-            stem = f"base_model.model.model.layers.{layer}.{name}"
-            shapes[f"{stem}.lora_A.weight"] = (rank, n_in)
-            shapes[f"{stem}.lora_B.weight"] = (n_out, rank)
-    specs = [TensorSpec(k, "F32", s) for k, s in shapes.items()]
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "adapter_model.safetensors"
-    rng = np.random.default_rng(0)
-    with SafetensorsWriter(path, specs, {"format": "pt"}) as writer:
-        for spec in writer.order:
-            writer.write(spec.name, rng.standard_normal(spec.shape, dtype=np.float32) * 0.01)
-    config = {
-        "peft_type": "LORA",
-        "r": rank,
-        "lora_alpha": 2 * rank,
-        "target_modules": sorted({n.split(".")[-1] for n, _, _ in MODULES}),
-    }
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-    return path
-
-
-def median_time(fn, runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return llama_adapter(folder, rank, fill="random") / "adapter_model.safetensors"
 
 
 def plain_read(path: Path) -> None:
@@ -139,7 +100,7 @@ def main() -> None:
 
     gb = size / 1e9
     print(
-        f"Adapter: {gb:.2f} GB ({size:,} bytes), {LAYERS * len(MODULES)} modules, F32; "
+        f"Adapter: {gb:.2f} GB ({size:,} bytes), {LAYERS * len(LLAMA7B_LINEARS)} modules, F32; "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"Python {platform.python_version()}, numpy {np.__version__}; median of {args.runs} runs, "
         "warm page cache.\n"
