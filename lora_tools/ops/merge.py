@@ -46,7 +46,13 @@ import numpy as np
 
 from lora_tools import __version__
 from lora_tools.adapter import EMBEDDING, Adapter
-from lora_tools.errors import DeviceError, OutputError, UnsupportedAdapterError, UsageError
+from lora_tools.errors import (
+    AdapterError,
+    DeviceError,
+    OutputError,
+    UnsupportedAdapterError,
+    UsageError,
+)
 from lora_tools.io.atomic import atomic_dir, check_output
 from lora_tools.io.checkpoint import INDEX_NAMES, Checkpoint, open_checkpoint
 from lora_tools.io.safetensors import (
@@ -184,18 +190,41 @@ class MergePlan:
 
 def build_term(match: ModuleMatch, weight: float, role: str) -> Term:
     """The float32 update one resolved module makes to its weight (``role="weight"``) or to
-    its bias (``role="bias"``, PEFT lora_bias)."""
+    its bias (``role="bias"``, PEFT lora_bias).
+
+    Raises:
+        AdapterError: a factor holds NaN or Inf, which would make the merged weight non-finite.
+    """
     module = match.module
     scale = module.scale * weight
     if role == "bias":
         assert module.bias is not None
-        return DenseTerm(module.bias.numpy().astype(np.float32), scale, module.key)
+        bias = _finite(module.bias.numpy().astype(np.float32), "lora_B.bias", match)
+        return DenseTerm(bias, scale, module.key)
     up, down = module.factors(np.float32)
+    _finite(up, "up factor (lora_B)", match)
+    _finite(down, "down factor (lora_A)", match)
     magnitude = None
     if module.magnitude is not None:
         magnitude = module.magnitude.numpy().astype(np.float32).reshape(-1)
+        _finite(magnitude, "DoRA magnitude", match)
     transposed = module.kind == EMBEDDING or match.transpose
     return LowRankTerm(up, down, scale, transposed, magnitude, module.key)
+
+
+def _finite(values: np.ndarray, what: str, match: ModuleMatch) -> np.ndarray:
+    """``values``, or AdapterError when they hold NaN / Inf (never merged silently)."""
+    if not np.isfinite(values).all():
+        bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+        source = getattr(match.module.down, "file", None)
+        raise AdapterError(
+            f"module {match.module.key!r}: the {what} holds {bad} NaN/Inf values; merging it "
+            f"would make {match.target.key!r} non-finite",
+            path=source.path if source is not None else None,
+            hint="run `loratool validate` on the adapter; use an earlier checkpoint",
+            kind="non-finite",
+        )
+    return values
 
 
 def _check_mergeable(adapter: Adapter, weight: float) -> None:

@@ -525,3 +525,16 @@ def test_device_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(DeviceError, match="needs torch"):
         select_engine("cuda:0")
     assert select_engine("auto").name == "numpy"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_non_finite_factors_are_refused_and_leave_nothing(tmp_path: Path, engine: str) -> None:
+    """PEFT merges NaN / Inf factors silently (fixtures/manifest.json); loratool refuses."""
+    from lora_tools.errors import AdapterError
+
+    out = tmp_path / "out"
+    with pytest.raises(AdapterError, match=r"holds 1 NaN/Inf values") as err:
+        merge(FIXTURES / "bases/tiny-llama", [FIXTURES / "broken/nan-weights"], out, device=engine)
+    assert err.value.kind == "non-finite"
+    assert "model.layers.0.self_attn.q_proj.weight" in str(err.value)
+    assert list(tmp_path.iterdir()) == []  # no output, no temporary folder
