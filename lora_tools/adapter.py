@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from lora_tools.errors import UnsupportedAdapterError
+from lora_tools.errors import AdapterError, UnsupportedAdapterError
 from lora_tools.io.safetensors import Tensor
 
 #: Module-name endings recognised in flattened (kohya) names, longest first.
@@ -211,6 +211,15 @@ class LoraModule:
         down = self.down.numpy().astype(dtype).reshape(self.rank, -1)
         return up, down
 
+    def finite_factors(
+        self, dtype: np.dtype = np.float64, *, consequence: str = "the result would be NaN"
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`factors`, or AdapterError when either holds NaN or Inf."""
+        up, down = self.factors(dtype)
+        require_finite(up, "up factor (B)", self, consequence)
+        require_finite(down, "down factor (A)", self, consequence)
+        return up, down
+
     def delta(self) -> np.ndarray:
         """The dense float64 update in the base weight's layout (small modules and tests only)."""
         up, down = self.factors()
@@ -218,6 +227,27 @@ class LoraModule:
         if self.kind == EMBEDDING:
             return product.T
         return product.reshape(self.delta_shape)
+
+
+def require_finite(
+    values: np.ndarray, what: str, module: LoraModule, consequence: str
+) -> np.ndarray:
+    """``values``, or AdapterError naming the module and the file when they hold NaN / Inf.
+
+    Operations refuse such factors rather than spread them: PEFT and diffusers merge them
+    silently into a non-finite model.
+    """
+    finite = np.isfinite(values)
+    if not finite.all():
+        source = getattr(module.down, "file", None)
+        raise AdapterError(
+            f"module {module.key!r}: the {what} holds {values.size - int(finite.sum())} "
+            f"NaN/Inf values; {consequence}",
+            path=source.path if source is not None else None,
+            hint="run `loratool validate` on the adapter; use an earlier checkpoint",
+            kind="non-finite",
+        )
+    return values
 
 
 @dataclass

@@ -199,7 +199,7 @@ def combine_adapters(
     for n, members in enumerate(groups.values()):
         _check_shapes(adapters, members)
         template = _template(first, members)
-        terms = [(m.factors(), weights[i] * m.scale, m) for i, m in members]
+        terms = [(m.finite_factors(), weights[i] * m.scale, m) for i, m in members]
         if method == "concat":
             new, row = _concat(template, terms)
         elif method == "svd":
@@ -313,7 +313,7 @@ def _dense_combination(
 
 
 def _dense(m: LoraModule) -> np.ndarray:
-    U, V = m.factors()
+    U, V = m.finite_factors()
     return (U * m.scale) @ V
 
 

@@ -45,9 +45,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from lora_tools import __version__
-from lora_tools.adapter import EMBEDDING, Adapter
+from lora_tools.adapter import EMBEDDING, Adapter, require_finite
 from lora_tools.errors import (
-    AdapterError,
     DeviceError,
     OutputError,
     UnsupportedAdapterError,
@@ -197,34 +196,18 @@ def build_term(match: ModuleMatch, weight: float, role: str) -> Term:
     """
     module = match.module
     scale = module.scale * weight
+    harm = f"merging it would make {match.target.key!r} non-finite"
     if role == "bias":
         assert module.bias is not None
-        bias = _finite(module.bias.numpy().astype(np.float32), "lora_B.bias", match)
-        return DenseTerm(bias, scale, module.key)
-    up, down = module.factors(np.float32)
-    _finite(up, "up factor (lora_B)", match)
-    _finite(down, "down factor (lora_A)", match)
+        bias = module.bias.numpy().astype(np.float32)
+        return DenseTerm(require_finite(bias, "lora_B.bias", module, harm), scale, module.key)
+    up, down = module.finite_factors(np.float32, consequence=harm)
     magnitude = None
     if module.magnitude is not None:
         magnitude = module.magnitude.numpy().astype(np.float32).reshape(-1)
-        _finite(magnitude, "DoRA magnitude", match)
+        require_finite(magnitude, "DoRA magnitude", module, harm)
     transposed = module.kind == EMBEDDING or match.transpose
     return LowRankTerm(up, down, scale, transposed, magnitude, module.key)
-
-
-def _finite(values: np.ndarray, what: str, match: ModuleMatch) -> np.ndarray:
-    """``values``, or AdapterError when they hold NaN / Inf (never merged silently)."""
-    if not np.isfinite(values).all():
-        bad = int(values.size - np.count_nonzero(np.isfinite(values)))
-        source = getattr(match.module.down, "file", None)
-        raise AdapterError(
-            f"module {match.module.key!r}: the {what} holds {bad} NaN/Inf values; merging it "
-            f"would make {match.target.key!r} non-finite",
-            path=source.path if source is not None else None,
-            hint="run `loratool validate` on the adapter; use an earlier checkpoint",
-            kind="non-finite",
-        )
-    return values
 
 
 def _check_mergeable(adapter: Adapter, weight: float) -> None:

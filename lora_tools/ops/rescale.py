@@ -146,7 +146,7 @@ def rescale_adapter(
 def _scaled(m: LoraModule, multiplier: float, new_alpha: float | None) -> LoraModule:
     """``m`` with factors (and lora bias) multiplied by ``multiplier``, alpha set to new_alpha."""
     c_up, c_down = split_scalar(multiplier)
-    up, down = m.factors()
+    up, down = m.finite_factors()
     bias = None
     if m.bias is not None:
         # PEFT adds scale * bias. With the update's gain g (F, or 1 for alpha / normalize) the

@@ -230,7 +230,7 @@ def _resize_module(
     # The output keeps the module's scale; a zero scale (alpha 0) has no update to keep, so
     # the factors are written for scale 1 and come out zero.
     target = scale if scale != 0 and math.isfinite(scale) else 1.0
-    up, down = m.factors()
+    up, down = m.finite_factors()
     fixed = rule.get("rank")
     if fixed is not None and fixed >= m.rank:
         # Nothing to truncate: only the norm is needed for the summary (r x r work).

@@ -152,3 +152,25 @@ def test_help_lists_every_option(fixtures_dir):
         assert result.exit_code == 0
         for option in options:
             assert option in result.output, (cmd, option)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["resize", "broken/nan-weights", "--rank", "2"],
+        ["rescale", "broken/nan-weights", "--factor", "2"],
+        ["combine", "broken/nan-weights", "peft/llama-lora", "--method", "svd", "--rank", "4"],
+        ["combine", "broken/nan-weights", "peft/llama-lora"],
+    ],
+)
+def test_non_finite_factors_are_refused(fixtures_dir, tmp_path, args):
+    """NaN / Inf in a factor: one error naming the file and module; nothing written."""
+    from lora_tools.errors import AdapterError
+
+    cmd = [a if "/" not in a else str(fixtures_dir / a) for a in args]
+    result = CliRunner().invoke(cli, [*cmd, "-o", str(tmp_path / "out")])
+    assert isinstance(result.exception, AdapterError), result.output
+    assert result.exception.kind == "non-finite"
+    assert "layers.0.self_attn.q_proj" in str(result.exception)
+    assert "nan-weights" in str(result.exception)
+    assert list(tmp_path.iterdir()) == []
