@@ -30,10 +30,17 @@ def run(group: click.Group) -> None:
     except click.exceptions.Abort:
         error_line("aborted")
         sys.exit(EXIT_INTERRUPTED)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        click.echo(exc.ctx.get_help() if exc.ctx is not None else exc.format_message())
+        sys.exit(0)
+    except click.UsageError as exc:
+        # One line like every other error, with the help command to run as the hint.
+        command = exc.ctx.command_path if exc.ctx is not None else "loratool"
+        error_line(f"{exc.format_message()} (hint: see '{command} --help')")
+        sys.exit(EXIT_USAGE)
     except click.ClickException as exc:
-        # Usage errors keep click's own formatting (with "Try 'loratool --help'").
-        exc.show()
-        sys.exit(EXIT_USAGE if isinstance(exc, click.UsageError) else exc.exit_code)
+        error_line(exc.format_message())
+        sys.exit(exc.exit_code)
     except LoraToolError as exc:
         if debug:
             raise

@@ -66,11 +66,26 @@ def test_bad_input_is_one_line_with_exit_3(fixtures_dir, target, code, needle):
     assert "Traceback" not in proc.stderr
 
 
-def test_usage_error_exit_2():
-    proc = run_cli("inspect")
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["inspect"], "Missing argument 'PATH'. (hint: see 'python -m lora_tools inspect --help')"),
+        (["inspect", "x", "--bogus"], "No such option '--bogus'"),
+        (
+            ["no-such-command"],
+            "No such command 'no-such-command'. (hint: see 'python -m lora_tools --help')",
+        ),
+    ],
+)
+def test_usage_errors_are_one_line_with_exit_2(args, needle):
+    proc = run_cli(*args)
     assert proc.returncode == 2
-    assert "Missing argument" in proc.stderr
-    assert run_cli("no-such-command").returncode == 2
+    assert proc.stderr.count("\n") == 1 and needle in proc.stderr
+
+
+def test_bare_command_prints_help():
+    proc = run_cli()
+    assert proc.returncode == 0 and proc.stdout.startswith("Usage: ")
 
 
 def test_debug_shows_traceback(fixtures_dir):
