@@ -104,10 +104,6 @@ def time_command(cmd: list[str], runs: int = 7) -> float:
     return median_time(lambda: subprocess.run(cmd, check=True, capture_output=True), runs)
 
 
-def drop_page_cache_hint() -> str:
-    return "warm page cache (files were just written; the machine has RAM to spare)"
-
-
 def machine() -> str:
     import platform
 

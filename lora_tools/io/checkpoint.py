@@ -59,7 +59,6 @@ class Component:
     index_path: Path | None = None
     config: dict[str, Any] | None = None
     _weight_map: dict[str, str] | None = None
-    _index_doc: dict[str, Any] | None = None
     _open: dict[Path, SafetensorsFile] = field(default_factory=dict)
 
     @property
@@ -89,11 +88,6 @@ class Component:
                         )
                     self._weight_map[key] = path.name
         return self._weight_map
-
-    @property
-    def index_metadata(self) -> dict[str, Any]:
-        """The index's ``metadata`` object (e.g. total_size), or {}."""
-        return dict((self._index_doc or {}).get("metadata") or {})
 
     def keys(self) -> list[str]:
         return list(self.weight_map)
@@ -136,14 +130,6 @@ class Checkpoint:
     path: Path
     kind: str
     components: dict[str, Component]
-
-    @property
-    def weight_files(self) -> list[Path]:
-        return [f for c in self.components.values() for f in c.files]
-
-    @property
-    def index_files(self) -> list[Path]:
-        return [c.index_path for c in self.components.values() if c.index_path is not None]
 
     def close(self) -> None:
         for comp in self.components.values():
@@ -188,9 +174,7 @@ def _component_from_folder(name: str, folder: Path) -> Component | None:
                     kind="checkpoint-missing-shard",
                 )
             files.append(shard)
-        return Component(
-            name, folder, files, index_path, config, _weight_map=dict(weight_map), _index_doc=doc
-        )
+        return Component(name, folder, files, index_path, config, _weight_map=dict(weight_map))
     weights = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
     if weights:
         return Component(name, folder, weights, None, config)

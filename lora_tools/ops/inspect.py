@@ -134,12 +134,6 @@ def _fmt_key(value: Any) -> str:
     return str(value)
 
 
-def _number(value: float) -> float | int | None:
-    if not math.isfinite(value):
-        return None
-    return int(value) if float(value).is_integer() else value
-
-
 def robust_outliers(values: list[float], threshold: float = 3.5) -> list[bool]:
     """Flag values far from the rest on a log scale (modified z-score > ``threshold``).
 

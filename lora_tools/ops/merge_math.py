@@ -122,14 +122,6 @@ class LowRankTerm:
     label: str = ""
 
     @property
-    def base_rows(self) -> int:
-        return self.down.shape[1] if self.transposed else self.up.shape[0]
-
-    @property
-    def base_cols(self) -> int:
-        return self.up.shape[0] if self.transposed else self.down.shape[1]
-
-    @property
     def needs_whole_tensor(self) -> bool:
         """DoRA on a transposed layout normalises columns of the base: no row blocks."""
         return self.magnitude is not None and self.transposed

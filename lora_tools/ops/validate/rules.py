@@ -62,11 +62,6 @@ class Rule:
         """The heading anchor of this rule's section in docs/rules.md (``lt012-truncated``)."""
         return f"{self.code.lower()}-{self.name}"
 
-    @property
-    def reads_data(self) -> bool:
-        """Whether checking this rule reads tensor data (not just headers)."""
-        return self.code.startswith("LT2")
-
 
 _CATALOGUE = (
     # -- LT0xx file integrity (the reference safetensors reader rejects all of these but LT014)
