@@ -121,11 +121,6 @@ class LowRankTerm:
     magnitude: np.ndarray | None = None
     label: str = ""
 
-    @property
-    def needs_whole_tensor(self) -> bool:
-        """DoRA on a transposed layout normalises columns of the base: no row blocks."""
-        return self.magnitude is not None and self.transposed
-
 
 @dataclass(frozen=True)
 class DenseTerm:
@@ -134,8 +129,6 @@ class DenseTerm:
     value: np.ndarray
     scale: float
     label: str = ""
-
-    needs_whole_tensor = False
 
 
 Term = LowRankTerm | DenseTerm

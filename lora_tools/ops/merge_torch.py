@@ -232,7 +232,7 @@ class TorchEngine:
                     out_q.put(("raw", job, None))
                     continue
                 terms = job.terms()
-                rows, _, step = job_rows(job, terms, self.block_bytes)
+                rows, _, step = job_rows(job, self.block_bytes)
                 out_q.put(("start", job, terms))
                 for start in range(0, rows, step):
                     if stop.is_set():
@@ -247,7 +247,7 @@ class TorchEngine:
     def _read_rows(
         self, reader: SafetensorsFile, job: TensorJob, start: int, count: int
     ) -> torch.Tensor:
-        rows, cols = job_rows(job, [], 1)[:2]
+        rows, cols = job_rows(job, 1)[:2]
         if job.replacement is not None:
             values = job.replacement.numpy().reshape(rows, cols)[start : start + count]
             return _from_numpy(np.ascontiguousarray(values))
