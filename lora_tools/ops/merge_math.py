@@ -14,8 +14,9 @@ Definitions (float32 throughout, as PEFT's default merge path on an fp32 adapter
 - ``W' = round_to_output_dtype(float32(W) + dW_1 + dW_2 + ...)``: one rounding at the end.
 - DoRA (PEFT's ``merge_unsafe``): ``T = float32(W + dW)``; ``n = ||T||`` per output row (the
   norm reduced as torch's CPU kernel reduces a contiguous last dimension: 8 float32 lanes of
-  ``acc += x * x``, folded left, then the remainder with fused multiply-adds); then
-  ``W' = round(float32((m / n) * T))``.
+  ``acc += x * x``, folded left, then the remainder with fused multiply-adds; for GPT-2 Conv1D,
+  stored ``[in, out]``, the reduced dimension is not contiguous and torch sums down it in order,
+  see :func:`column_norm`); then ``W' = round(float32((m / n) * T))``.
 - lora_bias: ``b' = round(float32(b) + float32(bias * float32(scale)))``.
 
 Everything here works on row blocks of a base tensor, in place where it can, so that memory stays
@@ -98,6 +99,20 @@ def lane_norm(rows: np.ndarray) -> np.ndarray:
     for j in range(full, n):
         total = fma_round(total, rows[:, j], rows[:, j])
     return np.sqrt(total)
+
+
+def column_norm(stored: np.ndarray) -> np.ndarray:
+    """Per-column L2 norm of a float32 ``[rows, cols]`` array, reduced as torch reduces a
+    non-contiguous dimension: one accumulator per column, ``acc = acc + x * x`` (separately
+    rounded) down the rows in order, then sqrt.
+
+    This is PEFT's DoRA norm for GPT-2 Conv1D layers (stored ``[in, out]``): it takes the norm of
+    the transposed view, whose reduced dimension is not contiguous in memory.
+    """
+    acc = np.zeros(stored.shape[1], np.float32)
+    for row in stored:
+        acc = acc + row * row
+    return np.sqrt(acc)
 
 
 @dataclass(frozen=True)
@@ -221,7 +236,7 @@ def _dora(
     unmerged = (base + delta).astype(np.float32)
     merged = (acc + delta).astype(np.float32)
     if term.transposed:
-        factor = term.magnitude.astype(np.float32) / lane_norm(np.ascontiguousarray(unmerged.T))
+        factor = term.magnitude.astype(np.float32) / column_norm(unmerged)
         return factor[None, :] * merged
     magnitude = term.magnitude.astype(np.float32).reshape(-1)[start : start + len(unmerged)]
     return (magnitude / lane_norm(unmerged))[:, None] * merged

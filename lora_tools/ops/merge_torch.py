@@ -137,6 +137,15 @@ def lane_norm(rows: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(total.double()).float()
 
 
+def column_norm(stored: torch.Tensor) -> torch.Tensor:
+    """Per-column L2 norm, reduced exactly as merge_math.column_norm (torch's CPU kernel on a
+    non-contiguous dimension): ``acc = acc + x * x`` down the rows in order."""
+    acc = torch.zeros(stored.shape[1], dtype=torch.float32, device=stored.device)
+    for row in stored:
+        acc = acc + row * row
+    return torch.sqrt(acc.double()).float()
+
+
 @dataclass
 class _DeviceTerm:
     """A term with its factors on the device."""
@@ -208,7 +217,7 @@ class TorchEngine:
             unmerged = (base + delta).float()
             merged = (acc + delta).float()
             if isinstance(dt.term, LowRankTerm) and dt.term.transposed:
-                factor = dt.magnitude / lane_norm(unmerged.T.contiguous())
+                factor = dt.magnitude / column_norm(unmerged)
                 acc = factor[None, :] * merged
             else:
                 factor = dt.magnitude[start:stop] / lane_norm(unmerged)

@@ -143,6 +143,42 @@ def test_cpu_engine_within_summation_error_of_peft(tmp_path: Path, peft_referenc
     assert len(targets) == 14 and total > 0
 
 
+@pytest.mark.oracle
+@pytest.mark.parametrize("engine", ENGINES)
+def test_gpt2_dora_matches_peft(tmp_path: Path, engine: str) -> None:
+    """DoRA on GPT-2's Conv1D ([in, out] storage): the norm runs over columns of the stored
+    tensor, so the engines merge it in one block instead of row blocks."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base_dir = FIXTURES / "bases" / "tiny-gpt2"
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn", "mlp.c_proj"], use_dora=True,
+        fan_in_fan_out=True,
+    )  # fmt: skip
+    torch.manual_seed(7)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "magnitude" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(tmp_path / "adapter")
+    reference = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "adapter"
+    ).merge_and_unload()
+    ref = {k: v.contiguous().numpy() for k, v in reference.state_dict().items()}
+
+    merge(base_dir, [tmp_path / "adapter"], tmp_path / "out", device=engine, block_bytes=1024)
+    got = _tensors(tmp_path / "out")
+    changed = [k for k in got if not np.array_equal(got[k], _tensors(base_dir)[k])]
+    assert sorted(changed) == [
+        f"transformer.h.{i}.{m}.weight" for i in range(2) for m in ("attn.c_attn", "mlp.c_proj")
+    ]
+    assert [k for k in got if not np.array_equal(got[k], ref[k])] == []
+
+
 def test_torch_cpu_engine_writes_the_numpy_engines_bytes(tmp_path: Path) -> None:
     """The torch engine's code path (threads, queues, device copies) on the CPU: the same bytes
     as the numpy engine at a rank both BLAS libraries sum in order."""

@@ -11,6 +11,7 @@ from lora_tools.ops.merge_math import (
     PRODUCT_ROWS,
     LowRankTerm,
     apply_terms,
+    column_norm,
     fma_round,
     lane_norm,
     product_rows,
@@ -113,3 +114,17 @@ def test_lane_norm_equals_torch_linalg_norm(n: int) -> None:
     x = (rng.standard_normal((64, n)) * 0.1).astype(np.float32)
     ref = torch.linalg.norm(torch.from_numpy(x), dim=1).numpy()
     assert np.array_equal(lane_norm(x), ref)
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("rows,cols", [(32, 96), (128, 32), (37, 50), (1024, 24)])
+def test_column_norm_equals_torch_norm_of_the_transposed_view(rows: int, cols: int) -> None:
+    """PEFT's DoRA norm on a Conv1D weight stored [in, out]: torch.linalg.norm(W.T, dim=1),
+    reduced down a non-contiguous dimension."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(rows * cols)
+    x = rng.standard_normal((rows, cols)).astype(np.float32)
+    ref = torch.linalg.norm(torch.from_numpy(x).T, dim=1).numpy()
+    assert np.array_equal(column_norm(x), ref)
+    # and it is not the contiguous kernel's order: the two differ somewhere on these sizes
+    assert not np.array_equal(lane_norm(np.ascontiguousarray(x.T)), ref) or rows < 16
