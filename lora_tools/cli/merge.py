@@ -45,6 +45,13 @@ from lora_tools.cli.validate import single_threaded_blas
 )
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option(
+    "--fsync",
+    is_flag=True,
+    help="Flush every output file to the disk before OUT appears, so that it survives a power "
+    "loss too (slower). Without it OUT still appears whole or not at all if loratool fails or "
+    "is stopped, and the disk gets the data later, as after cp.",
+)
+@click.option(
     "--allow-unmatched",
     is_flag=True,
     help="Skip adapter modules that match no base weight (warn and count) instead of failing.",
@@ -60,6 +67,7 @@ def command(
     exact: bool,
     dtype: str,
     force: bool,
+    fsync: bool,
     allow_unmatched: bool,
     as_json: bool,
     quiet: bool,
@@ -104,6 +112,7 @@ def command(
             device=device,
             dtype=dtype,
             force=force,
+            fsync=fsync,
             allow_unmatched=allow_unmatched,
             progress=progress,
             on_plan=bar.set_total,

@@ -2,6 +2,15 @@
 
 Files and folders are written under a hidden temporary name beside their destination and renamed
 into place only when complete. An exception (including KeyboardInterrupt) removes the temporary.
+
+Two strengths:
+
+- atomic: a failed, interrupted or killed process leaves nothing at the destination. The data
+  may still sit in the page cache when the call returns, as after ``cp`` or ``save_pretrained``.
+- durable (``durable=True``): also survives a power loss or kernel crash. Every file is flushed
+  to the disk (``fsync``) before the rename, and the folder holding the new name after it, so the
+  name never points at data the disk does not have. This costs the time to write everything to
+  the disk before returning.
 """
 
 from __future__ import annotations
@@ -29,9 +38,34 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a folder's entries, to the disk (folders: POSIX only)."""
+    is_dir = path.is_dir()
+    if is_dir and not hasattr(os, "O_DIRECTORY"):
+        return  # Windows cannot open a folder to flush it; NTFS journals the rename itself
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if is_dir else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and folder under ``root`` (files first, then their folders)."""
+    for folder, _dirs, files in os.walk(root, topdown=False):
+        for name in files:
+            fsync_path(Path(folder, name))
+        fsync_path(Path(folder))
+
+
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[BinaryIO]:
+def atomic_file(
+    path: str | os.PathLike[str], mode: str = "wb", *, durable: bool = True
+) -> Iterator[BinaryIO]:
     """Open a temporary file beside ``path``; rename it to ``path`` when the block succeeds.
+
+    With ``durable`` (the default: the files loratool writes this way are small) the data is
+    flushed to the disk before the rename and the folder's entry after it.
 
     Example:
         >>> with atomic_file("/tmp/doc-atomic.bin") as fh:
@@ -47,18 +81,25 @@ def atomic_file(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[Bina
         with fh:
             yield fh  # type: ignore[misc]
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         _remove(tmp)
         raise
+    if durable:
+        fsync_path(path.parent)
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike[str], *, force: bool = False) -> Iterator[Path]:
+def atomic_dir(
+    path: str | os.PathLike[str], *, force: bool = False, durable: bool = True
+) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; move it to ``path`` when the block succeeds.
 
-    With ``force`` an existing ``path`` is replaced only after the new folder is complete.
+    With ``force`` an existing ``path`` is replaced only after the new folder is complete. With
+    ``durable`` (the default) every file and folder in it is flushed to the disk before the
+    rename, and the parent folder after it.
     """
     path = Path(path)
     if path.exists() and not force:
@@ -70,6 +111,8 @@ def atomic_dir(path: str | os.PathLike[str], *, force: bool = False) -> Iterator
         raise OutputError(f"cannot create output folder: {exc.strerror}", path=path) from None
     try:
         yield tmp
+        if durable:
+            _fsync_tree(tmp)
         if path.exists():
             old = _temp_sibling(path, "old")
             os.replace(path, old)
@@ -80,6 +123,8 @@ def atomic_dir(path: str | os.PathLike[str], *, force: bool = False) -> Iterator
     except BaseException:
         _remove(tmp)
         raise
+    if durable:
+        fsync_path(path.parent)
 
 
 def check_output(

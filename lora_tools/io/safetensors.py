@@ -751,7 +751,8 @@ class SafetensorsWriter:
       else out of the cache.
 
     The file appears under its final name only when every byte has been written; on any
-    exception the temporary file is removed.
+    exception the temporary file is removed. With ``durable`` (the default) the data is on the
+    disk before the rename (:func:`lora_tools.io.atomic.atomic_file`).
 
     Example:
         >>> spec = TensorSpec("w", "F32", (2, 2))
@@ -768,6 +769,7 @@ class SafetensorsWriter:
         *,
         keep_order: bool = False,
         stream_to_disk: bool = False,
+        durable: bool = True,
     ) -> None:
         specs = list(specs)
         self.stream_to_disk = stream_to_disk and hasattr(os, "posix_fadvise")
@@ -784,7 +786,7 @@ class SafetensorsWriter:
         self._written = 0
         self._positional: dict[str, int] | None = None
         self._lock = threading.Lock()
-        self._atomic = atomic_file(self.path)
+        self._atomic = atomic_file(self.path, durable=durable)
         self._fh = None
 
     def _spec_for(self, name: str) -> TensorSpec:

@@ -799,6 +799,8 @@ def _write_weights(
     dest_for: Callable[[FilePlan], Path],
     progress: ProgressFn,
     extra_metadata: dict[str, str] | None = None,
+    *,
+    durable: bool = False,
 ) -> None:
     for fplan in plan.files:
         specs = [TensorSpec(j.name, j.out_dtype, j.info.shape) for j in fplan.jobs]
@@ -808,7 +810,13 @@ def _write_weights(
         reader = SafetensorsFile(fplan.source)
         try:
             with SafetensorsWriter(
-                dest_for(fplan), specs, metadata or None, keep_order=True, stream_to_disk=True
+                dest_for(fplan),
+                specs,
+                metadata or None,
+                keep_order=True,
+                # hand each range to the disk as it is written, so the closing fsync is short
+                stream_to_disk=durable,
+                durable=durable,
             ) as writer:
                 engine.write_file(reader, fplan, writer, progress)
         finally:
@@ -821,13 +829,15 @@ def execute(
     *,
     engine: Engine | None = None,
     force: bool = False,
+    fsync: bool = False,
     progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """Write the merged model at ``out`` and return the summary ``--json`` prints.
 
     A single-file base gives a single file (provenance in its ``__metadata__`` under
     ``loratool_merge``); a folder base gives a folder mirroring it. Nothing appears at ``out``
-    unless every byte was written.
+    unless every byte was written; with ``fsync`` every byte is also on the disk before it
+    appears (see :mod:`lora_tools.io.atomic`).
     """
     engine = engine or select_engine("auto")
     out = Path(out)
@@ -854,12 +864,13 @@ def execute(
             lambda f: out,
             tick,
             extra_metadata={"loratool_merge": json.dumps(provenance, sort_keys=True)},
+            durable=fsync,
         )
         copied: list[str] = []
     else:
-        with atomic_dir(out, force=force) as tmp:
+        with atomic_dir(out, force=force, durable=fsync) as tmp:
             copied = _copy_other_files(plan, tmp)
-            _write_weights(plan, engine, lambda f: tmp / f.relative, tick)
+            _write_weights(plan, engine, lambda f: tmp / f.relative, tick, durable=fsync)
             _write_indexes(plan, tmp)
             (tmp / PROVENANCE_NAME).write_text(
                 json.dumps(provenance, indent=2) + "\n", encoding="utf-8"
@@ -888,6 +899,7 @@ def execute(
         },
         "bytes_read": read,
         "bytes_written": done["bytes"],
+        "fsync": fsync,
         "seconds": round(seconds, 3),
     }
 
@@ -909,6 +921,7 @@ def merge(
     device: str = "auto",
     dtype: str = "keep",
     force: bool = False,
+    fsync: bool = False,
     allow_unmatched: bool = False,
     progress: ProgressFn | None = None,
     on_plan: Callable[[int, int], None] | None = None,
@@ -925,6 +938,11 @@ def merge(
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (see :func:`select_engine`).
         dtype: ``keep``, ``bf16``, ``fp16`` or ``fp32`` for the float tensors written.
         force: replace an existing ``out``.
+        fsync: flush every output file to the disk before ``out`` appears, so that it survives
+            a power loss or kernel crash too (slower: the call returns only once the disk has
+            everything). Without it ``out`` still appears whole or not at all for any failure
+            of this process (error, Ctrl-C, kill), and the data reaches the disk later, as
+            after ``cp`` or ``save_pretrained``.
         allow_unmatched: skip modules that match no base weight instead of failing.
         progress: called with ``(bytes written, tensors finished)`` increments.
         on_plan: called once planning is done with ``(bytes to write, tensors to write)``.
@@ -971,4 +989,4 @@ def merge(
     with _closing(plan.base):
         for report, spec in zip(plan.adapters, specs, strict=True):
             report.spec = AdapterSpec(spec.path, report.spec.weight)
-        return execute(plan, out, engine=engine, force=force, progress=progress)
+        return execute(plan, out, engine=engine, force=force, fsync=fsync, progress=progress)

@@ -500,6 +500,43 @@ def test_interrupt_leaves_nothing(tmp_path: Path, engine: str) -> None:
     _no_leftovers(tmp_path, "out")
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_fsync_puts_every_output_file_on_the_disk_before_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: str
+) -> None:
+    """Default: no fsync (the output is atomic, the disk gets it later, as after cp);
+    fsync=True: every file of the output, then its folders, then the parent."""
+    import os
+
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc")
+    synced: list[Path] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    base, adapter = FIXTURES / "bases" / "tiny-llama-sharded", FIXTURES / "peft" / "llama-lora"
+    summary = merge(base, [adapter], tmp_path / "plain", device=engine)
+    assert synced == [] and summary["fsync"] is False
+
+    summary = merge(base, [adapter], tmp_path / "out", device=engine, fsync=True)
+    assert summary["fsync"] is True
+    out = tmp_path / "out"
+    files = {p.relative_to(out) for p in out.rglob("*") if p.is_file()}
+    assert {"config.json", "loratool_merge.json", "model.safetensors.index.json"} <= {
+        str(f) for f in files
+    }
+    partial = [p for p in synced if p.is_relative_to(tmp_path) and p != tmp_path]
+    temp_root = Path(*partial[-1].relative_to(tmp_path).parts[:1])
+    assert temp_root.name.startswith(".out.partial-")
+    flushed = {p.relative_to(tmp_path / temp_root) for p in partial}
+    assert files <= flushed  # every file, under its final name in the temporary folder
+    assert synced[-1] == tmp_path  # the rename itself
+
+
 def test_output_checks(tmp_path: Path) -> None:
     base = tmp_path / "base"
     shutil.copytree(FIXTURES / "bases" / "tiny-llama", base)
