@@ -483,8 +483,11 @@ class NumpyEngine:
     """
 
     name = "numpy"
-    #: Bytes of one kernel copy call (untouched tensors).
-    copy_bytes = 64 << 20
+    #: Bytes of one kernel copy (untouched tensors): small enough that the writer comes back
+    #: to the merged blocks soon.
+    copy_bytes = 8 << 20
+    #: Blocks queued per worker ahead of the writer.
+    lookahead = 2
 
     def __init__(self, block_bytes: int = DEFAULT_BLOCK_BYTES, threads: int | None = None) -> None:
         self.block_bytes = block_bytes
@@ -539,10 +542,10 @@ class NumpyEngine:
             np.copyto(out, merged, casting="unsafe")  # the one rounding to the output dtype
         return _Block(job, start * item.cols * out_dtype.itemsize, out, raw_out)
 
-    def _items(
-        self, reader: SafetensorsFile, plan: FilePlan, pool: ThreadPoolExecutor
-    ) -> Iterator[tuple[_Copy | Callable[[], _Block], bool]]:
-        """``(copy or block task, last item of its tensor)`` in file order."""
+    def _copies(self, reader: SafetensorsFile, plan: FilePlan) -> list[tuple[_Copy, bool]]:
+        """The untouched tensors as kernel copies of at most ``copy_bytes``, in file order,
+        each with whether it is the last piece of its tensor."""
+        out = []
         for job in plan.jobs:
             if job.copy_raw:
                 base = reader.header.data_start + job.info.begin
@@ -550,7 +553,16 @@ class NumpyEngine:
                 starts = range(0, size, self.copy_bytes) if size else range(1)
                 for at in starts:
                     n = min(self.copy_bytes, size - at)
-                    yield _Copy(job, base + at, n, at), at == starts[-1]
+                    out.append((_Copy(job, base + at, n, at), at == starts[-1]))
+        return out
+
+    def _block_tasks(
+        self, reader: SafetensorsFile, plan: FilePlan, pool: ThreadPoolExecutor
+    ) -> Iterator[tuple[Callable[[], _Block], bool]]:
+        """``(block task, last block of its tensor)`` for the targeted tensors, in file order;
+        each tensor's factors are queued for reading just before its first block."""
+        for job in plan.jobs:
+            if job.copy_raw:
                 continue
             prepared = pool.submit(self._prepare, job)
             rows, _, step = job_rows(job, self.block_bytes)
@@ -566,44 +578,41 @@ class NumpyEngine:
         writer: SafetensorsWriter,
         progress: ProgressFn,
     ) -> None:
-        """Write every tensor of one output file (see the class docstring)."""
+        """Write every tensor of one output file (see the class docstring).
+
+        The writer takes the oldest block when it is ready, and otherwise copies a piece of an
+        untouched tensor while it waits, so the copies fill the time the workers need.
+        """
         fd = reader.fileno()  # opened here, not raced by the workers
-        pending: collections.deque[tuple[_Copy | Future[_Block], bool]] = collections.deque()
-        in_flight = 0
-
-        def write_next() -> None:
-            nonlocal in_flight
-            entry, last = pending.popleft()
-            if isinstance(entry, _Copy):
-                writer.copy_range(entry.job.name, fd, entry.offset, entry.nbytes, at=entry.at)
-                nbytes = entry.nbytes
-            else:
-                in_flight -= 1
-                block = entry.result()
-                writer.write_at(block.job.name, block.at, block.data)
-                nbytes = block.data.nbytes
-                self._outputs.give_back(block.raw)
-            progress(nbytes, 1 if last else 0)
-
+        copies = collections.deque(self._copies(reader, plan))
+        blocks: collections.deque[tuple[Future[_Block], bool]] = collections.deque()
         with (
             _one_blas_thread(self.threads),
             ThreadPoolExecutor(self.threads, thread_name_prefix="merge") as pool,
         ):
+            tasks = self._block_tasks(reader, plan, pool)
             try:
-                for task, last in self._items(reader, plan, pool):
-                    if isinstance(task, _Copy):
-                        pending.append((task, last))
-                        continue
-                    pending.append((pool.submit(task), last))
-                    in_flight += 1
-                    while in_flight > 2 * self.threads:
-                        write_next()
-                while pending:
-                    write_next()
+                while True:
+                    while len(blocks) < self.lookahead * self.threads:
+                        task = next(tasks, None)
+                        if task is None:
+                            break
+                        blocks.append((pool.submit(task[0]), task[1]))
+                    if blocks and (blocks[0][0].done() or not copies):
+                        future, last = blocks.popleft()
+                        block = future.result()
+                        writer.write_at(block.job.name, block.at, block.data)
+                        self._outputs.give_back(block.raw)
+                        progress(block.data.nbytes, 1 if last else 0)
+                    elif copies:
+                        item, last = copies.popleft()
+                        writer.copy_range(item.job.name, fd, item.offset, item.nbytes, at=item.at)
+                        progress(item.nbytes, 1 if last else 0)
+                    else:
+                        return
             except BaseException:
-                for entry, _ in pending:
-                    if isinstance(entry, Future):
-                        entry.cancel()
+                for future, _ in blocks:
+                    future.cancel()
                 raise
 
 
@@ -793,6 +802,24 @@ def _write_indexes(plan: MergePlan, dest: Path) -> None:
         target.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
 
 
+class _Cancelled(Exception):
+    """Raised in the copying thread when the merge failed elsewhere."""
+
+
+def _copy_file(
+    reader: SafetensorsFile,
+    plan: FilePlan,
+    writer: SafetensorsWriter,
+    progress: ProgressFn,
+    stop: threading.Event,
+) -> None:
+    """Write a file that no adapter touches: every tensor copied in the kernel, in order."""
+    for job in plan.jobs:
+        if stop.is_set():
+            raise _Cancelled
+        copy_raw(reader, job, writer, progress)
+
+
 def _write_weights(
     plan: MergePlan,
     engine: Engine,
@@ -802,7 +829,14 @@ def _write_weights(
     *,
     durable: bool = False,
 ) -> None:
-    for fplan in plan.files:
+    """Write every weight file of the output.
+
+    Files that no adapter touches (the last shard holding only ``lm_head``, a diffusers VAE or
+    text encoder the adapter does not target) are copied by a second thread while the engine
+    merges the others: they are different files, so their writes do not wait for each other.
+    """
+
+    def write(fplan: FilePlan, body: Callable[..., None], *extra: object) -> None:
         specs = [TensorSpec(j.name, j.out_dtype, j.info.shape) for j in fplan.jobs]
         metadata = dict(fplan.metadata or {})
         if extra_metadata:
@@ -818,9 +852,29 @@ def _write_weights(
                 stream_to_disk=durable,
                 durable=durable,
             ) as writer:
-                engine.write_file(reader, fplan, writer, progress)
+                body(reader, fplan, writer, progress, *extra)
         finally:
             reader.close()
+
+    stop = threading.Event()
+    untouched = [f for f in plan.files if all(j.copy_raw for j in f.jobs)]
+    merged = [f for f in plan.files if f not in untouched]
+    if not untouched or not merged:
+        for fplan in plan.files:
+            if fplan in untouched:
+                write(fplan, _copy_file, stop)
+            else:
+                write(fplan, engine.write_file)
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="copy") as background:
+        copying = background.submit(lambda: [write(f, _copy_file, stop) for f in untouched])
+        try:
+            for fplan in merged:
+                write(fplan, engine.write_file)
+        except BaseException:
+            stop.set()  # the copying thread stops at its next tensor and removes its file
+            raise
+        copying.result()
 
 
 def execute(
@@ -842,12 +896,14 @@ def execute(
     engine = engine or select_engine("auto")
     out = Path(out)
     done = {"bytes": 0, "tensors": 0}
+    lock = threading.Lock()
 
-    def tick(nbytes: int, tensors: int) -> None:
-        done["bytes"] += nbytes
-        done["tensors"] += tensors
-        if progress is not None:
-            progress(nbytes, tensors)
+    def tick(nbytes: int, tensors: int) -> None:  # called from two threads
+        with lock:
+            done["bytes"] += nbytes
+            done["tensors"] += tensors
+            if progress is not None:
+                progress(nbytes, tensors)
 
     started = time.perf_counter()
     provenance = _provenance(plan, engine)

@@ -601,13 +601,20 @@ def test_device_selection(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_non_finite_factors_are_refused_and_leave_nothing(tmp_path: Path, engine: str) -> None:
-    """PEFT merges NaN / Inf factors silently (fixtures/manifest.json); loratool refuses."""
+@pytest.mark.parametrize("base", ["tiny-llama", "tiny-llama-sharded"])
+def test_non_finite_factors_are_refused_and_leave_nothing(
+    tmp_path: Path, engine: str, base: str
+) -> None:
+    """PEFT merges NaN / Inf factors silently (fixtures/manifest.json); loratool refuses.
+
+    On the sharded base the third shard holds no target, so a second thread copies it while
+    the error is found in the first: that thread stops and removes its file too.
+    """
     from lora_tools.errors import AdapterError
 
     out = tmp_path / "out"
     with pytest.raises(AdapterError, match=r"holds 1 NaN/Inf values") as err:
-        merge(FIXTURES / "bases/tiny-llama", [FIXTURES / "broken/nan-weights"], out, device=engine)
+        merge(FIXTURES / "bases" / base, [FIXTURES / "broken/nan-weights"], out, device=engine)
     assert err.value.kind == "non-finite"
     assert "model.layers.0.self_attn.q_proj.weight" in str(err.value)
     assert list(tmp_path.iterdir()) == []  # no output, no temporary folder
