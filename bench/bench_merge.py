@@ -5,14 +5,23 @@ Usage (from the repository root; prints a markdown table for docs/benchmarks.md)
     .venv/bin/python bench/bench_merge.py                 # 1.6 GB Llama-shaped base, 3 runs
     .venv/bin/python bench/bench_merge.py --size 8b       # 16 GB 8B-shaped base (no PEFT run)
     .venv/bin/python bench/bench_merge.py --devices cpu,cuda --runs 5
+    .venv/bin/python bench/bench_merge.py --runs 7 --prefault-gb 6   # see "prefault" below
 
 Everything is generated under bench/_work/ (gitignored): a bf16 checkpoint with random weights
 written by the streaming writer, sharded like HF (~5 GB shards for 8b, 512 MiB for 1b), and a
 rank-16 all-linear PEFT adapter (fp32). Each contender runs as a child process; wall time is
-measured around it and peak RSS is the child's ``ru_maxrss`` from ``os.wait4``. The page cache
-holds the base for every contender (read once before timing starts), and ``sync`` runs before
-each timed run so that no run pays for the previous one's writeback. loratool's time includes
-its fsync of every output file (cp's does not: cp leaves its data in the page cache).
+measured around it; peak RSS and CPU time (user + system) are the child's, from ``os.wait4``.
+The page cache holds the base for every contender (read once before timing starts), ``sync``
+runs before each timed run so that no run pays for the previous one's writeback, and the
+contenders take turns within each round. ``loratool merge`` leaves its output in the page
+cache, as ``cp -r`` does; ``loratool merge --fsync`` puts it on the disk before returning,
+as ``cp -r && sync`` does.
+
+prefault: on a VM whose host backs guest memory lazily (and takes free memory back), the first
+write into a page the host has not backed costs a fault on the host. ``cp -r`` of 1.6 GB then
+takes anywhere from 0.45 to 4 s. ``--prefault-gb N`` touches N GiB in a throw-away process just
+before each timed run, so that every contender finds backed free memory: the numbers then
+measure the tools, not the host.
 
 After the timed runs, the PEFT output and loratool's output are compared tensor by tensor
 (elements that differ, and by how many bf16 ulps).
@@ -157,10 +166,18 @@ m.save_pretrained(sys.argv[3], max_shard_size="{shard}")
 """
 
 
-def timed(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS MB) of one child process."""
+def prefault(gib: float) -> None:
+    """Touch ``gib`` GiB in a child process that exits at once (see the module docstring)."""
+    if gib > 0:
+        code = f"import numpy; numpy.ones({int(gib * (1 << 30))}, numpy.uint8)"
+        subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def timed(cmd: list[str], prefault_gib: float = 0) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS MB, CPU seconds) of one child process."""
     os.sync()  # earlier runs' dirty pages are not this run's cost
     time.sleep(1)
+    prefault(prefault_gib)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -168,7 +185,7 @@ def timed(cmd: list[str]) -> tuple[float, float]:
     if os.waitstatus_to_exitcode(status) != 0:
         err = proc.stderr.read().decode()[-2000:] if proc.stderr else ""
         raise SystemExit(f"failed: {' '.join(cmd)}\n{err}")
-    return wall, usage.ru_maxrss / 1024
+    return wall, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -179,6 +196,9 @@ def main() -> None:
     ap.add_argument("--no-peft", action="store_true")
     ap.add_argument("--peft-runs", type=int, default=1, help="PEFT runs (slow; default 1)")
     ap.add_argument("--keep", action="store_true", help="keep bench/_work/<size> afterwards")
+    ap.add_argument(
+        "--prefault-gb", type=float, default=0, help="GiB to touch before each run (see above)"
+    )
     ap.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -210,59 +230,66 @@ def main() -> None:
         "cp -r && sync": ["sh", "-c", f"cp -r '{base}' '{outs['cp -r && sync']}' && sync"],
     }
     for dev in args.devices.split(","):
-        name = f"loratool merge --device {dev}"
-        outs[name] = work / f"out-{dev}"
-        contenders[name] = [
-            py,
-            "-m",
-            "lora_tools",
-            "merge",
-            str(base),
-            str(adapter),
-            "-o",
-            str(outs[name]),
-            "--device",
-            dev,
-            "--quiet",
-        ]
+        for extra in ([], ["--fsync"]):
+            name = " ".join(["loratool merge --device", dev, *extra])
+            outs[name] = work / f"out-{dev}{'-fsync' if extra else ''}"
+            contenders[name] = [
+                py,
+                "-m",
+                "lora_tools",
+                "merge",
+                str(base),
+                str(adapter),
+                "-o",
+                str(outs[name]),
+                "--device",
+                dev,
+                "--quiet",
+                *extra,
+            ]
     peft_name = "transformers + PEFT merge_and_unload"
     if not args.no_peft and args.size == "1b":
         outs[peft_name] = work / "out-peft"
         script = PEFT_SCRIPT.format(threads=os.cpu_count(), shard="2GB")
         contenders[peft_name] = [py, "-c", script, str(base), str(adapter), str(outs[peft_name])]
-    results: dict[str, list[tuple[float, float]]] = {k: [] for k in contenders}
+    results: dict[str, list[tuple[float, float, float]]] = {k: [] for k in contenders}
     loads = [os.getloadavg()[0]]
     for i in range(args.runs):
         for name, cmd in contenders.items():
             if name == peft_name and i >= args.peft_runs:
                 continue
             shutil.rmtree(outs[name], ignore_errors=True)
-            results[name].append(timed(cmd))
+            results[name].append(timed(cmd, args.prefault_gb))
             loads.append(os.getloadavg()[0])
             if name.startswith("cp"):
                 shutil.rmtree(outs[name], ignore_errors=True)  # 16 GB twice does not fit
 
-    cp = statistics.median(w for w, _ in results["cp -r"])
+    cp = statistics.median(r[0] for r in results["cp -r"])
     peft = results.get(peft_name)
-    peft_wall = statistics.median(w for w, _ in peft) if peft else None
+    peft_wall = statistics.median(r[0] for r in peft) if peft else None
     print(
         f"\n{args.size}-shaped bf16 checkpoint, {size_gb:.2f} GB in "
         f"{len(list(base.glob('*.safetensors')))} shards, rank-16 all-linear adapter; "
         f"median of {args.runs} runs (PEFT: {min(args.runs, args.peft_runs)}); "
         f"{platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
-        f"1-min load average during the runs {min(loads):.2f}..{max(loads):.2f}\n"
+        f"1-min load average during the runs {min(loads):.2f}..{max(loads):.2f}; "
+        f"prefault {args.prefault_gb:g} GiB\n"
     )
-    cp_sync = statistics.median(w for w, _ in results["cp -r && sync"])
-    print("| command | wall (s) | runs (s) | x cp | x (cp && sync) | PEFT / this | peak RSS (MB) |")
-    print("|---|---:|---|---:|---:|---:|---:|")
+    cp_sync = statistics.median(r[0] for r in results["cp -r && sync"])
+    print(
+        "| command | wall (s) | runs (s) | CPU (s) | x cp | x (cp && sync) | PEFT / this "
+        "| peak RSS (MB) |"
+    )
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
     for name, runs in results.items():
-        wall = statistics.median(w for w, _ in runs)
-        rss = max(r for _, r in runs)
+        wall = statistics.median(r[0] for r in runs)
+        rss = max(r[1] for r in runs)
+        cpu = statistics.median(r[2] for r in runs)
         vs_peft = f"{peft_wall / wall:.1f}" if peft_wall else "-"
-        each = ", ".join(f"{w:.2f}" for w, _ in runs)
+        each = ", ".join(f"{r[0]:.2f}" for r in runs)
         print(
-            f"| {name} | {wall:.2f} | {each} | {wall / cp:.2f} | {wall / cp_sync:.2f} | "
-            f"{vs_peft} | {rss:.0f} |"
+            f"| {name} | {wall:.2f} | {each} | {cpu:.2f} | {wall / cp:.2f} | "
+            f"{wall / cp_sync:.2f} | {vs_peft} | {rss:.0f} |"
         )
     for name in outs:
         if peft and name.startswith("loratool"):
