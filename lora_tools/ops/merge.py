@@ -618,7 +618,7 @@ class NumpyEngine:
 
 def _one_blas_thread(workers: int) -> contextlib.AbstractContextManager[object]:
     """One BLAS thread per worker: the workers already use every CPU, and BLAS threads of
-    their own would oversubscribe them (measured: 2.6 s of user time instead of 1.0 s on the
+    their own would oversubscribe them (measured: 2.4-2.7 s of user time instead of 1.2 s on the
     1.67 GB benchmark, the extra threads spinning)."""
     if workers <= 1:
         return contextlib.nullcontext()
