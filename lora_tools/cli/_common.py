@@ -51,6 +51,14 @@ def run(group: click.Group) -> None:
         sys.exit(EXIT_INTERRUPTED)
     except BrokenPipeError:
         sys.exit(0)
+    except OSError as exc:
+        # the system refused a read or a write (I/O error, permissions, a file that vanished):
+        # a runtime error, not a bug in loratool
+        if debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        error_line(f"{where}{exc.strerror or exc} (hint: rerun with --debug for the traceback)")
+        sys.exit(EXIT_ERROR)
     except Exception as exc:
         if debug:
             raise

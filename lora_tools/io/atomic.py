@@ -16,8 +16,10 @@ Two strengths:
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -125,6 +127,76 @@ def atomic_dir(
         raise
     if durable:
         fsync_path(path.parent)
+
+
+def _gb(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB"
+
+
+def require_space(folder: str | os.PathLike[str], nbytes: int, *, what: str) -> None:
+    """Raise OutputError now when ``folder``'s file system has less than ``nbytes`` free.
+
+    The check is made before anything is written, so that a full disk is a clear error at the
+    start rather than a failed write halfway.
+    """
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return  # no such folder: creating the output there reports it
+    if nbytes > free:
+        raise OutputError(
+            f"not enough disk space: {what} needs {_gb(nbytes)}, {_gb(free)} free",
+            path=folder,
+            hint="free some space or write the output elsewhere (-o)",
+        )
+
+
+_fallocate = None
+
+
+def _fallocate_call():  # type: ignore[no-untyped-def]
+    """libc's fallocate(2) through ctypes, or None where there is none (not Linux)."""
+    global _fallocate
+    if _fallocate is None and sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        call = getattr(libc, "fallocate64", None) or getattr(libc, "fallocate", None)
+        if call is not None:
+            call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+            call.restype = ctypes.c_int
+            _fallocate = call
+    return _fallocate
+
+
+def preallocate(fd: int, nbytes: int, path: str | os.PathLike[str]) -> None:
+    """Reserve ``nbytes`` for an open output file before writing it.
+
+    The file system allocates the blocks in one call instead of page by page as the data
+    arrives (measured: about 5% less CPU time for a 1.67 GB merge on ext4), and a full disk
+    is found before the first byte is written. Skipped where fallocate(2) is missing or the
+    file system does not support it (no emulation: glibc's posix_fallocate would write the
+    whole file once more).
+
+    Raises:
+        OutputError: the file system has no room (ENOSPC) or the quota is exhausted.
+    """
+    call = _fallocate_call()
+    if call is None or nbytes <= 0:
+        return
+    import ctypes
+
+    if call(fd, 0, 0, nbytes) == 0:
+        return
+    err = ctypes.get_errno()
+    if err in (errno.ENOSPC, errno.EDQUOT):
+        free = shutil.disk_usage(Path(path).parent).free
+        raise OutputError(
+            f"not enough disk space: the file needs {_gb(nbytes)}, {_gb(free)} free "
+            f"({os.strerror(err)})",
+            path=path,
+            hint="free some space or write the output elsewhere (-o)",
+        )
 
 
 def check_output(

@@ -29,8 +29,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from lora_tools.errors import FormatError, LoraToolError, UnsafeFileError
-from lora_tools.io.atomic import atomic_file
+from lora_tools.errors import FormatError, LoraToolError, OutputError, UnsafeFileError
+from lora_tools.io.atomic import atomic_file, preallocate
 
 #: The reference reader refuses headers longer than this many bytes.
 MAX_HEADER_BYTES = 100_000_000
@@ -801,8 +801,25 @@ class SafetensorsWriter:
 
     def __enter__(self) -> SafetensorsWriter:
         self._fh = self._atomic.__enter__()
-        self._fh.write(self._header)
+        try:
+            preallocate(self._fh.fileno(), self.total_bytes, self.path)
+            self._fh.write(self._header)
+        except BaseException as exc:
+            self._atomic.__exit__(type(exc), exc, exc.__traceback__)
+            if isinstance(exc, OSError):
+                raise self._write_error(exc) from None
+            raise
         return self
+
+    def _write_error(self, exc: OSError, what: str = "the output") -> OutputError:
+        """A failed write (a full disk, an I/O error) as one error naming the output."""
+        return OutputError(
+            f"cannot write {what}: {exc.strerror or exc}",
+            path=self.path,
+            hint="free some space or write the output elsewhere (-o)"
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            else None,
+        )
 
     def _advance(self) -> None:
         while self._index < len(self.order) and self._written == self.order[self._index].nbytes:
@@ -847,7 +864,10 @@ class SafetensorsWriter:
         if view.nbytes == 0:
             return
         self._sequential_slot(name, view.nbytes)
-        self._fh.write(view)
+        try:
+            self._fh.write(view)
+        except OSError as exc:
+            raise self._write_error(exc) from None
         self._written += view.nbytes
 
     def _claim(self, name: str, at: int, size: int) -> int:
@@ -883,8 +903,11 @@ class SafetensorsWriter:
         pos = self._claim(name, at, view.nbytes)
         fd = self._fh.fileno()
         done = 0
-        while done < view.nbytes:
-            done += os.pwrite(fd, view[done:], pos + done)
+        try:
+            while done < view.nbytes:
+                done += os.pwrite(fd, view[done:], pos + done)
+        except OSError as exc:
+            raise self._write_error(exc) from None
         self._written_out(pos, view.nbytes)
 
     def _written_out(self, pos: int, nbytes: int) -> None:
@@ -931,7 +954,10 @@ class SafetensorsWriter:
         done = 0
         while done < nbytes:
             n = min(chunk_bytes, nbytes - done)
-            copied = _copy_chunk(fd, out_fd, offset + done, pos + done, n)
+            try:
+                copied = _copy_chunk(fd, out_fd, offset + done, pos + done, n)
+            except OSError as exc:
+                raise self._write_error(exc, f"tensor {name!r}") from None
             if copied == 0:
                 raise FormatError(
                     f"source ended while copying tensor {name!r}",
@@ -963,7 +989,12 @@ class SafetensorsWriter:
             err = LoraToolError(f"tensor {missing!r} was never written", path=self.path)
             self._atomic.__exit__(type(err), err, None)
             raise err
-        self._atomic.__exit__(exc_type, exc, tb)
+        try:
+            self._atomic.__exit__(exc_type, exc, tb)
+        except OSError as error:  # flushing, fsync or the rename failed; the temporary is gone
+            if exc_type is not None:
+                raise
+            raise self._write_error(error) from None
 
 
 _COPY_REFUSED = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}

@@ -52,7 +52,7 @@ from lora_tools.errors import (
     UnsupportedAdapterError,
     UsageError,
 )
-from lora_tools.io.atomic import atomic_dir, check_output
+from lora_tools.io.atomic import atomic_dir, check_output, require_space
 from lora_tools.io.checkpoint import INDEX_NAMES, Checkpoint, open_checkpoint
 from lora_tools.io.safetensors import (
     PICKLE_SUFFIXES,
@@ -906,6 +906,11 @@ def execute(
                 progress(nbytes, tensors)
 
     started = time.perf_counter()
+    require_space(
+        out.parent,
+        plan.total_bytes,
+        what=f"the merged model ({len(plan.files)} weight files)",
+    )
     provenance = _provenance(plan, engine)
     if plan.output_is_file:
         if out.is_dir():

@@ -169,3 +169,26 @@ def test_exact_merges_with_torch_and_refuses_other_devices(tmp_path: Path) -> No
     )
     assert isinstance(refused.exception, UsageError)
     assert not (tmp_path / "gpu").exists()
+
+
+def test_an_os_error_is_one_line_not_a_bug_report(tmp_path: Path, monkeypatch, capsys) -> None:
+    import errno
+    import sys
+
+    import pytest
+
+    from lora_tools.cli import main
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error", str(tmp_path / "disk"))
+
+    monkeypatch.setattr("lora_tools.ops.merge.merge", refuse)
+    monkeypatch.setattr(sys, "argv", ["loratool", "merge", BASE, ADAPTER, "-o", "x"])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 3
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [
+        f"loratool: error: {tmp_path / 'disk'}: Input/output error "
+        "(hint: rerun with --debug for the traceback)"
+    ]

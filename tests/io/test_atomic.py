@@ -76,3 +76,53 @@ def test_a_failure_leaves_nothing(tmp_path: Path, durable: bool) -> None:
         fh.write(b"partial")
         raise RuntimeError("disk full")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_preallocate_reserves_the_file_and_reports_a_full_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from lora_tools.errors import OutputError
+    from lora_tools.io.atomic import preallocate
+
+    path = tmp_path / "f.bin"
+    with open(path, "wb") as fh:
+        preallocate(fh.fileno(), 1 << 20, path)
+        assert os.fstat(fh.fileno()).st_size == 1 << 20  # fallocate mode 0 extends the file
+
+    def full(fd: int, mode: int, offset: int, length: int) -> int:
+        import ctypes
+
+        ctypes.set_errno(errno.ENOSPC)
+        return -1
+
+    monkeypatch.setattr(atomic, "_fallocate_call", lambda: full)
+    with open(path, "wb") as fh, pytest.raises(OutputError, match="not enough disk space") as err:
+        preallocate(fh.fileno(), 5 * 10**9, path)
+    assert "needs 5.00 GB" in str(err.value) and str(path) in str(err.value)
+
+    def unsupported(fd: int, mode: int, offset: int, length: int) -> int:
+        import ctypes
+
+        ctypes.set_errno(errno.EOPNOTSUPP)
+        return -1
+
+    monkeypatch.setattr(atomic, "_fallocate_call", lambda: unsupported)
+    with open(path, "wb") as fh:
+        preallocate(fh.fileno(), 1 << 20, path)  # skipped: the writes allocate as they go
+
+
+def test_require_space(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+    from collections import namedtuple
+
+    from lora_tools.errors import OutputError
+    from lora_tools.io.atomic import require_space
+
+    require_space(tmp_path, 1, what="x")
+    require_space(tmp_path / "missing", 1, what="x")  # left to the code that creates it
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**10, 10**10 - 10**6, 10**6))
+    with pytest.raises(OutputError, match=r"the model needs 2.00 GB, 0.00 GB free"):
+        require_space(tmp_path, 2 * 10**9, what="the model")

@@ -537,6 +537,44 @@ def test_fsync_puts_every_output_file_on_the_disk_before_the_rename(
     assert synced[-1] == tmp_path  # the rename itself
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_full_disk_is_one_error_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: str
+) -> None:
+    import errno
+    import os
+    import shutil
+    from collections import namedtuple
+
+    base, adapter = FIXTURES / "bases" / "tiny-llama-sharded", FIXTURES / "peft" / "llama-lora"
+    # found before anything is written: the file system reports too little free space
+    usage = namedtuple("usage", "total used free")
+    with monkeypatch.context() as m:
+        m.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+        with pytest.raises(OutputError, match=r"not enough disk space: the merged model \(3"):
+            merge(base, [adapter], tmp_path / "out", device=engine)
+    _no_leftovers(tmp_path, "out")
+    # found halfway: a write fails (the space went to something else meanwhile)
+    real = os.pwrite
+    calls = {"n": 0}
+
+    def pwrite(fd: int, data: object, offset: int) -> int:
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    monkeypatch.setattr(
+        "lora_tools.io.safetensors._copy_chunk",
+        lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))),
+    )
+    with pytest.raises(OutputError, match="No space left on device") as err:
+        merge(base, [adapter], tmp_path / "out", device=engine)
+    assert "model-0000" in str(err.value) and err.value.hint and "free some space" in err.value.hint
+    _no_leftovers(tmp_path, "out")
+
+
 def test_output_checks(tmp_path: Path) -> None:
     base = tmp_path / "base"
     shutil.copytree(FIXTURES / "bases" / "tiny-llama", base)
