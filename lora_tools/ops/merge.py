@@ -469,13 +469,13 @@ class NumpyEngine:
     """The CPU engine: numpy and BLAS, no torch.
 
     Worker threads read, merge and round the row blocks of targeted tensors (numpy releases the
-    GIL in BLAS and large ufuncs); the calling thread is the only one that writes: each merged
-    block at its own offset (``pwrite``), and untouched tensors copied in the kernel without
-    decoding (``copy_file_range``), in file order, while the workers compute the blocks ahead
-    of it. One writer, because a file system serialises writes to one file (ext4 takes the
-    inode's lock for each), and threads waiting for that lock spin on it instead of computing.
-    At most ``2 * threads`` blocks are in flight and every buffer is reused, so memory stays at
-    a few blocks per thread whatever the model size.
+    GIL in BLAS, large ufuncs and ml_dtypes' casts); the calling thread is the only one that
+    writes: each merged block at its own offset (``pwrite``) once it is ready, and, while the
+    next one is not, 8 MB pieces of the untouched tensors copied in the kernel without decoding
+    (``copy_file_range``). One writer, because a file system serialises writes to one file
+    (ext4 takes the inode's lock for each), and threads waiting for that lock spin on it
+    instead of computing. At most ``lookahead * threads`` blocks are in flight and every
+    buffer is reused, so memory stays at a few blocks per thread whatever the model size.
 
     Args:
         block_bytes: float32 bytes per row block.
