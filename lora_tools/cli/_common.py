@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -19,6 +23,39 @@ def error_line(message: str) -> None:
     click.echo(f"loratool: error: {message}", err=True)
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived: unwind like Ctrl-C, so that temporary outputs are removed."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum: int, frame: object) -> None:
+    # once: a second signal during the clean-up must not cut the clean-up short
+    signal.signal(signum, signal.SIG_IGN)
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def _termination_unwinds() -> Iterator[None]:
+    """Make SIGTERM (``kill``) and SIGHUP (a closed terminal) raise :class:`Terminated`.
+
+    Python's default for both is to exit at once, without running ``finally`` blocks, which
+    would leave an interrupted output's temporary files behind.
+    """
+    signums = [s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s]
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _terminate) for s in signums}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def run(group: click.Group) -> None:
     """Run the CLI, mapping every error to one line on stderr and an exit code.
 
@@ -26,7 +63,8 @@ def run(group: click.Group) -> None:
     """
     debug = "--debug" in sys.argv[1:]
     try:
-        code = group.main(standalone_mode=False)
+        with _termination_unwinds():
+            code = group.main(standalone_mode=False)
     except click.exceptions.Abort:
         error_line("aborted")
         sys.exit(EXIT_INTERRUPTED)
@@ -49,6 +87,9 @@ def run(group: click.Group) -> None:
     except KeyboardInterrupt:
         error_line("interrupted; no output was written")
         sys.exit(EXIT_INTERRUPTED)
+    except Terminated as exc:
+        error_line(f"stopped by {signal.Signals(exc.signum).name}; no output was written")
+        sys.exit(128 + exc.signum)
     except BrokenPipeError:
         sys.exit(0)
     except OSError as exc:

@@ -3,6 +3,10 @@
 Files and folders are written under a hidden temporary name beside their destination and renamed
 into place only when complete. An exception (including KeyboardInterrupt) removes the temporary.
 
+A process stopped by SIGKILL cannot remove its temporary; the next write of the same
+destination on the same machine removes it (:func:`remove_stale_temporaries`). The CLI turns
+SIGTERM and SIGHUP into an exception, so ``kill`` cleans up like Ctrl-C.
+
 Two strengths:
 
 - atomic: a failed, interrupted or killed process leaves nothing at the destination. The data
@@ -19,6 +23,7 @@ import contextlib
 import errno
 import os
 import shutil
+import socket
 import sys
 import uuid
 from collections.abc import Iterator
@@ -28,8 +33,48 @@ from typing import BinaryIO
 from lora_tools.errors import OutputError
 
 
+def _host() -> str:
+    """This machine's name as it goes into temporary names (no dashes, no dots)."""
+    return "".join(c for c in socket.gethostname() if c.isalnum()) or "host"
+
+
 def _temp_sibling(path: Path, tag: str) -> Path:
-    return path.with_name(f".{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    """``.NAME.TAG-HOST-PID-RANDOM`` beside ``path``: hidden, and traceable to its writer."""
+    return path.with_name(f".{path.name}.{tag}-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's), or cannot tell: keep its files
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Remove what killed writers left beside ``path``; return what was removed.
+
+    A writer stopped by SIGKILL (or a power loss) cannot clean up, so its hidden temporary
+    (``.NAME.tmp-...`` / ``.NAME.partial-...``) stays. Before writing ``path`` again, those made
+    on this machine by processes that no longer run are removed. Temporaries of running
+    processes, and of other machines sharing the folder, are left alone.
+    """
+    removed = []
+    prefixes = tuple(f".{path.name}.{tag}-{_host()}-" for tag in ("tmp", "partial", "old"))
+    try:
+        siblings = list(path.parent.iterdir())
+    except OSError:
+        return removed
+    for sibling in siblings:
+        if not sibling.name.startswith(prefixes):
+            continue
+        pid_text = sibling.name.rsplit("-", 2)[-2]
+        if pid_text.isdigit() and int(pid_text) != os.getpid() and not _alive(int(pid_text)):
+            _remove(sibling)
+            removed.append(sibling)
+    return removed
 
 
 def _remove(path: Path) -> None:
@@ -74,6 +119,7 @@ def atomic_file(
         ...     _ = fh.write(b"ok")
     """
     path = Path(path)
+    remove_stale_temporaries(path)
     tmp = _temp_sibling(path, "tmp")
     try:
         fh = open(tmp, mode)  # noqa: SIM115 - closed below before the rename
@@ -106,6 +152,7 @@ def atomic_dir(
     path = Path(path)
     if path.exists() and not force:
         raise OutputError("output already exists", path=path, hint="pass --force to replace it")
+    remove_stale_temporaries(path)
     tmp = _temp_sibling(path, "partial")
     try:
         tmp.mkdir(parents=False)

@@ -126,3 +126,37 @@ def test_require_space(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**10, 10**10 - 10**6, 10**6))
     with pytest.raises(OutputError, match=r"the model needs 2.00 GB, 0.00 GB free"):
         require_space(tmp_path, 2 * 10**9, what="the model")
+
+
+def test_temporaries_of_dead_writers_on_this_machine_are_removed(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from lora_tools.io.atomic import _host
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    dead_pid = int(dead.stdout)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = [
+            tmp_path / f".out.partial-{_host()}-{dead_pid}-0123abcd",
+            tmp_path / f".out.old-{_host()}-{dead_pid}-0123abce",
+        ]
+        kept = [
+            tmp_path / f".out.partial-{_host()}-{live.pid}-0123abcf",  # still being written
+            tmp_path / f".out.partial-otherhost-{dead_pid}-0123abd0",  # another machine's
+            tmp_path / f".outer.partial-{_host()}-{dead_pid}-0123abd1",  # another output's
+        ]
+        for folder in stale + kept:
+            folder.mkdir()
+            (folder / "model.safetensors").write_bytes(b"partial")
+        (tmp_path / f".out.tmp-{_host()}-{dead_pid}-0123abd2").write_bytes(b"partial")
+        with atomic_dir(tmp_path / "out", durable=False) as tmp:
+            (tmp / "a.txt").write_text("a")
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            ["out", *(p.name for p in kept)]
+        )
+    finally:
+        live.kill()
+        live.wait()
