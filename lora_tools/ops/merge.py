@@ -870,6 +870,8 @@ def _write_weights(
         copying = background.submit(lambda: [write(f, _copy_file, stop) for f in untouched])
         try:
             for fplan in merged:
+                if copying.done():
+                    copying.result()  # the copies failed (a corrupt shard): stop here
                 write(fplan, engine.write_file)
         except BaseException:
             stop.set()  # the copying thread stops at its next tensor and removes its file
