@@ -176,8 +176,22 @@ def atomic_dir(
         fsync_path(path.parent)
 
 
+#: What to do about a full disk (every "no space" error says it).
+NO_SPACE_HINT = "free some space or write the output elsewhere (-o)"
+
+
 def _gb(nbytes: int) -> str:
     return f"{nbytes / 1e9:.2f} GB"
+
+
+def _no_space(
+    path: str | os.PathLike[str], what: str, nbytes: int, free: int, detail: str = ""
+) -> OutputError:
+    return OutputError(
+        f"not enough disk space: {what} needs {_gb(nbytes)}, {_gb(free)} free{detail}",
+        path=path,
+        hint=NO_SPACE_HINT,
+    )
 
 
 def require_space(folder: str | os.PathLike[str], nbytes: int, *, what: str) -> None:
@@ -191,11 +205,7 @@ def require_space(folder: str | os.PathLike[str], nbytes: int, *, what: str) -> 
     except OSError:
         return  # no such folder: creating the output there reports it
     if nbytes > free:
-        raise OutputError(
-            f"not enough disk space: {what} needs {_gb(nbytes)}, {_gb(free)} free",
-            path=folder,
-            hint="free some space or write the output elsewhere (-o)",
-        )
+        raise _no_space(folder, what, nbytes, free)
 
 
 _fallocate = None
@@ -238,12 +248,7 @@ def preallocate(fd: int, nbytes: int, path: str | os.PathLike[str]) -> None:
     err = ctypes.get_errno()
     if err in (errno.ENOSPC, errno.EDQUOT):
         free = shutil.disk_usage(Path(path).parent).free
-        raise OutputError(
-            f"not enough disk space: the file needs {_gb(nbytes)}, {_gb(free)} free "
-            f"({os.strerror(err)})",
-            path=path,
-            hint="free some space or write the output elsewhere (-o)",
-        )
+        raise _no_space(path, "the file", nbytes, free, f" ({os.strerror(err)})")
 
 
 def check_output(

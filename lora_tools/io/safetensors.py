@@ -30,7 +30,7 @@ import ml_dtypes
 import numpy as np
 
 from lora_tools.errors import FormatError, LoraToolError, OutputError, UnsafeFileError
-from lora_tools.io.atomic import atomic_file, preallocate
+from lora_tools.io.atomic import NO_SPACE_HINT, atomic_file, preallocate
 
 #: The reference reader refuses headers longer than this many bytes.
 MAX_HEADER_BYTES = 100_000_000
@@ -816,9 +816,7 @@ class SafetensorsWriter:
         return OutputError(
             f"cannot write {what}: {exc.strerror or exc}",
             path=self.path,
-            hint="free some space or write the output elsewhere (-o)"
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT)
-            else None,
+            hint=NO_SPACE_HINT if exc.errno in (errno.ENOSPC, errno.EDQUOT) else None,
         )
 
     def _advance(self) -> None:

@@ -152,6 +152,11 @@ class FilePlan:
     jobs: list[TensorJob]
     metadata: dict[str, str] | None
 
+    @property
+    def untouched(self) -> bool:
+        """No adapter changes any tensor of this file: it is a copy."""
+        return all(job.copy_raw for job in self.jobs)
+
 
 @dataclass
 class AdapterReport:
@@ -857,11 +862,11 @@ def _write_weights(
             reader.close()
 
     stop = threading.Event()
-    untouched = [f for f in plan.files if all(j.copy_raw for j in f.jobs)]
-    merged = [f for f in plan.files if f not in untouched]
+    untouched = [f for f in plan.files if f.untouched]
+    merged = [f for f in plan.files if not f.untouched]
     if not untouched or not merged:
         for fplan in plan.files:
-            if fplan in untouched:
+            if fplan.untouched:
                 write(fplan, _copy_file, stop)
             else:
                 write(fplan, engine.write_file)

@@ -13,20 +13,6 @@ from lora_tools.io.atomic import atomic_dir, atomic_file
 pytestmark = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
 
 
-@pytest.fixture
-def synced(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
-    """The paths os.fsync is called on, in order (resolved through /proc/self/fd)."""
-    calls: list[Path] = []
-    real = os.fsync
-
-    def fsync(fd: int) -> None:
-        calls.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
-        real(fd)
-
-    monkeypatch.setattr(atomic.os, "fsync", fsync)
-    return calls
-
-
 def test_durable_file_is_flushed_before_the_rename_and_its_folder_after(
     tmp_path: Path, synced: list[Path]
 ) -> None:
@@ -91,24 +77,21 @@ def test_preallocate_reserves_the_file_and_reports_a_full_disk(
         preallocate(fh.fileno(), 1 << 20, path)
         assert os.fstat(fh.fileno()).st_size == 1 << 20  # fallocate mode 0 extends the file
 
-    def full(fd: int, mode: int, offset: int, length: int) -> int:
-        import ctypes
+    def failing(code: int):  # a fallocate(2) that fails with errno ``code``
+        def call(fd: int, mode: int, offset: int, length: int) -> int:
+            import ctypes
 
-        ctypes.set_errno(errno.ENOSPC)
-        return -1
+            ctypes.set_errno(code)
+            return -1
 
-    monkeypatch.setattr(atomic, "_fallocate_call", lambda: full)
+        return lambda: call
+
+    monkeypatch.setattr(atomic, "_fallocate_call", failing(errno.ENOSPC))
     with open(path, "wb") as fh, pytest.raises(OutputError, match="not enough disk space") as err:
         preallocate(fh.fileno(), 5 * 10**9, path)
     assert "needs 5.00 GB" in str(err.value) and str(path) in str(err.value)
 
-    def unsupported(fd: int, mode: int, offset: int, length: int) -> int:
-        import ctypes
-
-        ctypes.set_errno(errno.EOPNOTSUPP)
-        return -1
-
-    monkeypatch.setattr(atomic, "_fallocate_call", lambda: unsupported)
+    monkeypatch.setattr(atomic, "_fallocate_call", failing(errno.EOPNOTSUPP))
     with open(path, "wb") as fh:
         preallocate(fh.fileno(), 1 << 20, path)  # skipped: the writes allocate as they go
 
