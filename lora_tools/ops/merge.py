@@ -1029,7 +1029,7 @@ def output_path(out: str | os.PathLike[str], base: Path) -> Path:
                 raise OutputError(
                     "the folder the output goes in does not exist",
                     path=text,
-                    hint="create it first, or give the output file's path (NAME.safetensors)",
+                    hint="create it first, or give -o NAME.safetensors",
                 )
             return given / base.name
         if given.suffix != ".safetensors":

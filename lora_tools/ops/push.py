@@ -196,7 +196,7 @@ def _collect(root: Path, *, recursive: bool, notes: list[str]) -> list[Path]:
                 raise FormatError(
                     f"{rel.as_posix()} is {reason}; push uploads only plain files",
                     path=path,
-                    hint="replace it with a copy of the file it stands for (cp -L), then push",
+                    hint="replace the link with a copy of the file it points to, then push again",
                 )
             notes.append(f"skipped {rel.as_posix()} ({reason}; only plain files go up)")
             continue

@@ -150,3 +150,16 @@ def test_dot_as_output_is_one_error_line(tmp_path: Path) -> None:
         assert lines[0].startswith(f"loratool: error: {out}: the output is a folder that holds")
     assert (work / "my-notes.txt").read_text() == "mine"
     assert (work / "base" / "model.safetensors").is_file()
+
+
+def test_convert_never_replaces_its_base(tmp_path: Path) -> None:
+    base = tmp_path / "sdxl.safetensors"
+    shutil.copyfile(FIXTURES / "bases" / "tiny-sdxl.safetensors", base)
+    data = base.read_bytes()
+    adapter = FIXTURES / "kohya" / "sdxl-lora.safetensors"
+    argv = ["convert", adapter, "--to", "diffusers", "--base", base, "--force"]
+    for out in (base, tmp_path):
+        result = _invoke([*argv, "-o", out])
+        assert isinstance(result.exception, OutputError), result.output
+        assert f"input {base}" in str(result.exception)
+    assert base.read_bytes() == data
