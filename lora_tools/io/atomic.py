@@ -494,7 +494,12 @@ def check_output(
         lora_tools.errors.OutputError: /tmp: the output is a folder that holds the input ...
     """
     out_path = _absolute(out)
-    real = out_path.resolve()
+    try:
+        real = out_path.resolve()
+    except (OSError, RuntimeError):  # a loop of symbolic links (RuntimeError before 3.13)
+        raise OutputError(
+            "the output path is a loop of symbolic links", path=out, hint="choose another -o path"
+        ) from None
     sources = [Path(item) for item in inputs]
     for item in sources:
         src = item.resolve()

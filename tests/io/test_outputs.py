@@ -170,3 +170,10 @@ def test_skip_reason(tmp_path: Path) -> None:
     os.symlink("../../../models--c--d/blobs/5678", snap / "other.json")
     assert skip_reason(snap, snap / "config.json") is None
     assert "outside the folder" in skip_reason(snap, snap / "other.json")
+
+
+def test_a_link_loop_as_output_is_an_output_error(tmp_path: Path) -> None:
+    os.symlink(tmp_path / "b", tmp_path / "a")
+    os.symlink(tmp_path / "a", tmp_path / "b")
+    with pytest.raises(OutputError, match="loop of symbolic links"):
+        check_output(tmp_path / "a", [tmp_path / "in.safetensors"], force=True)
