@@ -177,3 +177,19 @@ def test_a_link_loop_as_output_is_an_output_error(tmp_path: Path) -> None:
     os.symlink(tmp_path / "a", tmp_path / "b")
     with pytest.raises(OutputError, match="loop of symbolic links"):
         check_output(tmp_path / "a", [tmp_path / "in.safetensors"], force=True)
+
+
+def test_the_provenance_names_are_the_ones_the_writers_use() -> None:
+    from lora_tools.formats.diffusers_old import DiffusersOldFormat
+    from lora_tools.formats.peft import CONFIG_NAME, WEIGHTS_NAME, DiffusersFormat
+    from lora_tools.io import atomic
+    from lora_tools.ops import _algebra, merge, push
+
+    assert atomic.HISTORY_KEY == _algebra.HISTORY_KEY == push.HISTORY_KEY
+    assert atomic.MERGE_RECORD_NAME == merge.PROVENANCE_NAME == push.PROVENANCE_NAME
+    assert atomic.ADAPTER_CONFIG_NAME == CONFIG_NAME
+    assert set(atomic.ADAPTER_WEIGHTS_NAMES) == {
+        WEIGHTS_NAME,
+        DiffusersFormat.default_filename,
+        DiffusersOldFormat.default_filename,
+    }
