@@ -37,7 +37,10 @@ def output_option(required: bool = True) -> Callable[[Callable[..., Any]], Calla
 
 
 force_option = click.option(
-    "--force", is_flag=True, help="Replace an existing output (never an input)."
+    "--force",
+    is_flag=True,
+    help="Replace an existing output file, or a folder loratool wrote (never an input, never a "
+    "folder holding anything else).",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar.")

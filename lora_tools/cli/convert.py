@@ -63,7 +63,8 @@ def command(
 
         base_path = resolve_input(base, role="base")
     result = convert_adapter(source, to, base=base_path, component=component)
-    written = write_adapter(result.adapter, output, input_paths(source, adapter), force=force)
+    inputs = [*input_paths(source, adapter), *([base_path] if base_path is not None else [])]
+    written = write_adapter(result.adapter, output, inputs, force=force)
     if result.dropped:
         warn(
             f"{len(result.dropped)} modules of other components left out "

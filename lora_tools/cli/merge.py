@@ -14,7 +14,14 @@ from lora_tools.cli.validate import single_threaded_blas
 @click.command("merge")
 @click.argument("base")
 @click.argument("adapters", nargs=-1, required=True)
-@click.option("-o", "--output", "out", required=True, help="Output folder (or .safetensors file).")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    required=True,
+    help="Output folder for a folder base. For a single-file base: NAME.safetensors, or a "
+    "folder (ending in / or existing) to write it into under the base's file name.",
+)
 @click.option(
     "--weight",
     "weights",
@@ -43,7 +50,12 @@ from lora_tools.cli.validate import single_threaded_blas
     show_default=True,
     help="dtype of the float tensors written.",
 )
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace OUT if it is a file or a folder loratool wrote (never an input, never a "
+    "folder holding anything else).",
+)
 @click.option(
     "--fsync",
     is_flag=True,
@@ -125,6 +137,12 @@ def command(
         click.echo(
             f"loratool: warning: {unmatched} adapter modules matched no base weight and were "
             "skipped (--allow-unmatched)",
+            err=True,
+        )
+    for item in summary["skipped_files"]:
+        click.echo(
+            f"loratool: warning: did not copy {item['path']} from the base folder: "
+            f"{item['reason']}",
             err=True,
         )
     if as_json:

@@ -15,22 +15,36 @@ Two strengths:
   to the disk (``fsync``) before the rename, and the folder holding the new name after it, so the
   name never points at data the disk does not have. This costs the time to write everything to
   the disk before returning.
+
+What ``--force`` may replace (:func:`check_output`, :func:`check_replaceable`): a file (or a
+symbolic link: the link, never what it points to), an empty folder, or a folder loratool wrote.
+A folder counts as loratool's when its provenance record accounts for every entry in it:
+
+- a merged model: ``loratool_merge.json`` (``"tool": "loratool"``) whose ``files`` list names
+  every other file of the folder;
+- an adapter: ``adapter_model.safetensors`` or ``pytorch_lora_weights.safetensors`` whose
+  metadata has a ``loratool_history`` entry, and at most ``adapter_config.json`` beside it.
+
+Anything else in the folder (a note, a subfolder, a link) means it is not replaced, with or
+without ``--force``. An output that is an input, lies inside one or holds one is always refused.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 import socket
+import stat
 import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from lora_tools.errors import OutputError
+from lora_tools.errors import LoraToolError, OutputError
 
 
 def _host() -> str:
@@ -41,6 +55,40 @@ def _host() -> str:
 def _temp_sibling(path: Path, tag: str) -> Path:
     """``.NAME.TAG-HOST-PID-RANDOM`` beside ``path``: hidden, and traceable to its writer."""
     return path.with_name(f".{path.name}.{tag}-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _absolute(path: str | os.PathLike[str]) -> Path:
+    """``path`` made absolute, ``.`` and ``..`` removed by name (links are not followed: the
+    output replaces the name the user gave, never what a link points to)."""
+    return Path(os.path.abspath(os.fspath(path)))
+
+
+def _public(value: object, tmp: Path, final: Path) -> object:
+    """``value`` with the temporary ``tmp`` replaced by ``final`` when it is a path under it."""
+    if not isinstance(value, (str, os.PathLike)):
+        return value
+    try:
+        rel = Path(value).relative_to(tmp)
+    except ValueError:
+        return value
+    return os.fspath(final / rel)
+
+
+def _name_the_output(exc: BaseException, tmp: Path, final: Path) -> BaseException:
+    """The error to show for ``exc`` raised while writing ``tmp``: it names ``final``, the
+    output the user asked for, never the hidden temporary; a full disk is an OutputError."""
+    if isinstance(exc, LoraToolError):
+        exc.path = _public(exc.path, tmp, final)  # type: ignore[assignment]
+    elif isinstance(exc, OSError):
+        exc.filename = _public(exc.filename, tmp, final)
+        exc.filename2 = _public(exc.filename2, tmp, final)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return OutputError(
+                f"cannot write the output: {exc.strerror or exc}",
+                path=exc.filename or final,
+                hint=NO_SPACE_HINT,
+            )
+    return exc
 
 
 def _alive(pid: int) -> bool:
@@ -118,7 +166,13 @@ def atomic_file(
         >>> with atomic_file("/tmp/doc-atomic.bin") as fh:
         ...     _ = fh.write(b"ok")
     """
-    path = Path(path)
+    path = _absolute(path)
+    if path.is_dir() and not path.is_symlink():
+        raise OutputError(
+            "the output is a file, but this is a folder (a file never replaces a folder)",
+            path=path,
+            hint="choose another -o path",
+        )
     remove_stale_temporaries(path)
     tmp = _temp_sibling(path, "tmp")
     try:
@@ -132,8 +186,11 @@ def atomic_file(
             if durable:
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         _remove(tmp)
+        shown = _name_the_output(exc, tmp, path)
+        if shown is not exc:
+            raise shown from None
         raise
     if durable:
         fsync_path(path.parent)
@@ -145,13 +202,17 @@ def atomic_dir(
 ) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; move it to ``path`` when the block succeeds.
 
-    With ``force`` an existing ``path`` is replaced only after the new folder is complete. With
-    ``durable`` (the default) every file and folder in it is flushed to the disk before the
-    rename, and the parent folder after it.
+    With ``force`` an existing ``path`` is replaced only after the new folder is complete, and
+    only if it may be (:func:`check_replaceable`: a file, an empty folder or one loratool
+    wrote; checked again just before the replacement). With ``durable`` (the default) every
+    file and folder in it is flushed to the disk before the rename, and the parent folder after
+    it. Errors raised in the block name ``path``, not the temporary folder.
     """
-    path = Path(path)
-    if path.exists() and not force:
-        raise OutputError("output already exists", path=path, hint="pass --force to replace it")
+    path = _absolute(path)
+    if os.path.lexists(path):
+        check_replaceable(path)
+        if not force:
+            raise OutputError("output already exists", path=path, hint="pass --force to replace it")
     remove_stale_temporaries(path)
     tmp = _temp_sibling(path, "partial")
     try:
@@ -162,15 +223,19 @@ def atomic_dir(
         yield tmp
         if durable:
             _fsync_tree(tmp)
-        if path.exists():
+        if os.path.lexists(path):
+            check_replaceable(path)  # nothing was added to it while the new folder was written
             old = _temp_sibling(path, "old")
             os.replace(path, old)
             os.replace(tmp, path)
             _remove(old)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         _remove(tmp)
+        shown = _name_the_output(exc, tmp, path)
+        if shown is not exc:
+            raise shown from None
         raise
     if durable:
         fsync_path(path.parent)
@@ -180,32 +245,59 @@ def atomic_dir(
 NO_SPACE_HINT = "free some space or write the output elsewhere (-o)"
 
 
-def _gb(nbytes: int) -> str:
-    return f"{nbytes / 1e9:.2f} GB"
+_UNITS = ("bytes", "kB", "MB", "GB", "TB", "PB")
+
+
+def _size(nbytes: int, digits: int = 3) -> str:
+    """``nbytes`` in decimal units with ``digits`` significant digits: ``12.3 MB``."""
+    if nbytes < 1000:
+        return f"{nbytes} bytes"
+    value, unit = float(nbytes), 0
+    while value >= 1000 and unit < len(_UNITS) - 1:
+        value, unit = value / 1000, unit + 1
+    decimals = max(digits - len(str(int(value))), 0)
+    return f"{value:.{decimals}f} {_UNITS[unit]}"
+
+
+def sizes(needed: int, free: int) -> tuple[str, str]:
+    """Two sizes written so that they read differently when they differ: ``12.3 MB`` and
+    ``8.19 MB``, but ``1.000002 GB`` and ``1.000001 GB`` (exact bytes when closer still)."""
+    for digits in range(3, 10):
+        a, b = _size(needed, digits), _size(free, digits)
+        if a != b or needed == free:
+            return a, b
+    return f"{needed:,} bytes", f"{free:,} bytes"
 
 
 def _no_space(
     path: str | os.PathLike[str], what: str, nbytes: int, free: int, detail: str = ""
 ) -> OutputError:
+    needed_text, free_text = sizes(nbytes, free)
     return OutputError(
-        f"not enough disk space: {what} needs {_gb(nbytes)}, {_gb(free)} free{detail}",
+        f"not enough disk space: {what} needs {needed_text}, {free_text} free{detail}",
         path=path,
         hint=NO_SPACE_HINT,
     )
 
 
-def require_space(folder: str | os.PathLike[str], nbytes: int, *, what: str) -> None:
+def require_space(
+    folder: str | os.PathLike[str],
+    nbytes: int,
+    *,
+    what: str,
+    output: str | os.PathLike[str] | None = None,
+) -> None:
     """Raise OutputError now when ``folder``'s file system has less than ``nbytes`` free.
 
     The check is made before anything is written, so that a full disk is a clear error at the
-    start rather than a failed write halfway.
+    start rather than a failed write halfway. The error names ``output`` (default: ``folder``).
     """
     try:
         free = shutil.disk_usage(folder).free
     except OSError:
         return  # no such folder: creating the output there reports it
     if nbytes > free:
-        raise _no_space(folder, what, nbytes, free)
+        raise _no_space(output if output is not None else folder, what, nbytes, free)
 
 
 _fallocate = None
@@ -251,28 +343,197 @@ def preallocate(fd: int, nbytes: int, path: str | os.PathLike[str]) -> None:
         raise _no_space(path, "the file", nbytes, free, f" ({os.strerror(err)})")
 
 
+# -- which outputs are safe to write ----------------------------------------------------------
+
+#: The provenance record ``loratool merge`` writes into every merged folder. Its ``files`` list
+#: names every other file it wrote there.
+MERGE_RECORD_NAME = "loratool_merge.json"
+#: The safetensors metadata key of every adapter loratool writes (a JSON list of operations).
+HISTORY_KEY = "loratool_history"
+#: The weights files of the adapter folders loratool writes, and the one file beside them.
+ADAPTER_WEIGHTS_NAMES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors")
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+#: A provenance record larger than this is not one loratool wrote.
+_MAX_RECORD_BYTES = 64 << 20
+#: Entries of an existing folder looked at before it counts as not loratool's.
+_MAX_ENTRIES = 100_000
+#: Files of an input folder compared by inode with an existing output file.
+_MAX_INPUT_FILES = 100_000
+
+
+def _is_regular(path: Path) -> bool:
+    """A regular file itself, not a link, a FIFO or a device (never opened otherwise)."""
+    try:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except OSError:
+        return False
+
+
+def _adapter_history(weights: Path) -> bool:
+    from lora_tools.io.safetensors import read_header  # lazy: it imports this module
+
+    try:
+        metadata = read_header(weights).metadata or {}
+    except (LoraToolError, OSError, ValueError, RecursionError):
+        return False
+    return HISTORY_KEY in metadata
+
+
+def recorded_files(folder: Path) -> set[str]:
+    """The entries (relative, ``/``-separated) that loratool's provenance record in ``folder``
+    accounts for; empty when the folder has no such record (see the module docstring)."""
+    record = folder / MERGE_RECORD_NAME
+    if _is_regular(record):
+        try:
+            if record.stat().st_size > _MAX_RECORD_BYTES:
+                return set()
+            doc = json.loads(record.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            return set()
+        files = (
+            doc.get("files") if isinstance(doc, dict) and doc.get("tool") == "loratool" else None
+        )
+        if isinstance(files, list) and all(isinstance(f, str) for f in files):
+            return {*files, MERGE_RECORD_NAME}
+        return set()
+    for name in ADAPTER_WEIGHTS_NAMES:
+        weights = folder / name
+        if _is_regular(weights) and _adapter_history(weights):
+            return {name, ADAPTER_CONFIG_NAME}
+    return set()
+
+
+def foreign_entries(folder: Path, limit: int = 3) -> list[str]:
+    """Up to ``limit`` entries of ``folder`` that loratool did not write (relative paths, a
+    folder with a trailing ``/``); empty when ``--force`` may replace the folder."""
+    owned = recorded_files(folder)
+    holders = {str(p) for f in owned for p in Path(f).parents}
+    found: list[str] = []
+    seen = 0
+
+    def unreadable(exc: OSError) -> None:
+        name = Path(exc.filename or folder)
+        found.append(f"{name.relative_to(folder).as_posix() if name != folder else '.'}/")
+
+    for current, dirs, files in os.walk(folder, onerror=unreadable):
+        here = Path(current).relative_to(folder)
+        for name in list(dirs):
+            rel = (here / name).as_posix()
+            if os.path.islink(os.path.join(current, name)) or rel not in holders:
+                found.append(rel + ("" if os.path.islink(os.path.join(current, name)) else "/"))
+                dirs.remove(name)
+        for name in files:
+            rel = (here / name).as_posix()
+            if rel not in owned or not _is_regular(Path(current, name)):
+                found.append(rel)
+        seen += len(dirs) + len(files)
+        if len(found) >= limit or seen > _MAX_ENTRIES:
+            break
+    if not found and seen > _MAX_ENTRIES:
+        found.append(f"more than {_MAX_ENTRIES} entries")
+    return sorted(found)[:limit]
+
+
+def check_replaceable(
+    path: str | os.PathLike[str], *, shown: str | os.PathLike[str] | None = None
+) -> None:
+    """Raise OutputError unless an existing ``path`` may be replaced: a file, a link, an empty
+    folder or a folder loratool wrote (see the module docstring). The error names ``shown``
+    (default: ``path``)."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir():
+        return
+    foreign = foreign_entries(path)
+    if foreign:
+        raise OutputError(
+            f"the output folder exists and holds what loratool did not write "
+            f"({', '.join(foreign)}); --force replaces only a file, an empty folder or a folder "
+            "loratool wrote",
+            path=shown if shown is not None else path,
+            hint="choose another -o path, or move those files out of the folder yourself",
+        )
+
+
+def _input_inodes(inputs: list[Path]) -> dict[tuple[int, int], Path]:
+    """(device, inode) of every input file and every file in an input folder."""
+    found: dict[tuple[int, int], Path] = {}
+    for item in inputs:
+        candidates = [item]
+        if item.is_dir():
+            candidates = []
+            for current, _dirs, files in os.walk(item):
+                candidates += [Path(current, name) for name in files]
+                if len(candidates) > _MAX_INPUT_FILES:
+                    break
+        for candidate in candidates:
+            try:
+                st = candidate.stat()
+            except OSError:
+                continue
+            found.setdefault((st.st_dev, st.st_ino), candidate)
+    return found
+
+
 def check_output(
     out: str | os.PathLike[str],
     inputs: list[str | os.PathLike[str]],
     *,
     force: bool = False,
 ) -> Path:
-    """Refuse an output that exists (without force), equals an input, or lies inside one."""
-    out_path = Path(out).resolve()
-    for item in inputs:
-        src = Path(item).resolve()
-        if out_path == src:
+    """Refuse an output that is unsafe to write; return it as an absolute path.
+
+    Refused with or without ``force``: ``out`` is an input, lies inside an input folder, or is a
+    folder holding an input (compared after resolving links, ``.`` and ``..``; an existing file
+    is also compared by device and inode, which finds hard links), or it is an existing folder
+    that ``force`` may not replace (:func:`check_replaceable`). Refused without ``force``:
+    ``out`` exists.
+
+    Example:
+        >>> check_output("/tmp", ["/tmp/in.safetensors"])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        lora_tools.errors.OutputError: /tmp: the output is a folder that holds the input ...
+    """
+    out_path = _absolute(out)
+    try:
+        real = out_path.resolve()
+    except (OSError, RuntimeError):  # a loop of symbolic links (RuntimeError before 3.13)
+        raise OutputError(
+            "the output path is a loop of symbolic links", path=out, hint="choose another -o path"
+        ) from None
+    sources = [Path(item) for item in inputs]
+    for item in sources:
+        src = item.resolve()
+        if real == src:
             raise OutputError(
-                "output is the same path as an input", path=out, hint="choose another -o path"
+                f"the output is the same path as the input {item}",
+                path=out,
+                hint="choose another -o path",
             )
-        if src.is_dir() and src in out_path.parents:
+        if src in real.parents:
             raise OutputError(
-                f"output lies inside the input folder {item}",
+                f"the output lies inside the input folder {item}",
                 path=out,
                 hint="write the output beside the input, not inside it",
             )
-    if out_path.exists() and not force:
-        raise OutputError("output already exists", path=out, hint="pass --force to replace it")
+        if real in src.parents:
+            raise OutputError(
+                f"the output is a folder that holds the input {item}",
+                path=out,
+                hint="choose an -o path outside the folders that hold the inputs",
+            )
+    if os.path.lexists(out_path):
+        if out_path.exists() and not out_path.is_dir():
+            st = out_path.stat()
+            same = _input_inodes(sources).get((st.st_dev, st.st_ino))
+            if same is not None:
+                raise OutputError(
+                    f"the output is the same file as the input {same} (a hard link to it)",
+                    path=out,
+                    hint="choose another -o path",
+                )
+        check_replaceable(out_path, shown=out)
+        if not force:
+            raise OutputError("output already exists", path=out, hint="pass --force to replace it")
     if not out_path.parent.is_dir():
         raise OutputError("the folder the output goes in does not exist", path=out)
     return out_path

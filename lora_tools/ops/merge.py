@@ -52,8 +52,9 @@ from lora_tools.errors import (
     UnsupportedAdapterError,
     UsageError,
 )
-from lora_tools.io.atomic import atomic_dir, check_output, require_space
+from lora_tools.io.atomic import MERGE_RECORD_NAME, atomic_dir, check_output, require_space
 from lora_tools.io.checkpoint import INDEX_NAMES, Checkpoint, open_checkpoint
+from lora_tools.io.folder import skip_reason
 from lora_tools.io.safetensors import (
     PICKLE_SUFFIXES,
     SafetensorsFile,
@@ -79,8 +80,9 @@ from lora_tools.resolve import ModuleMatch, Resolution, resolve
 
 #: --dtype spellings -> safetensors dtype names (``keep`` keeps each tensor's own).
 DTYPE_NAMES = {"keep": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
-#: Provenance record written into every merged folder.
-PROVENANCE_NAME = "loratool_merge.json"
+#: Provenance record written into every merged folder (its ``files`` list names every file
+#: written beside it).
+PROVENANCE_NAME = MERGE_RECORD_NAME
 #: Bytes of one row block of a merged tensor (in float32): a few MB keeps a block's passes
 #: (product, scale, add, round) in the CPU caches (measured fastest between 1 and 8 MB).
 DEFAULT_BLOCK_BYTES = 4 << 20
@@ -772,22 +774,50 @@ def _is_weight_artifact(path: Path, written: set[Path]) -> bool:
     return name.startswith(".")
 
 
-def _copy_other_files(plan: MergePlan, dest: Path) -> list[str]:
-    """Copy every non-weight file of the base folder; return the relative paths copied."""
+def _copy_other_files(plan: MergePlan, dest: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """Copy every non-weight file of the base folder.
+
+    Only plain files are copied (:func:`lora_tools.io.folder.skip_reason`): a link leaving the
+    base folder, a FIFO or a device is skipped, so that a merge never copies (and push never
+    publishes) what merely a link in the base pointed at.
+
+    Returns:
+        The relative paths copied, and ``{"path", "reason"}`` for each entry skipped.
+    """
     root = plan.base.path
     written = {root / f.relative for f in plan.files}
-    copied = []
-    for src in sorted(root.rglob("*")):
-        rel = src.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts) or src.is_dir():
-            continue
-        if _is_weight_artifact(src, written):
-            continue
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, target)
-        copied.append(str(rel))
-    return copied
+    copied: list[str] = []
+    skipped: list[dict[str, str]] = []
+    for current, dirs, files in os.walk(root):
+        here = Path(current)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in [d for d in dirs if (here / d).is_symlink()]:
+            dirs.remove(name)  # os.walk would not enter it: say so instead of dropping it
+            rel = (here / name).relative_to(root).as_posix()
+            skipped.append({"path": rel, "reason": "a symbolic link to a folder (not followed)"})
+        for name in sorted(files):
+            src = here / name
+            rel = src.relative_to(root)
+            if name.startswith(".") or _is_weight_artifact(src, written):
+                continue
+            reason = skip_reason(root, src)
+            if reason is not None:
+                skipped.append({"path": rel.as_posix(), "reason": reason})
+                continue
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, target)
+            copied.append(str(rel))
+    return sorted(copied), sorted(skipped, key=lambda item: item["path"])
+
+
+def _files_written(folder: Path) -> list[str]:
+    """Every file under ``folder``, relative and ``/``-separated, for the provenance record."""
+    return sorted(
+        (Path(current) / name).relative_to(folder).as_posix()
+        for current, _dirs, files in os.walk(folder)
+        for name in files
+    )
 
 
 def _write_indexes(plan: MergePlan, dest: Path) -> None:
@@ -917,6 +947,7 @@ def execute(
         out.parent,
         plan.total_bytes,
         what=f"the merged model ({len(plan.files)} weight files)",
+        output=out,
     )
     provenance = _provenance(plan, engine)
     if plan.output_is_file:
@@ -935,16 +966,21 @@ def execute(
             durable=fsync,
         )
         copied: list[str] = []
+        skipped: list[dict[str, str]] = []
     else:
         with atomic_dir(out, force=force, durable=fsync) as tmp:
-            copied = _copy_other_files(plan, tmp)
+            copied, skipped = _copy_other_files(plan, tmp)
             _write_weights(plan, engine, lambda f: tmp / f.relative, tick, durable=fsync)
             _write_indexes(plan, tmp)
+            if not (tmp / "README.md").exists():
+                (tmp / "README.md").write_text(_model_card(plan), encoding="utf-8")
+            # the record names every file written, so that --force can tell this folder from
+            # one holding anything else (lora_tools.io.atomic.check_replaceable)
+            provenance["files"] = _files_written(tmp)
+            provenance["skipped_files"] = skipped
             (tmp / PROVENANCE_NAME).write_text(
                 json.dumps(provenance, indent=2) + "\n", encoding="utf-8"
             )
-            if not (tmp / "README.md").exists():
-                (tmp / "README.md").write_text(_model_card(plan), encoding="utf-8")
     seconds = time.perf_counter() - started
     read = sum(
         j.info.nbytes if j.replacement is None else j.replacement.nbytes
@@ -959,6 +995,7 @@ def execute(
         "adapters": [r.summary() for r in plan.adapters],
         "files": [str(f.relative) for f in plan.files],
         "copied_files": copied,
+        "skipped_files": skipped,
         "tensors": {
             "total": plan.total_tensors,
             "merged": sum(1 for f in plan.files for j in f.jobs if j.sources),
@@ -970,6 +1007,47 @@ def execute(
         "fsync": fsync,
         "seconds": round(seconds, 3),
     }
+
+
+def output_path(out: str | os.PathLike[str], base: Path) -> Path:
+    """Where ``-o OUT`` puts the merged model of ``base`` (a local path).
+
+    The output has the base's shape. A single-file base gives one file: OUT itself when it
+    ends in ``.safetensors``; inside OUT, under the base's file name, when OUT ends in ``/`` or
+    names an existing folder. A folder base gives a folder: OUT, which must not end in
+    ``.safetensors``.
+
+    Example:
+        >>> output_path("merged/", Path("fixtures/bases/tiny-flux.safetensors"))  # doctest: +SKIP
+        PosixPath('merged/tiny-flux.safetensors')
+    """
+    text = os.fspath(out)
+    given = Path(text)
+    if base.is_file():
+        if text.endswith(("/", os.sep)) or given.is_dir():
+            if not given.is_dir():
+                raise OutputError(
+                    "the folder the output goes in does not exist",
+                    path=text,
+                    hint="create it first, or give -o NAME.safetensors",
+                )
+            return given / base.name
+        if given.suffix != ".safetensors":
+            raise UsageError(
+                "the base is a single file, so the merged model is one .safetensors file, but "
+                "OUT does not end in .safetensors",
+                path=text,
+                hint="give -o NAME.safetensors, or -o FOLDER/ to write it there under the "
+                f"base's name ({base.name})",
+            )
+        return given
+    if given.suffix == ".safetensors":
+        raise UsageError(
+            "the base is a folder, so the merged model is a folder, but OUT ends in .safetensors",
+            path=text,
+            hint="give a folder path for -o (the weight files keep the base's names)",
+        )
+    return given
 
 
 @contextlib.contextmanager
@@ -1001,7 +1079,9 @@ def merge(
         base: a .safetensors file, an HF folder (single or sharded), a diffusers folder, or a
             Hub id ``user/name[@revision]``.
         adapters: adapter files / folders / Hub ids, merged in this order.
-        out: the output path (a folder, or a .safetensors file for a single-file base).
+        out: the output path: a folder for a folder base; for a single-file base a
+            .safetensors file, or a folder (ending in ``/`` or existing) to write it into under
+            the base's file name (:func:`output_path`).
         weights: one weight per adapter (default 1.0 each; negative subtracts).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (see :func:`select_engine`).
         dtype: ``keep``, ``bf16``, ``fp16`` or ``fp32`` for the float tensors written.
@@ -1043,6 +1123,7 @@ def merge(
         specs.append(AdapterSpec(os.fspath(item), float(w)))
     base_path = resolve_input(os.fspath(base), role="base")
     local = [AdapterSpec(os.fspath(resolve_input(s.path, role="adapter")), s.weight) for s in specs]
+    out = output_path(out, Path(base_path))
     check_output(out, [base_path, *(Path(s.path) for s in local)], force=force)
     engine = select_engine(device, block_bytes=block_bytes)
     plan = plan_merge(

@@ -32,6 +32,7 @@ from typing import Any
 
 from lora_tools import __version__
 from lora_tools.errors import EXIT_FINDINGS, FormatError, HubError, LoraToolError, UsageError
+from lora_tools.io.folder import skip_reason
 from lora_tools.io.hub import parse_hub_id
 from lora_tools.io.jsonfile import read_json_object
 from lora_tools.io.safetensors import PICKLE_SUFFIXES, SafetensorsFile
@@ -166,13 +167,19 @@ def _is_model_folder(path: Path) -> bool:
 
 def _collect(root: Path, *, recursive: bool, notes: list[str]) -> list[Path]:
     """Files under ``root`` worth publishing: no hidden paths, no pickles, no README.md (the card
-    is generated), and for adapters no subfolders (training checkpoints)."""
+    is generated), for adapters no subfolders (training checkpoints), and only plain files
+    (:func:`lora_tools.io.folder.skip_reason`: no link leaving the folder, no FIFO, no device).
+
+    Raises:
+        FormatError: a file the upload cannot do without (weights, an index, the adapter's
+            config) is one of those.
+    """
     out: list[Path] = []
     for path in sorted(root.rglob("*") if recursive else root.iterdir()):
         rel = path.relative_to(root)
         if any(part.startswith(".") for part in rel.parts) or "__pycache__" in rel.parts:
             continue
-        if path.is_dir():
+        if path.is_dir() and not path.is_symlink():
             if not recursive:
                 notes.append(
                     f"skipped folder {rel.as_posix()}/ (only the adapter's own files go up)"
@@ -183,8 +190,31 @@ def _collect(root: Path, *, recursive: bool, notes: list[str]) -> list[Path]:
         if path.suffix.lower() in PICKLE_SUFFIXES:
             notes.append(f"skipped {rel.as_posix()} (a pickle; loratool never publishes pickles)")
             continue
+        reason = skip_reason(root, path)
+        if reason is not None:
+            if path.suffix == ".safetensors" or path.name.endswith(".json"):
+                raise FormatError(
+                    f"{rel.as_posix()} is {reason}; push uploads only plain files",
+                    path=path,
+                    hint="replace the link with a copy of the file it points to, then push again",
+                )
+            notes.append(f"skipped {rel.as_posix()} ({reason}; only plain files go up)")
+            continue
         out.append(path)
     return out
+
+
+def _local_card(root: Path, notes: list[str]) -> str | None:
+    """The README.md of ``root`` when it is a plain file (a link leaving the folder, or a FIFO,
+    would put what it points at into the card, or block)."""
+    card_path = root / CARD_NAME
+    if not os.path.lexists(card_path):
+        return None
+    reason = skip_reason(root, card_path)
+    if reason is not None:
+        notes.append(f"did not use {CARD_NAME} ({reason}); the card is generated")
+        return None
+    return card_path.read_text(encoding="utf-8")
 
 
 def _history(metadata: dict[str, str]) -> list[Any] | None:
@@ -262,8 +292,7 @@ def _plan_adapter(
     adapter = load_adapter(path)
     if path.is_dir():
         uploads = _relative(path, _collect(path, recursive=False, notes=notes))
-        card_path = path / CARD_NAME
-        local_card = card_path.read_text(encoding="utf-8") if card_path.is_file() else None
+        local_card = _local_card(path, notes)
     else:
         parts = [p for p in (adapter.source, adapter.config_source) if p is not None]
         uploads = [UploadFile(p.name, p.stat().st_size, local=p) for p in parts]
@@ -320,8 +349,7 @@ def _plan_model(
         uploads = _relative(path, files)
         provenance_path = path / PROVENANCE_NAME
         provenance = read_json_object(provenance_path) if provenance_path.is_file() else None
-        card_path = path / CARD_NAME
-        local_card = card_path.read_text(encoding="utf-8") if card_path.is_file() else None
+        local_card = _local_card(path, notes)
         pipeline = (path / "model_index.json").is_file()
         config_path = path / "config.json"
         library = "diffusers" if pipeline else ("transformers" if config_path.is_file() else None)

@@ -107,7 +107,7 @@ def test_require_space(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     require_space(tmp_path / "missing", 1, what="x")  # left to the code that creates it
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**10, 10**10 - 10**6, 10**6))
-    with pytest.raises(OutputError, match=r"the model needs 2.00 GB, 0.00 GB free"):
+    with pytest.raises(OutputError, match=r"the model needs 2.00 GB, 1.00 MB free"):
         require_space(tmp_path, 2 * 10**9, what="the model")
 
 
