@@ -239,9 +239,7 @@ def inspect_adapter(
             "unknown": adapter.alpha_unknown,
         },
         "scale": {
-            "histogram": _histogram(
-                [UNKNOWN if m.alpha_unknown else m.scale for m in modules]
-            ),
+            "histogram": _histogram([UNKNOWN if m.alpha_unknown else m.scale for m in modules]),
         },
         "rslora": any(m.rslora for m in modules),
         "dora": any(m.dora for m in modules),
