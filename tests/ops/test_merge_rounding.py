@@ -30,7 +30,12 @@ from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 from lora_tools.ops.merge import merge  # noqa: E402
 
-pytestmark = pytest.mark.oracle
+pytestmark = [
+    pytest.mark.oracle,
+    # PEFT notes that it flips fan_in_fan_out per layer, and takes lora_B.bias for a shard
+    pytest.mark.filterwarnings("ignore:fan_in_fan_out is set"),
+    pytest.mark.filterwarnings("ignore:Adapter 'default'"),
+]
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
