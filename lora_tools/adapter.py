@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from lora_tools.errors import AdapterError, UnsupportedAdapterError
+from lora_tools.errors import AdapterError, UnknownScaleError, UnsupportedAdapterError
 from lora_tools.io.safetensors import Tensor
 
 #: Module-name endings recognised in flattened (kohya) names, longest first.
@@ -92,6 +92,12 @@ _KNOWN_TARGETS = sorted(
     reverse=True,
 )
 
+#: What to do about an adapter whose alpha is unknown (PEFT keys without their config).
+UNKNOWN_SCALE_HINT = (
+    "add the adapter's adapter_config.json (the lora_alpha and r it was trained with) beside "
+    "it, named adapter_model.safetensors, and pass that folder"
+)
+
 LINEAR = "linear"
 CONV = "conv"
 EMBEDDING = "embedding"
@@ -107,7 +113,7 @@ class LoraModule:
         down: A / lora_down, ``[r, in]`` or ``[r, in, *kernel]`` (embedding ``[r, num_emb]``).
         up: B / lora_up, ``[out, r]`` or ``[out, r, 1, ...]`` (embedding ``[dim, r]``).
         alpha: the module's alpha; None means "alpha = rank" (scale 1), as kohya reads a
-            missing alpha tensor.
+            missing alpha tensor, unless ``alpha_unknown`` says it is unknown.
         kind: ``linear``, ``conv`` or ``embedding``.
         path: dotted module path inside its component (None until resolved, e.g. kohya names).
         component: pipeline component (``unet``, ``text_encoder``, ``transformer``...), or None.
@@ -116,6 +122,9 @@ class LoraModule:
         bias: lora_B bias (PEFT ``lora_bias=True``), if any.
         alpha_tensor: kohya's stored alpha tensor, kept to write it back byte for byte.
         keys: role (``down``, ``up``, ``alpha``, ``magnitude``, ``bias``) -> tensor key in the file.
+        alpha_unknown: why the file does not say the module's alpha (``"no adapter_config.json"``
+            for PEFT keys without their config), or None when it does. An unknown alpha makes
+            :attr:`scale` and :attr:`effective_alpha` raise :class:`UnknownScaleError`.
     """
 
     key: str
@@ -130,6 +139,7 @@ class LoraModule:
     bias: Tensor | None = None
     alpha_tensor: Tensor | None = None
     keys: dict[str, str] = field(default_factory=dict)
+    alpha_unknown: str | None = None
 
     @property
     def rank(self) -> int:
@@ -137,12 +147,24 @@ class LoraModule:
 
     @property
     def effective_alpha(self) -> float:
-        """alpha, with a missing alpha read as the rank."""
+        """alpha, with a missing alpha read as the rank.
+
+        Raises:
+            UnknownScaleError: the file does not say the alpha (:attr:`alpha_unknown`).
+        """
+        if self.alpha_unknown is not None:
+            raise unknown_scale_error(self, "this operation")
         return float(self.rank) if self.alpha is None else float(self.alpha)
 
     @property
     def scale(self) -> float:
-        """The factor the product ``up @ down`` is multiplied by."""
+        """The factor the product ``up @ down`` is multiplied by.
+
+        Raises:
+            UnknownScaleError: the file does not say the alpha (:attr:`alpha_unknown`).
+        """
+        if self.alpha_unknown is not None:
+            raise unknown_scale_error(self, "this operation")
         if self.rank == 0:
             return 0.0
         denom = math.sqrt(self.rank) if self.rslora else self.rank
@@ -229,6 +251,19 @@ class LoraModule:
         return product.reshape(self.delta_shape)
 
 
+def unknown_scale_error(module: LoraModule, operation: str) -> UnknownScaleError:
+    """The one-line error for an operation that needs the scale of a module whose alpha the
+    file does not say."""
+    source = getattr(module.down, "file", None)
+    return UnknownScaleError(
+        f"alpha unknown: {module.alpha_unknown}; {operation} needs every module's scale "
+        f"lora_alpha / r (e.g. {module.key!r}, rank {module.rank})",
+        path=source.path if source is not None else None,
+        hint=UNKNOWN_SCALE_HINT,
+        kind="alpha-unknown",
+    )
+
+
 def require_finite(
     values: np.ndarray, what: str, module: LoraModule, consequence: str
 ) -> np.ndarray:
@@ -310,6 +345,18 @@ class Adapter:
                 hint="LyCORIS types need LyCORIS' own tools",
                 kind="unsupported-type",
             )
+
+    @property
+    def alpha_unknown(self) -> str | None:
+        """Why the file does not say its modules' alpha (see :attr:`LoraModule.alpha_unknown`),
+        or None when every module's scale is known."""
+        return next((m.alpha_unknown for m in self.modules.values() if m.alpha_unknown), None)
+
+    def require_known_scale(self, operation: str) -> None:
+        """Raise UnknownScaleError if ``operation`` would need a scale the file does not say."""
+        for m in self.modules.values():
+            if m.alpha_unknown is not None:
+                raise unknown_scale_error(m, operation)
 
     def require_no_dora(self, operation: str) -> None:
         """Raise for DoRA modules where ``operation`` is not defined for them."""

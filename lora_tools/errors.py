@@ -83,6 +83,11 @@ class UnsupportedAdapterError(AdapterError):
     """A LyCORIS or other adapter type (LoHa, LoKr, OFT...) for which an operation is undefined."""
 
 
+class UnknownScaleError(AdapterError):
+    """An operation needs a module's scale (alpha / r), which the adapter's files do not say
+    (PEFT keys without adapter_config.json)."""
+
+
 class ResolveError(LoraToolError):
     """Adapter modules do not resolve to base weights (none, or more than one)."""
 

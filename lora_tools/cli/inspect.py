@@ -51,6 +51,17 @@ def _hist(hist: dict[str, int]) -> str:
     return ", ".join(f"{_short(k)} x{v}" for k, v in hist.items())
 
 
+def _alpha(report: dict[str, Any]) -> str:
+    """The alpha line; an unknown alpha says why instead of a number."""
+    hist = report["alpha"]["histogram"]
+    reason = report["alpha"].get("unknown")
+    if reason:
+        known = {k: v for k, v in hist.items() if k != "unknown"}
+        text = f"[yellow]unknown: {reason}[/yellow]"
+        return f"{_hist(known)}; {text} ({hist['unknown']} modules)" if known else text
+    return _hist(hist) or "-"
+
+
 def _ranges(indices: list[int]) -> str:
     if not indices:
         return ""
@@ -98,7 +109,7 @@ def render(report: dict[str, Any]) -> None:
             or "-",
         ),
         ("rank", _hist(report["rank"]["histogram"]) or "-"),
-        ("alpha", _hist(report["alpha"]["histogram"]) or "-"),
+        ("alpha", _alpha(report)),
         ("scale", _hist(report["scale"]["histogram"]) or "-"),
         ("dtypes", ", ".join(f"{k} x{v}" for k, v in report["dtypes"].items())),
         (
@@ -154,14 +165,18 @@ def render(report: dict[str, Any]) -> None:
             t.add_row(
                 row["module"].removeprefix("base_model.model."),
                 str(row["rank"]),
-                f"{row['scale']:.4g}",
-                "non-finite" if row["frobenius"] is None else f"{row['frobenius']:.4g}",
+                "unknown" if row["scale"] is None else f"{row['scale']:.4g}",
+                "non-finite"
+                if not row["finite"]
+                else ("unknown" if row["frobenius"] is None else f"{row['frobenius']:.4g}"),
                 "" if row["spectral"] is None else f"{row['spectral']:.4g}",
                 "" if row["effective_rank"] is None else f"{row['effective_rank']:.2f}",
                 style=style,
             )
         out.print(t)
         summary = f"median ||dW||_F {stats['frobenius_median']:.4g}"
+        if report["alpha"].get("unknown"):
+            summary = "||dW||_F unknown: the scale is unknown"
         if stats["outliers"]:
             summary += f"; outliers: {', '.join(stats['outliers'])}"
         if stats["non_finite"]:

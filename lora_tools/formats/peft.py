@@ -47,6 +47,10 @@ COMPONENTS = (
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+#: ``LoraConfig.lora_alpha``'s default: what PEFT uses when a config has no ``lora_alpha``.
+PEFT_DEFAULT_ALPHA = 8
+#: Why a module's alpha is unknown when its PEFT keys come without adapter_config.json.
+NO_CONFIG = f"no {CONFIG_NAME}"
 
 # The key grammar: stem + role suffix; the suffix names the role (parse_key).
 _ROLE_RE = re.compile(
@@ -87,10 +91,12 @@ def split_stem(stem: str) -> tuple[str | None, str]:
 
 
 def module_scale_params(config: dict[str, Any] | None, path: str, rank: int) -> tuple[float, bool]:
-    """``(alpha, use_rslora)`` for one module under a PEFT config (alpha = rank without one)."""
+    """``(alpha, use_rslora)`` for one module under a PEFT config (alpha = rank without one,
+    as diffusers reads a file without ``lora_adapter_metadata``; a config without
+    ``lora_alpha`` gets LoraConfig's default, as PEFT and diffusers build it)."""
     if not config:
         return float(rank), False
-    alpha = config.get("lora_alpha", config.get("r", rank))
+    alpha = config.get("lora_alpha", PEFT_DEFAULT_ALPHA)
     alpha_pattern = config.get("alpha_pattern") or {}
     key = pattern_key(alpha_pattern, path) if isinstance(alpha_pattern, dict) else None
     if key is not None:
@@ -190,7 +196,16 @@ class PeftFormat(AdapterFormat):
             config = component_configs.get(component, None) if component else source.config
             if component and config is None:
                 config = source.config
-            alpha, rslora = module_scale_params(config, path, down.shape[0])
+            # PEFT's own keys keep r and lora_alpha in adapter_config.json alone: without it
+            # the scale is unknown. Keys without PEFT's prefix are other tools' (diffusers'
+            # component keys, ComfyUI-style files), whose loaders read no alpha as alpha = r.
+            unknown = None
+            if config is None and component is None and stem.startswith(PEFT_PREFIX):
+                unknown = NO_CONFIG
+            alpha: float | None = None
+            rslora = False
+            if unknown is None:
+                alpha, rslora = module_scale_params(config, path, down.shape[0])
             keys = {"down": down_key, "up": up_key}
             module = LoraModule(
                 key=stem,
@@ -202,6 +217,7 @@ class PeftFormat(AdapterFormat):
                 component=component,
                 rslora=rslora,
                 keys=keys,
+                alpha_unknown=unknown,
             )
             if "magnitude" in roles:
                 keys["magnitude"], module.magnitude = roles["magnitude"]
@@ -251,10 +267,12 @@ class PeftFormat(AdapterFormat):
         metadata = dict(adapter.metadata) or {"format": "pt"}
         config = peft_config_for(adapter)
         if out.suffix == ".safetensors":
-            if adapter.config is not None and config != adapter.config:
+            if config is not None:
+                # PEFT reads r / lora_alpha from adapter_config.json beside
+                # adapter_model.safetensors only; a lone file read back has an unknown scale.
                 raise UsageError(
-                    "this PEFT adapter's r / lora_alpha live in adapter_config.json, which a "
-                    "bare .safetensors output would lose",
+                    "a PEFT adapter is a folder: its r / lora_alpha live in adapter_config.json, "
+                    "which a lone .safetensors output would lose",
                     path=out,
                     hint="give a folder as the output path",
                 )
@@ -369,13 +387,14 @@ def _num(x: float) -> int | float:
 
 
 def peft_config_for(adapter: Adapter) -> dict[str, Any] | None:
-    """The adapter_config.json to write for ``adapter`` in PEFT format.
+    """The adapter_config.json to write for ``adapter`` in PEFT format (None without modules).
 
-    A bare file read without a config stays bare while every module has scale 1; an empty dict
-    as ``adapter.config`` asks for a fresh config with PEFT's defaults.
+    Every PEFT adapter with modules gets one: without it the scale is unknown (PEFT cannot even
+    load the adapter). A missing or empty ``adapter.config`` asks for a fresh config with PEFT's
+    defaults.
     """
     modules = [m for m in adapter.modules.values() if m.component is None]
-    if adapter.config is None and not _needs_config(modules):
+    if not modules:
         return None
     base = adapter.config or {
         "peft_type": "LORA",
@@ -391,10 +410,6 @@ def peft_config_for(adapter: Adapter) -> dict[str, Any] | None:
         "lora_bias": any(m.bias is not None for m in modules),
     }
     return scale_config(modules, base)
-
-
-def _needs_config(modules: list[LoraModule]) -> bool:
-    return any(m.alpha is not None and m.effective_alpha != m.rank for m in modules)
 
 
 def diffusers_metadata_for(adapter: Adapter) -> dict[str, Any]:

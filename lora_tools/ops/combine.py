@@ -95,6 +95,7 @@ def _check_inputs(adapters: list[Adapter], weights: list[float]) -> None:
         raise UsageError(f"weights must be finite numbers, got {weights}")
     for a in adapters:
         a.require_plain_lora("combine")
+        a.require_known_scale("combine")
         a.require_no_dora("combine")
         if a.passthrough:
             name = next(iter(a.passthrough))

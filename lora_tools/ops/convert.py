@@ -109,6 +109,7 @@ def convert_adapter(
             f"unknown component {component!r}", hint=f"known components: {', '.join(COMPONENTS)}"
         )
     adapter.require_plain_lora("convert")
+    adapter.require_known_scale(f"convert --to {to}")
     result = ConvertResult(adapter=adapter)
     modules = {k: dataclasses.replace(m) for k, m in adapter.modules.items()}
     transposed = False

@@ -27,6 +27,8 @@ from lora_tools.formats import load_adapter
 from lora_tools.lowrank import effective_rank, singular_values
 
 SCHEMA_VERSION = 1
+#: Histogram key of modules whose alpha (so scale) the files do not say.
+UNKNOWN = "unknown"
 
 _BLOCK_RE = re.compile(
     r"(?:^|[._])(?P<family>layers|h|blocks|down_blocks|up_blocks|input_blocks|output_blocks|"
@@ -154,17 +156,32 @@ def robust_outliers(values: list[float], threshold: float = 3.5) -> list[bool]:
 
 
 def module_stats(module: LoraModule) -> dict[str, Any]:
-    """||dW||_F, largest singular value and effective rank of one module's scaled update."""
+    """||dW||_F, largest singular value and effective rank of one module's scaled update.
+
+    With the alpha unknown the norms are unknown too (None); the effective rank does not
+    depend on the scale.
+    """
     U, V = module.factors()
     if not (np.all(np.isfinite(U)) and np.all(np.isfinite(V))):
         return {"frobenius": None, "spectral": None, "effective_rank": None, "finite": False}
-    S = singular_values(U, V, module.scale)
+    known = module.alpha_unknown is None
+    S = singular_values(U, V, module.scale if known else 1.0)
     return {
-        "frobenius": float(np.sqrt(np.sum(S**2))),
-        "spectral": float(S[0]) if S.size else 0.0,
+        "frobenius": float(np.sqrt(np.sum(S**2))) if known else None,
+        "spectral": (float(S[0]) if S.size else 0.0) if known else None,
         "effective_rank": round(effective_rank(S), 4),
         "finite": True,
     }
+
+
+def _alpha_label(m: LoraModule) -> Any:
+    if m.alpha_unknown is not None:
+        return UNKNOWN
+    return "none" if m.alpha is None else m.alpha
+
+
+def _scale_or_none(m: LoraModule) -> float | None:
+    return None if m.alpha_unknown is not None else m.scale
 
 
 def inspect_adapter(
@@ -218,9 +235,12 @@ def inspect_adapter(
             "max": max((m.rank for m in modules), default=None),
         },
         "alpha": {
-            "histogram": _histogram(["none" if m.alpha is None else m.alpha for m in modules]),
+            "histogram": _histogram([_alpha_label(m) for m in modules]),
+            "unknown": adapter.alpha_unknown,
         },
-        "scale": {"histogram": _histogram([m.scale for m in modules])},
+        "scale": {
+            "histogram": _histogram([UNKNOWN if m.alpha_unknown else m.scale for m in modules]),
+        },
         "rslora": any(m.rslora for m in modules),
         "dora": any(m.dora for m in modules),
         "dtypes": dict(dtypes.most_common()),
@@ -242,7 +262,7 @@ def inspect_adapter(
 def _stats(modules: list[LoraModule]) -> dict[str, Any]:
     rows = []
     for m in modules:
-        row = {"module": m.key, "rank": m.rank, "scale": m.scale, **module_stats(m)}
+        row = {"module": m.key, "rank": m.rank, "scale": _scale_or_none(m), **module_stats(m)}
         rows.append(row)
     norms = [r["frobenius"] if r["frobenius"] is not None else 0.0 for r in rows]
     flags = robust_outliers(norms)

@@ -67,6 +67,7 @@ from lora_tools.io.safetensors import (
 )
 from lora_tools.ops.merge_math import (
     FLOAT_DTYPES,
+    NARROW_DTYPES,
     PRODUCT_ROWS,
     DenseTerm,
     LowRankTerm,
@@ -131,7 +132,9 @@ class TensorJob:
 
     def terms(self) -> list[Term]:
         """The updates, with factors read from the adapter files now."""
-        return [build_term(match, weight, role) for match, weight, role in self.sources]
+        return [
+            build_term(match, weight, role, self.info.dtype) for match, weight, role in self.sources
+        ]
 
     @property
     def needs_whole_tensor(self) -> bool:
@@ -205,9 +208,13 @@ class MergePlan:
 # -- terms --------------------------------------------------------------------------------
 
 
-def build_term(match: ModuleMatch, weight: float, role: str) -> Term:
+def build_term(match: ModuleMatch, weight: float, role: str, base_dtype: str = "F32") -> Term:
     """The float32 update one resolved module makes to its weight (``role="weight"``) or to
-    its bias (``role="bias"``, PEFT lora_bias).
+    its bias (``role="bias"``, PEFT lora_bias); ``base_dtype`` is the base tensor's dtype.
+
+    Each layer kind rounds as PEFT's ``merge`` does (docs/math.md): Linear, Conv1D and conv
+    layers add the float32 update to the weight (one rounding), embeddings add the update
+    rounded to the weight's dtype first (two roundings for float16 / bfloat16 weights).
 
     Raises:
         AdapterError: a factor holds NaN or Inf, which would make the merged weight non-finite.
@@ -225,11 +232,16 @@ def build_term(match: ModuleMatch, weight: float, role: str) -> Term:
         magnitude = module.magnitude.numpy().astype(np.float32).reshape(-1)
         require_finite(magnitude, "DoRA magnitude", module, harm)
     transposed = module.kind == EMBEDDING or match.transpose
-    return LowRankTerm(up, down, scale, transposed, magnitude, module.key)
+    # PEFT's Embedding.merge: weight += delta.to(weight.dtype); its DoRA path adds unrounded
+    delta_dtype = None
+    if module.kind == EMBEDDING and magnitude is None and base_dtype in NARROW_DTYPES:
+        delta_dtype = base_dtype
+    return LowRankTerm(up, down, scale, transposed, magnitude, module.key, delta_dtype)
 
 
 def _check_mergeable(adapter: Adapter, weight: float) -> None:
     adapter.require_plain_lora("merge")
+    adapter.require_known_scale("merge")
     config = adapter.config or {}
     init = str(config.get("init_lora_weights", "")).lower()
     if init.startswith(_BASE_CHANGING_INITS):

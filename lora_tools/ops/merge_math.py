@@ -11,7 +11,12 @@ Definitions (float32 throughout, as PEFT's default merge path on an fp32 adapter
 - ``dW = P * float32(scale)`` (linear, conv), ``dW = P.T * float32(scale)`` (GPT-2 Conv1D
   stored ``[in, out]``, embeddings), with ``scale = alpha / r`` (rsLoRA ``alpha / sqrt(r)``)
   times the adapter's merge weight.
-- ``W' = round_to_output_dtype(float32(W) + dW_1 + dW_2 + ...)``: one rounding at the end.
+- ``W' = round_to_output_dtype(float32(W) + dW_1 + dW_2 + ...)``: one rounding at the end
+  (PEFT's Linear and Conv merges add the float32 delta in place, ``W += dW``).
+- Embeddings: PEFT's ``Embedding.merge`` adds ``dW.to(W.dtype)``, so for float16 / bfloat16
+  weights each delta is first rounded to the weight's dtype (:attr:`LowRankTerm.delta_dtype`),
+  then added in float32 and rounded again: two roundings, as PEFT does. (float32 + a float16 or
+  bfloat16 value, rounded to that type, is the correctly rounded sum: 24 >= 2 * 11 + 2 bits.)
 - DoRA (PEFT's ``merge_unsafe``): ``T = float32(W + dW)``; ``n = ||T||`` per output row (the
   norm reduced as torch's CPU kernel reduces a contiguous last dimension: 8 float32 lanes of
   ``acc += x * x``, folded left, then the remainder with fused multiply-adds; for GPT-2 Conv1D,
@@ -37,8 +42,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lora_tools.io.safetensors import numpy_dtype
+
 #: Float dtypes a merge can compute on and write.
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+#: Base dtypes narrower than the float32 update: PEFT's embedding merge rounds the update to them.
+NARROW_DTYPES = ("F16", "BF16")
 #: Rows of ``up`` per BLAS call of a product (see the module docstring).
 PRODUCT_ROWS = 64
 #: Lanes of torch's vectorised float32 norm reduction (``Vectorized<float>::size()``).
@@ -127,6 +136,9 @@ class LowRankTerm:
             embeddings): base row ``i`` is column ``i`` of ``up @ down``.
         magnitude: the DoRA magnitude, one float32 per output feature, or None.
         label: the module's name, for messages.
+        delta_dtype: round the scaled update to this dtype (a safetensors name) before adding
+            it: PEFT's embedding merge casts the delta to the weight's dtype first. None: add
+            the float32 update as it is (every other layer kind, and float32 / float64 bases).
     """
 
     up: np.ndarray
@@ -135,6 +147,7 @@ class LowRankTerm:
     transposed: bool = False
     magnitude: np.ndarray | None = None
     label: str = ""
+    delta_dtype: str | None = None
 
 
 @dataclass(frozen=True)
@@ -220,6 +233,8 @@ def apply_terms(
             assert unmerged_base is not None
             acc = _dora(unmerged_base, acc, delta, term, start).astype(compute_dtype, copy=False)
         else:
+            if isinstance(term, LowRankTerm) and term.delta_dtype is not None:
+                np.copyto(delta, delta.astype(numpy_dtype(term.delta_dtype)), casting="unsafe")
             np.add(acc, delta, out=acc)
     return acc
 

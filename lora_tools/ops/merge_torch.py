@@ -212,6 +212,8 @@ class TorchEngine:
         for dt in dterms:
             delta = self._delta(dt, start, stop)
             if dt.magnitude is None:
+                if isinstance(dt.term, LowRankTerm) and dt.term.delta_dtype is not None:
+                    delta = delta.to(TORCH_DTYPES[dt.term.delta_dtype]).float()
                 acc = (acc + delta).to(base.dtype)
                 continue
             unmerged = (base + delta).float()

@@ -89,6 +89,7 @@ def rescale_adapter(
     if sum(x is not None and x is not False for x in (alpha, factor, normalize or None)) != 1:
         raise UsageError("give exactly one of --alpha, --factor, --normalize")
     adapter.require_plain_lora("rescale")
+    adapter.require_known_scale("rescale")
     if alpha is not None:
         _check_number("alpha", alpha, positive=True)
     if factor is not None:

@@ -201,6 +201,7 @@ def resize_adapter(
     if distribute not in DISTRIBUTIONS:
         raise UsageError(f"--distribute must be one of {', '.join(DISTRIBUTIONS)}")
     adapter.require_plain_lora("resize")
+    adapter.require_known_scale("resize")
     adapter.require_no_dora("resize")
 
     result = ResizeResult(adapter=None, rule=rule)

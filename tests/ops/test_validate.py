@@ -27,17 +27,18 @@ from lora_tools.ops.validate.scan import gram as _gram
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 
 #: broken fixture -> the exact set of error/warning rules it must produce (nothing else).
+#: Lone files with PEFT keys also get LT301: without adapter_config.json their scale is unknown.
 BROKEN = {
-    "truncated.safetensors": {"LT012"},
+    "truncated.safetensors": {"LT012", "LT301"},
     "bad-header.safetensors": {"LT005"},
-    "overlap.safetensors": {"LT011"},
-    "gap.safetensors": {"LT010"},
-    "trailing-bytes.safetensors": {"LT013"},
-    "duplicate-keys.safetensors": {"LT014"},
+    "overlap.safetensors": {"LT011", "LT301"},
+    "gap.safetensors": {"LT010", "LT301"},
+    "trailing-bytes.safetensors": {"LT013", "LT301"},
+    "duplicate-keys.safetensors": {"LT014", "LT301"},
     "header-too-large.safetensors": {"LT003"},
-    "bad-dtype.safetensors": {"LT006"},
-    "size-mismatch.safetensors": {"LT009"},
-    "nonstring-metadata.safetensors": {"LT015"},
+    "bad-dtype.safetensors": {"LT006", "LT301"},
+    "size-mismatch.safetensors": {"LT009", "LT301"},
+    "nonstring-metadata.safetensors": {"LT015", "LT301"},
     "kohya-bad-hash.safetensors": {"LT205"},
     "nan-weights": {"LT201"},
     "rank-mismatch": {"LT102"},

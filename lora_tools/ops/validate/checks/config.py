@@ -10,7 +10,7 @@ import re
 from collections import Counter
 from typing import Any
 
-from lora_tools.adapter import CONV, Adapter, LoraModule
+from lora_tools.adapter import CONV, UNKNOWN_SCALE_HINT, Adapter, LoraModule
 from lora_tools.formats import WEIGHT_NAMES
 from lora_tools.formats import peft as peft_format
 from lora_tools.formats.base import AdapterFormat
@@ -70,15 +70,19 @@ def check_adapter_config(
     """
     modules = list(adapter.modules.values())
     if fmt.name == "peft":
-        # Only PEFT's own layout promises a config; a bare renamed file carries none.
+        # PEFT keys keep r / lora_alpha in the config alone, renamed lone files included.
         weights = ctx.target.weights
-        if ctx.target.config is None and weights is not None and weights.name == WEIGHT_NAMES[0]:
+        if (
+            ctx.target.config is None
+            and weights is not None
+            and (weights.name == WEIGHT_NAMES[0] or adapter.alpha_unknown is not None)
+        ):
+            where = "beside the weights" if weights.name == WEIGHT_NAMES[0] else "read"
             ctx.add(
                 "LT301",
-                f"PEFT keys ({len(modules)} modules) but no {CONFIG_NAME} beside the "
-                "weights: PEFT cannot load the adapter, and r / lora_alpha are unknown "
-                "(scale 1 assumed)",
-                hint=f"add the {CONFIG_NAME} the adapter was trained with",
+                f"PEFT keys ({len(modules)} modules) but no {CONFIG_NAME} {where}: PEFT cannot "
+                "load the adapter, and r / lora_alpha, so every module's scale, are unknown",
+                hint=UNKNOWN_SCALE_HINT,
             )
         elif config is not None:
             display = ctx.target.config_display or str(ctx.target.config)

@@ -141,6 +141,8 @@ def _outliers(
         pair = grams.get(stem, {})
         if stem in zero or len(pair) != 2 or any(k in non_finite for k in m.keys.values()):
             continue
+        if m.alpha_unknown is not None:
+            continue  # LT301 says the scale is unknown; so is the norm
         scale = m.scale
         value = float(np.sum(pair["up"] * pair["down"])) * scale * scale
         if not math.isfinite(value):
