@@ -105,6 +105,9 @@ _CATALOGUE = (
     Rule("LT203", "zero-factor", WARNING, "module has an all-zero factor (update is zero)"),
     Rule("LT204", "update-norm-outlier", WARNING, "module update norm is an extreme outlier"),
     Rule("LT205", "model-hash-mismatch", ERROR, "sshs_model_hash does not match the data"),
+    Rule(
+        "LT206", "model-hash-unverified", INFO, "sshs_model_hash follows a convention not checked"
+    ),
     # -- LT3xx config and metadata
     Rule("LT301", "config-missing", ERROR, "PEFT keys without adapter_config.json"),
     Rule("LT302", "config-invalid", ERROR, "adapter config is not a valid JSON object"),
