@@ -15,11 +15,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import lycoris.kohya as lycoris_kohya
 import torch
 from diffusers import UNet2DConditionModel
 from transformers import CLIPTextModel
-
-import lycoris.kohya as lycoris_kohya
 
 HERE = Path(__file__).resolve().parent
 BASE = HERE.parents[2] / "fixtures" / "bases" / "tiny-sd"
@@ -50,8 +49,16 @@ def main() -> None:
             unet = UNet2DConditionModel.from_pretrained(BASE / "unet")
             text_encoder = CLIPTextModel.from_pretrained(BASE / "text_encoder")
             net = lycoris_kohya.create_network(
-                1.0, 2, 1.0, None, text_encoder, unet, preset=str(preset), conv_dim=2,
-                conv_alpha=1, **args,
+                1.0,
+                2,
+                1.0,
+                None,
+                text_encoder,
+                unet,
+                preset=str(preset),
+                conv_dim=2,
+                conv_alpha=1,
+                **args,
             )
             net.apply_to(text_encoder, unet, True, True)
             with torch.no_grad():

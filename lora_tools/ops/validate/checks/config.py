@@ -129,8 +129,9 @@ def _check_config(
                 regex = re.compile(rf"(.*\.)?({key})$")
             except re.error as exc:
                 ctx.add(
-                    "LT305",
-                    f"{name} key {key!r} is not a valid regular expression ({exc}); PEFT skips it",
+                    "LT302",
+                    f"{name} key {key!r} is not a valid regular expression ({exc}); PEFT fails "
+                    "to load the adapter (re.error)",
                     module=f"{name}[{key!r}]",
                     path=display,
                 )
