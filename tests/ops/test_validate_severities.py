@@ -143,3 +143,15 @@ SEVERITY_CHANGES = {"LT106": "error", "LT112": "error", "LT307": "error", "LT206
 @pytest.mark.parametrize("code", sorted(SEVERITY_CHANGES))
 def test_catalogue_severities(code):
     assert RULES[code].severity == SEVERITY_CHANGES[code]
+
+
+@pytest.mark.parametrize("exclude", [["o_proj"], r".*\.o_proj"])
+def test_excluded_module_is_dropped_by_peft_and_is_an_error(tmp_path, exclude):
+    folder = peft_copy(tmp_path, exclude_modules=exclude)
+    model = peft_load(folder)
+    layers = {n for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    assert layers and not any(n.endswith("o_proj") for n in layers)  # PEFT dropped them
+
+    report = validate([folder])
+    assert errors(report) == ["LT307", "LT307"]
+    assert all("exclude_modules" in f.message for f in report.findings)

@@ -8,6 +8,7 @@ import json
 import math
 import re
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from lora_tools.adapter import CONV, Adapter, LoraModule
@@ -222,8 +223,11 @@ def _check_targets(
             path=display,
         )
         return
-    missing = [m for m in modules if not covered(m.path or m.key)]
+    excluded = _excluded_modules(config)
+    missing = [m for m in modules if not covered(m.path or m.key) or excluded(m.path or m.key)]
     shown = targets if isinstance(targets, str) else ", ".join(targets)
+    if config.get("exclude_modules"):
+        shown += f"; exclude_modules: {config['exclude_modules']}"
     if len(missing) == len(modules):
         ctx.add(
             "LT306",
@@ -238,6 +242,17 @@ def _check_targets(
         )
         return
     for m in missing:
+        if excluded(m.path or m.key):
+            ctx.add(
+                "LT307",
+                f"module {m.key!r} ({m.path}) is excluded by exclude_modules "
+                f"({config['exclude_modules']}); PEFT creates no layer for it and drops its "
+                "tensors silently",
+                module=m.key,
+                path=display,
+                hint="remove it from exclude_modules",
+            )
+            continue
         ctx.add(
             "LT307",
             f"module {m.key!r} ({m.path}) is not covered by target_modules ({shown}); "
@@ -246,6 +261,25 @@ def _check_targets(
             path=display,
             hint=f"add {m.target_name!r} to target_modules",
         )
+
+
+def _excluded_modules(config: dict[str, Any]) -> Callable[[str], bool]:
+    """PEFT's ``exclude_modules`` test (tuners_utils.check_target_module_exists): a regex matched
+    in full, or names matched exactly or as a ``.name`` suffix. PEFT creates no layer for an
+    excluded module, whatever target_modules says."""
+    exclude = config.get("exclude_modules")
+    if isinstance(exclude, str) and exclude:
+
+        def excluded(path: str) -> bool:
+            try:
+                return re.fullmatch(exclude, path) is not None
+            except re.error:
+                return False
+
+        return excluded
+    if isinstance(exclude, list) and exclude and all(isinstance(e, str) for e in exclude):
+        return lambda path: any(path == e or path.endswith("." + e) for e in exclude)
+    return lambda path: False
 
 
 def _check_dora(
