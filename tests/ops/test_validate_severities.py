@@ -155,3 +155,42 @@ def test_excluded_module_is_dropped_by_peft_and_is_an_error(tmp_path, exclude):
     report = validate([folder])
     assert errors(report) == ["LT307", "LT307"]
     assert all("exclude_modules" in f.message for f in report.findings)
+
+
+def _peft_adapter(tmp_path: Path, config) -> Path:
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(TINY_LLAMA, dtype=torch.float32)
+    folder = tmp_path / type(config).__name__
+    get_peft_model(base, config).save_pretrained(folder)
+    return folder
+
+
+def _other_peft_types():
+    from peft import IA3Config, LoHaConfig, LoKrConfig
+
+    return {
+        "LoHa": LoHaConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"]),
+        "LoKr": LoKrConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"]),
+        "IA3": IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    }
+
+
+@pytest.mark.parametrize("kind", ["LoHa", "LoKr", "IA3"])
+def test_intact_peft_adapters_of_other_types_pass(tmp_path, kind):
+    folder = _peft_adapter(tmp_path, _other_peft_types()[kind])
+    report = validate([folder], base=TINY_LLAMA)
+    assert [f.rule.code for f in report.findings] == ["LT110"]
+    assert kind in report.findings[0].message
+    assert not report.failed("warning")
+    # their modules are resolved against the base all the same
+    wrong = validate([folder], base=FIXTURES / "bases" / "tiny-sd", ignore="LT2")
+    assert "LT404" in errors(wrong)
+
+    # the same tensors under peft_type LORA: PEFT would create LoRA layers and drop them
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "LORA"}))
+    assert "LT303" in errors(validate([folder]))

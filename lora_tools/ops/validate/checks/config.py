@@ -83,7 +83,9 @@ def check_adapter_config(
             )
         elif config is not None:
             display = ctx.target.config_display or str(ctx.target.config)
-            _check_peft_type(ctx, config, display)
+            if _is_other_peft_type(config, adapter):
+                return  # an intact PEFT LoHa / LoKr / IA3... adapter; LT110 reports its type
+            _check_peft_type(ctx, config, display, adapter)
             _check_config(ctx, config, modules, display)
     elif fmt.name == "diffusers":
         _check_diffusers_metadata(ctx, adapter, modules)
@@ -91,8 +93,41 @@ def check_adapter_config(
         _check_kohya_metadata(ctx, adapter, modules)
 
 
-def _check_peft_type(ctx: Context, config: dict[str, Any], display: str) -> None:
+#: PEFT's peft_type for the adapter types loratool detects (FOREIGN_SUFFIXES) but does not
+#: compute with; their configs mean other things by r and alpha (IA3 has neither).
+PEFT_TYPE_KINDS = {
+    "LOHA": "LoHa",
+    "LOKR": "LoKr",
+    "IA3": "IA3",
+    "OFT": "OFT",
+    "BOFT": "BOFT",
+    "VERA": "VeRA",
+}
+
+
+def _is_other_peft_type(config: dict[str, Any], adapter: Adapter) -> bool:
+    """A PEFT adapter of another type whose tensors are of that type: what PEFT loads."""
+    kind = PEFT_TYPE_KINDS.get(config.get("peft_type"))  # type: ignore[arg-type]
+    return kind is not None and not adapter.modules and set(adapter.foreign) == {kind}
+
+
+def _check_peft_type(
+    ctx: Context, config: dict[str, Any], display: str, adapter: Adapter | None = None
+) -> None:
     peft_type = config.get("peft_type")
+    if peft_type == "LORA" and adapter is not None and adapter.foreign:
+        kinds = ", ".join(adapter.foreign)
+        ctx.add(
+            "LT303",
+            f"peft_type is 'LORA' but the file holds {kinds} tensors; PEFT creates LoRA "
+            "layers and drops them silently",
+            module="peft_type",
+            expected=f"the peft_type of {kinds}",
+            found="'LORA'",
+            path=display,
+            hint="set peft_type to the adapter's type",
+        )
+        return
     if peft_type != "LORA":
         ctx.add(
             "LT303",
