@@ -36,6 +36,7 @@ FILES = {
     "lokr-tucker": {"algo": "lokr", "factor": 2, "use_tucker": True},
     "locon-dora": {"algo": "locon", "dora_wd": True},
     "full": {"algo": "full"},
+    "diag-oft": {"algo": "diag-oft"},
 }
 
 
