@@ -231,24 +231,9 @@ def resolve(adapter: Adapter, ckpt: Checkpoint) -> Resolution:
     Returns a :class:`Resolution`; call ``raise_for_problems`` to turn problems into errors.
     """
     res = Resolution(total=len(adapter.modules))
-    flat_index: _FlatIndex | None = None
+    flat_index = _LazyFlatIndex(ckpt)
     for key, module in adapter.modules.items():
-        hits: list[tuple[Component, str, str, str]] = []  # comp, base key, logical, path
-        if module.path is not None:
-            comps = _candidate_components(ckpt, module.component)
-            for by_suffix in (False, True):  # exact names in any component beat suffix matches
-                for comp in comps:
-                    hits.extend(
-                        _path_hits(comp, module.path, module.component, ckpt.kind, by_suffix)
-                    )
-                if hits:
-                    break
-        else:
-            if flat_index is None:
-                flat_index = _FlatIndex(ckpt)
-            component, flat = split_name(module.key)
-            hits.extend(flat_index.lookup(component, flat))
-        unique = list({(c.name, k): (c, k, lg, p) for c, k, lg, p in hits}.values())
+        unique = _hits(ckpt, flat_index, module.key, module.path, module.component)
         if not unique:
             res.unmatched.append(key)
             continue
@@ -275,6 +260,179 @@ def resolve(adapter: Adapter, ckpt: Checkpoint) -> Resolution:
             module, target, transpose, reshape, bias, component=logical or "", path=path
         )
     res.replacements = _resolve_passthrough(adapter, ckpt)
+    return res
+
+
+class _LazyFlatIndex:
+    """The :class:`_FlatIndex` of a checkpoint, built on the first kohya name looked up."""
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        self.ckpt = ckpt
+        self.index: _FlatIndex | None = None
+
+    def lookup(self, component: str | None, flat: str) -> list[tuple[Component, str, str, str]]:
+        if self.index is None:
+            self.index = _FlatIndex(self.ckpt)
+        return self.index.lookup(component, flat)
+
+
+def _hits(
+    ckpt: Checkpoint,
+    flat_index: _LazyFlatIndex,
+    key: str,
+    path: str | None,
+    component: str | None,
+) -> list[tuple[Component, str, str, str]]:
+    """The distinct base weights ``(component, base key, logical component, module path)`` a
+    module stem names: by its dotted ``path`` when known, else as a kohya-flattened name."""
+    hits: list[tuple[Component, str, str, str]] = []
+    if path is not None:
+        comps = _candidate_components(ckpt, component)
+        for by_suffix in (False, True):  # exact names in any component beat suffix matches
+            for comp in comps:
+                hits.extend(_path_hits(comp, path, component, ckpt.kind, by_suffix))
+            if hits:
+                break
+    else:
+        kohya_component, flat = split_name(key)
+        hits.extend(flat_index.lookup(kohya_component, flat))
+    return list({(c.name, k): (c, k, lg, p) for c, k, lg, p in hits}.values())
+
+
+@dataclass
+class ForeignResolution:
+    """The outcome of :func:`resolve_foreign`: where each non-LoRA module goes, and problems.
+
+    Attributes:
+        matches: module stem -> the one base weight it updates.
+        kinds: module stem -> its adapter type (``LoHa``, ``LoKr``...).
+        shape_checked: the matched stems whose update shape was checked against the base.
+        unmatched / ambiguous / shape_errors / total: as in :class:`Resolution`.
+    """
+
+    matches: dict[str, Target] = field(default_factory=dict)
+    kinds: dict[str, str] = field(default_factory=dict)
+    shape_checked: list[str] = field(default_factory=list)
+    unmatched: list[str] = field(default_factory=list)
+    ambiguous: dict[str, list[str]] = field(default_factory=dict)
+    shape_errors: dict[str, str] = field(default_factory=dict)
+    total: int = 0
+
+
+def foreign_update_dims(kind: str, shapes: dict[str, tuple[int, ...]]) -> tuple[int, int | None]:
+    """``(out, in)`` of the update a non-LoRA module makes, from its tensors' shapes.
+
+    ``in`` counts every input element of the weight (``in_channels * prod(kernel)`` for a
+    convolution); None where the type does not fix it (OFT rotates outputs only). The shapes
+    follow LyCORIS' modules (lycoris/modules/*.py): LoHa ``hada_w1_a [out, r]`` and
+    ``hada_w1_b [r, in * k]``, with Tucker ``hada_t1 [r, r, *k]``, ``hada_w1_a [r, out]`` and
+    ``hada_w1_b [r, in]``; LoKr ``kron(w1, w2)`` with each factor whole or low-rank (Tucker:
+    ``lokr_t2 [r, r, *k]``, ``lokr_w2_a [r, b]``, ``lokr_w2_b [r, d]``); full ``diff`` the
+    weight's own shape; ``lora_up`` / ``lora_down`` (kohya DoRA, Tucker LoCon with
+    ``lora_mid [r, r, *k]``); norm ``w_norm [dim]``; diagonal OFT ``oft_blocks [n, b, b]``.
+
+    Raises:
+        ValueError: the tensors of the type are missing or not shaped as the type's are.
+    """
+    s = shapes
+
+    def need(*names: str, ndim: int = 2) -> None:
+        for name in names:
+            if name not in s or len(s[name]) < ndim:
+                raise ValueError(f"{kind} module without a {ndim}-D {name}")
+
+    if kind == "LoHa":
+        need("hada_w1_a", "hada_w1_b")
+        if "hada_t1" in s:
+            need("hada_t1")
+            return s["hada_w1_a"][1], s["hada_w1_b"][1] * math.prod(s["hada_t1"][2:])
+        return s["hada_w1_a"][0], s["hada_w1_b"][1]
+    if kind == "LoKr":
+        if "lokr_w1" in s:
+            need("lokr_w1")
+            a, c = s["lokr_w1"][0], math.prod(s["lokr_w1"][1:])
+        else:
+            need("lokr_w1_a", "lokr_w1_b")
+            a, c = s["lokr_w1_a"][0], s["lokr_w1_b"][1]
+        if "lokr_w2" in s:
+            need("lokr_w2")
+            b, d = s["lokr_w2"][0], math.prod(s["lokr_w2"][1:])
+        elif "lokr_t2" in s:
+            need("lokr_t2", "lokr_w2_a", "lokr_w2_b")
+            b, d = s["lokr_w2_a"][1], s["lokr_w2_b"][1] * math.prod(s["lokr_t2"][2:])
+        else:
+            need("lokr_w2_a", "lokr_w2_b")
+            b, d = s["lokr_w2_a"][0], s["lokr_w2_b"][1]
+        return a * b, c * d
+    if kind == "full diff" and "diff" in s:
+        need("diff", ndim=1)
+        return s["diff"][0], math.prod(s["diff"][1:])
+    if kind in ("kohya DoRA", "Tucker LoCon"):
+        need("lora_up", "lora_down")
+        kernel = math.prod(s["lora_mid"][2:]) if "lora_mid" in s else 1
+        return s["lora_up"][0], math.prod(s["lora_down"][1:]) * kernel
+    if kind == "norm" and "w_norm" in s:
+        need("w_norm", ndim=1)
+        return math.prod(s["w_norm"]), 1
+    if kind == "OFT" and "oft_blocks" in s and len(s["oft_blocks"]) == 3:
+        n, b, b2 = s["oft_blocks"]
+        if b == b2:
+            return n * b, None
+    raise ValueError(f"the shape of a {kind} update is not known to loratool")
+
+
+def resolve_foreign(adapter: Adapter, ckpt: Checkpoint) -> ForeignResolution:
+    """Find the base weight of every non-LoRA module (LoHa, LoKr, kohya DoRA...) by name, as
+    :func:`resolve` does for LoRA modules, and check that the update's outer shape fits it
+    where the type fixes that shape (:func:`foreign_update_dims`).
+
+    Nothing here computes the update: this tells whether the file belongs to this base.
+    """
+    stems_of = {stem for stems in adapter.foreign.values() for stem in stems}
+    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, tensor in adapter.passthrough.items():
+        found = classify_foreign(key)
+        # The LoRA factors of a kohya DoRA or Tucker LoCon module are no foreign keys
+        # themselves; kohya stems hold no dot.
+        stem = found[1] if found is not None else key.partition(".")[0]
+        if stem not in stems_of:
+            continue
+        part = key[len(stem) + 1 :].split(".", 1)[0]
+        shapes.setdefault(stem, {})[part] = tuple(tensor.shape)
+    res = ForeignResolution()
+    flat_index = _LazyFlatIndex(ckpt)
+    for kind, stems in adapter.foreign.items():
+        for stem in stems:
+            res.total += 1
+            res.kinds[stem] = kind
+            component, path = (None, None) if adapter.format == "kohya" else split_stem(stem)
+            unique = _hits(ckpt, flat_index, stem, path, component)
+            if not unique:
+                res.unmatched.append(stem)
+                continue
+            if len(unique) > 1:
+                res.ambiguous[stem] = [
+                    f"{c.name + '/' if c.name else ''}{k}" for c, k, _, _ in unique
+                ]
+                continue
+            comp, base_key, _, _ = unique[0]
+            target = _target(comp, base_key)
+            res.matches[stem] = target
+            try:
+                out_dim, in_dim = foreign_update_dims(kind, shapes.get(stem, {}))
+            except ValueError:
+                continue  # the name resolves; the shape is not one loratool can check
+            res.shape_checked.append(stem)
+            base = tuple(target.info.shape)
+            base_out, base_in = (base[0], math.prod(base[1:])) if base else (1, 1)
+            fits = out_dim == base_out and in_dim in (None, base_in)
+            transposed = len(base) == 2 and (out_dim, in_dim) == (base[1], base[0])
+            if not (fits or transposed):
+                update = f"[{out_dim}, {'?' if in_dim is None else in_dim}]"
+                res.shape_errors[stem] = (
+                    f"module {stem!r} ({kind}, update {update} as [out, in * kernel]) does "
+                    f"not fit base weight {base_key!r} of shape {list(base)}"
+                )
     return res
 
 
@@ -346,9 +504,12 @@ def _resolve_passthrough(adapter: Adapter, ckpt: Checkpoint) -> dict[str, Target
 
 
 __all__ = [
+    "ForeignResolution",
     "ModuleMatch",
     "Resolution",
     "Target",
     "fit",
+    "foreign_update_dims",
     "resolve",
+    "resolve_foreign",
 ]

@@ -27,6 +27,7 @@ from lora_tools.formats.base import (
     AdapterSource,
     ParsedKey,
     add_foreign,
+    classify_foreign,
     ensure,
     unresolved_error,
 )
@@ -153,7 +154,12 @@ class PeftFormat(AdapterFormat):
 
     def claims(self, key: str) -> bool:
         parsed = self.parse_key(key)
-        return parsed is not None and self._prefixed(parsed.stem)
+        if parsed is None:
+            # PEFT's other adapter types (LoHa, LoKr, IA3, OFT...) save their tensors under the
+            # same prefix: detected as PEFT files (and reported as foreign types), not unknown.
+            found = classify_foreign(key)
+            return found is not None and found[1].startswith(PEFT_PREFIX)
+        return self._prefixed(parsed.stem)
 
     def read(self, source: AdapterSource) -> Adapter:
         adapter = Adapter(

@@ -2,8 +2,10 @@
 index), or a diffusers pipeline folder whose components (unet/, transformer/, text_encoder/...)
 each hold their own weights.
 
-Looking a key up never opens every shard: a sharded folder answers from its index's weight_map
-and opens (the header of) one shard when a tensor's shape or bytes are needed.
+:func:`open_checkpoint` checks every weight file's header once, and that a sharded folder's
+index agrees with its shards (:meth:`Component.verify`): ``merge`` and ``validate --base`` open
+bases through it, so they accept and refuse the same checkpoints. Afterwards a key is looked
+up in the index's weight_map.
 
 Example:
     >>> from lora_tools.io.checkpoint import open_checkpoint
@@ -15,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -89,6 +92,69 @@ class Component:
                     self._weight_map[key] = path.name
         return self._weight_map
 
+    def verify(self) -> None:
+        """Check that every weight file is a safetensors file and that the files agree with
+        the index: each tensor in exactly one file, the one the index names.
+
+        A tensor in two shards, or an index that names a tensor's file wrongly, is a
+        checkpoint loaders read differently (transformers loads whatever each shard holds,
+        tools that follow the index read one copy); loratool refuses it rather than guess.
+
+        Raises:
+            FormatError: a file is not safetensors, or a file and the index disagree.
+            UnsafeFileError: a file is a pickle.
+        """
+        try:
+            self._verify()
+        finally:
+            self.close()  # later lookups open only the shard they need
+
+    def _verify(self) -> None:
+        holders: dict[str, str] = {}
+        for path in self.files:
+            try:
+                reader = self.open(path)  # opening checks the header
+            except FormatError as exc:
+                if self.index_path is None:
+                    raise
+                raise type(exc)(  # an UnsafeFileError (a pickle) stays one
+                    f"the index names {path.name} as a shard, but it is not a safetensors "
+                    f"file: {exc.message}",
+                    path=self.index_path,
+                    hint="the index or the folder is damaged; download the checkpoint again",
+                    kind=exc.kind,
+                ) from None
+            for key in reader:
+                if key in holders:
+                    raise FormatError(
+                        f"tensor {key!r} is in both {holders[key]} and {path.name}; loaders "
+                        "disagree on which copy counts",
+                        path=self.index_path or self.root,
+                        hint="the checkpoint is damaged; download or save it again",
+                        kind="checkpoint-duplicate",
+                    )
+                holders[key] = path.name
+        if self._weight_map is None:
+            self._weight_map = holders
+            return
+        for key, name in self._weight_map.items():
+            if holders.get(key) != name:
+                found = f"it is in {holders[key]}" if key in holders else "no shard holds it"
+                raise FormatError(
+                    f"index maps tensor {key!r} to {name}, but {found}",
+                    path=self.index_path,
+                    hint="the index does not belong to these shards; download it again",
+                    kind="checkpoint-index",
+                )
+        for key, name in holders.items():
+            if key not in self._weight_map:
+                raise FormatError(
+                    f"shard {name} holds tensor {key!r}, which the index does not list",
+                    path=self.index_path,
+                    hint="the index does not belong to these shards; download it again",
+                    kind="checkpoint-index",
+                )
+
     def keys(self) -> list[str]:
         return list(self.weight_map)
 
@@ -154,6 +220,7 @@ def _component_from_folder(name: str, folder: Path) -> Component | None:
     if index_paths:
         index_path = index_paths[0]
         doc = read_json_object(index_path, kind="checkpoint-json")
+        _refuse_duplicate_index_keys(index_path)
         weight_map = doc.get("weight_map")
         if not isinstance(weight_map, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
@@ -189,11 +256,34 @@ def _component_from_folder(name: str, folder: Path) -> Component | None:
     return None
 
 
+def _refuse_duplicate_index_keys(index_path: Path) -> None:
+    """Raise when the index's JSON spells one key twice (JSON readers keep either copy)."""
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for key, value in items:
+            if key in seen:
+                raise FormatError(
+                    f"index lists {key!r} twice ({seen[key]!r} and {value!r}); readers keep "
+                    "one or the other",
+                    path=index_path,
+                    hint="the index is damaged; download or save the checkpoint again",
+                    kind="checkpoint-json",
+                )
+            seen[key] = value
+        return seen
+
+    # read_json_object has already parsed (and reported) the document; this second parse
+    # only looks at the key pairs.
+    json.loads(index_path.read_text(encoding="utf-8"), object_pairs_hook=pairs)
+
+
 def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Open a base checkpoint (headers and indexes only).
 
     Raises:
-        FormatError: no weights found, a shard named by the index is missing, bad JSON.
+        FormatError: no weights found, a weight file is not safetensors, the index and its
+            shards disagree (see :meth:`Component.verify`), bad JSON, a key listed twice.
         UnsafeFileError: the weights are pickles.
     """
     path = Path(path)
@@ -205,8 +295,9 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
                 hint="convert it to .safetensors in a trusted environment",
                 kind="pickle",
             )
-        SafetensorsFile(path).close()  # check the header now: errors name the file early
-        return Checkpoint(path, "file", {"": Component("", path.parent, [path])})
+        comp = Component("", path.parent, [path])
+        comp.verify()  # check the header now: errors name the file early
+        return Checkpoint(path, "file", {"": comp})
     if not path.is_dir():
         raise FormatError("no such file or folder", path=path, kind="missing")
     if (path / "model_index.json").is_file():
@@ -214,6 +305,12 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         for sub in sorted(p for p in path.iterdir() if p.is_dir()):
             comp = _component_from_folder(sub.name, sub)
             if comp is not None:
+                try:
+                    comp.verify()
+                except BaseException:
+                    for opened in components.values():
+                        opened.close()
+                    raise
                 components[sub.name] = comp
         if not components:
             raise FormatError(
@@ -227,4 +324,5 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         raise FormatError(
             "no *.safetensors weights or index in this folder", path=path, kind="no-weights"
         )
+    comp.verify()
     return Checkpoint(path, "folder", {"": comp})

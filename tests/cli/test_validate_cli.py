@@ -72,7 +72,7 @@ def test_exit_zero_and_fail_on(tmp_path):
         {
             "lora_unet_a.lora_down.weight": rng.normal(size=(2, 8)).astype(np.float32),
             "lora_unet_a.lora_up.weight": rng.normal(size=(8, 2)).astype(np.float32),
-            "lora_unet_a.extra": np.ones(2, np.float32),  # LT112 unknown-key: a warning
+            "lora_unet_a.alpha": np.asarray(-2.0, np.float32),  # LT107 alpha-negative: a warning
         },
     )
     assert invoke(path).exit_code == 0

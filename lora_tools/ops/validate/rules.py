@@ -10,6 +10,11 @@ change meaning and are never reused; the hundreds digit is the category:
 - ``LT3xx`` config and metadata: adapter_config.json, diffusers and kohya metadata
 - ``LT4xx`` base: every module against a ``--base`` checkpoint
 
+Severities follow one principle (docs/rules.md, "Severities"): when the consumer (PEFT,
+diffusers, ComfyUI, sd-scripts) would refuse the file, or silently drop or misapply weights, the
+rule is an error; a file that loads as trained but is probably not what was meant is a warning;
+what is only worth knowing is an info. A rule never fails intact files.
+
 Selections name codes, code prefixes (``LT2`` = every value rule), rule names or ``ALL``, the
 way ruff's ``--select`` does.
 
@@ -89,13 +94,13 @@ _CATALOGUE = (
     Rule("LT103", "zero-rank", ERROR, "module has rank 0"),
     Rule("LT104", "factor-shape", ERROR, "factor shapes fit no layer kind"),
     Rule("LT105", "alpha-missing", INFO, "kohya module has no alpha (scale 1 is assumed)"),
-    Rule("LT106", "alpha-zero", WARNING, "alpha is 0 (loaders disagree on the scale)"),
+    Rule("LT106", "alpha-zero", ERROR, "alpha is 0 (loaders disagree on the scale)"),
     Rule("LT107", "alpha-negative", WARNING, "alpha is negative (the update changes sign)"),
     Rule("LT108", "alpha-not-finite", ERROR, "alpha is NaN, infinite or not a number"),
     Rule("LT109", "alpha-not-scalar", ERROR, "alpha tensor holds more than one value"),
     Rule("LT110", "foreign-adapter-type", INFO, "LyCORIS or other non-LoRA adapter type"),
     Rule("LT111", "mixed-adapter-types", WARNING, "LoRA modules mixed with other adapter types"),
-    Rule("LT112", "unknown-key", WARNING, "tensor key belongs to no module of the format"),
+    Rule("LT112", "unknown-key", ERROR, "tensor key belongs to no module of the format"),
     Rule("LT113", "unknown-format", ERROR, "tensor names match no LoRA naming scheme"),
     Rule("LT114", "no-lora-modules", ERROR, "no complete LoRA module in the file"),
     Rule("LT115", "factor-dtype", ERROR, "LoRA tensor has a non-floating-point dtype"),
@@ -105,6 +110,9 @@ _CATALOGUE = (
     Rule("LT203", "zero-factor", WARNING, "module has an all-zero factor (update is zero)"),
     Rule("LT204", "update-norm-outlier", WARNING, "module update norm is an extreme outlier"),
     Rule("LT205", "model-hash-mismatch", ERROR, "sshs_model_hash does not match the data"),
+    Rule(
+        "LT206", "model-hash-unverified", INFO, "sshs_model_hash follows a convention not checked"
+    ),
     # -- LT3xx config and metadata
     Rule("LT301", "config-missing", ERROR, "PEFT keys without adapter_config.json"),
     Rule("LT302", "config-invalid", ERROR, "adapter config is not a valid JSON object"),
@@ -112,7 +120,7 @@ _CATALOGUE = (
     Rule("LT304", "config-rank-mismatch", ERROR, "config r / rank_pattern contradicts the tensors"),
     Rule("LT305", "pattern-unmatched", WARNING, "rank/alpha pattern key matches no module"),
     Rule("LT306", "target-modules-none", ERROR, "target_modules covers none of the modules"),
-    Rule("LT307", "target-modules-miss", WARNING, "target_modules does not cover a module"),
+    Rule("LT307", "target-modules-miss", ERROR, "target_modules does not cover a module"),
     Rule("LT308", "dora-mismatch", ERROR, "use_dora disagrees with the magnitude vectors"),
     Rule("LT309", "network-dim-mismatch", WARNING, "ss_network_dim contradicts the tensors"),
     Rule("LT310", "network-alpha-mismatch", WARNING, "ss_network_alpha contradicts the tensors"),

@@ -11,16 +11,22 @@ from lora_tools.ops.validate.context import Context
 
 
 def check_base(ctx: Context, adapter: Adapter) -> None:
-    """Resolve every module against ``ctx.checkpoint`` (LT401-LT405)."""
-    from lora_tools.resolve import resolve
+    """Resolve every module against ``ctx.checkpoint`` (LT401-LT405).
 
-    if not adapter.modules:
+    LyCORIS and other non-LoRA modules (LoHa, LoKr, kohya DoRA...) resolve by name too, and
+    their update's outer shape is checked where the type fixes it: loratool cannot merge them,
+    but it can tell whether the file belongs to this base.
+    """
+    from lora_tools.resolve import resolve, resolve_foreign
+
+    if not adapter.modules and not adapter.foreign:
         return
     res = resolve(adapter, ctx.checkpoint)
+    other = resolve_foreign(adapter, ctx.checkpoint)
     base = str(ctx.checkpoint.path)
-    for key in res.unmatched:
-        m = adapter.modules[key]
-        where = f" ({m.full_path})" if m.full_path and m.full_path != key else ""
+    unmatched = [(key, _describe(adapter, key)) for key in res.unmatched]
+    unmatched += [(key, f" ({other.kinds[key]})") for key in other.unmatched]
+    for key, where in unmatched:
         ctx.add(
             "LT401",
             f"module {key!r}{where} resolves to no weight of the base {base}: loaders "
@@ -30,7 +36,7 @@ def check_base(ctx: Context, adapter: Adapter) -> None:
             found="none",
             hint="is this adapter made for this base model?",
         )
-    for key, candidates in res.ambiguous.items():
+    for key, candidates in {**res.ambiguous, **other.ambiguous}.items():
         ctx.add(
             "LT402",
             f"module {key!r} matches {len(candidates)} base weights: {', '.join(candidates[:3])}",
@@ -39,14 +45,14 @@ def check_base(ctx: Context, adapter: Adapter) -> None:
             found=", ".join(candidates),
             hint="use an adapter format with component prefixes (PEFT / diffusers)",
         )
-    for key, message in res.shape_errors.items():
+    for key, message in {**res.shape_errors, **other.shape_errors}.items():
         ctx.add("LT403", message, module=key, hint="is this the right base model?")
-    if res.total and len(res.unmatched) == res.total:
+    total = res.total + other.total
+    if total and len(unmatched) == total:
         ctx.add(
             "LT404",
-            f"0 of {res.total} modules match this base ({base}): the adapter would load "
-            "with no effect",
-            expected=f"{res.total} matching modules",
+            f"0 of {total} modules match this base ({base}): the adapter would load with no effect",
+            expected=f"{total} matching modules",
             found="0",
             hint="the adapter was made for another model; check base_model_name_or_path",
         )
@@ -63,3 +69,8 @@ def check_base(ctx: Context, adapter: Adapter) -> None:
             expected=theirs,
             found=ours,
         )
+
+
+def _describe(adapter: Adapter, key: str) -> str:
+    m = adapter.modules[key]
+    return f" ({m.full_path})" if m.full_path and m.full_path != key else ""

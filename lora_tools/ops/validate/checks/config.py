@@ -8,6 +8,7 @@ import json
 import math
 import re
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from lora_tools.adapter import CONV, UNKNOWN_SCALE_HINT, Adapter, LoraModule
@@ -86,7 +87,9 @@ def check_adapter_config(
             )
         elif config is not None:
             display = ctx.target.config_display or str(ctx.target.config)
-            _check_peft_type(ctx, config, display)
+            if _is_other_peft_type(config, adapter):
+                return  # an intact PEFT LoHa / LoKr / IA3... adapter; LT110 reports its type
+            _check_peft_type(ctx, config, display, adapter)
             _check_config(ctx, config, modules, display)
     elif fmt.name == "diffusers":
         _check_diffusers_metadata(ctx, adapter, modules)
@@ -94,8 +97,41 @@ def check_adapter_config(
         _check_kohya_metadata(ctx, adapter, modules)
 
 
-def _check_peft_type(ctx: Context, config: dict[str, Any], display: str) -> None:
+#: PEFT's peft_type for the adapter types loratool detects (FOREIGN_SUFFIXES) but does not
+#: compute with; their configs mean other things by r and alpha (IA3 has neither).
+PEFT_TYPE_KINDS = {
+    "LOHA": "LoHa",
+    "LOKR": "LoKr",
+    "IA3": "IA3",
+    "OFT": "OFT",
+    "BOFT": "BOFT",
+    "VERA": "VeRA",
+}
+
+
+def _is_other_peft_type(config: dict[str, Any], adapter: Adapter) -> bool:
+    """A PEFT adapter of another type whose tensors are of that type: what PEFT loads."""
+    kind = PEFT_TYPE_KINDS.get(config.get("peft_type"))  # type: ignore[arg-type]
+    return kind is not None and not adapter.modules and set(adapter.foreign) == {kind}
+
+
+def _check_peft_type(
+    ctx: Context, config: dict[str, Any], display: str, adapter: Adapter | None = None
+) -> None:
     peft_type = config.get("peft_type")
+    if peft_type == "LORA" and adapter is not None and adapter.foreign:
+        kinds = ", ".join(adapter.foreign)
+        ctx.add(
+            "LT303",
+            f"peft_type is 'LORA' but the file holds {kinds} tensors; PEFT creates LoRA "
+            "layers and drops them silently",
+            module="peft_type",
+            expected=f"the peft_type of {kinds}",
+            found="'LORA'",
+            path=display,
+            hint="set peft_type to the adapter's type",
+        )
+        return
     if peft_type != "LORA":
         ctx.add(
             "LT303",
@@ -133,8 +169,9 @@ def _check_config(
                 regex = re.compile(rf"(.*\.)?({key})$")
             except re.error as exc:
                 ctx.add(
-                    "LT305",
-                    f"{name} key {key!r} is not a valid regular expression ({exc}); PEFT skips it",
+                    "LT302",
+                    f"{name} key {key!r} is not a valid regular expression ({exc}); PEFT fails "
+                    "to load the adapter (re.error)",
                     module=f"{name}[{key!r}]",
                     path=display,
                 )
@@ -225,8 +262,11 @@ def _check_targets(
             path=display,
         )
         return
-    missing = [m for m in modules if not covered(m.path or m.key)]
+    excluded = _excluded_modules(config)
+    missing = [m for m in modules if not covered(m.path or m.key) or excluded(m.path or m.key)]
     shown = targets if isinstance(targets, str) else ", ".join(targets)
+    if config.get("exclude_modules"):
+        shown += f"; exclude_modules: {config['exclude_modules']}"
     if len(missing) == len(modules):
         ctx.add(
             "LT306",
@@ -241,6 +281,17 @@ def _check_targets(
         )
         return
     for m in missing:
+        if excluded(m.path or m.key):
+            ctx.add(
+                "LT307",
+                f"module {m.key!r} ({m.path}) is excluded by exclude_modules "
+                f"({config['exclude_modules']}); PEFT creates no layer for it and drops its "
+                "tensors silently",
+                module=m.key,
+                path=display,
+                hint="remove it from exclude_modules",
+            )
+            continue
         ctx.add(
             "LT307",
             f"module {m.key!r} ({m.path}) is not covered by target_modules ({shown}); "
@@ -249,6 +300,25 @@ def _check_targets(
             path=display,
             hint=f"add {m.target_name!r} to target_modules",
         )
+
+
+def _excluded_modules(config: dict[str, Any]) -> Callable[[str], bool]:
+    """PEFT's ``exclude_modules`` test (tuners_utils.check_target_module_exists): a regex matched
+    in full, or names matched exactly or as a ``.name`` suffix. PEFT creates no layer for an
+    excluded module, whatever target_modules says."""
+    exclude = config.get("exclude_modules")
+    if isinstance(exclude, str) and exclude:
+
+        def excluded(path: str) -> bool:
+            try:
+                return re.fullmatch(exclude, path) is not None
+            except re.error:
+                return False
+
+        return excluded
+    if isinstance(exclude, list) and exclude and all(isinstance(e, str) for e in exclude):
+        return lambda path: any(path == e or path.endswith("." + e) for e in exclude)
+    return lambda path: False
 
 
 def _check_dora(

@@ -15,10 +15,16 @@ from lora_tools.formats import registry
 from lora_tools.formats.base import AdapterFormat, classify_foreign
 from lora_tools.io.safetensors import DTYPES, Header, SafetensorsFile, TensorInfo
 from lora_tools.ops.validate.context import Context, fmt_number, fmt_shape
+from lora_tools.ops.validate.rules import ERROR
 
 FLOAT_DTYPES = frozenset(
     name for name in DTYPES if name.startswith(("F", "BF")) or name in ("C64",)
 )
+
+
+#: Textual-inversion embeddings bundled into a kohya LoRA file (``bundle_emb.<name>.*``): A1111's
+#: Lora extension loads them as embeddings, so they are no unknown keys.
+BUNDLED_EMBEDDING_PREFIX = "bundle_emb."
 
 
 @dataclass
@@ -124,13 +130,22 @@ def check_structure(
                 "loratool's math operations refuse it",
                 module=example,
             )
-    elif not loaded and not ctx.has_errors("LT1") and not ctx.has_errors("LT0"):
+    elif not loaded and not _explained(ctx):
         ctx.add(
             "LT114",
             f"no complete LoRA module among {len(names)} tensors",
             hint="is this a LoRA adapter?",
         )
     return bad, stems
+
+
+def _explained(ctx: Context) -> bool:
+    """Whether an error already says why the file has no LoRA module (an unknown key does not:
+    it says what a tensor is not)."""
+    return any(
+        f.severity == ERROR and f.rule.code[:3] in ("LT0", "LT1") and f.rule.code != "LT112"
+        for f in ctx.report.findings
+    )
 
 
 def _unknown_keys(ctx: Context, fmt: AdapterFormat, unknown: list[str]) -> None:
@@ -141,7 +156,7 @@ def _unknown_keys(ctx: Context, fmt: AdapterFormat, unknown: list[str]) -> None:
                 # Full tensors under the adapter's prefix: modules_to_save and saved
                 # embedding layers, which PEFT loads as replacements.
                 continue
-        elif fmt.name not in ("kohya", "diffusers-old"):
+        elif fmt.name not in ("kohya", "diffusers-old") or key.startswith(BUNDLED_EMBEDDING_PREFIX):
             continue
         ctx.add(
             "LT112",

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections import Counter
 
 import numpy as np
 
 from lora_tools.adapter import Adapter
-from lora_tools.io.safetensors import Header, SafetensorsFile
+from lora_tools.io.safetensors import Header, SafetensorsFile, TensorSpec, reference_order
 from lora_tools.ops.inspect import robust_outliers
 from lora_tools.ops.validate.context import Context
 from lora_tools.ops.validate.scan import TensorScan, gram
@@ -27,7 +28,7 @@ OUTLIER_MIN_RATIO = 10.0
 
 
 def check_values(ctx: Context, adapter: Adapter, header: Header, clean: bool) -> None:
-    """The value rules (LT201-LT205) in one pass over the data in file order: each byte read
+    """The value rules (LT201-LT206) in one pass over the data in file order: each byte read
     once, in bounded chunks.
 
     Args:
@@ -42,7 +43,8 @@ def check_values(ctx: Context, adapter: Adapter, header: Header, clean: bool) ->
     for stem, m in adapter.modules.items():
         factor_role[m.keys.get("down", "")] = (stem, "down")
         factor_role[m.keys.get("up", "")] = (stem, "up")
-    expected_hash = adapter.metadata.get("sshs_model_hash") if "LT205" in ctx.rules else None
+    hash_rules = {"LT205", "LT206"} & ctx.rules
+    expected_hash = adapter.metadata.get("sshs_model_hash") if hash_rules else None
     digest = hashlib.sha256() if expected_hash and clean else None
 
     grams: dict[str, dict[str, np.ndarray]] = {}
@@ -88,18 +90,74 @@ def check_values(ctx: Context, adapter: Adapter, header: Header, clean: bool) ->
     _zero_rules(ctx, adapter, zero)
     _outliers(ctx, adapter, grams, zero, non_finite)
     if digest is not None and expected_hash is not None:
-        actual = digest.hexdigest()
-        if actual != expected_hash.lower():
-            ctx.add(
-                "LT205",
-                f"sshs_model_hash is {expected_hash} but the data buffer hashes to {actual}: "
-                "the tensors changed after the hash was written, or the file is corrupt",
-                module="__metadata__[sshs_model_hash]",
-                expected=actual,
-                found=expected_hash,
-                hint="re-save with a tool that refreshes the hash (loratool does), or drop "
-                "sshs_model_hash and sshs_legacy_hash",
-            )
+        _check_model_hash(ctx, header, expected_hash, digest.hexdigest())
+
+
+def _check_model_hash(ctx: Context, header: Header, expected: str, buffer_sha256: str) -> None:
+    """LT205 / LT206: ``sshs_model_hash`` against the tensors, in the convention that wrote it.
+
+    - sd-scripts (``library/train_util.py`` ``precalculate_safetensors_hashes``): 64 hex digits,
+      the sha256 of the data buffer of ``safetensors.torch.save(tensors)``, i.e. of every
+      tensor's bytes in the reference writer's order. A file in that order hashes its own data
+      buffer (the digest of the single pass); a file in another order is hashed once more in
+      the reference order before it is called changed.
+    - LyCORIS (``lycoris/utils`` ``precalculate_safetensors_hashes``): ``"0x"`` + the sha256 of
+      each tensor's bytes in the training network's state-dict order. The file does not record
+      that order; only when it happens to be the file's own order can the hash be checked.
+
+    A hash loratool cannot reproduce is reported as LT206 (info), never as a mismatch.
+    """
+    value = expected.strip().lower()
+    if re.fullmatch(r"[0-9a-f]{64}", value):
+        if value == buffer_sha256 or value == _reference_order_sha256(ctx, header, buffer_sha256):
+            return
+        ctx.add(
+            "LT205",
+            f"sshs_model_hash is {expected} but the tensors hash to {buffer_sha256} "
+            "(sd-scripts' convention: sha256 of the data buffer): the tensors changed after "
+            "the hash was written, or the file is corrupt",
+            module="__metadata__[sshs_model_hash]",
+            expected=buffer_sha256,
+            found=expected,
+            hint="re-save with a tool that refreshes the hash (loratool does), or drop "
+            "sshs_model_hash and sshs_legacy_hash",
+        )
+        return
+    if re.fullmatch(r"0x[0-9a-f]{64}", value):
+        if value[2:] == buffer_sha256:
+            return
+        ctx.add(
+            "LT206",
+            f"sshs_model_hash {expected} follows LyCORIS' convention (sha256 of the tensors "
+            "in the training network's state-dict order, which the file does not record): "
+            "not checked",
+            module="__metadata__[sshs_model_hash]",
+            found=expected,
+        )
+        return
+    ctx.add(
+        "LT206",
+        f"sshs_model_hash {expected!r} follows no convention loratool can reproduce "
+        "(sd-scripts: 64 hex digits; LyCORIS: 0x + 64 hex digits): not checked",
+        module="__metadata__[sshs_model_hash]",
+        found=expected,
+    )
+
+
+def _reference_order_sha256(ctx: Context, header: Header, buffer_sha256: str) -> str:
+    """sha256 of the tensors' bytes in the reference writer's order (sd-scripts' data buffer);
+    the single pass's digest when the file is already in that order."""
+    by_offset = sorted(header.tensors.values(), key=lambda i: i.begin)
+    specs = reference_order(TensorSpec(i.name, i.dtype, i.shape) for i in by_offset)
+    if [s.name for s in specs] == [i.name for i in by_offset]:
+        return buffer_sha256
+    assert ctx.target.weights is not None
+    digest = hashlib.sha256()
+    with SafetensorsFile(ctx.target.weights, header=header) as file:
+        for spec in specs:
+            for raw in file.iter_raw(spec.name, ctx.chunk_bytes):
+                digest.update(raw)
+    return digest.hexdigest()
 
 
 def _zero_rules(ctx: Context, adapter: Adapter, zero: dict[str, list[str]]) -> None:
