@@ -139,6 +139,8 @@ def _cases() -> list[Case]:
             ("kohya/sd-lora.safetensors", "peft/sd-unet-conv"),
             ("--weights", "1,-0.5"),
         ),
+        # a diffusers first input: its per-component metadata covers the UNet-only modules
+        Case("combine", ("diffusers/sd-lora", "peft/sd-unet-conv"), ("--weights", "1,0.5")),
         Case(
             "combine",
             ("peft/sd-unet-conv", "kohya/sd-lora.safetensors"),
