@@ -19,8 +19,8 @@ in different formats; a module present in only some inputs sums only those. Shap
 kinds must agree. Output modules have scale 1 (alpha = rank; in kohya files one alpha per
 component, the scale in the factors) and the first input's format, names and dtypes; the
 output config lists every module (see :func:`combined_config`). Inputs that share no layer are
-refused (:func:`check_same_model`). DoRA, LyCORIS and inputs with full replacement tensors (modules_to_save) are
-refused: their combination is not a sum of low-rank updates.
+refused (:func:`check_same_model`). DoRA, LyCORIS and inputs with full replacement tensors
+(modules_to_save) are refused: their combination is not a sum of low-rank updates.
 
 Example:
     >>> from lora_tools.formats import load_adapter                        # doctest: +SKIP
@@ -212,7 +212,6 @@ def combine_adapters(
     check_same_model(adapters, groups)
     loose = _loose_components(adapters, groups)
     result = CombineResult(adapter=first, method=method)
-    modules: dict[str, LoraModule] = {}
     built: list[tuple[LoraModule, np.ndarray, np.ndarray, np.ndarray | None]] = []
     for n, (ident, members) in enumerate(groups.items()):
         template = _template(first, members, ident[0] or loose.get(members[0][0]))
@@ -282,13 +281,14 @@ def _template(
     return dataclasses.replace(m, keys={}, alpha_tensor=None, component=component)
 
 
-def _block(ident: tuple[str | None, str]) -> str:
-    """The repeated block a module sits in: its flattened path up to the first layer index
-    (``model_layers_0``, ``down_blocks_1``, ``transformer_h_0``), else its parent."""
+def _blocks(ident: tuple[str | None, str]) -> str:
+    """The stack of repeated blocks a module sits in: its flattened path up to the first layer
+    index (``model_layers``, ``down_blocks``, ``transformer_h``), else its parent. Adapters of
+    one model for different layers (``layers_to_transform``) share it."""
     parts = ident[1].split("_")
     for n, part in enumerate(parts):
         if part.isdigit():
-            return "_".join(parts[: n + 1])
+            return "_".join(parts[:n])
     return "_".join(parts[:-1])
 
 
@@ -302,10 +302,10 @@ def check_same_model(
 ) -> None:
     """Refuse inputs that cannot be adapters of one model, naming both files.
 
-    Each input after the first must share a layer with an earlier input, or at least a block
-    (``model.layers.0``: an attention adapter and an MLP adapter of one model), and then at
-    least one layer width: a model's blocks share their hidden size. Modules that share a
-    layer already had their shapes compared.
+    Each input after the first must share a layer with an earlier input, or at least a stack of
+    blocks (``model.layers``: an attention and an MLP adapter of one model, or adapters of
+    different layers) and then a layer width: a model's blocks share their hidden size.
+    Modules that share a layer already had their shapes compared.
     """
     held: list[set[tuple[str | None, str]]] = [set() for _ in adapters]
     for ident, members in groups.items():
@@ -314,10 +314,10 @@ def check_same_model(
     for i in range(1, len(adapters)):
         if any(held[i] & held[j] for j in range(i)):
             continue
-        blocks = {_block(x) for x in held[i]}
+        blocks = {_blocks(x) for x in held[i]}
         dims = _dims([m for x in held[i] for j, m in groups[x] if j == i])
         for j in range(i):
-            if blocks & {_block(x) for x in held[j]} and dims & _dims(
+            if blocks & {_blocks(x) for x in held[j]} and dims & _dims(
                 [m for x in held[j] for k, m in groups[x] if k == j]
             ):
                 break
@@ -360,8 +360,8 @@ def _loose_components(
                 f"({', '.join(named)}), and the output takes the first input's format, PEFT, "
                 "which holds one model",
                 path=adapters[0].source,
-                hint="list a diffusers or kohya input first, or split the others with "
-                "`loratool convert --to peft --component ...`",
+                hint="list a diffusers or kohya input first, or convert the others to PEFT "
+                "one component at a time with `loratool convert` first",
             )
     return out
 

@@ -145,7 +145,7 @@ def _cases() -> list[Case]:
             "combine",
             ("peft/sd-unet-conv", "kohya/sd-lora.safetensors"),
             ("--weights", "1,-0.5"),
-            refused="kohya input",
+            refused="2 pipeline components",
         ),
         Case(
             "combine",

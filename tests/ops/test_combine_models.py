@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from lora_tools.errors import ShapeError
+from lora_tools.errors import ShapeError, UsageError
 from lora_tools.formats import load_adapter, save_adapter
 from lora_tools.io.safetensors import ArrayTensor
 from lora_tools.ops.combine import combine_adapters
@@ -111,3 +111,23 @@ def test_same_block_names_with_other_widths_are_refused(fixtures_dir):
     other = dataclasses.replace(attn, modules=wide)
     with pytest.raises(ShapeError, match="different models"):
         combine_adapters([attn, other])
+
+
+def test_a_peft_output_holds_one_component(fixtures_dir):
+    """A plain PEFT first input matched to the UNet cannot also take text-encoder modules."""
+    unet = load_adapter(fixtures_dir / "peft/sd-unet-conv")
+    diff = load_adapter(fixtures_dir / "diffusers/sd-lora")
+    with pytest.raises(UsageError, match="2 pipeline components"):
+        combine_adapters([unet, diff])
+    only_unet = dataclasses.replace(
+        diff, modules={k: m for k, m in diff.modules.items() if m.component == "unet"}
+    )
+    out = combine_adapters([unet, only_unet]).adapter
+    assert {m.component for m in out.modules.values()} == {None}
+    assert len(out.modules) == len(unet.modules)
+
+
+def test_adapters_for_different_layers_of_one_model_combine(fixtures_dir):
+    every = load_adapter(fixtures_dir / "peft/llama-all-linear")
+    first, second = _only(every, "layers.0."), _only(every, "layers.1.")
+    assert len(combine_adapters([first, second]).adapter.modules) == 14
