@@ -13,6 +13,7 @@ writers that change tensors recompute it and drop ``sshs_legacy_hash``.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 from collections import Counter
@@ -64,8 +65,21 @@ def flatten_path(path: str) -> str:
     return path.replace(".", "_")
 
 
+#: Module roots of transformers' CLIPTextModel: sd-scripts names them under ``text_model.``
+#: (transformers 4), which transformers 5 and diffusers files leave out.
+_CLIP_ROOTS = ("encoder.layers.", "embeddings.", "final_layer_norm")
+
+
 def kohya_name(component: str | None, path: str) -> str:
+    """The kohya module name of ``path`` in ``component``.
+
+    Example:
+        >>> kohya_name("text_encoder", "encoder.layers.0.self_attn.q_proj")
+        'lora_te_text_model_encoder_layers_0_self_attn_q_proj'
+    """
     prefix = COMPONENT_PREFIX.get(component or "unet", "lora_unet")
+    if component in ("text_encoder", "text_encoder_2") and path.startswith(_CLIP_ROOTS):
+        path = "text_model." + path
     return f"{prefix}_{flatten_path(path)}"
 
 
@@ -220,18 +234,36 @@ class KohyaFormat(AdapterFormat):
 
 
 def update_training_metadata(metadata: dict[str, str], modules: list[LoraModule]) -> None:
-    """Make ``ss_network_dim`` / ``ss_network_alpha`` describe ``modules`` again."""
-    if not modules:
+    """Make ``ss_network_dim`` / ``ss_network_alpha`` (linear and 1x1 layers) and
+    ``ss_network_args`` ``conv_dim`` / ``conv_alpha`` (3x3 and larger convolutions, sd-scripts'
+    split) describe ``modules`` again: one value, or ``Dynamic`` where they differ."""
+    wide = [m for m in modules if m.kind == CONV and math.prod(m.kernel) > 1]
+    narrow = [m for m in modules if m not in wide]
+    if narrow:
+        if "ss_network_dim" in metadata:
+            metadata["ss_network_dim"] = _describe([m.rank for m in narrow])
+        if "ss_network_alpha" in metadata:
+            metadata["ss_network_alpha"] = _describe([m.effective_alpha for m in narrow])
+    raw = metadata.get("ss_network_args")
+    if not wide or not raw:
         return
-    ranks = Counter(m.rank for m in modules)
-    alphas = Counter(m.effective_alpha for m in modules)
-    if "ss_network_dim" in metadata:
-        metadata["ss_network_dim"] = str(next(iter(ranks))) if len(ranks) == 1 else "Dynamic"
-    if "ss_network_alpha" in metadata:
-        if len(alphas) == 1:
-            alpha = next(iter(alphas))
-            metadata["ss_network_alpha"] = (
-                str(int(alpha)) if math.isfinite(alpha) and alpha.is_integer() else repr(alpha)
-            )
-        else:
-            metadata["ss_network_alpha"] = "Dynamic"
+    try:
+        args = json.loads(raw)
+    except (json.JSONDecodeError, RecursionError):
+        return
+    if not isinstance(args, dict) or not ({"conv_dim", "conv_alpha"} & set(args)):
+        return
+    if "conv_dim" in args:
+        args["conv_dim"] = _describe([m.rank for m in wide])
+    if "conv_alpha" in args:
+        args["conv_alpha"] = _describe([m.effective_alpha for m in wide])
+    metadata["ss_network_args"] = json.dumps(args)
+
+
+def _describe(values: list[float]) -> str:
+    """One value as sd-scripts writes it (``4``, ``0.5``), or ``Dynamic``."""
+    distinct = Counter(values)
+    if len(distinct) != 1:
+        return "Dynamic"
+    value = float(next(iter(distinct)))
+    return str(int(value)) if math.isfinite(value) and value.is_integer() else repr(value)

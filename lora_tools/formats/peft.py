@@ -392,6 +392,26 @@ def _num(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
 
 
+def target_paths(modules: list[LoraModule]) -> list[str]:
+    """``target_modules`` that select exactly ``modules``: their full paths (PEFT matches a list
+    entry by name or ``.``-suffix, so layer names alone would also create empty layers for
+    every other layer of that name). CLIP text-encoder paths drop their ``text_model.`` root:
+    the suffix matches the module under transformers 4 and 5 alike.
+
+    Example:
+        >>> from lora_tools.adapter import LoraModule
+        >>> target_paths([LoraModule("k", None, None, None, "linear", path="a.q_proj")])
+        ['a.q_proj']
+    """
+    out = set()
+    for m in modules:
+        path = m.path or m.key
+        if (m.component or "").startswith("text_encoder"):
+            path = path.removeprefix("text_model.")
+        out.add(path)
+    return sorted(out)
+
+
 def peft_config_for(adapter: Adapter) -> dict[str, Any] | None:
     """The adapter_config.json to write for ``adapter`` in PEFT format (None without modules).
 
@@ -406,7 +426,7 @@ def peft_config_for(adapter: Adapter) -> dict[str, Any] | None:
         "peft_type": "LORA",
         "task_type": None,
         "base_model_name_or_path": adapter.metadata.get("base_model_name_or_path"),
-        "target_modules": sorted({m.target_name for m in modules}),
+        "target_modules": target_paths(modules),
         "bias": "none",
         "fan_in_fan_out": False,
         "lora_dropout": 0.0,
@@ -428,7 +448,7 @@ def diffusers_metadata_for(adapter: Adapter) -> dict[str, Any]:
     for component, modules in by_component.items():
         base = existing.get(component) or {
             "peft_type": "LORA",
-            "target_modules": sorted({m.target_name for m in modules}),
+            "target_modules": target_paths(modules),
             "use_dora": any(m.dora for m in modules),
             "lora_bias": any(m.bias is not None for m in modules),
         }

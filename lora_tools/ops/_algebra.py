@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from lora_tools import __version__
 from lora_tools.adapter import Adapter, LoraModule
 from lora_tools.formats import save_adapter
 from lora_tools.formats.kohya import flatten_path, split_name
+from lora_tools.formats.peft import target_paths
 from lora_tools.io.atomic import check_output
 from lora_tools.io.safetensors import ArrayTensor, Tensor, numpy_dtype
 
@@ -29,15 +31,56 @@ HISTORY_KEY = "loratool_history"
 Progress = Callable[[int, int], None]
 
 
+#: PEFT config fields that decide which layers get a LoRA layer.
+TARGETING_FIELDS = (
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "target_parameters",
+)
+
+
+def targets_cover(targets: Any, path: str) -> bool:
+    """Whether PEFT's ``target_modules`` selects module ``path``: a list entry by exact name or
+    ``.``-suffix, a string as a full regex match (``all-linear`` is not decided here: False)."""
+    if isinstance(targets, list):
+        return any(isinstance(t, str) and (path == t or path.endswith("." + t)) for t in targets)
+    if isinstance(targets, str) and targets.lower() != "all-linear":
+        try:
+            return re.fullmatch(targets, path) is not None
+        except re.error:
+            return False
+    return False
+
+
+def exact_targets(modules: list[LoraModule]) -> dict[str, Any]:
+    """Targeting fields that select exactly ``modules`` (full paths, as PEFT saves a resolved
+    ``all-linear``; see :func:`lora_tools.formats.peft.target_paths`) and nothing else."""
+    return {
+        "target_modules": target_paths(modules),
+        "exclude_modules": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "target_parameters": None,
+    }
+
+
 def module_identity(module: LoraModule) -> tuple[str | None, str]:
     """``(component, flattened path)``: the same layer read from any format gets the same pair.
 
-    kohya names lose the dots of the module path, so paths are compared flattened.
+    kohya names lose the dots of the module path, so paths are compared flattened; a CLIP text
+    encoder's ``text_model.`` root (there in kohya names and transformers 4 paths, not in
+    transformers 5 ones) is left out.
     """
     if module.path is not None:
-        return module.component, flatten_path(module.path)
-    component, flat = split_name(module.key)
-    return component or module.component, flat
+        component, flat = module.component, flatten_path(module.path)
+    else:
+        component, flat = split_name(module.key)
+        component = component or module.component
+    if component in ("text_encoder", "text_encoder_2"):
+        flat = flat.removeprefix("text_model_")
+    return component, flat
 
 
 def cast_like(array: np.ndarray, like: Tensor) -> ArrayTensor:

@@ -16,9 +16,11 @@ Methods (docs/math.md has the derivations):
 
 Modules are matched across inputs by component and (flattened) module path, so inputs may be
 in different formats; a module present in only some inputs sums only those. Shapes and layer
-kinds must agree. Output modules have scale 1 (alpha = rank) and the first input's format,
-names and dtypes. DoRA, LyCORIS and inputs with full replacement tensors (modules_to_save) are
-refused: their combination is not a sum of low-rank updates.
+kinds must agree. Output modules have scale 1 (alpha = rank; in kohya files one alpha per
+component, the scale in the factors) and the first input's format, names and dtypes; the
+output config lists every module (see :func:`combined_config`). Inputs that share no layer are
+refused (:func:`check_same_model`). DoRA, LyCORIS and inputs with full replacement tensors
+(modules_to_save) are refused: their combination is not a sum of low-rank updates.
 
 Example:
     >>> from lora_tools.formats import load_adapter                        # doctest: +SKIP
@@ -29,7 +31,9 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import json
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +41,7 @@ import numpy as np
 
 from lora_tools.adapter import Adapter, LoraModule
 from lora_tools.errors import ShapeError, UnsupportedAdapterError, UsageError
+from lora_tools.formats.peft import DIFFUSERS_METADATA_KEY, diffusers_component_configs
 from lora_tools.lowrank import (
     DISTRIBUTIONS,
     dense_low_rank,
@@ -44,7 +49,15 @@ from lora_tools.lowrank import (
     split_scalar,
     stack_factors,
 )
-from lora_tools.ops._algebra import Progress, add_history, module_identity, with_factors
+from lora_tools.ops._algebra import (
+    TARGETING_FIELDS,
+    Progress,
+    add_history,
+    exact_targets,
+    module_identity,
+    targets_cover,
+    with_factors,
+)
 
 METHODS = ("concat", "svd", "ties", "dare")
 
@@ -195,36 +208,44 @@ def combine_adapters(
 
     first = adapters[0]
     groups = match_modules(adapters)
-    result = CombineResult(adapter=first, method=method)
-    modules: dict[str, LoraModule] = {}
-    for n, members in enumerate(groups.values()):
+    for members in groups.values():
         _check_shapes(adapters, members)
-        template = _template(first, members)
+    check_same_model(adapters, groups)
+    loose = _loose_components(adapters, groups)
+    result = CombineResult(adapter=first, method=method)
+    built: list[tuple[LoraModule, np.ndarray, np.ndarray, np.ndarray | None]] = []
+    for n, (ident, members) in enumerate(groups.items()):
+        template = _template(first, members, ident[0] or loose.get(members[0][0]))
         terms = [(m.finite_factors(), weights[i] * m.scale, m) for i, m in members]
         if method == "concat":
-            new, row = _concat(template, terms)
+            up, down, row = _concat(terms)
         elif method == "svd":
-            new, row = _svd(template, terms, rank, distribute)
+            up, down, row = _svd(terms, rank, distribute)
         else:
             dense = _dense_combination(method, members, weights, density, seed)
             k = rank or max(m.rank for _, m in members)
             lr = dense_low_rank(dense, k, distribute=distribute)
-            exact = numerical_rank(lr.S)
-            new = with_factors(
-                template, lr.up, lr.down, alpha=float(lr.k), rslora=False, bias=_bias_sum(terms)
-            )
-            row = (lr.k, exact, lr.retained_energy, lr.relative_error)
-        modules[new.key] = new
-        result.modules.append(ModuleCombine(new.key, tuple(i for i, _ in members), *row))
+            up, down = lr.up, lr.down
+            row = (lr.k, numerical_rank(lr.S), lr.retained_energy, lr.relative_error)
+        built.append((template, up, down, _bias_sum(terms)))
+        result.modules.append(ModuleCombine(template.key, tuple(i for i, _ in members), *row))
         if progress is not None:
             progress(n + 1, len(groups))
+    modules: dict[str, LoraModule] = {}
+    alphas = _output_alphas(first.format, [(t, up.shape[1]) for t, up, _, _ in built])
+    for (template, up, down, bias), alpha in zip(built, alphas, strict=True):
+        # The factors hold the update at scale 1; a module written with another scale
+        # (alpha / k) takes its inverse into the factors, rounded once with them.
+        c_up, c_down = split_scalar(up.shape[1] / alpha)
+        new = with_factors(template, up * c_up, down * c_down, alpha=alpha, rslora=False, bias=bias)
+        modules[new.key] = new
 
     out = dataclasses.replace(
         first,
         modules=modules,
         passthrough={},
-        metadata=dict(first.metadata),
-        config=_config(first, modules),
+        metadata=_metadata(adapters, modules),
+        config=_config(adapters, modules),
     )
     add_history(
         out,
@@ -240,9 +261,12 @@ def combine_adapters(
     return result
 
 
-def _template(first: Adapter, members: list[tuple[int, LoraModule]]) -> LoraModule:
+def _template(
+    first: Adapter, members: list[tuple[int, LoraModule]], component: str | None
+) -> LoraModule:
     """The module that names the output: the first input's, else the first holder's, renamed
-    for the first input's format (its own keys are in another format)."""
+    for the first input's format (its own keys are in another format) and placed in
+    ``component`` (a PEFT file holds one model and names no component)."""
     i, m = members[0]
     if i == 0:
         return m
@@ -253,7 +277,94 @@ def _template(first: Adapter, members: list[tuple[int, LoraModule]]) -> LoraModu
             hint="convert the kohya input with `loratool convert --to "
             f"{first.format} --base BASE` first, or list it first",
         )
-    return dataclasses.replace(m, keys={}, alpha_tensor=None)
+    if first.format == "peft":
+        component = None
+    return dataclasses.replace(m, keys={}, alpha_tensor=None, component=component)
+
+
+def _blocks(ident: tuple[str | None, str]) -> str:
+    """The stack of repeated blocks a module sits in: its flattened path up to the first layer
+    index (``model_layers``, ``down_blocks``, ``transformer_h``), else its parent. Adapters of
+    one model for different layers (``layers_to_transform``) share it."""
+    parts = ident[1].split("_")
+    for n, part in enumerate(parts):
+        if part.isdigit():
+            return "_".join(parts[:n])
+    return "_".join(parts[:-1])
+
+
+def _dims(modules: list[LoraModule]) -> set[int]:
+    return {d for m in modules for d in (m.in_features, m.out_features)}
+
+
+def check_same_model(
+    adapters: list[Adapter],
+    groups: dict[tuple[str | None, str], list[tuple[int, LoraModule]]],
+) -> None:
+    """Refuse inputs that cannot be adapters of one model, naming both files.
+
+    Each input after the first must share a layer with an earlier input, or at least a stack of
+    blocks (``model.layers``: an attention and an MLP adapter of one model, or adapters of
+    different layers) and then a layer width: a model's blocks share their hidden size.
+    Modules that share a layer already had their shapes compared.
+    """
+    held: list[set[tuple[str | None, str]]] = [set() for _ in adapters]
+    for ident, members in groups.items():
+        for i, _ in members:
+            held[i].add(ident)
+    for i in range(1, len(adapters)):
+        if any(held[i] & held[j] for j in range(i)):
+            continue
+        blocks = {_blocks(x) for x in held[i]}
+        dims = _dims([m for x in held[i] for j, m in groups[x] if j == i])
+        for j in range(i):
+            if blocks & {_blocks(x) for x in held[j]} and dims & _dims(
+                [m for x in held[j] for k, m in groups[x] if k == j]
+            ):
+                break
+        else:
+            mine = next(m for x in groups for j, m in groups[x] if j == i)
+            theirs = next(m for x in groups for j, m in groups[x] if j == 0)
+            raise ShapeError(
+                f"{adapters[i].name} and {adapters[0].name} share no layer (e.g. "
+                f"{mine.full_path or mine.key!r} {list(mine.delta_shape)} and "
+                f"{theirs.full_path or theirs.key!r} {list(theirs.delta_shape)}): they are "
+                "adapters for different models",
+                hint="combine adapters trained for the same base model",
+                kind="different-models",
+            )
+
+
+def _loose_components(
+    adapters: list[Adapter],
+    groups: dict[tuple[str | None, str], list[tuple[int, LoraModule]]],
+) -> dict[int, str | None]:
+    """For each input without components (plain PEFT): the component its modules matched in
+    the other inputs, when that is one component (its unmatched modules go there too).
+
+    Raises:
+        UsageError: a PEFT output would hold modules of several components.
+    """
+    out: dict[int, str | None] = {}
+    for i, a in enumerate(adapters):
+        if any(m.component is not None for m in a.modules.values()):
+            continue
+        comps = {ident[0] for ident, members in groups.items() if any(j == i for j, _ in members)}
+        named = sorted(c for c in comps if c is not None)
+        out[i] = named[0] if len(named) == 1 else None
+    if adapters[0].format == "peft":
+        comps = {ident[0] or out.get(members[0][0]) for ident, members in groups.items()}
+        named = sorted(c for c in comps if c is not None)
+        if len(named) > 1:
+            raise UsageError(
+                f"the inputs hold modules of {len(named)} pipeline components "
+                f"({', '.join(named)}), and the output takes the first input's format, PEFT, "
+                "which holds one model",
+                path=adapters[0].source,
+                hint="list a diffusers or kohya input first, or convert the others to PEFT "
+                "one component at a time with `loratool convert` first",
+            )
+    return out
 
 
 def numerical_rank(values: np.ndarray) -> int:
@@ -264,12 +375,28 @@ def numerical_rank(values: np.ndarray) -> int:
 
 
 def _bias_sum(terms: list[tuple[Any, float, LoraModule]]) -> np.ndarray | None:
-    """``sum_i w_i s_i bias_i`` (PEFT adds scale * bias), for an output of scale 1."""
+    """``sum_i w_i s_i bias_i`` (PEFT adds scale * bias), for an output of scale 1 (a module
+    written with another scale keeps this bias: lora_tools writes no bias to kohya files)."""
     parts = [c * np.asarray(m.bias.numpy(), np.float64) for _, c, m in terms if m.bias is not None]
     return np.sum(parts, axis=0) if parts else None
 
 
-def _concat(template: LoraModule, terms: list) -> tuple[LoraModule, tuple]:
+def _output_alphas(fmt: str, modules: list[tuple[LoraModule, int]]) -> list[float]:
+    """The alpha of each output module (given with its rank): the rank (scale 1), except in
+    kohya files, where every module of a component gets one alpha, the component's most common
+    rank. diffusers' kohya loader keeps only the most common alpha of a component for
+    attention and text-encoder layers (the others' alpha_pattern keys match nothing), so
+    mixed alphas there load at the wrong strength."""
+    if fmt != "kohya":
+        return [float(k) for _, k in modules]
+    by_component: dict[str | None, list[int]] = {}
+    for m, k in modules:
+        by_component.setdefault(module_identity(m)[0], []).append(k)
+    common = {c: float(Counter(ks).most_common(1)[0][0]) for c, ks in by_component.items()}
+    return [common[module_identity(m)[0]] for m, _ in modules]
+
+
+def _concat(terms: list) -> tuple[np.ndarray, np.ndarray, tuple]:
     ups, downs = [], []
     for (U, V), c, _ in terms:
         c_up, c_down = split_scalar(c)
@@ -277,19 +404,14 @@ def _concat(template: LoraModule, terms: list) -> tuple[LoraModule, tuple]:
         downs.append(V * c_down)
     up, down = np.concatenate(ups, axis=1), np.concatenate(downs, axis=0)
     rank = up.shape[1]
-    new = with_factors(template, up, down, alpha=float(rank), rslora=False, bias=_bias_sum(terms))
-    return new, (rank, rank, 1.0, 0.0)
+    return up, down, (rank, rank, 1.0, 0.0)
 
 
-def _svd(template: LoraModule, terms: list, rank: int | None, distribute: str) -> tuple:
+def _svd(terms: list, rank: int | None, distribute: str) -> tuple:
     U, V = stack_factors([(U, V, c) for (U, V), c, _ in terms])
     k = rank or max(m.rank for _, _, m in terms)
     lr = low_rank_approx(U, V, 1.0, k, distribute=distribute)
-    exact = numerical_rank(lr.S)
-    new = with_factors(
-        template, lr.up, lr.down, alpha=float(lr.k), rslora=False, bias=_bias_sum(terms)
-    )
-    return new, (lr.k, exact, lr.retained_energy, lr.relative_error)
+    return lr.up, lr.down, (lr.k, numerical_rank(lr.S), lr.retained_energy, lr.relative_error)
 
 
 def _dense_combination(
@@ -363,14 +485,63 @@ def dare(delta: np.ndarray, density: float, rng: np.random.Generator) -> np.ndar
     return np.where(keep, delta / density, 0.0)
 
 
-def _config(first: Adapter, modules: dict[str, LoraModule]) -> dict[str, Any] | None:
-    """The first input's config, noting ``lora_bias`` when bias terms are written."""
+def _config(adapters: list[Adapter], modules: dict[str, LoraModule]) -> dict[str, Any] | None:
+    """The first input's config, describing every module the output holds.
+
+    ``target_modules`` (and the fields that narrow it) stay when every input has the same ones
+    and they cover every output module; otherwise they become the exact list of module paths,
+    as PEFT saves ``all-linear``: a name that is missing makes PEFT drop that module's tensors,
+    and a broader one makes it create layers the file has no tensors for.
+    """
+    first = adapters[0]
     if first.config is None:
         return None
-    config = dict(first.config)
-    if any(m.bias is not None for m in modules.values()):
-        config["lora_bias"] = True
-    return config
+    configs = [a.config for a in adapters]
+    return combined_config(first.config, configs, list(modules.values()))
+
+
+def combined_config(
+    config: dict[str, Any], configs: list[dict[str, Any] | None], modules: list[LoraModule]
+) -> dict[str, Any]:
+    """``config`` with its targeting and per-module fields made true for ``modules``.
+
+    ``configs`` are the inputs' configs (None for formats without one).
+    """
+    out = dict(config)
+    same = all(
+        c is not None and all(c.get(f) == config.get(f) for f in TARGETING_FIELDS) for c in configs
+    )
+    paths = [m.path or m.key for m in modules]
+    if not (same and all(targets_cover(config.get("target_modules"), p) for p in paths)):
+        out.update(exact_targets(modules))
+    if any(bool((c or {}).get("fan_in_fan_out")) for c in configs):
+        out["fan_in_fan_out"] = True
+    out["lora_bias"] = any(m.bias is not None for m in modules)
+    out["use_dora"] = False
+    return out
+
+
+def _metadata(adapters: list[Adapter], modules: dict[str, LoraModule]) -> dict[str, str]:
+    """The first input's metadata; a diffusers first input's per-component configs describe
+    every output module (see :func:`combined_config`)."""
+    first = adapters[0]
+    metadata = dict(first.metadata)
+    existing = diffusers_component_configs(metadata)
+    if first.format != "diffusers" or not existing:
+        return metadata
+    by_component: dict[str, list[LoraModule]] = {}
+    for m in modules.values():
+        by_component.setdefault(m.component or "transformer", []).append(m)
+    inputs = [diffusers_component_configs(a.metadata) for a in adapters]
+    flat: dict[str, Any] = {}
+    for component, members in by_component.items():
+        base = existing.get(component)
+        if base is None:
+            continue  # the writer describes a new component from its modules
+        config = combined_config(base, [c.get(component) for c in inputs], members)
+        flat.update({f"{component}.{k}": v for k, v in config.items()})
+    metadata[DIFFUSERS_METADATA_KEY] = json.dumps(flat, sort_keys=True)
+    return metadata
 
 
 __all__ = ["METHODS", "CombineResult", "ModuleCombine", "combine_adapters", "dare", "ties"]

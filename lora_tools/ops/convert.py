@@ -34,7 +34,7 @@ from typing import Any
 
 from lora_tools.adapter import Adapter, LoraModule
 from lora_tools.errors import UnsupportedAdapterError, UsageError
-from lora_tools.formats.kohya import COMPONENT_PREFIX
+from lora_tools.formats.kohya import COMPONENT_PREFIX, flatten_path, split_name
 from lora_tools.formats.peft import (
     COMPONENTS,
     DIFFUSERS_METADATA_KEY,
@@ -42,10 +42,33 @@ from lora_tools.formats.peft import (
     diffusers_component_configs,
     peft_config_for,
     split_stem,
+    target_paths,
 )
 from lora_tools.ops._algebra import add_history
 
 TARGETS = ("peft", "kohya", "diffusers")
+#: Single-file checkpoint layouts whose module names no diffusers / transformers model class
+#: uses, by their top-level module names (module paths inside a component).
+FOREIGN_LAYOUTS: dict[str, tuple[str, ...]] = {
+    "BFL (Flux single-file)": (
+        "double_blocks",
+        "single_blocks",
+        "img_in",
+        "txt_in",
+        "time_in",
+        "vector_in",
+        "guidance_in",
+        "final_layer",
+    ),
+    "SGM / LDM (Stable Diffusion single-file)": (
+        "input_blocks",
+        "middle_block",
+        "output_blocks",
+        "time_embed",
+        "label_emb",
+    ),
+    "open_clip": ("transformer.resblocks", "resblocks"),
+}
 #: Metadata that describes the source file's bytes and would be wrong for the output.
 _STALE_METADATA = ("sshs_model_hash", "sshs_legacy_hash", DIFFUSERS_METADATA_KEY)
 #: PEFT config fields that describe the model and the training, not the tensors.
@@ -115,6 +138,8 @@ def convert_adapter(
     transposed = False
     if base is not None:
         result.resolved, transposed = _resolve_paths(adapter, modules, base)
+    if to in ("peft", "diffusers"):
+        _check_layout(adapter, modules, to)
     missing = [m.key for m in modules.values() if m.path is None]
     if missing and to in ("peft", "diffusers"):
         raise UsageError(
@@ -189,6 +214,40 @@ def _resolve_paths(
         if match.component:
             m.component = match.component
     return count, any(match.transpose for match in res.matches.values())
+
+
+def layout_of(module: LoraModule) -> str | None:
+    """The single-file checkpoint layout a module's path (or kohya name) is spelled in, when it
+    is one that no diffusers or transformers model class uses; None otherwise."""
+    flat = flatten_path(module.path) if module.path is not None else split_name(module.key)[1]
+    for layout, roots in FOREIGN_LAYOUTS.items():
+        if any(flat == r or flat.startswith(r + "_") for r in map(flatten_path, roots)):
+            return layout
+    return None
+
+
+def _check_layout(adapter: Adapter, modules: dict[str, LoraModule], to: str) -> None:
+    """Refuse modules named in a layout the target's consumer does not have.
+
+    PEFT and diffusers find a module by its path in the model class (diffusers' Flux
+    transformer says ``transformer_blocks.0.attn.to_q``, not ``double_blocks.0.img_attn.qkv``):
+    renaming such modules without re-laying them out (splitting fused qkv, mapping the block
+    names) writes a file that loads nothing.
+    """
+    for m in modules.values():
+        layout = layout_of(m)
+        if layout is None:
+            continue
+        consumer = "diffusers pipelines" if to == "diffusers" else "transformers / diffusers models"
+        raise UnsupportedAdapterError(
+            f"module {m.key!r} is named in the {layout} layout; {consumer} name their "
+            f"modules differently, so a {to} file with these names would load nothing "
+            "(converting between layouts is not supported yet)",
+            path=adapter.source,
+            hint="keep the file in its own format: diffusers' load_lora_weights and ComfyUI "
+            "read kohya files in this layout directly",
+            kind="unsupported-layout",
+        )
 
 
 def _infer_component(adapter: Adapter) -> str | None:
@@ -328,12 +387,6 @@ def _passthrough(adapter: Adapter, to: str, kept: dict[str, LoraModule]) -> dict
     return out
 
 
-def _exact_targets(modules: list[LoraModule]) -> list[str]:
-    """Full module paths: PEFT matches a list entry by name or ``.``-suffix, so full paths
-    target exactly the modules in the file (no extra, zero-initialised LoRA layers)."""
-    return sorted({m.path for m in modules if m.path})
-
-
 def _peft_config(
     source: Adapter, out: Adapter, component: str | None, transposed: bool
 ) -> dict[str, Any]:
@@ -349,7 +402,7 @@ def _peft_config(
             config.setdefault("peft_type", "LORA")
             return config
     fresh = peft_config_for(dataclasses.replace(out, config={})) or {}
-    fresh["target_modules"] = _exact_targets(list(out.modules.values()))
+    fresh["target_modules"] = target_paths(list(out.modules.values()))
     fresh["fan_in_fan_out"] = transposed
     for key in _CONFIG_FIELDS_TO_KEEP:
         value = (source.config or {}).get(key)
@@ -373,7 +426,7 @@ def _diffusers_seed(source: Adapter, out: Adapter, transposed: bool) -> dict[str
         else:
             config = {
                 "peft_type": "LORA",
-                "target_modules": sorted({m.target_name for m in modules}),
+                "target_modules": target_paths(modules),
                 "use_dora": any(m.dora for m in modules),
                 "lora_bias": any(m.bias is not None for m in modules),
                 "fan_in_fan_out": transposed,

@@ -8,8 +8,11 @@ and of its transpose are the same). The result is the optimal rank-k approximati
 (Eckart-Young) for the chosen k.
 
 Each module keeps its scale (sd-scripts' convention): the new alpha is ``scale * k``
-(rsLoRA: ``scale * sqrt(k)``), so adapters with one scale keep one alpha per rank. Modules
-already at or below the chosen rank keep their tensors byte for byte.
+(rsLoRA: ``scale * sqrt(k)``), so adapters with one scale keep one alpha per rank. kohya files
+keep each module's alpha instead, the scale going into the factors: diffusers' kohya loader
+applies one alpha per component to attention and text-encoder layers, so the per-rank alphas
+of a dynamic resize would load at the wrong strength there. Modules already at or below the
+chosen rank keep their tensors byte for byte.
 
 DoRA is refused: the magnitude vector renormalises ``W + dW``, so the best rank-k ``dW`` is no
 longer the best rank-k DoRA update and the reported errors would not describe the result.
@@ -32,7 +35,13 @@ import numpy as np
 
 from lora_tools.adapter import Adapter, LoraModule
 from lora_tools.errors import UsageError
-from lora_tools.lowrank import DISTRIBUTIONS, low_rank_approx, select_rank, singular_values
+from lora_tools.lowrank import (
+    DISTRIBUTIONS,
+    low_rank_approx,
+    select_rank,
+    singular_values,
+    split_scalar,
+)
 from lora_tools.ops._algebra import Progress, add_history, with_factors
 
 
@@ -208,7 +217,9 @@ def resize_adapter(
     modules: dict[str, LoraModule] = {}
     total = len(adapter.modules)
     for i, (key, m) in enumerate(adapter.modules.items()):
-        row, new = _resize_module(m, rule, distribute, dry_run)
+        row, new = _resize_module(
+            m, rule, distribute, dry_run, keep_alpha=adapter.format == "kohya"
+        )
         result.modules.append(row)
         modules[key] = new if new is not None else m
         if progress is not None:
@@ -224,9 +235,11 @@ def resize_adapter(
 
 
 def _resize_module(
-    m: LoraModule, rule: dict[str, Any], distribute: str, dry_run: bool
+    m: LoraModule, rule: dict[str, Any], distribute: str, dry_run: bool, *, keep_alpha: bool
 ) -> tuple[ModuleResize, LoraModule | None]:
-    """The row for one module, and its replacement (None when kept or for a dry run)."""
+    """The row for one module, and its replacement (None when kept or for a dry run).
+
+    ``keep_alpha``: write the module with its own alpha (the scale moves into the factors)."""
     scale = m.scale
     # The output keeps the module's scale; a zero scale (alpha 0) has no update to keep, so
     # the factors are written for scale 1 and come out zero.
@@ -262,11 +275,16 @@ def _resize_module(
     if not changed or dry_run:
         return row, None
     k = lr.k
+    up, down = lr.up, lr.down
     if m.alpha is None and target == 1.0:
         new_alpha = None  # kohya's missing alpha: scale 1 at any rank
+    elif keep_alpha and m.alpha is not None and m.alpha > 0 and math.isfinite(m.alpha):
+        new_alpha = m.alpha
+        c_up, c_down = split_scalar(target * (math.sqrt(k) if m.rslora else k) / m.alpha)
+        up, down = up * c_up, down * c_down
     else:
         new_alpha = target * (math.sqrt(k) if m.rslora else k)
-    return row, with_factors(m, lr.up, lr.down, alpha=new_alpha)
+    return row, with_factors(m, up, down, alpha=new_alpha)
 
 
 def _norm(S: np.ndarray) -> float:
