@@ -250,6 +250,17 @@ def require_finite(
     return values
 
 
+#: Smallest non-zero |scale| operations accept: below it alpha / r is a subnormal float, and
+#: anything divided by the scale (rescale, convert) overflows.
+_SMALLEST_SCALE = float(np.finfo(np.float64).tiny)
+
+
+def _short(value: object) -> str:
+    """``repr(value)``, cut to 40 characters (a hostile config value can be huge)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 @dataclass
 class Adapter:
     """A LoRA adapter as read from one file (plus its config), in any format.
@@ -310,6 +321,65 @@ class Adapter:
                 hint="LyCORIS types need LyCORIS' own tools",
                 kind="unsupported-type",
             )
+
+    def require_usable_scales(self) -> None:
+        """Raise AdapterError unless every module has a rank and a finite, usable scale.
+
+        The one gate between what a file says and what operations compute with: an alpha
+        that is NaN, infinite or no number (``"8"``, ``{}``, ``1e400``), a PEFT ``r`` that
+        is no positive integer, or a rank-0 module would make every result wrong or
+        non-finite, so no operation starts on one. ``validate`` reads adapters without it
+        and reports each such value as a finding.
+        """
+        config = self.config or {}
+        r = config.get("r")
+        if (
+            self.format == "peft"
+            and "r" in config
+            and not (isinstance(r, int) and not isinstance(r, bool) and r > 0)
+        ):
+            raise AdapterError(
+                f"r is {r!r}, expected a positive integer (PEFT cannot build the layers)",
+                path=self.config_source or self.source,
+                hint="set r to the adapter's rank; `loratool validate` lists every problem",
+                kind="config-invalid",
+            )
+        for m in self.modules.values():
+            if m.rank == 0:
+                raise AdapterError(
+                    f"module {m.key!r} has rank 0 (down {list(m.down.shape)}, up "
+                    f"{list(m.up.shape)}): no update to compute with",
+                    path=self.source,
+                    hint="drop the module or use the checkpoint it was trained to",
+                    kind="zero-rank",
+                )
+            scale = m.scale
+            if not math.isfinite(scale) or (scale != 0 and abs(scale) < _SMALLEST_SCALE):
+                origin, where = self._alpha_origin(m)
+                raise AdapterError(
+                    f"module {m.key!r}: {origin}, so its scale alpha / "
+                    f"{'sqrt(r)' if m.rslora else 'r'} is {scale!r}; expected a finite number",
+                    path=where,
+                    hint="set the alpha the adapter was trained with; `loratool validate` "
+                    "lists every problem",
+                    kind="alpha-not-finite",
+                )
+
+    def _alpha_origin(self, m: LoraModule) -> tuple[str, Path | None]:
+        """How messages name ``m``'s alpha (where it comes from, as stored), and its file."""
+        if m.keys.get("alpha"):
+            return f"its alpha tensor {m.keys['alpha']!r} holds {m.alpha!r}", self.source
+        if self.config is not None and m.component is None:
+            from lora_tools.formats.peft import alpha_source
+
+            name, raw = alpha_source(self.config, m.path or "")
+            shown = (
+                repr(raw)
+                if isinstance(raw, (int, float))
+                else f"{_short(raw)} (a {type(raw).__name__})"
+            )
+            return f"{name} is {shown}", self.config_source or self.source
+        return f"its alpha is {m.alpha!r}", self.source
 
     def require_no_dora(self, operation: str) -> None:
         """Raise for DoRA modules where ``operation`` is not defined for them."""

@@ -173,6 +173,7 @@ def load_adapter(path: str | os.PathLike[str], *, format: str | None = None) -> 
             hint="run `loratool validate` on it for details",
             kind="no-modules",
         )
+    adapter.require_usable_scales()
     return adapter
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections import Counter
 from typing import Any
 
+from lora_tools import patterns
 from lora_tools.adapter import CONV, Adapter, LoraModule
 from lora_tools.formats import WEIGHT_NAMES
 from lora_tools.formats import peft as peft_format
@@ -54,6 +54,30 @@ def read_config(ctx: Context) -> dict[str, Any] | None:
         )
         return None
     return doc
+
+
+def readable_config(config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``config`` without the rank / alpha pattern keys no regex engine can use here.
+
+    :func:`check_adapter_config` reports each such key (LT302); leaving them out lets the
+    reader build the modules, so that every other rule still runs.
+    """
+    if not config:
+        return config
+    out = dict(config)
+    for name in ("rank_pattern", "alpha_pattern"):
+        pattern = config.get(name)
+        if isinstance(pattern, dict):
+            out[name] = {k: v for k, v in pattern.items() if _usable_key(k)}
+    return out
+
+
+def _usable_key(key: str) -> bool:
+    try:
+        patterns.check(patterns.peft_pattern(key))
+    except patterns.PatternError:
+        return False
+    return True
 
 
 def check_adapter_config(
@@ -112,6 +136,7 @@ def _check_config(
 ) -> None:
     """r / lora_alpha / patterns / target_modules / use_dora of one config vs its modules."""
     paths = [m.path or m.key for m in modules]
+    bad_keys: set[str] = set()
     r = config.get("r")
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
@@ -126,16 +151,18 @@ def _check_config(
             continue
         for key in pattern:
             try:
-                regex = re.compile(rf"(.*\.)?({key})$")
-            except re.error as exc:
+                patterns.check(patterns.peft_pattern(key))
+            except patterns.PatternError as exc:
                 ctx.add(
-                    "LT305",
-                    f"{name} key {key!r} is not a valid regular expression ({exc}); PEFT skips it",
+                    "LT302",
+                    f"{name} key {key!r} {exc}; loratool refuses the config (PEFT fails on "
+                    "an invalid pattern)",
                     module=f"{name}[{key!r}]",
                     path=display,
                 )
+                bad_keys.add(key)
                 continue
-            if paths and not any(regex.match(p) for p in paths):
+            if paths and not any(patterns.peft_pattern_matches(key, p) for p in paths):
                 ctx.add(
                     "LT305",
                     f"{name} key {key!r} matches none of the {len(paths)} modules; PEFT "
@@ -149,6 +176,9 @@ def _check_config(
         rank_pattern = {}
     if not isinstance(alpha_pattern, dict):
         alpha_pattern = {}
+    # Keys already reported as unusable are left out of the per-module checks below.
+    rank_pattern = {k: v for k, v in rank_pattern.items() if k not in bad_keys}
+    alpha_pattern = {k: v for k, v in alpha_pattern.items() if k not in bad_keys}
 
     if not (isinstance(r, int) and not isinstance(r, bool) and r > 0):
         ctx.add(
@@ -184,11 +214,7 @@ def _check_config(
     for name, value in checks:
         if value is None:
             continue
-        try:
-            number = float(value) if not isinstance(value, bool) else float("nan")
-        except (TypeError, ValueError):
-            number = float("nan")
-        check_alpha_value(ctx, name, number, "config value", path=display)
+        check_alpha_value(ctx, name, peft_format.config_number(value), "config value", path=display)
 
     _check_targets(ctx, config, modules, display)
     _check_dora(ctx, config, modules, display)
@@ -204,11 +230,20 @@ def _check_targets(
         if targets.lower() == "all-linear":
             return  # PEFT resolves it at creation; any linear layer qualifies
 
+        try:
+            patterns.check(targets)
+        except patterns.PatternError as exc:
+            ctx.add(
+                "LT302",
+                f"target_modules {targets!r} {exc}; loratool refuses the config (PEFT "
+                "fails on an invalid pattern)",
+                module="target_modules",
+                path=display,
+            )
+            return
+
         def covered(path: str) -> bool:
-            try:
-                return re.fullmatch(targets, path) is not None
-            except re.error:
-                return False
+            return patterns.fullmatch(targets, path)
     elif isinstance(targets, list) and all(isinstance(t, str) for t in targets):
 
         def covered(path: str) -> bool:
