@@ -33,6 +33,7 @@ from lora_tools.formats.base import (
     unresolved_error,
 )
 from lora_tools.io.atomic import atomic_dir
+from lora_tools.io.jsonfile import parse_json
 from lora_tools.io.safetensors import Tensor, save_tensors
 
 PEFT_PREFIX = "base_model.model."
@@ -158,8 +159,8 @@ def diffusers_component_configs(metadata: dict[str, str]) -> dict[str, dict[str,
     if not raw:
         return {}
     try:
-        flat = json.loads(raw)
-    except json.JSONDecodeError:
+        flat = parse_json(raw, what=f"__metadata__[{DIFFUSERS_METADATA_KEY!r}]")
+    except FormatError:
         return {}
     out: dict[str, dict[str, Any]] = {}
     if isinstance(flat, dict):

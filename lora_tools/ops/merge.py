@@ -54,6 +54,7 @@ from lora_tools.errors import (
 )
 from lora_tools.io.atomic import atomic_dir, check_output, require_space
 from lora_tools.io.checkpoint import INDEX_NAMES, Checkpoint, open_checkpoint
+from lora_tools.io.jsonfile import read_json_object
 from lora_tools.io.safetensors import (
     PICKLE_SUFFIXES,
     SafetensorsFile,
@@ -798,7 +799,7 @@ def _write_indexes(plan: MergePlan, dest: Path) -> None:
     for comp in plan.base.components.values():
         if comp.index_path is None:
             continue
-        doc = json.loads(comp.index_path.read_text(encoding="utf-8"))
+        doc = read_json_object(comp.index_path, kind="checkpoint-json")
         meta = dict(doc.get("metadata") or {})
         meta["total_size"] = sum(sizes[p] for p in comp.files)
         doc["metadata"] = meta

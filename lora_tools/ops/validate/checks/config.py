@@ -4,17 +4,18 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from typing import Any
 
 from lora_tools import patterns
 from lora_tools.adapter import CONV, Adapter, LoraModule
+from lora_tools.errors import FormatError
 from lora_tools.formats import WEIGHT_NAMES
 from lora_tools.formats import peft as peft_format
 from lora_tools.formats.base import AdapterFormat
 from lora_tools.formats.peft import CONFIG_NAME
+from lora_tools.io.jsonfile import parse_json
 from lora_tools.ops.validate.checks.structure import check_alpha_value
 from lora_tools.ops.validate.context import Context, fmt_number, fmt_shape
 
@@ -33,15 +34,16 @@ def read_config(ctx: Context) -> dict[str, Any] | None:
     assert ctx.target.config is not None
     display = ctx.target.config_display or str(ctx.target.config)
     try:
-        text = ctx.target.config.read_text(encoding="utf-8")
-        doc = json.loads(text)
-    except (OSError, UnicodeDecodeError) as exc:
+        data = ctx.target.config.read_bytes()
+    except OSError as exc:
         ctx.add("LT302", f"cannot read config: {exc}", path=display)
         return None
-    except json.JSONDecodeError as exc:
+    try:
+        doc = parse_json(data, what="config")
+    except FormatError as exc:
         ctx.add(
             "LT302",
-            f"config is not valid JSON: {exc}",
+            exc.message,
             path=display,
             hint="fix or regenerate adapter_config.json (PEFT's save_pretrained writes it)",
         )
@@ -318,10 +320,10 @@ def _check_diffusers_metadata(ctx: Context, adapter: Adapter, modules: list[Lora
     if raw is None:
         return
     try:
-        flat = json.loads(raw)
-    except json.JSONDecodeError as exc:
+        flat = parse_json(raw)
+    except FormatError as exc:
         flat = None
-        problem = f"is not valid JSON ({exc})"
+        problem = f"is {exc.message}"
     else:
         problem = "is not a JSON object"
     if not isinstance(flat, dict):
@@ -348,8 +350,8 @@ def _check_kohya_metadata(ctx: Context, adapter: Adapter, modules: list[LoraModu
         return
     meta = adapter.metadata
     try:
-        args = json.loads(meta.get("ss_network_args") or "{}")
-    except json.JSONDecodeError:
+        args = parse_json(meta.get("ss_network_args") or "{}")
+    except FormatError:
         args = {}
     if not isinstance(args, dict):
         args = {}
