@@ -32,6 +32,7 @@ import numpy as np
 
 from lora_tools.errors import AdapterError, UnsupportedAdapterError
 from lora_tools.io.safetensors import Tensor
+from lora_tools.lowrank import max_abs_update
 
 #: Module-name endings recognised in flattened (kohya) names, longest first.
 _KNOWN_TARGETS = sorted(
@@ -250,6 +251,11 @@ def require_finite(
     return values
 
 
+#: Largest float32 (and about bfloat16's): consumers compute updates in the factors' dtype.
+LARGEST_F32 = float(np.finfo(np.float32).max)
+#: Largest finite value per safetensors float dtype, for overflow checks (no ml_dtypes import).
+LARGEST = {"F16": 65504.0, "BF16": 3.3895313892515355e38, "F64": float(np.finfo(np.float64).max)}
+
 #: Smallest non-zero |scale| operations accept: below it alpha / r is a subnormal float, and
 #: anything divided by the scale (rescale, convert) overflows.
 _SMALLEST_SCALE = float(np.finfo(np.float64).tiny)
@@ -354,15 +360,42 @@ class Adapter:
                     kind="zero-rank",
                 )
             scale = m.scale
-            if not math.isfinite(scale) or (scale != 0 and abs(scale) < _SMALLEST_SCALE):
+            unusable = not math.isfinite(scale) or abs(m.effective_alpha) > LARGEST_F32
+            if unusable or (scale != 0 and abs(scale) < _SMALLEST_SCALE):
                 origin, where = self._alpha_origin(m)
                 raise AdapterError(
                     f"module {m.key!r}: {origin}, so its scale alpha / "
-                    f"{'sqrt(r)' if m.rslora else 'r'} is {scale!r}; expected a finite number",
+                    f"{'sqrt(r)' if m.rslora else 'r'} is {scale!r}; expected a finite "
+                    "number that float32 (the dtype consumers compute in) can hold",
                     path=where,
                     hint="set the alpha the adapter was trained with; `loratool validate` "
                     "lists every problem",
                     kind="alpha-not-finite",
+                )
+
+    def require_writable(self) -> None:
+        """Raise AdapterError unless every module's update is finite where consumers compute it.
+
+        What :meth:`require_usable_scales` checks, plus: factors without NaN / Inf, and
+        ``max |scale * up @ down|`` within the factors' dtype (a finite scale can still make
+        the update overflow: float32 holds at most 3.4e38). Every command that writes an
+        adapter calls it before writing.
+        """
+        self.require_usable_scales()
+        harm = "the written adapter would be non-finite"
+        for m in self.modules.values():
+            up, down = m.finite_factors(consequence=harm)
+            dtype = m.up.dtype
+            limit = LARGEST.get(dtype, LARGEST_F32)
+            peak = max_abs_update(up, down, m.scale, limit)
+            if peak >= limit:
+                raise AdapterError(
+                    f"module {m.key!r}: its update reaches {peak:.3g} (scale {m.scale:.3g}), "
+                    f"beyond the largest {dtype} value {limit:.3g}; consumers would compute "
+                    "inf",
+                    path=self.source,
+                    hint="use a smaller alpha or --factor",
+                    kind="non-finite",
                 )
 
     def _alpha_origin(self, m: LoraModule) -> tuple[str, Path | None]:

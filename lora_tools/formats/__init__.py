@@ -191,4 +191,5 @@ def save_adapter(
     into a folder, or the named file.
     """
     fmt = get_format(format or adapter.format)
+    adapter.require_writable()
     return fmt.write(adapter, Path(out), refresh_hashes=refresh_hashes)
