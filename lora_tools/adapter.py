@@ -21,7 +21,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -97,6 +99,41 @@ LINEAR = "linear"
 CONV = "conv"
 EMBEDDING = "embedding"
 KINDS = (LINEAR, CONV, EMBEDDING)
+
+
+#: Copies of a module's factors (as the working float dtype) an operation holds at once: the
+#: factors, their QR / SVD pieces and products.
+WORK_COPIES = 4
+
+
+def available_memory_bytes() -> int | None:
+    """Memory this process can still allocate: Linux ``MemAvailable`` (else the physical
+    memory), capped by a cgroup v2 memory limit and by ``RLIMIT_AS``; None where unknown."""
+    limits: list[int] = []
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            limits += [int(ln.split()[1]) * 1024 for ln in fh if ln.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    if not limits:
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    try:
+        cgroup = Path("/sys/fs/cgroup")
+        high = (cgroup / "memory.max").read_text().strip()
+        if high != "max":
+            limits.append(int(high) - int((cgroup / "memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:
+            limits.append(soft)
+    except (ImportError, OSError, ValueError):
+        pass
+    return max(min(limits), 0) if limits else None
 
 
 @dataclass
@@ -208,9 +245,34 @@ class LoraModule:
         :attr:`delta_shape`); for embeddings it is ``[dim, num_embeddings]``, the transpose of
         the update.
         """
+        self._require_memory(np.dtype(dtype).itemsize)
         up = self.up.numpy().astype(dtype).reshape(self.out_features, self.rank)
         down = self.down.numpy().astype(dtype).reshape(self.rank, -1)
         return up, down
+
+    def _require_memory(self, itemsize: int) -> None:
+        """AdapterError naming the module when its factors, as ``itemsize``-byte floats, and
+        the working copies of an operation on them would not fit in the memory available."""
+        need = (self.up.numel + self.down.numel) * itemsize * WORK_COPIES
+        if need < 1 << 28:
+            return
+        budget = available_memory_bytes()
+        if budget is None or need <= budget:
+            return
+        layer = self.delta_shape
+        thin = min(self.out_features, max(self.in_features * math.prod(self.kernel), 1))
+        source = getattr(self.down, "file", None)
+        raise AdapterError(
+            f"module {self.key!r}: rank {self.rank} on a {' x '.join(map(str, layer))} layer "
+            f"needs about {need / 2**30:.1f} GiB of working memory, more than the "
+            f"{budget / 2**30:.1f} GiB available",
+            path=source.path if source is not None else None,
+            hint=f"a rank above min(out, in) = {thin} adds nothing but size; export the "
+            f"adapter at rank <= {thin}"
+            if self.rank > thin
+            else "run it on a machine with more memory",
+            kind="memory",
+        )
 
     def finite_factors(
         self, dtype: np.dtype = np.float64, *, consequence: str = "the result would be NaN"
