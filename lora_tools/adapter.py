@@ -104,6 +104,8 @@ KINDS = (LINEAR, CONV, EMBEDDING)
 #: Copies of a module's factors (as the working float dtype) an operation holds at once: the
 #: factors, their QR / SVD pieces and products.
 WORK_COPIES = 4
+#: Working memory below which a module is not checked against the memory available.
+MEMORY_CHECK_BYTES = 1 << 28
 
 
 def available_memory_bytes() -> int | None:
@@ -254,7 +256,7 @@ class LoraModule:
         """AdapterError naming the module when its factors, as ``itemsize``-byte floats, and
         the working copies of an operation on them would not fit in the memory available."""
         need = (self.up.numel + self.down.numel) * itemsize * WORK_COPIES
-        if need < 1 << 28:
+        if need < MEMORY_CHECK_BYTES:
             return
         budget = available_memory_bytes()
         if budget is None or need <= budget:
@@ -394,9 +396,10 @@ class Adapter:
         """Raise AdapterError unless every module has a rank and a finite, usable scale.
 
         The one gate between what a file says and what operations compute with: an alpha
-        that is NaN, infinite or no number (``"8"``, ``{}``, ``1e400``), a PEFT ``r`` that
-        is no positive integer, or a rank-0 module would make every result wrong or
-        non-finite, so no operation starts on one. ``validate`` reads adapters without it
+        that is NaN, infinite, beyond float32 or no number (``"8"``, ``{}``, ``1e400``), a
+        PEFT ``r`` that is no positive integer, a rank / alpha pattern that is no object, or
+        a rank-0 module would make every result wrong or non-finite, so no operation starts
+        on one. ``validate`` reads adapters without it
         and reports each such value as a finding.
         """
         config = self.config or {}
@@ -412,6 +415,16 @@ class Adapter:
                 hint="set r to the adapter's rank; `loratool validate` lists every problem",
                 kind="config-invalid",
             )
+        for name in ("rank_pattern", "alpha_pattern"):
+            value = config.get(name)
+            if value is not None and not isinstance(value, dict):
+                raise AdapterError(
+                    f"{name} is a {type(value).__name__}, expected an object of module "
+                    "pattern -> value (PEFT fails to load the config)",
+                    path=self.config_source or self.source,
+                    hint=f'write {name} as {{"module.name": value}}, or remove it',
+                    kind="config-invalid",
+                )
         for m in self.modules.values():
             if m.rank == 0:
                 raise AdapterError(
