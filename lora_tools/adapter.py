@@ -21,7 +21,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -32,6 +34,7 @@ import numpy as np
 
 from lora_tools.errors import AdapterError, UnknownScaleError, UnsupportedAdapterError
 from lora_tools.io.safetensors import Tensor
+from lora_tools.lowrank import max_abs_update
 
 #: Module-name endings recognised in flattened (kohya) names, longest first.
 _KNOWN_TARGETS = sorted(
@@ -102,6 +105,43 @@ LINEAR = "linear"
 CONV = "conv"
 EMBEDDING = "embedding"
 KINDS = (LINEAR, CONV, EMBEDDING)
+
+
+#: Copies of a module's factors (as the working float dtype) an operation holds at once: the
+#: factors, their QR / SVD pieces and products.
+WORK_COPIES = 4
+#: Working memory below which a module is not checked against the memory available.
+MEMORY_CHECK_BYTES = 1 << 28
+
+
+def available_memory_bytes() -> int | None:
+    """Memory this process can still allocate: Linux ``MemAvailable`` (else the physical
+    memory), capped by a cgroup v2 memory limit and by ``RLIMIT_AS``; None where unknown."""
+    limits: list[int] = []
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            limits += [int(ln.split()[1]) * 1024 for ln in fh if ln.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    if not limits:
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    try:
+        cgroup = Path("/sys/fs/cgroup")
+        high = (cgroup / "memory.max").read_text().strip()
+        if high != "max":
+            limits.append(int(high) - int((cgroup / "memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:
+            limits.append(soft)
+    except (ImportError, OSError, ValueError):
+        pass
+    return max(min(limits), 0) if limits else None
 
 
 @dataclass
@@ -229,9 +269,34 @@ class LoraModule:
         :attr:`delta_shape`); for embeddings it is ``[dim, num_embeddings]``, the transpose of
         the update.
         """
+        self._require_memory(np.dtype(dtype).itemsize)
         up = self.up.numpy().astype(dtype).reshape(self.out_features, self.rank)
         down = self.down.numpy().astype(dtype).reshape(self.rank, -1)
         return up, down
+
+    def _require_memory(self, itemsize: int) -> None:
+        """AdapterError naming the module when its factors, as ``itemsize``-byte floats, and
+        the working copies of an operation on them would not fit in the memory available."""
+        need = (self.up.numel + self.down.numel) * itemsize * WORK_COPIES
+        if need < MEMORY_CHECK_BYTES:
+            return
+        budget = available_memory_bytes()
+        if budget is None or need <= budget:
+            return
+        layer = self.delta_shape
+        thin = min(self.out_features, max(self.in_features * math.prod(self.kernel), 1))
+        source = getattr(self.down, "file", None)
+        raise AdapterError(
+            f"module {self.key!r}: rank {self.rank} on a {' x '.join(map(str, layer))} layer "
+            f"needs about {need / 2**30:.1f} GiB of working memory, more than the "
+            f"{budget / 2**30:.1f} GiB available",
+            path=source.path if source is not None else None,
+            hint=f"a rank above min(out, in) = {thin} adds nothing but size; export the "
+            f"adapter at rank <= {thin}"
+            if self.rank > thin
+            else "run it on a machine with more memory",
+            kind="memory",
+        )
 
     def finite_factors(
         self, dtype: np.dtype = np.float64, *, consequence: str = "the result would be NaN"
@@ -283,6 +348,22 @@ def require_finite(
             kind="non-finite",
         )
     return values
+
+
+#: Largest float32 (and about bfloat16's): consumers compute updates in the factors' dtype.
+LARGEST_F32 = float(np.finfo(np.float32).max)
+#: Largest finite value per safetensors float dtype, for overflow checks (no ml_dtypes import).
+LARGEST = {"F16": 65504.0, "BF16": 3.3895313892515355e38, "F64": float(np.finfo(np.float64).max)}
+
+#: Smallest non-zero |scale| operations accept: below it alpha / r is a subnormal float, and
+#: anything divided by the scale (rescale, convert) overflows.
+_SMALLEST_SCALE = float(np.finfo(np.float64).tiny)
+
+
+def _short(value: object) -> str:
+    """``repr(value)``, cut to 40 characters (a hostile config value can be huge)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 @dataclass
@@ -357,6 +438,103 @@ class Adapter:
         for m in self.modules.values():
             if m.alpha_unknown is not None:
                 raise unknown_scale_error(m, operation)
+
+    def require_usable_scales(self) -> None:
+        """Raise AdapterError unless every module has a rank and a finite, usable scale.
+
+        The one gate between what a file says and what operations compute with: an alpha
+        that is NaN, infinite, beyond float32 or no number (``"8"``, ``{}``, ``1e400``), a
+        PEFT ``r`` that is no positive integer, a rank / alpha pattern that is no object, or
+        a rank-0 module would make every result wrong or non-finite, so no operation starts
+        on one. ``validate`` reads adapters without it
+        and reports each such value as a finding.
+        """
+        config = self.config or {}
+        r = config.get("r")
+        if (
+            self.format == "peft"
+            and "r" in config
+            and not (isinstance(r, int) and not isinstance(r, bool) and r > 0)
+        ):
+            raise AdapterError(
+                f"r is {r!r}, expected a positive integer (PEFT cannot build the layers)",
+                path=self.config_source or self.source,
+                hint="set r to the adapter's rank; `loratool validate` lists every problem",
+                kind="config-invalid",
+            )
+        for name in ("rank_pattern", "alpha_pattern"):
+            value = config.get(name)
+            if value is not None and not isinstance(value, dict):
+                raise AdapterError(
+                    f"{name} is a {type(value).__name__}, expected an object of module "
+                    "pattern -> value (PEFT fails to load the config)",
+                    path=self.config_source or self.source,
+                    hint=f'write {name} as {{"module.name": value}}, or remove it',
+                    kind="config-invalid",
+                )
+        for m in self.modules.values():
+            if m.rank == 0:
+                raise AdapterError(
+                    f"module {m.key!r} has rank 0 (down {list(m.down.shape)}, up "
+                    f"{list(m.up.shape)}): no update to compute with",
+                    path=self.source,
+                    hint="drop the module or use the checkpoint it was trained to",
+                    kind="zero-rank",
+                )
+            scale = m.scale
+            unusable = not math.isfinite(scale) or abs(m.effective_alpha) > LARGEST_F32
+            if unusable or (scale != 0 and abs(scale) < _SMALLEST_SCALE):
+                origin, where = self._alpha_origin(m)
+                raise AdapterError(
+                    f"module {m.key!r}: {origin}, so its scale alpha / "
+                    f"{'sqrt(r)' if m.rslora else 'r'} is {scale!r}; expected a finite "
+                    "number that float32 (the dtype consumers compute in) can hold",
+                    path=where,
+                    hint="set the alpha the adapter was trained with; `loratool validate` "
+                    "lists every problem",
+                    kind="alpha-not-finite",
+                )
+
+    def require_writable(self) -> None:
+        """Raise AdapterError unless every module's update is finite where consumers compute it.
+
+        What :meth:`require_usable_scales` checks, plus: factors without NaN / Inf, and
+        ``max |scale * up @ down|`` within the factors' dtype (a finite scale can still make
+        the update overflow: float32 holds at most 3.4e38). Every command that writes an
+        adapter calls it before writing.
+        """
+        self.require_usable_scales()
+        harm = "the written adapter would be non-finite"
+        for m in self.modules.values():
+            up, down = m.finite_factors(consequence=harm)
+            dtype = m.up.dtype
+            limit = LARGEST.get(dtype, LARGEST_F32)
+            peak = max_abs_update(up, down, m.scale, limit)
+            if peak >= limit:
+                raise AdapterError(
+                    f"module {m.key!r}: its update reaches {peak:.3g} (scale {m.scale:.3g}), "
+                    f"beyond the largest {dtype} value {limit:.3g}; consumers would compute "
+                    "inf",
+                    path=self.source,
+                    hint="use a smaller alpha or --factor",
+                    kind="non-finite",
+                )
+
+    def _alpha_origin(self, m: LoraModule) -> tuple[str, Path | None]:
+        """How messages name ``m``'s alpha (where it comes from, as stored), and its file."""
+        if m.keys.get("alpha"):
+            return f"its alpha tensor {m.keys['alpha']!r} holds {m.alpha!r}", self.source
+        if self.config is not None and m.component is None:
+            from lora_tools.formats.peft import alpha_source
+
+            name, raw = alpha_source(self.config, m.path or "")
+            shown = (
+                repr(raw)
+                if isinstance(raw, (int, float))
+                else f"{_short(raw)} (a {type(raw).__name__})"
+            )
+            return f"{name} is {shown}", self.config_source or self.source
+        return f"its alpha is {m.alpha!r}", self.source
 
     def require_no_dora(self, operation: str) -> None:
         """Raise for DoRA modules where ``operation`` is not defined for them."""

@@ -62,6 +62,35 @@ def factor_svd(U: np.ndarray, V: np.ndarray, scale: float = 1.0) -> FactorSVD:
     return FactorSVD(U=Qu @ Uc, S=S, Vh=(Qv @ Vch.T).T)
 
 
+def max_abs_update(
+    U: np.ndarray, V: np.ndarray, scale: float, limit: float, *, block_bytes: int = 1 << 26
+) -> float:
+    """An upper bound of ``max |scale * U @ V|`` that is exact whenever it reaches ``limit``.
+
+    First the Cauchy-Schwarz bound ``|s| * max_i ||U[i]|| * max_j ||V[:, j]||`` (``O((m + n)
+    r)``); only when that reaches ``limit`` the product itself, a block of rows at a time
+    (at most ``block_bytes`` of float64 at once). Operations compare the result with the
+    largest value of the dtype a consumer computes the update in.
+    """
+    U = np.asarray(U, dtype=np.float64)
+    V = np.asarray(V, dtype=np.float64)
+    if U.size == 0 or V.size == 0:
+        return 0.0
+    with np.errstate(over="ignore", invalid="ignore"):
+        bound = (
+            abs(scale)
+            * float(np.sqrt((U * U).sum(axis=1)).max())
+            * float(np.sqrt((V * V).sum(axis=0)).max())
+        )
+        if bound < limit:
+            return bound
+        rows = max(1, block_bytes // (8 * max(V.shape[1], 1)))
+        peak = 0.0
+        for start in range(0, U.shape[0], rows):
+            peak = max(peak, float(np.abs(U[start : start + rows] @ V).max()) * abs(scale))
+    return peak if np.isfinite(peak) else float("inf")
+
+
 def singular_values(U: np.ndarray, V: np.ndarray, scale: float = 1.0) -> np.ndarray:
     """Singular values of ``scale * U @ V`` (descending), from the r x r core only."""
     U = np.asarray(U, dtype=np.float64)

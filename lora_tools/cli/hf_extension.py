@@ -24,6 +24,7 @@ import click
 
 from lora_tools import __version__
 from lora_tools.errors import LoraToolError
+from lora_tools.io.jsonfile import read_json_object
 
 SHORT_NAME = "lora"
 SCRIPT_NAME = "hf-lora"
@@ -62,7 +63,7 @@ def install(force: bool = False) -> Path:
     folder = extensions_root() / f"hf-{SHORT_NAME}"
     manifest_path = folder / "manifest.json"
     if manifest_path.is_file() and not force:
-        current = json.loads(manifest_path.read_text(encoding="utf-8"))
+        current = read_json_object(manifest_path)
         if current.get("owner") != LOCAL_OWNER:
             raise LoraToolError(
                 f"another `hf lora` extension is installed ({current.get('repo_id')})",
@@ -96,7 +97,7 @@ def remove() -> bool:
     manifest_path = folder / "manifest.json"
     if not manifest_path.is_file():
         return False
-    if json.loads(manifest_path.read_text(encoding="utf-8")).get("owner") != LOCAL_OWNER:
+    if read_json_object(manifest_path).get("owner") != LOCAL_OWNER:
         return False
     shutil.rmtree(folder)
     return True
@@ -134,5 +135,5 @@ def status_command() -> None:
     if not manifest_path.is_file():
         click.echo("not installed (run: loratool hf-extension install)")
         return
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest = read_json_object(manifest_path)
     click.echo(f"installed: `hf lora` runs {manifest.get('executable_path')}")

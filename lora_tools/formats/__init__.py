@@ -173,6 +173,7 @@ def load_adapter(path: str | os.PathLike[str], *, format: str | None = None) -> 
             hint="run `loratool validate` on it for details",
             kind="no-modules",
         )
+    adapter.require_usable_scales()
     return adapter
 
 
@@ -190,4 +191,5 @@ def save_adapter(
     into a folder, or the named file.
     """
     fmt = get_format(format or adapter.format)
+    adapter.require_writable()
     return fmt.write(adapter, Path(out), refresh_hashes=refresh_hashes)

@@ -15,13 +15,15 @@ metadata entry as one flat JSON object with ``<component>.<field>`` keys.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from lora_tools import patterns as patterns_mod
 from lora_tools.adapter import CONV, EMBEDDING, LINEAR, Adapter, LoraModule
-from lora_tools.errors import UsageError
+from lora_tools.errors import FormatError, UsageError
 from lora_tools.formats.base import (
     AdapterFormat,
     AdapterSource,
@@ -32,6 +34,7 @@ from lora_tools.formats.base import (
     unresolved_error,
 )
 from lora_tools.io.atomic import atomic_dir
+from lora_tools.io.jsonfile import parse_json
 from lora_tools.io.safetensors import Tensor, save_tensors
 
 PEFT_PREFIX = "base_model.model."
@@ -69,14 +72,26 @@ _ROLES = {
 }
 
 
-def pattern_key(patterns: dict[str, Any], path: str) -> str | None:
-    """The first pattern key that PEFT would match against module ``path``, or None."""
+def pattern_key(patterns: dict[str, Any], path: str, *, name: str = "pattern") -> str | None:
+    """The first pattern key that PEFT would match against module ``path``, or None.
+
+    Matching takes time linear in ``path`` whatever the keys are (:mod:`lora_tools.patterns`).
+
+    Raises:
+        FormatError: a key PEFT cannot use (it fails to load the config on it), or one that
+            cannot be matched in bounded time; ``name`` (``alpha_pattern``) says whose key.
+    """
     for key in patterns:
         try:
-            if re.match(rf"(.*\.)?({key})$", path):
+            if patterns_mod.peft_pattern_matches(str(key), path):
                 return key
-        except re.error:
-            continue
+        except patterns_mod.PatternError as exc:
+            raise FormatError(
+                f"{name} key {key!r} {exc}",
+                hint=f"write {name} keys as module names or simple regexes "
+                "(PEFT matches them as (.*\\.)?(KEY)$)",
+                kind="config-invalid",
+            ) from None
     return None
 
 
@@ -91,22 +106,58 @@ def split_stem(stem: str) -> tuple[str | None, str]:
     return None, stem
 
 
+def config_number(value: object) -> float:
+    """A JSON config number as a float: NaN for anything PEFT cannot divide by r.
+
+    Strings, objects, lists, booleans and null are not numbers (PEFT's ``lora_alpha / r``
+    fails on them, or silently treats true as 1); integers too large for a float become
+    +-inf instead of raising OverflowError.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return float("nan")
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
+def alpha_source(config: dict[str, Any], path: str) -> tuple[str, object]:
+    """Which config entry gives module ``path`` its alpha (``lora_alpha``, ``r`` or a pattern
+    key), and the value it holds there."""
+    alpha_pattern = config.get("alpha_pattern") or {}
+    key = (
+        pattern_key(alpha_pattern, path, name="alpha_pattern")
+        if isinstance(alpha_pattern, dict)
+        else None
+    )
+    if key is not None:
+        return f"alpha_pattern[{key!r}]", alpha_pattern[key]
+    if "lora_alpha" in config:
+        return "lora_alpha", config["lora_alpha"]
+    return "r (there is no lora_alpha)", config.get("r")
+
+
 def module_scale_params(config: dict[str, Any] | None, path: str, rank: int) -> tuple[float, bool]:
     """``(alpha, use_rslora)`` for one module under a PEFT config (alpha = rank without one,
     as diffusers reads a file without ``lora_adapter_metadata``; a config without
-    ``lora_alpha`` gets LoraConfig's default, as PEFT and diffusers build it)."""
+    ``lora_alpha`` gets LoraConfig's default, as PEFT and diffusers build it).
+
+    An alpha that is not a finite number comes back as NaN / inf (:func:`config_number`), for
+    validate to report; :meth:`~lora_tools.adapter.Adapter.require_usable_scales` refuses it
+    for every operation.
+    """
     if not config:
         return float(rank), False
     alpha = config.get("lora_alpha", PEFT_DEFAULT_ALPHA)
     alpha_pattern = config.get("alpha_pattern") or {}
-    key = pattern_key(alpha_pattern, path) if isinstance(alpha_pattern, dict) else None
+    key = (
+        pattern_key(alpha_pattern, path, name="alpha_pattern")
+        if isinstance(alpha_pattern, dict)
+        else None
+    )
     if key is not None:
         alpha = alpha_pattern[key]
-    try:
-        alpha = float(alpha)
-    except (TypeError, ValueError):
-        alpha = float("nan")
-    return alpha, bool(config.get("use_rslora", False))
+    return config_number(alpha), bool(config.get("use_rslora", False))
 
 
 def diffusers_component_configs(metadata: dict[str, str]) -> dict[str, dict[str, Any]]:
@@ -115,8 +166,8 @@ def diffusers_component_configs(metadata: dict[str, str]) -> dict[str, dict[str,
     if not raw:
         return {}
     try:
-        flat = json.loads(raw)
-    except json.JSONDecodeError:
+        flat = parse_json(raw, what=f"__metadata__[{DIFFUSERS_METADATA_KEY!r}]")
+    except FormatError:
         return {}
     out: dict[str, dict[str, Any]] = {}
     if isinstance(flat, dict):
@@ -211,7 +262,13 @@ class PeftFormat(AdapterFormat):
             alpha: float | None = None
             rslora = False
             if unknown is None:
-                alpha, rslora = module_scale_params(config, path, down.shape[0])
+                try:
+                    alpha, rslora = module_scale_params(config, path, down.shape[0])
+                except FormatError as exc:
+                    where = source.config_path if config is source.config else source.weights
+                    raise FormatError(
+                        exc.message, path=where, hint=exc.hint, kind=exc.kind
+                    ) from None
             keys = {"down": down_key, "up": up_key}
             module = LoraModule(
                 key=stem,
@@ -332,7 +389,11 @@ def _config_reproduces(config: dict[str, Any], modules: list[LoraModule]) -> boo
     for m in modules:
         alpha, rslora = module_scale_params(config, m.path or "", m.rank)
         rank_pattern = config.get("rank_pattern") or {}
-        key = pattern_key(rank_pattern, m.path or "")
+        key = (
+            pattern_key(rank_pattern, m.path or "", name="rank_pattern")
+            if isinstance(rank_pattern, dict)
+            else None
+        )
         rank = rank_pattern[key] if key is not None else config.get("r")
         if rank != m.rank or rslora != m.rslora or alpha != m.effective_alpha:
             return False
@@ -341,8 +402,13 @@ def _config_reproduces(config: dict[str, Any], modules: list[LoraModule]) -> boo
 
 def _pattern_for(path: str, others: list[str]) -> str:
     """A rank/alpha pattern key that matches ``path`` and no other module path."""
-    clashes = [p for p in others if p != path and re.match(rf"(.*\.)?({path})$", p)]
-    return re.escape(path) if clashes else path
+    try:
+        plain = patterns_mod.peft_pattern_matches(path, path) and not any(
+            p != path and patterns_mod.peft_pattern_matches(path, p) for p in others
+        )
+    except patterns_mod.PatternError:
+        plain = False
+    return path if plain else re.escape(path)
 
 
 def scale_config(modules: list[LoraModule], base: dict[str, Any] | None = None) -> dict[str, Any]:

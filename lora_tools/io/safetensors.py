@@ -202,6 +202,20 @@ def _pairs_with_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]
     return out
 
 
+def _lone_surrogate(doc: dict[str, object]) -> str | None:
+    """The first tensor name, metadata key or value that cannot be encoded as UTF-8."""
+    metadata = doc.get(METADATA_KEY)
+    strings = list(doc)
+    if isinstance(metadata, dict):
+        strings += [s for kv in metadata.items() for s in kv if isinstance(s, str)]
+    for text in strings:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return text
+    return None
+
+
 def _is_uint(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
@@ -229,6 +243,14 @@ def check_header(
         return None, [Problem("header-json", f"header is not valid JSON: {msg}")]
     if not isinstance(doc, dict):
         return None, [Problem("header-json", "header JSON is not an object")]
+    if "\\ud" in text.lower() and (lone := _lone_surrogate(doc)) is not None:
+        return None, [
+            Problem(
+                "header-json",
+                f"header string {lone!r} holds a lone UTF-16 surrogate escape, which is not "
+                "valid Unicode; the reference reader rejects the header",
+            )
+        ]
     duplicates = tuple(doc.pop("\x00duplicates", ()))
     for name in duplicates:
         problems.append(

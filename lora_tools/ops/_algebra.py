@@ -18,10 +18,12 @@ import numpy as np
 
 from lora_tools import __version__
 from lora_tools.adapter import Adapter, LoraModule
+from lora_tools.errors import FormatError
 from lora_tools.formats import save_adapter
 from lora_tools.formats.kohya import flatten_path, split_name
 from lora_tools.formats.peft import target_paths
 from lora_tools.io.atomic import check_output
+from lora_tools.io.jsonfile import parse_json
 from lora_tools.io.safetensors import ArrayTensor, Tensor, numpy_dtype
 
 #: Metadata key holding a JSON list of what loratool did to the file, oldest first.
@@ -130,9 +132,9 @@ def add_history(adapter: Adapter, op: str, **params: Any) -> None:
     raw = adapter.metadata.get(HISTORY_KEY)
     if raw:
         try:
-            parsed = json.loads(raw)
+            parsed = parse_json(raw, path=adapter.source, what=f"__metadata__[{HISTORY_KEY!r}]")
             history = parsed if isinstance(parsed, list) else [parsed]
-        except json.JSONDecodeError:
+        except FormatError:
             adapter.metadata[f"{HISTORY_KEY}_unparsed"] = raw
     entry = {"op": op, "version": __version__}
     entry.update({k: v for k, v in params.items() if v is not None})

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lora_tools import __version__
+from lora_tools.errors import FormatError
 from lora_tools.ops.inspect import human_size
 
 #: Markers around the block loratool owns in a card's body.
@@ -106,12 +107,22 @@ def split_card(text: str) -> tuple[dict[str, Any], str]:
     """``(front matter, body)`` of a card; ``({}, text)`` when it has no front matter.
 
     Raises:
-        ValueError: the front matter is not a YAML mapping.
+        FormatError: the front matter is not a YAML mapping (names README.md; the caller
+            adds the path).
     """
+    import yaml
     from huggingface_hub import ModelCard
 
-    card = ModelCard(text, ignore_metadata_errors=True)
-    data = card.data.to_dict()
+    try:
+        card = ModelCard(text, ignore_metadata_errors=True)
+        data = card.data.to_dict()
+    except (ValueError, yaml.YAMLError, RecursionError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FormatError(
+            f"README.md front matter (between the --- lines) is not a YAML mapping: {first}",
+            hint="fix the YAML, or remove the front matter and let loratool write it",
+            kind="card",
+        ) from None
     return data, card.text
 
 

@@ -32,6 +32,7 @@ import glob
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import shutil
 import threading
@@ -45,8 +46,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from lora_tools import __version__
-from lora_tools.adapter import EMBEDDING, Adapter, require_finite
+from lora_tools.adapter import EMBEDDING, LARGEST, LARGEST_F32, Adapter, require_finite
 from lora_tools.errors import (
+    AdapterError,
     DeviceError,
     OutputError,
     UnsupportedAdapterError,
@@ -55,6 +57,7 @@ from lora_tools.errors import (
 from lora_tools.io.atomic import MERGE_RECORD_NAME, atomic_dir, check_output, require_space
 from lora_tools.io.checkpoint import INDEX_NAMES, Checkpoint, open_checkpoint
 from lora_tools.io.folder import skip_reason
+from lora_tools.io.jsonfile import read_json_object
 from lora_tools.io.safetensors import (
     PICKLE_SUFFIXES,
     SafetensorsFile,
@@ -65,6 +68,7 @@ from lora_tools.io.safetensors import (
     numpy_dtype,
     tensor_nbytes,
 )
+from lora_tools.lowrank import max_abs_update
 from lora_tools.ops.merge_math import (
     FLOAT_DTYPES,
     NARROW_DTYPES,
@@ -239,6 +243,35 @@ def build_term(match: ModuleMatch, weight: float, role: str, base_dtype: str = "
     return LowRankTerm(up, down, scale, transposed, magnitude, module.key, delta_dtype)
 
 
+def _check_update_fits(match: ModuleMatch, weight: float, role: str, out_dtype: str) -> None:
+    """AdapterError when ``weight`` times a module's update cannot be held by ``out_dtype``.
+
+    Checked while planning, so nothing is written. Half the dtype's range is left for the
+    base weight the update is added to.
+    """
+    module = match.module
+    scale = module.scale * weight
+    limit = LARGEST.get(out_dtype, LARGEST_F32) / 2
+    if role == "bias":
+        assert module.bias is not None
+        with np.errstate(over="ignore", invalid="ignore"):
+            peak = float(np.abs(module.bias.numpy().astype(np.float64)).max(initial=0.0))
+            peak *= abs(scale)
+    else:
+        harm = f"merging it would make {match.target.key!r} non-finite"
+        up, down = module.finite_factors(consequence=harm)
+        peak = max_abs_update(up, down, scale, limit)
+    if not peak < limit:
+        raise AdapterError(
+            f"module {module.key!r}: its update times weight {weight:g} reaches {peak:.3g} "
+            f"(scale {scale:.3g}), beyond what {out_dtype} can hold next to the base weight "
+            f"({limit:.3g}); merging would write inf into {match.target.key!r}",
+            path=getattr(getattr(module.down, "file", None), "path", None),
+            hint="use a smaller --weight, or fix the adapter's alpha",
+            kind="non-finite",
+        )
+
+
 def _check_mergeable(adapter: Adapter, weight: float) -> None:
     adapter.require_plain_lora("merge")
     adapter.require_known_scale("merge")
@@ -314,6 +347,11 @@ def plan_merge(
     per_tensor: dict[tuple[str, str], list[tuple[ModuleMatch, float, str]]] = {}
     replacements: dict[tuple[str, str], Tensor] = {}
     for spec in adapters:
+        if not math.isfinite(spec.weight):
+            raise UsageError(
+                f"--weight {spec.weight!r} for {spec.path} is not a finite number",
+                hint="give each --weight as a finite number such as 0.8 or -0.5",
+            )
         adapter = load_adapter(spec.path)
         _check_mergeable(adapter, spec.weight)
         res = resolve(adapter, ckpt)
@@ -353,7 +391,10 @@ def plan_merge(
                         path=path,
                         hint="quantized bases cannot be merged into; use the unquantized base",
                     )
-                jobs.append(TensorJob(info, _out_dtype(info.dtype, dtype), sources, replacement))
+                out_dtype = _out_dtype(info.dtype, dtype)
+                for match, weight, role in sources:
+                    _check_update_fits(match, weight, role, out_dtype)
+                jobs.append(TensorJob(info, out_dtype, sources, replacement))
             files.append(FilePlan(path, path.relative_to(root), jobs, reader.header.metadata))
     return MergePlan(ckpt, base_spec or str(base), files, reports, dtype)
 
@@ -840,7 +881,7 @@ def _write_indexes(plan: MergePlan, dest: Path) -> None:
     for comp in plan.base.components.values():
         if comp.index_path is None:
             continue
-        doc = json.loads(comp.index_path.read_text(encoding="utf-8"))
+        doc = read_json_object(comp.index_path, kind="checkpoint-json")
         meta = dict(doc.get("metadata") or {})
         meta["total_size"] = sum(sizes[p] for p in comp.files)
         doc["metadata"] = meta

@@ -23,7 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from lora_tools import __version__
 from lora_tools.errors import EXIT_FINDINGS, FormatError, HubError, LoraToolError, UsageError
 from lora_tools.io.folder import skip_reason
 from lora_tools.io.hub import parse_hub_id
-from lora_tools.io.jsonfile import read_json_object
+from lora_tools.io.jsonfile import parse_json, read_json_object
 from lora_tools.io.safetensors import PICKLE_SUFFIXES, SafetensorsFile
 from lora_tools.ops.card import (
     PIPELINE_TAGS,
@@ -214,7 +213,7 @@ def _local_card(root: Path, notes: list[str]) -> str | None:
     if reason is not None:
         notes.append(f"did not use {CARD_NAME} ({reason}); the card is generated")
         return None
-    return card_path.read_text(encoding="utf-8")
+    return _read_card(card_path)
 
 
 def _history(metadata: dict[str, str]) -> list[Any] | None:
@@ -222,8 +221,8 @@ def _history(metadata: dict[str, str]) -> list[Any] | None:
     if not raw:
         return None
     try:
-        parsed = json.loads(raw)
-    except json.JSONDecodeError:
+        parsed = parse_json(raw, what=f"__metadata__[{HISTORY_KEY!r}]")
+    except FormatError:
         return [raw]
     return parsed if isinstance(parsed, list) else [parsed]
 
@@ -349,6 +348,7 @@ def _plan_model(
         uploads = _relative(path, files)
         provenance_path = path / PROVENANCE_NAME
         provenance = read_json_object(provenance_path) if provenance_path.is_file() else None
+        _check_provenance(provenance, provenance_path, PROVENANCE_NAME)
         local_card = _local_card(path, notes)
         pipeline = (path / "model_index.json").is_file()
         config_path = path / "config.json"
@@ -360,7 +360,9 @@ def _plan_model(
         _check_model_files([path])
         uploads = [UploadFile(path.name, path.stat().st_size, local=path)]
         raw = _read_metadata(path).get(PROVENANCE_KEY)
-        provenance = json.loads(raw) if raw else None
+        what = f"__metadata__[{PROVENANCE_KEY!r}]"
+        provenance = parse_json(raw, path=path, what=what) if raw else None
+        _check_provenance(provenance, path, what)
         local_card, library, config_name = None, None, None
     spec = ((provenance or {}).get("base") or {}).get("spec")
     candidates = [base_model, spec, config_name]
@@ -447,7 +449,11 @@ def plan_push(
     else:
         uploads, facts, local_card, notes = _plan_adapter(root, repo_id, base_model, validator)
     override = base_model is not None or is_model
-    card, card_notes = render_card(local_card, facts, override_base=override)
+    try:
+        card, card_notes = render_card(local_card, facts, override_base=override)
+    except FormatError as exc:
+        card_path = root / CARD_NAME if root.is_dir() else root
+        raise FormatError(exc.message, path=card_path, hint=exc.hint, kind=exc.kind) from None
     data = card.encode("utf-8")
     uploads = [*uploads, UploadFile(CARD_NAME, len(data), data=data)]
     return PushPlan(
@@ -505,6 +511,41 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
     return (OSError, httpx2.HTTPError, EntryNotFoundError, HFValidationError, RuntimeError)
 
 
+def _read_card(path: Path) -> str:
+    """A README.md's text; FormatError naming it when it is not UTF-8."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FormatError(
+            f"not UTF-8 text ({exc.reason} at byte {exc.start})",
+            path=path,
+            hint="save the model card as UTF-8",
+            kind="card",
+        ) from None
+
+
+def _check_provenance(doc: Any, path: Path, what: str) -> None:
+    """FormatError unless ``doc`` has the shape ``loratool merge`` writes (or is None)."""
+    if doc is None:
+        return
+    problem = None
+    if not isinstance(doc, dict):
+        problem = f"is a JSON {type(doc).__name__}, expected an object"
+    elif not isinstance(doc.get("base") or {}, dict):
+        problem = f"'base' is a {type(doc['base']).__name__}, expected an object"
+    elif not isinstance(doc.get("adapters") or [], list) or not all(
+        isinstance(a, dict) for a in doc.get("adapters") or []
+    ):
+        problem = "'adapters' is not a list of objects"
+    if problem is not None:
+        raise FormatError(
+            f"{what} {problem}; it is not the provenance record loratool merge writes",
+            path=path,
+            hint="restore the file from the merge, or remove it",
+            kind="provenance",
+        )
+
+
 def _remote_card(api: Any, repo_id: str, revision: str | None) -> str | None:
     """The README.md already on the target branch, or None."""
     from huggingface_hub.errors import EntryNotFoundError
@@ -513,7 +554,7 @@ def _remote_card(api: Any, repo_id: str, revision: str | None) -> str | None:
         local = api.hf_hub_download(repo_id, CARD_NAME, revision=revision)
     except EntryNotFoundError:
         return None
-    return Path(local).read_text(encoding="utf-8")
+    return _read_card(Path(local))
 
 
 def publish(

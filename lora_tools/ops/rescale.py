@@ -32,10 +32,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lora_tools.adapter import Adapter, LoraModule
+from lora_tools.adapter import LARGEST_F32, Adapter, LoraModule
 from lora_tools.errors import UsageError
 from lora_tools.lowrank import split_scalar
 from lora_tools.ops._algebra import Progress, add_history, with_factors
+
+SMALLEST_F32 = float(np.finfo(np.float32).tiny)
 
 
 @dataclass
@@ -92,6 +94,13 @@ def rescale_adapter(
     adapter.require_known_scale("rescale")
     if alpha is not None:
         _check_number("alpha", alpha, positive=True)
+        if not SMALLEST_F32 <= alpha <= LARGEST_F32:
+            # A subnormal alpha makes alpha / r round to (nearly) 0, and the factors that
+            # keep the update unchanged overflow to inf.
+            raise UsageError(
+                f"--alpha must lie between {SMALLEST_F32:.3g} and {LARGEST_F32:.3g} (the normal "
+                f"float32 range consumers compute the scale in), got {alpha!r}"
+            )
     if factor is not None:
         _check_number("factor", factor, positive=False)
         adapter.require_no_dora("rescale --factor")

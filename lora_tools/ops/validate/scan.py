@@ -73,15 +73,29 @@ class TensorScan:
         return " and ".join(parts)
 
 
-def gram(raw: memoryview, info: TensorInfo, role: str) -> np.ndarray:
-    """The ``r x r`` Gram matrix of a factor: ``U^T U`` for up, ``V V^T`` for down.
+class Factor:
+    """A factor kept as a matrix because its rank exceeds its other side: its ``r x r`` Gram
+    would be larger than the factor itself (rank 60,000 on a 1 x 1 layer: 13 GiB)."""
+
+    def __init__(self, matrix: np.ndarray) -> None:
+        self.matrix = matrix
+
+
+def gram(raw: memoryview, info: TensorInfo, role: str) -> np.ndarray | Factor:
+    """The ``r x r`` Gram matrix of a factor: ``U^T U`` for up, ``V V^T`` for down; or the
+    factor itself (:class:`Factor`) when ``r`` exceeds its other side.
 
     ``||s U V||_F^2 = s^2 trace(U^T U V V^T)``, so the two Grams give the update norm without
-    forming it; float32 products (float64 for F64 data) are plenty for an outlier test.
+    forming it (:func:`frobenius_squared`); float32 products (float64 for F64 data) are plenty
+    for an outlier test. Memory stays within twice the factor's size.
     """
     values = np.frombuffer(raw, dtype=numpy_dtype(info.dtype))
     work = values if values.dtype in (np.float32, np.float64) else values.astype(np.float32)
     mat = work.reshape(info.shape[0], -1)
+    rank, other = (mat.shape[1], mat.shape[0]) if role == "up" else mat.shape
+    if rank > other:
+        # ``values`` is a view of the read buffer: keep a copy.
+        return Factor(mat.copy() if work is values else mat)
     with np.errstate(over="ignore", invalid="ignore"):
         gram = mat.T @ mat if role == "up" else mat @ mat.T
     if not np.all(np.isfinite(gram)):
@@ -91,3 +105,31 @@ def gram(raw: memoryview, info: TensorInfo, role: str) -> np.ndarray:
         with np.errstate(over="ignore", invalid="ignore"):
             gram = mat.T @ mat if role == "up" else mat @ mat.T
     return gram.astype(np.float64)
+
+
+def frobenius_squared(
+    up: np.ndarray | Factor, down: np.ndarray | Factor, *, block_bytes: int = 1 << 26
+) -> float:
+    """``||U V||_F^2`` from what :func:`gram` kept of each factor, in bounded memory.
+
+    Two Grams: ``sum(Gu * Gv)``; a factor and a Gram: ``sum((U Gv) * U)`` or
+    ``sum((Gu V) * V)``; two factors (rank above both sides): ``U @ V`` a block of rows at a
+    time, at most ``block_bytes`` of float64 at once.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        if not isinstance(up, Factor) and not isinstance(down, Factor):
+            return float(np.sum(up * down))
+        if isinstance(up, Factor) and not isinstance(down, Factor):
+            U = up.matrix.astype(np.float64)
+            return float(np.sum((U @ down) * U))
+        if isinstance(down, Factor) and not isinstance(up, Factor):
+            V = down.matrix.astype(np.float64)
+            return float(np.sum((up @ V) * V))
+        assert isinstance(up, Factor) and isinstance(down, Factor)
+        U, V = up.matrix, down.matrix
+        rows = max(1, block_bytes // (8 * max(V.shape[1], 1)))
+        total = 0.0
+        for start in range(0, U.shape[0], rows):
+            block = U[start : start + rows].astype(np.float64) @ V.astype(np.float64)
+            total += float(np.sum(block * block))
+        return total

@@ -24,6 +24,7 @@ from lora_tools.ops.validate.checks.config import (
     check_adapter_config,
     check_config_only,
     read_config,
+    readable_config,
 )
 from lora_tools.ops.validate.checks.integrity import check_container
 from lora_tools.ops.validate.checks.structure import check_structure, detect_format
@@ -89,11 +90,20 @@ def check_target(
     elif target.config is not None:
         read_config(ctx)  # report a broken config even when it is not used
     with SafetensorsFile(weights, header=reader_header) as file:
-        source = AdapterSource(weights=weights, file=file, config=config, config_path=target.config)
+        source = AdapterSource(
+            weights=weights,
+            file=file,
+            config=readable_config(config),
+            config_path=target.config,
+        )
         try:
             adapter = fmt.read(source)
         except LoraToolError as exc:
-            ctx.add("LT104", exc.message, hint=exc.hint)
+            # A config pattern the reader cannot use is a config finding, not a shape one.
+            if exc.kind == "config-invalid":
+                ctx.add("LT302", exc.message, hint=exc.hint, path=ctx.target.config_display)
+            else:
+                ctx.add("LT104", exc.message, hint=exc.hint)
             return ctx.report
         check_adapter_config(ctx, fmt, adapter, config)
         if ctx.runs("LT2"):

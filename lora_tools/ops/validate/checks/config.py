@@ -4,18 +4,19 @@
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from lora_tools import patterns
 from lora_tools.adapter import CONV, UNKNOWN_SCALE_HINT, Adapter, LoraModule
+from lora_tools.errors import FormatError
 from lora_tools.formats import WEIGHT_NAMES
 from lora_tools.formats import peft as peft_format
 from lora_tools.formats.base import AdapterFormat
 from lora_tools.formats.peft import CONFIG_NAME
+from lora_tools.io.jsonfile import parse_json
 from lora_tools.ops.validate.checks.structure import check_alpha_value
 from lora_tools.ops.validate.context import Context, fmt_number, fmt_shape
 
@@ -34,15 +35,16 @@ def read_config(ctx: Context) -> dict[str, Any] | None:
     assert ctx.target.config is not None
     display = ctx.target.config_display or str(ctx.target.config)
     try:
-        text = ctx.target.config.read_text(encoding="utf-8")
-        doc = json.loads(text)
-    except (OSError, UnicodeDecodeError) as exc:
+        data = ctx.target.config.read_bytes()
+    except OSError as exc:
         ctx.add("LT302", f"cannot read config: {exc}", path=display)
         return None
-    except json.JSONDecodeError as exc:
+    try:
+        doc = parse_json(data, what="config")
+    except FormatError as exc:
         ctx.add(
             "LT302",
-            f"config is not valid JSON: {exc}",
+            exc.message,
             path=display,
             hint="fix or regenerate adapter_config.json (PEFT's save_pretrained writes it)",
         )
@@ -55,6 +57,30 @@ def read_config(ctx: Context) -> dict[str, Any] | None:
         )
         return None
     return doc
+
+
+def readable_config(config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``config`` without the rank / alpha pattern keys no regex engine can use here.
+
+    :func:`check_adapter_config` reports each such key (LT302); leaving them out lets the
+    reader build the modules, so that every other rule still runs.
+    """
+    if not config:
+        return config
+    out = dict(config)
+    for name in ("rank_pattern", "alpha_pattern"):
+        pattern = config.get(name)
+        if isinstance(pattern, dict):
+            out[name] = {k: v for k, v in pattern.items() if _usable_key(k)}
+    return out
+
+
+def _usable_key(key: str) -> bool:
+    try:
+        patterns.check(patterns.peft_pattern(key))
+    except patterns.PatternError:
+        return False
+    return True
 
 
 def check_adapter_config(
@@ -152,6 +178,7 @@ def _check_config(
 ) -> None:
     """r / lora_alpha / patterns / target_modules / use_dora of one config vs its modules."""
     paths = [m.path or m.key for m in modules]
+    bad_keys: set[str] = set()
     r = config.get("r")
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
@@ -166,17 +193,18 @@ def _check_config(
             continue
         for key in pattern:
             try:
-                regex = re.compile(rf"(.*\.)?({key})$")
-            except re.error as exc:
+                patterns.check(patterns.peft_pattern(key))
+            except patterns.PatternError as exc:
                 ctx.add(
                     "LT302",
-                    f"{name} key {key!r} is not a valid regular expression ({exc}); PEFT fails "
-                    "to load the adapter (re.error)",
+                    f"{name} key {key!r} {exc}; loratool refuses the config (PEFT fails on "
+                    "an invalid pattern)",
                     module=f"{name}[{key!r}]",
                     path=display,
                 )
+                bad_keys.add(key)
                 continue
-            if paths and not any(regex.match(p) for p in paths):
+            if paths and not any(patterns.peft_pattern_matches(key, p) for p in paths):
                 ctx.add(
                     "LT305",
                     f"{name} key {key!r} matches none of the {len(paths)} modules; PEFT "
@@ -190,6 +218,9 @@ def _check_config(
         rank_pattern = {}
     if not isinstance(alpha_pattern, dict):
         alpha_pattern = {}
+    # Keys already reported as unusable are left out of the per-module checks below.
+    rank_pattern = {k: v for k, v in rank_pattern.items() if k not in bad_keys}
+    alpha_pattern = {k: v for k, v in alpha_pattern.items() if k not in bad_keys}
 
     if not (isinstance(r, int) and not isinstance(r, bool) and r > 0):
         ctx.add(
@@ -225,11 +256,7 @@ def _check_config(
     for name, value in checks:
         if value is None:
             continue
-        try:
-            number = float(value) if not isinstance(value, bool) else float("nan")
-        except (TypeError, ValueError):
-            number = float("nan")
-        check_alpha_value(ctx, name, number, "config value", path=display)
+        check_alpha_value(ctx, name, peft_format.config_number(value), "config value", path=display)
 
     _check_targets(ctx, config, modules, display)
     _check_dora(ctx, config, modules, display)
@@ -245,11 +272,20 @@ def _check_targets(
         if targets.lower() == "all-linear":
             return  # PEFT resolves it at creation; any linear layer qualifies
 
+        try:
+            patterns.check(targets)
+        except patterns.PatternError as exc:
+            ctx.add(
+                "LT302",
+                f"target_modules {targets!r} {exc}; loratool refuses the config (PEFT "
+                "fails on an invalid pattern)",
+                module="target_modules",
+                path=display,
+            )
+            return
+
         def covered(path: str) -> bool:
-            try:
-                return re.fullmatch(targets, path) is not None
-            except re.error:
-                return False
+            return patterns.fullmatch(targets, path)
     elif isinstance(targets, list) and all(isinstance(t, str) for t in targets):
 
         def covered(path: str) -> bool:
@@ -311,8 +347,8 @@ def _excluded_modules(config: dict[str, Any]) -> Callable[[str], bool]:
 
         def excluded(path: str) -> bool:
             try:
-                return re.fullmatch(exclude, path) is not None
-            except re.error:
+                return patterns.fullmatch(exclude, path)
+            except patterns.PatternError:
                 return False
 
         return excluded
@@ -357,10 +393,10 @@ def _check_diffusers_metadata(ctx: Context, adapter: Adapter, modules: list[Lora
     if raw is None:
         return
     try:
-        flat = json.loads(raw)
-    except json.JSONDecodeError as exc:
+        flat = parse_json(raw)
+    except FormatError as exc:
         flat = None
-        problem = f"is not valid JSON ({exc})"
+        problem = f"is {exc.message}"
     else:
         problem = "is not a JSON object"
     if not isinstance(flat, dict):
@@ -387,8 +423,8 @@ def _check_kohya_metadata(ctx: Context, adapter: Adapter, modules: list[LoraModu
         return
     meta = adapter.metadata
     try:
-        args = json.loads(meta.get("ss_network_args") or "{}")
-    except json.JSONDecodeError:
+        args = parse_json(meta.get("ss_network_args") or "{}")
+    except FormatError:
         args = {}
     if not isinstance(args, dict):
         args = {}

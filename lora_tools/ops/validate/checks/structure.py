@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lora_tools.adapter import LARGEST_F32
 from lora_tools.formats import peft as peft_format
 from lora_tools.formats import registry
 from lora_tools.formats.base import AdapterFormat, classify_foreign
@@ -320,11 +321,14 @@ def check_alpha_value(
     Returns:
         False when the alpha makes the module unusable (not finite), else True.
     """
-    if not math.isfinite(value):
+    if not math.isfinite(value) or abs(value) > LARGEST_F32:
         ctx.nonfinite_alphas.add(module)
         ctx.add(
             "LT108",
-            f"{what} of {module!r} is {value}; every scale alpha / r becomes {value}",
+            f"{what} of {module!r} is {value}; every scale alpha / r becomes {value}"
+            if not math.isfinite(value)
+            else f"{what} of {module!r} is {value}, beyond float32's range (consumers compute "
+            "the update in float32 and get inf)",
             module=module,
             expected="a finite number",
             found=str(value),

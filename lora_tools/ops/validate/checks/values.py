@@ -16,7 +16,7 @@ from lora_tools.adapter import Adapter
 from lora_tools.io.safetensors import Header, SafetensorsFile, TensorSpec, reference_order
 from lora_tools.ops.inspect import robust_outliers
 from lora_tools.ops.validate.context import Context
-from lora_tools.ops.validate.scan import TensorScan, gram
+from lora_tools.ops.validate.scan import Factor, TensorScan, frobenius_squared, gram
 
 #: Modified z-score (log10 of the update norm) above which a module is an extreme outlier. The
 #: inspect view flags at 3.5; validate fails builds, so it only speaks up for a far larger gap
@@ -47,7 +47,7 @@ def check_values(ctx: Context, adapter: Adapter, header: Header, clean: bool) ->
     expected_hash = adapter.metadata.get("sshs_model_hash") if hash_rules else None
     digest = hashlib.sha256() if expected_hash and clean else None
 
-    grams: dict[str, dict[str, np.ndarray]] = {}
+    grams: dict[str, dict[str, np.ndarray | Factor]] = {}
     # The Grams are the only O(size * rank) work of the pass: skip them unless LT204 runs.
     want_norms = "LT204" in ctx.rules
     zero: dict[str, list[str]] = {}
@@ -190,7 +190,7 @@ def _zero_rules(ctx: Context, adapter: Adapter, zero: dict[str, list[str]]) -> N
 def _outliers(
     ctx: Context,
     adapter: Adapter,
-    grams: dict[str, dict[str, np.ndarray]],
+    grams: dict[str, dict[str, np.ndarray | Factor]],
     zero: dict[str, list[str]],
     non_finite: set[str],
 ) -> None:
@@ -202,7 +202,7 @@ def _outliers(
         if m.alpha_unknown is not None:
             continue  # LT301 says the scale is unknown; so is the norm
         scale = m.scale
-        value = float(np.sum(pair["up"] * pair["down"])) * scale * scale
+        value = frobenius_squared(pair["up"], pair["down"]) * scale * scale
         if not math.isfinite(value):
             continue
         stems.append(stem)
