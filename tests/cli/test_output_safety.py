@@ -157,7 +157,7 @@ def test_convert_never_replaces_its_base(tmp_path: Path) -> None:
     shutil.copyfile(FIXTURES / "bases" / "tiny-sdxl.safetensors", base)
     data = base.read_bytes()
     adapter = FIXTURES / "kohya" / "sdxl-lora.safetensors"
-    argv = ["convert", adapter, "--to", "diffusers", "--base", base, "--force"]
+    argv = ["convert", adapter, "--to", "kohya", "--base", base, "--force"]
     for out in (base, tmp_path):
         result = _invoke([*argv, "-o", out])
         assert isinstance(result.exception, OutputError), result.output
