@@ -31,15 +31,16 @@ OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 COMMAND_LINE = re.compile(r"`(loratool|hf|pip|python)\s+([^`]*)`")
 GLOBAL_OPTIONS = {"--help", "--debug", "--version"}
 WRITERS = ("rescale", "resize", "combine", "convert", "merge")
-#: Modules whose strings only some of the commands importing them can print, and those commands.
+CLI_MODULES = {target.split(":")[0]: name for name, target in COMMANDS.items()}
+#: Modules (and packages) whose strings only some of the commands importing them can print.
 #: io.atomic is imported everywhere (through io.safetensors) but refuses outputs, which only
-#: the writers have; each cli module prints for its own command; cli._common names global
-#: options only.
+#: the writers have; cli._common names global options only; push runs validate without a base
+#: and shows its errors' messages, never their hints.
 PRINTED_BY = {
     "lora_tools.io.atomic": WRITERS,
     "lora_tools.cli._common": (),
     "lora_tools.cli._algebra": ("rescale", "resize", "combine", "convert"),
-    **{target.split(":")[0]: (name,) for name, target in COMMANDS.items()},
+    "lora_tools.ops.validate": ("validate",),
 }
 
 
@@ -103,19 +104,22 @@ def imported(module: str) -> set[str]:
 
 
 def reach() -> dict[str, set[str]]:
-    """module -> the commands whose CLI module imports it, directly or not."""
+    """module -> the commands whose CLI module imports it, directly or not (a helper taken
+    from another command's CLI module does not run that command)."""
     out: dict[str, set[str]] = {m: set() for m in MODULES}
-    for name, target in COMMANDS.items():
-        seen, todo = set(), [target.split(":")[0]]
+    for module, name in CLI_MODULES.items():
+        seen, todo = set(), [module]
         while todo:
             m = todo.pop()
             if m not in seen:
                 seen.add(m)
-                todo += imported(m)
+                todo += [i for i in imported(m) if CLI_MODULES.get(i, name) == name]
         for m in seen:
             out[m].add(name)
-    for m, commands in PRINTED_BY.items():
-        out[m] = set(commands)
+    for m in out:
+        for prefix, commands in PRINTED_BY.items():
+            if m == prefix or m.startswith(prefix + "."):
+                out[m] = set(commands)
     return out
 
 
@@ -157,7 +161,10 @@ def test_the_scan_sees_the_hints() -> None:
     }  # fmt: skip
     assert ("lora_tools.cli.merge", "drop --device, or drop --exact") in found
     assert any(m == "lora_tools.io.atomic" and "--force" in t for m, t in found)
-    assert reach()["lora_tools.formats.base"] == set(COMMANDS) - {"hf-extension"}
+    where = reach()
+    assert where["lora_tools.formats.base"] == set(COMMANDS) - {"hf-extension"}
+    assert where["lora_tools.cli.validate"] == {"validate"}
+    assert where["lora_tools.resolve"] == {"convert", "validate", "merge", "push"}
 
 
 def test_every_option_in_the_source_exists_on_each_command_that_can_print_it() -> None:
