@@ -32,6 +32,7 @@ HEADER_ONLY = [
     ["inspect", "fixtures/kohya/sd-lora.safetensors", "--json"],
     ["validate", "--ignore", "LT2", "fixtures/peft/llama-lora"],
     ["validate", "--ignore", "LT2", "fixtures/peft/llama-lora", "--base", "fixtures/bases/tiny-llama"],
+    ["push", "fixtures/peft/llama-lora", "me/llama-lora", "--dry-run", "--no-validate"],
 ]  # fmt: skip
 REFERENCES = [
     ("`python -c pass`", "pass"),
@@ -54,7 +55,9 @@ def once(cmd: list[str], cwd: Path) -> tuple[float, float]:
     """(wall seconds, CPU seconds) of one run of ``cmd`` in a fresh process."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    subprocess.run(cmd, cwd=cwd, capture_output=True, check=True)
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} (in {cwd}) exited {proc.returncode}:\n{proc.stderr}")
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)

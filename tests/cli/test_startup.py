@@ -84,6 +84,7 @@ def test_help_and_header_only_work_import_neither_ml_dtypes_nor_torch(fixtures_d
         ["validate", "--ignore", "LT2", str(f / "peft/llama-lora-bf16"), str(kohya), str(fp8)],
         ["validate", "--ignore", "LT2", str(f / "peft/llama-lora"), "--base",
          str(f / "bases/tiny-llama-bf16")],
+        ["push", str(f / "peft/llama-lora-bf16"), "me/llama-lora", "--dry-run", "--no-validate"],
     ]  # fmt: skip
     report = run_probe(helps + header_only)
     for entry in report[: len(helps)]:  # --help stays at the cost of importing click
