@@ -131,7 +131,7 @@ class Resolution:
                 f"{len(self.unmatched)} of {self.total} modules match no base weight: {names}"
                 + (" ..." if len(self.unmatched) > 3 else ""),
                 path=source,
-                hint="check the base model, or pass --allow-unmatched to skip them",
+                hint="is this adapter made for this base model?",
                 kind="unmatched",
             )
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import signal
 import sys
 import threading
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import click
 
@@ -109,6 +110,36 @@ def run(group: click.Group) -> None:
         )
         sys.exit(EXIT_ERROR)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def command_hints(hints: dict[str, str]) -> Callable[[F], F]:
+    """Give library errors of the listed kinds this command's own hint.
+
+    The library is shared by every command, so its hints name no command-line option; a
+    command that has an option (or an argument order) for the case says so here, by the
+    error's ``kind``. Put it directly above the function, below the click decorators.
+
+    Example:
+        >>> @command_hints({"unmatched": "pass --allow-unmatched to skip them"})
+        ... def command() -> None: ...
+    """
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except LoraToolError as exc:
+                if exc.kind in hints:
+                    exc.hint = hints[exc.kind]
+                raise
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
 
 
 def print_json(doc: Any) -> None:

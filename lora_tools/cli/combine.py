@@ -15,7 +15,7 @@ from lora_tools.cli._algebra import (
     progress_bar,
     quiet_option,
 )
-from lora_tools.cli._common import print_json
+from lora_tools.cli._common import command_hints, print_json
 
 
 @click.command("combine")
@@ -48,6 +48,12 @@ from lora_tools.cli._common import print_json
 @force_option
 @json_option
 @quiet_option
+@command_hints(
+    {
+        "unknown-format": "combine takes adapters only; to fold one into a base model: "
+        "`loratool merge BASE ADAPTER -o OUT`",
+    }
+)
 def command(
     adapters: tuple[str, ...],
     output: Path,

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from lora_tools.cli._algebra import force_option, json_option, load_input, output_option, warn
-from lora_tools.cli._common import print_json
+from lora_tools.cli._common import command_hints, print_json
 
 
 @click.command("convert")
@@ -32,6 +32,11 @@ from lora_tools.cli._common import print_json
 )
 @force_option
 @json_option
+@command_hints(
+    {
+        "unknown-format": "convert takes an adapter as ADAPTER; give a base model with --base",
+    }
+)
 def command(
     adapter: str,
     to: str,

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from lora_tools.cli._common import console, print_json
+from lora_tools.cli._common import command_hints, console, print_json
 
 
 @click.command("inspect")
@@ -18,6 +18,12 @@ from lora_tools.cli._common import console, print_json
     "--stats",
     is_flag=True,
     help="Per module: ||dW||_F, largest singular value, effective rank (reads the data).",
+)
+@command_hints(
+    {
+        "unknown-format": "inspect reads LoRA adapters, not base models; "
+        "`loratool validate ADAPTER --base BASE` checks an adapter against a base",
+    }
 )
 def command(path: str, as_json: bool, stats: bool) -> None:
     """Show what an adapter file or folder holds (PATH may be a Hub id user/name[@rev]).

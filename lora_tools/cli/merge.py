@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from lora_tools.cli._common import console, print_json
+from lora_tools.cli._common import command_hints, console, print_json
 from lora_tools.cli.validate import single_threaded_blas
 
 
@@ -70,6 +70,13 @@ from lora_tools.cli.validate import single_threaded_blas
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@command_hints(
+    {
+        "unknown-format": "merge takes BASE first, then the ADAPTER(s): "
+        "is a base model in an adapter's place?",
+        "unmatched": "check the base model, or pass --allow-unmatched to skip them",
+    }
+)
 def command(
     base: str,
     adapters: tuple[str, ...],

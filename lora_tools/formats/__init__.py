@@ -33,6 +33,7 @@ from lora_tools.io.safetensors import PICKLE_SUFFIXES, SafetensorsFile
 __all__ = [
     "AdapterFormat",
     "AdapterSource",
+    "adapter_path",
     "find_adapter_files",
     "get_format",
     "load_adapter",
@@ -86,14 +87,31 @@ def get_format(name: str) -> AdapterFormat:
         ) from None
 
 
+def adapter_path(path: str | os.PathLike[str]) -> Path:
+    """The adapter a path names: ``adapter_config.json`` means the folder that holds it.
+
+    Every command takes an adapter's config file for its folder (it is what a file manager or
+    a shell completion hands out); this is the one place that says so.
+
+    Example:
+        >>> adapter_path("fixtures/peft/llama-lora/adapter_config.json")
+        PosixPath('fixtures/peft/llama-lora')
+    """
+    path = Path(path)
+    if path.name == CONFIG_NAME and path.is_file():
+        return path.parent
+    return path
+
+
 def find_adapter_files(path: str | os.PathLike[str]) -> tuple[Path, Path | None]:
-    """``(weights file, config file or None)`` for an adapter file or folder.
+    """``(weights file, config file or None)`` for an adapter file or folder
+    (``adapter_config.json`` means its folder).
 
     Raises:
         UnsafeFileError: only a pickle (``adapter_model.bin``) is there.
         FormatError: nothing adapter-like is there.
     """
-    path = Path(path)
+    path = adapter_path(path)
     if path.is_dir():
         candidates = [path / n for n in WEIGHT_NAMES if (path / n).is_file()]
         if not candidates:

@@ -174,7 +174,9 @@ def unresolved_error(adapter: Adapter, target: str, missing: list[str]) -> Usage
         f"{len(missing)} modules have no known module path (e.g. {missing[0]!r}); "
         f"{target} names need the dotted path",
         path=adapter.source,
-        hint="pass --base so kohya names can be resolved against the base checkpoint's keys",
+        hint="resolve the kohya names against the base checkpoint's keys first: "
+        f"`loratool convert --to {target} --base BASE`",
+        kind="needs-module-paths",
     )
 
 
@@ -186,7 +188,7 @@ def raise_unknown(source: AdapterSource) -> None:
         f"tensor names match no known LoRA naming scheme (peft, diffusers, kohya); "
         f"first keys: {sample}",
         path=source.weights,
-        hint="is this a LoRA adapter? full checkpoints are bases, pass them with --base",
+        hint="is this a LoRA adapter? a full model checkpoint is a base, not an adapter",
         kind="unknown-format",
     )
 

@@ -104,7 +104,8 @@ class DiffusersOldFormat(AdapterFormat):
                     f"module {m.key!r} cannot be written in the old diffusers spelling "
                     "(new modules, or a scale other than 1)",
                     path=out,
-                    hint="convert to the current diffusers format with --to diffusers",
+                    hint="convert it to the current diffusers spelling first: "
+                    "`loratool convert --to diffusers`",
                 )
             tensors[m.keys["down"]] = m.down
             tensors[m.keys["up"]] = m.up

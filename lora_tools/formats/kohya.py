@@ -36,6 +36,7 @@ from lora_tools.io.safetensors import (
     TensorSpec,
     reference_order,
     save_tensors,
+    scalar_value,
 )
 
 #: kohya name prefix -> diffusers pipeline component.
@@ -95,7 +96,7 @@ def read_scalar(tensor: Tensor) -> float:
     """The value of a scalar-like tensor (shape ``[]`` or ``[1]``); NaN if not scalar-like."""
     if tensor.numel != 1:
         return float("nan")
-    return float(np.asarray(tensor.numpy(), dtype=np.float64).reshape(()))
+    return scalar_value(tensor.tobytes(), tensor.dtype)
 
 
 def data_sha256(tensors: dict[str, Tensor]) -> str:

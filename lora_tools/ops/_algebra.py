@@ -19,7 +19,7 @@ import numpy as np
 from lora_tools import __version__
 from lora_tools.adapter import Adapter, LoraModule
 from lora_tools.errors import FormatError
-from lora_tools.formats import save_adapter
+from lora_tools.formats import adapter_path, save_adapter
 from lora_tools.formats.kohya import flatten_path, split_name
 from lora_tools.formats.peft import target_paths
 from lora_tools.io.atomic import check_output
@@ -143,8 +143,10 @@ def add_history(adapter: Adapter, op: str, **params: Any) -> None:
 
 
 def input_paths(adapter: Adapter, given: str | os.PathLike[str] | None = None) -> list[Path]:
-    """Every path the output must not overwrite: what the user gave, the weights, the config."""
-    out = [Path(p) for p in (given, adapter.source, adapter.config_source) if p is not None]
+    """Every path the output must not overwrite: what the user gave (``adapter_config.json``:
+    its folder), the weights, the config."""
+    named = adapter_path(given) if given is not None else None
+    out = [Path(p) for p in (named, adapter.source, adapter.config_source) if p is not None]
     return out
 
 

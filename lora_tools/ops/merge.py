@@ -1157,6 +1157,7 @@ def merge(
         ...       "/tmp/merged", force=True)["tensors"]["merged"]        # doctest: +SKIP
         8
     """
+    from lora_tools.formats import adapter_path
     from lora_tools.io.hub import resolve_input
 
     if dtype not in DTYPE_NAMES:
@@ -1175,7 +1176,10 @@ def merge(
         w = weights[i] if len(weights) == len(adapters) else (weights[0] if weights else 1.0)
         specs.append(AdapterSpec(os.fspath(item), float(w)))
     base_path = resolve_input(os.fspath(base), role="base")
-    local = [AdapterSpec(os.fspath(resolve_input(s.path, role="adapter")), s.weight) for s in specs]
+    local = [
+        AdapterSpec(os.fspath(adapter_path(resolve_input(s.path, role="adapter"))), s.weight)
+        for s in specs
+    ]
     out = output_path(out, Path(base_path))
     check_output(out, [base_path, *(Path(s.path) for s in local)], force=force)
     engine = select_engine(device, block_bytes=block_bytes)

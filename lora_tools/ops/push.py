@@ -437,7 +437,9 @@ def plan_push(
     check_repo_id(repo_id)
     if base_model is not None and not is_hub_id(base_model):
         raise UsageError(f"--base-model {base_model!r} is not a Hub id", hint="write user/name")
-    root = Path(path)
+    from lora_tools.formats import adapter_path
+
+    root = adapter_path(path)
     if not root.exists():
         raise FormatError("no such file or folder", path=root, kind="missing")
     if root.is_dir():

@@ -8,13 +8,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
 
 from lora_tools.adapter import LARGEST_F32
 from lora_tools.formats import peft as peft_format
 from lora_tools.formats import registry
 from lora_tools.formats.base import AdapterFormat, classify_foreign
-from lora_tools.io.safetensors import DTYPES, Header, SafetensorsFile, TensorInfo
+from lora_tools.io.safetensors import DTYPES, Header, SafetensorsFile, TensorInfo, scalar_value
 from lora_tools.ops.validate.context import Context, fmt_number, fmt_shape
 from lora_tools.ops.validate.rules import ERROR
 
@@ -200,7 +199,7 @@ def _check_stem(
         if role == "alpha":
             continue
         dtype = info[key].dtype
-        if dtype not in FLOAT_DTYPES or DTYPES[dtype].numpy is None:
+        if dtype not in FLOAT_DTYPES or not DTYPES[dtype].decodable:
             ctx.add(
                 "LT115",
                 f"tensor {key!r} has dtype {dtype}; LoRA factors are floating point "
@@ -294,7 +293,7 @@ def _check_kohya_alpha(
             found=fmt_shape(tinfo.shape),
         )
         return False
-    if DTYPES[tinfo.dtype].numpy is None or tinfo.dtype == "BOOL":
+    if not DTYPES[tinfo.dtype].decodable or tinfo.dtype == "BOOL":
         ctx.add(
             "LT115",
             f"alpha {key!r} has dtype {tinfo.dtype}, which holds no usable number",
@@ -302,7 +301,7 @@ def _check_kohya_alpha(
             found=tinfo.dtype,
         )
         return False
-    value = float(np.asarray(file.read(key), dtype=np.float64).reshape(()))
+    value = scalar_value(file.read_bytes(key), tinfo.dtype)
     return check_alpha_value(ctx, stem, value, f"alpha tensor {key!r}")
 
 
