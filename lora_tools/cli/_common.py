@@ -12,15 +12,19 @@ from typing import Any
 
 import click
 
-from lora_tools.errors import EXIT_ERROR, EXIT_USAGE, LoraToolError
+from lora_tools.errors import EXIT_ERROR, EXIT_USAGE, LoraToolError, safe_text
 
 #: Exit code for Ctrl-C, as shells report SIGINT.
 EXIT_INTERRUPTED = 130
 
 
-def error_line(message: str) -> None:
-    """Print one ``loratool: error: ...`` line on stderr."""
-    click.echo(f"loratool: error: {message}", err=True)
+def error_line(message: str, kind: str = "error") -> None:
+    """Print one ``loratool: error: ...`` line on stderr (``kind``: error, warning, note).
+
+    Tokens are redacted and control characters escaped (:func:`lora_tools.errors.safe_text`):
+    a path or a server's answer can neither leak a token nor split or colour the line.
+    """
+    click.echo(f"loratool: {kind}: {safe_text(message)}", err=True)
 
 
 class Terminated(BaseException):

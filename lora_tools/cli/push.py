@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from lora_tools.cli._common import console, print_json
+from lora_tools.cli._common import console, error_line, print_json
 
 
 @click.command("push")
@@ -69,10 +69,10 @@ def command(
             return
         _render_plan(plan)
         for note in plan.notes:
-            click.echo(f"loratool: note: {note}", err=True)
+            error_line(note, "note")
         return
     for note in plan.notes:
-        click.echo(f"loratool: note: {note}", err=True)
+        error_line(note, "note")
     result = publish(
         plan,
         private=private,
@@ -82,7 +82,7 @@ def command(
         token=token,
     )
     for note in result.notes:
-        click.echo(f"loratool: note: {note}", err=True)
+        error_line(note, "note")
     if as_json:
         print_json(
             {

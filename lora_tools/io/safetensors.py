@@ -20,6 +20,7 @@ import errno
 import json
 import math
 import os
+import stat
 import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -393,6 +394,20 @@ def _raise(problem: Problem, path: str | os.PathLike[str]) -> None:
     raise FormatError(problem.message, path=path, hint=problem.hint, kind=problem.kind)
 
 
+def file_kind(mode: int) -> str:
+    """``FIFO``, ``character device``...: what a file that is not a regular file is."""
+    for test, name in (
+        (stat.S_ISDIR, "folder"),
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISSOCK, "socket"),
+    ):
+        if test(mode):
+            return name
+    return "special file"
+
+
 def read_header_bytes(path: str | os.PathLike[str]) -> tuple[bytes, int, int]:
     """Read the raw header of a file: (json bytes, header length N, file size).
 
@@ -406,8 +421,19 @@ def read_header_bytes(path: str | os.PathLike[str]) -> tuple[bytes, int, int]:
             kind="pickle",
         )
     try:
-        with open(path, "rb") as fh:
-            file_bytes = os.fstat(fh.fileno()).st_size
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; regular files ignore the flag
+        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+        with open(os.open(path, flags), "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise FormatError(
+                    f"not a regular file (a {file_kind(st.st_mode)}); reading it would block "
+                    "or never end",
+                    path=path,
+                    hint="pass the .safetensors file itself",
+                    kind="not-regular",
+                )
+            file_bytes = st.st_size
             if file_bytes < 8:
                 raise FormatError(
                     f"file is {file_bytes} bytes, too short for a safetensors header",
