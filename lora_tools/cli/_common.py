@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import signal
 import sys
 import threading
@@ -115,9 +116,26 @@ def run(group: click.Group) -> None:
     sys.exit(code if isinstance(code, int) else 0)
 
 
+#: How --json spells floats that JSON has no number for (strict JSON: RFC 8259).
+NONFINITE_JSON = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN / Inf float replaced by the string ``"NaN"``, ``"Infinity"`` or
+    ``"-Infinity"``, so that it serialises as strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else NONFINITE_JSON[repr(value)]
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def print_json(doc: Any) -> None:
-    """Write one JSON document to stdout."""
-    click.echo(json.dumps(doc, indent=2, sort_keys=False, default=str))
+    """Write one strict JSON document to stdout (non-finite floats as strings, see
+    :func:`json_safe`)."""
+    click.echo(json.dumps(json_safe(doc), indent=2, sort_keys=False, default=str, allow_nan=False))
 
 
 def console(stderr: bool = False):
