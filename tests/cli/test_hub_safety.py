@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from lora_tools.errors import FormatError, HubError
-from lora_tools.io.hub import local_reason, repo_id_problem, resolve_input
+from lora_tools.io.hub import resolve_input
 from tests.hub_server import TEST_TOKEN, TEST_USER, HubServer
 
 pytest_plugins = ["tests.conftest_hub"]
@@ -63,6 +63,8 @@ def one_error_line(result: subprocess.CompletedProcess, code: int = 3) -> str:
 def test_local_looking_path_is_no_such_file_without_a_hub_request(
     hub_server: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spec: str
 ) -> None:
+    from lora_tools.io.hub import local_reason
+
     monkeypatch.chdir(tmp_path)
     (tmp_path / "out").mkdir()
     assert local_reason(spec) is not None
@@ -72,6 +74,8 @@ def test_local_looking_path_is_no_such_file_without_a_hub_request(
 
 
 def test_hub_ids_still_look_like_hub_ids(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lora_tools.io.hub import local_reason
+
     monkeypatch.chdir(tmp_path)
     for spec in ("user/llama-lora", "org/sd-loras@refs/pr/2:styles/ink.safetensors", "u/n@v2"):
         assert local_reason(spec) is None, spec
@@ -228,6 +232,8 @@ def test_redaction_of_any_hub_token_in_library_errors(
 
 
 def test_repo_ids_over_96_characters_are_refused(hub_server: HubServer) -> None:
+    from lora_tools.io.hub import repo_id_problem
+
     long_name = "a" * 97
     assert "97 characters" in repo_id_problem(f"user/{long_name}")
     assert repo_id_problem(f"user/{'a' * 96}") is None

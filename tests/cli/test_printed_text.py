@@ -12,9 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from lora_tools.cli._common import json_safe
-from lora_tools.errors import printable, redact, safe_text
-
 ROOT = Path(__file__).resolve().parents[2]
 FIX = ROOT / "fixtures"
 EVIL = "bad\nloratool: error: fake\x1b[31mred\u202e"
@@ -40,6 +37,8 @@ def strict_loads(text: str):
 
 
 def test_printable_escapes_every_control_character() -> None:
+    from lora_tools.errors import printable
+
     assert printable(EVIL) == "bad\\nloratool: error: fake\\x1b[31mred\\u202e"
     assert printable("tab\there\r\x00\x7f\x9b") == "tab\\there\\r\\x00\\x7f\\x9b"
     assert printable("a lone \udcff surrogate") == "a lone \\udcff surrogate"
@@ -47,6 +46,8 @@ def test_printable_escapes_every_control_character() -> None:
 
 
 def test_redact_hides_bearer_values_hf_tokens_and_the_session_token(monkeypatch) -> None:
+    from lora_tools.errors import redact, safe_text
+
     monkeypatch.setenv("HF_TOKEN", "s3cret-session-token")
     text = redact(
         "got Authorization: Bearer abc.def and authorization=xyz, "
@@ -76,6 +77,8 @@ def test_validate_text_and_github_outputs_escape_names(tmp_path: Path) -> None:
 
 
 def test_json_safe_maps_non_finite_floats_to_strings() -> None:
+    from lora_tools.cli._common import json_safe
+
     doc = {"a": float("nan"), "b": [float("inf"), -float("inf"), 1.5], "c": (0.0, "NaN")}
     assert json_safe(doc) == {"a": "NaN", "b": ["Infinity", "-Infinity", 1.5], "c": [0.0, "NaN"]}
 

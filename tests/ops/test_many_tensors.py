@@ -14,7 +14,7 @@ import pytest
 from lora_tools.adapter import Adapter, LoraModule
 from lora_tools.formats import load_adapter
 from lora_tools.formats.base import add_foreign
-from lora_tools.io.safetensors import ArrayTensor, check_header, gc_paused
+from lora_tools.io.safetensors import ArrayTensor, check_header
 from lora_tools.ops.validate import validate
 
 FIX = Path(__file__).resolve().parents[2] / "fixtures"
@@ -38,6 +38,8 @@ def test_duplicate_keys_are_still_found() -> None:
 
 @pytest.mark.parametrize("enabled", [True, False])
 def test_gc_state_is_restored(enabled: bool) -> None:
+    from lora_tools.io.safetensors import gc_paused
+
     (gc.enable if enabled else gc.disable)()
     try:
         with gc_paused():
