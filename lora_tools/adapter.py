@@ -390,6 +390,10 @@ class Adapter:
     config: dict[str, Any] | None = None
     source: Path | None = None
     config_source: Path | None = None
+    #: ``foreign`` as sets, so that noting a stem stays O(1) (readers see a key per tensor)
+    _foreign_seen: dict[str, set[str]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @property
     def name(self) -> str:

@@ -16,6 +16,8 @@ Example:
 from __future__ import annotations
 
 import os
+import re
+import sys
 
 #: Exit codes shared by every command.
 EXIT_OK = 0
@@ -106,3 +108,74 @@ class DeviceError(LoraToolError):
 
 class HubError(LoraToolError):
     """Talking to the Hugging Face Hub failed (auth, missing repo, rate limit, network)."""
+
+
+# Secrets and terminal control in printed text: every line loratool prints passes through
+# safe_text (cli/_common.py), and Hub error translations redact at the source too.
+_BEARER = re.compile(r"(?i)\b(bearer)\s+[^\s'\",;}\]]+")
+_AUTH_VALUE = re.compile(r"(?i)\b(authorization)(['\"]?\s*[:=]\s*['\"]?)(?!bearer\b)[^\s'\",;}\]]+")
+_HF_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{16,}")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_SECRETS: set[str] = set()
+#: Environment variables huggingface_hub reads a token from.
+TOKEN_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+
+def register_secret(value: str | None) -> None:
+    """Have :func:`redact` hide ``value`` (a token given on the command line) from now on."""
+    if value and len(value) >= 8:
+        _SECRETS.add(value)
+
+
+def _known_secrets() -> set[str]:
+    known = set(_SECRETS)
+    known.update(v for name in TOKEN_ENV if len(v := os.environ.get(name, "")) >= 8)
+    if "huggingface_hub" in sys.modules:  # the token it sends: env, or the stored login
+        try:
+            from huggingface_hub import get_token
+
+            token = get_token()
+        except Exception:  # an unreadable token file is no reason to fail an error message
+            token = None
+        if token and len(token) >= 8:
+            known.add(token)
+    return known
+
+
+def redact(text: str) -> str:
+    """``text`` with Hub tokens hidden: the known token, any ``Bearer ...``, any ``hf_...``.
+
+    Example:
+        >>> redact("401: got 'Authorization: Bearer hf_abcdefghijklmnopqrstuvwxyz0123'")
+        "401: got 'Authorization: Bearer ***'"
+    """
+    for secret in sorted(_known_secrets(), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    text = _BEARER.sub(r"\1 ***", text)
+    text = _AUTH_VALUE.sub(r"\1\2***", text)
+    return _HF_TOKEN.sub("hf_***", text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    if char in _NAMED:
+        return _NAMED[char]
+    code = ord(char)
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped (``\\n``, ``\\x1b``, ``\\u202e``, lone
+    surrogates): a file name cannot split a line, colour the terminal or fake a log line.
+
+    Example:
+        >>> printable("evil\\n\\x1b[31mname")
+        'evil\\\\n\\\\x1b[31mname'
+    """
+    return _CONTROL.sub(_escape, text)
+
+
+def safe_text(text: str) -> str:
+    """What loratool prints: :func:`redact` then :func:`printable`."""
+    return printable(redact(text))

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from lora_tools.cli._common import console
+from lora_tools.cli._common import console, error_line
 
 
 def load_input(spec: str):
@@ -72,7 +72,7 @@ def progress_bar(label: str, quiet: bool) -> Iterator[Callable[[int, int], None]
 
 def warn(message: str) -> None:
     """One ``loratool: warning: ...`` line on stderr."""
-    click.echo(f"loratool: warning: {message}", err=True)
+    error_line(message, "warning")
 
 
 def parse_floats(text: str, option: str) -> list[float]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import signal
 import sys
 import threading
@@ -13,15 +14,19 @@ from typing import Any, TypeVar
 
 import click
 
-from lora_tools.errors import EXIT_ERROR, EXIT_USAGE, LoraToolError
+from lora_tools.errors import EXIT_ERROR, EXIT_USAGE, LoraToolError, safe_text
 
 #: Exit code for Ctrl-C, as shells report SIGINT.
 EXIT_INTERRUPTED = 130
 
 
-def error_line(message: str) -> None:
-    """Print one ``loratool: error: ...`` line on stderr."""
-    click.echo(f"loratool: error: {message}", err=True)
+def error_line(message: str, kind: str = "error") -> None:
+    """Print one ``loratool: error: ...`` line on stderr (``kind``: error, warning, note).
+
+    Tokens are redacted and control characters escaped (:func:`lora_tools.errors.safe_text`):
+    a path or a server's answer can neither leak a token nor split or colour the line.
+    """
+    click.echo(f"loratool: {kind}: {safe_text(message)}", err=True)
 
 
 class Terminated(BaseException):
@@ -142,9 +147,26 @@ def command_hints(hints: dict[str, str]) -> Callable[[F], F]:
     return decorate
 
 
+#: How --json spells floats that JSON has no number for (strict JSON: RFC 8259).
+NONFINITE_JSON = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN / Inf float replaced by the string ``"NaN"``, ``"Infinity"`` or
+    ``"-Infinity"``, so that it serialises as strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else NONFINITE_JSON[repr(value)]
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def print_json(doc: Any) -> None:
-    """Write one JSON document to stdout."""
-    click.echo(json.dumps(doc, indent=2, sort_keys=False, default=str))
+    """Write one strict JSON document to stdout (non-finite floats as strings, see
+    :func:`json_safe`)."""
+    click.echo(json.dumps(json_safe(doc), indent=2, sort_keys=False, default=str, allow_nan=False))
 
 
 def console(stderr: bool = False):

@@ -82,6 +82,15 @@ def _ranges(indices: list[int]) -> str:
     return ",".join(out)
 
 
+def _safe(value: Any) -> str:
+    """A name or value from the file, for a rich table: no markup, no control characters."""
+    from rich.markup import escape
+
+    from lora_tools.errors import printable
+
+    return escape(printable(str(value)))
+
+
 def render(report: dict[str, Any]) -> None:
     from rich.table import Table
 
@@ -94,19 +103,19 @@ def render(report: dict[str, Any]) -> None:
     table.add_column()
     base = report["base_model"]
     rows = [
-        ("file", ", ".join(report["files"])),
+        ("file", ", ".join(_safe(f) for f in report["files"])),
         ("size", human_size(report["file_size_bytes"])),
         ("format", f"{report['format']} ({', '.join(report['variants']) or 'no LoRA modules'})"),
         (
             "base model",
-            f"{base['name']}  [dim]({base['source']})[/dim]" if base else "not recorded",
+            f"{_safe(base['name'])}  [dim]({base['source']})[/dim]" if base else "not recorded",
         ),
         (
             "modules",
             f"{mods['count']}  ({', '.join(f'{k} {v}' for k, v in mods['by_kind'].items())})",
         ),
         ("components", ", ".join(f"{k} {v}" for k, v in mods["by_component"].items())),
-        ("targets", ", ".join(f"{k} x{v}" for k, v in mods["targets"].items())),
+        ("targets", ", ".join(f"{_safe(k)} x{v}" for k, v in mods["targets"].items())),
         (
             "blocks",
             "; ".join(
@@ -130,7 +139,7 @@ def render(report: dict[str, Any]) -> None:
     ]
     if report["passthrough_tensors"]:
         names = report["passthrough_tensors"]
-        rows.append(("pass-through", f"{len(names)} tensors, e.g. {names[0]}"))
+        rows.append(("pass-through", f"{len(names)} tensors, e.g. {_safe(names[0])}"))
     if report["unsupported"]:
         rows.append(
             (
@@ -156,7 +165,7 @@ def render(report: dict[str, Any]) -> None:
         t.add_column(overflow="fold")
         for key, value in notable:
             text = str(value)
-            t.add_row(key, text if len(text) <= 200 else text[:197] + "...")
+            t.add_row(key, _safe(text if len(text) <= 200 else text[:197] + "..."))
         out.print(t)
 
     stats = report["stats"]
@@ -169,7 +178,7 @@ def render(report: dict[str, Any]) -> None:
         for row in stats["modules"]:
             style = "red" if row["outlier"] or not row["finite"] else None
             t.add_row(
-                row["module"].removeprefix("base_model.model."),
+                _safe(row["module"].removeprefix("base_model.model.")),
                 str(row["rank"]),
                 "unknown" if row["scale"] is None else f"{row['scale']:.4g}",
                 "non-finite"
@@ -184,9 +193,9 @@ def render(report: dict[str, Any]) -> None:
         if report["alpha"].get("unknown"):
             summary = "||dW||_F unknown: the scale is unknown"
         if stats["outliers"]:
-            summary += f"; outliers: {', '.join(stats['outliers'])}"
+            summary += f"; outliers: {', '.join(map(_safe, stats['outliers']))}"
         if stats["non_finite"]:
-            summary += f"; NaN/Inf in: {', '.join(stats['non_finite'])}"
+            summary += f"; NaN/Inf in: {', '.join(map(_safe, stats['non_finite']))}"
         if stats["zero"]:
             summary += f"; zero update: {len(stats['zero'])} modules"
         out.print(summary)

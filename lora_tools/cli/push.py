@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from lora_tools.cli._common import console, print_json
+from lora_tools.cli._common import console, error_line, print_json
 
 
 @click.command("push")
@@ -69,10 +69,10 @@ def command(
             return
         _render_plan(plan)
         for note in plan.notes:
-            click.echo(f"loratool: note: {note}", err=True)
+            error_line(note, "note")
         return
     for note in plan.notes:
-        click.echo(f"loratool: note: {note}", err=True)
+        error_line(note, "note")
     result = publish(
         plan,
         private=private,
@@ -82,7 +82,7 @@ def command(
         token=token,
     )
     for note in result.notes:
-        click.echo(f"loratool: note: {note}", err=True)
+        error_line(note, "note")
     if as_json:
         print_json(
             {
@@ -101,17 +101,20 @@ def command(
 
 
 def _render_plan(plan) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
+    from lora_tools.errors import printable
     from lora_tools.ops.inspect import human_size
 
     out = console()
-    out.print(f"would push {plan.kind} {plan.path} to {plan.repo_id} (one commit):", markup=False)
+    where = printable(str(plan.path))
+    out.print(f"would push {plan.kind} {where} to {plan.repo_id} (one commit):", markup=False)
     table = Table(show_header=True, box=None, pad_edge=False)
     table.add_column("file")
     table.add_column("size", justify="right")
     for f in plan.files:
-        table.add_row(f.path_in_repo, human_size(f.size))
+        table.add_row(escape(printable(f.path_in_repo)), human_size(f.size))
     table.add_row("total", human_size(sum(f.size for f in plan.files)), style="bold")
     out.print(table)
     out.print()

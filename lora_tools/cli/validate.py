@@ -178,7 +178,12 @@ _STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 def render(report: Any, fail_on: str, quiet: bool = False) -> None:
     """Findings grouped by file, then a one-line summary."""
     from rich.console import Console
-    from rich.markup import escape
+    from rich.markup import escape as escape_markup
+
+    from lora_tools.errors import printable
+
+    def escape(text: str) -> str:  # file and tensor names: no markup, no control characters
+        return escape_markup(printable(text))
 
     out = Console(highlight=False, soft_wrap=True)
     for fr in report.files:

@@ -28,7 +28,7 @@ from lora_tools.formats.base import (
 from lora_tools.formats.diffusers_old import DiffusersOldFormat
 from lora_tools.formats.kohya import KohyaFormat
 from lora_tools.formats.peft import CONFIG_NAME, DiffusersFormat, PeftFormat
-from lora_tools.io.safetensors import PICKLE_SUFFIXES, SafetensorsFile
+from lora_tools.io.safetensors import PICKLE_SUFFIXES, SafetensorsFile, gc_paused
 
 __all__ = [
     "AdapterFormat",
@@ -183,7 +183,8 @@ def load_adapter(path: str | os.PathLike[str], *, format: str | None = None) -> 
     """
     source = open_source(path)
     fmt = get_format(format) if format else detect_format(source)
-    adapter = fmt.read(source)
+    with gc_paused():  # one module object per tensor pair: no cycles to collect
+        adapter = fmt.read(source)
     if not adapter.modules and not adapter.foreign:
         raise AdapterError(
             f"no complete LoRA module (both factors) found among {len(source.keys)} tensors",

@@ -14,6 +14,17 @@ the huggingface_hub cache, which honours ``HF_HUB_OFFLINE``, ``HF_ENDPOINT`` and
 ``:path`` names one file in the repo (``user/sd-loras:style-v2.safetensors``), for repos that
 hold several.
 
+A spec that looks like a local path is never looked up on the Hub (:func:`local_reason`): it
+starts with ``.``, ``/`` or ``~``, has more than one ``/`` before any ``@`` or ``:``, ends in
+``.safetensors`` or ``.json``, or its first part is an existing folder. A missing one is a
+"no such file or folder" error at once.
+
+Every request loratool makes through huggingface_hub is bounded (:func:`bound_timeouts`): it
+connects within ``HF_HUB_ETAG_TIMEOUT`` seconds and waits at most ``HF_HUB_DOWNLOAD_TIMEOUT``
+seconds for each answer (huggingface_hub's own settings, 10 s each by default) wherever
+huggingface_hub sets no timeout itself. A Hub that cannot be reached is found by one request
+without retries; the cache is used then, or the lookup fails in one line.
+
 Example:
     >>> from lora_tools.io.hub import parse_hub_id, select_files
     >>> parse_hub_id("user/my-lora@v2")
@@ -24,14 +35,17 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
 import re
-from collections.abc import Callable
+import stat
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from lora_tools.errors import FormatError, HubError, UsageError
+from lora_tools.errors import FormatError, HubError, UsageError, redact
+from lora_tools.io.safetensors import file_kind
 
 _HUB_ID = re.compile(
     r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*)"
@@ -66,6 +80,66 @@ def parse_hub_id(spec: str) -> tuple[str, str | None, str | None] | None:
     if m is None:
         return None
     return m.group("repo"), m.group("rev"), m.group("file")
+
+
+#: The Hub's limit on each part of a repo id (huggingface_hub's validate_repo_id).
+REPO_ID_PART_MAX = 96
+_REPO_PART = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def repo_id_problem(repo_id: str) -> str | None:
+    """What the Hub would refuse in ``repo_id`` (``namespace/name``), or None if it is valid.
+
+    The rules of huggingface_hub's ``validate_repo_id``: each part 1-96 characters of
+    ``A-Z a-z 0-9 - _ .``, not starting or ending with ``-`` or ``.``, no ``--`` or ``..``, and
+    no ``.git`` at the end.
+
+    Example:
+        >>> repo_id_problem("user/" + "a" * 97)
+        'the name is 97 characters long; the Hub allows at most 96'
+        >>> repo_id_problem("user/my-lora") is None
+        True
+    """
+    parts = repo_id.split("/")
+    if len(parts) > 2:
+        return "a repo id is namespace/name, with one '/'"
+    for label, part in zip(("namespace", "name")[2 - len(parts) :], parts, strict=True):
+        if len(part) > REPO_ID_PART_MAX:
+            return (
+                f"the {label} is {len(part)} characters long; the Hub allows at most "
+                f"{REPO_ID_PART_MAX}"
+            )
+        if not _REPO_PART.fullmatch(part):
+            return f"the {label} may use only letters, digits, '-', '_' and '.'"
+        if part[0] in "-." or part[-1] in "-.":
+            return f"the {label} cannot start or end with '-' or '.'"
+    if "--" in repo_id or ".." in repo_id:
+        return "'--' and '..' are not allowed in a repo id"
+    if repo_id.endswith(".git"):
+        return "a repo id cannot end in '.git'"
+    return None
+
+
+def local_reason(spec: str) -> str | None:
+    """Why ``spec`` is taken for a local path and never looked up on the Hub, or None.
+
+    Example:
+        >>> local_reason("out/llama-lora/adapter_model.safetensors")
+        "it has more than one '/'"
+        >>> local_reason("./llama-lora"), local_reason("user/llama-lora")
+        ("it starts with '.'", None)
+    """
+    head = re.split(r"[@:]", spec, maxsplit=1)[0]
+    if spec[:1] in (".", "/", "~"):
+        return f"it starts with {spec[0]!r}"
+    if head.count("/") > 1:
+        return "it has more than one '/'"
+    if head.lower().endswith((".safetensors", ".json")):
+        return f"it ends in {Path(head).suffix!r}"
+    first = head.split("/", 1)[0]
+    if "/" in head and first and Path(first).is_dir():
+        return f"{first}/ is a local folder"
+    return None
 
 
 def _split(files: list[str]) -> dict[str, list[str]]:
@@ -197,8 +271,49 @@ def select_files(
     return weights + side("", top)
 
 
-def _hub_error(exc: Exception, spec: str, repo_id: str, revision: str | None) -> HubError:
+def unreachable_reason(exc: BaseException) -> str:
+    """``cannot be reached (...)`` / ``did not answer within 10 s``: why the Hub was not used."""
+    import httpx2
+    from huggingface_hub import constants
+
+    if isinstance(exc, httpx2.TimeoutException):
+        connect, read = hub_timeouts()
+        seconds = connect if isinstance(exc, httpx2.ConnectTimeout) else read
+        what = "accept a connection" if isinstance(exc, httpx2.ConnectTimeout) else "answer"
+        return f"the Hub at {constants.ENDPOINT} did not {what} within {seconds:g} s"
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return f"the Hub at {constants.ENDPOINT} cannot be reached ({type(exc).__name__}: {reason})"
+
+
+def _not_cached(spec: str, repo_id: str, why: BaseException | None) -> HubError:
+    """``repo_id`` is not (completely) in the cache; the hint names what actually stopped the
+    download: HF_HUB_OFFLINE only when it is set."""
+    from huggingface_hub import constants
+
+    if why is None and constants.is_offline_mode():
+        return HubError(
+            f"{repo_id} is not (completely) in the local cache and HF_HUB_OFFLINE is set",
+            path=spec,
+            hint="unset HF_HUB_OFFLINE to download it, or pass a local path",
+        )
+    import httpx2
+
+    reason = unreachable_reason(why) if why is not None else "the Hub cannot be reached"
+    hint = "check the network and HF_ENDPOINT, or pass a local path"
+    if isinstance(why, httpx2.TimeoutException):
+        hint = "check the network and HF_ENDPOINT, or raise HF_HUB_DOWNLOAD_TIMEOUT (seconds)"
+    return HubError(
+        f"no local path, {reason}, and {repo_id} is not (completely) in the local cache",
+        path=spec,
+        hint=hint,
+    )
+
+
+def _hub_error(
+    exc: Exception, spec: str, repo_id: str, revision: str | None, unreachable: Exception | None
+) -> HubError:
     """One line for a huggingface_hub failure; never includes the token."""
+    import httpx2
     from huggingface_hub.errors import (
         CachedRepoTreeNotFoundError,
         GatedRepoError,
@@ -227,10 +342,12 @@ def _hub_error(exc: Exception, spec: str, repo_id: str, revision: str | None) ->
     if isinstance(
         exc, (LocalEntryNotFoundError, CachedRepoTreeNotFoundError, OfflineModeIsEnabled)
     ):
+        return _not_cached(spec, repo_id, unreachable)
+    if isinstance(exc, (httpx2.TransportError, httpx2.TimeoutException)):
         return HubError(
-            f"{repo_id} is not (completely) in the local cache and the Hub cannot be reached",
+            f"download of {repo_id} failed: {redact(unreachable_reason(exc))}",
             path=spec,
-            hint="unset HF_HUB_OFFLINE, check the network, or download it once online",
+            hint="check the network and HF_ENDPOINT; then retry",
         )
     if isinstance(exc, HfHubHTTPError) and exc.response is not None:
         status = exc.response.status_code
@@ -240,11 +357,11 @@ def _hub_error(exc: Exception, spec: str, repo_id: str, revision: str | None) ->
             429: "rate limited by the Hub; wait a minute and retry",
         }.get(status, "retry later; check the Hub status")
         reason = exc.server_message or exc.response.reason_phrase
-        first = reason.splitlines()[0] if reason else ""
+        first = redact(reason.splitlines()[0]) if reason else ""
         return HubError(
             f"download of {repo_id} failed: HTTP {status} {first}".rstrip(), path=spec, hint=hint
         )
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    text = redact(str(exc).splitlines()[0]) if str(exc) else type(exc).__name__
     return HubError(
         f"download of {repo_id} failed: {type(exc).__name__}: {text}",
         path=spec,
@@ -272,19 +389,112 @@ def _client_errors() -> tuple[type[Exception], ...]:
     )
 
 
-def _list_repo(repo_id: str, revision: str | None) -> list[str]:
-    """Every file path in the repo: from the Hub, or from the cached listing when offline or
-    when the Hub cannot be reached."""
+def hub_timeouts() -> tuple[float, float]:
+    """``(connect, read)`` seconds for Hub requests: ``HF_HUB_ETAG_TIMEOUT`` and
+    ``HF_HUB_DOWNLOAD_TIMEOUT``, huggingface_hub's own settings (10 s each by default)."""
+    from huggingface_hub import constants
+
+    return float(constants.HF_HUB_ETAG_TIMEOUT), float(constants.HF_HUB_DOWNLOAD_TIMEOUT)
+
+
+def _fill_timeouts(request: object) -> None:
+    """httpx request hook: a connect, read and write timeout wherever the call set none."""
+    extensions = request.extensions  # type: ignore[attr-defined]
+    current = dict(extensions.get("timeout") or {})
+    connect, read = hub_timeouts()
+    for key, default in (("connect", connect), ("read", read), ("write", read)):
+        if current.get(key) is None:
+            current[key] = default
+    current.setdefault("pool", None)
+    request.extensions = {**extensions, "timeout": current}  # type: ignore[attr-defined]
+
+
+_BOUNDED = False
+
+
+def bound_timeouts() -> None:
+    """Give every request huggingface_hub sends a connect and a read timeout (see
+    :func:`hub_timeouts`); without one, a Hub that accepts the connection and never answers
+    hangs the caller forever. Idempotent; wraps the client factory already set, so a caller's
+    own ``set_client_factory`` (proxies, certificates) is kept.
+    """
+    global _BOUNDED
+    if _BOUNDED:
+        return
+    from huggingface_hub import set_client_factory
+    from huggingface_hub.utils import _http
+
+    previous = getattr(_http, "_GLOBAL_CLIENT_FACTORY", _http.default_client_factory)
+
+    def factory():  # -> httpx2.Client
+        client = previous()
+        if _fill_timeouts not in client.event_hooks["request"]:
+            client.event_hooks["request"].append(_fill_timeouts)
+        return client
+
+    set_client_factory(factory)
+    _BOUNDED = True
+
+
+@contextlib.contextmanager
+def quiet_hub_logs() -> Iterator[None]:
+    """Keep huggingface_hub's retry and fallback chatter off the terminal while loratool talks
+    to the Hub; every failure becomes one HubError line instead."""
+    import logging
+
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _list_repo(repo_id: str, revision: str | None, spec: str) -> tuple[list[str], Exception | None]:
+    """Every file path in the repo, and why the Hub was not used (None if it was).
+
+    One request without retries first (huggingface_hub retries a failed listing five times,
+    23 s of back-off): a Hub that cannot be reached sends the lookup to the cached listing at
+    once, as snapshot_download does.
+
+    Raises:
+        HubError: the Hub was not used and the repo is not in the cache.
+    """
     import httpx2
     from huggingface_hub import HfApi, constants, get_cached_repo_tree
-    from huggingface_hub.errors import OfflineModeIsEnabled
+    from huggingface_hub.errors import CachedRepoTreeNotFoundError, OfflineModeIsEnabled
 
     if not constants.is_offline_mode():
+        api = HfApi()
         try:
-            return HfApi().list_repo_files(repo_id, revision=revision)
-        except (httpx2.ConnectError, httpx2.TimeoutException, OfflineModeIsEnabled):
-            pass  # fall back on the cache, as snapshot_download does
-    return [f.path for f in get_cached_repo_tree(repo_id, revision=revision)]
+            api.model_info(repo_id, revision=revision, expand=["sha"])
+        except (httpx2.TransportError, httpx2.TimeoutException, OfflineModeIsEnabled) as exc:
+            unreachable: Exception | None = exc
+        else:
+            return api.list_repo_files(repo_id, revision=revision), None
+    else:
+        unreachable = None
+    try:
+        cached = get_cached_repo_tree(repo_id, revision=revision)
+    except CachedRepoTreeNotFoundError:
+        raise _not_cached(spec, repo_id, unreachable) from None
+    return [f.path for f in cached], unreachable
+
+
+def _regular(path: Path, role: str) -> Path:
+    """``path`` if it is a folder or a regular file; a FIFO, device or socket is refused
+    (reading one blocks forever or never ends)."""
+    mode = path.stat().st_mode
+    if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
+        return path
+    what = "adapter" if role == "adapter" else "base checkpoint"
+    raise FormatError(
+        f"not a regular file or folder (a {file_kind(mode)})",
+        path=path,
+        hint=f"pass the {what} file itself or its folder",
+        kind="not-regular",
+    )
 
 
 def resolve_input(spec: str | os.PathLike[str], *, role: str = "adapter") -> Path:
@@ -300,7 +510,8 @@ def resolve_input(spec: str | os.PathLike[str], *, role: str = "adapter") -> Pat
         when ``:path`` was given).
 
     Raises:
-        FormatError: neither a local path nor a Hub id.
+        FormatError: neither a local path nor a Hub id, a local-looking path that does not
+            exist (:func:`local_reason`), or a FIFO / device instead of a file.
         UsageError: the repo holds several checkpoints and none was named.
         HubError: the download failed (offline and not cached, missing repo, auth, network).
 
@@ -312,16 +523,31 @@ def resolve_input(spec: str | os.PathLike[str], *, role: str = "adapter") -> Pat
     """
     path = Path(spec)
     if path.exists():
-        return path
+        return _regular(path, role)
     text = os.fspath(spec)
     parsed = parse_hub_id(text)
     if parsed is None:
         raise FormatError("no such file or folder", path=spec, kind="missing")
+    if (why := local_reason(text)) is not None:
+        raise FormatError(
+            f"no such file or folder (not looked up on the Hub: {why})",
+            path=spec,
+            kind="missing",
+        )
     repo_id, revision, path_in_repo = parsed
+    if (problem := repo_id_problem(repo_id)) is not None:
+        raise HubError(f"no such file or folder, and not a valid Hub repo id: {problem}", path=spec)
     from huggingface_hub import hf_hub_download, snapshot_download
 
+    bound_timeouts()
+    unreachable: Exception | None = None
+
     def read_index(index_path: str) -> list[str]:
-        local = Path(hf_hub_download(repo_id, index_path, revision=revision))
+        local = Path(
+            hf_hub_download(
+                repo_id, index_path, revision=revision, local_files_only=unreachable is not None
+            )
+        )
         try:
             weight_map = json.loads(local.read_text(encoding="utf-8"))["weight_map"]
             return sorted(set(weight_map.values()))
@@ -331,9 +557,17 @@ def resolve_input(spec: str | os.PathLike[str], *, role: str = "adapter") -> Pat
             ) from None
 
     try:
-        files = _list_repo(repo_id, revision)
-        wanted = select_files(files, role, path_in_repo, read_index=read_index, spec=text)
-        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=wanted))
+        with quiet_hub_logs():
+            files, unreachable = _list_repo(repo_id, revision, text)
+            wanted = select_files(files, role, path_in_repo, read_index=read_index, spec=text)
+            folder = Path(
+                snapshot_download(
+                    repo_id,
+                    revision=revision,
+                    allow_patterns=wanted,
+                    local_files_only=unreachable is not None,
+                )
+            )
     except _client_errors() as exc:
-        raise _hub_error(exc, text, repo_id, revision) from None
+        raise _hub_error(exc, text, repo_id, revision, unreachable) from None
     return folder / path_in_repo if path_in_repo else folder

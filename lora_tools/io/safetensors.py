@@ -16,11 +16,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
+import gc
 import json
 import math
 import os
+import stat
 import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -238,14 +241,16 @@ def tensor_nbytes(dtype: str, shape: Sequence[int]) -> int:
 
 
 def _pairs_with_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    out: dict[str, object] = {}
+    out: dict[str, object] = dict(pairs)  # one C call per object: the common case, no duplicates
+    if len(out) == len(pairs):
+        return out
+    seen: set[str] = set()
     dups: list[str] = []
-    for key, value in pairs:
-        if key in out:
+    for key, _ in pairs:
+        if key in seen:
             dups.append(key)
-        out[key] = value
-    if dups:
-        out.setdefault("\x00duplicates", []).extend(dups)  # type: ignore[union-attr]
+        seen.add(key)
+    out.setdefault("\x00duplicates", []).extend(dups)  # type: ignore[union-attr]
     return out
 
 
@@ -261,6 +266,20 @@ def _lone_surrogate(doc: dict[str, object]) -> str | None:
         except UnicodeEncodeError:
             return text
     return None
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while building many small acyclic objects (a
+    million-tensor header): its collections would visit every live object again and again,
+    doubling the parse time. Reference counting still frees everything as usual."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _is_uint(value: object) -> bool:
@@ -284,7 +303,8 @@ def check_header(
     if not text.startswith("{"):
         return None, [Problem("header-json", "header does not start with '{'")]
     try:
-        doc = json.loads(text, object_pairs_hook=_pairs_with_duplicates)
+        with gc_paused():
+            doc = json.loads(text, object_pairs_hook=_pairs_with_duplicates)
     except (json.JSONDecodeError, RecursionError) as exc:
         msg = str(exc) if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
         return None, [Problem("header-json", f"header is not valid JSON: {msg}")]
@@ -330,15 +350,16 @@ def check_header(
 
     tensors: dict[str, TensorInfo] = {}
     spans: list[tuple[int, int, str]] = []
-    for name, entry in doc.items():
-        info = _check_entry(name, entry, problems)
-        if info is not None:
-            tensors[name] = info
-            spans.append((info.begin, info.end, name))
-        elif (span := _valid_offsets(entry)) is not None:
-            # An entry rejected for its dtype or shape still occupies its bytes: keeping its span
-            # stops one bad entry from also being reported as a gap or as trailing bytes.
-            spans.append((*span, name))
+    with gc_paused():
+        for name, entry in doc.items():
+            info = _check_entry(name, entry, problems)
+            if info is not None:
+                tensors[name] = info
+                spans.append((info.begin, info.end, name))
+            elif (span := _valid_offsets(entry)) is not None:
+                # An entry rejected for its dtype or shape still occupies its bytes: keeping its
+                # span stops one bad entry from also being reported as a gap or as trailing bytes.
+                spans.append((*span, name))
 
     expected_end = 0
     for begin, end, name in sorted(spans):
@@ -462,6 +483,20 @@ def _raise(problem: Problem, path: str | os.PathLike[str]) -> None:
     raise FormatError(problem.message, path=path, hint=problem.hint, kind=problem.kind)
 
 
+def file_kind(mode: int) -> str:
+    """``FIFO``, ``character device``...: what a file that is not a regular file is."""
+    for test, name in (
+        (stat.S_ISDIR, "folder"),
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISSOCK, "socket"),
+    ):
+        if test(mode):
+            return name
+    return "special file"
+
+
 def read_header_bytes(path: str | os.PathLike[str]) -> tuple[bytes, int, int]:
     """Read the raw header of a file: (json bytes, header length N, file size).
 
@@ -475,8 +510,19 @@ def read_header_bytes(path: str | os.PathLike[str]) -> tuple[bytes, int, int]:
             kind="pickle",
         )
     try:
-        with open(path, "rb") as fh:
-            file_bytes = os.fstat(fh.fileno()).st_size
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; regular files ignore the flag
+        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+        with open(os.open(path, flags), "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise FormatError(
+                    f"not a regular file (a {file_kind(st.st_mode)}); reading it would block "
+                    "or never end",
+                    path=path,
+                    hint="pass the .safetensors file itself",
+                    kind="not-regular",
+                )
+            file_bytes = st.st_size
             if file_bytes < 8:
                 raise FormatError(
                     f"file is {file_bytes} bytes, too short for a safetensors header",

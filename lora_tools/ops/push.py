@@ -30,9 +30,23 @@ from pathlib import Path
 from typing import Any
 
 from lora_tools import __version__
-from lora_tools.errors import EXIT_FINDINGS, FormatError, HubError, LoraToolError, UsageError
+from lora_tools.errors import (
+    EXIT_FINDINGS,
+    FormatError,
+    HubError,
+    LoraToolError,
+    UsageError,
+    redact,
+    register_secret,
+)
 from lora_tools.io.folder import skip_reason
-from lora_tools.io.hub import parse_hub_id
+from lora_tools.io.hub import (
+    bound_timeouts,
+    parse_hub_id,
+    quiet_hub_logs,
+    repo_id_problem,
+    unreachable_reason,
+)
 from lora_tools.io.jsonfile import parse_json, read_json_object
 from lora_tools.io.safetensors import PICKLE_SUFFIXES, SafetensorsFile
 from lora_tools.ops.card import (
@@ -138,6 +152,8 @@ def check_repo_id(repo_id: str) -> None:
             f"{repo_id!r} is not a Hub repo id",
             hint="write it as user/name (or org/name); use --revision for a branch",
         )
+    if (problem := repo_id_problem(repo_id)) is not None:
+        raise UsageError(f"{repo_id!r} is not a valid Hub repo id: {problem}")
 
 
 def _read_metadata(path: Path) -> dict[str, str]:
@@ -489,7 +505,7 @@ def hub_error(exc: BaseException, repo_id: str, step: str) -> HubError:
         )
     if status is not None:
         server = getattr(exc, "server_message", None) or ""
-        reason = server.splitlines()[0] if server else ""
+        reason = redact(server.splitlines()[0]) if server else ""
         hint = {
             401: "log in with `hf auth login`, set HF_TOKEN, or pass --token",
             403: "the token cannot write to this repo (a read-only token, or no rights)",
@@ -498,7 +514,14 @@ def hub_error(exc: BaseException, repo_id: str, step: str) -> HubError:
             429: "rate limited by the Hub; wait a few minutes and retry",
         }.get(status, "retry later; check the Hub status")
         return HubError(f"{step} failed: HTTP {status} {reason}".rstrip(), hint=hint)
-    text = str(exc).splitlines()[0] if str(exc) else ""
+    import httpx2
+
+    if isinstance(exc, httpx2.TimeoutException):
+        return HubError(
+            f"{step} failed: {type(exc).__name__}: {unreachable_reason(exc)}",
+            hint="check the network and HF_ENDPOINT, or raise HF_HUB_DOWNLOAD_TIMEOUT (seconds)",
+        )
+    text = redact(str(exc).splitlines()[0]) if str(exc) else ""
     return HubError(
         f"{step} failed: {type(exc).__name__}: {text}".rstrip(": "),
         hint="check the network and HF_ENDPOINT",
@@ -582,6 +605,20 @@ def publish(
         HubError: auth (401/403), missing repo or branch, rate limit, network; nothing is
             published then (the commit is applied whole or not at all).
     """
+    register_secret(token)
+    bound_timeouts()
+    with quiet_hub_logs():
+        return _publish(plan, private, revision, create_pr, message, token)
+
+
+def _publish(
+    plan: PushPlan,
+    private: bool,
+    revision: str | None,
+    create_pr: bool,
+    message: str | None,
+    token: str | None,
+) -> PushResult:
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import RepositoryNotFoundError
 

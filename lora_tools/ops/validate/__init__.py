@@ -40,7 +40,7 @@ import contextlib
 import os
 from collections.abc import Iterable
 
-from lora_tools.io.safetensors import PICKLE_SUFFIXES
+from lora_tools.io.safetensors import PICKLE_SUFFIXES, gc_paused
 from lora_tools.ops.validate.checks import check_target
 from lora_tools.ops.validate.checks.structure import FLOAT_DTYPES
 from lora_tools.ops.validate.checks.values import OUTLIER_MIN_RATIO, OUTLIER_Z
@@ -111,7 +111,8 @@ def validate(
         for target in targets:
             # CHUNK_BYTES is looked up here, on the package, so that setting it there tunes
             # the scan (the tests shrink it to exercise chunked reads).
-            files.append(check_target(target, rules, checkpoint, progress, CHUNK_BYTES))
+            with gc_paused():  # a finding or a module per tensor: many objects, no cycles
+                files.append(check_target(target, rules, checkpoint, progress, CHUNK_BYTES))
     finally:
         if checkpoint is not None:
             checkpoint.close()

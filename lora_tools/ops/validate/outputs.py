@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import quote
 
 from lora_tools import __version__
+from lora_tools.errors import printable
 from lora_tools.ops.validate.report import Report
 from lora_tools.ops.validate.rules import ERROR, INFO, RULES, WARNING
 
@@ -57,9 +58,9 @@ def to_github(report: Report) -> list[str]:
     for f in report.findings:
         title = f"{f.rule.code} {f.rule.name}"
         text = f.message + (f" (hint: {f.hint})" if f.hint else "")
-        lines.append(
-            f"::{_GITHUB_LEVEL[f.severity]} file={_escape_property(f.path)},"
-            f"title={_escape_property(title)}::{_escape_data(text)}"
+        lines.append(  # printable: an ESC or newline in a name cannot fake a log line
+            f"::{_GITHUB_LEVEL[f.severity]} file={_escape_property(printable(f.path))},"
+            f"title={_escape_property(title)}::{_escape_data(printable(text))}"
         )
     return lines
 

@@ -157,6 +157,7 @@ PROBLEM_RULES = {
     "pickle": "LT016",
     "io": "LT017",
     "missing": "LT017",
+    "not-regular": "LT017",
     "no-weights": "LT018",
 }
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from lora_tools.formats import WEIGHT_NAMES
 from lora_tools.formats.peft import CONFIG_NAME
-from lora_tools.io.hub import parse_hub_id, resolve_input
-from lora_tools.io.safetensors import PICKLE_SUFFIXES
+from lora_tools.io.hub import local_reason, parse_hub_id, resolve_input
+from lora_tools.io.safetensors import PICKLE_SUFFIXES, file_kind
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,8 @@ def discover(paths: Iterable[str | os.PathLike[str]]) -> list[Target]:
     for spec in paths:
         display = os.fspath(spec)
         path = Path(display)
-        if not path.exists() and parse_hub_id(display) is not None:
+        hub = not path.exists() and parse_hub_id(display) is not None
+        if hub and local_reason(display) is None:
             path = resolve_input(display, role="adapter")  # a local path always wins
         if path.is_dir():
             found = _folder_targets(display, path)
@@ -105,14 +106,12 @@ def discover(paths: Iterable[str | os.PathLike[str]]) -> list[Target]:
                 )
             ]
         else:
-            found = [
-                Target(
-                    display,
-                    None,
-                    problem="LT017",
-                    problem_message="no such file or folder",
-                )
-            ]
+            message = "no such file or folder"
+            if path.exists():  # a FIFO or a device: reading it would block or never end
+                message = f"not a regular file or folder (a {file_kind(path.stat().st_mode)})"
+            elif hub:
+                message += f" (not looked up on the Hub: {local_reason(display)})"
+            found = [Target(display, None, problem="LT017", problem_message=message)]
         for target in found:
             out.setdefault(target.key, target)
     # A weights file given alone and again through its folder is one adapter: keep the one

@@ -287,9 +287,14 @@ def _check_targets(
         def covered(path: str) -> bool:
             return patterns.fullmatch(targets, path)
     elif isinstance(targets, list) and all(isinstance(t, str) for t in targets):
+        names = set(targets)
 
         def covered(path: str) -> bool:
-            return any(path == t or path.endswith("." + t) for t in targets)
+            # PEFT: path == t or path.endswith("." + t); as set lookups of the path and of each
+            # suffix after a ".", O(depth) instead of O(len(targets)) per module
+            return path in names or any(
+                path[i + 1 :] in names for i, c in enumerate(path) if c == "."
+            )
     else:
         ctx.add(
             "LT302",
@@ -430,8 +435,11 @@ def _check_kohya_metadata(ctx: Context, adapter: Adapter, modules: list[LoraModu
         args = {}
     # kohya trains 3x3 (and larger) convolutions with conv_dim / conv_alpha, everything else
     # (linear layers and 1x1 convolutions) with network_dim / network_alpha.
-    wide = [m for m in modules if m.kind == CONV and math.prod(m.kernel) > 1]
-    narrow = [m for m in modules if m not in wide]
+    is_wide = [m.kind == CONV and math.prod(m.kernel) > 1 for m in modules]
+    wide = [m for m, w in zip(modules, is_wide, strict=True) if w]
+    narrow = [
+        m for m, w in zip(modules, is_wide, strict=True) if not w
+    ]  # not `m not in wide`: O(n^2)
     groups = (
         (narrow, meta.get("ss_network_dim"), meta.get("ss_network_alpha"), "ss_network"),
         (wide, args.get("conv_dim"), args.get("conv_alpha"), "ss_network_args conv"),

@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-
 from lora_tools.adapter import LARGEST_F32
 from lora_tools.formats import peft as peft_format
 from lora_tools.formats import registry
