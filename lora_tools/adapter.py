@@ -485,6 +485,8 @@ class Adapter:
                     hint="drop the module or use the checkpoint it was trained to",
                     kind="zero-rank",
                 )
+            if m.alpha_unknown is not None:
+                continue  # no scale to check: operations that need one refuse it themselves
             scale = m.scale
             unusable = not math.isfinite(scale) or abs(m.effective_alpha) > LARGEST_F32
             if unusable or (scale != 0 and abs(scale) < _SMALLEST_SCALE):
@@ -520,7 +522,7 @@ class Adapter:
                     f"beyond the largest {dtype} value {limit:.3g}; consumers would compute "
                     "inf",
                     path=self.source,
-                    hint="use a smaller alpha or --factor",
+                    hint="use a smaller alpha, or scale the adapter down with `loratool rescale`",
                     kind="non-finite",
                 )
 

@@ -53,7 +53,7 @@ def test_inspect(adapter: Path) -> None:
     by_config = json.loads(invoke("inspect", str(adapter / "adapter_config.json"), "--json"))
     assert by_config == by_folder
     # the config was read as the config (alpha 8), not as a weights file
-    assert by_config["alpha"] == {"histogram": {"8": 8}}
+    assert by_config["alpha"] == {"histogram": {"8": 8}, "unknown": None}
     assert by_config["files"] == [
         str(adapter / n) for n in ("adapter_model.safetensors", "adapter_config.json")
     ]
