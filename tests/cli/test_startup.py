@@ -94,7 +94,10 @@ def test_help_and_header_only_work_import_neither_ml_dtypes_nor_torch(fixtures_d
         assert entry["code"] in (0, None), entry
         assert entry["heavy"] == ["numpy"], f"{entry['args']} imported {entry['heavy']}"
     # the bf16 alpha tensors were read without ml_dtypes, and read right
-    assert json.loads(report[len(helps) + 1]["output"])["alpha"] == {"histogram": {"2": 60}, "unknown": None}
+    assert json.loads(report[len(helps) + 1]["output"])["alpha"] == {
+        "histogram": {"2": 60},
+        "unknown": None,
+    }
 
 
 def test_decoding_a_bf16_tensor_still_works(fixtures_dir, tmp_path):
