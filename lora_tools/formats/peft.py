@@ -122,8 +122,8 @@ def config_number(value: object) -> float:
 
 
 def alpha_source(config: dict[str, Any], path: str) -> tuple[str, object]:
-    """Which config entry gives module ``path`` its alpha (``lora_alpha``, ``r`` or a pattern
-    key), and the value it holds there."""
+    """Which config entry gives module ``path`` its alpha (a pattern key, ``lora_alpha``, or
+    LoraConfig's default when there is none), and the value it holds there."""
     alpha_pattern = config.get("alpha_pattern") or {}
     key = (
         pattern_key(alpha_pattern, path, name="alpha_pattern")
@@ -134,7 +134,7 @@ def alpha_source(config: dict[str, Any], path: str) -> tuple[str, object]:
         return f"alpha_pattern[{key!r}]", alpha_pattern[key]
     if "lora_alpha" in config:
         return "lora_alpha", config["lora_alpha"]
-    return "r (there is no lora_alpha)", config.get("r")
+    return "lora_alpha (absent: LoraConfig's default)", PEFT_DEFAULT_ALPHA
 
 
 def module_scale_params(config: dict[str, Any] | None, path: str, rank: int) -> tuple[float, bool]:
@@ -148,15 +148,7 @@ def module_scale_params(config: dict[str, Any] | None, path: str, rank: int) -> 
     """
     if not config:
         return float(rank), False
-    alpha = config.get("lora_alpha", PEFT_DEFAULT_ALPHA)
-    alpha_pattern = config.get("alpha_pattern") or {}
-    key = (
-        pattern_key(alpha_pattern, path, name="alpha_pattern")
-        if isinstance(alpha_pattern, dict)
-        else None
-    )
-    if key is not None:
-        alpha = alpha_pattern[key]
+    _, alpha = alpha_source(config, path)
     return config_number(alpha), bool(config.get("use_rslora", False))
 
 
