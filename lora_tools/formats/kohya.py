@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from lora_tools.adapter import CONV, LINEAR, Adapter, LoraModule
-from lora_tools.errors import UsageError
+from lora_tools.errors import FormatError, UsageError
 from lora_tools.formats.base import (
     AdapterFormat,
     AdapterSource,
@@ -30,6 +30,7 @@ from lora_tools.formats.base import (
     add_foreign,
     unresolved_error,
 )
+from lora_tools.io.jsonfile import parse_json
 from lora_tools.io.safetensors import (
     ArrayTensor,
     Tensor,
@@ -249,8 +250,8 @@ def update_training_metadata(metadata: dict[str, str], modules: list[LoraModule]
     if not wide or not raw:
         return
     try:
-        args = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError):
+        args = parse_json(raw, what="ss_network_args")
+    except FormatError:
         return
     if not isinstance(args, dict) or not ({"conv_dim", "conv_alpha"} & set(args)):
         return

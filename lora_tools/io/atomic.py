@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import shutil
 import socket
@@ -45,6 +44,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from lora_tools.errors import LoraToolError, OutputError
+from lora_tools.io.jsonfile import read_json
 
 
 def _host() -> str:
@@ -387,8 +387,8 @@ def recorded_files(folder: Path) -> set[str]:
         try:
             if record.stat().st_size > _MAX_RECORD_BYTES:
                 return set()
-            doc = json.loads(record.read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError):
+            doc = read_json(record)
+        except (OSError, LoraToolError):
             return set()
         files = (
             doc.get("files") if isinstance(doc, dict) and doc.get("tool") == "loratool" else None

@@ -36,7 +36,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import posixpath
 import re
@@ -45,6 +44,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from lora_tools.errors import FormatError, HubError, UsageError, redact
+from lora_tools.io.jsonfile import parse_json
 from lora_tools.io.safetensors import file_kind
 
 _HUB_ID = re.compile(
@@ -548,10 +548,10 @@ def resolve_input(spec: str | os.PathLike[str], *, role: str = "adapter") -> Pat
                 repo_id, index_path, revision=revision, local_files_only=unreachable is not None
             )
         )
+        doc = parse_json(local.read_bytes(), path=f"{text} ({index_path})")
         try:
-            weight_map = json.loads(local.read_text(encoding="utf-8"))["weight_map"]
-            return sorted(set(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError):
+            return sorted(set(doc["weight_map"].values()))
+        except (KeyError, TypeError, AttributeError):
             raise FormatError(
                 "index has no weight_map of tensor name -> file name", path=f"{text} ({index_path})"
             ) from None
