@@ -18,6 +18,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from lora_tools.adapter import Adapter
+from lora_tools.constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHT_NAMES
 from lora_tools.errors import AdapterError, FormatError, UnsafeFileError, UsageError
 from lora_tools.formats.base import (
     AdapterFormat,
@@ -27,7 +28,7 @@ from lora_tools.formats.base import (
 )
 from lora_tools.formats.diffusers_old import DiffusersOldFormat
 from lora_tools.formats.kohya import KohyaFormat
-from lora_tools.formats.peft import CONFIG_NAME, DiffusersFormat, PeftFormat
+from lora_tools.formats.peft import DiffusersFormat, PeftFormat
 from lora_tools.io.safetensors import PICKLE_SUFFIXES, SafetensorsFile, gc_paused
 
 __all__ = [
@@ -42,8 +43,6 @@ __all__ = [
     "save_adapter",
 ]
 
-#: File names looked for, in order, inside an adapter folder.
-WEIGHT_NAMES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors")
 
 _REGISTRY: dict[str, AdapterFormat] = {}
 _ENTRY_POINTS_LOADED = False
@@ -98,7 +97,7 @@ def adapter_path(path: str | os.PathLike[str]) -> Path:
         PosixPath('fixtures/peft/llama-lora')
     """
     path = Path(path)
-    if path.name == CONFIG_NAME and path.is_file():
+    if path.name == ADAPTER_CONFIG_NAME and path.is_file():
         return path.parent
     return path
 
@@ -113,10 +112,10 @@ def find_adapter_files(path: str | os.PathLike[str]) -> tuple[Path, Path | None]
     """
     path = adapter_path(path)
     if path.is_dir():
-        candidates = [path / n for n in WEIGHT_NAMES if (path / n).is_file()]
+        candidates = [path / n for n in ADAPTER_WEIGHT_NAMES if (path / n).is_file()]
         if not candidates:
             candidates = sorted(p for p in path.glob("*.safetensors") if p.is_file())
-        if len(candidates) > 1 and not any(c.name in WEIGHT_NAMES for c in candidates):
+        if len(candidates) > 1 and not any(c.name in ADAPTER_WEIGHT_NAMES for c in candidates):
             raise UsageError(
                 f"folder holds {len(candidates)} .safetensors files "
                 f"({', '.join(c.name for c in candidates[:3])}...); which is the adapter?",
@@ -140,12 +139,12 @@ def find_adapter_files(path: str | os.PathLike[str]) -> tuple[Path, Path | None]
                 kind="no-weights",
             )
         weights = candidates[0]
-        config = path / CONFIG_NAME
+        config = path / ADAPTER_CONFIG_NAME
         return weights, config if config.is_file() else None
     if not path.exists():
         raise FormatError("no such file or folder", path=path, kind="missing")
-    config = path.with_name(CONFIG_NAME)
-    use_config = path.name == WEIGHT_NAMES[0] and config.is_file()
+    config = path.with_name(ADAPTER_CONFIG_NAME)
+    use_config = path.name == ADAPTER_WEIGHT_NAMES[0] and config.is_file()
     return path, config if use_config else None
 
 

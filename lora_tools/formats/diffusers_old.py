@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 from lora_tools.adapter import CONV, LINEAR, Adapter, LoraModule
+from lora_tools.constants import DIFFUSERS_WEIGHTS_NAME
 from lora_tools.errors import UsageError
 from lora_tools.formats.base import AdapterFormat, AdapterSource, ParsedKey, add_foreign
 from lora_tools.formats.peft import COMPONENTS
@@ -52,7 +53,7 @@ class DiffusersOldFormat(AdapterFormat):
 
     name = "diffusers-old"
     description = "older diffusers spellings (processor.to_q_lora, .lora.down, lora_linear_layer)"
-    default_filename = "pytorch_lora_weights.safetensors"
+    default_filename = DIFFUSERS_WEIGHTS_NAME
 
     def claims(self, key: str) -> bool:
         return split_key(key) is not None

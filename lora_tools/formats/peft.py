@@ -23,6 +23,7 @@ from typing import Any
 
 from lora_tools import patterns as patterns_mod
 from lora_tools.adapter import CONV, EMBEDDING, LINEAR, Adapter, LoraModule
+from lora_tools.constants import ADAPTER_CONFIG_NAME, DIFFUSERS_WEIGHTS_NAME, PEFT_WEIGHTS_NAME
 from lora_tools.errors import FormatError, UsageError
 from lora_tools.formats.base import (
     AdapterFormat,
@@ -49,12 +50,10 @@ COMPONENTS = (
     "decoder",
 )
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 #: ``LoraConfig.lora_alpha``'s default: what PEFT uses when a config has no ``lora_alpha``.
 PEFT_DEFAULT_ALPHA = 8
 #: Why a module's alpha is unknown when its PEFT keys come without adapter_config.json.
-NO_CONFIG = f"no {CONFIG_NAME}"
+NO_CONFIG = f"no {ADAPTER_CONFIG_NAME}"
 
 # The key grammar: stem + role suffix; the suffix names the role (parse_key).
 _ROLE_RE = re.compile(
@@ -175,7 +174,7 @@ class PeftFormat(AdapterFormat):
 
     name = "peft"
     description = "PEFT (adapter_model.safetensors + adapter_config.json)"
-    default_filename = WEIGHTS_NAME
+    default_filename = PEFT_WEIGHTS_NAME
 
     def _prefixed(self, stem: str) -> bool:
         return split_stem(stem)[0] is None
@@ -334,10 +333,10 @@ class PeftFormat(AdapterFormat):
             save_tensors(out, tensors, metadata)
             return out
         with atomic_dir(out, force=True) as tmp:
-            save_tensors(tmp / WEIGHTS_NAME, tensors, metadata)
+            save_tensors(tmp / PEFT_WEIGHTS_NAME, tensors, metadata)
             if config is not None:
-                (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        return out / WEIGHTS_NAME
+                (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        return out / PEFT_WEIGHTS_NAME
 
 
 class DiffusersFormat(PeftFormat):
@@ -345,7 +344,7 @@ class DiffusersFormat(PeftFormat):
 
     name = "diffusers"
     description = "diffusers (pytorch_lora_weights.safetensors, component-prefixed PEFT keys)"
-    default_filename = "pytorch_lora_weights.safetensors"
+    default_filename = DIFFUSERS_WEIGHTS_NAME
 
     def _prefixed(self, stem: str) -> bool:
         return split_stem(stem)[0] is not None

@@ -43,6 +43,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from lora_tools.constants import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHT_NAMES,
+    HISTORY_KEY,
+    MERGE_RECORD_NAME,
+)
 from lora_tools.errors import LoraToolError, OutputError
 from lora_tools.io.jsonfile import read_json
 
@@ -345,14 +351,6 @@ def preallocate(fd: int, nbytes: int, path: str | os.PathLike[str]) -> None:
 
 # -- which outputs are safe to write ----------------------------------------------------------
 
-#: The provenance record ``loratool merge`` writes into every merged folder. Its ``files`` list
-#: names every other file it wrote there.
-MERGE_RECORD_NAME = "loratool_merge.json"
-#: The safetensors metadata key of every adapter loratool writes (a JSON list of operations).
-HISTORY_KEY = "loratool_history"
-#: The weights files of the adapter folders loratool writes, and the one file beside them.
-ADAPTER_WEIGHTS_NAMES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors")
-ADAPTER_CONFIG_NAME = "adapter_config.json"
 #: A provenance record larger than this is not one loratool wrote.
 _MAX_RECORD_BYTES = 64 << 20
 #: Entries of an existing folder looked at before it counts as not loratool's.
@@ -396,7 +394,7 @@ def recorded_files(folder: Path) -> set[str]:
         if isinstance(files, list) and all(isinstance(f, str) for f in files):
             return {*files, MERGE_RECORD_NAME}
         return set()
-    for name in ADAPTER_WEIGHTS_NAMES:
+    for name in ADAPTER_WEIGHT_NAMES:
         weights = folder / name
         if _is_regular(weights) and _adapter_history(weights):
             return {name, ADAPTER_CONFIG_NAME}

@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lora_tools.constants import INDEX_NAMES, MODEL_CONFIG_NAME, PIPELINE_INDEX_NAME
 from lora_tools.errors import FormatError, UnsafeFileError
 from lora_tools.io.jsonfile import read_json_object
 from lora_tools.io.safetensors import PICKLE_SUFFIXES, SafetensorsFile, TensorInfo
 
 #: Index file names, most specific first.
-INDEX_NAMES = ("model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json")
 #: Pipeline components a diffusers folder may hold weights in.
 DIFFUSERS_COMPONENTS = (
     "unet",
@@ -210,7 +210,7 @@ class Checkpoint:
 
 def _component_from_folder(name: str, folder: Path) -> Component | None:
     """The weights in one folder, or None if it holds no safetensors weights."""
-    config_path = folder / "config.json"
+    config_path = folder / MODEL_CONFIG_NAME
     config = (
         read_json_object(config_path, kind="checkpoint-json") if config_path.is_file() else None
     )
@@ -300,7 +300,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         return Checkpoint(path, "file", {"": comp})
     if not path.is_dir():
         raise FormatError("no such file or folder", path=path, kind="missing")
-    if (path / "model_index.json").is_file():
+    if (path / PIPELINE_INDEX_NAME).is_file():
         components: dict[str, Component] = {}
         for sub in sorted(p for p in path.iterdir() if p.is_dir()):
             comp = _component_from_folder(sub.name, sub)

@@ -43,6 +43,12 @@ import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from lora_tools.constants import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHT_NAMES,
+    BASE_WEIGHT_NAMES,
+    PIPELINE_INDEX_NAME,
+)
 from lora_tools.errors import FormatError, HubError, UsageError, redact
 from lora_tools.io.jsonfile import parse_json
 from lora_tools.io.safetensors import file_kind
@@ -52,12 +58,6 @@ _HUB_ID = re.compile(
     r"(?:@(?P<rev>[\w./-]+))?(?::(?P<file>[^:@]+))?$"
 )
 
-#: Adapter weight file names, in order of preference (the same as lora_tools.formats.WEIGHT_NAMES;
-#: io sits below formats, so the tuple is repeated here and a test keeps the two equal).
-ADAPTER_WEIGHT_NAMES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors")
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-#: Base weight file names preferred when a folder holds several checkpoints.
-BASE_WEIGHT_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors")
 #: Non-weight files a base needs: configs, generation settings, tokenizer and scheduler files.
 BASE_SIDE_SUFFIXES = (".json", ".txt", ".model", ".tiktoken")
 _INDEX_SUFFIX = ".safetensors.index.json"
@@ -254,8 +254,8 @@ def select_files(
         for n in sorted(names)
         if n.endswith(BASE_SIDE_SUFFIXES) and not n.endswith(_INDEX_SUFFIX)
     ]
-    if "model_index.json" in top:
-        out = ["model_index.json"]
+    if PIPELINE_INDEX_NAME in top:
+        out = [PIPELINE_INDEX_NAME]
         for folder in sorted(f for f in folders if f and "/" not in f):
             out += _pick_weights(folder, folders[folder], reader, spec) + side(
                 folder, folders[folder]

@@ -18,6 +18,7 @@ import numpy as np
 
 from lora_tools import __version__
 from lora_tools.adapter import Adapter, LoraModule
+from lora_tools.constants import HISTORY_KEY
 from lora_tools.errors import FormatError
 from lora_tools.formats import adapter_path, save_adapter
 from lora_tools.formats.kohya import flatten_path, split_name
@@ -25,9 +26,6 @@ from lora_tools.formats.peft import target_paths
 from lora_tools.io.atomic import check_output
 from lora_tools.io.jsonfile import parse_json
 from lora_tools.io.safetensors import ArrayTensor, Tensor, numpy_dtype
-
-#: Metadata key holding a JSON list of what loratool did to the file, oldest first.
-HISTORY_KEY = "loratool_history"
 
 #: ``progress(done, total)``: called after each module so callers can draw a progress bar.
 Progress = Callable[[int, int], None]

@@ -47,6 +47,7 @@ import numpy as np
 
 from lora_tools import __version__
 from lora_tools.adapter import EMBEDDING, LARGEST, LARGEST_F32, Adapter, require_finite
+from lora_tools.constants import CARD_NAME, INDEX_NAMES, MERGE_RECORD_KEY, MERGE_RECORD_NAME
 from lora_tools.errors import (
     AdapterError,
     DeviceError,
@@ -54,8 +55,8 @@ from lora_tools.errors import (
     UnsupportedAdapterError,
     UsageError,
 )
-from lora_tools.io.atomic import MERGE_RECORD_NAME, atomic_dir, check_output, require_space
-from lora_tools.io.checkpoint import INDEX_NAMES, Checkpoint, open_checkpoint
+from lora_tools.io.atomic import atomic_dir, check_output, require_space
+from lora_tools.io.checkpoint import Checkpoint, open_checkpoint
 from lora_tools.io.folder import skip_reason
 from lora_tools.io.jsonfile import read_json_object
 from lora_tools.io.safetensors import (
@@ -85,9 +86,6 @@ from lora_tools.resolve import ModuleMatch, Resolution, resolve
 
 #: --dtype spellings -> safetensors dtype names (``keep`` keeps each tensor's own).
 DTYPE_NAMES = {"keep": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
-#: Provenance record written into every merged folder (its ``files`` list names every file
-#: written beside it).
-PROVENANCE_NAME = MERGE_RECORD_NAME
 #: Bytes of one row block of a merged tensor (in float32): a few MB keeps a block's passes
 #: (product, scale, add, round) in the CPU caches (measured fastest between 1 and 8 MB).
 DEFAULT_BLOCK_BYTES = 4 << 20
@@ -810,7 +808,7 @@ def _model_card(plan: MergePlan) -> str:
         lines.append(
             f"- `{r.spec.path}` (weight {r.spec.weight:g}, {len(r.resolution.matches)} modules)"
         )
-    lines += ["", f"The exact inputs and their sha256 are in `{PROVENANCE_NAME}`.", ""]
+    lines += ["", f"The exact inputs and their sha256 are in `{MERGE_RECORD_NAME}`.", ""]
     return "\n".join(lines)
 
 
@@ -1015,7 +1013,7 @@ def execute(
             engine,
             lambda f: out,
             tick,
-            extra_metadata={"loratool_merge": json.dumps(provenance, sort_keys=True)},
+            extra_metadata={MERGE_RECORD_KEY: json.dumps(provenance, sort_keys=True)},
             durable=fsync,
         )
         copied: list[str] = []
@@ -1025,13 +1023,13 @@ def execute(
             copied, skipped = _copy_other_files(plan, tmp)
             _write_weights(plan, engine, lambda f: tmp / f.relative, tick, durable=fsync)
             _write_indexes(plan, tmp)
-            if not (tmp / "README.md").exists():
-                (tmp / "README.md").write_text(_model_card(plan), encoding="utf-8")
+            if not (tmp / CARD_NAME).exists():
+                (tmp / CARD_NAME).write_text(_model_card(plan), encoding="utf-8")
             # the record names every file written, so that --force can tell this folder from
             # one holding anything else (lora_tools.io.atomic.check_replaceable)
             provenance["files"] = _files_written(tmp)
             provenance["skipped_files"] = skipped
-            (tmp / PROVENANCE_NAME).write_text(
+            (tmp / MERGE_RECORD_NAME).write_text(
                 json.dumps(provenance, indent=2) + "\n", encoding="utf-8"
             )
     seconds = time.perf_counter() - started

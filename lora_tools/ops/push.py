@@ -30,6 +30,15 @@ from pathlib import Path
 from typing import Any
 
 from lora_tools import __version__
+from lora_tools.constants import (
+    ADAPTER_CONFIG_NAME,
+    CARD_NAME,
+    HISTORY_KEY,
+    MERGE_RECORD_KEY,
+    MERGE_RECORD_NAME,
+    MODEL_CONFIG_NAME,
+    PIPELINE_INDEX_NAME,
+)
 from lora_tools.errors import (
     EXIT_FINDINGS,
     FormatError,
@@ -57,13 +66,6 @@ from lora_tools.ops.card import (
     model_details,
     render_card,
 )
-
-#: The provenance record ``loratool merge`` writes into merged folders (and, for single files,
-#: into ``__metadata__`` under ``loratool_merge``).
-PROVENANCE_NAME = "loratool_merge.json"
-PROVENANCE_KEY = "loratool_merge"
-HISTORY_KEY = "loratool_history"
-CARD_NAME = "README.md"
 
 #: ``validator(path) -> error lines``; an adapter with any is refused.
 Validator = Callable[[Path], list[str]]
@@ -167,9 +169,9 @@ def _read_metadata(path: Path) -> dict[str, str]:
 def _is_model_folder(path: Path) -> bool:
     """A merged model (or any full model): a provenance record, a pipeline, or config.json with
     weights that hold no adapter keys."""
-    if (path / PROVENANCE_NAME).is_file() or (path / "model_index.json").is_file():
+    if (path / MERGE_RECORD_NAME).is_file() or (path / PIPELINE_INDEX_NAME).is_file():
         return True
-    if not (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
+    if not (path / MODEL_CONFIG_NAME).is_file() or (path / ADAPTER_CONFIG_NAME).is_file():
         return False
     from lora_tools.formats import registry
     from lora_tools.io.checkpoint import open_checkpoint
@@ -362,12 +364,12 @@ def _plan_model(
         open_checkpoint(path).close()  # the index and its shards are all there
         _check_model_files(files)
         uploads = _relative(path, files)
-        provenance_path = path / PROVENANCE_NAME
+        provenance_path = path / MERGE_RECORD_NAME
         provenance = read_json_object(provenance_path) if provenance_path.is_file() else None
-        _check_provenance(provenance, provenance_path, PROVENANCE_NAME)
+        _check_provenance(provenance, provenance_path, MERGE_RECORD_NAME)
         local_card = _local_card(path, notes)
-        pipeline = (path / "model_index.json").is_file()
-        config_path = path / "config.json"
+        pipeline = (path / PIPELINE_INDEX_NAME).is_file()
+        config_path = path / MODEL_CONFIG_NAME
         library = "diffusers" if pipeline else ("transformers" if config_path.is_file() else None)
         config_name = (
             read_json_object(config_path).get("_name_or_path") if config_path.is_file() else None
@@ -375,8 +377,8 @@ def _plan_model(
     else:
         _check_model_files([path])
         uploads = [UploadFile(path.name, path.stat().st_size, local=path)]
-        raw = _read_metadata(path).get(PROVENANCE_KEY)
-        what = f"__metadata__[{PROVENANCE_KEY!r}]"
+        raw = _read_metadata(path).get(MERGE_RECORD_KEY)
+        what = f"__metadata__[{MERGE_RECORD_KEY!r}]"
         provenance = parse_json(raw, path=path, what=what) if raw else None
         _check_provenance(provenance, path, what)
         local_card, library, config_name = None, None, None
@@ -461,7 +463,7 @@ def plan_push(
     if root.is_dir():
         is_model = _is_model_folder(root)
     else:
-        is_model = root.suffix == ".safetensors" and PROVENANCE_KEY in _read_metadata(root)
+        is_model = root.suffix == ".safetensors" and MERGE_RECORD_KEY in _read_metadata(root)
     if is_model:
         uploads, facts, local_card, notes = _plan_model(root, repo_id, base_model)
     else:

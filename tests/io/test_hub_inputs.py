@@ -14,9 +14,8 @@ import pytest
 from huggingface_hub import constants
 
 from lora_tools.errors import FormatError, HubError, UsageError
-from lora_tools.formats import WEIGHT_NAMES
 from lora_tools.io.checkpoint import open_checkpoint
-from lora_tools.io.hub import ADAPTER_WEIGHT_NAMES, parse_hub_id, resolve_input, select_files
+from lora_tools.io.hub import parse_hub_id, resolve_input, select_files
 from lora_tools.ops.inspect import inspect_adapter
 from tests.hub_server import TEST_USER, HubServer
 
@@ -86,10 +85,6 @@ def test_parse_hub_id() -> None:
     assert parse_hub_id("user/name:lora.safetensors") == ("user/name", None, "lora.safetensors")
     for not_an_id in ("a.safetensors", "./user/name", "/abs/path", "a/b/c", "user/", "@x/y"):
         assert parse_hub_id(not_an_id) is None, not_an_id
-
-
-def test_adapter_weight_names_match_the_formats_layer() -> None:
-    assert ADAPTER_WEIGHT_NAMES == WEIGHT_NAMES
 
 
 def test_select_adapter_files() -> None:
@@ -257,7 +252,8 @@ def test_offline_uses_the_cache_and_fails_cleanly_when_not_cached(
 
 
 def test_base_download_and_merge_from_hub_ids(hub_server: HubServer, tmp_path: Path) -> None:
-    from lora_tools.ops.merge import PROVENANCE_NAME, merge
+    from lora_tools.constants import MERGE_RECORD_NAME
+    from lora_tools.ops.merge import merge
 
     sharded = FIX / "bases/tiny-llama-sharded"
     files = folder_files(sharded) | {
@@ -279,7 +275,7 @@ def test_base_download_and_merge_from_hub_ids(hub_server: HubServer, tmp_path: P
     for shard in sorted(p.name for p in sharded.glob("*.safetensors")):
         hub_bytes = (tmp_path / "from-hub" / shard).read_bytes()
         assert hub_bytes == (tmp_path / "local" / shard).read_bytes()
-    provenance = json.loads((tmp_path / "from-hub" / PROVENANCE_NAME).read_text())
+    provenance = json.loads((tmp_path / "from-hub" / MERGE_RECORD_NAME).read_text())
     assert provenance["base"]["spec"] == f"{TEST_USER}/tiny-llama"
 
 

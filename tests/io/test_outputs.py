@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lora_tools.constants import ADAPTER_WEIGHT_NAMES
 from lora_tools.errors import OutputError
 from lora_tools.io.atomic import (
     atomic_dir,
@@ -179,17 +180,40 @@ def test_a_link_loop_as_output_is_an_output_error(tmp_path: Path) -> None:
         check_output(tmp_path / "a", [tmp_path / "in.safetensors"], force=True)
 
 
-def test_the_provenance_names_are_the_ones_the_writers_use() -> None:
+def test_the_adapter_folders_loratool_writes_use_the_shared_names() -> None:
     from lora_tools.formats.diffusers_old import DiffusersOldFormat
-    from lora_tools.formats.peft import CONFIG_NAME, WEIGHTS_NAME, DiffusersFormat
-    from lora_tools.io import atomic
-    from lora_tools.ops import _algebra, merge, push
+    from lora_tools.formats.peft import DiffusersFormat, PeftFormat
 
-    assert atomic.HISTORY_KEY == _algebra.HISTORY_KEY == push.HISTORY_KEY
-    assert atomic.MERGE_RECORD_NAME == merge.PROVENANCE_NAME == push.PROVENANCE_NAME
-    assert atomic.ADAPTER_CONFIG_NAME == CONFIG_NAME
-    assert set(atomic.ADAPTER_WEIGHTS_NAMES) == {
-        WEIGHTS_NAME,
-        DiffusersFormat.default_filename,
-        DiffusersOldFormat.default_filename,
-    }
+    writers = {PeftFormat.default_filename, DiffusersFormat.default_filename}
+    assert writers | {DiffusersOldFormat.default_filename} == set(ADAPTER_WEIGHT_NAMES)
+
+
+def test_shared_file_names_and_keys_are_spelled_only_in_constants() -> None:
+    """Every file name / metadata key two modules need comes from lora_tools.constants."""
+    import ast
+
+    import lora_tools
+    from lora_tools import constants
+
+    values = {v for k, v in vars(constants).items() if k.isupper() and isinstance(v, str)}
+    root = Path(lora_tools.__file__).parent
+    spelled = []
+    for path in sorted(root.rglob("*.py")):
+        if path.name == "constants.py":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        docstrings = {
+            id(node.body[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.body
+            and isinstance(node.body[0], ast.Expr)
+        }
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Constant)
+                and node.value in values
+                and id(node) not in docstrings
+            ):
+                spelled.append(f"{path.relative_to(root)}:{node.lineno}: {node.value!r}")
+    assert not spelled, spelled

@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lora_tools.constants import MERGE_RECORD_NAME
 from lora_tools.errors import DeviceError, FormatError, OutputError, ResolveError, UsageError
 from lora_tools.io.safetensors import SafetensorsFile, read_header, save_tensors
-from lora_tools.ops.merge import PROVENANCE_NAME, AdapterSpec, merge, select_engine
+from lora_tools.ops.merge import AdapterSpec, merge, select_engine
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 PEFT_CASES = [
@@ -335,7 +336,7 @@ def test_sharded_output_mirrors_the_base(tmp_path: Path) -> None:
     )
     for name in ("config.json", "generation_config.json"):
         assert (out / name).read_bytes() == (base / name).read_bytes()
-    prov = json.loads((out / PROVENANCE_NAME).read_text())
+    prov = json.loads((out / MERGE_RECORD_NAME).read_text())
     assert prov["adapters"][0]["weight"] == 1.0
     assert (
         prov["adapters"][0]["sha256"]

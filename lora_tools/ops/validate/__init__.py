@@ -40,6 +40,7 @@ import contextlib
 import os
 from collections.abc import Iterable
 
+from lora_tools.constants import ADAPTER_CONFIG_NAME
 from lora_tools.io.safetensors import PICKLE_SUFFIXES, gc_paused
 from lora_tools.ops.validate.checks import check_target
 from lora_tools.ops.validate.checks.structure import FLOAT_DTYPES
@@ -58,7 +59,7 @@ from lora_tools.ops.validate.report import FileReport, Finding, Progress, Report
 from lora_tools.ops.validate.rules import RULES, Rule, select_rules
 from lora_tools.ops.validate.scan import CHUNK_BYTES
 from lora_tools.ops.validate.settings import FAIL_ON, OUTPUT_FORMATS, Settings, load_settings
-from lora_tools.ops.validate.targets import CONFIG_NAME, Target, discover
+from lora_tools.ops.validate.targets import Target, discover
 
 
 def validate(
@@ -134,8 +135,8 @@ class _Totalled:
 
 
 __all__ = [
+    "ADAPTER_CONFIG_NAME",
     "CHUNK_BYTES",
-    "CONFIG_NAME",
     "FAIL_ON",
     "FALLBACK_DOCS_URL",
     "FLOAT_DTYPES",

@@ -11,8 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_tools.formats import WEIGHT_NAMES
-from lora_tools.formats.peft import CONFIG_NAME
+from lora_tools.constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHT_NAMES
 from lora_tools.io.hub import local_reason, parse_hub_id, resolve_input
 from lora_tools.io.safetensors import PICKLE_SUFFIXES, file_kind
 
@@ -40,16 +39,18 @@ def _join(display: str, name: str) -> str:
 
 
 def _folder_targets(display: str, folder: Path) -> list[Target]:
-    config = folder / CONFIG_NAME
+    config = folder / ADAPTER_CONFIG_NAME
     cfg = config if config.is_file() else None
-    cfg_display = _join(display, CONFIG_NAME) if cfg else None
-    standard = [folder / n for n in WEIGHT_NAMES if (folder / n).is_file()]
+    cfg_display = _join(display, ADAPTER_CONFIG_NAME) if cfg else None
+    standard = [folder / n for n in ADAPTER_WEIGHT_NAMES if (folder / n).is_file()]
     files = standard or sorted(p for p in folder.glob("*.safetensors") if p.is_file())
     if files:
         targets = []
         for weights in files:
             # The config belongs to PEFT's weights file, or to the folder's only weights file.
-            attach = cfg is not None and (weights.name == WEIGHT_NAMES[0] or len(files) == 1)
+            attach = cfg is not None and (
+                weights.name == ADAPTER_WEIGHT_NAMES[0] or len(files) == 1
+            )
             targets.append(
                 Target(
                     _join(display, weights.name),
@@ -92,17 +93,17 @@ def discover(paths: Iterable[str | os.PathLike[str]]) -> list[Target]:
             path = resolve_input(display, role="adapter")  # a local path always wins
         if path.is_dir():
             found = _folder_targets(display, path)
-        elif path.is_file() and path.name == CONFIG_NAME:
+        elif path.is_file() and path.name == ADAPTER_CONFIG_NAME:
             found = _folder_targets(os.path.dirname(display) or ".", path.parent)
         elif path.is_file():
-            config = path.with_name(CONFIG_NAME)
-            attach = path.name == WEIGHT_NAMES[0] and config.is_file()
+            config = path.with_name(ADAPTER_CONFIG_NAME)
+            attach = path.name == ADAPTER_WEIGHT_NAMES[0] and config.is_file()
             found = [
                 Target(
                     display,
                     path,
                     config if attach else None,
-                    _join(os.path.dirname(display), CONFIG_NAME) if attach else None,
+                    _join(os.path.dirname(display), ADAPTER_CONFIG_NAME) if attach else None,
                 )
             ]
         else:

@@ -11,11 +11,10 @@ from typing import Any
 
 from lora_tools import patterns
 from lora_tools.adapter import CONV, UNKNOWN_SCALE_HINT, Adapter, LoraModule
+from lora_tools.constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHT_NAMES
 from lora_tools.errors import FormatError
-from lora_tools.formats import WEIGHT_NAMES
 from lora_tools.formats import peft as peft_format
 from lora_tools.formats.base import AdapterFormat
-from lora_tools.formats.peft import CONFIG_NAME
 from lora_tools.io.jsonfile import parse_json
 from lora_tools.ops.validate.checks.structure import check_alpha_value
 from lora_tools.ops.validate.context import Context, fmt_number, fmt_shape
@@ -102,12 +101,12 @@ def check_adapter_config(
         if (
             ctx.target.config is None
             and weights is not None
-            and (weights.name == WEIGHT_NAMES[0] or adapter.alpha_unknown is not None)
+            and (weights.name == ADAPTER_WEIGHT_NAMES[0] or adapter.alpha_unknown is not None)
         ):
-            where = "beside the weights" if weights.name == WEIGHT_NAMES[0] else "read"
+            where = "beside the weights" if weights.name == ADAPTER_WEIGHT_NAMES[0] else "read"
             ctx.add(
                 "LT301",
-                f"PEFT keys ({len(modules)} modules) but no {CONFIG_NAME} {where}: PEFT cannot "
+                f"PEFT keys ({len(modules)} modules) but no {ADAPTER_CONFIG_NAME} {where}: PEFT cannot "
                 "load the adapter, and r / lora_alpha, so every module's scale, are unknown",
                 hint=UNKNOWN_SCALE_HINT,
             )
