@@ -37,18 +37,8 @@ from lora_tools.formats.base import (
 from lora_tools.io.atomic import atomic_dir
 from lora_tools.io.jsonfile import parse_json
 from lora_tools.io.safetensors import Tensor, save_tensors
+from lora_tools.naming import PEFT_PREFIX, split_stem, target_paths
 
-PEFT_PREFIX = "base_model.model."
-#: Pipeline components whose PEFT-style keys diffusers prefixes with the component name.
-COMPONENTS = (
-    "unet",
-    "transformer",
-    "text_encoder",
-    "text_encoder_2",
-    "text_encoder_3",
-    "prior",
-    "decoder",
-)
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 #: ``LoraConfig.lora_alpha``'s default: what PEFT uses when a config has no ``lora_alpha``.
 PEFT_DEFAULT_ALPHA = 8
@@ -92,17 +82,6 @@ def pattern_key(patterns: dict[str, Any], path: str, *, name: str = "pattern") -
                 kind="config-invalid",
             ) from None
     return None
-
-
-def split_stem(stem: str) -> tuple[str | None, str]:
-    """``(component, module path)`` for a PEFT or diffusers key stem."""
-    if stem.startswith(PEFT_PREFIX):
-        return None, stem[len(PEFT_PREFIX) :]
-    head, _, rest = stem.partition(".")
-    if head in COMPONENTS and rest:
-        rest = rest[len(PEFT_PREFIX) :] if rest.startswith(PEFT_PREFIX) else rest
-        return head, rest
-    return None, stem
 
 
 def config_number(value: object) -> float:
@@ -447,26 +426,6 @@ def scale_config(modules: list[LoraModule], base: dict[str, Any] | None = None) 
 
 def _num(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
-
-
-def target_paths(modules: list[LoraModule]) -> list[str]:
-    """``target_modules`` that select exactly ``modules``: their full paths (PEFT matches a list
-    entry by name or ``.``-suffix, so layer names alone would also create empty layers for
-    every other layer of that name). CLIP text-encoder paths drop their ``text_model.`` root:
-    the suffix matches the module under transformers 4 and 5 alike.
-
-    Example:
-        >>> from lora_tools.adapter import LoraModule
-        >>> target_paths([LoraModule("k", None, None, None, "linear", path="a.q_proj")])
-        ['a.q_proj']
-    """
-    out = set()
-    for m in modules:
-        path = m.path or m.key
-        if (m.component or "").startswith("text_encoder"):
-            path = path.removeprefix("text_model.")
-        out.add(path)
-    return sorted(out)
 
 
 def peft_config_for(adapter: Adapter) -> dict[str, Any] | None:
