@@ -156,14 +156,20 @@ def open_source(path: str | os.PathLike[str]) -> AdapterSource:
     return AdapterSource(weights=weights, file=file, config=config, config_path=config_path)
 
 
-def detect_format(source: AdapterSource) -> AdapterFormat:
-    """The registered format that claims the most keys; UnknownFormatError if none claims any."""
-    keys, metadata = source.keys, source.metadata
+def best_format(keys: list[str], metadata: dict[str, str]) -> AdapterFormat | None:
+    """The registered format that claims the most of ``keys`` (the first registered one on a
+    tie), or None when none claims any. ``loratool validate`` detects formats with it too."""
     best, best_score = None, 0
     for fmt in registry().values():
         score = fmt.score(keys, metadata)
         if score > best_score:
             best, best_score = fmt, score
+    return best
+
+
+def detect_format(source: AdapterSource) -> AdapterFormat:
+    """The registered format that claims the most keys; UnknownFormatError if none claims any."""
+    best = best_format(source.keys, source.metadata)
     if best is None:
         raise_unknown(source)
     assert best is not None

@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass, field
 
 from lora_tools.adapter import LARGEST_F32
-from lora_tools.formats import registry
+from lora_tools.formats import best_format
 from lora_tools.formats.base import AdapterFormat, classify_foreign
 from lora_tools.io.safetensors import DTYPES, Header, SafetensorsFile, TensorInfo, scalar_value
 from lora_tools.naming import PEFT_PREFIX, split_stem
@@ -35,12 +35,9 @@ class Stem:
 
 
 def detect_format(ctx: Context, names: list[str], metadata: dict[str, str]) -> AdapterFormat | None:
-    """The registered format claiming the most tensor names, or None after an LT113 finding."""
-    best, best_score = None, 0
-    for fmt in registry().values():
-        score = fmt.score(names, metadata)
-        if score > best_score:
-            best, best_score = fmt, score
+    """The format loading would detect (:func:`lora_tools.formats.best_format`), or None after
+    an LT113 finding."""
+    best = best_format(names, metadata)
     if best is None:
         sample = ", ".join(repr(k) for k in names[:3]) or "no tensors at all"
         ctx.add(
