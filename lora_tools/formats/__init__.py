@@ -26,9 +26,10 @@ from lora_tools.formats.base import (
     raise_unknown,
     read_json_config,
 )
+from lora_tools.formats.diffusers import DiffusersFormat
 from lora_tools.formats.diffusers_old import DiffusersOldFormat
 from lora_tools.formats.kohya import KohyaFormat
-from lora_tools.formats.peft import DiffusersFormat, PeftFormat
+from lora_tools.formats.peft import PeftFormat
 from lora_tools.io.safetensors import PICKLE_SUFFIXES, SafetensorsFile, gc_paused
 
 __all__ = [

@@ -9,7 +9,8 @@ PEFT keys: ``base_model.model.<path>.lora_A.weight`` ``[r, in]`` and ``.lora_B.w
 
 Diffusers writes the same keys prefixed by the component (``unet.``, ``transformer.``,
 ``text_encoder.``...) and stores each component's LoraConfig in the ``lora_adapter_metadata``
-metadata entry as one flat JSON object with ``<component>.<field>`` keys.
+metadata entry as one flat JSON object with ``<component>.<field>`` keys. The reader and the
+metadata helpers here serve both; the diffusers format is :mod:`lora_tools.formats.diffusers`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 
 from lora_tools import patterns as patterns_mod
 from lora_tools.adapter import CONV, EMBEDDING, LINEAR, Adapter, LoraModule
-from lora_tools.constants import ADAPTER_CONFIG_NAME, DIFFUSERS_WEIGHTS_NAME, PEFT_WEIGHTS_NAME
+from lora_tools.constants import ADAPTER_CONFIG_NAME, PEFT_WEIGHTS_NAME
 from lora_tools.errors import FormatError, UsageError
 from lora_tools.formats.base import (
     AdapterFormat,
@@ -316,36 +317,6 @@ class PeftFormat(AdapterFormat):
             if config is not None:
                 (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         return out / PEFT_WEIGHTS_NAME
-
-
-class DiffusersFormat(PeftFormat):
-    """PEFT-style keys with a pipeline component prefix, as diffusers' save_lora_weights writes."""
-
-    name = "diffusers"
-    description = "diffusers (pytorch_lora_weights.safetensors, component-prefixed PEFT keys)"
-    default_filename = DIFFUSERS_WEIGHTS_NAME
-
-    def _prefixed(self, stem: str) -> bool:
-        return split_stem(stem)[0] is not None
-
-    def stem_for(self, module: LoraModule) -> str:
-        if module.path is None:
-            raise ValueError(module.key)
-        return f"{module.component or 'transformer'}.{module.path}"
-
-    def write(self, adapter: Adapter, out: Path, *, refresh_hashes: bool = False) -> Path:
-        tensors = self.tensors_for(adapter)
-        metadata = dict(adapter.metadata) or {"format": "pt"}
-        metadata[DIFFUSERS_METADATA_KEY] = json.dumps(
-            diffusers_metadata_for(adapter), indent=2, sort_keys=True
-        )
-        target = out if out.suffix == ".safetensors" else out / self.default_filename
-        if target is out:
-            save_tensors(out, tensors, metadata)
-            return out
-        with atomic_dir(out, force=True) as tmp:
-            save_tensors(tmp / self.default_filename, tensors, metadata)
-        return target
 
 
 # -- configs that reproduce every module's rank and alpha -------------------------------------
