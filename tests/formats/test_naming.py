@@ -127,30 +127,21 @@ def test_naming_imports_no_loratool_module_at_run_time():
 
 
 @pytest.mark.parametrize(
-    ("stem", "expected"),
+    ("split", "stem", "expected"),
     [
-        ("base_model.model.layers.0.q_proj", (None, "layers.0.q_proj")),
-        ("unet.down_blocks.0.to_q", ("unet", "down_blocks.0.to_q")),
-        ("text_encoder.base_model.model.fc1", ("text_encoder", "fc1")),
-        ("vae.decoder.conv", (None, "vae.decoder.conv")),
-        ("unet", (None, "unet")),
+        ("split_stem", "base_model.model.layers.0.q_proj", (None, "layers.0.q_proj")),
+        ("split_stem", "unet.down_blocks.0.to_q", ("unet", "down_blocks.0.to_q")),
+        ("split_stem", "text_encoder.base_model.model.fc1", ("text_encoder", "fc1")),
+        ("split_stem", "vae.decoder.conv", (None, "vae.decoder.conv")),
+        ("split_stem", "unet", (None, "unet")),
+        ("split_name", "lora_unet_down_blocks_0_to_q", ("unet", "down_blocks_0_to_q")),
+        ("split_name", "lora_te2_text_model_fc1", ("text_encoder_2", "text_model_fc1")),
+        ("split_name", "lycoris_blocks_0_attn", (None, "blocks_0_attn")),
+        ("split_name", "other_name", (None, "other_name")),
     ],
 )
-def test_split_stem(stem, expected):
-    assert naming.split_stem(stem) == expected
-
-
-@pytest.mark.parametrize(
-    ("stem", "expected"),
-    [
-        ("lora_unet_down_blocks_0_to_q", ("unet", "down_blocks_0_to_q")),
-        ("lora_te2_text_model_fc1", ("text_encoder_2", "text_model_fc1")),
-        ("lycoris_blocks_0_attn", (None, "blocks_0_attn")),
-        ("other_name", (None, "other_name")),
-    ],
-)
-def test_split_name(stem, expected):
-    assert naming.split_name(stem) == expected
+def test_a_stem_splits_into_component_and_path(split, stem, expected):
+    assert getattr(naming, split)(stem) == expected
 
 
 def test_kohya_name_round_trips_through_split_name():
