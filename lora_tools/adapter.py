@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,65 +34,7 @@ import numpy as np
 from lora_tools.errors import AdapterError, UnknownScaleError, UnsupportedAdapterError
 from lora_tools.io.safetensors import Tensor
 from lora_tools.lowrank import max_abs_update
-
-#: Module-name endings recognised in flattened (kohya) names, longest first.
-_KNOWN_TARGETS = sorted(
-    [
-        "to_q",
-        "to_k",
-        "to_v",
-        "to_out_0",
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "out_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-        "fc1",
-        "fc2",
-        "proj_in",
-        "proj_out",
-        "ff_net_0_proj",
-        "ff_net_2",
-        "conv1",
-        "conv2",
-        "conv_shortcut",
-        "conv",
-        "time_emb_proj",
-        "img_attn_qkv",
-        "img_attn_proj",
-        "txt_attn_qkv",
-        "txt_attn_proj",
-        "img_mlp_0",
-        "img_mlp_2",
-        "txt_mlp_0",
-        "txt_mlp_2",
-        "img_mod_lin",
-        "txt_mod_lin",
-        "linear1",
-        "linear2",
-        "modulation_lin",
-        "add_q_proj",
-        "add_k_proj",
-        "add_v_proj",
-        "to_add_out",
-        "c_attn",
-        "c_proj",
-        "c_fc",
-        "qkv",
-        "proj",
-        "emb_layers_1",
-        "in_layers_2",
-        "out_layers_3",
-        "skip_connection",
-        "op",
-        "norm_out_linear",
-    ],
-    key=len,
-    reverse=True,
-)
+from lora_tools.naming import flat_target_name
 
 #: What to do about an adapter whose alpha is unknown (PEFT keys without their config).
 UNKNOWN_SCALE_HINT = (
@@ -257,10 +198,7 @@ class LoraModule:
             if parts[-1].isdigit() and len(parts) > 1:
                 return ".".join(parts[-2:])
             return parts[-1]
-        for known in _KNOWN_TARGETS:
-            if self.key.endswith("_" + known) or self.key == known:
-                return "to_out.0" if known == "to_out_0" else known
-        return re.split(r"_\d+_", self.key)[-1]
+        return flat_target_name(self.key)
 
     def factors(self, dtype: np.dtype = np.float64) -> tuple[np.ndarray, np.ndarray]:
         """``(U, V)`` as 2-D arrays with ``U @ V * scale`` = the update as a matrix.

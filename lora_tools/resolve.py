@@ -30,10 +30,9 @@ from pathlib import Path
 from lora_tools.adapter import CONV, EMBEDDING, Adapter, LoraModule
 from lora_tools.errors import ResolveError, ShapeError
 from lora_tools.formats.base import classify_foreign
-from lora_tools.formats.kohya import flatten_path, split_name
-from lora_tools.formats.peft import PEFT_PREFIX, split_stem
 from lora_tools.io.checkpoint import Checkpoint, Component
 from lora_tools.io.safetensors import TensorInfo
+from lora_tools.naming import PEFT_PREFIX, flatten_path, split_name, split_stem
 
 #: Single-file key prefixes -> the component they hold, tried in order (longest first).
 SINGLE_FILE_PREFIXES: tuple[tuple[str, str], ...] = (

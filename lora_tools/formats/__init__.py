@@ -26,9 +26,10 @@ from lora_tools.formats.base import (
     raise_unknown,
     read_json_config,
 )
+from lora_tools.formats.diffusers import DiffusersFormat
 from lora_tools.formats.diffusers_old import DiffusersOldFormat
 from lora_tools.formats.kohya import KohyaFormat
-from lora_tools.formats.peft import DiffusersFormat, PeftFormat
+from lora_tools.formats.peft import PeftFormat
 from lora_tools.io.safetensors import PICKLE_SUFFIXES, SafetensorsFile, gc_paused
 
 __all__ = [
@@ -156,14 +157,20 @@ def open_source(path: str | os.PathLike[str]) -> AdapterSource:
     return AdapterSource(weights=weights, file=file, config=config, config_path=config_path)
 
 
-def detect_format(source: AdapterSource) -> AdapterFormat:
-    """The registered format that claims the most keys; UnknownFormatError if none claims any."""
-    keys, metadata = source.keys, source.metadata
+def best_format(keys: list[str], metadata: dict[str, str]) -> AdapterFormat | None:
+    """The registered format that claims the most of ``keys`` (the first registered one on a
+    tie), or None when none claims any. ``loratool validate`` detects formats with it too."""
     best, best_score = None, 0
     for fmt in registry().values():
         score = fmt.score(keys, metadata)
         if score > best_score:
             best, best_score = fmt, score
+    return best
+
+
+def detect_format(source: AdapterSource) -> AdapterFormat:
+    """The registered format that claims the most keys; UnknownFormatError if none claims any."""
+    best = best_format(source.keys, source.metadata)
     if best is None:
         raise_unknown(source)
     assert best is not None

@@ -16,8 +16,8 @@ from lora_tools.adapter import CONV, LINEAR, Adapter, LoraModule
 from lora_tools.constants import DIFFUSERS_WEIGHTS_NAME
 from lora_tools.errors import UsageError
 from lora_tools.formats.base import AdapterFormat, AdapterSource, ParsedKey, add_foreign
-from lora_tools.formats.peft import COMPONENTS
 from lora_tools.io.safetensors import Tensor, save_tensors
+from lora_tools.naming import COMPONENTS
 
 _PROCESSOR_RE = re.compile(
     r"^(?P<stem>(?P<parent>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora)"

@@ -39,58 +39,10 @@ from lora_tools.io.safetensors import (
     save_tensors,
     scalar_value,
 )
+from lora_tools.naming import KOHYA_PREFIX_RE, kohya_name, split_name
 
-#: kohya name prefix -> diffusers pipeline component.
-PREFIXES: dict[str, str] = {
-    "lora_unet": "unet",
-    "lora_te": "text_encoder",
-    "lora_te1": "text_encoder",
-    "lora_te2": "text_encoder_2",
-    "lora_te3": "text_encoder_3",
-    "lora_transformer": "transformer",
-}
-#: component -> the prefix loratool writes.
-COMPONENT_PREFIX = {
-    "unet": "lora_unet",
-    "transformer": "lora_unet",
-    "text_encoder": "lora_te",
-    "text_encoder_2": "lora_te2",
-    "text_encoder_3": "lora_te3",
-}
-_PREFIX_RE = re.compile(r"^(lora_unet|lora_te[123]?|lora_transformer|lycoris)_")
 _ROLE_RE = re.compile(r"^(?P<stem>[^.]+)\.(?P<role>lora_down\.weight|lora_up\.weight|alpha)$")
 _ROLES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
-
-
-def flatten_path(path: str) -> str:
-    """A module path as kohya spells it: ``a.b_c.0`` -> ``a_b_c_0``."""
-    return path.replace(".", "_")
-
-
-#: Module roots of transformers' CLIPTextModel: sd-scripts names them under ``text_model.``
-#: (transformers 4), which transformers 5 and diffusers files leave out.
-_CLIP_ROOTS = ("encoder.layers.", "embeddings.", "final_layer_norm")
-
-
-def kohya_name(component: str | None, path: str) -> str:
-    """The kohya module name of ``path`` in ``component``.
-
-    Example:
-        >>> kohya_name("text_encoder", "encoder.layers.0.self_attn.q_proj")
-        'lora_te_text_model_encoder_layers_0_self_attn_q_proj'
-    """
-    prefix = COMPONENT_PREFIX.get(component or "unet", "lora_unet")
-    if component in ("text_encoder", "text_encoder_2") and path.startswith(_CLIP_ROOTS):
-        path = "text_model." + path
-    return f"{prefix}_{flatten_path(path)}"
-
-
-def split_name(stem: str) -> tuple[str | None, str]:
-    """``(component, flattened path)`` of a kohya module name."""
-    m = _PREFIX_RE.match(stem)
-    if m is None:
-        return None, stem
-    return PREFIXES.get(m.group(1)), stem[m.end() :]
 
 
 def read_scalar(tensor: Tensor) -> float:
@@ -118,7 +70,7 @@ class KohyaFormat(AdapterFormat):
     default_filename = "lora.safetensors"
 
     def claims(self, key: str) -> bool:
-        return bool(_PREFIX_RE.match(key)) or ".lora_down." in key or ".lora_up." in key
+        return bool(KOHYA_PREFIX_RE.match(key)) or ".lora_down." in key or ".lora_up." in key
 
     def parse_key(self, key: str) -> ParsedKey | None:
         """``<lora_name>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` -> (name, role).

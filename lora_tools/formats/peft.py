@@ -9,7 +9,8 @@ PEFT keys: ``base_model.model.<path>.lora_A.weight`` ``[r, in]`` and ``.lora_B.w
 
 Diffusers writes the same keys prefixed by the component (``unet.``, ``transformer.``,
 ``text_encoder.``...) and stores each component's LoraConfig in the ``lora_adapter_metadata``
-metadata entry as one flat JSON object with ``<component>.<field>`` keys.
+metadata entry as one flat JSON object with ``<component>.<field>`` keys. The reader and the
+metadata helpers here serve both; the diffusers format is :mod:`lora_tools.formats.diffusers`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 
 from lora_tools import patterns as patterns_mod
 from lora_tools.adapter import CONV, EMBEDDING, LINEAR, Adapter, LoraModule
-from lora_tools.constants import ADAPTER_CONFIG_NAME, DIFFUSERS_WEIGHTS_NAME, PEFT_WEIGHTS_NAME
+from lora_tools.constants import ADAPTER_CONFIG_NAME, PEFT_WEIGHTS_NAME
 from lora_tools.errors import FormatError, UsageError
 from lora_tools.formats.base import (
     AdapterFormat,
@@ -37,18 +38,8 @@ from lora_tools.formats.base import (
 from lora_tools.io.atomic import atomic_dir
 from lora_tools.io.jsonfile import parse_json
 from lora_tools.io.safetensors import Tensor, save_tensors
+from lora_tools.naming import PEFT_PREFIX, split_stem, target_paths
 
-PEFT_PREFIX = "base_model.model."
-#: Pipeline components whose PEFT-style keys diffusers prefixes with the component name.
-COMPONENTS = (
-    "unet",
-    "transformer",
-    "text_encoder",
-    "text_encoder_2",
-    "text_encoder_3",
-    "prior",
-    "decoder",
-)
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 #: ``LoraConfig.lora_alpha``'s default: what PEFT uses when a config has no ``lora_alpha``.
 PEFT_DEFAULT_ALPHA = 8
@@ -92,17 +83,6 @@ def pattern_key(patterns: dict[str, Any], path: str, *, name: str = "pattern") -
                 kind="config-invalid",
             ) from None
     return None
-
-
-def split_stem(stem: str) -> tuple[str | None, str]:
-    """``(component, module path)`` for a PEFT or diffusers key stem."""
-    if stem.startswith(PEFT_PREFIX):
-        return None, stem[len(PEFT_PREFIX) :]
-    head, _, rest = stem.partition(".")
-    if head in COMPONENTS and rest:
-        rest = rest[len(PEFT_PREFIX) :] if rest.startswith(PEFT_PREFIX) else rest
-        return head, rest
-    return None, stem
 
 
 def config_number(value: object) -> float:
@@ -339,36 +319,6 @@ class PeftFormat(AdapterFormat):
         return out / PEFT_WEIGHTS_NAME
 
 
-class DiffusersFormat(PeftFormat):
-    """PEFT-style keys with a pipeline component prefix, as diffusers' save_lora_weights writes."""
-
-    name = "diffusers"
-    description = "diffusers (pytorch_lora_weights.safetensors, component-prefixed PEFT keys)"
-    default_filename = DIFFUSERS_WEIGHTS_NAME
-
-    def _prefixed(self, stem: str) -> bool:
-        return split_stem(stem)[0] is not None
-
-    def stem_for(self, module: LoraModule) -> str:
-        if module.path is None:
-            raise ValueError(module.key)
-        return f"{module.component or 'transformer'}.{module.path}"
-
-    def write(self, adapter: Adapter, out: Path, *, refresh_hashes: bool = False) -> Path:
-        tensors = self.tensors_for(adapter)
-        metadata = dict(adapter.metadata) or {"format": "pt"}
-        metadata[DIFFUSERS_METADATA_KEY] = json.dumps(
-            diffusers_metadata_for(adapter), indent=2, sort_keys=True
-        )
-        target = out if out.suffix == ".safetensors" else out / self.default_filename
-        if target is out:
-            save_tensors(out, tensors, metadata)
-            return out
-        with atomic_dir(out, force=True) as tmp:
-            save_tensors(tmp / self.default_filename, tensors, metadata)
-        return target
-
-
 # -- configs that reproduce every module's rank and alpha -------------------------------------
 
 
@@ -447,26 +397,6 @@ def scale_config(modules: list[LoraModule], base: dict[str, Any] | None = None) 
 
 def _num(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
-
-
-def target_paths(modules: list[LoraModule]) -> list[str]:
-    """``target_modules`` that select exactly ``modules``: their full paths (PEFT matches a list
-    entry by name or ``.``-suffix, so layer names alone would also create empty layers for
-    every other layer of that name). CLIP text-encoder paths drop their ``text_model.`` root:
-    the suffix matches the module under transformers 4 and 5 alike.
-
-    Example:
-        >>> from lora_tools.adapter import LoraModule
-        >>> target_paths([LoraModule("k", None, None, None, "linear", path="a.q_proj")])
-        ['a.q_proj']
-    """
-    out = set()
-    for m in modules:
-        path = m.path or m.key
-        if (m.component or "").startswith("text_encoder"):
-            path = path.removeprefix("text_model.")
-        out.add(path)
-    return sorted(out)
 
 
 def peft_config_for(adapter: Adapter) -> dict[str, Any] | None:

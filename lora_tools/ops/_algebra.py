@@ -21,11 +21,10 @@ from lora_tools.adapter import Adapter, LoraModule
 from lora_tools.constants import HISTORY_KEY
 from lora_tools.errors import FormatError
 from lora_tools.formats import adapter_path, save_adapter
-from lora_tools.formats.kohya import flatten_path, split_name
-from lora_tools.formats.peft import target_paths
 from lora_tools.io.atomic import check_output
 from lora_tools.io.jsonfile import parse_json
 from lora_tools.io.safetensors import ArrayTensor, Tensor, numpy_dtype
+from lora_tools.naming import flatten_path, split_name, target_paths
 
 #: ``progress(done, total)``: called after each module so callers can draw a progress bar.
 Progress = Callable[[int, int], None]
@@ -56,7 +55,7 @@ def targets_cover(targets: Any, path: str) -> bool:
 
 def exact_targets(modules: list[LoraModule]) -> dict[str, Any]:
     """Targeting fields that select exactly ``modules`` (full paths, as PEFT saves a resolved
-    ``all-linear``; see :func:`lora_tools.formats.peft.target_paths`) and nothing else."""
+    ``all-linear``; see :func:`lora_tools.naming.target_paths`) and nothing else."""
     return {
         "target_modules": target_paths(modules),
         "exclude_modules": None,

@@ -34,13 +34,18 @@ from typing import Any
 
 from lora_tools.adapter import Adapter, LoraModule
 from lora_tools.errors import UnsupportedAdapterError, UsageError
-from lora_tools.formats.kohya import COMPONENT_PREFIX, flatten_path, split_name
 from lora_tools.formats.peft import (
-    COMPONENTS,
     DIFFUSERS_METADATA_KEY,
-    PEFT_PREFIX,
     diffusers_component_configs,
     peft_config_for,
+)
+from lora_tools.naming import (
+    COMPONENTS,
+    KOHYA_COMPONENT_PREFIX,
+    PEFT_PREFIX,
+    flatten_path,
+    kohya_name,
+    split_name,
     split_stem,
     target_paths,
 )
@@ -321,7 +326,7 @@ def _check_kohya(adapter: Adapter, modules: dict[str, LoraModule]) -> None:
                 hint="keep this adapter in PEFT or diffusers format",
                 kind="unsupported-type",
             )
-        if m.component is not None and m.component not in COMPONENT_PREFIX:
+        if m.component is not None and m.component not in KOHYA_COMPONENT_PREFIX:
             raise UsageError(
                 f"module {m.key!r} belongs to component {m.component!r}, which has no kohya "
                 "name prefix",
@@ -348,8 +353,6 @@ def _renamed(m: LoraModule, to: str) -> LoraModule:
         alpha_tensor=m.alpha_tensor if to == "kohya" else None,
     )
     if to == "kohya":
-        from lora_tools.formats.kohya import kohya_name
-
         new.key = kohya_name(m.component, m.path or "")
     elif to == "peft":
         new.key = PEFT_PREFIX + (m.path or "")

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from lora_tools.cli import cli
-from lora_tools.ops.rules import RULES
+from lora_tools.ops.validate.rules import RULES
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "fixtures"

@@ -15,12 +15,12 @@ import pytest
 from lora_tools.errors import UsageError
 from lora_tools.io.safetensors import TensorInfo, read_header, save_tensors
 from lora_tools.lowrank import factor_svd
-from lora_tools.ops.rules import RULES, select_rules
 from lora_tools.ops.validate import (
     discover,
     load_settings,
     validate,
 )
+from lora_tools.ops.validate.rules import RULES, select_rules
 from lora_tools.ops.validate.scan import TensorScan as _TensorScan
 from lora_tools.ops.validate.scan import gram as _gram
 

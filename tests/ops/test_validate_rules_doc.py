@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_tools.ops.rules import PROBLEM_RULES, RULES, SEVERITIES
+from lora_tools.ops.validate.rules import PROBLEM_RULES, RULES, SEVERITIES
 
 DOC = (Path(__file__).resolve().parents[2] / "docs" / "rules.md").read_text()
 SECTIONS = dict(re.findall(r"^### (LT\d{3} [a-z0-9-]+)\n(.*?)(?=^### |^## |\Z)", DOC, re.S | re.M))

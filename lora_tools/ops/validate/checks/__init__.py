@@ -5,7 +5,7 @@ on what the previous one could establish:
 - ``structure`` (``LT1xx``): the format, and each module's tensors, from the header;
 - ``config`` (``LT3xx``): adapter_config.json and metadata against the tensors;
 - ``values`` (``LT2xx``): one streaming pass over the data;
-- ``base`` (``LT4xx``): every module against the ``--base`` checkpoint.
+- ``base_model`` (``LT4xx``): every module against the ``--base`` checkpoint.
 
 They share one :class:`~lora_tools.ops.validate.context.Context` per target, which holds the
 findings and drops those of disabled rules.
@@ -19,7 +19,7 @@ from typing import Any
 from lora_tools.errors import LoraToolError
 from lora_tools.formats.base import AdapterSource
 from lora_tools.io.safetensors import SafetensorsFile
-from lora_tools.ops.validate.checks.base import check_base
+from lora_tools.ops.validate.checks.base_model import check_base
 from lora_tools.ops.validate.checks.config import (
     check_adapter_config,
     check_config_only,

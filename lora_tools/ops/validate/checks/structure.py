@@ -9,10 +9,10 @@ import math
 from dataclasses import dataclass, field
 
 from lora_tools.adapter import LARGEST_F32
-from lora_tools.formats import peft as peft_format
-from lora_tools.formats import registry
+from lora_tools.formats import best_format
 from lora_tools.formats.base import AdapterFormat, classify_foreign
 from lora_tools.io.safetensors import DTYPES, Header, SafetensorsFile, TensorInfo, scalar_value
+from lora_tools.naming import PEFT_PREFIX, split_stem
 from lora_tools.ops.validate.context import Context, fmt_number, fmt_shape
 from lora_tools.ops.validate.rules import ERROR
 
@@ -35,12 +35,9 @@ class Stem:
 
 
 def detect_format(ctx: Context, names: list[str], metadata: dict[str, str]) -> AdapterFormat | None:
-    """The registered format claiming the most tensor names, or None after an LT113 finding."""
-    best, best_score = None, 0
-    for fmt in registry().values():
-        score = fmt.score(names, metadata)
-        if score > best_score:
-            best, best_score = fmt, score
+    """The format loading would detect (:func:`lora_tools.formats.best_format`), or None after
+    an LT113 finding."""
+    best = best_format(names, metadata)
     if best is None:
         sample = ", ".join(repr(k) for k in names[:3]) or "no tensors at all"
         ctx.add(
@@ -150,8 +147,8 @@ def _explained(ctx: Context) -> bool:
 def _unknown_keys(ctx: Context, fmt: AdapterFormat, unknown: list[str]) -> None:
     for key in unknown:
         if fmt.name in ("peft", "diffusers"):
-            component, _ = peft_format.split_stem(key)
-            if key.startswith(peft_format.PEFT_PREFIX) or component is not None:
+            component, _ = split_stem(key)
+            if key.startswith(PEFT_PREFIX) or component is not None:
                 # Full tensors under the adapter's prefix: modules_to_save and saved
                 # embedding layers, which PEFT loads as replacements.
                 continue
