@@ -8,6 +8,7 @@ import stat
 import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -15,6 +16,9 @@ from lora_tools.errors import FormatError, UnsafeFileError
 from lora_tools.io.safetensors.dtypes import DTYPES, numpy_dtype, unpack_f4
 from lora_tools.io.safetensors.header import Header, Problem, check_header
 from lora_tools.io.safetensors.tensors import Tensor, TensorInfo
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 #: The reference reader refuses headers longer than this many bytes.
 MAX_HEADER_BYTES = 100_000_000
@@ -285,5 +289,6 @@ class FileTensor(Tensor):
     def iter_bytes(self, chunk_bytes: int = 16 << 20) -> Iterable[bytes | memoryview]:
         return self.file.iter_raw(self.info.name, chunk_bytes)
 
-    def __repr__(self) -> str:
-        return f"FileTensor({self.info.name!r}, {self.dtype}, {list(self.shape)})"
+    def __array__(self, dtype: npt.DTypeLike = None, copy: bool | None = None) -> np.ndarray:
+        # each read is a new array that nothing else holds: copy=True needs no second copy
+        return np.array(self.numpy(), dtype=dtype, copy=False if copy is False else None)

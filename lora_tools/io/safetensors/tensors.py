@@ -5,10 +5,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lora_tools.io.safetensors.dtypes import dtype_of, numpy_dtype, pack_f4, tensor_nbytes
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,28 @@ class Tensor:
     def iter_bytes(self, chunk_bytes: int = 16 << 20) -> Iterable[bytes | memoryview]:
         yield self.tobytes()
 
+    def __array__(self, dtype: npt.DTypeLike = None, copy: bool | None = None) -> np.ndarray:
+        """The values of :meth:`numpy`, for numpy's array protocol: ``np.asarray(module.up)``
+        is the decoded array (not a 0-d array holding the Tensor object).
+
+        ``dtype`` casts the values; ``copy`` means what it means to numpy 2: True never shares
+        memory with the tensor, False raises ValueError where a copy (a cast) is needed.
+
+        Example:
+            >>> np.asarray(ArrayTensor(np.eye(2, dtype=np.float32)), np.float64).tolist()
+            [[1.0, 0.0], [0.0, 1.0]]
+        """
+        return np.array(self.numpy(), dtype=dtype, copy=copy)
+
+    def __repr__(self) -> str:
+        """Kind, dtype and shape only: no values, and nothing is read from a file.
+
+        Example:
+            >>> ArrayTensor(np.zeros((16, 4096), np.float16))
+            ArrayTensor(F16, [16, 4096])
+        """
+        return f"{type(self).__name__}({self.dtype}, {list(self.shape)})"
+
 
 class ArrayTensor(Tensor):
     """A tensor held as a numpy array."""
@@ -76,9 +102,6 @@ class ArrayTensor(Tensor):
         if self.dtype == "F4":
             return pack_f4(self.array).tobytes()
         return self.array.astype(self.array.dtype.newbyteorder("<"), copy=False).tobytes()
-
-    def __repr__(self) -> str:
-        return f"ArrayTensor({self.dtype}, {list(self.shape)})"
 
 
 def as_tensor(value: Tensor | np.ndarray) -> Tensor:
