@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from lora_tools.cli._common import console, error_line, print_json
+from lora_tools.cli._common import command_hints, console, error_line, print_json
 
 
 @click.command("push")
@@ -30,6 +30,14 @@ from lora_tools.cli._common import console, error_line, print_json
     help="Hub token (default: HF_TOKEN or the stored `hf auth login`). Never printed.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@command_hints(
+    {
+        "hub-auth": "log in with `hf auth login`, set HF_TOKEN, or pass --token",
+        "hub-repo-not-found": "check the repo id, and that the token (--token, HF_TOKEN or "
+        "`hf auth login`) can see it",
+        "hub-revision-not-found": "check --revision",
+    }
+)
 def command(
     path: str,
     repo_id: str,

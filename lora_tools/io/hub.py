@@ -271,53 +271,70 @@ def select_files(
     return weights + side("", top)
 
 
+#: The hint for each kind of Hub failure (the ``kind`` of the HubError). Library hints name no
+#: command-line option: a command that has one for the case adds it by kind
+#: (``cli._common.command_hints``).
+HUB_HINTS: dict[str, str | None] = {
+    "hub-repo-id": None,
+    "hub-repo-not-found": (
+        "check the spelling; for a private repo log in with `hf auth login` or set HF_TOKEN"
+    ),
+    "hub-revision-not-found": "check the branch, tag or commit name",
+    "hub-gated": "accept its terms on the Hub, then log in with `hf auth login`",
+    "hub-auth": "log in with `hf auth login` or set HF_TOKEN",
+    "hub-forbidden": "the token lacks the rights for this; a read-only token cannot write",
+    "hub-conflict": "a conflicting change happened on the Hub; retry",
+    "hub-branch-moved": "the branch moved meanwhile; retry",
+    "hub-rate-limit": "rate limited by the Hub; wait a few minutes and retry",
+    "hub-http": "retry later; check the Hub status",
+    "hub-timeout": "check the network and HF_ENDPOINT, or raise HF_HUB_DOWNLOAD_TIMEOUT (seconds)",
+    "hub-unreachable": "check the network and HF_ENDPOINT; then retry",
+    "hub-offline": "unset HF_HUB_OFFLINE",
+    "hub-error": "check the network and HF_ENDPOINT",
+}
+_OFFLINE = "HF_HUB_OFFLINE is set, so the Hub is not contacted"
+_STATUS_KINDS = {
+    401: "hub-auth",
+    403: "hub-forbidden",
+    409: "hub-conflict",
+    412: "hub-branch-moved",
+    429: "hub-rate-limit",
+}
+
+
+def http_status(exc: BaseException) -> int | None:
+    """The HTTP status a huggingface_hub error carries; None when no answer came."""
+    response = getattr(exc, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def _first_line(text: str | None) -> str:
+    """The first non-blank line of a server's or an exception's text, tokens redacted."""
+    return redact(next((line for line in (text or "").splitlines() if line.strip()), ""))
+
+
 def unreachable_reason(exc: BaseException) -> str:
-    """``cannot be reached (...)`` / ``did not answer within 10 s``: why the Hub was not used."""
+    """Why the Hub was not used, naming the exception: ``ConnectError: the Hub at URL cannot be
+    reached ([Errno 111] Connection refused)``, ``ReadTimeout: the Hub at URL did not answer
+    within 10 s``."""
     import httpx2
     from huggingface_hub import constants
 
+    where = f"{type(exc).__name__}: the Hub at {constants.ENDPOINT}"
     if isinstance(exc, httpx2.TimeoutException):
         connect, read = hub_timeouts()
-        seconds = connect if isinstance(exc, httpx2.ConnectTimeout) else read
-        what = "accept a connection" if isinstance(exc, httpx2.ConnectTimeout) else "answer"
-        return f"the Hub at {constants.ENDPOINT} did not {what} within {seconds:g} s"
-    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return f"the Hub at {constants.ENDPOINT} cannot be reached ({type(exc).__name__}: {reason})"
+        if isinstance(exc, httpx2.ConnectTimeout):
+            return f"{where} did not accept a connection within {connect:g} s"
+        return f"{where} did not answer within {read:g} s"
+    text = _first_line(str(exc))
+    return f"{where} cannot be reached" + (f" ({text})" if text else "")
 
 
-def _not_cached(spec: str, repo_id: str, why: BaseException | None) -> HubError:
-    """``repo_id`` is not (completely) in the cache; the hint names what actually stopped the
-    download: HF_HUB_OFFLINE only when it is set."""
-    from huggingface_hub import constants
-
-    if why is None and constants.is_offline_mode():
-        return HubError(
-            f"{repo_id} is not (completely) in the local cache and HF_HUB_OFFLINE is set",
-            path=spec,
-            hint="unset HF_HUB_OFFLINE to download it, or pass a local path",
-        )
-    import httpx2
-
-    reason = unreachable_reason(why) if why is not None else "the Hub cannot be reached"
-    hint = "check the network and HF_ENDPOINT, or pass a local path"
-    if isinstance(why, httpx2.TimeoutException):
-        hint = "check the network and HF_ENDPOINT, or raise HF_HUB_DOWNLOAD_TIMEOUT (seconds)"
-    return HubError(
-        f"no local path, {reason}, and {repo_id} is not (completely) in the local cache",
-        path=spec,
-        hint=hint,
-    )
-
-
-def _hub_error(
-    exc: Exception, spec: str, repo_id: str, revision: str | None, unreachable: Exception | None
-) -> HubError:
-    """One line for a huggingface_hub failure; never includes the token."""
+def _describe(exc: BaseException, repo_id: str, revision: str | None) -> tuple[str, str]:
+    """``(kind, what happened)`` for a huggingface_hub or network failure."""
     import httpx2
     from huggingface_hub.errors import (
-        CachedRepoTreeNotFoundError,
         GatedRepoError,
-        HfHubHTTPError,
         HFValidationError,
         LocalEntryNotFoundError,
         OfflineModeIsEnabled,
@@ -325,52 +342,109 @@ def _hub_error(
         RevisionNotFoundError,
     )
 
+    if isinstance(exc, LocalEntryNotFoundError) and isinstance(
+        exc.__cause__, (httpx2.TransportError, OfflineModeIsEnabled)
+    ):
+        exc = exc.__cause__  # not cached because the Hub could not be asked: say why
     if isinstance(exc, HFValidationError):
-        return HubError(f"{repo_id!r} is not a valid Hub repo id", path=spec)
-    if isinstance(exc, RepositoryNotFoundError):
-        return HubError(
-            f"no local path and no Hub repo {repo_id!r} (or no access to it)",
-            path=spec,
-            hint="check the spelling, or log in with `hf auth login` for private repos",
-        )
+        return "hub-repo-id", f"{repo_id!r} is not a valid Hub repo id"
     if isinstance(exc, RevisionNotFoundError):
-        return HubError(f"revision {revision!r} not found in {repo_id}", path=spec)
-    if isinstance(exc, GatedRepoError):
-        return HubError(
-            f"{repo_id} is gated", path=spec, hint="accept its terms on the Hub and log in"
-        )
+        which = f"revision {revision!r}" if revision else "the revision"
+        return "hub-revision-not-found", f"{which} not found in {repo_id}"
+    if isinstance(exc, GatedRepoError):  # before its base class, RepositoryNotFoundError
+        return "hub-gated", f"{repo_id} is gated"
+    if isinstance(exc, RepositoryNotFoundError):
+        return "hub-repo-not-found", f"no Hub repo {repo_id!r} (or no access to it)"
+    if isinstance(exc, OfflineModeIsEnabled):
+        return "hub-offline", _OFFLINE
+    if isinstance(exc, httpx2.TransportError):
+        kind = "hub-timeout" if isinstance(exc, httpx2.TimeoutException) else "hub-unreachable"
+        return kind, unreachable_reason(exc)
+    status = http_status(exc)
+    if status is not None:
+        response = getattr(exc, "response", None)
+        reason = getattr(exc, "server_message", None) or getattr(response, "reason_phrase", "")
+        what = f"HTTP {status} {_first_line(reason)}".rstrip()
+        return _STATUS_KINDS.get(status, "hub-http"), what
+    text = _first_line(str(exc))
+    return "hub-error", f"{type(exc).__name__}: {text}".rstrip(": ")
+
+
+def hub_error(
+    exc: BaseException,
+    repo_id: str,
+    *,
+    action: str,
+    revision: str | None = None,
+    path: str | None = None,
+) -> HubError:
+    """The one translation of a failed huggingface_hub call: ``{action} failed: {what}``.
+
+    One line, server texts cut to their first line and tokens redacted; the hint comes from
+    :data:`HUB_HINTS` by the error's ``kind`` (``hub-auth``, ``hub-repo-not-found``...), which
+    a command uses to add a hint naming its own options.
+
+    Args:
+        exc: what huggingface_hub (or httpx) raised.
+        repo_id: the repo the call was about.
+        action: what was being done (``checking the repo``, ``the download``).
+        revision: the branch, tag or commit asked for, if any.
+        path: what the user named, printed before the message.
+
+    Example:
+        >>> from huggingface_hub.errors import HFValidationError
+        >>> str(hub_error(HFValidationError("bad"), "a/b", action="checking the repo"))
+        "checking the repo failed: 'a/b' is not a valid Hub repo id"
+    """
+    kind, what = _describe(exc, repo_id, revision)
+    return HubError(f"{action} failed: {what}", path=path, hint=HUB_HINTS[kind], kind=kind)
+
+
+def _not_cached(spec: str, repo_id: str, why: BaseException | None) -> HubError:
+    """``repo_id`` is not (completely) in the cache; the message says what stopped the download
+    in :func:`hub_error`'s words (HF_HUB_OFFLINE only when it is set)."""
+    from huggingface_hub import constants
+
+    if why is not None:
+        kind, what = _describe(why, repo_id, None)
+    elif constants.is_offline_mode():
+        kind, what = "hub-offline", _OFFLINE
+    else:
+        kind, what = "hub-unreachable", "the Hub cannot be reached"
+    hint = {
+        "hub-offline": f"{HUB_HINTS['hub-offline']} to download it, or pass a local path",
+        "hub-timeout": HUB_HINTS["hub-timeout"],
+    }.get(kind, f"{HUB_HINTS['hub-error']}, or pass a local path")
+    return HubError(
+        f"no local path, and {repo_id} is not (completely) in the local cache; {what}",
+        path=spec,
+        hint=hint,
+        kind="hub-not-cached",
+    )
+
+
+def _download_error(
+    exc: Exception, spec: str, repo_id: str, revision: str | None, unreachable: Exception | None
+) -> HubError:
+    """What :func:`resolve_input` raises for a failed lookup: a cache miss where the Hub was not
+    used, else :func:`hub_error`."""
+    from huggingface_hub.errors import (
+        CachedRepoTreeNotFoundError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+    )
+
     if isinstance(
         exc, (LocalEntryNotFoundError, CachedRepoTreeNotFoundError, OfflineModeIsEnabled)
     ):
         return _not_cached(spec, repo_id, unreachable)
-    if isinstance(exc, (httpx2.TransportError, httpx2.TimeoutException)):
-        return HubError(
-            f"download of {repo_id} failed: {redact(unreachable_reason(exc))}",
-            path=spec,
-            hint="check the network and HF_ENDPOINT; then retry",
-        )
-    if isinstance(exc, HfHubHTTPError) and exc.response is not None:
-        status = exc.response.status_code
-        hint = {
-            401: "log in with `hf auth login` or set HF_TOKEN",
-            403: "the token lacks access to this repo",
-            429: "rate limited by the Hub; wait a minute and retry",
-        }.get(status, "retry later; check the Hub status")
-        reason = exc.server_message or exc.response.reason_phrase
-        first = redact(reason.splitlines()[0]) if reason else ""
-        return HubError(
-            f"download of {repo_id} failed: HTTP {status} {first}".rstrip(), path=spec, hint=hint
-        )
-    text = redact(str(exc).splitlines()[0]) if str(exc) else type(exc).__name__
-    return HubError(
-        f"download of {repo_id} failed: {type(exc).__name__}: {text}",
-        path=spec,
-        hint="check the network and HF_ENDPOINT",
-    )
+    action = "no local path, and the download"
+    return hub_error(exc, repo_id, action=action, revision=revision, path=spec)
 
 
-def _client_errors() -> tuple[type[Exception], ...]:
-    """What huggingface_hub raises for Hub, cache and network failures."""
+def hub_exceptions() -> tuple[type[Exception], ...]:
+    """What huggingface_hub raises for Hub, cache and network failures (catch these, pass them
+    to :func:`hub_error`)."""
     import httpx2
     from huggingface_hub.errors import (
         CachedRepoTreeNotFoundError,
@@ -568,6 +642,6 @@ def resolve_input(spec: str | os.PathLike[str], *, role: str = "adapter") -> Pat
                     local_files_only=unreachable is not None,
                 )
             )
-    except _client_errors() as exc:
-        raise _hub_error(exc, text, repo_id, revision, unreachable) from None
+    except hub_exceptions() as exc:
+        raise _download_error(exc, text, repo_id, revision, unreachable) from None
     return folder / path_in_repo if path_in_repo else folder

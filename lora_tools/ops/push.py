@@ -45,16 +45,17 @@ from lora_tools.errors import (
     HubError,
     LoraToolError,
     UsageError,
-    redact,
     register_secret,
 )
 from lora_tools.io.folder import skip_reason
 from lora_tools.io.hub import (
     bound_timeouts,
+    http_status,
+    hub_error,
+    hub_exceptions,
     parse_hub_id,
     quiet_hub_logs,
     repo_id_problem,
-    unreachable_reason,
 )
 from lora_tools.io.jsonfile import parse_json, read_json_object
 from lora_tools.io.safetensors import PICKLE_SUFFIXES, SafetensorsFile
@@ -488,54 +489,16 @@ def plan_push(
     )
 
 
-def _http_status(exc: BaseException) -> int | None:
-    response = getattr(exc, "response", None)
-    return getattr(response, "status_code", None)
-
-
-def hub_error(exc: BaseException, repo_id: str, step: str) -> HubError:
-    """One line for a failed Hub call (never the token)."""
-    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
-
-    status = _http_status(exc)
-    if isinstance(exc, RevisionNotFoundError):
-        return HubError(f"{step}: revision not found in {repo_id}", hint="check --revision")
-    if isinstance(exc, RepositoryNotFoundError) and status not in (401, 403):
-        return HubError(
-            f"{step}: repo {repo_id} not found or not accessible",
-            hint="check the repo id, and that the token can see it",
-        )
-    if status is not None:
-        server = getattr(exc, "server_message", None) or ""
-        reason = redact(server.splitlines()[0]) if server else ""
-        hint = {
-            401: "log in with `hf auth login`, set HF_TOKEN, or pass --token",
-            403: "the token cannot write to this repo (a read-only token, or no rights)",
-            409: "a conflicting change happened on the Hub; retry",
-            412: "the branch moved while pushing; retry",
-            429: "rate limited by the Hub; wait a few minutes and retry",
-        }.get(status, "retry later; check the Hub status")
-        return HubError(f"{step} failed: HTTP {status} {reason}".rstrip(), hint=hint)
-    import httpx2
-
-    if isinstance(exc, httpx2.TimeoutException):
-        return HubError(
-            f"{step} failed: {type(exc).__name__}: {unreachable_reason(exc)}",
-            hint="check the network and HF_ENDPOINT, or raise HF_HUB_DOWNLOAD_TIMEOUT (seconds)",
-        )
-    text = redact(str(exc).splitlines()[0]) if str(exc) else ""
-    return HubError(
-        f"{step} failed: {type(exc).__name__}: {text}".rstrip(": "),
-        hint="check the network and HF_ENDPOINT",
-    )
-
-
-def _hub_errors() -> tuple[type[BaseException], ...]:
-    import httpx2
-    from huggingface_hub.errors import EntryNotFoundError, HFValidationError
-
-    # RuntimeError: the client wraps failed LFS uploads ("Error while uploading ...").
-    return (OSError, httpx2.HTTPError, EntryNotFoundError, HFValidationError, RuntimeError)
+def _push_error(
+    exc: BaseException, repo_id: str, step: str, revision: str | None, created: bool
+) -> HubError:
+    """The HubError for a failed step of a push (:func:`lora_tools.io.hub.hub_error`), saying
+    that nothing was published where the failure came after the repo was ready."""
+    error = hub_error(exc, repo_id, action=step, revision=revision)
+    if step == "committing" or step.startswith("reading"):
+        error.message += " (nothing was published"
+        error.message += "; the new repo is empty)" if created else ")"
+    return error
 
 
 def _read_card(path: Path) -> str:
@@ -636,7 +599,7 @@ def _publish(
             if private and not info.private:
                 notes.append("the repo exists and is public; --private applies only on creation")
         except RepositoryNotFoundError as exc:
-            if _http_status(exc) not in (401, 404):
+            if http_status(exc) not in (401, 404):
                 raise
             step = "creating the repo"
             api.create_repo(repo_id, private=private, exist_ok=True)
@@ -671,12 +634,8 @@ def _publish(
             revision=revision,
             create_pr=create_pr,
         )
-    except _hub_errors() as exc:
-        error = hub_error(exc, repo_id, step)
-        if step == "committing" or step.startswith("reading"):
-            error.message += " (nothing was published"
-            error.message += "; the new repo is empty)" if created else ")"
-        raise error from None
+    except (*hub_exceptions(), RuntimeError) as exc:  # RuntimeError: a failed LFS upload
+        raise _push_error(exc, repo_id, step, revision, created) from None
     changed = commit.oid != head
     if not changed:
         notes.append("the repo already holds exactly these files; no commit was made")

@@ -83,6 +83,7 @@ def test_push_prints_the_url_and_never_the_token(hub_server: HubServer, tmp_path
     lines = denied.stderr.strip().splitlines()
     assert len(lines) >= 1 and lines[-1].startswith("loratool: error: ")
     assert "HTTP 401" in lines[-1] and "Traceback" not in denied.stderr
+    assert "pass --token" in lines[-1]  # push adds its option to the library's hint
     assert len(hub_server.repos[REPO].branches["main"]) == 2
 
     outputs = [push.stdout, push.stderr, same.stdout, same.stderr, pr.stdout, pr.stderr]

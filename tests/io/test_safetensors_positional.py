@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from lora_tools.errors import LoraToolError
+from lora_tools.errors import FormatError, LoraToolError
 from lora_tools.io import safetensors as st
 from lora_tools.io.safetensors import SafetensorsFile, SafetensorsWriter, TensorSpec, save_tensors
 
@@ -145,5 +145,5 @@ def test_read_into_reads_rows_into_a_buffer(tmp_path: Path) -> None:
         raw = np.empty(3 * 5 * 4, np.uint8)  # any dtype: bytes are bytes
         f.read_into("a", raw, row_start=1)
         assert np.array_equal(raw.view(np.float32).reshape(3, 5), arrays["a"][1:4])
-        with pytest.raises(st.FormatError, match="outside"):
+        with pytest.raises(FormatError, match="outside"):
             f.read_into("a", buf, row_start=35)

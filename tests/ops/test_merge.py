@@ -555,7 +555,7 @@ def test_a_full_disk_is_one_error_and_leaves_nothing(
 
     monkeypatch.setattr(os, "pwrite", pwrite)
     monkeypatch.setattr(
-        "lora_tools.io.safetensors._copy_chunk",
+        "lora_tools.io.safetensors.writer._copy_chunk",
         lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))),
     )
     with pytest.raises(OutputError, match="No space left on device") as err:
