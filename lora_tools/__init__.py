@@ -19,7 +19,6 @@ __version__ = "0.1.0"
 
 _API = (
     "load_adapter",
-    "save_adapter",
     "inspect",
     "validate",
     "rescale",
@@ -31,6 +30,7 @@ _API = (
 )
 _LAZY = {
     **dict.fromkeys(_API, "lora_tools.api"),
+    "save_adapter": "lora_tools.formats",
     "Adapter": "lora_tools.adapter",
     "LoraModule": "lora_tools.adapter",
     "inspect_adapter": "lora_tools.ops.inspect",

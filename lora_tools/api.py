@@ -1,4 +1,5 @@
-"""The Python API: one function per command, taking what the command takes.
+"""The Python API: one function per command, taking what the command takes
+(``save_adapter`` is :func:`lora_tools.formats.save_adapter`).
 
 Every adapter input may be a local path (a file, a folder, or its ``adapter_config.json``), a
 Hub id ``user/name[@revision][:path/in/repo]`` (resolved as the CLI resolves it: a local path of
@@ -49,7 +50,6 @@ __all__ = [
     "push",
     "rescale",
     "resize",
-    "save_adapter",
     "validate",
 ]
 
@@ -97,11 +97,11 @@ def _check_output(output: PathInput, inputs: Iterable[Path], force: bool) -> Non
     check_output(output, list(inputs), force=force)
 
 
-def _write(adapter: Adapter, output: PathInput) -> Path:
+def _write(adapter: Adapter, output: PathInput, force: bool) -> Path:
     """Write an operation's result (hashes and training metadata refreshed: tensors changed)."""
-    from lora_tools.formats import save_adapter as save
+    from lora_tools.formats import save_adapter
 
-    return save(adapter, output, refresh_hashes=True)
+    return save_adapter(adapter, output, force=force, refresh_hashes=True)
 
 
 @contextlib.contextmanager
@@ -109,11 +109,11 @@ def _saved(adapter: Adapter) -> Iterator[Path]:
     """A temporary copy of an Adapter in memory, written as :func:`save_adapter` writes it
     (a file for kohya, else a folder); removed on exit."""
     from lora_tools.constants import ADAPTER_CONFIG_NAME
-    from lora_tools.formats import save_adapter as save
+    from lora_tools.formats import save_adapter
 
     with tempfile.TemporaryDirectory(prefix="loratool-") as tmp:
         name = adapter.source.stem if adapter.source is not None else "adapter"
-        weights = save(
+        weights = save_adapter(
             adapter, Path(tmp, f"{name}.safetensors" if adapter.format == "kohya" else name)
         )
         config = weights.parent / ADAPTER_CONFIG_NAME
@@ -140,43 +140,6 @@ def load_adapter(source: AdapterInput, *, format: str | None = None) -> Adapter:
     if _is_adapter(source):
         return source  # type: ignore[return-value]
     return _load_local(_local(source), format)  # type: ignore[arg-type]
-
-
-def save_adapter(
-    adapter: Adapter,
-    output: PathInput,
-    *,
-    format: str | None = None,
-    force: bool = False,
-    refresh_hashes: bool = False,
-) -> Path:
-    """Write ``adapter`` in its own format (or ``format``), atomically.
-
-    Args:
-        adapter: the adapter to write.
-        output: a folder (PEFT, diffusers) or a ``.safetensors`` file (kohya, or any format
-            whose scale fits in the file).
-        format: write in this format instead of the adapter's own.
-        force: replace an existing file, or a folder loratool wrote. The adapter's own files
-            are never replaced, with or without it.
-        refresh_hashes: recompute content hashes kept in metadata (after changing tensors).
-
-    Returns:
-        The weights file written.
-
-    Raises:
-        OutputError: ``output`` exists (without ``force``), is an input, or is a folder
-            holding files loratool did not write.
-
-    Example:
-        >>> save_adapter(load_adapter("fixtures/peft/llama-lora"), "out/copy")  # doctest: +SKIP
-        PosixPath('out/copy/adapter_model.safetensors')
-    """
-    from lora_tools.formats import save_adapter as save
-    from lora_tools.ops._algebra import input_paths
-
-    _check_output(output, input_paths(adapter), force)
-    return save(adapter, output, format=format, refresh_hashes=refresh_hashes)
 
 
 def inspect(adapter: AdapterInput, *, stats: bool = False) -> dict[str, Any]:
@@ -276,7 +239,7 @@ def rescale(
         source, alpha=alpha, factor=factor, normalize=normalize, progress=progress
     )
     if output is not None:
-        _write(result.adapter, output)
+        _write(result.adapter, output, force)
     return result
 
 
@@ -340,7 +303,7 @@ def resize(
     )
     if output is not None:
         assert result.adapter is not None
-        _write(result.adapter, output)
+        _write(result.adapter, output, force)
     return result
 
 
@@ -396,7 +359,7 @@ def combine(
         progress=progress,
     )
     if output is not None:
-        _write(result.adapter, output)
+        _write(result.adapter, output, force)
     return result
 
 
@@ -435,7 +398,7 @@ def convert(
         _check_output(output, [*inputs, *([base_path] if base_path else [])], force)
     result = convert_adapter(source, to, base=base_path, component=component)
     if output is not None:
-        _write(result.adapter, output)
+        _write(result.adapter, output, force)
     return result
 
 
