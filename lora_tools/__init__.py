@@ -17,20 +17,11 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_API = (
-    "load_adapter",
-    "inspect",
-    "validate",
-    "rescale",
-    "resize",
-    "combine",
-    "convert",
-    "merge",
-    "push",
-)
+_API = ("load_adapter", "inspect", "validate", "rescale", "resize", "combine", "convert", "push")
 _LAZY = {
     **dict.fromkeys(_API, "lora_tools.api"),
     "save_adapter": "lora_tools.formats",
+    "merge": "lora_tools.ops.merge",
     "Adapter": "lora_tools.adapter",
     "LoraModule": "lora_tools.adapter",
     "inspect_adapter": "lora_tools.ops.inspect",

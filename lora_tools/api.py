@@ -1,5 +1,6 @@
 """The Python API: one function per command, taking what the command takes
-(``save_adapter`` is :func:`lora_tools.formats.save_adapter`).
+(``save_adapter`` is :func:`lora_tools.formats.save_adapter`, ``merge`` is
+:func:`lora_tools.ops.merge.merge`: both take these inputs and keep this rule already).
 
 Every adapter input may be a local path (a file, a folder, or its ``adapter_config.json``), a
 Hub id ``user/name[@revision][:path/in/repo]`` (resolved as the CLI resolves it: a local path of
@@ -24,11 +25,13 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeAlias, Union
+from typing import TYPE_CHECKING, Any, TypeAlias, TypedDict, TypeVar, Union
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from lora_tools.adapter import Adapter
     from lora_tools.ops.combine import CombineResult
     from lora_tools.ops.convert import ConvertResult
@@ -40,13 +43,18 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AdapterInput",
+    "CombineOptions",
+    "ConvertOptions",
     "PathInput",
     "ProgressCallback",
+    "PublishOptions",
+    "RescaleOptions",
+    "ResizeOptions",
+    "WriteOptions",
     "combine",
     "convert",
     "inspect",
     "load_adapter",
-    "merge",
     "push",
     "rescale",
     "resize",
@@ -59,6 +67,69 @@ AdapterInput: TypeAlias = Union[str, "os.PathLike[str]", "Adapter"]
 ProgressCallback: TypeAlias = Callable[[int, int], None]
 #: A local path or a Hub id.
 PathInput: TypeAlias = Union[str, "os.PathLike[str]"]
+
+
+class WriteOptions(TypedDict, total=False):
+    """Where an operation's result goes: ``output`` (checked before any work; None keeps the
+    result in memory) and ``force`` (replace an existing output, never an input)."""
+
+    output: PathInput | None
+    force: bool
+
+
+class RescaleOptions(WriteOptions, total=False):
+    """What :func:`rescale` passes to :func:`lora_tools.ops.rescale.rescale_adapter`."""
+
+    alpha: float | None
+    factor: float | None
+    normalize: bool
+    progress: ProgressCallback | None
+
+
+class ResizeOptions(WriteOptions, total=False):
+    """What :func:`resize` passes to :func:`lora_tools.ops.resize.resize_adapter`."""
+
+    rank: int | None
+    #: the dynamic rules (one of them instead of ``rank``)
+    energy: float | None
+    sv_ratio: float | None
+    sv_cumulative: float | None
+    #: bounds for the dynamic rules
+    min_rank: int | None
+    max_rank: int | None
+    distribute: str
+    dry_run: bool
+    progress: ProgressCallback | None
+
+
+class CombineOptions(WriteOptions, total=False):
+    """What :func:`combine` passes to :func:`lora_tools.ops.combine.combine_adapters`."""
+
+    weights: list[float] | None
+    method: str
+    rank: int | None
+    density: float | None
+    seed: int
+    distribute: str
+    progress: ProgressCallback | None
+
+
+class ConvertOptions(WriteOptions, total=False):
+    """What :func:`convert` passes to :func:`lora_tools.ops.convert.convert_adapter` (a Hub id
+    as ``base`` is resolved first)."""
+
+    base: PathInput | None
+    component: str | None
+
+
+class PublishOptions(TypedDict, total=False):
+    """What :func:`push` passes to :func:`lora_tools.ops.push.publish`."""
+
+    private: bool
+    revision: str | None
+    create_pr: bool
+    message: str | None
+    token: str | None
 
 
 def _is_adapter(value: object) -> bool:
@@ -97,11 +168,36 @@ def _check_output(output: PathInput, inputs: Iterable[Path], force: bool) -> Non
     check_output(output, list(inputs), force=force)
 
 
-def _write(adapter: Adapter, output: PathInput, force: bool) -> Path:
-    """Write an operation's result (hashes and training metadata refreshed: tensors changed)."""
+_R = TypeVar("_R")
+
+
+def _transform(
+    op: Callable[..., _R],
+    items: Sequence[AdapterInput],
+    options: Mapping[str, Any],
+    *,
+    many: bool = False,
+    extra_inputs: Sequence[Path] = (),
+    **fixed: Any,
+) -> _R:
+    """Run an algebra operation on the adapters ``items`` name (a list of them when ``many``,
+    else the one), its result's adapter written at ``options["output"]`` when given: checked
+    against every input before any work, written with hashes and training metadata refreshed
+    (the tensors changed)."""
     from lora_tools.formats import save_adapter
 
-    return save_adapter(adapter, output, force=force, refresh_hashes=True)
+    rest = dict(options)
+    output, force = rest.pop("output", None), bool(rest.pop("force", False))
+    opened = [_open(item) for item in items]
+    if output is not None:
+        inputs = [p for _, paths in opened for p in paths]
+        _check_output(output, [*inputs, *extra_inputs], force)
+    sources = [adapter for adapter, _ in opened]
+    result = op(sources if many else sources[0], **rest, **fixed)
+    adapter = getattr(result, "adapter", None)
+    if output is not None and adapter is not None:
+        save_adapter(adapter, output, force=force, refresh_hashes=True)
+    return result
 
 
 @contextlib.contextmanager
@@ -202,26 +298,18 @@ def validate(
         return run(paths, base=base, select=select, ignore=ignore, progress=progress)
 
 
-def rescale(
-    adapter: AdapterInput,
-    *,
-    alpha: float | None = None,
-    factor: float | None = None,
-    normalize: bool = False,
-    output: PathInput | None = None,
-    force: bool = False,
-    progress: ProgressCallback | None = None,
-) -> RescaleResult:
+def rescale(adapter: AdapterInput, **options: Unpack[RescaleOptions]) -> RescaleResult:
     """Change alpha without changing the update, or scale the update (exactly one mode).
 
     Args:
         adapter: a path, a Hub id or an Adapter (not modified).
-        alpha: new alpha for every module; the update is unchanged.
-        factor: multiply every update by this (may be negative); alpha unchanged.
-        normalize: make every scale 1 (alpha = r; rsLoRA: alpha = sqrt(r)).
-        output: write the result here (checked before any work); None keeps it in memory.
-        force: replace an existing output (never an input).
-        progress: ``progress(done, total)`` callback.
+        **options: (:class:`RescaleOptions`)
+            output: where the result goes (:class:`WriteOptions`); None keeps it in memory.
+            force: replace an existing output (never an input).
+            alpha: new alpha for every module; the update is unchanged.
+            factor: multiply every update by this (may be negative); alpha unchanged.
+            normalize: make every scale 1 (alpha = r; rsLoRA: alpha = sqrt(r)).
+            progress: ``progress(done, total)`` callback.
 
     Returns:
         The operation's result; ``result.adapter`` is the rescaled adapter.
@@ -232,47 +320,26 @@ def rescale(
     """
     from lora_tools.ops.rescale import rescale_adapter
 
-    source, inputs = _open(adapter)
-    if output is not None:
-        _check_output(output, inputs, force)
-    result = rescale_adapter(
-        source, alpha=alpha, factor=factor, normalize=normalize, progress=progress
-    )
-    if output is not None:
-        _write(result.adapter, output, force)
-    return result
+    return _transform(rescale_adapter, [adapter], options)
 
 
-def resize(
-    adapter: AdapterInput,
-    *,
-    rank: int | None = None,
-    energy: float | None = None,
-    sv_ratio: float | None = None,
-    sv_cumulative: float | None = None,
-    min_rank: int | None = None,
-    max_rank: int | None = None,
-    distribute: str = "sqrt",
-    dry_run: bool = False,
-    output: PathInput | None = None,
-    force: bool = False,
-    progress: ProgressCallback | None = None,
-) -> ResizeResult:
+def resize(adapter: AdapterInput, **options: Unpack[ResizeOptions]) -> ResizeResult:
     """Re-rank every module by SVD truncation of its update (exactly one rule).
 
     Args:
         adapter: a path, a Hub id or an Adapter (not modified).
-        rank: a fixed rank; modules at or below it are kept.
-        energy: the smallest rank keeping this fraction (0-1] of ``||dW||_F^2``.
-        sv_ratio: keep singular values >= largest / ``sv_ratio``.
-        sv_cumulative: the smallest rank whose singular values sum to this fraction (0-1].
-        min_rank: lower bound for the dynamic rules.
-        max_rank: upper bound for the dynamic rules.
-        distribute: ``sqrt`` (sqrt(S) in both factors) or ``up`` (S in up, as sd-scripts).
-        dry_run: only plan (``result.adapter`` is None); no ``output`` then.
-        output: write the result here (checked before any work); None keeps it in memory.
-        force: replace an existing output (never an input).
-        progress: ``progress(done, total)`` callback.
+        **options: (:class:`ResizeOptions`)
+            output: where the result goes (:class:`WriteOptions`); None keeps it in memory.
+            force: replace an existing output (never an input).
+            rank: a fixed rank; modules at or below it are kept.
+            energy: the smallest rank keeping this fraction (0-1] of ``||dW||_F^2``.
+            sv_ratio: keep singular values >= largest / ``sv_ratio``.
+            sv_cumulative: the smallest rank whose singular values sum to this fraction.
+            min_rank: lower bound for the dynamic rules.
+            max_rank: upper bound for the dynamic rules.
+            distribute: ``sqrt`` (sqrt(S) in both factors) or ``up`` (S in up, as sd-scripts).
+            dry_run: only plan (``result.adapter`` is None); no ``output`` then.
+            progress: ``progress(done, total)`` callback.
 
     Returns:
         The operation's result (per-module plan, ``result.adapter``).
@@ -282,58 +349,29 @@ def resize(
         Counter({2: 14})
     """
     from lora_tools.errors import UsageError
-    from lora_tools.ops.resize import check_rule, resize_adapter
+    from lora_tools.ops.resize import resize_adapter
 
-    rule = {
-        "rank": rank,
-        "energy": energy,
-        "sv_ratio": sv_ratio,
-        "sv_cumulative": sv_cumulative,
-        "min_rank": min_rank,
-        "max_rank": max_rank,
-    }
-    check_rule(**rule)
-    if dry_run and output is not None:
+    if options.get("dry_run") and options.get("output") is not None:
         raise UsageError("a dry run writes nothing: give output or dry_run=True, not both")
-    source, inputs = _open(adapter)
-    if output is not None:
-        _check_output(output, inputs, force)
-    result = resize_adapter(
-        source, **rule, distribute=distribute, dry_run=dry_run, progress=progress
-    )
-    if output is not None:
-        assert result.adapter is not None
-        _write(result.adapter, output, force)
-    return result
+    return _transform(resize_adapter, [adapter], options)
 
 
-def combine(
-    adapters: Sequence[AdapterInput],
-    *,
-    weights: Sequence[float] | None = None,
-    method: str = "concat",
-    rank: int | None = None,
-    density: float | None = None,
-    seed: int = 0,
-    distribute: str = "sqrt",
-    output: PathInput | None = None,
-    force: bool = False,
-    progress: ProgressCallback | None = None,
-) -> CombineResult:
+def combine(adapters: Sequence[AdapterInput], **options: Unpack[CombineOptions]) -> CombineResult:
     """Combine adapters into one whose update is ``sum_i w_i * dW_i`` (per layer).
 
     Args:
         adapters: the inputs (paths, Hub ids, Adapters; not modified); the first gives the
             output's format and names.
-        weights: one weight per input (default 1 each; negative subtracts).
-        method: ``concat`` (exact, ranks add up), ``svd`` (truncated to ``rank``) or ``ties``.
-        rank: the output rank for ``svd`` / ``ties``.
-        density: the fraction of entries TIES keeps.
-        seed: the random seed of the randomized SVD.
-        distribute: ``sqrt`` or ``up``, as in :func:`resize`.
-        output: write the result here (checked before any work); None keeps it in memory.
-        force: replace an existing output (never an input).
-        progress: ``progress(done, total)`` callback.
+        **options: (:class:`CombineOptions`)
+            output: where the result goes (:class:`WriteOptions`); None keeps it in memory.
+            force: replace an existing output (never an input).
+            weights: one weight per input (default 1 each; negative subtracts).
+            method: ``concat`` (exact, ranks add up), ``svd`` (truncated to ``rank``), ``ties``.
+            rank: the output rank for ``svd`` / ``ties``.
+            density: the fraction of entries TIES keeps.
+            seed: the random seed of the randomized SVD.
+            distribute: ``sqrt`` or ``up``, as in :func:`resize`.
+            progress: ``progress(done, total)`` callback.
 
     Returns:
         The operation's result; ``result.adapter`` is the combined adapter.
@@ -345,43 +383,22 @@ def combine(
     """
     from lora_tools.ops.combine import combine_adapters
 
-    opened = [_open(item) for item in adapters]
-    if output is not None:
-        _check_output(output, [p for _, paths in opened for p in paths], force)
-    result = combine_adapters(
-        [a for a, _ in opened],
-        weights=list(weights) if weights is not None else None,
-        method=method,
-        rank=rank,
-        density=density,
-        seed=seed,
-        distribute=distribute,
-        progress=progress,
-    )
-    if output is not None:
-        _write(result.adapter, output, force)
-    return result
+    return _transform(combine_adapters, adapters, options, many=True)
 
 
-def convert(
-    adapter: AdapterInput,
-    to: str,
-    *,
-    base: PathInput | None = None,
-    component: str | None = None,
-    output: PathInput | None = None,
-    force: bool = False,
-) -> ConvertResult:
+def convert(adapter: AdapterInput, to: str, **options: Unpack[ConvertOptions]) -> ConvertResult:
     """Rename an adapter into another naming scheme with every module's scale unchanged.
 
     Args:
         adapter: a path, a Hub id or an Adapter (not modified).
         to: ``peft``, ``kohya`` or ``diffusers``.
-        base: a base checkpoint (file, folder or Hub id) to recover module paths from kohya
-            names and to check that every module fits.
-        component: the pipeline component (``unet``, ``text_encoder``...) a PEFT output keeps.
-        output: write the result here (checked before any work); None keeps it in memory.
-        force: replace an existing output (never an input).
+        **options: (:class:`ConvertOptions`)
+            output: where the result goes (:class:`WriteOptions`); None keeps it in memory.
+            force: replace an existing output (never an input).
+            base: a base checkpoint (file, folder or Hub id) to recover module paths from kohya
+                names and to check that every module fits.
+            component: the pipeline component (``unet``, ``text_encoder``...) a PEFT output
+                keeps.
 
     Returns:
         The operation's result; ``result.adapter`` is in the ``to`` format.
@@ -392,67 +409,10 @@ def convert(
     """
     from lora_tools.ops.convert import convert_adapter
 
-    source, inputs = _open(adapter)
-    base_path = _local(base, role="base") if base is not None else None
-    if output is not None:
-        _check_output(output, [*inputs, *([base_path] if base_path else [])], force)
-    result = convert_adapter(source, to, base=base_path, component=component)
-    if output is not None:
-        _write(result.adapter, output, force)
-    return result
-
-
-def merge(
-    base: PathInput,
-    adapters: Sequence[AdapterInput],
-    output: PathInput,
-    *,
-    weights: Sequence[float] | None = None,
-    device: str = "auto",
-    dtype: str = "keep",
-    force: bool = False,
-    fsync: bool = False,
-    allow_unmatched: bool = False,
-    progress: ProgressCallback | None = None,
-) -> dict[str, Any]:
-    """Merge adapters into a base checkpoint and write the merged model at ``output``.
-
-    Args:
-        base: a ``.safetensors`` file, an HF folder (single or sharded), a diffusers folder or
-            a Hub id.
-        adapters: adapters (paths, Hub ids, Adapters) merged in this order.
-        output: a folder for a folder base; for a single-file base a ``.safetensors`` file,
-            or a folder to write it into under the base's file name.
-        weights: one weight per adapter (default 1 each; negative subtracts).
-        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        dtype: ``keep``, ``bf16``, ``fp16`` or ``fp32`` for the float tensors written.
-        force: replace an existing output (never an input).
-        fsync: flush everything to the disk before the output appears (survives a power loss).
-        allow_unmatched: skip modules that match no base weight instead of failing.
-        progress: called with ``(bytes written, tensors finished)`` increments.
-
-    Returns:
-        What the merge operation returns (what ``loratool merge --json`` prints).
-
-    Example:
-        >>> merge("fixtures/bases/tiny-llama", ["fixtures/peft/llama-lora"],
-        ...       "out/merged")["tensors"]["merged"]                         # doctest: +SKIP
-        8
-    """
-    from lora_tools.ops.merge import merge as run
-
-    return run(
-        base,
-        list(adapters),  # type: ignore[arg-type]
-        output,
-        weights=list(weights) if weights is not None else None,
-        device=device,
-        dtype=dtype,
-        force=force,
-        fsync=fsync,
-        allow_unmatched=allow_unmatched,
-        progress=progress,
-    )
+    base = options.get("base")
+    bases = [_local(base, role="base")] if base is not None else []
+    resolved = {**options, "base": bases[0] if bases else None}
+    return _transform(convert_adapter, [adapter], resolved, extra_inputs=bases, to=to)
 
 
 def push(
@@ -460,12 +420,8 @@ def push(
     repo_id: str,
     *,
     base_model: str | None = None,
-    private: bool = False,
-    revision: str | None = None,
-    create_pr: bool = False,
-    message: str | None = None,
-    token: str | None = None,
     validate: bool = True,
+    **options: Unpack[PublishOptions],
 ) -> PushResult:
     """Publish an adapter or a merged model folder to the Hub in one commit, with a card.
 
@@ -474,12 +430,13 @@ def push(
             :func:`save_adapter` would write it) or a merged model folder.
         repo_id: ``user/name``.
         base_model: the base's Hub id, overriding what the files record.
-        private: create the repo private (only when this push creates it).
-        revision: the branch to commit to (created from main if missing).
-        create_pr: open a pull request instead of committing.
-        message: the commit title.
-        token: a Hub token; None uses ``HF_TOKEN`` or the stored login.
         validate: refuse an adapter that ``validate`` finds errors in.
+        **options: (:class:`PublishOptions`)
+            private: create the repo private (only when this push creates it).
+            revision: the branch to commit to (created from main if missing).
+            create_pr: open a pull request instead of committing.
+            message: the commit title.
+            token: a Hub token; None uses ``HF_TOKEN`` or the stored login.
 
     Returns:
         What the push operation returns (repo, commit and pull request URLs).
@@ -496,17 +453,7 @@ def push(
         else contextlib.nullcontext(_local(source))  # type: ignore[arg-type]
     )
     with on_disk as path:
-        plan = plan_push(
-            path,
-            repo_id,
-            base_model=base_model,
-            validator=default_validator if validate else None,
-        )
+        validator = default_validator if validate else None
         return publish(
-            plan,
-            private=private,
-            revision=revision,
-            create_pr=create_pr,
-            message=message,
-            token=token,
+            plan_push(path, repo_id, base_model=base_model, validator=validator), **options
         )

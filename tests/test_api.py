@@ -73,7 +73,7 @@ def test_module_repr_says_an_unknown_alpha() -> None:
 
 # -- names and start-up ----------------------------------------------------------------------------
 
-API = (
+API = [
     "load_adapter",
     "save_adapter",
     "inspect",
@@ -84,7 +84,7 @@ API = (
     "convert",
     "merge",
     "push",
-)
+]
 HEAVY = ("numpy", "torch", "ml_dtypes", "click")
 
 
@@ -106,10 +106,11 @@ def test_every_command_has_a_function_and_importing_them_is_cheap() -> None:
 def test_names_are_the_api_functions() -> None:
     import lora_tools
     from lora_tools import api, formats
+    from lora_tools.ops import merge as merge_op
 
+    homes = {"save_adapter": formats, "merge": merge_op}
     for name in API:
-        home = formats if name == "save_adapter" else api
-        assert getattr(lora_tools, name) is getattr(home, name)
+        assert getattr(lora_tools, name) is getattr(homes.get(name, api), name)
         assert name in lora_tools.__all__ and name in dir(lora_tools)
     from lora_tools.ops.inspect import inspect_adapter
 
@@ -318,6 +319,8 @@ def test_public_functions_are_fully_annotated_and_documented(name: str) -> None:
     import inspect as pyinspect
     import typing
 
+    from typing_extensions import Unpack
+
     import lora_tools
     from lora_tools.adapter import Adapter
     from lora_tools.ops.combine import CombineResult
@@ -334,6 +337,7 @@ def test_public_functions_are_fully_annotated_and_documented(name: str) -> None:
     assert not missing, f"{name}: parameters without a type: {missing}"
     assert signature.return_annotation is not signature.empty, f"{name}: no return type"
     types = {
+        "Unpack": Unpack,
         "Adapter": Adapter,
         "CombineResult": CombineResult,
         "ConvertResult": ConvertResult,
@@ -345,6 +349,12 @@ def test_public_functions_are_fully_annotated_and_documented(name: str) -> None:
     }
     hints = typing.get_type_hints(fn, localns=types)
     assert set(hints) == {*signature.parameters, "return"}
+    documented = list(signature.parameters)
+    for param in signature.parameters.values():
+        if param.kind is param.VAR_KEYWORD:  # **options: Unpack[SomeOptions]
+            (options,) = typing.get_args(hints[param.name])
+            documented += list(typing.get_type_hints(options, localns=types))
     doc = fn.__doc__ or ""
     assert "Args:" in doc and "Example:" in doc, f"{name}: docstring lacks Args / Example"
-    assert all(f"    {p}:" in doc for p in signature.parameters), f"{name}: undocumented args"
+    missing = [p for p in documented if f" {p}:" not in doc and f" **{p}:" not in doc]
+    assert not missing, f"{name}: arguments the docstring does not describe: {missing}"
