@@ -85,7 +85,7 @@ def available_memory_bytes() -> int | None:
     return max(min(limits), 0) if limits else None
 
 
-@dataclass
+@dataclass(repr=False)
 class LoraModule:
     """One LoRA module: the factors and scale that update one base weight.
 
@@ -121,6 +121,25 @@ class LoraModule:
     alpha_tensor: Tensor | None = None
     keys: dict[str, str] = field(default_factory=dict)
     alpha_unknown: str | None = None
+
+    def __repr__(self) -> str:
+        """Name, kind, rank, shapes and alpha; never tensor values.
+
+        Example:
+            >>> import numpy as np
+            >>> from lora_tools.io.safetensors import ArrayTensor
+            >>> LoraModule(key="q", down=ArrayTensor(np.ones((2, 3), np.float32)),
+            ...            up=ArrayTensor(np.ones((4, 2), np.float32)), alpha=4.0, kind="linear")
+            LoraModule('q', kind='linear', rank=2, down=(2, 3), up=(4, 2), alpha=4.0)
+        """
+        alpha = "unknown" if self.alpha_unknown is not None else repr(self.alpha)
+        extra = "".join(
+            f", {name}" for name, on in (("rslora", self.rslora), ("dora", self.dora)) if on
+        )
+        return (
+            f"LoraModule({self.key!r}, kind={self.kind!r}, rank={self.rank}, "
+            f"down={tuple(self.down.shape)}, up={tuple(self.up.shape)}, alpha={alpha}{extra})"
+        )
 
     @property
     def rank(self) -> int:
@@ -304,7 +323,7 @@ def _short(value: object) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-@dataclass
+@dataclass(repr=False)
 class Adapter:
     """A LoRA adapter as read from one file (plus its config), in any format.
 
@@ -332,6 +351,24 @@ class Adapter:
     _foreign_seen: dict[str, set[str]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+
+    def __repr__(self) -> str:
+        """Format, module count, rank range and source; never tensors or per-module detail.
+
+        Example:
+            >>> Adapter(format="kohya")
+            Adapter(format='kohya', modules=0, source=None)
+        """
+        ranks = sorted(self.ranks)
+        shown = [f"format={self.format!r}", f"modules={len(self.modules)}"]
+        if ranks:
+            shown.append(f"rank={ranks[0]}" + (f"..{ranks[-1]}" if len(ranks) > 1 else ""))
+        if self.foreign:
+            shown.append(f"foreign={sorted(self.foreign)!r}")
+        if self.passthrough:
+            shown.append(f"passthrough={len(self.passthrough)}")
+        shown.append(f"source={str(self.source) if self.source else None!r}")
+        return f"Adapter({', '.join(shown)})"
 
     @property
     def name(self) -> str:

@@ -30,6 +30,7 @@ from lora_tools.formats.diffusers import DiffusersFormat
 from lora_tools.formats.diffusers_old import DiffusersOldFormat
 from lora_tools.formats.kohya import KohyaFormat
 from lora_tools.formats.peft import PeftFormat
+from lora_tools.io.atomic import check_output
 from lora_tools.io.safetensors import PICKLE_SUFFIXES, SafetensorsFile, gc_paused
 
 __all__ = [
@@ -207,14 +208,34 @@ def save_adapter(
     out: str | os.PathLike[str],
     *,
     format: str | None = None,
+    force: bool = False,
     refresh_hashes: bool = False,
 ) -> Path:
-    """Write an adapter in its own format (or ``format``); return the weights file written.
+    """Write an adapter in its own format (or ``format``), atomically; return the weights file
+    written.
 
     PEFT writes a folder (adapter_model.safetensors + adapter_config.json) unless ``out`` ends in
     ``.safetensors``; kohya writes one file; diffusers writes ``pytorch_lora_weights.safetensors``
     into a folder, or the named file.
+
+    Args:
+        adapter: the adapter to write.
+        out: the output file or folder.
+        format: write in this format instead of the adapter's own.
+        force: replace an existing file, or a folder loratool wrote; the adapter's own files
+            are never replaced, with or without it (the CLI's rule: :func:`check_output`).
+        refresh_hashes: tensors changed, so recompute content hashes kept in metadata.
+
+    Raises:
+        OutputError: ``out`` exists (without ``force``), is or holds the adapter's source, or is
+            a folder holding files loratool did not write.
+
+    Example:
+        >>> save_adapter(load_adapter("fixtures/peft/llama-lora"), "out/copy")  # doctest: +SKIP
+        PosixPath('out/copy/adapter_model.safetensors')
     """
     fmt = get_format(format or adapter.format)
     adapter.require_writable()
+    sources = [p for p in (adapter.source, adapter.config_source) if p is not None]
+    check_output(out, list(sources), force=force)
     return fmt.write(adapter, Path(out), refresh_hashes=refresh_hashes)

@@ -16,6 +16,7 @@ from lora_tools.adapter import CONV, LINEAR, Adapter, LoraModule
 from lora_tools.constants import DIFFUSERS_WEIGHTS_NAME
 from lora_tools.errors import UsageError
 from lora_tools.formats.base import AdapterFormat, AdapterSource, ParsedKey, add_foreign
+from lora_tools.io.atomic import atomic_dir
 from lora_tools.io.safetensors import Tensor, save_tensors
 from lora_tools.naming import COMPONENTS
 
@@ -111,8 +112,10 @@ class DiffusersOldFormat(AdapterFormat):
             tensors[m.keys["down"]] = m.down
             tensors[m.keys["up"]] = m.up
         tensors.update(adapter.passthrough)
-        target = out if out.suffix == ".safetensors" else out / self.default_filename
-        if target is not out:
-            out.mkdir(exist_ok=True)
-        save_tensors(target, tensors, adapter.metadata or None)
-        return target
+        metadata = adapter.metadata or None
+        if out.suffix == ".safetensors":
+            save_tensors(out, tensors, metadata)
+            return out
+        with atomic_dir(out, force=True) as tmp:  # the caller checked the output (check_output)
+            save_tensors(tmp / self.default_filename, tensors, metadata)
+        return out / self.default_filename

@@ -161,4 +161,4 @@ def write_adapter(
         The weights file written.
     """
     check_output(out, list(inputs), force=force)
-    return save_adapter(adapter, out, format=format, refresh_hashes=True)
+    return save_adapter(adapter, out, format=format, force=force, refresh_hashes=True)
