@@ -25,5 +25,5 @@ def test_readme_python_example_runs(
     namespace: dict[str, object] = {}
     exec(compile(BLOCKS[index], f"README.md python block {index}", "exec"), namespace)
     if index == 1:
-        assert namespace["summary"]["tensors"]["merged"] == 8  # type: ignore[index]
+        assert namespace["summary"].tensors["merged"] == 8  # type: ignore[attr-defined]
         assert sorted(os.listdir("out")) == ["llama-lora-r2", "merged"]

@@ -98,14 +98,7 @@ def command(
     inputs = [p for spec, a in zip(adapters, sources, strict=True) for p in input_paths(a, spec)]
     written = write_adapter(result.adapter, output, inputs, force=force)
     if as_json:
-        print_json(
-            {
-                "output": str(written),
-                "format": result.adapter.format,
-                "method": method,
-                "modules": [row.as_dict() for row in result.modules],
-            }
-        )
+        print_json(result.with_output(output).to_json())
         return
     rows = result.modules
     ranks: dict[int, int] = {}

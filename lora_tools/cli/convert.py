@@ -76,16 +76,7 @@ def command(
             f"(e.g. {result.dropped[0]!r}); convert them with another --component"
         )
     if as_json:
-        print_json(
-            {
-                "output": str(written),
-                "from": source.format,
-                "to": to,
-                "modules": len(result.adapter.modules),
-                "resolved_from_base": result.resolved,
-                "dropped": result.dropped,
-            }
-        )
+        print_json(result.with_output(output).to_json())
         return
     click.echo(
         f"wrote {written}: {source.format} -> {to}, {len(result.adapter.modules)} modules"

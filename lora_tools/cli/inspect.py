@@ -11,9 +11,7 @@ from lora_tools.cli._common import command_hints, console, print_json
 
 @click.command("inspect")
 @click.argument("path")
-@click.option(
-    "--json", "as_json", is_flag=True, help="Print one JSON document (docs/inspect-json.md)."
-)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (docs/json.md).")
 @click.option(
     "--stats",
     is_flag=True,
@@ -38,9 +36,9 @@ def command(path: str, as_json: bool, stats: bool) -> None:
 
     report = inspect_adapter(resolve_input(path, role="adapter"), stats=stats)
     if as_json:
-        print_json(report)
+        print_json(report.to_json())
     else:
-        render(report)
+        render(report.to_json())
 
 
 def _short(key: str) -> str:
@@ -97,13 +95,13 @@ def render(report: dict[str, Any]) -> None:
     from lora_tools.ops.inspect import NOTABLE_CONFIG, NOTABLE_METADATA, human_size
 
     out = console()
-    mods = report["modules"]
+    mods = report["counts"]
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
     base = report["base_model"]
     rows = [
-        ("file", ", ".join(_safe(f) for f in report["files"])),
+        ("file", ", ".join(_safe(f["path"]) for f in report["inputs"])),
         ("size", human_size(report["file_size_bytes"])),
         ("format", f"{report['format']} ({', '.join(report['variants']) or 'no LoRA modules'})"),
         (
@@ -112,14 +110,14 @@ def render(report: dict[str, Any]) -> None:
         ),
         (
             "modules",
-            f"{mods['count']}  ({', '.join(f'{k} {v}' for k, v in mods['by_kind'].items())})",
+            f"{mods['modules']}  ({', '.join(f'{k} {v}' for k, v in report['by_kind'].items())})",
         ),
-        ("components", ", ".join(f"{k} {v}" for k, v in mods["by_component"].items())),
-        ("targets", ", ".join(f"{_safe(k)} x{v}" for k, v in mods["targets"].items())),
+        ("components", ", ".join(f"{k} {v}" for k, v in report["by_component"].items())),
+        ("targets", ", ".join(f"{_safe(k)} x{v}" for k, v in report["targets"].items())),
         (
             "blocks",
             "; ".join(
-                f"{fam} {_ranges(idx)}" if idx else fam for fam, idx in mods["blocks"].items()
+                f"{fam} {_ranges(idx)}" if idx else fam for fam, idx in report["blocks"].items()
             )
             or "-",
         ),

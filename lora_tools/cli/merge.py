@@ -139,21 +139,21 @@ def command(
             progress=progress,
             on_plan=bar.set_total,
         )
-    unmatched = sum(len(a["unmatched"]) for a in summary["adapters"])
+    unmatched = summary.unmatched
     if unmatched:
         click.echo(
             f"loratool: warning: {unmatched} adapter modules matched no base weight and were "
             "skipped (--allow-unmatched)",
             err=True,
         )
-    for item in summary["skipped_files"]:
+    for item in summary.skipped_files:
         click.echo(
             f"loratool: warning: did not copy {item['path']} from the base folder: "
             f"{item['reason']}",
             err=True,
         )
     if as_json:
-        print_json(summary)
+        print_json(summary.to_json())
     elif not quiet:
         _render(summary)
 
@@ -206,17 +206,19 @@ class _progress:
             self.bar.__exit__(*exc)
 
 
-def _render(summary: dict[str, Any]) -> None:
+def _render(summary: Any) -> None:
     out = console()
-    t = summary["tensors"]
+    t = summary.tensors
     out.print(
-        f"wrote {summary['output']}  ({len(summary['files'])} weight files, "
-        f"{summary['bytes_written'] / 1e6:.1f} MB, {summary['seconds']:.2f} s, "
-        f"engine {summary['engine']})"
+        f"wrote {summary.output}  ({len(summary.files)} weight files, "
+        f"{summary.bytes_written / 1e6:.1f} MB, {summary.seconds:.2f} s, "
+        f"engine {summary.engine})"
     )
     out.print(f"tensors: {t['merged']} merged, {t['replaced']} replaced, {t['copied']} copied")
-    for a in summary["adapters"]:
-        extra = f", {len(a['unmatched'])} unmatched" if a["unmatched"] else ""
+    for a in summary.adapters:
+        n = a["counts"]
+        extra = f", {n['modules_unmatched']} unmatched" if n["modules_unmatched"] else ""
         out.print(
-            f"  {a['path']}: weight {a['weight']:g}, {a['merged']}/{a['modules']} modules{extra}"
+            f"  {a['spec']}: weight {a['weight']:g}, {n['modules_merged']}/{n['modules']} "
+            f"modules{extra}"
         )

@@ -73,7 +73,7 @@ def command(
     )
     if dry_run:
         if as_json:
-            print_json({"dry_run": True, **plan.summary()})
+            print_json(plan.to_json())
             return
         _render_plan(plan)
         for note in plan.notes:
@@ -92,18 +92,7 @@ def command(
     for note in result.notes:
         error_line(note, "note")
     if as_json:
-        print_json(
-            {
-                "repo_id": result.repo_id,
-                "url": result.url,
-                "commit_url": result.commit_url,
-                "commit_oid": result.commit_oid,
-                "pr_url": result.pr_url,
-                "repo_created": result.repo_created,
-                "changed": result.changed,
-                "files": [f.path_in_repo for f in plan.files],
-            }
-        )
+        print_json(result.to_json())
     else:
         click.echo(result.url)
 

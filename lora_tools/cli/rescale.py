@@ -66,19 +66,7 @@ def command(
     for note in result.notes:
         warn(note)
     if as_json:
-        print_json(
-            {
-                "output": str(written),
-                "format": result.adapter.format,
-                "modules": len(result.adapter.modules),
-                "changed": result.changed,
-                "alphas": {
-                    k: {"old": result.old_alphas[k], "new": result.new_alphas[k]}
-                    for k in result.new_alphas
-                },
-                "notes": result.notes,
-            }
-        )
+        print_json(result.with_output(output).to_json())
         return
     new_alphas = sorted(set(result.new_alphas.values()))
     shown = ", ".join(f"{a:g}" for a in new_alphas[:6]) + (" ..." if len(new_alphas) > 6 else "")

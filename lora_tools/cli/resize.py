@@ -104,16 +104,7 @@ def command(
         written = write_adapter(result.adapter, output, input_paths(source, adapter), force=force)
     summary = result.summary(source)
     if as_json:
-        print_json(
-            {
-                "output": str(written) if written else None,
-                "dry_run": dry_run,
-                "rule": result.rule,
-                "distribute": distribute,
-                "modules": [row.as_dict() for row in result.modules],
-                "summary": summary,
-            }
-        )
+        print_json(result.with_output(output if written else None).to_json())
         return
     render(result.modules, summary, written, dry_run)
 

@@ -267,24 +267,24 @@ def _history_lines(history: list[Any]) -> list[str]:
 def adapter_details(
     report: dict[str, Any], files: list[tuple[str, int]], history: list[Any] | None
 ) -> str:
-    """loratool's block for an adapter, from :func:`lora_tools.ops.inspect.inspect_adapter`.
+    """loratool's block for an adapter, from its ``inspect --json`` document.
 
     Args:
-        report: the inspect report.
+        report: ``inspect_adapter(...).to_json()``.
         files: ``(path in repo, bytes)`` of every file published (README.md excluded).
         history: the ``loratool_history`` metadata entries, oldest first, if any.
     """
-    mods = report["modules"]
     base = report.get("base_model")
-    targets = ", ".join(f"`{k}` (x{v})" for k, v in mods["targets"].items())
+    targets = ", ".join(f"`{k}` (x{v})" for k, v in report["targets"].items())
     rows = [
         ("format", f"{report['format']} ({', '.join(report['variants']) or 'no LoRA modules'})"),
         ("base model (as recorded)", f"`{base['name']}`" if base else "not recorded"),
         (
             "modules",
-            f"{mods['count']} ({', '.join(f'{k} {v}' for k, v in mods['by_kind'].items())})",
+            f"{report['counts']['modules']} "
+            f"({', '.join(f'{k} {v}' for k, v in report['by_kind'].items())})",
         ),
-        ("components", ", ".join(f"{k} {v}" for k, v in mods["by_component"].items())),
+        ("components", ", ".join(f"{k} {v}" for k, v in report["by_component"].items())),
         ("targets", targets or "-"),
         ("rank", _hist(report["rank"]["histogram"]) or "-"),
         ("alpha", _hist(report["alpha"]["histogram"]) or "-"),

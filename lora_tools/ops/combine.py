@@ -34,7 +34,7 @@ import dataclasses
 import json
 import zlib
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -58,6 +58,7 @@ from lora_tools.ops._algebra import (
     targets_cover,
     with_factors,
 )
+from lora_tools.results import WrittenResult, adapter_inputs
 
 METHODS = ("concat", "svd", "ties", "dare")
 
@@ -84,16 +85,30 @@ class ModuleCombine:
     relative_error: float
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The row as in ``combine --json`` (the key is ``module`` there)."""
+        row = dataclasses.asdict(self)
+        return {"module": row.pop("key"), **row, "inputs": list(self.inputs)}
 
 
-@dataclass
-class CombineResult:
-    """The combined adapter and one row per output module."""
+@dataclass(frozen=True)
+class CombineResult(WrittenResult):
+    """The combined adapter and one row per output module (``weights``: one per input)."""
+
+    command = "combine"
 
     adapter: Adapter
-    modules: list[ModuleCombine] = field(default_factory=list)
+    modules: tuple[ModuleCombine, ...] = ()
     method: str = "concat"
+    weights: tuple[float, ...] = ()
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "format": self.adapter.format,
+            "method": self.method,
+            "weights": list(self.weights),
+            "counts": {"modules": len(self.modules)},
+            "modules": [row.as_dict() for row in self.modules],
+        }
 
 
 def _check_inputs(adapters: list[Adapter], weights: list[float]) -> None:
@@ -212,7 +227,7 @@ def combine_adapters(
         _check_shapes(adapters, members)
     check_same_model(adapters, groups)
     loose = _loose_components(adapters, groups)
-    result = CombineResult(adapter=first, method=method)
+    rows: list[ModuleCombine] = []
     built: list[tuple[LoraModule, np.ndarray, np.ndarray, np.ndarray | None]] = []
     for n, (ident, members) in enumerate(groups.items()):
         template = _template(first, members, ident[0] or loose.get(members[0][0]))
@@ -228,7 +243,7 @@ def combine_adapters(
             up, down = lr.up, lr.down
             row = (lr.k, numerical_rank(lr.S), lr.retained_energy, lr.relative_error)
         built.append((template, up, down, _bias_sum(terms)))
-        result.modules.append(ModuleCombine(template.key, tuple(i for i, _ in members), *row))
+        rows.append(ModuleCombine(template.key, tuple(i for i, _ in members), *row))
         if progress is not None:
             progress(n + 1, len(groups))
     modules: dict[str, LoraModule] = {}
@@ -257,8 +272,13 @@ def combine_adapters(
         density=density,
         seed=seed if method == "dare" else None,
     )
-    result.adapter = out
-    return result
+    return CombineResult(
+        out,
+        tuple(rows),
+        method,
+        tuple(weights),
+        source_inputs=tuple(ref for a in adapters for ref in adapter_inputs(a)),
+    )
 
 
 def _template(

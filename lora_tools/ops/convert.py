@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -50,6 +50,7 @@ from lora_tools.naming import (
     target_paths,
 )
 from lora_tools.ops._algebra import add_history
+from lora_tools.results import WrittenResult, adapter_inputs, input_ref
 
 TARGETS = ("peft", "kohya", "diffusers")
 #: Single-file checkpoint layouts whose module names no diffusers / transformers model class
@@ -88,21 +89,39 @@ _CONFIG_FIELDS_TO_KEEP = (
 )
 
 
-@dataclass
-class ConvertResult:
+@dataclass(frozen=True)
+class ConvertResult(WrittenResult):
     """The converted adapter and what the conversion had to decide.
 
     Attributes:
         adapter: the adapter in the target format (write it with ``save_adapter``).
+        source_format: the input's format.
         resolved: modules whose path came from the base checkpoint.
         dropped: modules left out because they belong to another component than ``component``.
         notes: anything else the user should know.
     """
 
+    command = "convert"
+
     adapter: Adapter
+    source_format: str = ""
     resolved: int = 0
-    dropped: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
+    dropped: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "from": self.source_format,
+            "to": self.adapter.format,
+            "counts": {
+                "modules": len(self.adapter.modules),
+                "resolved_from_base": self.resolved,
+                "dropped": len(self.dropped),
+            },
+            "modules": [{"module": key} for key in self.adapter.modules],
+            "dropped": list(self.dropped),
+            "notes": list(self.notes),
+        }
 
 
 def convert_adapter(
@@ -138,11 +157,12 @@ def convert_adapter(
         )
     adapter.require_plain_lora("convert")
     adapter.require_known_scale(f"convert --to {to}")
-    result = ConvertResult(adapter=adapter)
     modules = {k: dataclasses.replace(m) for k, m in adapter.modules.items()}
     transposed = False
+    resolved = 0
+    dropped: list[str] = []
     if base is not None:
-        result.resolved, transposed = _resolve_paths(adapter, modules, base)
+        resolved, transposed = _resolve_paths(adapter, modules, base)
     if to in ("peft", "diffusers"):
         _check_layout(adapter, modules, to)
     missing = [m.key for m in modules.values() if m.path is None]
@@ -154,7 +174,7 @@ def convert_adapter(
             hint="pass --base with the base checkpoint the adapter was trained on",
         )
 
-    modules = _place_components(adapter, modules, to, component, result)
+    modules = _place_components(adapter, modules, to, component, dropped)
     if to == "kohya":
         _check_kohya(adapter, modules)
     converted = {}
@@ -196,8 +216,10 @@ def convert_adapter(
         base=os.fspath(base) if base is not None else None,
         component=component,
     )
-    result.adapter = out
-    return result
+    inputs = adapter_inputs(adapter)
+    if base is not None:
+        inputs += (input_ref(base, "base"),)
+    return ConvertResult(out, adapter.format, resolved, tuple(dropped), source_inputs=inputs)
 
 
 def _resolve_paths(
@@ -270,7 +292,7 @@ def _place_components(
     modules: dict[str, LoraModule],
     to: str,
     component: str | None,
-    result: ConvertResult,
+    dropped: list[str],
 ) -> dict[str, LoraModule]:
     present = {m.component for m in modules.values()}
     if to == "peft":
@@ -285,7 +307,7 @@ def _place_components(
         keep = {}
         for key, m in modules.items():
             if component is not None and m.component not in (component, None):
-                result.dropped.append(key)
+                dropped.append(key)
                 continue
             m.component = None
             keep[key] = m
@@ -311,7 +333,7 @@ def _place_components(
     if component is not None:
         for key, m in list(modules.items()):
             if m.component != component:
-                result.dropped.append(key)
+                dropped.append(key)
                 del modules[key]
     return modules
 

@@ -1,13 +1,13 @@
 """``inspect``: what an adapter file holds, from its header alone (``stats``: from its factors).
 
-The report is a plain dict with the stable schema documented in docs/inspect-json.md
-(``schema_version`` 1). Without ``stats`` only headers are read (plus kohya's scalar alpha
-tensors, a few bytes each); torch is never imported.
+The report is an :class:`InspectResult`; its ``to_json()`` is the ``inspect --json`` document
+(docs/json.md). Without ``stats`` only headers are read (plus kohya's scalar alpha tensors, a
+few bytes each); torch is never imported.
 
 Example:
     >>> from lora_tools.ops.inspect import inspect_adapter
     >>> report = inspect_adapter("fixtures/peft/llama-lora")  # doctest: +SKIP
-    >>> report["format"], report["modules"]["count"]          # doctest: +SKIP
+    >>> report.format, report.counts["modules"]                # doctest: +SKIP
     ('peft', 8)
 """
 
@@ -17,6 +17,7 @@ import math
 import os
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,9 @@ import numpy as np
 from lora_tools.adapter import Adapter, LoraModule
 from lora_tools.formats import load_adapter
 from lora_tools.lowrank import effective_rank, singular_values
+from lora_tools.results import SCHEMA_VERSION, Result, input_ref
 
-SCHEMA_VERSION = 1
+__all__ = ["SCHEMA_VERSION", "InspectResult", "inspect_adapter"]
 #: Histogram key of modules whose alpha (so scale) the files do not say.
 UNKNOWN = "unknown"
 
@@ -184,10 +186,106 @@ def _scale_or_none(m: LoraModule) -> float | None:
     return None if m.alpha_unknown is not None else m.scale
 
 
+@dataclass(frozen=True)
+class InspectResult(Result):
+    """What :func:`inspect_adapter` found; ``to_json()`` is the ``inspect --json`` document.
+
+    Attributes:
+        path: the weights file (None for an in-memory adapter); files: it and its config.
+        file_size_bytes: the files' total size.
+        format / variants: the naming scheme and the adapter types in it (``lora``, ``dora``...).
+        base_model: ``{"name", "source"}`` as recorded in the config or metadata, or None.
+        modules: one ``{"module", "kind", "component", "target", "rank", "alpha", "scale"}``
+            per module (``alpha``: a number, ``"none"`` or ``"unknown"``; ``scale`` None when
+            unknown).
+        by_kind / by_component / targets / blocks: module counts per kind, per component, per
+            target layer name, and the block indices per block family.
+        rank / alpha / scale: histograms (``alpha["unknown"]``: why the alpha is unknown).
+        rslora / dora: whether any module uses them.
+        dtypes: tensor count per dtype; parameters: ``{"lora", "passthrough"}`` element counts.
+        passthrough_tensors: full tensors stored beside the modules; unsupported: module count
+            per adapter type detected but not handled.
+        metadata / config: the file's metadata and adapter config, as stored.
+        stats: with ``stats=True``, ``{"modules": [per-module norms], "outliers", "non_finite",
+            "zero", "frobenius_median"}``; else None.
+    """
+
+    command = "inspect"
+
+    path: str | None
+    files: tuple[str, ...]
+    file_size_bytes: int
+    format: str
+    variants: list[str]
+    base_model: dict[str, str] | None
+    modules: tuple[dict[str, Any], ...]
+    by_kind: dict[str, int]
+    by_component: dict[str, int]
+    targets: dict[str, int]
+    blocks: dict[str, list[int]]
+    rank: dict[str, Any]
+    alpha: dict[str, Any]
+    scale: dict[str, Any]
+    rslora: bool
+    dora: bool
+    dtypes: dict[str, int]
+    parameters: dict[str, int]
+    passthrough_tensors: list[str]
+    unsupported: dict[str, int]
+    metadata: dict[str, str]
+    config: dict[str, Any] | None
+    stats: dict[str, Any] | None = None
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """``{"modules", "passthrough_tensors", "files"}`` counts."""
+        return {
+            "modules": len(self.modules),
+            "passthrough_tensors": len(self.passthrough_tensors),
+            "files": len(self.files),
+        }
+
+    def inputs(self) -> list[dict[str, Any]]:
+        refs = []
+        for i, p in enumerate(self.files):
+            weights = i == 0 and self.path is not None
+            refs.append(
+                input_ref(p, "adapter", format=self.format) if weights else input_ref(p, "config")
+            )
+        return refs
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "file_size_bytes": self.file_size_bytes,
+            "format": self.format,
+            "variants": list(self.variants),
+            "base_model": self.base_model,
+            "counts": self.counts,
+            "modules": [dict(m) for m in self.modules],
+            "by_kind": dict(self.by_kind),
+            "by_component": dict(self.by_component),
+            "targets": dict(self.targets),
+            "blocks": dict(self.blocks),
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "scale": self.scale,
+            "rslora": self.rslora,
+            "dora": self.dora,
+            "dtypes": dict(self.dtypes),
+            "parameters": dict(self.parameters),
+            "passthrough_tensors": list(self.passthrough_tensors),
+            "unsupported": dict(self.unsupported),
+            "metadata": dict(self.metadata),
+            "config": self.config,
+            "stats": self.stats,
+        }
+
+
 def inspect_adapter(
     path_or_adapter: str | os.PathLike[str] | Adapter, *, stats: bool = False
-) -> dict[str, Any]:
-    """Describe an adapter; see docs/inspect-json.md for every field.
+) -> InspectResult:
+    """Describe an adapter; see docs/json.md for every field.
 
     Args:
         path_or_adapter: an adapter file or folder, or an already loaded Adapter.
@@ -214,49 +312,56 @@ def inspect_adapter(
             if index is not None:
                 entries.add(index)
 
-    report: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "path": str(adapter.source) if adapter.source else None,
-        "files": [str(p) for p in files],
-        "file_size_bytes": sum(Path(p).stat().st_size for p in files),
-        "format": adapter.format,
-        "variants": adapter.variants,
-        "base_model": base_model_of(adapter),
-        "modules": {
-            "count": len(modules),
-            "by_kind": dict(Counter(m.kind for m in modules)),
-            "by_component": dict(Counter(m.component or "model" for m in modules)),
-            "targets": dict(Counter(m.target_name for m in modules).most_common()),
-            "blocks": {family: sorted(idx) for family, idx in blocks.items()},
-        },
-        "rank": {
+    return InspectResult(
+        path=str(adapter.source) if adapter.source else None,
+        files=tuple(str(p) for p in files),
+        file_size_bytes=sum(Path(p).stat().st_size for p in files),
+        format=adapter.format,
+        variants=list(adapter.variants),
+        base_model=base_model_of(adapter),
+        modules=tuple(_module_row(m) for m in modules),
+        by_kind=dict(Counter(m.kind for m in modules)),
+        by_component=dict(Counter(m.component or "model" for m in modules)),
+        targets=dict(Counter(m.target_name for m in modules).most_common()),
+        blocks={family: sorted(idx) for family, idx in blocks.items()},
+        rank={
             "histogram": _histogram([m.rank for m in modules]),
             "min": min((m.rank for m in modules), default=None),
             "max": max((m.rank for m in modules), default=None),
         },
-        "alpha": {
+        alpha={
             "histogram": _histogram([_alpha_label(m) for m in modules]),
             "unknown": adapter.alpha_unknown,
         },
-        "scale": {
+        scale={
             "histogram": _histogram([UNKNOWN if m.alpha_unknown else m.scale for m in modules]),
         },
-        "rslora": any(m.rslora for m in modules),
-        "dora": any(m.dora for m in modules),
-        "dtypes": dict(dtypes.most_common()),
-        "parameters": {
+        rslora=any(m.rslora for m in modules),
+        dora=any(m.dora for m in modules),
+        dtypes=dict(dtypes.most_common()),
+        parameters={
             "lora": sum(m.parameter_count for m in modules),
             "passthrough": sum(t.numel for t in adapter.passthrough.values()),
         },
-        "passthrough_tensors": sorted(adapter.passthrough),
-        "unsupported": {kind: len(stems) for kind, stems in adapter.foreign.items()},
-        "metadata": dict(adapter.metadata),
-        "config": adapter.config,
-        "stats": None,
+        passthrough_tensors=sorted(adapter.passthrough),
+        unsupported={kind: len(stems) for kind, stems in adapter.foreign.items()},
+        metadata=dict(adapter.metadata),
+        config=adapter.config,
+        stats=_stats(modules) if stats else None,
+    )
+
+
+def _module_row(m: LoraModule) -> dict[str, Any]:
+    """One entry of ``modules``: what the header says about one module."""
+    return {
+        "module": m.key,
+        "kind": m.kind,
+        "component": m.component,
+        "target": m.target_name,
+        "rank": m.rank,
+        "alpha": _alpha_label(m),
+        "scale": _scale_or_none(m),
     }
-    if stats:
-        report["stats"] = _stats(modules)
-    return report
 
 
 def _stats(modules: list[LoraModule]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ Example:
     >>> from lora_tools.ops.merge import merge
     >>> summary = merge("fixtures/bases/tiny-llama", ["fixtures/peft/llama-lora"],
     ...                 "/tmp/merged-llama", force=True)                  # doctest: +SKIP
-    >>> summary["adapters"][0]["merged"]                                  # doctest: +SKIP
+    >>> summary.adapters[0]["counts"]["modules_merged"]                   # doctest: +SKIP
     8
 """
 
@@ -83,6 +83,7 @@ from lora_tools.ops.merge_math import (
     row_block,
 )
 from lora_tools.resolve import ModuleMatch, Resolution, resolve
+from lora_tools.results import MergeResult
 
 #: --dtype spellings -> safetensors dtype names (``keep`` keeps each tensor's own).
 DTYPE_NAMES = {"keep": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
@@ -1123,7 +1124,7 @@ def merge(
     progress: ProgressFn | None = None,
     on_plan: Callable[[int, int], None] | None = None,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
-) -> dict[str, Any]:
+) -> MergeResult:
     """Merge adapters into a base checkpoint and write the result at ``out``.
 
     Args:
@@ -1148,11 +1149,11 @@ def merge(
         block_bytes: float32 bytes per row block of a merged tensor.
 
     Returns:
-        The summary dict (what ``loratool merge --json`` prints).
+        A :class:`~lora_tools.results.MergeResult` (``to_json()``: what ``merge --json`` prints).
 
     Example:
         >>> merge("fixtures/bases/tiny-llama", ["fixtures/peft/llama-lora"],
-        ...       "/tmp/merged", force=True)["tensors"]["merged"]        # doctest: +SKIP
+        ...       "/tmp/merged", force=True).tensors["merged"]           # doctest: +SKIP
         8
     """
     from lora_tools.formats import adapter_path
@@ -1193,4 +1194,5 @@ def merge(
     with _closing(plan.base):
         for report, spec in zip(plan.adapters, specs, strict=True):
             report.spec = AdapterSpec(spec.path, report.spec.weight)
-        return execute(plan, out, engine=engine, force=force, fsync=fsync, progress=progress)
+        summary = execute(plan, out, engine=engine, force=force, fsync=fsync, progress=progress)
+        return MergeResult.from_summary(summary, base_path=base_path)

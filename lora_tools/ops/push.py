@@ -67,6 +67,7 @@ from lora_tools.ops.card import (
     model_details,
     render_card,
 )
+from lora_tools.results import Result, input_ref
 
 #: ``validator(path) -> error lines``; an adapter with any is refused.
 Validator = Callable[[Path], list[str]]
@@ -82,8 +83,8 @@ class UploadFile:
     data: bytes | None = None
 
 
-@dataclass
-class PushPlan:
+@dataclass(frozen=True)
+class PushPlan(Result):
     """Everything :func:`publish` sends, decided from PATH alone.
 
     Attributes:
@@ -106,6 +107,8 @@ class PushPlan:
     notes: list[str] = field(default_factory=list)
     override_base: bool = False
 
+    command = "push"
+
     @property
     def card(self) -> str:
         """The README.md in ``files``."""
@@ -114,25 +117,47 @@ class PushPlan:
         return data.decode("utf-8")
 
     def summary(self) -> dict[str, Any]:
-        """What ``push --dry-run --json`` prints."""
+        """What the plan would push: path, repo, kind, files (and their total), card, notes."""
         return {
             "path": str(self.path),
             "repo_id": self.repo_id,
             "kind": self.kind,
-            "files": [{"path": f.path_in_repo, "size_bytes": f.size} for f in self.files],
+            "files": upload_entries(self.files),
             "total_bytes": sum(f.size for f in self.files),
             "card": self.card,
             "notes": list(self.notes),
         }
 
+    def inputs(self) -> list[dict[str, Any]]:
+        return [input_ref(self.path, self.kind)]
+
+    def fields(self) -> dict[str, Any]:
+        """The ``push --dry-run --json`` document's own fields."""
+        summary = self.summary()
+        return {
+            "dry_run": True,
+            "repo_id": summary.pop("repo_id"),
+            "kind": summary.pop("kind"),
+            "counts": {"files": len(self.files)},
+            **{k: v for k, v in summary.items() if k != "path"},
+        }
+
+
+def upload_entries(files: list[UploadFile]) -> list[dict[str, Any]]:
+    """``[{"path": path in the repo, "size_bytes": ...}]`` for ``push --json``."""
+    return [{"path": f.path_in_repo, "size_bytes": f.size} for f in files]
+
 
 @dataclass(frozen=True)
-class PushResult:
+class PushResult(Result):
     """What a push created. ``url`` is the PR's for a pull request, else the commit's.
 
     ``changed`` is False when the target already held exactly these files: the client then makes
-    no commit (and opens no pull request), and ``commit_url`` is the current head's.
+    no commit (and opens no pull request), and ``commit_url`` is the current head's. ``path``,
+    ``kind`` and ``files`` repeat the plan's (``files``: ``{"path", "size_bytes"}`` each).
     """
+
+    command = "push"
 
     repo_id: str
     commit_url: str
@@ -141,10 +166,33 @@ class PushResult:
     repo_created: bool
     changed: bool = True
     notes: tuple[str, ...] = ()
+    path: str | None = None
+    kind: str | None = None
+    files: tuple[dict[str, Any], ...] = ()
 
     @property
     def url(self) -> str:
         return self.pr_url or self.commit_url
+
+    def inputs(self) -> list[dict[str, Any]]:
+        return [] if self.path is None else [input_ref(self.path, self.kind or "adapter")]
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "dry_run": False,
+            "repo_id": self.repo_id,
+            "kind": self.kind,
+            "counts": {"files": len(self.files)},
+            "files": [dict(f) for f in self.files],
+            "total_bytes": sum(f["size_bytes"] for f in self.files),
+            "url": self.url,
+            "commit_url": self.commit_url,
+            "commit_oid": self.commit_oid,
+            "pr_url": self.pr_url,
+            "repo_created": self.repo_created,
+            "changed": self.changed,
+            "notes": list(self.notes),
+        }
 
 
 def check_repo_id(repo_id: str) -> None:
@@ -315,7 +363,7 @@ def _plan_adapter(
         parts = [p for p in (adapter.source, adapter.config_source) if p is not None]
         uploads = [UploadFile(p.name, p.stat().st_size, local=p) for p in parts]
         local_card = None
-    report = inspect_adapter(adapter)
+    report = inspect_adapter(adapter).to_json()
     config = adapter.config or {}
     recorded = (report.get("base_model") or {}).get("name")
     base = base_model or (recorded if is_hub_id(recorded) else None)
@@ -647,4 +695,7 @@ def _publish(
         repo_created=created,
         changed=changed,
         notes=tuple(notes),
+        path=str(plan.path),
+        kind=plan.kind,
+        files=tuple(upload_entries(files)),
     )

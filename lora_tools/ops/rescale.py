@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -36,12 +37,13 @@ from lora_tools.adapter import LARGEST_F32, Adapter, LoraModule
 from lora_tools.errors import UsageError
 from lora_tools.lowrank import split_scalar
 from lora_tools.ops._algebra import Progress, add_history, with_factors
+from lora_tools.results import WrittenResult, adapter_inputs
 
 SMALLEST_F32 = float(np.finfo(np.float32).tiny)
 
 
-@dataclass
-class RescaleResult:
+@dataclass(frozen=True)
+class RescaleResult(WrittenResult):
     """The rescaled adapter and what changed.
 
     Attributes:
@@ -51,11 +53,30 @@ class RescaleResult:
         notes: things the user should know (tensors the operation could not scale).
     """
 
+    command = "rescale"
+
     adapter: Adapter
-    changed: list[str] = field(default_factory=list)
-    old_alphas: dict[str, float] = field(default_factory=dict)
-    new_alphas: dict[str, float] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
+    changed: tuple[str, ...] = ()
+    old_alphas: dict[str, float] = dataclasses.field(default_factory=dict)
+    new_alphas: dict[str, float] = dataclasses.field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    def fields(self) -> dict[str, Any]:
+        changed = set(self.changed)
+        return {
+            "format": self.adapter.format,
+            "counts": {"modules": len(self.new_alphas), "changed": len(changed)},
+            "modules": [
+                {
+                    "module": key,
+                    "old_alpha": self.old_alphas[key],
+                    "new_alpha": new,
+                    "changed": key in changed,
+                }
+                for key, new in self.new_alphas.items()
+            ],
+            "notes": list(self.notes),
+        }
 
 
 def _check_number(name: str, value: float, *, positive: bool) -> None:
@@ -105,8 +126,11 @@ def rescale_adapter(
         _check_number("factor", factor, positive=False)
         adapter.require_no_dora("rescale --factor")
 
-    result = RescaleResult(adapter=adapter)
     modules: dict[str, LoraModule] = {}
+    changed: list[str] = []
+    old_alphas: dict[str, float] = {}
+    new_alphas: dict[str, float] = {}
+    notes: list[str] = []
     total = len(adapter.modules)
     for i, (key, m) in enumerate(adapter.modules.items()):
         new_alpha: float | None
@@ -122,19 +146,19 @@ def rescale_adapter(
             new_alpha = float(alpha)
             new_scale = new_alpha / (math.sqrt(m.rank) if m.rslora else m.rank)
             multiplier = m.scale / new_scale
-        result.old_alphas[key] = m.effective_alpha
+        old_alphas[key] = m.effective_alpha
         if multiplier == 1.0:
             modules[key] = dataclasses.replace(m, alpha=new_alpha)
         else:
             modules[key] = _scaled(m, multiplier, new_alpha)
-            result.changed.append(key)
-        result.new_alphas[key] = modules[key].effective_alpha
+            changed.append(key)
+        new_alphas[key] = modules[key].effective_alpha
         if progress is not None:
             progress(i + 1, total)
 
     if factor is not None and adapter.passthrough:
         names = list(adapter.passthrough)
-        result.notes.append(
+        notes.append(
             f"{len(names)} full tensors (e.g. {names[0]!r}: modules_to_save or saved layers) "
             f"replace base weights instead of adding to them; --factor cannot scale them "
             "without the base, so they are kept unchanged"
@@ -149,8 +173,14 @@ def rescale_adapter(
         factor=factor,
         normalize=normalize or None,
     )
-    result.adapter = out
-    return result
+    return RescaleResult(
+        out,
+        tuple(changed),
+        old_alphas,
+        new_alphas,
+        tuple(notes),
+        source_inputs=adapter_inputs(adapter),
+    )
 
 
 def _scaled(m: LoraModule, multiplier: float, new_alpha: float | None) -> LoraModule:

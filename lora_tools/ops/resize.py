@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -43,6 +43,7 @@ from lora_tools.lowrank import (
     split_scalar,
 )
 from lora_tools.ops._algebra import Progress, add_history, with_factors
+from lora_tools.results import WrittenResult, adapter_inputs
 
 
 @dataclass(frozen=True)
@@ -69,16 +70,38 @@ class ModuleResize:
     changed: bool
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The row as in ``resize --json`` (the key is ``module`` there)."""
+        row = dataclasses.asdict(self)
+        return {"module": row.pop("key"), **row}
 
 
-@dataclass
-class ResizeResult:
-    """The resized adapter (None for a dry run), per-module rows and a summary."""
+@dataclass(frozen=True)
+class ResizeResult(WrittenResult):
+    """The resized adapter (None for a dry run), per-module rows and a summary.
+
+    ``original`` is the adapter that was resized (the summary compares against it).
+    """
+
+    command = "resize"
 
     adapter: Adapter | None
-    modules: list[ModuleResize] = field(default_factory=list)
-    rule: dict[str, Any] = field(default_factory=dict)
+    modules: tuple[ModuleResize, ...] = ()
+    rule: dict[str, Any] = dataclasses.field(default_factory=dict)
+    distribute: str = "sqrt"
+    dry_run: bool = False
+    original: Adapter | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    def fields(self) -> dict[str, Any]:
+        summary = self.summary(self.original) if self.original is not None else {}
+        counts = {k: summary.pop(k) for k in ("modules", "changed", "unchanged") if k in summary}
+        return {
+            "dry_run": self.dry_run,
+            "rule": dict(self.rule),
+            "distribute": self.distribute,
+            "counts": counts,
+            "modules": [row.as_dict() for row in self.modules],
+            "summary": summary,
+        }
 
     @property
     def changed(self) -> list[ModuleResize]:
@@ -213,25 +236,32 @@ def resize_adapter(
     adapter.require_known_scale("resize")
     adapter.require_no_dora("resize")
 
-    result = ResizeResult(adapter=None, rule=rule)
+    rows: list[ModuleResize] = []
     modules: dict[str, LoraModule] = {}
     total = len(adapter.modules)
     for i, (key, m) in enumerate(adapter.modules.items()):
         row, new = _resize_module(
             m, rule, distribute, dry_run, keep_alpha=adapter.format == "kohya"
         )
-        result.modules.append(row)
+        rows.append(row)
         modules[key] = new if new is not None else m
         if progress is not None:
             progress(i + 1, total)
-    if dry_run:
-        return result
-    out = dataclasses.replace(adapter, modules=modules, metadata=dict(adapter.metadata))
-    if out.config is not None:
-        out.config = dict(out.config)
-    add_history(out, "resize", distribute=distribute, **{k: v for k, v in rule.items()})
-    result.adapter = out
-    return result
+    out = None
+    if not dry_run:
+        out = dataclasses.replace(adapter, modules=modules, metadata=dict(adapter.metadata))
+        if out.config is not None:
+            out.config = dict(out.config)
+        add_history(out, "resize", distribute=distribute, **{k: v for k, v in rule.items()})
+    return ResizeResult(
+        out,
+        tuple(rows),
+        rule,
+        distribute,
+        dry_run,
+        adapter,
+        source_inputs=adapter_inputs(adapter),
+    )
 
 
 def _resize_module(

@@ -22,7 +22,9 @@ def test_rescale_writes_and_reports(fixtures_dir, tmp_path):
     result = invoke("rescale", src, "-o", out, "--factor", "0.5", "--json")
     assert result.exit_code == 0, result.output
     doc = json.loads(result.output)
-    assert doc["format"] == "kohya" and len(doc["changed"]) == doc["modules"] == 60
+    assert doc["format"] == "kohya" and doc["counts"] == {"modules": 60, "changed": 60}
+    assert len(doc["modules"]) == 60 and all(row["changed"] for row in doc["modules"])
+    assert doc["outputs"] == [{"path": str(out), "kind": "file"}]
     a, b = load_adapter(src), load_adapter(out)
     key = next(iter(a.modules))
     np.testing.assert_allclose(

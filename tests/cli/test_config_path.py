@@ -54,8 +54,9 @@ def test_inspect(adapter: Path) -> None:
     assert by_config == by_folder
     # the config was read as the config (alpha 8), not as a weights file
     assert by_config["alpha"] == {"histogram": {"8": 8}, "unknown": None}
-    assert by_config["files"] == [
-        str(adapter / n) for n in ("adapter_model.safetensors", "adapter_config.json")
+    assert [(i["path"], i["role"]) for i in by_config["inputs"]] == [
+        (str(adapter / "adapter_model.safetensors"), "adapter"),
+        (str(adapter / "adapter_config.json"), "config"),
     ]
 
 
@@ -65,7 +66,7 @@ def test_validate(adapter: Path) -> None:
         invoke("validate", str(adapter / "adapter_config.json"), "--output-format", "json")
     )
     assert [f["path"] for f in by_config["files"]] == [f["path"] for f in by_folder["files"]]
-    assert by_config["summary"] == by_folder["summary"] == {
+    assert by_config["counts"] == by_folder["counts"] == {
         "files": 1, "error": 0, "warning": 0, "info": 0,
     }  # fmt: skip
 
@@ -112,7 +113,7 @@ def test_merge(adapter: Path, fixtures_dir: Path, tmp_path: Path) -> None:
             "--json",
         )
     )  # fmt: skip
-    assert a["tensors"] == b["tensors"] and a["tensors"]["merged"] == 8
+    assert a["counts"] == b["counts"] and a["counts"]["tensors_merged"] == 8
     assert tensors(tmp_path / "a/model.safetensors") == tensors(tmp_path / "b/model.safetensors")
 
 

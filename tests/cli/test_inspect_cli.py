@@ -23,8 +23,9 @@ def test_json_output_is_one_document(fixtures_dir):
     result = CliRunner().invoke(cli, ["inspect", str(fixtures_dir / "peft/llama-lora"), "--json"])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.output)
-    assert doc["schema_version"] == 1
-    assert (doc["format"], doc["modules"]["count"], doc["rank"]["max"]) == ("peft", 8, 4)
+    assert doc["schema_version"] == 2 and doc["command"] == "inspect" and doc["outputs"] == []
+    assert (doc["format"], doc["counts"]["modules"], doc["rank"]["max"]) == ("peft", 8, 4)
+    assert len(doc["modules"]) == 8 and all("module" in row for row in doc["modules"])
 
 
 def test_human_view_names_the_essentials(fixtures_dir):

@@ -26,8 +26,19 @@ def test_json_summary(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
-    assert doc["adapters"][0]["merged"] == 8
-    assert doc["tensors"] == {"total": 21, "merged": 8, "replaced": 0, "copied": 13}
+    assert doc["command"] == "merge"
+    assert doc["outputs"] == [{"path": str(out), "kind": "folder"}]
+    assert [i["role"] for i in doc["inputs"]] == ["base", "adapter"]
+    assert doc["adapters"][0]["spec"] == ADAPTER
+    assert doc["adapters"][0]["counts"]["modules_merged"] == 8
+    assert doc["counts"] == {
+        "adapters": 1,
+        "files": 3,
+        "tensors": 21,
+        "tensors_merged": 8,
+        "tensors_replaced": 0,
+        "tensors_copied": 13,
+    }
     assert doc["bytes_written"] == sum(p.stat().st_size for p in out.glob("*.safetensors")) - sum(
         8 + int.from_bytes(p.read_bytes()[:8], "little") for p in out.glob("*.safetensors")
     )

@@ -106,8 +106,8 @@ def test_select_ignore_on_the_command_line():
 def test_json_output():
     result = invoke(BROKEN / "nan-weights", GOOD, "--output-format", "json")
     doc = json.loads(result.output)
-    assert doc["schema_version"] == 1 and doc["failed"] is True
-    assert doc["summary"] == {"files": 2, "error": 2, "warning": 0, "info": 0}
+    assert doc["schema_version"] == 2 and doc["command"] == "validate" and doc["failed"] is True
+    assert doc["counts"] == {"files": 2, "error": 2, "warning": 0, "info": 0}
     first = doc["files"][0]
     assert first["format"] == "peft" and first["config"].endswith("adapter_config.json")
     finding = first["findings"][0]
@@ -198,7 +198,7 @@ def test_pyproject_defaults_and_cli_override(tmp_path):
     )
     result = run_cli(BROKEN / "nan-weights", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["summary"]["error"] == 0
+    assert json.loads(result.stdout)["counts"]["error"] == 0
     result = run_cli(
         BROKEN / "nan-weights", "--ignore", "LT3", "--output-format", "github", cwd=tmp_path
     )

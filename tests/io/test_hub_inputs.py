@@ -185,9 +185,9 @@ def test_adapter_download_fetches_only_adapter_files(hub_server: HubServer) -> N
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         assert (folder / name).read_bytes() == (local / name).read_bytes()
     assert not (folder / "checkpoint-10").exists() and not (folder / "training_args.bin").exists()
-    ours, theirs = inspect_adapter(folder), inspect_adapter(local)
+    ours, theirs = inspect_adapter(folder).to_json(), inspect_adapter(local).to_json()
     for report in (ours, theirs):
-        report.pop("path"), report.pop("files")
+        report.pop("path"), report.pop("inputs")
     assert ours == theirs
 
 
@@ -202,9 +202,9 @@ def test_revision_and_file_in_repo(hub_server: HubServer) -> None:
     api.create_commit(ADAPTER, ops, commit_message="v2", revision="v2")
     first = hub_server.repos[ADAPTER].branches["main"][-1].oid
 
-    assert inspect_adapter(resolve_input(f"{ADAPTER}@v2"))["rank"]["max"] == 6
-    assert inspect_adapter(resolve_input(f"{ADAPTER}@{first}"))["rank"]["max"] == 4
-    assert inspect_adapter(resolve_input(ADAPTER))["rank"]["max"] == 4
+    assert inspect_adapter(resolve_input(f"{ADAPTER}@v2")).rank["max"] == 6
+    assert inspect_adapter(resolve_input(f"{ADAPTER}@{first}")).rank["max"] == 4
+    assert inspect_adapter(resolve_input(ADAPTER)).rank["max"] == 4
     kohya = (FIX / "kohya/sd-lora.safetensors").read_bytes()
     hub_server.add_repo("org/styles", files={"a.safetensors": kohya, "b.safetensors": b"x"})
     with pytest.raises(UsageError, match="which is the adapter"):
@@ -243,7 +243,7 @@ def test_offline_uses_the_cache_and_fails_cleanly_when_not_cached(
     # The CLI in a child process: cached works, not cached is one line and exit code 3.
     ok = run_cli("inspect", ADAPTER, "--json")
     assert ok.returncode == 0, ok.stderr
-    assert json.loads(ok.stdout)["modules"]["count"] == 8
+    assert json.loads(ok.stdout)["counts"]["modules"] == 8
     bad = run_cli("inspect", "org/never-downloaded")
     assert bad.returncode == 3 and bad.stdout == ""
     lines = bad.stderr.strip().splitlines()

@@ -35,20 +35,20 @@ def test_peft_modules_ranks_alphas_scales_match_peft(fixtures_dir, manifest, nam
         assert (m.rank, m.effective_alpha) == (expected["r"], expected["alpha"])
         assert m.scale == pytest.approx(expected["scale"], rel=1e-12)
     report = inspect_adapter(adapter)
-    assert report["modules"]["count"] == facts["modules"]
-    assert set(report["dtypes"]) <= set(facts["dtypes"])
+    assert report.counts["modules"] == facts["modules"]
+    assert set(report.dtypes) <= set(facts["dtypes"])
     ranks = {str(v["r"]) for v in facts["per_module"].values()}
-    assert set(report["rank"]["histogram"]) == ranks
+    assert set(report.rank["histogram"]) == ranks
 
 
 def test_patterns_report(fixtures_dir):
     r = inspect_adapter(fixtures_dir / "peft/llama-patterns")
-    assert r["format"] == "peft" and r["variants"] == ["LoRA"]
-    assert r["rank"] == {"histogram": {"2": 2, "4": 5, "6": 1}, "min": 2, "max": 6}
-    assert r["alpha"]["histogram"] == {"3": 2, "8": 6}
-    assert r["modules"]["targets"] == {"k_proj": 2, "o_proj": 2, "q_proj": 2, "v_proj": 2}
-    assert r["modules"]["blocks"] == {"layers": [0, 1]}
-    assert r["base_model"] == {
+    assert r.format == "peft" and r.variants == ["LoRA"]
+    assert r.rank == {"histogram": {"2": 2, "4": 5, "6": 1}, "min": 2, "max": 6}
+    assert r.alpha["histogram"] == {"3": 2, "8": 6}
+    assert r.targets == {"k_proj": 2, "o_proj": 2, "q_proj": 2, "v_proj": 2}
+    assert r.blocks == {"layers": [0, 1]}
+    assert r.base_model == {
         "name": "fixtures/bases/tiny-llama",
         "source": "adapter_config.json base_model_name_or_path",
     }
@@ -57,13 +57,13 @@ def test_patterns_report(fixtures_dir):
         for m in load_adapter(fixtures_dir / "peft/llama-patterns").modules.values()
         for t in (m.down, m.up)
     )
-    assert r["parameters"] == {"lora": lora_params, "passthrough": 0}
+    assert r.parameters == {"lora": lora_params, "passthrough": 0}
     files = [
         fixtures_dir / "peft/llama-patterns/adapter_model.safetensors",
         fixtures_dir / "peft/llama-patterns/adapter_config.json",
     ]
-    assert r["file_size_bytes"] == sum(f.stat().st_size for f in files)
-    assert r["stats"] is None
+    assert r.file_size_bytes == sum(f.stat().st_size for f in files)
+    assert r.stats is None
 
 
 @pytest.mark.parametrize(
@@ -99,13 +99,13 @@ def test_patterns_report(fixtures_dir):
 )
 def test_variants_components_and_scales(fixtures_dir, name, variants, components, alphas, scales):
     r = inspect_adapter(fixtures_dir / name)
-    assert r["variants"] == variants
-    assert r["modules"]["by_component"] == components
+    assert r.variants == variants
+    assert r.by_component == components
     if alphas is not None:
-        assert r["alpha"]["histogram"] == alphas
+        assert r.alpha["histogram"] == alphas
     if scales is not None:
-        assert sorted(r["scale"]["histogram"].values()) == sorted(scales.values())
-        assert set(r["scale"]["histogram"]) == set(scales)
+        assert sorted(r.scale["histogram"].values()) == sorted(scales.values())
+        assert set(r.scale["histogram"]) == set(scales)
 
 
 def test_locon_scale_two_is_exactly_the_3x3_convs(fixtures_dir):
@@ -123,14 +123,14 @@ def test_diffusers_metadata_gives_per_component_alpha(fixtures_dir):
 
 def test_unsupported_types_are_named(fixtures_dir):
     r = inspect_adapter(fixtures_dir / "kohya/sd-loha.safetensors")
-    assert r["unsupported"] == {"LoHa": 3}
-    assert r["metadata"]["ss_network_module"] == "lycoris.kohya"
+    assert r.unsupported == {"LoHa": 3}
+    assert r.metadata["ss_network_module"] == "lycoris.kohya"
 
 
 def test_stats_match_dense_svd(fixtures_dir):
     adapter = load_adapter(fixtures_dir / "peft/llama-patterns")
     r = inspect_adapter(adapter, stats=True)
-    rows = {row["module"]: row for row in r["stats"]["modules"]}
+    rows = {row["module"]: row for row in r.stats["modules"]}
     for key, m in adapter.modules.items():
         dense = m.delta()
         s = np.linalg.svd(dense.reshape(dense.shape[0], -1), compute_uv=False)
@@ -149,13 +149,13 @@ def test_stats_flag_outliers_and_non_finite(fixtures_dir):
     bad = nan_module.up.numpy().copy()
     bad[0, 0] = np.nan
     nan_module.up = ArrayTensor(bad)
-    stats = inspect_adapter(adapter, stats=True)["stats"]
+    stats = inspect_adapter(adapter, stats=True).stats
     assert stats["outliers"] == [victim.key]
     assert stats["non_finite"] == [nan_module.key]
 
 
 def test_zero_update_reported(fixtures_dir):
-    stats = inspect_adapter(fixtures_dir / "broken/zero-b", stats=True)["stats"]
+    stats = inspect_adapter(fixtures_dir / "broken/zero-b", stats=True).stats
     assert len(stats["zero"]) == 8 and stats["outliers"] == []
 
 

@@ -107,7 +107,7 @@ def test_bit_identical_to_peft_merge_and_unload(
     changed = [k for k in got if k in ref and got[k] != ref[k]]
     assert changed == []
     assert set(ref) - set(got) <= {"lm_head.weight"}  # GPT-2's tied head is not stored
-    assert summary["tensors"]["merged"] + summary["tensors"]["replaced"] > 0
+    assert summary.tensors["merged"] + summary.tensors["replaced"] > 0
     # the merge changed something: a silent no-op would also "equal" an untouched reference
     base_vals = _raw(FIXTURES / "bases" / base)
     assert any(got[k.split(":", 1)[1]] != v for k, v in base_vals.items())
@@ -368,7 +368,7 @@ def test_tokenizer_files_copied_and_pickles_dropped(tmp_path: Path) -> None:
     summary = merge(base, [FIXTURES / "peft" / "llama-lora"], out, device="cpu")
     assert (out / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()
     assert not (out / "pytorch_model.bin").exists()
-    assert "tokenizer.json" in summary["copied_files"]
+    assert "tokenizer.json" in summary.copied_files
 
 
 @pytest.mark.oracle
@@ -422,7 +422,7 @@ def test_single_file_bases_sdxl_and_flux(tmp_path: Path) -> None:
             out,
             device="cpu",
         )
-        assert summary["tensors"]["merged"] == summary["adapters"][0]["modules"] > 0
+        assert summary.tensors["merged"] == summary.adapters[0]["counts"]["modules"] > 0
         hdr = read_header(out)
         assert json.loads(hdr.metadata["loratool_merge"])["adapters"][0]["weight"] == 1.0
         # float64 reference for every merged tensor, within one rounding of the output dtype
@@ -460,8 +460,8 @@ def test_unmatched_modules(tmp_path: Path) -> None:
         merge(base, [adapter], tmp_path / "b", device="cpu")
     assert not (tmp_path / "b").exists()
     summary = merge(base, [adapter], tmp_path / "c", device="cpu", allow_unmatched=True)
-    assert summary["adapters"][0]["merged"] == 7
-    assert len(summary["adapters"][0]["unmatched"]) == 1
+    assert summary.adapters[0]["counts"]["modules_merged"] == 7
+    assert len(summary.adapters[0]["unmatched"]) == 1
 
 
 def _no_leftovers(parent: Path, name: str) -> None:
@@ -509,10 +509,10 @@ def test_fsync_puts_every_output_file_on_the_disk_before_the_rename(
     fsync=True: every file of the output, then its folders, then the parent."""
     base, adapter = FIXTURES / "bases" / "tiny-llama-sharded", FIXTURES / "peft" / "llama-lora"
     summary = merge(base, [adapter], tmp_path / "plain", device=engine)
-    assert synced == [] and summary["fsync"] is False
+    assert synced == [] and summary.fsync is False
 
     summary = merge(base, [adapter], tmp_path / "out", device=engine, fsync=True)
-    assert summary["fsync"] is True
+    assert summary.fsync is True
     out = tmp_path / "out"
     files = {p.relative_to(out) for p in out.rglob("*") if p.is_file()}
     assert {"config.json", "loratool_merge.json", "model.safetensors.index.json"} <= {

@@ -30,7 +30,7 @@ def test_single_file_base_into_a_folder_keeps_the_base_name(tmp_path: Path) -> N
     for out in (f"{folder}/", folder):  # ending in "/", or naming an existing folder
         summary = merge(FLUX, [FLUX_LORA], out, device="cpu", force=True)
         written = folder / FLUX.name
-        assert summary["output"] == str(written)
+        assert summary.output == str(written)
         assert [p.name for p in folder.iterdir()] == [FLUX.name]
         assert written.read_bytes() == direct.read_bytes()  # the same file, under the base's name
 
@@ -74,7 +74,7 @@ def test_side_files_are_plain_files_only(tmp_path: Path) -> None:
     base, _outside = _base_with_links(tmp_path)
     out = tmp_path / "out"
     summary = merge(base, [LLAMA_LORA], out, device="cpu")
-    skipped = {item["path"]: item["reason"] for item in summary["skipped_files"]}
+    skipped = {item["path"]: item["reason"] for item in summary.skipped_files}
     assert set(skipped) == {
         "notes.txt",
         "tokenizer.model",
@@ -105,7 +105,7 @@ def test_side_files_are_plain_files_only(tmp_path: Path) -> None:
     assert all(not p.is_symlink() for p in out.iterdir())
     assert "hf_secret" not in "".join(p.read_text(errors="replace") for p in out.iterdir())
     record = json.loads((out / "loratool_merge.json").read_text())
-    assert record["skipped_files"] == summary["skipped_files"]
+    assert record["skipped_files"] == list(summary.skipped_files)
     assert record["files"] == sorted(n for n in names if n != "loratool_merge.json")
 
 
@@ -120,8 +120,8 @@ def test_hub_cache_snapshot_links_are_followed(tmp_path: Path) -> None:
         os.symlink(os.path.relpath(blob, snapshot), snapshot / src.name)
     out = tmp_path / "out"
     summary = merge(snapshot, [LLAMA_LORA], out, device="cpu")
-    assert summary["skipped_files"] == []
-    assert "tokenizer.json" in summary["copied_files"]
+    assert summary.skipped_files == ()
+    assert "tokenizer.json" in summary.copied_files
     assert (out / "tokenizer.json").read_bytes() == (LLAMA / "tokenizer.json").read_bytes()
 
 

@@ -85,7 +85,7 @@ def test_rslora_normalize_sets_sqrt_rank(fixtures_dir):
 def test_unchanged_modules_keep_their_tensors(fixtures_dir):
     adapter = load_adapter(fixtures_dir / "kohya/sd-lora-noalpha.safetensors")
     result = rescale_adapter(adapter, normalize=True)  # already scale 1
-    assert result.changed == []
+    assert result.changed == ()
     for key, m in adapter.modules.items():
         new = result.adapter.modules[key]
         assert new.up is m.up and new.down is m.down and new.alpha is None
@@ -116,7 +116,7 @@ def test_dora_alpha_allowed_factor_refused(fixtures_dir):
 def test_factor_warns_about_full_tensors(fixtures_dir):
     result = rescale_adapter(load_adapter(fixtures_dir / "peft/llama-modules-to-save"), factor=0.5)
     assert result.notes and "lm_head" in result.notes[0]
-    assert rescale_adapter(load_adapter(fixtures_dir / "peft/llama-lora"), factor=0.5).notes == []
+    assert rescale_adapter(load_adapter(fixtures_dir / "peft/llama-lora"), factor=0.5).notes == ()
 
 
 def test_refuses_lycoris(fixtures_dir):

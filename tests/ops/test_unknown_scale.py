@@ -66,7 +66,7 @@ def test_known_scales_stay_known(tmp_path: Path) -> None:
     kohya = load_adapter(FIXTURES / "kohya" / "sd-lora-noalpha.safetensors")
     assert kohya.alpha_unknown is None
     assert {m.scale for m in kohya.modules.values()} == {1.0}
-    assert inspect_adapter(kohya)["alpha"] == {"histogram": {"none": 60}, "unknown": None}
+    assert inspect_adapter(kohya).alpha == {"histogram": {"none": 60}, "unknown": None}
     # diffusers without lora_adapter_metadata: diffusers loads it with alpha = r
     src = FIXTURES / "diffusers" / "sd-lora" / "pytorch_lora_weights.safetensors"
     bare = tmp_path / "pytorch_lora_weights.safetensors"
@@ -79,14 +79,15 @@ def test_known_scales_stay_known(tmp_path: Path) -> None:
 def test_inspect_says_unknown(tmp_path: Path) -> None:
     for path in unknown_inputs(tmp_path):
         report = inspect_adapter(path, stats=True)
-        assert report["alpha"] == {"histogram": {"unknown": 8}, "unknown": "no adapter_config.json"}
-        assert report["scale"] == {"histogram": {"unknown": 8}}
-        rows = report["stats"]["modules"]
+        assert report.alpha == {"histogram": {"unknown": 8}, "unknown": "no adapter_config.json"}
+        assert report.scale == {"histogram": {"unknown": 8}}
+        rows = report.stats["modules"]
         assert all(r["scale"] is None and r["frobenius"] is None for r in rows)
         assert all(r["spectral"] is None and r["finite"] for r in rows)
         assert all(r["effective_rank"] > 0 for r in rows)  # does not need the scale
-        assert json.loads(json.dumps(report)) == report
-    assert inspect_adapter(LLAMA)["alpha"] == {"histogram": {"8": 8}, "unknown": None}
+        doc = report.to_json()
+        assert json.loads(json.dumps(doc, allow_nan=False)) == doc
+    assert inspect_adapter(LLAMA).alpha == {"histogram": {"8": 8}, "unknown": None}
 
 
 def test_every_operation_that_needs_the_scale_refuses(tmp_path: Path) -> None:

@@ -48,7 +48,6 @@ from lora_tools.ops.validate.checks.values import OUTLIER_MIN_RATIO, OUTLIER_Z
 from lora_tools.ops.validate.outputs import (
     FALLBACK_DOCS_URL,
     SARIF_SCHEMA,
-    SCHEMA_VERSION,
     artifact_uri,
     rules_doc_url,
     to_github,
@@ -60,6 +59,7 @@ from lora_tools.ops.validate.rules import RULES, Rule, select_rules
 from lora_tools.ops.validate.scan import CHUNK_BYTES
 from lora_tools.ops.validate.settings import FAIL_ON, OUTPUT_FORMATS, Settings, load_settings
 from lora_tools.ops.validate.targets import Target, discover
+from lora_tools.results import SCHEMA_VERSION
 
 
 def validate(

@@ -13,29 +13,10 @@ from lora_tools.errors import printable
 from lora_tools.ops.validate.report import Report
 from lora_tools.ops.validate.rules import ERROR, INFO, RULES, WARNING
 
-SCHEMA_VERSION = 1
-
 
 def to_json(report: Report, fail_on: str = ERROR) -> dict[str, Any]:
-    """The ``--output-format json`` document (schema in docs/rules.md, ``schema_version`` 1)."""
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "tool": {"name": "loratool", "version": __version__},
-        "base": report.base,
-        "fail_on": fail_on,
-        "failed": report.failed(fail_on),
-        "summary": {"files": len(report.files), **report.counts()},
-        "files": [
-            {
-                "path": fr.path,
-                "config": fr.config,
-                "format": fr.format,
-                "counts": fr.counts(),
-                "findings": [f.to_dict() for f in fr.findings],
-            }
-            for fr in report.files
-        ],
-    }
+    """The ``--output-format json`` document (docs/json.md): ``report.to_json(fail_on)``."""
+    return report.to_json(fail_on)
 
 
 def _escape_data(text: str) -> str:

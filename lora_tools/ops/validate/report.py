@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from lora_tools.ops.validate.rules import ERROR, SEVERITIES, Rule, at_least
+from lora_tools.results import Result, envelope, input_ref
 
 
 @dataclass(frozen=True)
@@ -68,13 +69,52 @@ class FileReport:
         return {sev: found.get(sev, 0) for sev in reversed(SEVERITIES)}
 
 
-@dataclass
-class Report:
-    """Everything one validation run found, file by file."""
+@dataclass(frozen=True)
+class Report(Result):
+    """Everything one validation run found, file by file.
+
+    ``to_json(fail_on)`` is the ``validate --output-format json`` document (docs/json.md).
+    """
+
+    command = "validate"
 
     files: list[FileReport]
     rules: frozenset[str]
     base: str | None = None
+
+    def inputs(self) -> list[dict[str, Any]]:
+        refs = []
+        for fr in self.files:
+            refs.append(input_ref(fr.path, "adapter", format=fr.format))
+            if fr.config is not None:
+                refs.append(input_ref(fr.config, "config"))
+        if self.base is not None:
+            refs.append(input_ref(self.base, "base"))
+        return refs
+
+    def fields(self, fail_on: str = ERROR) -> dict[str, Any]:
+        return {
+            "base": self.base,
+            "fail_on": fail_on,
+            "failed": self.failed(fail_on),
+            "counts": {"files": len(self.files), **self.counts()},
+            "files": [
+                {
+                    "path": fr.path,
+                    "config": fr.config,
+                    "format": fr.format,
+                    "counts": fr.counts(),
+                    "findings": [f.to_dict() for f in fr.findings],
+                }
+                for fr in self.files
+            ],
+        }
+
+    def to_json(self, fail_on: str = ERROR) -> dict[str, Any]:
+        """The JSON document, with the verdict for ``fail_on`` (``error`` or ``warning``)."""
+        doc = envelope(self.command, self.inputs(), self.outputs())
+        doc.update(self.fields(fail_on))
+        return doc
 
     @property
     def findings(self) -> list[Finding]:
