@@ -600,7 +600,7 @@ def test_refuses_lycoris_and_bad_weights(tmp_path: Path) -> None:
 
 
 def test_device_selection(monkeypatch: pytest.MonkeyPatch) -> None:
-    from lora_tools.ops import merge as merge_mod
+    from lora_tools.ops.merge import engine as merge_mod
 
     assert select_engine("cpu").name == "numpy"
     with pytest.raises(UsageError):
