@@ -34,6 +34,7 @@ from lora_tools.constants import CARD_NAME, INDEX_NAMES, MERGE_RECORD_KEY, MERGE
 from lora_tools.errors import OutputError
 from lora_tools.io.atomic import atomic_dir, require_space
 from lora_tools.io.folder import skip_reason
+from lora_tools.io.hub import parse_hub_id
 from lora_tools.io.jsonfile import read_json_object
 from lora_tools.io.safetensors import (
     PICKLE_SUFFIXES,
@@ -41,6 +42,7 @@ from lora_tools.io.safetensors import (
     SafetensorsWriter,
     TensorSpec,
 )
+from lora_tools.ops.card import CardFacts, is_hub_id, merged_adapters, render_card
 from lora_tools.ops.merge.engine import Engine, select_engine
 from lora_tools.ops.merge.jobs import FilePlan, ProgressFn, copy_raw
 from lora_tools.ops.merge.plan import MergePlan
@@ -85,29 +87,41 @@ def _base_name(plan: MergePlan) -> str:
     return plan.base_spec
 
 
-def _model_card(plan: MergePlan) -> str:
-    base = _base_name(plan)
-    lines = [
-        "---",
-        f"base_model: {json.dumps(base)}",
-        "tags:",
-        "  - lora",
-        "  - merge",
-        "  - loratool",
-        "---",
-        "",
-        f"# {base} with merged LoRA adapters",
-        "",
-        f"This model is `{base}` with these LoRA adapters folded into its weights by "
-        f"loratool {__version__} (`loratool merge`):",
-        "",
-    ]
-    for r in plan.adapters:
-        lines.append(
-            f"- `{r.spec.path}` (weight {r.spec.weight:g}, {len(r.resolution.matches)} modules)"
-        )
-    lines += ["", f"The exact inputs and their sha256 are in `{MERGE_RECORD_NAME}`.", ""]
-    return "\n".join(lines)
+def _base_hub_id(plan: MergePlan) -> str | None:
+    """The base's Hub id: the one merged from, else the one its config names, if any."""
+    names = [(plan.base_spec, True)]
+    names += [((c.config or {}).get("_name_or_path"), False) for c in plan.base.components.values()]
+    for name, given in names:
+        if not isinstance(name, str) or not name or os.path.exists(name):
+            continue
+        parsed = parse_hub_id(name)
+        if parsed is not None and (given or parsed[1:] == (None, None)) and is_hub_id(parsed[0]):
+            return parsed[0]
+    return None
+
+
+def _model_card(plan: MergePlan, provenance: dict[str, Any], title: str) -> str:
+    """The README.md of a merged folder, rendered as push renders cards (:mod:`..card`).
+
+    Its front matter names the base (``base_model``, relation ``finetune``) only when it is a
+    Hub id, since the Hub refuses a card whose ``base_model`` is a local path; the text names
+    the base as given either way, and the adapters folded in. It is written unmarked: push
+    keeps it as the folder's own text and appends its block.
+    """
+    hub_id = _base_hub_id(plan)
+    library = {"diffusers": "diffusers"}.get(plan.base.kind)
+    if plan.base.kind == "folder" and any(c.config for c in plan.base.components.values()):
+        library = "transformers"
+    facts = CardFacts(
+        kind="model",
+        title=title,
+        library_name=library,
+        base_model=hub_id,
+        base_note=None if hub_id else _base_name(plan),
+        tags=["lora", "merge", "loratool"],
+        details=merged_adapters(provenance),
+    )
+    return render_card(None, facts, marked=False)[0]
 
 
 def _is_weight_artifact(path: Path, written: set[Path]) -> bool:
@@ -322,7 +336,8 @@ def execute(
             _write_weights(plan, engine, lambda f: tmp / f.relative, tick, durable=fsync)
             _write_indexes(plan, tmp)
             if not (tmp / CARD_NAME).exists():
-                (tmp / CARD_NAME).write_text(_model_card(plan), encoding="utf-8")
+                card = _model_card(plan, provenance, out.name)
+                (tmp / CARD_NAME).write_text(card, encoding="utf-8")
             # the record names every file written, so that --force can tell this folder from
             # one holding anything else (lora_tools.io.atomic.check_replaceable)
             provenance["files"] = _files_written(tmp)
