@@ -372,6 +372,9 @@ def merged_adapters(provenance: dict[str, Any]) -> str:
         "",
     ]
     for a in provenance.get("adapters") or []:
-        lines.append(f"- `{a['spec']}` (weight {a['weight']:g}, {a['modules_merged']} modules)")
+        name = f"`{a['spec']}`" if a.get("spec") else "an in-memory adapter"
+        if not a.get("spec") and a.get("weights_file"):
+            name += f" read from `{a['weights_file']}`"
+        lines.append(f"- {name} (weight {a['weight']:g}, {a['modules_merged']} modules)")
     lines += ["", f"The exact inputs and their sha256 are in `{MERGE_RECORD_NAME}`."]
     return "\n".join(lines)

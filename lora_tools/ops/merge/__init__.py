@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from lora_tools.adapter import Adapter
 from lora_tools.errors import UsageError
 from lora_tools.io.atomic import check_output
 from lora_tools.io.checkpoint import Checkpoint
@@ -53,7 +54,7 @@ from lora_tools.ops.merge.plan import (
     output_path,
     plan_merge,
 )
-from lora_tools.ops.merge.write import execute, sha256_file
+from lora_tools.ops.merge.write import execute, sha256_file, tensors_sha256
 
 
 @contextlib.contextmanager
@@ -66,7 +67,7 @@ def _closing(ckpt: Checkpoint) -> Iterator[Checkpoint]:
 
 def merge(
     base: str | os.PathLike[str],
-    adapters: list[str | os.PathLike[str] | AdapterSpec],
+    adapters: list[str | os.PathLike[str] | Adapter | AdapterSpec],
     out: str | os.PathLike[str],
     *,
     weights: list[float] | None = None,
@@ -84,7 +85,15 @@ def merge(
     Args:
         base: a .safetensors file, an HF folder (single or sharded), a diffusers folder, or a
             Hub id ``user/name[@revision]``.
-        adapters: adapter files / folders / Hub ids, merged in this order.
+        adapters: adapter files / folders / Hub ids, or in-memory
+            :class:`~lora_tools.adapter.Adapter` objects (from ``load_adapter``, ``rescale``
+            ...), merged in this order. Each passes the checks the CLI applies to what it
+            reads (at least one LoRA module, usable scales, a known alpha, plain LoRA). The
+            summary gives an in-memory adapter ``"path": None``; the provenance record
+            ``"spec": null``, ``"weights_file"`` its ``source`` (or null), ``"sha256_of":
+            "tensors"`` and as ``"sha256"`` the digest of its tensors' bytes
+            (:func:`~lora_tools.ops.merge.write.tensors_sha256`), not of a file, which may
+            hold other values than the adapter in memory.
         out: the output path: a folder for a folder base; for a single-file base a
             .safetensors file, or a folder (ending in ``/`` or existing) to write it into under
             the base's file name (:func:`output_path`).
@@ -127,14 +136,21 @@ def merge(
             specs.append(item)
             continue
         w = weights[i] if len(weights) == len(adapters) else (weights[0] if weights else 1.0)
-        specs.append(AdapterSpec(os.fspath(item), float(w)))
+        if isinstance(item, Adapter):
+            specs.append(AdapterSpec(None, float(w), item))
+        else:
+            specs.append(AdapterSpec(os.fspath(item), float(w)))
     base_path = resolve_input(os.fspath(base), role="base")
     local = [
-        AdapterSpec(os.fspath(adapter_path(resolve_input(s.path, role="adapter"))), s.weight)
+        s
+        if s.adapter is not None or s.path is None
+        else AdapterSpec(os.fspath(adapter_path(resolve_input(s.path, role="adapter"))), s.weight)
         for s in specs
     ]
+    # an in-memory adapter may still read its tensors from its file: that is an input too
+    inputs = [s.adapter.source if s.adapter else s.path and Path(s.path) for s in local]
     out = output_path(out, Path(base_path))
-    check_output(out, [base_path, *(Path(s.path) for s in local)], force=force)
+    check_output(out, [base_path, *(p for p in inputs if p)], force=force)
     engine = select_engine(device, block_bytes=block_bytes)
     plan = plan_merge(
         base_path,
@@ -147,7 +163,7 @@ def merge(
         on_plan(plan.total_bytes, plan.total_tensors)
     with _closing(plan.base):
         for report, spec in zip(plan.adapters, specs, strict=True):
-            report.spec = AdapterSpec(spec.path, report.spec.weight)
+            report.spec = AdapterSpec(spec.path, report.spec.weight, spec.adapter)
         return execute(plan, out, engine=engine, force=force, fsync=fsync, progress=progress)
 
 
@@ -172,4 +188,5 @@ __all__ = [
     "plan_merge",
     "select_engine",
     "sha256_file",
+    "tensors_sha256",
 ]

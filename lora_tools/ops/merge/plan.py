@@ -39,10 +39,25 @@ _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "eva")
 
 @dataclass
 class AdapterSpec:
-    """One adapter to merge and its weight (negative weights subtract)."""
+    """One adapter to merge and its weight (negative weights subtract).
 
-    path: str
+    Attributes:
+        path: the adapter file, folder or Hub id; None for an in-memory adapter.
+        weight: the merge weight.
+        adapter: an in-memory :class:`~lora_tools.adapter.Adapter`, merged instead of reading
+            ``path``.
+    """
+
+    path: str | None
     weight: float = 1.0
+    adapter: Adapter | None = None
+
+    @property
+    def label(self) -> str:
+        """How messages name the adapter."""
+        if self.path is not None:
+            return self.path
+        return f"the in-memory adapter {self.adapter.name if self.adapter else '<adapter>'}"
 
 
 @dataclass
@@ -104,6 +119,19 @@ def _check_update_fits(match: ModuleMatch, weight: float, role: str, out_dtype: 
             hint="use a smaller --weight, or fix the adapter's alpha",
             kind="non-finite",
         )
+
+
+def _check_in_memory(adapter: Adapter) -> Adapter:
+    """The checks :func:`lora_tools.formats.load_adapter` makes on what it reads, made on an
+    adapter built or changed in memory."""
+    if not adapter.modules and not adapter.foreign:
+        raise AdapterError(
+            "the in-memory adapter holds no LoRA module (both factors) to merge",
+            path=adapter.source,
+            kind="no-modules",
+        )
+    adapter.require_usable_scales()
+    return adapter
 
 
 def _check_mergeable(adapter: Adapter, weight: float) -> None:
@@ -183,10 +211,15 @@ def plan_merge(
     for spec in adapters:
         if not math.isfinite(spec.weight):
             raise UsageError(
-                f"--weight {spec.weight!r} for {spec.path} is not a finite number",
+                f"--weight {spec.weight!r} for {spec.label} is not a finite number",
                 hint="give each --weight as a finite number such as 0.8 or -0.5",
             )
-        adapter = load_adapter(spec.path)
+        if spec.adapter is not None:
+            adapter = _check_in_memory(spec.adapter)
+        elif spec.path is not None:
+            adapter = load_adapter(spec.path)
+        else:
+            raise UsageError("an AdapterSpec names no adapter (path and adapter are None)")
         _check_mergeable(adapter, spec.weight)
         res = resolve(adapter, ckpt)
         res.raise_for_problems(adapter, allow_unmatched=allow_unmatched)

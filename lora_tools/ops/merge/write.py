@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_tools import __version__
+from lora_tools.adapter import Adapter
 from lora_tools.constants import CARD_NAME, INDEX_NAMES, MERGE_RECORD_KEY, MERGE_RECORD_NAME
 from lora_tools.errors import OutputError
 from lora_tools.io.atomic import atomic_dir, require_space
@@ -45,7 +46,7 @@ from lora_tools.io.safetensors import (
 from lora_tools.ops.card import CardFacts, is_hub_id, merged_adapters, render_card
 from lora_tools.ops.merge.engine import Engine, select_engine
 from lora_tools.ops.merge.jobs import FilePlan, ProgressFn, copy_raw
-from lora_tools.ops.merge.plan import MergePlan
+from lora_tools.ops.merge.plan import AdapterReport, MergePlan
 
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
@@ -56,24 +57,60 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def tensors_sha256(adapter: Adapter) -> str:
+    """The sha256 the provenance record gives an in-memory adapter: of its tensors' bytes.
+
+    The bytes hashed, in this order: for each module of ``adapter.modules`` in its order, its
+    ``down`` then ``up`` factor, then its DoRA ``magnitude`` and its lora ``bias`` where it has
+    them; then each tensor of ``adapter.passthrough`` in its order. Each tensor contributes its
+    raw data as safetensors stores it (little-endian, row-major) and nothing else: no names,
+    shapes, dtypes or alphas.
+
+    Example:
+        >>> from lora_tools.formats import load_adapter
+        >>> tensors_sha256(load_adapter("fixtures/peft/llama-lora"))[:12]  # doctest: +SKIP
+        '3b5d5c3712f4'
+    """
+    digest = hashlib.sha256()
+    tensors = [
+        t
+        for m in adapter.modules.values()
+        for t in (m.down, m.up, m.magnitude, m.bias)
+        if t is not None
+    ]
+    for tensor in [*tensors, *adapter.passthrough.values()]:
+        for chunk in tensor.iter_bytes():
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _adapter_record(report: AdapterReport) -> dict[str, Any]:
+    """One adapter in the provenance record (see :func:`lora_tools.ops.merge.merge`)."""
+    source = report.adapter.source
+    record: dict[str, Any] = {
+        "spec": report.spec.path,
+        "weights_file": str(source) if source else None,
+    }
+    if report.spec.adapter is None:
+        record["sha256"] = sha256_file(Path(source)) if source else None
+    else:
+        record.update(sha256=tensors_sha256(report.adapter), sha256_of="tensors")
+    record.update(
+        format=report.adapter.format,
+        weight=report.spec.weight,
+        modules_merged=len(report.resolution.matches),
+        modules_unmatched=len(report.resolution.unmatched),
+    )
+    return record
+
+
 def _provenance(plan: MergePlan, engine: Engine) -> dict[str, Any]:
     return {
         "tool": "loratool",
         "loratool_version": __version__,
         "operation": "merge",
         "base": {"spec": plan.base_spec, "path": str(plan.base.path), "kind": plan.base.kind},
-        "adapters": [
-            {
-                "spec": r.spec.path,
-                "weights_file": str(r.adapter.source),
-                "sha256": sha256_file(Path(r.adapter.source)) if r.adapter.source else None,
-                "format": r.adapter.format,
-                "weight": r.spec.weight,
-                "modules_merged": len(r.resolution.matches),
-                "modules_unmatched": len(r.resolution.unmatched),
-            }
-            for r in plan.adapters
-        ],
+        "adapters": [_adapter_record(r) for r in plan.adapters],
         "dtype": plan.dtype or "keep",
         "engine": engine.name,
     }
@@ -373,7 +410,7 @@ def _summary(
         "adapters": [
             {
                 "path": r.spec.path,
-                "weights_file": str(r.adapter.source),
+                "weights_file": str(r.adapter.source) if r.adapter.source else None,
                 "format": r.adapter.format,
                 "weight": r.spec.weight,
                 "modules": r.resolution.total,
