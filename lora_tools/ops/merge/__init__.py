@@ -8,7 +8,7 @@ phase, each importing only the ones below it (no module imports this package bac
   each adapter module to the base weight it updates and records what happens to every tensor;
 - :mod:`.jobs`: the per-tensor jobs (:class:`TensorJob`: copied as raw bytes, merged with a list
   of updates, or replaced by an adapter tensor) and the raw copy both engines use;
-- :mod:`.math`: the arithmetic of a merge, as PEFT computes it;
+- :mod:`.arithmetic`: the arithmetic of a merge, as PEFT computes it;
 - :mod:`.numpy_engine` (CPU, no torch) and :mod:`.torch_engine` (CUDA, or ``--exact``): write the
   tensors of one output file;
 - :mod:`.engine`: which engine, on which device (:func:`select_engine`);

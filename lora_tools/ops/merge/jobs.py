@@ -30,7 +30,7 @@ from lora_tools.io.safetensors import (
     TensorInfo,
     tensor_nbytes,
 )
-from lora_tools.ops.merge.math import (
+from lora_tools.ops.merge.arithmetic import (
     NARROW_DTYPES,
     PRODUCT_ROWS,
     DenseTerm,

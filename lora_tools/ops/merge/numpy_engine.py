@@ -1,7 +1,7 @@
 """The numpy engine of a merge: numpy and BLAS on the CPU, no torch.
 
 It writes the tensors of one output file (:class:`~lora_tools.ops.merge.jobs.FilePlan`):
-merged row blocks computed by worker threads with :mod:`lora_tools.ops.merge.math`, untouched
+merged row blocks computed by worker threads with :mod:`lora_tools.ops.merge.arithmetic`, untouched
 tensors copied in the kernel. It holds BLAS to one thread per worker (:func:`_one_blas_thread`).
 
 Example:
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from lora_tools.io.safetensors import SafetensorsFile, SafetensorsWriter, numpy_dtype
+from lora_tools.ops.merge.arithmetic import Term, apply_terms, compute_dtype_for
 from lora_tools.ops.merge.jobs import DEFAULT_BLOCK_BYTES, FilePlan, ProgressFn, TensorJob, job_rows
-from lora_tools.ops.merge.math import Term, apply_terms, compute_dtype_for
 
 
 def cpu_threads() -> int:

@@ -25,8 +25,8 @@ from lora_tools.errors import AdapterError, OutputError, UnsupportedAdapterError
 from lora_tools.io.checkpoint import Checkpoint, open_checkpoint
 from lora_tools.io.safetensors import Tensor
 from lora_tools.lowrank import max_abs_update
+from lora_tools.ops.merge.arithmetic import FLOAT_DTYPES
 from lora_tools.ops.merge.jobs import FilePlan, TensorJob
-from lora_tools.ops.merge.math import FLOAT_DTYPES
 from lora_tools.resolve import ModuleMatch, Resolution, resolve
 
 #: --dtype spellings -> safetensors dtype names (``keep`` keeps each tensor's own).
