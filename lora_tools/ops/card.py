@@ -1,4 +1,5 @@
-"""Model cards (README.md) for what ``loratool push`` publishes.
+"""Model cards (README.md): the one renderer for the cards ``loratool push`` publishes and the
+card ``loratool merge`` writes into a merged folder.
 
 A card is YAML front matter (the Hub reads ``base_model``, ``base_model_relation``,
 ``library_name``, ``license``, ``pipeline_tag`` and ``tags`` from it) and a Markdown body.
@@ -13,6 +14,10 @@ one marked block of the body; an existing card keeps its text and its own front-
 - loratool's block (between :data:`BEGIN` and :data:`END`) is replaced on every push, or appended
   when the card has none, so pushing twice gives the same card.
 
+``loratool merge`` writes a new card with the same front matter, title and intro, and
+:func:`merged_adapters` as its text, unmarked (``render_card(None, facts, marked=False)``): from
+then on the text is the folder's own, and push keeps it and appends its block.
+
 Hub conventions: ``base_model_relation`` is one of ``adapter``, ``merge``, ``quantized``,
 ``finetune``. An adapter is ``adapter``; a model with a LoRA folded into its single base is
 ``finetune`` (what the Hub infers for full weights with one base; ``merge`` means a merge of
@@ -21,7 +26,7 @@ several Hub models). PEFT's own cards tag ``base_model:adapter:<id>``; the same 
 Example:
     >>> facts = CardFacts(kind="adapter", title="my-lora", library_name="peft",
     ...                   base_model="meta-llama/Llama-3.2-1B", details="rank 8")
-    >>> text, notes = render_card(facts, None)
+    >>> text, notes = render_card(None, facts)
     >>> text.splitlines()[1]
     'base_model: meta-llama/Llama-3.2-1B'
 """
@@ -34,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lora_tools import __version__
+from lora_tools.constants import MERGE_RECORD_NAME
 from lora_tools.errors import FormatError
 from lora_tools.ops.inspect import human_size
 
@@ -193,13 +199,18 @@ def _block(facts: CardFacts) -> str:
     return f"{BEGIN}\n{facts.details.strip()}\n{END}\n"
 
 
-def render_card(existing: str | None, facts: CardFacts, *, override_base: bool = False):
+def render_card(
+    existing: str | None, facts: CardFacts, *, override_base: bool = False, marked: bool = True
+):
     """The card text to publish, and notes on changes to the existing card's front matter.
 
     Args:
         existing: the current README.md text, or None for a new card.
         facts: what loratool computed.
         override_base: see :func:`merge_front_matter`.
+        marked: a new card holds ``facts.details`` between :data:`BEGIN` and :data:`END` (the
+            block push replaces); False writes them as plain text, the card's own from then on
+            (what ``loratool merge`` writes). No effect on an existing card.
 
     Returns:
         ``(text, notes)``.
@@ -216,7 +227,8 @@ def render_card(existing: str | None, facts: CardFacts, *, override_base: bool =
     meta, notes = merge_front_matter(data, facts, override_base=override_base)
     if existing is None:
         intro = _intro(facts)
-        body = f"\n# {facts.title}\n\n{intro}\n\n{_block(facts)}"
+        details = _block(facts) if marked else f"{facts.details.strip()}\n"
+        body = f"\n# {facts.title}\n\n{intro}\n\n{details}"
         if facts.usage:
             body += f"\n{facts.usage.strip()}\n"
     elif _BLOCK.search(body):
@@ -327,7 +339,7 @@ def model_details(
             f"Merged by loratool {version} (`loratool merge`, dtype {provenance.get('dtype')}, "
             f"engine {provenance.get('engine')}).",
         ]
-        lines.append("The inputs and their sha256 are in `loratool_merge.json`.")
+        lines.append(f"The inputs and their sha256 are in `{MERGE_RECORD_NAME}`.")
     else:
         lines.append(f"Base: `{base_label}`." if base_label else "Base: not recorded.")
     lines += [
@@ -338,4 +350,31 @@ def model_details(
         "",
         f"*Summary written by loratool {__version__}.*",
     ]
+    return "\n".join(lines)
+
+
+def merged_adapters(provenance: dict[str, Any]) -> str:
+    """The text of the card ``loratool merge`` writes: the adapters folded in, in order, from
+    the provenance record it writes beside the card (``loratool_merge.json``).
+
+    Example:
+        >>> print(merged_adapters({"loratool_version": "1.0", "adapters": [
+        ...     {"spec": "my/lora", "weight": 0.8, "modules_merged": 8}]}))
+        Merged by loratool 1.0 (`loratool merge`), in this order:
+        <BLANKLINE>
+        - `my/lora` (weight 0.8, 8 modules)
+        <BLANKLINE>
+        The exact inputs and their sha256 are in `loratool_merge.json`.
+    """
+    version = provenance.get("loratool_version")
+    lines = [
+        f"Merged by loratool {version} (`loratool merge`), in this order:",
+        "",
+    ]
+    for a in provenance.get("adapters") or []:
+        name = f"`{a['spec']}`" if a.get("spec") else "an in-memory adapter"
+        if not a.get("spec") and a.get("weights_file"):
+            name += f" read from `{a['weights_file']}`"
+        lines.append(f"- {name} (weight {a['weight']:g}, {a['modules_merged']} modules)")
+    lines += ["", f"The exact inputs and their sha256 are in `{MERGE_RECORD_NAME}`."]
     return "\n".join(lines)

@@ -41,6 +41,8 @@ PRINTED_BY = {
     "lora_tools.cli._common": (),
     "lora_tools.cli._algebra": ("rescale", "resize", "combine", "convert"),
     "lora_tools.ops.validate": ("validate",),
+    # merge renders only a new card with it and prints none of its notes or errors
+    "lora_tools.ops.card": ("push",),
 }
 
 

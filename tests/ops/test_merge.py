@@ -14,6 +14,7 @@ import pytest
 from lora_tools.constants import MERGE_RECORD_NAME
 from lora_tools.errors import DeviceError, FormatError, OutputError, ResolveError, UsageError
 from lora_tools.io.safetensors import SafetensorsFile, read_header, save_tensors
+from lora_tools.ops.card import split_card
 from lora_tools.ops.merge import AdapterSpec, merge, select_engine
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
@@ -344,7 +345,36 @@ def test_sharded_output_mirrors_the_base(tmp_path: Path) -> None:
             (FIXTURES / "peft" / "llama-lora" / "adapter_model.safetensors").read_bytes()
         ).hexdigest()
     )
-    assert "base_model:" in (out / "README.md").read_text()
+    # the card (lora_tools.ops.card): a local base is named in the text, never as base_model,
+    # which the Hub refuses unless it is a Hub id
+    meta, body = split_card((out / "README.md").read_text())
+    assert "base_model" not in meta and meta["library_name"] == "transformers"
+    assert meta["tags"] == ["lora", "merge", "loratool"]
+    assert f"`{base}` with LoRA adapters merged into its weights." in body
+    assert "- `" + str(FIXTURES / "peft" / "llama-lora") + "` (weight 1, 8 modules)" in body
+    assert f"sha256 are in `{MERGE_RECORD_NAME}`" in body and "loratool:begin" not in body
+
+
+@pytest.mark.parametrize(
+    ("name_or_path", "expected"),
+    [("org/tiny-llama", "org/tiny-llama"), ("/abs/tiny-llama", None), ("org/x@main", None)],
+)
+def test_card_names_a_hub_base_in_its_front_matter(
+    tmp_path: Path, name_or_path: str, expected: str | None
+) -> None:
+    base = tmp_path / "base"
+    shutil.copytree(FIXTURES / "bases" / "tiny-llama", base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "_name_or_path": name_or_path}))
+    merge(base, [FIXTURES / "peft" / "llama-lora"], tmp_path / "out", device="cpu")
+    meta, body = split_card((tmp_path / "out" / "README.md").read_text())
+    assert meta.get("base_model") == expected
+    if expected:
+        assert meta["base_model_relation"] == "finetune"
+        assert f"base_model:finetune:{expected}" in meta["tags"]
+        assert f"[{expected}](https://huggingface.co/{expected}) with LoRA adapters" in body
+    else:
+        assert "base_model_relation" not in meta and "with LoRA adapters" in body
 
 
 def test_dtype_option_changes_dtypes_and_total_size(tmp_path: Path) -> None:
@@ -600,7 +630,7 @@ def test_refuses_lycoris_and_bad_weights(tmp_path: Path) -> None:
 
 
 def test_device_selection(monkeypatch: pytest.MonkeyPatch) -> None:
-    from lora_tools.ops import merge as merge_mod
+    from lora_tools.ops.merge import engine as merge_mod
 
     assert select_engine("cpu").name == "numpy"
     with pytest.raises(UsageError):

@@ -1,4 +1,4 @@
-"""merge_math: the float32 arithmetic of a merge, against exact rationals, float64 and torch."""
+"""merge.arithmetic: the float32 arithmetic of a merge, against exact rationals, float64 and torch."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from lora_tools.ops.merge_math import (
+from lora_tools.ops.merge.arithmetic import (
     PRODUCT_ROWS,
     LowRankTerm,
     apply_terms,
@@ -108,7 +108,7 @@ def test_apply_terms_is_peft_op_sequence() -> None:
 @pytest.mark.parametrize("n", [8, 32, 96, 2048, 5632])
 def test_lane_norm_equals_torch_linalg_norm(n: int) -> None:
     # Row lengths that are multiples of 8 (every transformer hidden size); for other lengths
-    # torch's remainder handling is not reproduced bit for bit (see merge_math.lane_norm).
+    # torch's remainder handling is not reproduced bit for bit (see merge.arithmetic.lane_norm).
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(n)
     x = (rng.standard_normal((64, n)) * 0.1).astype(np.float32)

@@ -42,7 +42,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 class Tiny(nn.Module):
     """One layer of every kind PEFT merges (reduced dimensions are multiples of 8, where the
-    DoRA norm's summation order is torch's, see merge_math.lane_norm)."""
+    DoRA norm's summation order is torch's, see merge.arithmetic.lane_norm)."""
 
     def __init__(self) -> None:
         super().__init__()

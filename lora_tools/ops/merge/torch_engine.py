@@ -1,4 +1,4 @@
-"""The torch engine of ``loratool merge``: the same arithmetic as :mod:`merge_math`, on CPU or CUDA.
+"""The torch engine of ``loratool merge``: the same arithmetic as :mod:`.arithmetic`, on CPU or CUDA.
 
 Imported only for ``--device cuda[:N]`` (or ``auto`` on a machine with a GPU); ``--device cpu``
 is the numpy engine and never loads torch. ``select_engine("torch-cpu")`` runs this engine on
@@ -18,10 +18,10 @@ The products ``up @ down`` use torch's float32 matmul (cuBLAS on CUDA, MKL on CP
 disabled; every other step is the same elementwise operation sequence as the numpy engine. The
 two engines therefore write the same bytes except where the BLAS libraries sum the rank of a
 product in different orders (the last bit of a float32 product, for ranks >= 8; see
-:mod:`lora_tools.ops.merge_math`).
+:mod:`lora_tools.ops.merge.arithmetic`).
 
 Example:
-    >>> from lora_tools.ops.merge_torch import TorchEngine
+    >>> from lora_tools.ops.merge.torch_engine import TorchEngine
     >>> TorchEngine("cpu").name                                        # doctest: +SKIP
     'torch-cpu'
 """
@@ -39,7 +39,8 @@ import torch
 
 from lora_tools.errors import DeviceError
 from lora_tools.io.safetensors import SafetensorsFile, SafetensorsWriter
-from lora_tools.ops.merge import (
+from lora_tools.ops.merge.arithmetic import NORM_LANES, DenseTerm, LowRankTerm, Term
+from lora_tools.ops.merge.jobs import (
     DEFAULT_BLOCK_BYTES,
     FilePlan,
     ProgressFn,
@@ -47,7 +48,6 @@ from lora_tools.ops.merge import (
     copy_raw,
     job_rows,
 )
-from lora_tools.ops.merge_math import NORM_LANES, DenseTerm, LowRankTerm, Term
 
 TORCH_DTYPES = {
     "F16": torch.float16,
@@ -100,7 +100,7 @@ def _as_numpy_bytes(tensor: torch.Tensor) -> np.ndarray:
 
 
 def fma_round(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``float32(acc + a * b)`` rounded once (see merge_math.fma_round)."""
+    """``float32(acc + a * b)`` rounded once (see lora_tools.ops.merge.arithmetic.fma_round)."""
     acc64, prod = acc.double(), a.double() * b.double()
     total = acc64 + prod
     bits = total.view(torch.int64)
@@ -120,7 +120,7 @@ def fma_round(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tens
 
 
 def lane_norm(rows: torch.Tensor) -> torch.Tensor:
-    """Per-row L2 norm, reduced exactly as merge_math.lane_norm (and torch's CPU kernel)."""
+    """Per-row L2 norm, reduced exactly as lora_tools.ops.merge.arithmetic.lane_norm (and torch's CPU kernel)."""
     m, n = rows.shape
     full = n - n % NORM_LANES
     lanes = torch.zeros((m, NORM_LANES), dtype=torch.float32, device=rows.device)
@@ -138,7 +138,7 @@ def lane_norm(rows: torch.Tensor) -> torch.Tensor:
 
 
 def column_norm(stored: torch.Tensor) -> torch.Tensor:
-    """Per-column L2 norm, reduced exactly as merge_math.column_norm (torch's CPU kernel on a
+    """Per-column L2 norm, reduced exactly as lora_tools.ops.merge.arithmetic.column_norm (torch's CPU kernel on a
     non-contiguous dimension): ``acc = acc + x * x`` down the rows in order."""
     acc = torch.zeros(stored.shape[1], dtype=torch.float32, device=stored.device)
     for row in stored:

@@ -1,0 +1,307 @@
+"""Planning a merge: the inputs, the checks, and what happens to each base tensor.
+
+:func:`plan_merge` opens the base (headers and indexes only) and every adapter, resolves each
+adapter module to the base weight it updates (:mod:`lora_tools.resolve`), and records, per
+output file, every tensor in the base file's order with what happens to it
+(:class:`~lora_tools.ops.merge.jobs.TensorJob`). Nothing here reads tensor data beyond the
+adapters' factors (for the overflow check); nothing is written.
+
+Example:
+    >>> DTYPE_NAMES["bf16"]
+    'BF16'
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lora_tools.adapter import EMBEDDING, LARGEST, LARGEST_F32, Adapter
+from lora_tools.errors import AdapterError, OutputError, UnsupportedAdapterError, UsageError
+from lora_tools.io.checkpoint import Checkpoint, open_checkpoint
+from lora_tools.io.safetensors import Tensor
+from lora_tools.lowrank import max_abs_update
+from lora_tools.ops.merge.arithmetic import FLOAT_DTYPES
+from lora_tools.ops.merge.jobs import FilePlan, TensorJob
+from lora_tools.resolve import ModuleMatch, Resolution, resolve
+
+#: --dtype spellings -> safetensors dtype names (``keep`` keeps each tensor's own).
+DTYPE_NAMES = {"keep": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
+
+#: PEFT variants whose adapters only make sense on a base they also changed, or that cannot be
+#: folded into weights at all.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "eva")
+
+
+@dataclass
+class AdapterSpec:
+    """One adapter to merge and its weight (negative weights subtract).
+
+    Attributes:
+        path: the adapter file, folder or Hub id; None for an in-memory adapter.
+        weight: the merge weight.
+        adapter: an in-memory :class:`~lora_tools.adapter.Adapter`, merged instead of reading
+            ``path``.
+    """
+
+    path: str | None
+    weight: float = 1.0
+    adapter: Adapter | None = None
+
+    @property
+    def label(self) -> str:
+        """How messages name the adapter."""
+        if self.path is not None:
+            return self.path
+        return f"the in-memory adapter {self.adapter.name if self.adapter else '<adapter>'}"
+
+
+@dataclass
+class AdapterReport:
+    """One adapter of a plan: how it was named, what was read, and how its modules resolved."""
+
+    spec: AdapterSpec
+    adapter: Adapter
+    resolution: Resolution
+
+
+@dataclass
+class MergePlan:
+    """Everything :func:`execute` needs; built by :func:`plan_merge` without reading tensor data."""
+
+    base: Checkpoint
+    base_spec: str
+    files: list[FilePlan]
+    adapters: list[AdapterReport]
+    dtype: str | None
+
+    @property
+    def output_is_file(self) -> bool:
+        return self.base.kind == "file"
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(job.out_nbytes for f in self.files for job in f.jobs)
+
+    @property
+    def total_tensors(self) -> int:
+        return sum(len(f.jobs) for f in self.files)
+
+
+def _check_update_fits(match: ModuleMatch, weight: float, role: str, out_dtype: str) -> None:
+    """AdapterError when ``weight`` times a module's update cannot be held by ``out_dtype``.
+
+    Checked while planning, so nothing is written. Half the dtype's range is left for the
+    base weight the update is added to.
+    """
+    module = match.module
+    scale = module.scale * weight
+    limit = LARGEST.get(out_dtype, LARGEST_F32) / 2
+    if role == "bias":
+        assert module.bias is not None
+        with np.errstate(over="ignore", invalid="ignore"):
+            peak = float(np.abs(module.bias.numpy().astype(np.float64)).max(initial=0.0))
+            peak *= abs(scale)
+    else:
+        harm = f"merging it would make {match.target.key!r} non-finite"
+        up, down = module.finite_factors(consequence=harm)
+        peak = max_abs_update(up, down, scale, limit)
+    if not peak < limit:
+        raise AdapterError(
+            f"module {module.key!r}: its update times weight {weight:g} reaches {peak:.3g} "
+            f"(scale {scale:.3g}), beyond what {out_dtype} can hold next to the base weight "
+            f"({limit:.3g}); merging would write inf into {match.target.key!r}",
+            path=getattr(getattr(module.down, "file", None), "path", None),
+            hint="use a smaller --weight, or fix the adapter's alpha",
+            kind="non-finite",
+        )
+
+
+def _check_in_memory(adapter: Adapter) -> Adapter:
+    """The checks :func:`lora_tools.formats.load_adapter` makes on what it reads, made on an
+    adapter built or changed in memory."""
+    if not adapter.modules and not adapter.foreign:
+        raise AdapterError(
+            "the in-memory adapter holds no LoRA module (both factors) to merge",
+            path=adapter.source,
+            kind="no-modules",
+        )
+    adapter.require_usable_scales()
+    return adapter
+
+
+def _check_mergeable(adapter: Adapter, weight: float) -> None:
+    adapter.require_plain_lora("merge")
+    adapter.require_known_scale("merge")
+    config = adapter.config or {}
+    init = str(config.get("init_lora_weights", "")).lower()
+    if init.startswith(_BASE_CHANGING_INITS):
+        raise UnsupportedAdapterError(
+            f"adapter was initialised with {config['init_lora_weights']!r}, which also changes "
+            "the base weights; merging it into the original base gives a wrong model",
+            path=adapter.config_source or adapter.source,
+            hint="convert it to a plain LoRA with PEFT first (save_pretrained with "
+            "path_initial_model_for_weight_conversion)",
+            kind="unsupported-type",
+        )
+    for key in ("layer_replication", "alora_invocation_tokens"):
+        if config.get(key):
+            raise UnsupportedAdapterError(
+                f"adapter uses {key}, which cannot be folded into the base weights",
+                path=adapter.config_source or adapter.source,
+                kind="unsupported-type",
+            )
+    for m in adapter.modules.values():
+        if m.dora and m.kind == EMBEDDING:
+            raise UnsupportedAdapterError(
+                f"module {m.key!r} is a DoRA embedding; its norm runs over whole columns of the "
+                "table, which loratool does not merge",
+                path=adapter.source,
+                hint="merge this adapter with PEFT's merge_and_unload",
+                kind="unsupported-type",
+            )
+    if weight != 1.0 and adapter.modules and any(m.dora for m in adapter.modules.values()):
+        raise UsageError(
+            f"DoRA adapter with --weight {weight}: DoRA rescales whole rows, so a weighted "
+            "DoRA merge is not defined",
+            path=adapter.source,
+        )
+
+
+# -- planning -----------------------------------------------------------------------------
+
+
+def _out_dtype(dtype: str, target: str | None) -> str:
+    return target if target is not None and dtype in FLOAT_DTYPES else dtype
+
+
+def plan_merge(
+    base: str | os.PathLike[str],
+    adapters: list[AdapterSpec],
+    *,
+    dtype: str | None = None,
+    allow_unmatched: bool = False,
+    base_spec: str | None = None,
+) -> MergePlan:
+    """Resolve every adapter against the base and decide what happens to each base tensor.
+
+    Args:
+        base: a local base checkpoint (file, HF folder, diffusers folder).
+        adapters: adapters in merge order with their weights.
+        dtype: output dtype for float tensors (safetensors name) or None to keep.
+        allow_unmatched: modules that match no base weight are skipped (and counted).
+        base_spec: how the user named the base (a Hub id), for the provenance record.
+
+    Raises:
+        ResolveError / ShapeError: a module matches nothing, several weights, or does not fit.
+        UnsupportedAdapterError: LyCORIS types, base-changing PEFT variants, DoRA embeddings.
+    """
+    from lora_tools.formats import load_adapter
+
+    if not adapters:
+        raise UsageError("no adapter to merge", hint="name at least one adapter")
+    ckpt = open_checkpoint(base)
+    reports: list[AdapterReport] = []
+    per_tensor: dict[tuple[str, str], list[tuple[ModuleMatch, float, str]]] = {}
+    replacements: dict[tuple[str, str], Tensor] = {}
+    for spec in adapters:
+        if not math.isfinite(spec.weight):
+            raise UsageError(
+                f"--weight {spec.weight!r} for {spec.label} is not a finite number",
+                hint="give each --weight as a finite number such as 0.8 or -0.5",
+            )
+        if spec.adapter is not None:
+            adapter = _check_in_memory(spec.adapter)
+        elif spec.path is not None:
+            adapter = load_adapter(spec.path)
+        else:
+            raise UsageError("an AdapterSpec names no adapter (path and adapter are None)")
+        _check_mergeable(adapter, spec.weight)
+        res = resolve(adapter, ckpt)
+        res.raise_for_problems(adapter, allow_unmatched=allow_unmatched)
+        reports.append(AdapterReport(spec, adapter, res))
+        for match in res.matches.values():
+            t = match.target
+            per_tensor.setdefault((t.component, t.key), []).append((match, spec.weight, "weight"))
+            if match.bias is not None:
+                b = match.bias
+                per_tensor.setdefault((b.component, b.key), []).append((match, spec.weight, "bias"))
+        for key, target in res.replacements.items():
+            if spec.weight != 1.0:
+                raise UsageError(
+                    f"{key!r} is a full tensor that replaces the base's {target.key!r} "
+                    f"(modules_to_save); a merge weight of {spec.weight} is not defined for it",
+                    path=adapter.source,
+                    hint="merge this adapter with weight 1",
+                )
+            replacements[(target.component, target.key)] = adapter.passthrough[key]
+
+    files: list[FilePlan] = []
+    root = ckpt.path.parent if ckpt.kind == "file" else ckpt.path
+    for comp in ckpt.components.values():
+        for path in comp.files:
+            reader = comp.open(path)
+            infos = sorted(reader.header.tensors.values(), key=lambda i: (i.begin, i.end))
+            jobs = []
+            for info in infos:
+                key = (comp.name, info.name)
+                sources = per_tensor.get(key, [])
+                replacement = replacements.get(key)
+                if (sources or replacement is not None) and info.dtype not in FLOAT_DTYPES:
+                    raise UsageError(
+                        f"base tensor {info.name!r} is {info.dtype}; merging needs a float "
+                        "weight (F16, BF16, F32, F64)",
+                        path=path,
+                        hint="quantized bases cannot be merged into; use the unquantized base",
+                    )
+                out_dtype = _out_dtype(info.dtype, dtype)
+                for match, weight, role in sources:
+                    _check_update_fits(match, weight, role, out_dtype)
+                jobs.append(TensorJob(info, out_dtype, sources, replacement))
+            files.append(FilePlan(path, path.relative_to(root), jobs, reader.header.metadata))
+    return MergePlan(ckpt, base_spec or str(base), files, reports, dtype)
+
+
+def output_path(out: str | os.PathLike[str], base: Path) -> Path:
+    """Where ``-o OUT`` puts the merged model of ``base`` (a local path).
+
+    The output has the base's shape. A single-file base gives one file: OUT itself when it
+    ends in ``.safetensors``; inside OUT, under the base's file name, when OUT ends in ``/`` or
+    names an existing folder. A folder base gives a folder: OUT, which must not end in
+    ``.safetensors``.
+
+    Example:
+        >>> output_path("merged/", Path("fixtures/bases/tiny-flux.safetensors"))  # doctest: +SKIP
+        PosixPath('merged/tiny-flux.safetensors')
+    """
+    text = os.fspath(out)
+    given = Path(text)
+    if base.is_file():
+        if text.endswith(("/", os.sep)) or given.is_dir():
+            if not given.is_dir():
+                raise OutputError(
+                    "the folder the output goes in does not exist",
+                    path=text,
+                    hint="create it first, or give -o NAME.safetensors",
+                )
+            return given / base.name
+        if given.suffix != ".safetensors":
+            raise UsageError(
+                "the base is a single file, so the merged model is one .safetensors file, but "
+                "OUT does not end in .safetensors",
+                path=text,
+                hint="give -o NAME.safetensors, or -o FOLDER/ to write it there under the "
+                f"base's name ({base.name})",
+            )
+        return given
+    if given.suffix == ".safetensors":
+        raise UsageError(
+            "the base is a folder, so the merged model is a folder, but OUT ends in .safetensors",
+            path=text,
+            hint="give a folder path for -o (the weight files keep the base's names)",
+        )
+    return given
