@@ -6,16 +6,16 @@ from pathlib import Path
 
 import click
 
-from lora_tools.cli._algebra import (
+from lora_tools.cli._algebra import load_input
+from lora_tools.cli._common import command_hints, print_json
+from lora_tools.cli.options import (
     force_option,
     json_option,
-    load_input,
     output_option,
     parse_floats,
     progress_bar,
     quiet_option,
 )
-from lora_tools.cli._common import command_hints, print_json
 
 
 @click.command("combine")

@@ -6,8 +6,13 @@ from pathlib import Path
 
 import click
 
-from lora_tools.cli._algebra import force_option, json_option, load_input, output_option, warn
+from lora_tools.cli._algebra import load_input, warn
 from lora_tools.cli._common import command_hints, print_json
+from lora_tools.cli.options import (
+    force_option,
+    json_option,
+    output_option,
+)
 
 
 @click.command("convert")

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from lora_tools.cli._common import command_hints, console, print_json
-from lora_tools.cli.validate import single_threaded_blas
+from lora_tools.cli.options import single_threaded_blas
 
 
 @click.command("merge")

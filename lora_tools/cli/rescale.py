@@ -6,16 +6,15 @@ from pathlib import Path
 
 import click
 
-from lora_tools.cli._algebra import (
+from lora_tools.cli._algebra import load_input, warn
+from lora_tools.cli._common import print_json
+from lora_tools.cli.options import (
     force_option,
     json_option,
-    load_input,
     output_option,
     progress_bar,
     quiet_option,
-    warn,
 )
-from lora_tools.cli._common import print_json
 
 
 @click.command("rescale")

@@ -7,15 +7,15 @@ from typing import Any
 
 import click
 
-from lora_tools.cli._algebra import (
+from lora_tools.cli._algebra import load_input
+from lora_tools.cli._common import console, print_json
+from lora_tools.cli.options import (
     force_option,
     json_option,
-    load_input,
     output_option,
     progress_bar,
     quiet_option,
 )
-from lora_tools.cli._common import console, print_json
 
 
 @click.command("resize")

@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any
 
 import click
 
 from lora_tools.cli._common import print_json
+from lora_tools.cli.options import single_threaded_blas
 
 _EPILOG = """\b
 Rules: docs/rules.md (LT0xx file integrity, LT1xx structure, LT2xx values,
@@ -107,19 +107,6 @@ def command(
         render(report, fail_on, quiet)
     failed = report.failed(fail_on) and not exit_zero
     ctx.exit(1 if failed else 0)
-
-
-def single_threaded_blas() -> None:
-    """Ask BLAS for one thread, if numpy is not loaded yet.
-
-    validate's only BLAS work is ``r x r`` Gram matrices, which one thread computes fastest; and
-    pre-commit runs one validate process per CPU, so threaded BLAS would oversubscribe the
-    machine (measured: 10-30x slower on a loaded 2-core box, docs/benchmarks.md).
-    """
-    if "numpy" in sys.modules:
-        return
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(var, "1")
 
 
 class _Bar:
