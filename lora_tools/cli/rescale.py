@@ -9,6 +9,7 @@ import click
 from lora_tools.cli._algebra import load_input, warn
 from lora_tools.cli._common import print_json
 from lora_tools.cli.options import (
+    blas_threads,
     force_option,
     json_option,
     output_option,
@@ -53,6 +54,7 @@ def command(
       loratool rescale fixtures/kohya/sd-lora.safetensors -o out/half.safetensors --factor 0.5
       loratool rescale fixtures/peft/llama-patterns -o out/norm --normalize
     """
+    blas_threads()
     from lora_tools.ops._algebra import input_paths, write_adapter
     from lora_tools.ops.rescale import rescale_adapter
 
