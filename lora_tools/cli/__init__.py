@@ -7,6 +7,8 @@ below is all the group knows until a command runs, so ``loratool --help`` import
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 
 import click
 
@@ -47,7 +49,8 @@ class LazyGroup(click.Group):
 def cli(ctx: click.Context, debug: bool) -> None:
     """Inspect, validate, rescale, resize, combine, convert, merge and publish LoRA adapters.
 
-    Exit codes: 0 ok, 1 findings (validate), 2 usage error, 3 input or runtime error.
+    Exit codes: 0 ok, 1 findings (validate), 2 usage error, 3 input or runtime error,
+    130 interrupted (Ctrl-C).
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
@@ -57,4 +60,11 @@ def main() -> None:
     """Console-script entry point (``loratool`` and ``hf-lora``)."""
     from lora_tools.cli._common import run
 
-    run(cli)
+    run(cli, prog_name=prog_name(sys.argv[0]))
+
+
+def prog_name(argv0: str) -> str | None:
+    """``hf lora`` when the hf CLI runs us as its extension (through ``hf-lora``), so that
+    usage lines and hints show the command the user typed; else None (click's own name)."""
+    name = os.path.basename(argv0).lower().removesuffix(".exe")
+    return "hf lora" if name == "hf-lora" else None

@@ -62,15 +62,17 @@ def _termination_unwinds() -> Iterator[None]:
             signal.signal(s, handler)
 
 
-def run(group: click.Group) -> None:
+def run(group: click.Group, prog_name: str | None = None) -> None:
     """Run the CLI, mapping every error to one line on stderr and an exit code.
+
+    ``prog_name`` is the name usage lines show (default: click's, from ``sys.argv[0]``).
 
     ``--debug`` anywhere on the command line re-raises with the full traceback.
     """
     debug = "--debug" in sys.argv[1:]
     try:
         with _termination_unwinds():
-            code = group.main(standalone_mode=False)
+            code = group.main(prog_name=prog_name, standalone_mode=False)
     except click.exceptions.Abort:
         error_line("aborted")
         sys.exit(EXIT_INTERRUPTED)
@@ -169,8 +171,72 @@ def print_json(doc: Any) -> None:
     click.echo(json.dumps(json_safe(doc), indent=2, sort_keys=False, default=str, allow_nan=False))
 
 
-def console(stderr: bool = False):
-    """A rich Console for tables on stdout (or progress on stderr)."""
+#: Width given to rich for a pipe or a file: wide enough that nothing wraps.
+PLAIN_WIDTH = 100_000
+
+
+def console(stderr: bool = False, soft_wrap: bool = False) -> Any:
+    """A rich Console for tables and text on stdout (or stderr).
+
+    On a terminal it is rich's own, as wide as the terminal. Anywhere else (a pipe, a file) the
+    output is plain: no colour, no line wrapped, no line padded with trailing spaces.
+    """
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+    terminal = Console(stderr=stderr, highlight=False, soft_wrap=soft_wrap)
+    return terminal if terminal.is_terminal else PlainConsole(stderr)
+
+
+class PlainConsole:
+    """What :func:`console` gives for a pipe or a file: rich's rendering, one long line per
+    line, trailing spaces removed."""
+
+    is_terminal = False
+    width = PLAIN_WIDTH
+
+    def __init__(self, stderr: bool = False) -> None:
+        self.stderr = stderr
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        import io
+
+        from rich.console import Console
+
+        buffer = io.StringIO()
+        plain = {"color_system": None, "highlight": False, "soft_wrap": True}
+        Console(file=buffer, width=PLAIN_WIDTH, **plain).print(*objects, **kwargs)
+        for line in buffer.getvalue().splitlines():
+            click.echo(line.rstrip(), err=self.stderr)
+
+
+#: The fewest characters of a module name a table shows, however narrow the terminal.
+MIN_NAME_WIDTH = 6
+
+
+def fit_names(names: list[str], width: int) -> list[str]:
+    """Module names that fit in ``width`` characters, keeping what tells them apart.
+
+    Names that fit are kept whole. Otherwise the dotted prefix every name shares is dropped
+    but for its last part (``base_model.model.model.``, as inspect drops a prefix for targets),
+    and a name still too long loses its start, never its end: ``…layers.3.self_attn.q_proj``.
+    """
+    if not names or max(map(len, names)) <= width:
+        return list(names)
+    parts = [n.split(".") for n in names]
+    shared = 0
+    while all(len(p) > shared + 1 and p[shared] == parts[0][shared] for p in parts):
+        shared += 1
+    shared = max(shared - 1, 0)  # keep the last shared part: layers.3 reads, 3 does not
+    short = [".".join(p[shared:]) for p in parts]
+    keep = max(width - 1, 1)
+    return [s if len(s) <= width else "…" + s[len(s) - keep :] for s in short]
+
+
+def column_room(
+    width: int, headers: tuple[str, ...], rows: list[list[str]], overhead_per_column: int = 3
+) -> int:
+    """Characters left for one more column of a table ``width`` wide, once the columns named
+    by ``headers`` (cells in ``rows``) have their widest cell and every column its padding and
+    rule."""
+    used = sum(max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers))
+    return max(width - used - overhead_per_column * (len(headers) + 1) - 1, MIN_NAME_WIDTH)

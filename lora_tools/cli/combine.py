@@ -6,25 +6,24 @@ from pathlib import Path
 
 import click
 
-from lora_tools.cli._algebra import (
+from lora_tools.cli._algebra import load_input
+from lora_tools.cli._common import command_hints, print_json
+from lora_tools.cli.options import (
+    blas_threads,
     force_option,
     json_option,
-    load_input,
     output_option,
-    parse_floats,
     progress_bar,
     quiet_option,
+    weights_from,
+    weights_options,
 )
-from lora_tools.cli._common import command_hints, print_json
 
 
 @click.command("combine")
 @click.argument("adapters", nargs=-1, required=True)
 @output_option()
-@click.option(
-    "--weights",
-    help="Comma-separated weight per input (default all 1; negative subtracts), e.g. 1,-0.5.",
-)
+@weights_options
 @click.option(
     "--method",
     type=click.Choice(["concat", "svd", "ties", "dare"]),
@@ -57,7 +56,8 @@ from lora_tools.cli._common import command_hints, print_json
 def command(
     adapters: tuple[str, ...],
     output: Path,
-    weights: str | None,
+    weight: tuple[float, ...],
+    weights_list: list[float],
     method: str,
     rank: int | None,
     density: float | None,
@@ -79,10 +79,11 @@ def command(
       loratool combine a/ b/ -o out/ab8 --method svd --rank 8
       loratool combine a/ b/ c/ -o out/t --method ties --density 0.2 --rank 16
     """
+    blas_threads(dense=method in ("ties", "dare"))
     from lora_tools.ops._algebra import input_paths, write_adapter
     from lora_tools.ops.combine import combine_adapters
 
-    parsed = parse_floats(weights, "--weights") if weights is not None else None
+    parsed = weights_from(weight, weights_list)
     sources = [load_input(spec) for spec in adapters]
     with progress_bar(f"combine ({method})", quiet) as progress:
         result = combine_adapters(

@@ -6,8 +6,15 @@ from pathlib import Path
 
 import click
 
-from lora_tools.cli._algebra import force_option, json_option, load_input, output_option, warn
+from lora_tools.cli._algebra import load_input, warn
 from lora_tools.cli._common import command_hints, print_json
+from lora_tools.cli.options import (
+    blas_threads,
+    force_option,
+    json_option,
+    output_option,
+    quiet_option,
+)
 
 
 @click.command("convert")
@@ -32,6 +39,7 @@ from lora_tools.cli._common import command_hints, print_json
 )
 @force_option
 @json_option
+@quiet_option
 @command_hints(
     {
         "unknown-format": "convert takes an adapter as ADAPTER; give a base model with --base",
@@ -45,6 +53,7 @@ def command(
     component: str | None,
     force: bool,
     as_json: bool,
+    quiet: bool,
 ) -> None:
     """Convert between PEFT, kohya and diffusers naming, carrying every module's scale exactly.
 
@@ -58,6 +67,7 @@ def command(
       loratool convert fixtures/peft/sd-unet-conv --to kohya -o out/unet.safetensors
       loratool convert fixtures/diffusers/sd-lora --to peft --component unet -o out/unet
     """
+    blas_threads()
     from lora_tools.ops._algebra import input_paths, write_adapter
     from lora_tools.ops.convert import convert_adapter
 

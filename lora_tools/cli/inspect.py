@@ -6,7 +6,8 @@ from typing import Any
 
 import click
 
-from lora_tools.cli._common import command_hints, console, print_json
+from lora_tools.cli._common import column_room, command_hints, console, fit_names, print_json
+from lora_tools.cli.options import blas_threads
 
 
 @click.command("inspect")
@@ -31,6 +32,7 @@ def command(path: str, as_json: bool, stats: bool) -> None:
       loratool inspect fixtures/peft/llama-lora
       loratool inspect adapter.safetensors --stats --json
     """
+    blas_threads()
     from lora_tools.io.hub import resolve_input
     from lora_tools.ops.inspect import inspect_adapter
 
@@ -90,8 +92,10 @@ def _safe(value: Any) -> str:
 
 
 def render(report: dict[str, Any]) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
+    from lora_tools.errors import printable
     from lora_tools.ops.inspect import NOTABLE_CONFIG, NOTABLE_METADATA, human_size
 
     out = console()
@@ -170,13 +174,12 @@ def render(report: dict[str, Any]) -> None:
     if stats:
         out.print()
         t = Table(title="per-module update (scaled, from the factors)", title_justify="left")
-        t.add_column("module", overflow="fold", ratio=1)
-        for col in ("rank", "scale", "||dW||_F", "sigma_max", "eff. rank"):
-            t.add_column(col, justify="right", no_wrap=True)
-        for row in stats["modules"]:
-            style = "red" if row["outlier"] or not row["finite"] else None
-            t.add_row(
-                _safe(row["module"].removeprefix("base_model.model.")),
+        t.add_column("module", overflow="fold")
+        headers = ("rank", "scale", "||dW||_F", "sigma_max", "eff. rank")
+        for col in headers:
+            t.add_column(col, justify="right")
+        cells = [
+            [
                 str(row["rank"]),
                 "unknown" if row["scale"] is None else f"{row['scale']:.4g}",
                 "non-finite"
@@ -184,8 +187,19 @@ def render(report: dict[str, Any]) -> None:
                 else ("unknown" if row["frobenius"] is None else f"{row['frobenius']:.4g}"),
                 "" if row["spectral"] is None else f"{row['spectral']:.4g}",
                 "" if row["effective_rank"] is None else f"{row['effective_rank']:.2f}",
-                style=style,
-            )
+            ]
+            for row in stats["modules"]
+        ]
+        names = fit_names(
+            [
+                printable(row["module"].removeprefix("base_model.model."))
+                for row in stats["modules"]
+            ],
+            column_room(out.width, headers, cells),
+        )
+        for name, row, row_cells in zip(names, stats["modules"], cells, strict=True):
+            style = "red" if row["outlier"] or not row["finite"] else None
+            t.add_row(escape(name), *row_cells, style=style)
         out.print(t)
         summary = f"median ||dW||_F {stats['frobenius_median']:.4g}"
         if report["alpha"].get("unknown"):

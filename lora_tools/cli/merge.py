@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import click
 
 from lora_tools.cli._common import command_hints, console, print_json
-from lora_tools.cli.validate import single_threaded_blas
+from lora_tools.cli.options import (
+    blas_threads,
+    dtype_option,
+    progress_bar,
+    quiet_option,
+    weights_from,
+    weights_options,
+)
 
 
 @click.command("merge")
@@ -22,13 +28,7 @@ from lora_tools.cli.validate import single_threaded_blas
     help="Output folder for a folder base. For a single-file base: NAME.safetensors, or a "
     "folder (ending in / or existing) to write it into under the base's file name.",
 )
-@click.option(
-    "--weight",
-    "weights",
-    type=float,
-    multiple=True,
-    help="Weight of each adapter, in order (default 1; negative subtracts). Once for all.",
-)
+@weights_options
 @click.option(
     "--device",
     default="auto",
@@ -43,13 +43,7 @@ from lora_tools.cli.validate import single_threaded_blas
     "for every rank (needs the torch extra; slower start-up). Without it the cpu engine matches "
     "PEFT except for the last bit of a few elements at larger ranks.",
 )
-@click.option(
-    "--dtype",
-    type=click.Choice(["keep", "bf16", "fp16", "fp32"]),
-    default="keep",
-    show_default=True,
-    help="dtype of the float tensors written.",
-)
+@dtype_option(keep=True, help="dtype of the float tensors written.")
 @click.option(
     "--force",
     is_flag=True,
@@ -69,19 +63,21 @@ from lora_tools.cli.validate import single_threaded_blas
     help="Skip adapter modules that match no base weight (warn and count) instead of failing.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@quiet_option
 @command_hints(
     {
         "unknown-format": "merge takes BASE first, then the ADAPTER(s): "
         "is a base model in an adapter's place?",
         "unmatched": "check the base model, or pass --allow-unmatched to skip them",
+        "weights": "give one --weight per adapter (or --weights W1,W2,...), or one for all",
     }
 )
 def command(
     base: str,
     adapters: tuple[str, ...],
     out: str,
-    weights: tuple[float, ...],
+    weight: tuple[float, ...],
+    weights_list: list[float],
     device: str,
     exact: bool,
     dtype: str,
@@ -101,13 +97,9 @@ def command(
     Example:
       loratool merge fixtures/bases/tiny-llama fixtures/peft/llama-lora -o merged/
       loratool merge sd.safetensors style.safetensors detail.safetensors \\
-          --weight 0.8 --weight -0.3 -o merged.safetensors
+          --weights 0.8,-0.3 -o merged.safetensors
     """
-    # The numpy engine holds BLAS to one thread per worker itself (threadpoolctl), but asking
-    # before numpy loads also keeps OpenBLAS from starting its own threads at all: without it
-    # the 1.67 GB merge measured 0.2-0.3 s more user time. (It also pins torch to one thread
-    # for --exact, which measured no slower on 2 cores; bytes are the same either way.)
-    single_threaded_blas()
+    blas_threads()
     from lora_tools.errors import UsageError
     from lora_tools.ops.merge import merge
 
@@ -118,26 +110,19 @@ def command(
                 hint="drop --device, or drop --exact",
             )
         device = "torch-cpu"
-    if weights and len(weights) not in (1, len(adapters)):
-        raise UsageError(
-            f"{len(weights)} --weight values for {len(adapters)} adapters",
-            hint="give one --weight per adapter, or one for all",
-        )
-    show = not quiet and sys.stderr.isatty()
-    bar = _progress(show)
-    with bar as progress:
+    with progress_bar("merging", quiet, unit="bytes", items="tensors") as bar:
         summary = merge(
             base,
             list(adapters),
             out,
-            weights=list(weights),
+            weights=weights_from(weight, weights_list),
             device=device,
             dtype=dtype,
             force=force,
             fsync=fsync,
             allow_unmatched=allow_unmatched,
-            progress=progress,
-            on_plan=bar.set_total,
+            progress=bar.advance if bar is not None else None,
+            on_plan=bar.set_total if bar is not None else None,
         )
     unmatched = summary.unmatched
     if unmatched:
@@ -154,64 +139,18 @@ def command(
         )
     if as_json:
         print_json(summary.to_json())
-    elif not quiet:
+    else:
         _render(summary)
 
 
-class _progress:
-    """A rich progress bar on stderr (bytes and tensors, rate, ETA), or a no-op."""
-
-    def __init__(self, show: bool) -> None:
-        self.show = show
-        self.bar: Any = None
-        self.task: Any = None
-        self.tensors = 0
-
-    def __enter__(self):
-        if not self.show:
-            return None
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
-
-        self.bar = Progress(
-            TextColumn("merging"),
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TextColumn("{task.fields[tensors]} tensors"),
-            TimeRemainingColumn(),
-            console=console(stderr=True),
-            transient=True,
-        )
-        self.bar.__enter__()
-        self.task = self.bar.add_task("merge", total=None, tensors=0)
-        return self.update
-
-    def set_total(self, total_bytes: int, total_tensors: int) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, total=total_bytes)
-
-    def update(self, nbytes: int, tensors: int) -> None:
-        self.tensors += tensors
-        self.bar.update(self.task, advance=nbytes, tensors=self.tensors)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
-
-
 def _render(summary: Any) -> None:
+    from lora_tools.ops.inspect import human_size
+
     out = console()
     t = summary.tensors
     out.print(
         f"wrote {summary.output}  ({len(summary.files)} weight files, "
-        f"{summary.bytes_written / 1e6:.1f} MB, {summary.seconds:.2f} s, "
+        f"{human_size(summary.bytes_written)}, {summary.seconds:.2f} s, "
         f"engine {summary.engine})"
     )
     out.print(f"tensors: {t['merged']} merged, {t['replaced']} replaced, {t['copied']} copied")

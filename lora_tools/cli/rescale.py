@@ -6,16 +6,16 @@ from pathlib import Path
 
 import click
 
-from lora_tools.cli._algebra import (
+from lora_tools.cli._algebra import load_input, warn
+from lora_tools.cli._common import print_json
+from lora_tools.cli.options import (
+    blas_threads,
     force_option,
     json_option,
-    load_input,
     output_option,
     progress_bar,
     quiet_option,
-    warn,
 )
-from lora_tools.cli._common import print_json
 
 
 @click.command("rescale")
@@ -54,6 +54,7 @@ def command(
       loratool rescale fixtures/kohya/sd-lora.safetensors -o out/half.safetensors --factor 0.5
       loratool rescale fixtures/peft/llama-patterns -o out/norm --normalize
     """
+    blas_threads()
     from lora_tools.ops._algebra import input_paths, write_adapter
     from lora_tools.ops.rescale import rescale_adapter
 

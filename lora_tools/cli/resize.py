@@ -7,15 +7,16 @@ from typing import Any
 
 import click
 
-from lora_tools.cli._algebra import (
+from lora_tools.cli._algebra import load_input
+from lora_tools.cli._common import column_room, console, fit_names, print_json
+from lora_tools.cli.options import (
+    blas_threads,
     force_option,
     json_option,
-    load_input,
     output_option,
     progress_bar,
     quiet_option,
 )
-from lora_tools.cli._common import console, print_json
 
 
 @click.command("resize")
@@ -74,6 +75,7 @@ def command(
       loratool resize fixtures/kohya/sd-locon.safetensors -o out/e.safetensors --energy 0.9
       loratool resize fixtures/peft/llama-lora --sv-ratio 4 --min-rank 2 --dry-run
     """
+    blas_threads()
     from lora_tools.errors import UsageError
     from lora_tools.ops._algebra import input_paths, write_adapter
     from lora_tools.ops.resize import check_rule, resize_adapter
@@ -110,21 +112,32 @@ def command(
 
 
 def render(rows: list[Any], summary: dict[str, Any], written: Path | None, dry_run: bool) -> None:
+    from rich.markup import escape
     from rich.table import Table
+
+    from lora_tools.errors import printable
 
     out = console()
     table = Table(title="resize plan" if dry_run else "resize", title_justify="left")
     for col in ("module", "kind", "rank", "energy kept", "rel. error"):
-        table.add_column(col, justify="left" if col in ("module", "kind") else "right")
-    for row in rows:
-        ranks = f"{row.old_rank} -> {row.new_rank}" if row.changed else f"{row.old_rank} (kept)"
-        table.add_row(
-            row.key,
+        table.add_column(
+            col,
+            justify="left" if col in ("module", "kind") else "right",
+            overflow="fold" if col == "module" else "ellipsis",
+        )
+    cells = [
+        [
             row.kind,
-            ranks,
+            f"{row.old_rank} -> {row.new_rank}" if row.changed else f"{row.old_rank} (kept)",
             f"{row.retained_energy:.4f}",
             f"{row.relative_error:.2e}",
-        )
+        ]
+        for row in rows
+    ]
+    headers = ("kind", "rank", "energy kept", "rel. error")
+    names = fit_names([row.key for row in rows], column_room(out.width, headers, cells))
+    for name, row_cells in zip(names, cells, strict=True):
+        table.add_row(escape(printable(name)), *row_cells)
     out.print(table)
     hist = ", ".join(f"{k} x{v}" for k, v in summary["ranks_after"].items())
     lines = [

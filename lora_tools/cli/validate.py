@@ -1,15 +1,14 @@
 """``loratool validate PATH... [--base BASE] [--select IDS] [--ignore IDS] [--fail-on LEVEL]
-[--output-format text|json|github|sarif] [--exit-zero]``."""
+[--output-format text|json|github|sarif | --json] [--exit-zero]``."""
 
 from __future__ import annotations
 
-import os
-import sys
 from typing import Any
 
 import click
 
-from lora_tools.cli._common import print_json
+from lora_tools.cli._common import console, print_json
+from lora_tools.cli.options import blas_threads, progress_bar, quiet_option
 
 _EPILOG = """\b
 Rules: docs/rules.md (LT0xx file integrity, LT1xx structure, LT2xx values,
@@ -17,7 +16,7 @@ LT3xx config and metadata, LT4xx base). --ignore LT2 reads headers only.
 Defaults may live in pyproject.toml under [tool.loratool.validate]
 (select, ignore, fail-on, output-format).
 Exit codes: 0 clean, 1 findings at or above --fail-on, 2 usage, 3 could not
-run (e.g. BASE unreadable)."""
+run (e.g. BASE unreadable), 130 interrupted."""
 
 
 @click.command("validate", epilog=_EPILOG)
@@ -52,10 +51,14 @@ run (e.g. BASE unreadable)."""
     help="text (grouped by file), json (docs/rules.md), github (workflow annotations) or sarif "
     "(2.1.0, for code scanning). Default: text.",
 )
-@click.option("--exit-zero", is_flag=True, help="Exit 0 even when there are findings.")
 @click.option(
-    "-q", "--quiet", is_flag=True, help="No progress bar; text output lists findings only."
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print one JSON document: the same as --output-format json.",
 )
+@click.option("--exit-zero", is_flag=True, help="Exit 0 even when there are findings.")
+@quiet_option
 @click.pass_context
 def command(
     ctx: click.Context,
@@ -65,6 +68,7 @@ def command(
     ignore: tuple[str, ...],
     fail_on: str | None,
     output_format: str | None,
+    as_json: bool,
     exit_zero: bool,
     quiet: bool,
 ) -> None:
@@ -76,7 +80,8 @@ def command(
       loratool validate adapters/ --fail-on warning
       loratool validate my-lora/ --base meta-llama/Llama-3.1-8B --output-format github
     """
-    single_threaded_blas()
+    blas_threads()
+    from lora_tools.errors import UsageError
     from lora_tools.ops.validate import (
         load_settings,
         to_github,
@@ -85,10 +90,13 @@ def command(
         validate,
     )
 
+    if as_json and output_format not in (None, "json"):
+        raise UsageError(f"--json asks for json output, --output-format for {output_format}")
     settings = load_settings()
+    output_format = "json" if as_json else output_format
     fail_on = fail_on or settings.fail_on
     output_format = output_format or settings.output_format
-    with _progress(enabled=not quiet) as progress:
+    with progress_bar("validate", quiet, unit="bytes") as progress:
         report = validate(
             paths,
             base=base,
@@ -104,80 +112,16 @@ def command(
         for line in to_github(report):
             click.echo(line)
     else:
-        render(report, fail_on, quiet)
+        render(report, fail_on)
     failed = report.failed(fail_on) and not exit_zero
     ctx.exit(1 if failed else 0)
-
-
-def single_threaded_blas() -> None:
-    """Ask BLAS for one thread, if numpy is not loaded yet.
-
-    validate's only BLAS work is ``r x r`` Gram matrices, which one thread computes fastest; and
-    pre-commit runs one validate process per CPU, so threaded BLAS would oversubscribe the
-    machine (measured: 10-30x slower on a loaded 2-core box, docs/benchmarks.md).
-    """
-    if "numpy" in sys.modules:
-        return
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(var, "1")
-
-
-class _Bar:
-    """A rich progress bar on stderr over the bytes the value rules read."""
-
-    def __init__(self) -> None:
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TransferSpeedColumn,
-        )
-
-        from lora_tools.cli._common import console
-
-        self.progress = Progress(
-            TextColumn("validate"),
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            console=console(stderr=True),
-            transient=True,
-        )
-        self.task: Any = None
-
-    def start(self, total_bytes: int) -> None:
-        self.progress.start()
-        self.task = self.progress.add_task("read", total=total_bytes)
-
-    def advance(self, nbytes: int) -> None:
-        self.progress.advance(self.task, nbytes)
-
-    def stop(self) -> None:
-        if self.task is not None:
-            self.progress.stop()
-
-
-class _progress:
-    """Context manager yielding a progress bar when stderr is a terminal, else None."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.bar = _Bar() if enabled and sys.stderr.isatty() else None
-
-    def __enter__(self) -> _Bar | None:
-        return self.bar
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 _STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 
 
-def render(report: Any, fail_on: str, quiet: bool = False) -> None:
+def render(report: Any, fail_on: str) -> None:
     """Findings grouped by file, then a one-line summary."""
-    from rich.console import Console
     from rich.markup import escape as escape_markup
 
     from lora_tools.errors import printable
@@ -185,7 +129,7 @@ def render(report: Any, fail_on: str, quiet: bool = False) -> None:
     def escape(text: str) -> str:  # file and tensor names: no markup, no control characters
         return escape_markup(printable(text))
 
-    out = Console(highlight=False, soft_wrap=True)
+    out = console(soft_wrap=True)
     for fr in report.files:
         if not fr.findings:
             continue
@@ -199,8 +143,6 @@ def render(report: Any, fail_on: str, quiet: bool = False) -> None:
                 f"[dim]{f.rule.name}[/dim]  {where}{escape(f.message)}{hint}"
             )
         out.print()
-    if quiet and not report.findings:
-        return
     counts = report.counts()
     total = sum(counts.values())
     files_with = sum(1 for fr in report.files if fr.findings)

@@ -129,7 +129,8 @@ def merge(
     if weights and len(weights) not in (1, len(adapters)):
         raise UsageError(
             f"{len(weights)} weights for {len(adapters)} adapters",
-            hint="give one --weight per adapter (or one for all)",
+            hint="give one weight per adapter, or one for all",
+            kind="weights",
         )
     for i, item in enumerate(adapters):
         if isinstance(item, AdapterSpec):
