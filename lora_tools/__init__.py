@@ -5,7 +5,7 @@ The public API (:mod:`lora_tools.api`) has one function per command and loads la
 
     >>> from lora_tools import load_adapter, inspect, rescale
     >>> adapter = load_adapter("fixtures/peft/llama-lora")   # or a Hub id: "user/name@rev"
-    >>> inspect(adapter)["rank"]["max"]
+    >>> inspect(adapter).rank["max"]
     4
     >>> rescale(adapter, alpha=16).adapter                   # doctest: +ELLIPSIS
     Adapter(format='peft', modules=8, rank=4, source='fixtures/peft/llama-lora/...')

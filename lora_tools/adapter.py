@@ -506,7 +506,7 @@ class Adapter:
         if m.keys.get("alpha"):
             return f"its alpha tensor {m.keys['alpha']!r} holds {m.alpha!r}", self.source
         if self.config is not None and m.component is None:
-            from lora_tools.formats.peft import alpha_source
+            from lora_tools.naming import alpha_source
 
             name, raw = alpha_source(self.config, m.path or "")
             shown = (

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from lora_tools.adapter import Adapter
     from lora_tools.ops.combine import CombineResult
     from lora_tools.ops.convert import ConvertResult
+    from lora_tools.ops.inspect import InspectResult
     from lora_tools.ops.push import PushResult
     from lora_tools.ops.rescale import RescaleResult
     from lora_tools.ops.resize import ResizeResult
@@ -238,15 +239,15 @@ def load_adapter(source: AdapterInput, *, format: str | None = None) -> Adapter:
     return _load_local(_local(source), format)  # type: ignore[arg-type]
 
 
-def inspect(adapter: AdapterInput, *, stats: bool = False) -> dict[str, Any]:
-    """Describe an adapter, as ``loratool inspect --json`` does (docs/inspect-json.md).
+def inspect(adapter: AdapterInput, *, stats: bool = False) -> InspectResult:
+    """Describe an adapter, as ``loratool inspect --json`` does (``.to_json()``; docs/json.md).
 
     Args:
         adapter: a path, a Hub id or an Adapter.
         stats: also compute per-module norms and effective ranks (reads tensor values).
 
     Example:
-        >>> inspect("fixtures/peft/llama-lora")["rank"]["max"]                 # doctest: +SKIP
+        >>> inspect("fixtures/peft/llama-lora").rank["max"]                    # doctest: +SKIP
         4
     """
     from lora_tools.ops.inspect import inspect_adapter

@@ -7,8 +7,8 @@ read and write these names (:mod:`lora_tools.formats`); base-weight resolution
 (:mod:`lora_tools.resolve`), the operations and validate's rules compare modules across formats
 with the same helpers, so that no module outside ``formats/`` spells a format's names itself.
 
-At run time this module imports nothing from loratool: every layer may use it, the adapter
-model included.
+It imports only the bottom layer (:mod:`lora_tools.errors`, :mod:`lora_tools.patterns`):
+every layer may use it, the adapter model included.
 
 Example:
     >>> split_stem("base_model.model.layers.0.q_proj")
@@ -19,9 +19,13 @@ Example:
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from lora_tools import patterns as patterns_mod
+from lora_tools.errors import FormatError
 
 if TYPE_CHECKING:
     from lora_tools.adapter import LoraModule
@@ -198,3 +202,63 @@ def flat_target_name(name: str) -> str:
         if name.endswith("_" + known) or name == known:
             return "to_out.0" if known == "to_out_0" else known
     return re.split(r"_\d+_", name)[-1]
+
+
+# -- PEFT config patterns: which config entry speaks for a module ----------------------------------
+
+#: ``LoraConfig.lora_alpha``'s default: what PEFT uses when a config has no ``lora_alpha``.
+PEFT_DEFAULT_ALPHA = 8
+
+
+def pattern_key(patterns: dict[str, Any], path: str, *, name: str = "pattern") -> str | None:
+    """The first pattern key that PEFT would match against module ``path``, or None.
+
+    Matching takes time linear in ``path`` whatever the keys are (:mod:`lora_tools.patterns`).
+
+    Raises:
+        FormatError: a key PEFT cannot use (it fails to load the config on it), or one that
+            cannot be matched in bounded time; ``name`` (``alpha_pattern``) says whose key.
+    """
+    for key in patterns:
+        try:
+            if patterns_mod.peft_pattern_matches(str(key), path):
+                return key
+        except patterns_mod.PatternError as exc:
+            raise FormatError(
+                f"{name} key {key!r} {exc}",
+                hint=f"write {name} keys as module names or simple regexes "
+                "(PEFT matches them as (.*\\.)?(KEY)$)",
+                kind="config-invalid",
+            ) from None
+    return None
+
+
+def config_number(value: object) -> float:
+    """A JSON config number as a float: NaN for anything PEFT cannot divide by r.
+
+    Strings, objects, lists, booleans and null are not numbers (PEFT's ``lora_alpha / r``
+    fails on them, or silently treats true as 1); integers too large for a float become
+    +-inf instead of raising OverflowError.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return float("nan")
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
+def alpha_source(config: dict[str, Any], path: str) -> tuple[str, object]:
+    """Which config entry gives module ``path`` its alpha (a pattern key, ``lora_alpha``, or
+    LoraConfig's default when there is none), and the value it holds there."""
+    alpha_pattern = config.get("alpha_pattern") or {}
+    key = (
+        pattern_key(alpha_pattern, path, name="alpha_pattern")
+        if isinstance(alpha_pattern, dict)
+        else None
+    )
+    if key is not None:
+        return f"alpha_pattern[{key!r}]", alpha_pattern[key]
+    if "lora_alpha" in config:
+        return "lora_alpha", config["lora_alpha"]
+    return "lora_alpha (absent: LoraConfig's default)", PEFT_DEFAULT_ALPHA

@@ -158,7 +158,7 @@ def test_operations_take_paths_hub_ids_and_adapters_alike(hub_server: HubServer)
     alphas = [rescale(item, alpha=16).new_alphas for item in given]
     assert all(a == alphas[0] for a in alphas) and set(alphas[0].values()) == {16.0}
     reports = [inspect(item) for item in given]
-    assert {r["rank"]["max"] for r in reports} == {4}
+    assert {r.rank["max"] for r in reports} == {4}
     assert {len(resize(item, rank=2).adapter.modules) for item in given} == {8}
     combined = combine([given[2], given[3]], weights=[1, -1])
     assert max(combined.adapter.ranks) == 8
@@ -271,7 +271,7 @@ def test_resize_dry_run_writes_nothing(tmp_path: Path) -> None:
 def test_merge_forwards_and_keeps_the_overwrite_rule(tmp_path: Path) -> None:
     out = tmp_path / "merged"
     summary = merge(FIX / "bases/tiny-llama", [FIX / "peft/llama-lora"], out, weights=[0.5])
-    assert summary["tensors"]["merged"] == 8
+    assert summary.tensors["merged"] == 8
     with pytest.raises(OutputError, match="output already exists"):
         merge(FIX / "bases/tiny-llama", [FIX / "peft/llama-lora"], out)
     merge(FIX / "bases/tiny-llama", [FIX / "peft/llama-lora"], out, force=True)
@@ -279,11 +279,10 @@ def test_merge_forwards_and_keeps_the_overwrite_rule(tmp_path: Path) -> None:
         merge(FIX / "bases/tiny-llama", [FIX / "peft/llama-lora"], FIX / "bases", force=True)
 
 
-@pytest.mark.xfail(strict=True, reason="ops' merge takes in-memory Adapters on fix/mergepkg")
 def test_merge_takes_an_adapter_in_memory(tmp_path: Path) -> None:
     adapter = rescale(FIX / "peft/llama-lora", factor=0.5).adapter
     summary = merge(FIX / "bases/tiny-llama", [adapter], tmp_path / "merged")
-    assert summary["tensors"]["merged"] == 8
+    assert summary.tensors["merged"] == 8
 
 
 def test_push_uploads_an_adapter_in_memory_as_save_adapter_writes_it(
@@ -325,6 +324,7 @@ def test_public_functions_are_fully_annotated_and_documented(name: str) -> None:
     from lora_tools.adapter import Adapter
     from lora_tools.ops.combine import CombineResult
     from lora_tools.ops.convert import ConvertResult
+    from lora_tools.ops.inspect import InspectResult
     from lora_tools.ops.push import PushResult
     from lora_tools.ops.rescale import RescaleResult
     from lora_tools.ops.resize import ResizeResult
@@ -341,6 +341,7 @@ def test_public_functions_are_fully_annotated_and_documented(name: str) -> None:
         "Adapter": Adapter,
         "CombineResult": CombineResult,
         "ConvertResult": ConvertResult,
+        "InspectResult": InspectResult,
         "PushResult": PushResult,
         "RescaleResult": RescaleResult,
         "ResizeResult": ResizeResult,

@@ -16,7 +16,6 @@ metadata helpers here serve both; the diffusers format is :mod:`lora_tools.forma
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -38,11 +37,16 @@ from lora_tools.formats.base import (
 from lora_tools.io.atomic import atomic_dir
 from lora_tools.io.jsonfile import parse_json
 from lora_tools.io.safetensors import Tensor, save_tensors
-from lora_tools.naming import PEFT_PREFIX, split_stem, target_paths
+from lora_tools.naming import (
+    PEFT_PREFIX,
+    alpha_source,
+    config_number,
+    pattern_key,
+    split_stem,
+    target_paths,
+)
 
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
-#: ``LoraConfig.lora_alpha``'s default: what PEFT uses when a config has no ``lora_alpha``.
-PEFT_DEFAULT_ALPHA = 8
 #: Why a module's alpha is unknown when its PEFT keys come without adapter_config.json.
 NO_CONFIG = f"no {ADAPTER_CONFIG_NAME}"
 
@@ -60,60 +64,6 @@ _ROLES = {
     "lora_magnitude_vector": "magnitude",
     "lora_magnitude_vector.weight": "magnitude",
 }
-
-
-def pattern_key(patterns: dict[str, Any], path: str, *, name: str = "pattern") -> str | None:
-    """The first pattern key that PEFT would match against module ``path``, or None.
-
-    Matching takes time linear in ``path`` whatever the keys are (:mod:`lora_tools.patterns`).
-
-    Raises:
-        FormatError: a key PEFT cannot use (it fails to load the config on it), or one that
-            cannot be matched in bounded time; ``name`` (``alpha_pattern``) says whose key.
-    """
-    for key in patterns:
-        try:
-            if patterns_mod.peft_pattern_matches(str(key), path):
-                return key
-        except patterns_mod.PatternError as exc:
-            raise FormatError(
-                f"{name} key {key!r} {exc}",
-                hint=f"write {name} keys as module names or simple regexes "
-                "(PEFT matches them as (.*\\.)?(KEY)$)",
-                kind="config-invalid",
-            ) from None
-    return None
-
-
-def config_number(value: object) -> float:
-    """A JSON config number as a float: NaN for anything PEFT cannot divide by r.
-
-    Strings, objects, lists, booleans and null are not numbers (PEFT's ``lora_alpha / r``
-    fails on them, or silently treats true as 1); integers too large for a float become
-    +-inf instead of raising OverflowError.
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return float("nan")
-    try:
-        return float(value)
-    except OverflowError:
-        return math.inf if value > 0 else -math.inf
-
-
-def alpha_source(config: dict[str, Any], path: str) -> tuple[str, object]:
-    """Which config entry gives module ``path`` its alpha (a pattern key, ``lora_alpha``, or
-    LoraConfig's default when there is none), and the value it holds there."""
-    alpha_pattern = config.get("alpha_pattern") or {}
-    key = (
-        pattern_key(alpha_pattern, path, name="alpha_pattern")
-        if isinstance(alpha_pattern, dict)
-        else None
-    )
-    if key is not None:
-        return f"alpha_pattern[{key!r}]", alpha_pattern[key]
-    if "lora_alpha" in config:
-        return "lora_alpha", config["lora_alpha"]
-    return "lora_alpha (absent: LoraConfig's default)", PEFT_DEFAULT_ALPHA
 
 
 def module_scale_params(config: dict[str, Any] | None, path: str, rank: int) -> tuple[float, bool]:

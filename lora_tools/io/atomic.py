@@ -368,7 +368,7 @@ def _is_regular(path: Path) -> bool:
 
 
 def _adapter_history(weights: Path) -> bool:
-    from lora_tools.io.safetensors import read_header  # lazy: it imports this module
+    from lora_tools.io.safetensors.reader import read_header  # lazy: the writer imports this module
 
     try:
         metadata = read_header(weights).metadata or {}

@@ -18,8 +18,8 @@ from lora_tools.formats import (
     registry,
     save_adapter,
 )
-from lora_tools.formats.peft import pattern_key
 from lora_tools.io.safetensors import read_header, save_tensors
+from lora_tools.naming import pattern_key
 
 ADAPTERS = {
     "peft/llama-lora": "peft",

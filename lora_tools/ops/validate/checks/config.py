@@ -16,6 +16,7 @@ from lora_tools.errors import FormatError
 from lora_tools.formats import peft as peft_format
 from lora_tools.formats.base import AdapterFormat
 from lora_tools.io.jsonfile import parse_json
+from lora_tools.naming import config_number, pattern_key
 from lora_tools.ops.validate.checks.structure import check_alpha_value
 from lora_tools.ops.validate.context import Context, fmt_number, fmt_shape
 
@@ -232,7 +233,7 @@ def _check_config(
         )
         r = None
     for m in modules:
-        key = peft_format.pattern_key(rank_pattern, m.path or "")
+        key = pattern_key(rank_pattern, m.path or "")
         expected = rank_pattern[key] if key is not None else r
         if expected is None or expected == m.rank:
             continue
@@ -255,7 +256,7 @@ def _check_config(
     for name, value in checks:
         if value is None:
             continue
-        check_alpha_value(ctx, name, peft_format.config_number(value), "config value", path=display)
+        check_alpha_value(ctx, name, config_number(value), "config value", path=display)
 
     _check_targets(ctx, config, modules, display)
     _check_dora(ctx, config, modules, display)
