@@ -1,4 +1,5 @@
-"""PEFT adapters, and the PEFT-style keys diffusers pipelines save with a component prefix.
+"""PEFT adapters (``adapter_model.safetensors`` + ``adapter_config.json``), and the config facts
+the diffusers format shares with them (``lora_adapter_metadata``).
 
 PEFT keys: ``base_model.model.<path>.lora_A.weight`` ``[r, in]`` and ``.lora_B.weight``
 ``[out, r]``; embeddings ``.lora_embedding_A`` / ``.lora_embedding_B`` (no ``.weight``); DoRA
