@@ -285,6 +285,24 @@ def test_merge_takes_an_adapter_in_memory(tmp_path: Path) -> None:
     assert summary.tensors["merged"] == 8
 
 
+def test_merge_takes_one_adapter_without_a_list_and_the_cli_dtype_spellings(
+    tmp_path: Path,
+) -> None:
+    # a lone path used to be iterated character by character ("f: no such file or folder")
+    one = merge(FIX / "bases/tiny-llama", str(FIX / "peft/llama-lora"), tmp_path / "a")
+    assert [a["weights_file"] for a in one.adapters] == [
+        str(FIX / "peft/llama-lora/adapter_model.safetensors")
+    ]
+    # --dtype bfloat16 works in the CLI: the same spelling works here
+    for spelling in ("bfloat16", "BF16", "bf16"):
+        summary = merge(
+            FIX / "bases/tiny-llama", [FIX / "peft/llama-lora"], tmp_path / spelling, dtype=spelling
+        )
+        assert summary.dtype == "BF16"
+    with pytest.raises(UsageError, match="unknown dtype 'int8'"):
+        merge(FIX / "bases/tiny-llama", [FIX / "peft/llama-lora"], tmp_path / "x", dtype="int8")
+
+
 def test_push_uploads_an_adapter_in_memory_as_save_adapter_writes_it(
     hub_server: HubServer, tmp_path: Path
 ) -> None:

@@ -16,6 +16,8 @@ from typing import Any
 
 import click
 
+from lora_tools.constants import DTYPE_ALIASES
+
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 #: huggingface_hub reads this when it is imported; -q sets it for downloads and uploads.
@@ -74,18 +76,6 @@ quiet_option = click.option(
     help="No progress bar (loratool's, or the Hub's while downloading or uploading). Everything "
     "else is printed as without it.",
 )
-
-#: --dtype spellings (case-insensitive) -> the short name the library takes.
-DTYPE_ALIASES = {
-    "bf16": "bf16",
-    "bfloat16": "bf16",
-    "fp16": "fp16",
-    "float16": "fp16",
-    "half": "fp16",
-    "fp32": "fp32",
-    "float32": "fp32",
-    "float": "fp32",
-}
 
 
 class DtypeType(click.ParamType):
