@@ -150,9 +150,13 @@ def weights_from(weight: tuple[float, ...], weights_list: list[float]) -> list[f
 
 
 def parse_floats(text: str, option: str) -> list[float]:
-    """``"1,0.5,-1"`` -> ``[1.0, 0.5, -1.0]``, or a click usage error naming the option."""
+    """``"1,0.5,-1"`` -> ``[1.0, 0.5, -1.0]``, or a click usage error naming the option.
+
+    The weights are positional, so an empty item (``1,,2``, ``1,``) is refused, not skipped:
+    skipping it would give the next input the missing weight.
+    """
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        return [float(x) for x in text.split(",")]
     except ValueError:
         raise click.BadParameter(
             f"expected comma-separated numbers, got {text!r}", param_hint=option

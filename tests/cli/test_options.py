@@ -111,6 +111,17 @@ def test_mixing_the_two_weight_spellings_is_a_usage_error(tmp_path: Path) -> Non
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("text", ["1,,-1", "1,-1,", ",1,-1", ""])
+@pytest.mark.parametrize("command", ["combine", "merge"])
+def test_an_empty_weight_is_refused_not_skipped(command: str, text: str, tmp_path: Path) -> None:
+    # "1,,-1" for two inputs used to run as "1,-1": a typo gave the next input another weight
+    inputs = [BASE, LORA, LORA] if command == "merge" else [LORA, LORA]
+    result = invoke(command, *inputs, "-o", str(tmp_path / "x"), "--weights", text)
+    assert result.exit_code == 2, result.output
+    assert "expected comma-separated numbers" in result.output
+    assert not (tmp_path / "x").exists()
+
+
 def test_merge_weight_count_is_checked_once_with_the_commands_hint(tmp_path: Path) -> None:
     result = loratool("merge", BASE, LORA, LORA, "-o", str(tmp_path / "x"),
                       "--weights", "1,2,3")  # fmt: skip
