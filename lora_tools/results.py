@@ -216,7 +216,7 @@ class MergeResult(Result):
                         "modules": a["modules"],
                         "modules_merged": a["merged"],
                         "modules_unmatched": len(unmatched),
-                        "replaced_tensors": a["replaced_tensors"],
+                        "tensors_replaced": a["replaced_tensors"],
                     },
                 }
             )
