@@ -178,6 +178,18 @@ def test_same_names_for_the_same_things(docs) -> None:
         assert tensor_counts and tensor_counts <= set(merged["counts"]), ours["counts"]
 
 
+def test_merge_dtype_is_printed_as_docs_json_says(tmp_path: Path) -> None:
+    row = next(
+        line
+        for line in (FIX.parent / "docs/json.md").read_text().split("## merge")[1].splitlines()
+        if line.startswith("| `dtype` |")
+    )
+    base, lora = FIX / "bases/tiny-llama", FIX / "peft/llama-lora"
+    for dtype in ("keep", "bfloat16", "fp16", "float32"):
+        doc = run_json("merge", base, lora, "-o", tmp_path / dtype, "--dtype", dtype, "--json")
+        assert f"`{doc['dtype']}`" in row, (doc["dtype"], row)
+
+
 @pytest.mark.parametrize(
     "bad",
     [
