@@ -303,6 +303,21 @@ def test_merge_takes_one_adapter_without_a_list_and_the_cli_dtype_spellings(
         merge(FIX / "bases/tiny-llama", [FIX / "peft/llama-lora"], tmp_path / "x", dtype="int8")
 
 
+def test_push_dry_run_is_the_cli_dry_run_and_makes_no_request(monkeypatch) -> None:
+    # HF_ENDPOINT on a closed port: any request would fail the call
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    plan = push(FIX / "peft/llama-lora", "me/llama-lora", dry_run=True)
+    doc = plan.to_json()
+    assert doc["command"] == "push" and doc["dry_run"] is True
+    assert [f["path"] for f in doc["files"]][-1] == "README.md"
+    cli = subprocess.run(
+        [sys.executable, "-m", "lora_tools", "push", "me/llama-lora", str(FIX / "peft/llama-lora"),
+         "--dry-run", "--json"],
+        capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert json.loads(cli.stdout)["files"] == doc["files"]
+
+
 def test_push_uploads_an_adapter_in_memory_as_save_adapter_writes_it(
     hub_server: HubServer, tmp_path: Path
 ) -> None:
@@ -343,7 +358,7 @@ def test_public_functions_are_fully_annotated_and_documented(name: str) -> None:
     from lora_tools.ops.combine import CombineResult
     from lora_tools.ops.convert import ConvertResult
     from lora_tools.ops.inspect import InspectResult
-    from lora_tools.ops.push import PushResult
+    from lora_tools.ops.push import PushPlan, PushResult
     from lora_tools.ops.rescale import RescaleResult
     from lora_tools.ops.resize import ResizeResult
     from lora_tools.ops.validate.report import Progress as ValidateProgress
@@ -360,6 +375,7 @@ def test_public_functions_are_fully_annotated_and_documented(name: str) -> None:
         "CombineResult": CombineResult,
         "ConvertResult": ConvertResult,
         "InspectResult": InspectResult,
+        "PushPlan": PushPlan,
         "PushResult": PushResult,
         "RescaleResult": RescaleResult,
         "ResizeResult": ResizeResult,
