@@ -148,8 +148,9 @@ def _render(summary: Any) -> None:
 
     out = console()
     t = summary.tensors
+    files = len(summary.files)
     out.print(
-        f"wrote {summary.output}  ({len(summary.files)} weight files, "
+        f"wrote {summary.output}  ({files} weight file{'' if files == 1 else 's'}, "
         f"{human_size(summary.bytes_written)}, {summary.seconds:.2f} s, "
         f"engine {summary.engine})"
     )

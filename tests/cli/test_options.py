@@ -73,7 +73,7 @@ def test_merge_summary_prints_sizes_in_the_bars_units(tmp_path: Path) -> None:
     result = invoke("merge", BASE, LORA, "-o", str(out), "--json", "--device", "cpu")
     written = json.loads(result.stdout)["bytes_written"]
     text = invoke("merge", BASE, LORA, "-o", str(tmp_path / "t"), "--device", "cpu").stdout
-    assert f"weight files, {human_size(written)}," in text
+    assert f"(1 weight file, {human_size(written)}," in text
     assert human_size(1_671_600_000) == "1.7 GB"
 
 
