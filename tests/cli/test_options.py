@@ -26,7 +26,8 @@ FIXTURES = ROOT / "fixtures"
 BASE = str(FIXTURES / "bases" / "tiny-llama")
 LORA = str(FIXTURES / "peft" / "llama-lora")
 #: Commands that draw a progress bar (theirs, or the Hub's while downloading or uploading).
-WITH_A_BAR = ("rescale", "resize", "combine", "convert", "validate", "merge", "push")
+#: Every command that may read a Hub id shows the Hub's download bar, inspect included.
+WITH_A_BAR = ("inspect", "rescale", "resize", "combine", "convert", "validate", "merge", "push")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 #: What makes rich see a terminal (or size it) where there is none.
 TERMINAL_ENV = ("FORCE_COLOR", "TTY_COMPATIBLE", "COLUMNS", "LINES")
