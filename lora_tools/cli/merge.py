@@ -25,6 +25,7 @@ from lora_tools.cli.options import (
     "--output",
     "out",
     required=True,
+    metavar="PATH",
     help="Output folder for a folder base. For a single-file base: NAME.safetensors, or a "
     "folder (ending in / or existing) to write it into under the base's file name.",
 )

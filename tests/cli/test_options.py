@@ -54,6 +54,16 @@ def weight_bytes(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in files}
 
 
+@pytest.mark.parametrize("command", ["rescale", "resize", "combine", "convert", "merge"])
+def test_output_and_base_read_the_same_in_every_help(command: str) -> None:
+    text = invoke(command, "--help").output
+    assert re.search(r"^\s+-o, --output PATH\s", text, re.M), text
+    options = text.split("Options:")[1]
+    base = re.search(r"^\s+--base (\S+)\s+(.*?)(?=^\s+-)", options, re.M | re.S)
+    if base:  # BASE, and a Hub id is accepted, as validate --base says
+        assert base.group(1) == "BASE" and "Hub id" in base.group(2), base.group(0)
+
+
 @pytest.mark.parametrize("command", WITH_A_BAR)
 def test_every_command_with_a_bar_has_quiet(command: str) -> None:
     result = invoke(command, "--help")
