@@ -7,12 +7,12 @@ from typing import Any
 import click
 
 from lora_tools.cli._common import column_room, command_hints, console, fit_names, print_json
-from lora_tools.cli.options import blas_threads, quiet_option
+from lora_tools.cli.options import blas_threads, json_option, quiet_option
 
 
 @click.command("inspect")
 @click.argument("path")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (docs/json.md).")
+@json_option
 @click.option(
     "--stats",
     is_flag=True,

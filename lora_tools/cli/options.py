@@ -42,7 +42,9 @@ force_option = click.option(
     help="Replace an existing output file, or a folder loratool wrote (never an input, never a "
     "folder holding anything else).",
 )
-json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON document (docs/json.md)."
+)
 
 
 def _hub_bars(ctx: click.Context, param: click.Parameter, quiet: bool) -> bool:

@@ -64,6 +64,21 @@ def test_output_and_base_read_the_same_in_every_help(command: str) -> None:
         assert base.group(1) == "BASE" and "Hub id" in base.group(2), base.group(0)
 
 
+def test_json_and_force_read_the_same_in_every_help() -> None:
+    def line(command: str, option: str) -> str:
+        text = invoke(command, "--help").output.split("Options:")[1]
+        found = re.search(rf"^\s+{option}\s+(.*?)(?=^\s+-)", text, re.M | re.S)
+        assert found, (command, option)
+        return " ".join(found.group(1).split())
+
+    for option, commands in (
+        ("--json", ["inspect", "rescale", "resize", "combine", "convert", "merge", "push"]),
+        ("--force", ["rescale", "resize", "combine", "convert", "merge"]),
+    ):
+        helps = {command: line(command, option) for command in commands}
+        assert len(set(helps.values())) == 1, helps
+
+
 @pytest.mark.parametrize("command", WITH_A_BAR)
 def test_every_command_with_a_bar_has_quiet(command: str) -> None:
     result = invoke(command, "--help")
