@@ -178,6 +178,18 @@ def test_same_names_for_the_same_things(docs) -> None:
         assert tensor_counts and tensor_counts <= set(merged["counts"]), ours["counts"]
 
 
+def test_docs_json_spells_each_command_with_json() -> None:
+    text = (FIX.parent / "docs/json.md").read_text()
+    shown = {}
+    for command in COMMANDS:
+        section = text.split(f"\n## {command}\n")[1].split("\n## ")[0]
+        for line in section.splitlines():
+            if line.startswith("`loratool"):
+                shown[command] = line
+    assert "validate" in shown and "inspect" in shown, shown
+    assert all(" --json" in line for line in shown.values()), shown
+
+
 def test_merge_dtype_is_printed_as_docs_json_says(tmp_path: Path) -> None:
     row = next(
         line
