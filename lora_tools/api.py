@@ -198,6 +198,7 @@ def _transform(
     adapter = getattr(result, "adapter", None)
     if output is not None and adapter is not None:
         save_adapter(adapter, output, force=force, refresh_hashes=True)
+        result = result.with_output(output)  # type: ignore[attr-defined]
     return result
 
 

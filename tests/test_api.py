@@ -258,6 +258,22 @@ def test_an_output_is_checked_before_the_work(tmp_path: Path, monkeypatch) -> No
         resize(FIX / "peft/llama-lora", rank=2, output=tmp_path / "out")
 
 
+@pytest.mark.parametrize("name", ["rescale", "resize", "combine", "convert"])
+def test_a_written_result_names_its_output_as_the_cli_does(name: str, tmp_path: Path) -> None:
+    # the results of the writers said "outputs": [] although they wrote OUT
+    kohya = FIX / "kohya/sd-lora.safetensors"
+    out = tmp_path / "out.safetensors"
+    calls = {
+        "rescale": lambda: rescale(kohya, factor=2, output=out),
+        "resize": lambda: resize(kohya, rank=2, output=out),
+        "combine": lambda: combine([kohya, kohya], output=out),
+        "convert": lambda: convert(FIX / "peft/sd-unet-conv", to="kohya", output=out),
+    }
+    result = calls[name]()
+    assert result.output == str(out)
+    assert result.to_json()["outputs"] == [{"path": str(out), "kind": "file"}]
+
+
 def test_resize_dry_run_writes_nothing(tmp_path: Path) -> None:
     result = resize(FIX / "peft/llama-lora", rank=2, dry_run=True)
     assert result.adapter is None and result.modules
