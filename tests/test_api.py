@@ -54,6 +54,29 @@ def test_adapter_repr_is_short_and_says_what_it_holds() -> None:
     assert sizes["sd-locon.safetensors"] < 300  # the biggest fixture: 91 modules
 
 
+def test_result_reprs_are_a_line_not_every_module(tmp_path: Path) -> None:
+    # the dataclass reprs listed every module (inspect of sd-locon: 17 KB, resize: 20 KB)
+    locon = FIX / "kohya/sd-locon.safetensors"
+    results = [
+        inspect(locon),
+        validate(locon),
+        rescale(locon, factor=0.5),
+        resize(locon, rank=2, output=tmp_path / "r.safetensors"),
+        combine([locon, locon]),
+        convert(FIX / "peft/sd-unet-conv", to="kohya"),
+        merge(FIX / "bases/tiny-sd", locon, tmp_path / "m"),
+        push(FIX / "peft/llama-lora", "me/x", dry_run=True),
+    ]
+    for result in results:
+        text = repr(result)
+        assert len(text) < 400 and "\n" not in text, text
+        paths = [ref["path"] for ref in result.to_json()["inputs"]]
+        assert text.startswith(f"{type(result).__name__}(inputs={paths!r}"), text
+        if "counts" in result.to_json():
+            assert f"counts={result.to_json()['counts']!r}" in text
+    assert f"outputs=[{str(tmp_path / 'r.safetensors')!r}]" in repr(results[3])
+
+
 def test_module_repr_names_shapes_and_alpha_never_values() -> None:
     adapter = load_local(FIX / "peft/llama-dora")
     key, module = next(iter(adapter.modules.items()))
