@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from lora_tools.ops.combine import CombineResult
     from lora_tools.ops.convert import ConvertResult
     from lora_tools.ops.inspect import InspectResult
-    from lora_tools.ops.push import PushResult
+    from lora_tools.ops.push import PushPlan, PushResult
     from lora_tools.ops.rescale import RescaleResult
     from lora_tools.ops.resize import ResizeResult
     from lora_tools.ops.validate.report import Progress as ValidateProgress
@@ -198,6 +198,7 @@ def _transform(
     adapter = getattr(result, "adapter", None)
     if output is not None and adapter is not None:
         save_adapter(adapter, output, force=force, refresh_hashes=True)
+        result = result.with_output(output)  # type: ignore[attr-defined]
     return result
 
 
@@ -422,8 +423,9 @@ def push(
     *,
     base_model: str | None = None,
     validate: bool = True,
+    dry_run: bool = False,
     **options: Unpack[PublishOptions],
-) -> PushResult:
+) -> PushResult | PushPlan:
     """Publish an adapter or a merged model folder to the Hub in one commit, with a card.
 
     Args:
@@ -432,6 +434,9 @@ def push(
         repo_id: ``user/name``.
         base_model: the base's Hub id, overriding what the files record.
         validate: refuse an adapter that ``validate`` finds errors in.
+        dry_run: decide what would be pushed (files, sizes, card) and return that plan,
+            making no request at all (``push --dry-run``; its ``to_json()`` is what
+            ``push --dry-run --json`` prints).
         **options: (:class:`PublishOptions`)
             private: create the repo private (only when this push creates it).
             revision: the branch to commit to (created from main if missing).
@@ -440,7 +445,8 @@ def push(
             token: a Hub token; None uses ``HF_TOKEN`` or the stored login.
 
     Returns:
-        What the push operation returns (repo, commit and pull request URLs).
+        What the push operation returns (repo, commit and pull request URLs), or with
+        ``dry_run`` the :class:`~lora_tools.ops.push.PushPlan`.
 
     Example:
         >>> push("out/llama-a16", "me/llama-a16").url                          # doctest: +SKIP
@@ -455,6 +461,5 @@ def push(
     )
     with on_disk as path:
         validator = default_validator if validate else None
-        return publish(
-            plan_push(path, repo_id, base_model=base_model, validator=validator), **options
-        )
+        plan = plan_push(path, repo_id, base_model=base_model, validator=validator)
+        return plan if dry_run else publish(plan, **options)

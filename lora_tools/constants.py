@@ -41,3 +41,18 @@ MERGE_RECORD_KEY = "loratool_merge"
 HISTORY_KEY = "loratool_history"
 #: The model card of a folder (the Hub shows it as the repository's front page).
 CARD_NAME = "README.md"
+
+# -- options ------------------------------------------------------------------------------------
+
+#: --dtype spellings (case-insensitive) -> the short name the library takes (``merge(dtype=)``
+#: and the CLI accept every one of them).
+DTYPE_ALIASES = {
+    "bf16": "bf16",
+    "bfloat16": "bf16",
+    "fp16": "fp16",
+    "float16": "fp16",
+    "half": "fp16",
+    "fp32": "fp32",
+    "float32": "fp32",
+    "float": "fp32",
+}

@@ -118,6 +118,18 @@ class Result:
         """The command's own fields, after the envelope."""
         raise NotImplementedError
 
+    def __repr__(self) -> str:
+        """What was read and written, and the counts: a line, where the fields (every module,
+        a card, a whole config) would be pages (``to_json()`` has them all)."""
+        parts = [f"inputs={[ref['path'] for ref in self.inputs()]!r}"]
+        outputs = [ref["path"] for ref in self.outputs()]
+        if outputs:
+            parts.append(f"outputs={outputs!r}")
+        counts = self.fields().get("counts")
+        if counts:
+            parts.append(f"counts={counts!r}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
     def to_json(self) -> dict[str, Any]:
         """The ``--json`` document: the envelope, then :meth:`fields` (plain JSON values;
         non-finite floats are left to the printer, see ``lora_tools.cli._common.json_safe``)."""
@@ -126,7 +138,7 @@ class Result:
         return doc
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class WrittenResult(Result):
     """A result whose command writes one output (the algebra commands), once it is written.
 
@@ -160,7 +172,7 @@ def adapter_inputs(adapter: Any, role: str = "adapter") -> tuple[dict[str, Any],
     return tuple(refs)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, repr=False, slots=True)
 class MergeResult(Result):
     """What ``merge`` wrote: the merged model at ``output`` and what went into it.
 
@@ -216,7 +228,7 @@ class MergeResult(Result):
                         "modules": a["modules"],
                         "modules_merged": a["merged"],
                         "modules_unmatched": len(unmatched),
-                        "replaced_tensors": a["replaced_tensors"],
+                        "tensors_replaced": a["replaced_tensors"],
                     },
                 }
             )

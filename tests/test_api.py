@@ -54,6 +54,29 @@ def test_adapter_repr_is_short_and_says_what_it_holds() -> None:
     assert sizes["sd-locon.safetensors"] < 300  # the biggest fixture: 91 modules
 
 
+def test_result_reprs_are_a_line_not_every_module(tmp_path: Path) -> None:
+    # the dataclass reprs listed every module (inspect of sd-locon: 17 KB, resize: 20 KB)
+    locon = FIX / "kohya/sd-locon.safetensors"
+    results = [
+        inspect(locon),
+        validate(locon),
+        rescale(locon, factor=0.5),
+        resize(locon, rank=2, output=tmp_path / "r.safetensors"),
+        combine([locon, locon]),
+        convert(FIX / "peft/sd-unet-conv", to="kohya"),
+        merge(FIX / "bases/tiny-sd", locon, tmp_path / "m"),
+        push(FIX / "peft/llama-lora", "me/x", dry_run=True),
+    ]
+    for result in results:
+        text = repr(result)
+        assert len(text) < 400 and "\n" not in text, text
+        paths = [ref["path"] for ref in result.to_json()["inputs"]]
+        assert text.startswith(f"{type(result).__name__}(inputs={paths!r}"), text
+        if "counts" in result.to_json():
+            assert f"counts={result.to_json()['counts']!r}" in text
+    assert f"outputs=[{str(tmp_path / 'r.safetensors')!r}]" in repr(results[3])
+
+
 def test_module_repr_names_shapes_and_alpha_never_values() -> None:
     adapter = load_local(FIX / "peft/llama-dora")
     key, module = next(iter(adapter.modules.items()))
@@ -258,6 +281,22 @@ def test_an_output_is_checked_before_the_work(tmp_path: Path, monkeypatch) -> No
         resize(FIX / "peft/llama-lora", rank=2, output=tmp_path / "out")
 
 
+@pytest.mark.parametrize("name", ["rescale", "resize", "combine", "convert"])
+def test_a_written_result_names_its_output_as_the_cli_does(name: str, tmp_path: Path) -> None:
+    # the results of the writers said "outputs": [] although they wrote OUT
+    kohya = FIX / "kohya/sd-lora.safetensors"
+    out = tmp_path / "out.safetensors"
+    calls = {
+        "rescale": lambda: rescale(kohya, factor=2, output=out),
+        "resize": lambda: resize(kohya, rank=2, output=out),
+        "combine": lambda: combine([kohya, kohya], output=out),
+        "convert": lambda: convert(FIX / "peft/sd-unet-conv", to="kohya", output=out),
+    }
+    result = calls[name]()
+    assert result.output == str(out)
+    assert result.to_json()["outputs"] == [{"path": str(out), "kind": "file"}]
+
+
 def test_resize_dry_run_writes_nothing(tmp_path: Path) -> None:
     result = resize(FIX / "peft/llama-lora", rank=2, dry_run=True)
     assert result.adapter is None and result.modules
@@ -283,6 +322,39 @@ def test_merge_takes_an_adapter_in_memory(tmp_path: Path) -> None:
     adapter = rescale(FIX / "peft/llama-lora", factor=0.5).adapter
     summary = merge(FIX / "bases/tiny-llama", [adapter], tmp_path / "merged")
     assert summary.tensors["merged"] == 8
+
+
+def test_merge_takes_one_adapter_without_a_list_and_the_cli_dtype_spellings(
+    tmp_path: Path,
+) -> None:
+    # a lone path used to be iterated character by character ("f: no such file or folder")
+    one = merge(FIX / "bases/tiny-llama", str(FIX / "peft/llama-lora"), tmp_path / "a")
+    assert [a["weights_file"] for a in one.adapters] == [
+        str(FIX / "peft/llama-lora/adapter_model.safetensors")
+    ]
+    # --dtype bfloat16 works in the CLI: the same spelling works here
+    for spelling in ("bfloat16", "BF16", "bf16"):
+        summary = merge(
+            FIX / "bases/tiny-llama", [FIX / "peft/llama-lora"], tmp_path / spelling, dtype=spelling
+        )
+        assert summary.dtype == "BF16"
+    with pytest.raises(UsageError, match="unknown dtype 'int8'"):
+        merge(FIX / "bases/tiny-llama", [FIX / "peft/llama-lora"], tmp_path / "x", dtype="int8")
+
+
+def test_push_dry_run_is_the_cli_dry_run_and_makes_no_request(monkeypatch) -> None:
+    # HF_ENDPOINT on a closed port: any request would fail the call
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    plan = push(FIX / "peft/llama-lora", "me/llama-lora", dry_run=True)
+    doc = plan.to_json()
+    assert doc["command"] == "push" and doc["dry_run"] is True
+    assert [f["path"] for f in doc["files"]][-1] == "README.md"
+    cli = subprocess.run(
+        [sys.executable, "-m", "lora_tools", "push", "me/llama-lora", str(FIX / "peft/llama-lora"),
+         "--dry-run", "--json"],
+        capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert json.loads(cli.stdout)["files"] == doc["files"]
 
 
 def test_push_uploads_an_adapter_in_memory_as_save_adapter_writes_it(
@@ -325,7 +397,7 @@ def test_public_functions_are_fully_annotated_and_documented(name: str) -> None:
     from lora_tools.ops.combine import CombineResult
     from lora_tools.ops.convert import ConvertResult
     from lora_tools.ops.inspect import InspectResult
-    from lora_tools.ops.push import PushResult
+    from lora_tools.ops.push import PushPlan, PushResult
     from lora_tools.ops.rescale import RescaleResult
     from lora_tools.ops.resize import ResizeResult
     from lora_tools.ops.validate.report import Progress as ValidateProgress
@@ -342,6 +414,7 @@ def test_public_functions_are_fully_annotated_and_documented(name: str) -> None:
         "CombineResult": CombineResult,
         "ConvertResult": ConvertResult,
         "InspectResult": InspectResult,
+        "PushPlan": PushPlan,
         "PushResult": PushResult,
         "RescaleResult": RescaleResult,
         "ResizeResult": ResizeResult,

@@ -29,7 +29,9 @@ from lora_tools.cli.options import (
 @output_option()
 @click.option(
     "--base",
-    help="Base checkpoint (file, HF folder or diffusers pipeline folder): needed to recover "
+    metavar="BASE",
+    help="Base checkpoint (file, HF folder, diffusers pipeline folder or Hub id "
+    "user/name[@rev]): needed to recover "
     "module paths from kohya names; also checks every module fits the base.",
 )
 @click.option(

@@ -1,4 +1,4 @@
-"""``loratool inspect PATH [--json] [--stats]``."""
+"""``loratool inspect PATH [--json] [--stats] [-q]``."""
 
 from __future__ import annotations
 
@@ -7,24 +7,25 @@ from typing import Any
 import click
 
 from lora_tools.cli._common import column_room, command_hints, console, fit_names, print_json
-from lora_tools.cli.options import blas_threads
+from lora_tools.cli.options import blas_threads, json_option, quiet_option
 
 
 @click.command("inspect")
 @click.argument("path")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (docs/json.md).")
+@json_option
 @click.option(
     "--stats",
     is_flag=True,
     help="Per module: ||dW||_F, largest singular value, effective rank (reads the data).",
 )
+@quiet_option
 @command_hints(
     {
         "unknown-format": "inspect reads LoRA adapters, not base models; "
         "`loratool validate ADAPTER --base BASE` checks an adapter against a base",
     }
 )
-def command(path: str, as_json: bool, stats: bool) -> None:
+def command(path: str, as_json: bool, stats: bool, quiet: bool) -> None:
     """Show what an adapter file or folder holds (PATH may be a Hub id user/name[@rev]).
 
     \b

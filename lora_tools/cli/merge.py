@@ -10,6 +10,8 @@ from lora_tools.cli._common import command_hints, console, print_json
 from lora_tools.cli.options import (
     blas_threads,
     dtype_option,
+    force_option,
+    json_option,
     progress_bar,
     quiet_option,
     weights_from,
@@ -25,6 +27,7 @@ from lora_tools.cli.options import (
     "--output",
     "out",
     required=True,
+    metavar="PATH",
     help="Output folder for a folder base. For a single-file base: NAME.safetensors, or a "
     "folder (ending in / or existing) to write it into under the base's file name.",
 )
@@ -44,12 +47,7 @@ from lora_tools.cli.options import (
     "PEFT except for the last bit of a few elements at larger ranks.",
 )
 @dtype_option(keep=True, help="dtype of the float tensors written.")
-@click.option(
-    "--force",
-    is_flag=True,
-    help="Replace OUT if it is a file or a folder loratool wrote (never an input, never a "
-    "folder holding anything else).",
-)
+@force_option
 @click.option(
     "--fsync",
     is_flag=True,
@@ -62,7 +60,7 @@ from lora_tools.cli.options import (
     is_flag=True,
     help="Skip adapter modules that match no base weight (warn and count) instead of failing.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@json_option
 @quiet_option
 @command_hints(
     {
@@ -148,8 +146,9 @@ def _render(summary: Any) -> None:
 
     out = console()
     t = summary.tensors
+    files = len(summary.files)
     out.print(
-        f"wrote {summary.output}  ({len(summary.files)} weight files, "
+        f"wrote {summary.output}  ({files} weight file{'' if files == 1 else 's'}, "
         f"{human_size(summary.bytes_written)}, {summary.seconds:.2f} s, "
         f"engine {summary.engine})"
     )

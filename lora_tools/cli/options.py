@@ -16,6 +16,8 @@ from typing import Any
 
 import click
 
+from lora_tools.constants import DTYPE_ALIASES
+
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 #: huggingface_hub reads this when it is imported; -q sets it for downloads and uploads.
@@ -40,7 +42,9 @@ force_option = click.option(
     help="Replace an existing output file, or a folder loratool wrote (never an input, never a "
     "folder holding anything else).",
 )
-json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON document (docs/json.md)."
+)
 
 
 def _hub_bars(ctx: click.Context, param: click.Parameter, quiet: bool) -> bool:
@@ -74,18 +78,6 @@ quiet_option = click.option(
     help="No progress bar (loratool's, or the Hub's while downloading or uploading). Everything "
     "else is printed as without it.",
 )
-
-#: --dtype spellings (case-insensitive) -> the short name the library takes.
-DTYPE_ALIASES = {
-    "bf16": "bf16",
-    "bfloat16": "bf16",
-    "fp16": "fp16",
-    "float16": "fp16",
-    "half": "fp16",
-    "fp32": "fp32",
-    "float32": "fp32",
-    "float": "fp32",
-}
 
 
 class DtypeType(click.ParamType):
@@ -160,9 +152,13 @@ def weights_from(weight: tuple[float, ...], weights_list: list[float]) -> list[f
 
 
 def parse_floats(text: str, option: str) -> list[float]:
-    """``"1,0.5,-1"`` -> ``[1.0, 0.5, -1.0]``, or a click usage error naming the option."""
+    """``"1,0.5,-1"`` -> ``[1.0, 0.5, -1.0]``, or a click usage error naming the option.
+
+    The weights are positional, so an empty item (``1,,2``, ``1,``) is refused, not skipped:
+    skipping it would give the next input the missing weight.
+    """
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        return [float(x) for x in text.split(",")]
     except ValueError:
         raise click.BadParameter(
             f"expected comma-separated numbers, got {text!r}", param_hint=option

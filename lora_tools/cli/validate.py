@@ -48,7 +48,7 @@ run (e.g. BASE unreadable), 130 interrupted."""
     "--output-format",
     type=click.Choice(["text", "json", "github", "sarif"]),
     default=None,
-    help="text (grouped by file), json (docs/rules.md), github (workflow annotations) or sarif "
+    help="text (grouped by file), json (docs/json.md), github (workflow annotations) or sarif "
     "(2.1.0, for code scanning). Default: text.",
 )
 @click.option(

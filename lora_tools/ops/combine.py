@@ -90,7 +90,7 @@ class ModuleCombine:
         return {"module": row.pop("key"), **row, "inputs": list(self.inputs)}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class CombineResult(WrittenResult):
     """The combined adapter and one row per output module (``weights``: one per input)."""
 

@@ -89,7 +89,7 @@ _CONFIG_FIELDS_TO_KEEP = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class ConvertResult(WrittenResult):
     """The converted adapter and what the conversion had to decide.
 

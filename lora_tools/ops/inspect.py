@@ -186,7 +186,7 @@ def _scale_or_none(m: LoraModule) -> float | None:
     return None if m.alpha_unknown is not None else m.scale
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class InspectResult(Result):
     """What :func:`inspect_adapter` found; ``to_json()`` is the ``inspect --json`` document.
 

@@ -83,7 +83,7 @@ class UploadFile:
     data: bytes | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class PushPlan(Result):
     """Everything :func:`publish` sends, decided from PATH alone.
 
@@ -148,7 +148,7 @@ def upload_entries(files: list[UploadFile]) -> list[dict[str, Any]]:
     return [{"path": f.path_in_repo, "size_bytes": f.size} for f in files]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class PushResult(Result):
     """What a push created. ``url`` is the PR's for a pull request, else the commit's.
 

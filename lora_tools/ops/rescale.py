@@ -42,7 +42,7 @@ from lora_tools.results import WrittenResult, adapter_inputs
 SMALLEST_F32 = float(np.finfo(np.float32).tiny)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class RescaleResult(WrittenResult):
     """The rescaled adapter and what changed.
 

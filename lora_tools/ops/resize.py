@@ -75,7 +75,7 @@ class ModuleResize:
         return {"module": row.pop("key"), **row}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class ResizeResult(WrittenResult):
     """The resized adapter (None for a dry run), per-module rows and a summary.
 

@@ -173,6 +173,33 @@ def test_same_names_for_the_same_things(docs) -> None:
         assert (ours["spec"], ours["weights_file"]) == (theirs["spec"], theirs["weights_file"])
         assert ours["counts"]["modules_merged"] == theirs["modules_merged"]
         assert ours["counts"]["modules_unmatched"] == theirs["modules_unmatched"]
+        # a per-adapter count of tensors is spelled as the document's own count of them
+        tensor_counts = {k for k in ours["counts"] if not k.startswith("modules")}
+        assert tensor_counts and tensor_counts <= set(merged["counts"]), ours["counts"]
+
+
+def test_docs_json_spells_each_command_with_json() -> None:
+    text = (FIX.parent / "docs/json.md").read_text()
+    shown = {}
+    for command in COMMANDS:
+        section = text.split(f"\n## {command}\n")[1].split("\n## ")[0]
+        for line in section.splitlines():
+            if line.startswith("`loratool"):
+                shown[command] = line
+    assert "validate" in shown and "inspect" in shown, shown
+    assert all(" --json" in line for line in shown.values()), shown
+
+
+def test_merge_dtype_is_printed_as_docs_json_says(tmp_path: Path) -> None:
+    row = next(
+        line
+        for line in (FIX.parent / "docs/json.md").read_text().split("## merge")[1].splitlines()
+        if line.startswith("| `dtype` |")
+    )
+    base, lora = FIX / "bases/tiny-llama", FIX / "peft/llama-lora"
+    for dtype in ("keep", "bfloat16", "fp16", "float32"):
+        doc = run_json("merge", base, lora, "-o", tmp_path / dtype, "--dtype", dtype, "--json")
+        assert f"`{doc['dtype']}`" in row, (doc["dtype"], row)
 
 
 @pytest.mark.parametrize(

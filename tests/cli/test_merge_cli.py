@@ -46,6 +46,15 @@ def test_json_summary(tmp_path: Path) -> None:
     assert doc["fsync"] is False
 
 
+def test_summary_counts_weight_files_in_words(tmp_path: Path) -> None:
+    one = CliRunner().invoke(
+        cli, ["merge", str(FIXTURES / "bases/tiny-llama"), ADAPTER, "-o", str(tmp_path / "a")]
+    )
+    assert one.exit_code == 0 and "(1 weight file," in one.output, one.output
+    three = CliRunner().invoke(cli, ["merge", BASE, ADAPTER, "-o", str(tmp_path / "b")])
+    assert three.exit_code == 0 and "(3 weight files," in three.output, three.output
+
+
 def test_fsync_flag_reaches_the_merge(tmp_path: Path, synced: list[Path]) -> None:
     out = tmp_path / "out"
     args = ["merge", BASE, ADAPTER, "-o", str(out), "--json", "--device", "cpu", "--fsync"]

@@ -26,7 +26,8 @@ FIXTURES = ROOT / "fixtures"
 BASE = str(FIXTURES / "bases" / "tiny-llama")
 LORA = str(FIXTURES / "peft" / "llama-lora")
 #: Commands that draw a progress bar (theirs, or the Hub's while downloading or uploading).
-WITH_A_BAR = ("rescale", "resize", "combine", "convert", "validate", "merge", "push")
+#: Every command that may read a Hub id shows the Hub's download bar, inspect included.
+WITH_A_BAR = ("inspect", "rescale", "resize", "combine", "convert", "validate", "merge", "push")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 #: What makes rich see a terminal (or size it) where there is none.
 TERMINAL_ENV = ("FORCE_COLOR", "TTY_COMPATIBLE", "COLUMNS", "LINES")
@@ -53,6 +54,31 @@ def weight_bytes(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in files}
 
 
+@pytest.mark.parametrize("command", ["rescale", "resize", "combine", "convert", "merge"])
+def test_output_and_base_read_the_same_in_every_help(command: str) -> None:
+    text = invoke(command, "--help").output
+    assert re.search(r"^\s+-o, --output PATH\s", text, re.M), text
+    options = text.split("Options:")[1]
+    base = re.search(r"^\s+--base (\S+)\s+(.*?)(?=^\s+-)", options, re.M | re.S)
+    if base:  # BASE, and a Hub id is accepted, as validate --base says
+        assert base.group(1) == "BASE" and "Hub id" in base.group(2), base.group(0)
+
+
+def test_json_and_force_read_the_same_in_every_help() -> None:
+    def line(command: str, option: str) -> str:
+        text = invoke(command, "--help").output.split("Options:")[1]
+        found = re.search(rf"^\s+{option}\s+(.*?)(?=^\s+-)", text, re.M | re.S)
+        assert found, (command, option)
+        return " ".join(found.group(1).split())
+
+    for option, commands in (
+        ("--json", ["inspect", "rescale", "resize", "combine", "convert", "merge", "push"]),
+        ("--force", ["rescale", "resize", "combine", "convert", "merge"]),
+    ):
+        helps = {command: line(command, option) for command in commands}
+        assert len(set(helps.values())) == 1, helps
+
+
 @pytest.mark.parametrize("command", WITH_A_BAR)
 def test_every_command_with_a_bar_has_quiet(command: str) -> None:
     result = invoke(command, "--help")
@@ -73,7 +99,7 @@ def test_merge_summary_prints_sizes_in_the_bars_units(tmp_path: Path) -> None:
     result = invoke("merge", BASE, LORA, "-o", str(out), "--json", "--device", "cpu")
     written = json.loads(result.stdout)["bytes_written"]
     text = invoke("merge", BASE, LORA, "-o", str(tmp_path / "t"), "--device", "cpu").stdout
-    assert f"weight files, {human_size(written)}," in text
+    assert f"(1 weight file, {human_size(written)}," in text
     assert human_size(1_671_600_000) == "1.7 GB"
 
 
@@ -108,6 +134,17 @@ def test_mixing_the_two_weight_spellings_is_a_usage_error(tmp_path: Path) -> Non
     result = loratool("combine", LORA, LORA, "-o", str(tmp_path / "x"), "--weight", "1",
                       "--weights", "1")  # fmt: skip
     assert result.returncode == 2 and "not both" in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("text", ["1,,-1", "1,-1,", ",1,-1", ""])
+@pytest.mark.parametrize("command", ["combine", "merge"])
+def test_an_empty_weight_is_refused_not_skipped(command: str, text: str, tmp_path: Path) -> None:
+    # "1,,-1" for two inputs used to run as "1,-1": a typo gave the next input another weight
+    inputs = [BASE, LORA, LORA] if command == "merge" else [LORA, LORA]
+    result = invoke(command, *inputs, "-o", str(tmp_path / "x"), "--weights", text)
+    assert result.exit_code == 2, result.output
+    assert "expected comma-separated numbers" in result.output
     assert not (tmp_path / "x").exists()
 
 

@@ -103,6 +103,13 @@ def test_select_ignore_on_the_command_line():
 # ----------------------------------------------------------------------------- formats
 
 
+def test_help_points_json_at_its_schema_page():
+    # the json format is described in docs/json.md; docs/rules.md is the rule catalogue
+    help_text = " ".join(invoke("--help").output.split())
+    assert "json (docs/json.md)" in help_text
+    assert (Path(__file__).resolve().parents[2] / "docs/json.md").read_text().count("## validate")
+
+
 def test_json_output():
     result = invoke(BROKEN / "nan-weights", GOOD, "--output-format", "json")
     doc = json.loads(result.output)

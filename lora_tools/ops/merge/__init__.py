@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from lora_tools.adapter import Adapter
+from lora_tools.constants import DTYPE_ALIASES
 from lora_tools.errors import UsageError
 from lora_tools.io.atomic import check_output
 from lora_tools.io.checkpoint import Checkpoint
@@ -67,7 +68,11 @@ def _closing(ckpt: Checkpoint) -> Iterator[Checkpoint]:
 
 def merge(
     base: str | os.PathLike[str],
-    adapters: list[str | os.PathLike[str] | Adapter | AdapterSpec],
+    adapters: list[str | os.PathLike[str] | Adapter | AdapterSpec]
+    | str
+    | os.PathLike[str]
+    | Adapter
+    | AdapterSpec,
     out: str | os.PathLike[str],
     *,
     weights: list[float] | None = None,
@@ -87,8 +92,9 @@ def merge(
             Hub id ``user/name[@revision]``.
         adapters: adapter files / folders / Hub ids, or in-memory
             :class:`~lora_tools.adapter.Adapter` objects (from ``load_adapter``, ``rescale``
-            ...), merged in this order. Each passes the checks the CLI applies to what it
-            reads (at least one LoRA module, usable scales, a known alpha, plain LoRA). The
+            ...), merged in this order; a single one needs no list. Each passes the checks
+            the CLI applies to what it reads (at least one LoRA module, usable scales, a known
+            alpha, plain LoRA). The
             summary gives an in-memory adapter ``"path": None``; the provenance record
             ``"spec": null``, ``"weights_file"`` its ``source`` (or null), ``"sha256_of":
             "tensors"`` and as ``"sha256"`` the digest of its tensors' bytes
@@ -99,7 +105,8 @@ def merge(
             the base's file name (:func:`output_path`).
         weights: one weight per adapter (default 1.0 each; negative subtracts).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (see :func:`select_engine`).
-        dtype: ``keep``, ``bf16``, ``fp16`` or ``fp32`` for the float tensors written.
+        dtype: ``keep``, ``bf16``, ``fp16`` or ``fp32`` for the float tensors written, in any
+            case, or the CLI's other spellings (``bfloat16``, ``float16``, ``half``...).
         force: replace an existing ``out``.
         fsync: flush every output file to the disk before ``out`` appears, so that it survives
             a power loss or kernel crash too (slower: the call returns only once the disk has
@@ -122,8 +129,12 @@ def merge(
     from lora_tools.formats import adapter_path
     from lora_tools.io.hub import resolve_input
 
-    if dtype not in DTYPE_NAMES:
+    name = str(dtype).strip().lower()
+    name = DTYPE_ALIASES.get(name, name)
+    if name not in DTYPE_NAMES:
         raise UsageError(f"unknown dtype {dtype!r}", hint="use keep, bf16, fp16 or fp32")
+    if isinstance(adapters, (str, os.PathLike, Adapter, AdapterSpec)):
+        adapters = [adapters]
     specs: list[AdapterSpec] = []
     weights = list(weights or [])
     if weights and len(weights) not in (1, len(adapters)):
@@ -156,7 +167,7 @@ def merge(
     plan = plan_merge(
         base_path,
         local,
-        dtype=DTYPE_NAMES[dtype],
+        dtype=DTYPE_NAMES[name],
         allow_unmatched=allow_unmatched,
         base_spec=os.fspath(base),
     )

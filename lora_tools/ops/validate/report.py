@@ -69,7 +69,7 @@ class FileReport:
         return {sev: found.get(sev, 0) for sev in reversed(SEVERITIES)}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Report(Result):
     """Everything one validation run found, file by file.
 
