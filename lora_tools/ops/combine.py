@@ -116,11 +116,15 @@ def _check_inputs(adapters: list[Adapter], weights: list[float]) -> None:
         raise UsageError("combine needs at least one input adapter")
     if len(weights) != len(adapters):
         raise UsageError(
-            f"{len(weights)} weights for {len(adapters)} inputs",
+            f"{len(weights)} weight{'s' * (len(weights) != 1)} for {len(adapters)} "
+            f"input{'s' * (len(adapters) != 1)}",
             hint="give one weight per input: --weights 1,0.5,...",
         )
     if not all(np.isfinite(w) for w in weights):
-        raise UsageError(f"weights must be finite numbers, got {weights}")
+        raise UsageError(
+            f"weights must be finite numbers, got {weights}",
+            hint="give each weight as a finite number such as 0.8 or -0.5",
+        )
     for a in adapters:
         a.require_plain_lora("combine")
         a.require_known_scale("combine")

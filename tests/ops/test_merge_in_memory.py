@@ -114,3 +114,17 @@ def test_the_file_an_in_memory_adapter_reads_is_an_input(
     adapter = load_adapter(LLAMA)
     merge(BASE, [adapter], tmp_path / "out", device="cpu")
     assert seen == [[BASE, adapter.source]]
+
+
+def test_weight_errors_name_no_option_and_count_in_good_grammar(tmp_path: Path) -> None:
+    import pytest
+
+    from lora_tools.errors import UsageError
+
+    with pytest.raises(UsageError) as bad:
+        merge(BASE, [LLAMA], tmp_path / "a", weights=[float("nan")])
+    assert "--" not in str(bad.value) and "weight nan" in str(bad.value)
+    with pytest.raises(UsageError) as counted:
+        merge(BASE, [LLAMA], tmp_path / "b", weights=[1.0, 2.0])
+    assert "2 weights for 1 adapter " in str(counted.value) + " "
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -139,7 +139,8 @@ def merge(
     weights = list(weights or [])
     if weights and len(weights) not in (1, len(adapters)):
         raise UsageError(
-            f"{len(weights)} weights for {len(adapters)} adapters",
+            f"{len(weights)} weight{'s' * (len(weights) != 1)} for {len(adapters)} "
+            f"adapter{'s' * (len(adapters) != 1)}",
             hint="give one weight per adapter, or one for all",
             kind="weights",
         )

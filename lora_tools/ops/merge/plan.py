@@ -166,7 +166,7 @@ def _check_mergeable(adapter: Adapter, weight: float) -> None:
             )
     if weight != 1.0 and adapter.modules and any(m.dora for m in adapter.modules.values()):
         raise UsageError(
-            f"DoRA adapter with --weight {weight}: DoRA rescales whole rows, so a weighted "
+            f"DoRA adapter with weight {weight:g}: DoRA rescales whole rows, so a weighted "
             "DoRA merge is not defined",
             path=adapter.source,
         )
@@ -211,8 +211,8 @@ def plan_merge(
     for spec in adapters:
         if not math.isfinite(spec.weight):
             raise UsageError(
-                f"--weight {spec.weight!r} for {spec.label} is not a finite number",
-                hint="give each --weight as a finite number such as 0.8 or -0.5",
+                f"weight {spec.weight!r} for {spec.label} is not a finite number",
+                hint="give each weight as a finite number such as 0.8 or -0.5",
             )
         if spec.adapter is not None:
             adapter = _check_in_memory(spec.adapter)
