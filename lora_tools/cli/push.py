@@ -135,6 +135,17 @@ def repo_and_path(first: str, second: str) -> tuple[str, str]:
         return first, second
     if here == [True, False]:
         return second, first
+    if not any(here):
+        from lora_tools.io.hub import repo_id_problem
+
+        readable = [repo_id_problem(first) is None, repo_id_problem(second) is None]
+        if readable != [False, False] and readable != [True, True]:
+            # only one reading has a valid repo id: the other argument is the missing path
+            missing = second if readable[0] else first
+            raise UsageError(
+                f"{missing}: no such file or folder to push",
+                hint="give REPO_ID first and an existing PATH second",
+            )
     found = "both exist" if all(here) else "neither exists"
     raise UsageError(
         f"cannot tell the repo from the local path: {found} on the disk "

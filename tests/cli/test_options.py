@@ -215,7 +215,7 @@ def test_push_both_orders_plan_the_same_upload() -> None:
 def test_push_with_an_order_that_cannot_be_told_names_both_readings(
     tmp_path: Path, both: bool
 ) -> None:
-    first, second = "me/x", str(tmp_path / "missing")
+    first, second = "me/x", "other/y"  # both read as repo ids, neither exists
     cwd = tmp_path
     if both:
         (tmp_path / "me" / "x").mkdir(parents=True)
@@ -230,6 +230,16 @@ def test_push_with_an_order_that_cannot_be_told_names_both_readings(
     assert len(line.splitlines()) == 1
     assert f"repo {first!r}, path {second!r}" in line
     assert f"repo {second!r}, path {first!r}" in line
+
+
+@pytest.mark.parametrize("order", ["new", "old"])
+def test_push_of_a_missing_path_says_so(tmp_path: Path, order: str) -> None:
+    missing = str(tmp_path / "adapters" / "missing")  # not a repo id: it must be the path
+    args = ["me/x", missing] if order == "new" else [missing, "me/x"]
+    result = loratool("push", *args, "--dry-run")
+    assert result.returncode == 2
+    assert f"{missing}: no such file or folder to push" in result.stderr
+    assert "cannot tell" not in result.stderr
 
 
 def test_push_commit_message_and_its_old_spellings() -> None:
