@@ -22,7 +22,7 @@ from lora_tools.cli import cli
 from lora_tools.formats import load_adapter
 from lora_tools.io.checkpoint import open_checkpoint
 from lora_tools.layouts import UNetLayout
-from lora_tools.resolve import resolve
+from lora_tools.resolve import resolve, resolve_foreign
 
 UNET = "model.diffusion_model."
 TE = "cond_stage_model.transformer."
@@ -128,7 +128,9 @@ def _single_file(fixtures_dir: Path, path: Path) -> None:
     save_file(tensors, path)
 
 
-@pytest.mark.parametrize("adapter", ["kohya/sd-lora.safetensors", "diffusers/sd-lora"])
+@pytest.mark.parametrize(
+    "adapter", ["kohya/sd-lora.safetensors", "kohya/sd-locon.safetensors", "diffusers/sd-lora"]
+)
 def test_sd1_fixture_loras_resolve_in_an_original_single_file(fixtures_dir, tmp_path, adapter):
     single = tmp_path / "tiny-sd.safetensors"
     _single_file(fixtures_dir, single)
@@ -219,3 +221,14 @@ def test_diffusers_layout_lora_merges_into_an_original_single_file(tmp_path, une
             else:
                 assert np.array_equal(value, original[key].numpy()), f"{name}: {key} changed"
             np.testing.assert_allclose(value, want.numpy(), rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+@pytest.mark.parametrize("adapter", ["kohya/sd-loha.safetensors", "kohya/sd-dora.safetensors"])
+def test_sd1_lycoris_modules_resolve_in_an_original_single_file(fixtures_dir, tmp_path, adapter):
+    single = tmp_path / "tiny-sd.safetensors"
+    _single_file(fixtures_dir, single)
+    lora = load_adapter(fixtures_dir / adapter)
+    with open_checkpoint(single) as ckpt:
+        res = resolve_foreign(lora, ckpt)
+    assert res.total and res.unmatched == [] and not res.ambiguous and not res.shape_errors
+    assert any(t.key.startswith(UNET + "input_blocks.") for t in res.matches.values())
