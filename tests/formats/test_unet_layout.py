@@ -128,16 +128,22 @@ def _single_file(fixtures_dir: Path, path: Path) -> None:
     save_file(tensors, path)
 
 
+def _resolved_in_single_file(fixtures_dir: Path, tmp_path: Path, adapter: str, how):
+    """``how`` (resolve or resolve_foreign) of a fixture adapter against tiny-sd as a single
+    file, with nothing unmatched, ambiguous or misshapen."""
+    single = tmp_path / "tiny-sd.safetensors"
+    _single_file(fixtures_dir, single)
+    with open_checkpoint(single) as ckpt:
+        res = how(load_adapter(fixtures_dir / adapter), ckpt)
+    assert res.total and res.unmatched == [] and not res.ambiguous and not res.shape_errors
+    return res
+
+
 @pytest.mark.parametrize(
     "adapter", ["kohya/sd-lora.safetensors", "kohya/sd-locon.safetensors", "diffusers/sd-lora"]
 )
 def test_sd1_fixture_loras_resolve_in_an_original_single_file(fixtures_dir, tmp_path, adapter):
-    single = tmp_path / "tiny-sd.safetensors"
-    _single_file(fixtures_dir, single)
-    lora = load_adapter(fixtures_dir / adapter)
-    with open_checkpoint(single) as ckpt:
-        res = resolve(lora, ckpt)
-    assert res.unmatched == [] and not res.ambiguous and not res.shape_errors
+    res = _resolved_in_single_file(fixtures_dir, tmp_path, adapter, resolve)
     unet = [m for m in res.matches.values() if m.target.key.startswith(UNET)]
     assert unet, "the fixture has UNet modules"
     for match in unet:
@@ -225,10 +231,5 @@ def test_diffusers_layout_lora_merges_into_an_original_single_file(tmp_path, une
 
 @pytest.mark.parametrize("adapter", ["kohya/sd-loha.safetensors", "kohya/sd-dora.safetensors"])
 def test_sd1_lycoris_modules_resolve_in_an_original_single_file(fixtures_dir, tmp_path, adapter):
-    single = tmp_path / "tiny-sd.safetensors"
-    _single_file(fixtures_dir, single)
-    lora = load_adapter(fixtures_dir / adapter)
-    with open_checkpoint(single) as ckpt:
-        res = resolve_foreign(lora, ckpt)
-    assert res.total and res.unmatched == [] and not res.ambiguous and not res.shape_errors
+    res = _resolved_in_single_file(fixtures_dir, tmp_path, adapter, resolve_foreign)
     assert any(t.key.startswith(UNET + "input_blocks.") for t in res.matches.values())
