@@ -6,6 +6,10 @@
 - kohya names (``lora_unet_...``) are matched by flattening every base key the way kohya does
   (``.`` -> ``_``) after removing the usual single-file prefixes (``model.diffusion_model.``,
   ``conditioner.embedders.0.transformer.``, ``cond_stage_model.transformer.``...).
+- A single file whose UNet is in the original layout (``input_blocks.1.1.proj_in``) is also
+  indexed under the diffusers names its layout map gives (``down_blocks.0.attentions.0.proj_in``,
+  :mod:`lora_tools.layouts.unet`): SD1.x / SD2.x LoRAs from sd-scripts, LyCORIS and diffusers
+  name UNet modules that way, whichever layout the checkpoint has.
 
 A module that resolves to nothing, or to more than one weight, is reported by name; nothing is
 guessed. ``fit`` decides the layout per module from the base tensor's shape: GPT-2 style Conv1D
@@ -32,6 +36,7 @@ from lora_tools.errors import ResolveError, ShapeError
 from lora_tools.formats.base import classify_foreign
 from lora_tools.io.checkpoint import Checkpoint, Component
 from lora_tools.io.safetensors import TensorInfo
+from lora_tools.layouts import UNetLayout
 from lora_tools.naming import PEFT_PREFIX, flatten_path, split_name, split_stem
 
 #: Single-file key prefixes -> the component they hold, tried in order (longest first).
@@ -162,9 +167,10 @@ class _FlatIndex:
     kohya names written for them keep their ``model.`` root.
     """
 
-    def __init__(self, ckpt: Checkpoint) -> None:
+    def __init__(self, ckpt: Checkpoint, layouts: _Layouts) -> None:
         self.entries: dict[tuple[str, str], list[tuple[Component, str, str, str]]] = {}
         for comp in ckpt.components.values():
+            unets = {} if ckpt.kind == "diffusers" else layouts.of(comp)
             for key in comp:
                 if not key.endswith(".weight"):
                     continue
@@ -176,6 +182,9 @@ class _FlatIndex:
                     if module.startswith(prefix):
                         path = module[len(prefix) :]
                         self._add(logical, path, (comp, key, logical if prefix else "", path))
+                        if prefix in unets:
+                            for alias in unets[prefix].diffusers_paths(path):
+                                self._add("unet", alias, (comp, key, "unet", alias))
                         break
                 if module.startswith("model.") and not module.startswith("model.diffusion_model."):
                     self._add("unet", module, (comp, key, "", module))
@@ -205,7 +214,12 @@ def _path_candidates(path: str) -> list[str]:
 
 
 def _path_hits(
-    comp: Component, path: str, component: str | None, kind: str, by_suffix: bool
+    comp: Component,
+    path: str,
+    component: str | None,
+    kind: str,
+    by_suffix: bool,
+    layouts: _Layouts,
 ) -> list[tuple[Component, str, str, str]]:
     """Base weights for a dotted module path: exact, without the first segment, or under a
     single-file prefix; with ``by_suffix``, the keys that end with ``.<path>.weight`` instead
@@ -221,7 +235,7 @@ def _path_hits(
     for candidate in _path_candidates(path):
         if f"{candidate}.weight" in comp:
             return [(comp, f"{candidate}.weight", logical, candidate)]
-    return _single_file_hits(comp, path, component) if kind == "file" else []
+    return _single_file_hits(comp, path, component, layouts) if kind == "file" else []
 
 
 def resolve(adapter: Adapter, ckpt: Checkpoint) -> Resolution:
@@ -262,16 +276,44 @@ def resolve(adapter: Adapter, ckpt: Checkpoint) -> Resolution:
     return res
 
 
+class _Layouts:
+    """The original-layout UNets of each single-file component, found once per component."""
+
+    def __init__(self) -> None:
+        self.found: dict[str, dict[str, UNetLayout]] = {}
+
+    def of(self, comp: Component) -> dict[str, UNetLayout]:
+        """Key prefix (``model.diffusion_model.``...) -> the layout of the UNet under it."""
+        if comp.name not in self.found:
+            self.found[comp.name] = _unet_layouts(comp)
+        return self.found[comp.name]
+
+
+def _unet_layouts(comp: Component) -> dict[str, UNetLayout]:
+    out = {}
+    for prefix, logical in SINGLE_FILE_PREFIXES:
+        if logical != "unet":
+            continue
+        keys = [key[len(prefix) :] for key in comp if key.startswith(prefix)]
+        if any(key.startswith("input_blocks.") for key in keys):
+            layout = UNetLayout.from_keys(keys)
+            if layout is not None:
+                out[prefix] = layout
+    return out
+
+
 class _LazyFlatIndex:
-    """The :class:`_FlatIndex` of a checkpoint, built on the first kohya name looked up."""
+    """The :class:`_FlatIndex` of a checkpoint, built on the first kohya name looked up, and
+    the checkpoint's UNet layouts."""
 
     def __init__(self, ckpt: Checkpoint) -> None:
         self.ckpt = ckpt
         self.index: _FlatIndex | None = None
+        self.layouts = _Layouts()
 
     def lookup(self, component: str | None, flat: str) -> list[tuple[Component, str, str, str]]:
         if self.index is None:
-            self.index = _FlatIndex(self.ckpt)
+            self.index = _FlatIndex(self.ckpt, self.layouts)
         return self.index.lookup(component, flat)
 
 
@@ -289,7 +331,9 @@ def _hits(
         comps = _candidate_components(ckpt, component)
         for by_suffix in (False, True):  # exact names in any component beat suffix matches
             for comp in comps:
-                hits.extend(_path_hits(comp, path, component, ckpt.kind, by_suffix))
+                hits.extend(
+                    _path_hits(comp, path, component, ckpt.kind, by_suffix, flat_index.layouts)
+                )
             if hits:
                 break
     else:
@@ -436,16 +480,20 @@ def resolve_foreign(adapter: Adapter, ckpt: Checkpoint) -> ForeignResolution:
 
 
 def _single_file_hits(
-    comp: Component, path: str, component: str | None
+    comp: Component, path: str, component: str | None, layouts: _Layouts
 ) -> list[tuple[Component, str, str, str]]:
-    """Matches for a dotted path in a single-file checkpoint under its usual prefixes."""
+    """Matches for a dotted path in a single-file checkpoint under its usual prefixes, and,
+    for a diffusers UNet path, under the original name its layout map gives."""
     out = []
+    unets = layouts.of(comp)
     for prefix, logical in SINGLE_FILE_PREFIXES:
-        if not prefix or (component and logical != component and component not in _DENOISERS):
+        if component and logical != component and component not in _DENOISERS:
             continue
-        key = f"{prefix}{path}.weight"
-        if key in comp:
-            out.append((comp, key, logical, path))
+        keys = [f"{prefix}{path}.weight"] if prefix else []
+        original = unets[prefix].to_original(path) if prefix in unets else None
+        if original is not None:
+            keys.append(f"{prefix}{original}.weight")
+        out.extend((comp, key, logical, path) for key in keys if key in comp)
     return out
 
 

@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "lora_tools.adapter": 2,
     "lora_tools.lowrank": 2,
     "lora_tools.naming": 1,
+    "lora_tools.layouts": 1,
     "lora_tools.formats": 4,
     "lora_tools.resolve": 5,
     "lora_tools.ops": 6,
