@@ -68,6 +68,7 @@ from lora_tools.cli.options import (
         "is a base model in an adapter's place?",
         "unmatched": "check the base model, or pass --allow-unmatched to skip them",
         "weights": "give one --weight per adapter (or --weights W1,W2,...), or one for all",
+        "weight-not-finite": "give each --weight as a finite number such as 0.8 or -0.5",
     }
 )
 def command(

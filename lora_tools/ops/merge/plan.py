@@ -213,6 +213,7 @@ def plan_merge(
             raise UsageError(
                 f"weight {spec.weight!r} for {spec.label} is not a finite number",
                 hint="give each weight as a finite number such as 0.8 or -0.5",
+                kind="weight-not-finite",
             )
         if spec.adapter is not None:
             adapter = _check_in_memory(spec.adapter)
