@@ -187,7 +187,8 @@ class MergeResult(Result):
         adapters: one entry per adapter, in merge order (see docs/json.md).
         files: the weight files written, relative to ``output`` (the file itself for a file).
         copied_files / skipped_files: other files of a base folder copied, or left out (why).
-        tensors: ``{"total", "merged", "replaced", "copied"}`` tensor counts.
+        tensors: ``{"total", "merged", "replaced", "copied", "cast"}`` tensor counts (``cast``:
+            untouched by the adapters but rounded to another output dtype).
         bytes_read / bytes_written / fsync / seconds: the I/O done and the time it took.
     """
 
@@ -275,6 +276,7 @@ class MergeResult(Result):
                 "tensors_merged": t["merged"],
                 "tensors_replaced": t["replaced"],
                 "tensors_copied": t["copied"],
+                "tensors_cast": t.get("cast", 0),
             },
             "adapters": [dict(a) for a in self.adapters],
             "files": list(self.files),

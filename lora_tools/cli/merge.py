@@ -153,7 +153,10 @@ def _render(summary: Any) -> None:
         f"{human_size(summary.bytes_written)}, {summary.seconds:.2f} s, "
         f"engine {summary.engine})"
     )
-    out.print(f"tensors: {t['merged']} merged, {t['replaced']} replaced, {t['copied']} copied")
+    cast = f", {t['cast']} cast to {summary.dtype}" if t.get("cast") else ""
+    out.print(
+        f"tensors: {t['merged']} merged, {t['replaced']} replaced, {t['copied']} copied{cast}"
+    )
     for a in summary.adapters:
         n = a["counts"]
         extra = f", {n['modules_unmatched']} unmatched" if n["modules_unmatched"] else ""

@@ -128,3 +128,12 @@ def test_weight_errors_name_no_option_and_count_in_good_grammar(tmp_path: Path) 
         merge(BASE, [LLAMA], tmp_path / "b", weights=[1.0, 2.0])
     assert "2 weights for 1 adapter " in str(counted.value) + " "
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("dtype", ["keep", "bf16"])
+def test_every_tensor_is_counted_once(tmp_path: Path, dtype: str) -> None:
+    summary = merge(BASE, [LLAMA], tmp_path / "m", dtype=dtype)
+    counts = summary.to_json()["counts"]
+    parts = ("tensors_merged", "tensors_replaced", "tensors_copied", "tensors_cast")
+    assert sum(counts[k] for k in parts) == counts["tensors"] == 21
+    assert (counts["tensors_cast"] > 0) == (dtype == "bf16")

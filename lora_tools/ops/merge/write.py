@@ -428,6 +428,13 @@ def _summary(
             "merged": sum(1 for f in plan.files for j in f.jobs if j.sources),
             "replaced": sum(1 for f in plan.files for j in f.jobs if j.replacement is not None),
             "copied": sum(1 for f in plan.files for j in f.jobs if j.copy_raw),
+            # untouched by the adapters, but decoded and rounded to the output dtype (--dtype)
+            "cast": sum(
+                1
+                for f in plan.files
+                for j in f.jobs
+                if not j.sources and j.replacement is None and not j.copy_raw
+            ),
         },
         "bytes_read": read,
         "bytes_written": bytes_written,
