@@ -172,9 +172,9 @@ class Bar:
     """The one progress bar: what is done of the total (a count, or bytes with their rate),
     an optional count of finished items, and the time left.
 
-    Callers feed it whichever way their operation reports: ``update(done, total)`` (the
-    algebra operations), ``start(total)`` / ``advance(n)`` (validate), ``set_total`` /
-    ``advance(n, items)`` (merge).
+    Callers feed it whichever way their operation reports: called as ``bar(done, total)`` (the
+    algebra operations' ``progress`` callback), ``start(total)`` / ``advance(n)`` (validate's
+    Progress), ``set_total(total, items_total)`` / ``advance(n, items)`` (merge).
     """
 
     def __init__(self, progress: Any, task: Any) -> None:
@@ -182,14 +182,14 @@ class Bar:
         self.task = task
         self.items = 0
 
-    def update(self, done: int, total: int) -> None:
+    def __call__(self, done: int, total: int) -> None:
         self.progress.update(self.task, completed=done, total=total)
 
-    def start(self, total: int) -> None:
+    def set_total(self, total: int, items_total: int | None = None) -> None:
+        """The total to reach (``items_total``, merge's tensor count, is shown as it grows)."""
         self.progress.update(self.task, total=total)
 
-    def set_total(self, total: int, items_total: int | None = None) -> None:
-        self.progress.update(self.task, total=total)
+    start = set_total
 
     def advance(self, amount: int, items: int = 0) -> None:
         self.items += items

@@ -350,3 +350,46 @@ def test_a_narrow_terminal_keeps_the_end_of_long_names(long_names: Path) -> None
         assert all(any(n.endswith(e) for n in names) for e in elided), elided
         assert f"base_model.model.{LONG_STEM}".endswith(elided[0]), elided  # the long one
         assert elided[0].endswith("_proj"), elided
+
+
+def _on_a_terminal(args: list[str], cwd: Path) -> tuple[int, str]:
+    """Run loratool with stderr on a pseudo-terminal, so that the progress bar is drawn."""
+    import pty
+
+    main, side = pty.openpty()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "lora_tools", *args],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=side, cwd=cwd,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "120"}, timeout=120,
+            check=False,
+        )  # fmt: skip
+    finally:
+        os.close(side)
+    seen = b""
+    try:
+        while chunk := os.read(main, 65536):
+            seen += chunk
+    except OSError:  # the terminal's other side is closed: everything is read
+        pass
+    os.close(main)
+    return done.returncode, seen.decode(errors="replace")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["rescale", LORA, "--factor", "0.5", "-o", "out"],
+        ["resize", LORA, "--rank", "2", "-o", "out"],
+        ["combine", LORA, LORA, "--weights", "1,-0.5", "-o", "out"],
+        ["combine", LORA, LORA, "--method", "ties", "--density", "0.5", "--rank", "4", "-o", "out"],
+        ["validate", LORA],
+        ["merge", BASE, LORA, "-o", "out"],
+    ],
+    ids=lambda a: "-".join(a[:1] + [x for x in a if x in ("ties",)]),
+)
+def test_every_progress_bar_runs_on_a_terminal(tmp_path: Path, args: list[str]) -> None:
+    code, terminal = _on_a_terminal(args, tmp_path)
+    assert code == 0, terminal
+    assert "error" not in terminal, terminal
