@@ -185,19 +185,19 @@ def _transform(
     else the one), its result's adapter written at ``options["output"]`` when given: checked
     against every input before any work, written with hashes and training metadata refreshed
     (the tensors changed)."""
-    from lora_tools.formats import save_adapter
+    from lora_tools.ops._algebra import write_adapter
 
     rest = dict(options)
     output, force = rest.pop("output", None), bool(rest.pop("force", False))
     opened = [_open(item) for item in items]
+    inputs = [*(p for _, paths in opened for p in paths), *extra_inputs]
     if output is not None:
-        inputs = [p for _, paths in opened for p in paths]
-        _check_output(output, [*inputs, *extra_inputs], force)
+        _check_output(output, inputs, force)  # before the work, not only before the write
     sources = [adapter for adapter, _ in opened]
     result = op(sources if many else sources[0], **rest, **fixed)
     adapter = getattr(result, "adapter", None)
     if output is not None and adapter is not None:
-        save_adapter(adapter, output, force=force, refresh_hashes=True)
+        write_adapter(adapter, output, inputs, force=force)  # the CLI's writer
         result = result.with_output(output)  # type: ignore[attr-defined]
     return result
 
