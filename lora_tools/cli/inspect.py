@@ -8,6 +8,7 @@ import click
 
 from lora_tools.cli._common import column_room, command_hints, console, fit_names, print_json
 from lora_tools.cli.options import blas_threads, json_option, quiet_option
+from lora_tools.naming import PEFT_PREFIX
 
 
 @click.command("inspect")
@@ -192,10 +193,7 @@ def render(report: dict[str, Any]) -> None:
             for row in stats["modules"]
         ]
         names = fit_names(
-            [
-                printable(row["module"].removeprefix("base_model.model."))
-                for row in stats["modules"]
-            ],
+            [printable(row["module"].removeprefix(PEFT_PREFIX)) for row in stats["modules"]],
             column_room(out.width, headers, cells),
         )
         for name, row, row_cells in zip(names, stats["modules"], cells, strict=True):
