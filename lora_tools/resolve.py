@@ -490,7 +490,7 @@ def _single_file_hits(
         if component and logical != component and component not in _DENOISERS:
             continue
         keys = [f"{prefix}{path}.weight"] if prefix else []
-        original = unets[prefix].to_original(path) if prefix in unets else None
+        original = unets[prefix].original_path(path) if prefix in unets else None
         if original is not None:
             keys.append(f"{prefix}{original}.weight")
         out.extend((comp, key, logical, path) for key in keys if key in comp)

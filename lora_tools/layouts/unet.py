@@ -30,9 +30,9 @@ Example:
     >>> layout = UNetLayout.from_config({"layers_per_block": 2,
     ...     "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
     ...     "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3})
-    >>> layout.to_original("down_blocks.0.attentions.0.proj_in")
+    >>> layout.original_path("down_blocks.0.attentions.0.proj_in")
     'input_blocks.1.1.proj_in'
-    >>> layout.to_diffusers("output_blocks.2.1.conv")
+    >>> layout.diffusers_path("output_blocks.2.1.conv")
     'up_blocks.0.upsamplers.0.conv'
 """
 
@@ -43,6 +43,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
+
+from lora_tools.layouts.base import Piece, Shapes
 
 #: A resnet's layers: original name -> diffusers name.
 RESNET_PARTS: tuple[tuple[str, str], ...] = (
@@ -227,12 +229,12 @@ class UNetLayout:
     def _to_original(self) -> dict[str, tuple[str, str]]:
         return {d: (o, kind) for o, d, kind in self.entries()}
 
-    def to_diffusers(self, path: str) -> str | None:
+    def diffusers_path(self, path: str) -> str | None:
         """The diffusers module path of an original one; None where the map has none (the
         first of the two names where the label embedding's is not known)."""
         return _translate(path, self._to_diffusers, dict(RESNET_PARTS))
 
-    def to_original(self, path: str) -> str | None:
+    def original_path(self, path: str) -> str | None:
         """The original module path of a diffusers one; None where the map has none."""
         return _translate(path, self._to_original, {d: o for o, d in RESNET_PARTS})
 
@@ -241,8 +243,37 @@ class UNetLayout:
         embedding of unknown kind, else at most one)."""
         if path.startswith("label_emb.0.") and len(self.label_emb) > 1:
             return [d for o, d, _ in self.entries() if o == path]
-        found = self.to_diffusers(path)
+        found = self.diffusers_path(path)
         return [found] if found is not None else []
+
+    def to_native(self, diffusers_path: str) -> tuple[Piece, ...]:
+        """The :class:`~lora_tools.layouts.base.Layout` lookup: one whole weight, or none."""
+        found = self.original_path(diffusers_path)
+        return () if found is None else (Piece(found, diffusers_path),)
+
+    def to_diffusers(self, native_path: str) -> tuple[Piece, ...]:
+        """The :class:`~lora_tools.layouts.base.Layout` lookup: whole weights (two candidates
+        for a label embedding of unknown kind)."""
+        return tuple(Piece(native_path, d) for d in self.diffusers_paths(native_path))
+
+    @property
+    def architecture(self) -> str:
+        """``sdxl`` for a UNet with SDXL's text-time embedding, else ``sd``."""
+        return "sdxl" if "add_embedding" in self.label_emb and len(self.label_emb) == 1 else "sd"
+
+
+def from_native(shapes: Shapes) -> UNetLayout | None:
+    """The layout of an original-layout UNet from its tensors (file prefix removed)."""
+    if not any(key.startswith("input_blocks.") for key in shapes):
+        return None
+    return UNetLayout.from_keys(shapes)
+
+
+def from_diffusers(config: Mapping[str, Any], shapes: Shapes) -> UNetLayout | None:
+    """The layout of a diffusers ``UNet2DConditionModel`` folder."""
+    if config.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
+        return None
+    return UNetLayout.from_config(config)
 
 
 def _translate(path: str, table: dict[str, tuple[str, str]], resnet: dict[str, str]) -> str | None:
@@ -339,4 +370,4 @@ def _mid_kind(entries: dict[int, set[str]]) -> str | None:
     return None
 
 
-__all__ = ["BASIC_PARTS", "RESNET_PARTS", "Level", "UNetLayout"]
+__all__ = ["BASIC_PARTS", "RESNET_PARTS", "Level", "UNetLayout", "from_diffusers", "from_native"]

@@ -70,9 +70,9 @@ def _original(state: dict, layout: UNetLayout) -> dict:
     out = {}
     for key, value in state.items():
         module, _, param = key.rpartition(".")
-        original = layout.to_original(module)
+        original = layout.original_path(module)
         assert original is not None, f"no original name for {module}"
-        assert layout.to_diffusers(original) == module
+        assert layout.diffusers_path(original) == module
         out[f"{UNET}{original}.{param}"] = value
     return out
 
@@ -84,13 +84,15 @@ def test_the_map_of_the_tiny_sd_fixture_agrees_with_its_keys(fixtures_dir):
     original = _original(state, layout)
     assert UNetLayout.from_keys(k.removeprefix(UNET) for k in original) == layout
     # one layer per level: input_blocks 1 (resnet + attention) ... as diffusers numbers them
-    assert layout.to_original("down_blocks.1.attentions.0.proj_in") == "input_blocks.3.1.proj_in"
-    assert layout.to_original("down_blocks.0.downsamplers.0.conv") == "input_blocks.2.0.op"
-    assert layout.to_original("up_blocks.0.attentions.1.proj_out") == "output_blocks.1.1.proj_out"
-    assert layout.to_original("up_blocks.0.upsamplers.0.conv") == "output_blocks.1.2.conv"
-    assert layout.to_original("mid_block.resnets.1.time_emb_proj") == "middle_block.2.emb_layers.1"
-    assert layout.to_original("down_blocks.0.resnets.0.conv3") is None
-    assert layout.to_diffusers("input_blocks.0.0") == "conv_in"
+    assert layout.original_path("down_blocks.1.attentions.0.proj_in") == "input_blocks.3.1.proj_in"
+    assert layout.original_path("down_blocks.0.downsamplers.0.conv") == "input_blocks.2.0.op"
+    assert layout.original_path("up_blocks.0.attentions.1.proj_out") == "output_blocks.1.1.proj_out"
+    assert layout.original_path("up_blocks.0.upsamplers.0.conv") == "output_blocks.1.2.conv"
+    assert (
+        layout.original_path("mid_block.resnets.1.time_emb_proj") == "middle_block.2.emb_layers.1"
+    )
+    assert layout.original_path("down_blocks.0.resnets.0.conv3") is None
+    assert layout.diffusers_path("input_blocks.0.0") == "conv_in"
 
 
 @pytest.mark.parametrize(
@@ -207,7 +209,7 @@ def test_diffusers_layout_lora_merges_into_an_original_single_file(tmp_path, une
         a = lora_state[f"{path}.lora_A.weight"].double()
         b = lora_state[f"{path}.lora_B.weight"].double()
         delta = (b.flatten(1) @ a.flatten(1)).reshape(base[f"{path}.weight"].shape) * 1.5
-        expected[f"{UNET}{layout.to_original(path)}.weight"] += delta
+        expected[f"{UNET}{layout.original_path(path)}.weight"] += delta
     assert len(targets) > 50
 
     for name, lora in (("diffusers", diffusers_lora), ("kohya", kohya_lora)):
@@ -222,7 +224,7 @@ def test_diffusers_layout_lora_merges_into_an_original_single_file(tmp_path, une
         assert sorted(merged) == sorted(original)
         for key, value in merged.items():
             want = expected[key]
-            if key.endswith(".weight") and layout.to_diffusers(key[len(UNET) : -7]) in targets:
+            if key.endswith(".weight") and layout.diffusers_path(key[len(UNET) : -7]) in targets:
                 assert not np.array_equal(value, original[key].numpy()), f"{name}: {key} unchanged"
             else:
                 assert np.array_equal(value, original[key].numpy()), f"{name}: {key} changed"
