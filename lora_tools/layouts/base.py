@@ -13,8 +13,8 @@ as ``model.diffusion_model.``). Layouts import nothing of loratool: they are fac
 
 Example:
     >>> qkv = [Piece("img_attn.qkv", f"attn.to_{c}", 8 * i, 0, 8) for i, c in enumerate("qkv")]
-    >>> qkv[1]
-    Piece(native='img_attn.qkv', diffusers='attn.to_k', native_start=8, diffusers_start=0, rows=8)
+    >>> qkv[1].native_key, qkv[1].diffusers
+    ('img_attn.qkv.weight', 'attn.to_k')
     >>> qkv[1].native_rows, qkv[1].diffusers_rows
     ((8, 16), (0, 8))
 """
@@ -36,6 +36,11 @@ class Piece:
     ``native[native_start : native_start + rows] == diffusers[diffusers_start :
     diffusers_start + rows]`` over whole columns; with ``rows=None`` the two weights are the
     same tensor under two names (both starts are then 0).
+
+    The native weight's key is ``native + native_suffix``: ``.weight`` for every
+    ``nn.Linear``-style module; OpenCLIP's fused attention stores ``attn.in_proj_weight`` and
+    ``attn.in_proj_bias`` (``native="attn.in_proj"``, ``native_suffix="_weight"``; its bias
+    key replaces ``weight`` with ``bias``). The diffusers key is always ``diffusers + ".weight"``.
     """
 
     native: str
@@ -43,6 +48,17 @@ class Piece:
     native_start: int = 0
     diffusers_start: int = 0
     rows: int | None = None
+    native_suffix: str = ".weight"
+
+    @property
+    def native_key(self) -> str:
+        """The native weight's tensor key (``<native>.weight`` for most modules)."""
+        return self.native + self.native_suffix
+
+    @property
+    def native_bias_key(self) -> str:
+        """The native bias's tensor key."""
+        return self.native + self.native_suffix.replace("weight", "bias")
 
     @property
     def whole(self) -> bool:
@@ -112,7 +128,9 @@ class PieceTable:
         return tuple(self._native.get(native_path, ()))
 
 
-def stacked(native: str, parts: Iterable[tuple[str, int]]) -> Iterator[Piece]:
+def stacked(
+    native: str, parts: Iterable[tuple[str, int]], native_suffix: str = ".weight"
+) -> Iterator[Piece]:
     """Pieces of a native weight that stacks whole diffusers weights by rows, in order.
 
     Example:
@@ -121,7 +139,7 @@ def stacked(native: str, parts: Iterable[tuple[str, int]]) -> Iterator[Piece]:
     """
     start = 0
     for diffusers, rows in parts:
-        yield Piece(native, diffusers, start, 0, rows)
+        yield Piece(native, diffusers, start, 0, rows, native_suffix)
         start += rows
 
 
