@@ -6,10 +6,14 @@
 - kohya names (``lora_unet_...``) are matched by flattening every base key the way kohya does
   (``.`` -> ``_``) after removing the usual single-file prefixes (``model.diffusion_model.``,
   ``conditioner.embedders.0.transformer.``, ``cond_stage_model.transformer.``...).
-- A single file whose UNet is in the original layout (``input_blocks.1.1.proj_in``) is also
-  indexed under the diffusers names its layout map gives (``down_blocks.0.attentions.0.proj_in``,
-  :mod:`lora_tools.layouts.unet`): SD1.x / SD2.x LoRAs from sd-scripts, LyCORIS and diffusers
-  name UNet modules that way, whichever layout the checkpoint has.
+- A model in a layout (:mod:`lora_tools.layouts`: found from a single file's own keys under
+  each prefix, or from a diffusers component's ``config.json``) is also indexed under its names
+  in the other layout: an original-layout UNet (``input_blocks.1.1.proj_in``) under its diffusers
+  names (``down_blocks.0.attentions.0.proj_in``), a diffusers Flux transformer under its BFL
+  names, and so on. Where the other layout fuses weights, a module is placed on row ranges
+  (:class:`Part` with :class:`Rows`): a diffusers ``to_k`` on rows ``h:2h`` of a native
+  ``qkv``, a native ``qkv`` on diffusers ``to_q`` / ``to_k`` / ``to_v``; the update's rows must
+  fill the ranges exactly, or the module is a shape error.
 
 A module that resolves to nothing, or to more than one weight, is reported by name; nothing is
 guessed. ``fit`` decides the layout per module from the base tensor's shape: GPT-2 style Conv1D
@@ -36,7 +40,7 @@ from lora_tools.errors import ResolveError, ShapeError
 from lora_tools.formats.base import classify_foreign
 from lora_tools.io.checkpoint import Checkpoint, Component
 from lora_tools.io.safetensors import TensorInfo
-from lora_tools.layouts import UNetLayout
+from lora_tools.layouts import Layout, Piece, diffusers_layout, native_layout
 from lora_tools.naming import PEFT_PREFIX, flatten_path, split_name, split_stem
 
 #: Single-file key prefixes -> the component they hold, tried in order (longest first).
@@ -71,6 +75,26 @@ class Target:
 
 
 @dataclass(frozen=True)
+class Rows:
+    """Rows ``start : start + count`` of a target weight take rows ``update_start :
+    update_start + count`` of a module's update (a fused weight holds several modules)."""
+
+    start: int
+    update_start: int
+    count: int
+
+
+@dataclass(frozen=True)
+class Part:
+    """One base weight a module's update goes to, whole (``rows`` None) or a row range of it,
+    with the bias its ``lora_B.bias`` goes to."""
+
+    target: Target
+    rows: Rows | None = None
+    bias: Target | None = None
+
+
+@dataclass(frozen=True)
 class ModuleMatch:
     """Where one adapter module goes, and how its update must be laid out there.
 
@@ -80,6 +104,9 @@ class ModuleMatch:
         bias: the base bias a PEFT ``lora_B.bias`` is added to.
         component: the logical component (``unet``, ``text_encoder``...) or ``""``.
         path: the module's dotted path inside that component.
+        parts: where a module named in the other layout of a fused weight goes: row ranges
+            of one or several base weights (a diffusers ``to_q`` in a native ``qkv``, a native
+            ``qkv`` in diffusers ``to_q`` / ``to_k`` / ``to_v``). Empty: ``target`` whole.
     """
 
     module: LoraModule
@@ -89,6 +116,12 @@ class ModuleMatch:
     bias: Target | None = None
     component: str = ""
     path: str = ""
+    parts: tuple[Part, ...] = ()
+
+    @property
+    def placements(self) -> tuple[Part, ...]:
+        """Every base weight (and row range) the update goes to: ``parts``, or ``target``."""
+        return self.parts or (Part(self.target, None, self.bias),)
 
 
 @dataclass
@@ -158,51 +191,171 @@ def _candidate_components(ckpt: Checkpoint, component: str | None) -> list[Compo
     return []
 
 
+#: One base weight a name stands for: (component, base key, logical component, module path,
+#: rows of the base weight and of the update, or None for the whole weight).
+_Hit = tuple[Component, str, str, str, "Rows | None"]
+#: One way a name is placed: a base weight, or the row ranges of several (a fused weight).
+_Candidate = tuple[_Hit, ...]
+
+
+def _weight_module(key: str) -> str | None:
+    """The module path of a weight key (``<path>.weight``, OpenCLIP's ``<path>_weight``)."""
+    for suffix in (".weight", "_weight"):
+        if key.endswith(suffix):
+            return key[: -len(suffix)]
+    return None
+
+
+def _bias_key(key: str) -> str:
+    """The bias key next to a weight key (``in_proj_weight`` -> ``in_proj_bias``)."""
+    return key[: -len("weight")] + "bias"
+
+
+class _Layouts:
+    """The layouts of a checkpoint's components, found once per component: by key prefix in a
+    single file (``model.diffusion_model.`` -> the UNet's), from ``config.json`` in a diffusers
+    folder (prefix ``""``)."""
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        self.diffusers = ckpt.kind == "diffusers"
+        self.found: dict[str, dict[str, Layout]] = {}
+
+    def of(self, comp: Component) -> dict[str, Layout]:
+        """Key prefix -> the layout of the model under it."""
+        if comp.name not in self.found:
+            self.found[comp.name] = (
+                _diffusers_layouts(comp) if self.diffusers else _native_layouts(comp)
+            )
+        return self.found[comp.name]
+
+
+def _shapes(comp: Component, prefix: str) -> dict[str, tuple[int, ...]]:
+    return {
+        key[len(prefix) :]: tuple(comp.info(key).shape) for key in comp if key.startswith(prefix)
+    }
+
+
+def _native_layouts(comp: Component) -> dict[str, Layout]:
+    out: dict[str, Layout] = {}
+    for prefix in dict.fromkeys(prefix for prefix, _ in SINGLE_FILE_PREFIXES):
+        if prefix and not any(key.startswith(prefix) for key in comp):
+            continue
+        layout = native_layout(_shapes(comp, prefix))
+        if layout is not None:
+            out[prefix] = layout
+    return out
+
+
+def _diffusers_layouts(comp: Component) -> dict[str, Layout]:
+    if comp.config is None:
+        return {}
+    layout = diffusers_layout(comp.config, _shapes(comp, ""))
+    return {"": layout} if layout is not None else {}
+
+
+def _native_candidate(
+    comp: Component, prefix: str, logical: str, pieces: tuple[Piece, ...]
+) -> _Candidate | None:
+    """The native base weights of a diffusers module's pieces (all present), as one candidate."""
+    hits = []
+    for piece in pieces:
+        key = prefix + piece.native_key
+        if key not in comp:
+            return None
+        rows = None if piece.whole else Rows(piece.native_start, piece.diffusers_start, piece.rows)
+        hits.append((comp, key, logical, piece.diffusers, rows))
+    return tuple(hits) or None
+
+
+def _diffusers_candidate(
+    comp: Component, logical: str, pieces: tuple[Piece, ...]
+) -> _Candidate | None:
+    """The diffusers base weights of a native module's pieces (all present), as one candidate."""
+    hits = []
+    for piece in pieces:
+        key = f"{piece.diffusers}.weight"
+        if key not in comp:
+            return None
+        rows = None if piece.whole else Rows(piece.diffusers_start, piece.native_start, piece.rows)
+        hits.append((comp, key, logical, piece.native, rows))
+    return tuple(hits) or None
+
+
 class _FlatIndex:
-    """kohya-flattened base keys: (kohya component, flat name) -> matching base weights.
+    """kohya-flattened base keys: (kohya component, flat name) -> the candidates it names.
 
     Each hit carries the logical component and dotted module path the name stands for: in a
     diffusers folder the component's own; in a single file the part after a known prefix
     (``model.diffusion_model.`` -> ``unet``...); for plain models (LLMs) the whole key, since
-    kohya names written for them keep their ``model.`` root.
+    kohya names written for them keep their ``model.`` root. Where a component has a layout,
+    its modules are indexed under their names in the other layout too (a BFL ``qkv`` in a
+    diffusers Flux folder, a diffusers ``to_q`` in a BFL file), as row ranges where fused.
     """
 
     def __init__(self, ckpt: Checkpoint, layouts: _Layouts) -> None:
-        self.entries: dict[tuple[str, str], list[tuple[Component, str, str, str]]] = {}
+        self.entries: dict[tuple[str, str], list[_Candidate]] = {}
         for comp in ckpt.components.values():
-            unets = {} if ckpt.kind == "diffusers" else layouts.of(comp)
+            found = layouts.of(comp)
             for key in comp:
-                if not key.endswith(".weight"):
+                module = _weight_module(key)
+                if module is None:
                     continue
-                module = key[: -len(".weight")]
                 if ckpt.kind == "diffusers":
-                    self._add(comp.name, module, (comp, key, comp.name, module))
+                    if key.endswith(".weight"):
+                        self._add(comp.name, module, ((comp, key, comp.name, module, None),))
+                    if "" in found:
+                        self._add_aliases(comp, "", comp.name, module, found[""], native=False)
                     continue
                 for prefix, logical in SINGLE_FILE_PREFIXES:
                     if module.startswith(prefix):
                         path = module[len(prefix) :]
-                        self._add(logical, path, (comp, key, logical if prefix else "", path))
-                        if prefix in unets:
-                            for alias in unets[prefix].diffusers_paths(path):
-                                self._add("unet", alias, (comp, key, "unet", alias))
+                        if key.endswith(".weight"):
+                            hit = (comp, key, logical if prefix else "", path, None)
+                            self._add(logical, path, (hit,))
+                        if prefix in found:
+                            self._add_aliases(comp, prefix, logical, path, found[prefix])
                         break
                 if module.startswith("model.") and not module.startswith("model.diffusion_model."):
-                    self._add("unet", module, (comp, key, "", module))
+                    self._add("unet", module, ((comp, key, "", module, None),))
 
-    def _add(self, bucket: str, path: str, hit: tuple[Component, str, str, str]) -> None:
-        hits = self.entries.setdefault((bucket, flatten_path(path)), [])
-        if hit not in hits:
-            hits.append(hit)
+    def _add_aliases(
+        self,
+        comp: Component,
+        prefix: str,
+        logical: str,
+        path: str,
+        layout: Layout,
+        native: bool = True,
+    ) -> None:
+        """Index a base module under its names in the other layout."""
+        bucket = "unet" if logical in _DENOISERS else logical
+        if native:  # a native base weight: the diffusers modules it holds
+            for piece in layout.to_diffusers(path):
+                candidate = _native_candidate(
+                    comp, prefix, logical, layout.to_native(piece.diffusers)
+                )
+                if candidate is not None:
+                    self._add(bucket, piece.diffusers, candidate)
+        else:  # a diffusers base weight: the native modules it is part of
+            for piece in layout.to_native(path):
+                candidate = _diffusers_candidate(comp, logical, layout.to_diffusers(piece.native))
+                if candidate is not None:
+                    self._add(bucket, piece.native, candidate)
 
-    def lookup(self, component: str | None, flat: str) -> list[tuple[Component, str, str, str]]:
-        """Hits ``(component, base key, logical component, module path)`` for a kohya name."""
+    def _add(self, bucket: str, path: str, candidate: _Candidate) -> None:
+        candidates = self.entries.setdefault((bucket, flatten_path(path)), [])
+        if candidate not in candidates:
+            candidates.append(candidate)
+
+    def lookup(self, component: str | None, flat: str) -> list[_Candidate]:
+        """The candidates a kohya name stands for."""
         if component in _DENOISERS:
             buckets = list(_DENOISERS)
         elif component:
             buckets = [component]
         else:
             buckets = sorted({bucket for bucket, _ in self.entries})
-        return [hit for bucket in buckets for hit in self.entries.get((bucket, flat), [])]
+        return [c for bucket in buckets for c in self.entries.get((bucket, flat), [])]
 
 
 def _path_candidates(path: str) -> list[str]:
@@ -220,22 +373,32 @@ def _path_hits(
     kind: str,
     by_suffix: bool,
     layouts: _Layouts,
-) -> list[tuple[Component, str, str, str]]:
+) -> list[_Candidate]:
     """Base weights for a dotted module path: exact, without the first segment, or under a
-    single-file prefix; with ``by_suffix``, the keys that end with ``.<path>.weight`` instead
-    (text encoders that diffusers saves without their ``text_model.`` root)."""
+    single-file prefix, or through the component's layout (a native path in a diffusers
+    folder, a diffusers path in a single file); with ``by_suffix``, the keys that end with
+    ``.<path>.weight`` instead (text encoders that diffusers saves without their
+    ``text_model.`` root)."""
     logical = component or comp.name
     if by_suffix:
         suffix = f".{path}.weight"
         return [
-            (comp, key, logical, key.removesuffix(".weight"))
+            ((comp, key, logical, key.removesuffix(".weight"), None),)
             for key in comp
             if key.endswith(suffix)
         ]
     for candidate in _path_candidates(path):
         if f"{candidate}.weight" in comp:
-            return [(comp, f"{candidate}.weight", logical, candidate)]
-    return _single_file_hits(comp, path, component, layouts) if kind == "file" else []
+            return [((comp, f"{candidate}.weight", logical, candidate, None),)]
+    if kind == "file":
+        return _single_file_hits(comp, path, component, layouts)
+    layout = layouts.of(comp).get("")
+    if layout is not None:
+        for candidate in _path_candidates(path):
+            found = _diffusers_candidate(comp, logical, layout.to_diffusers(candidate))
+            if found is not None:
+                return [found]
+    return []
 
 
 def resolve(adapter: Adapter, ckpt: Checkpoint) -> Resolution:
@@ -246,72 +409,100 @@ def resolve(adapter: Adapter, ckpt: Checkpoint) -> Resolution:
     res = Resolution(total=len(adapter.modules))
     flat_index = _LazyFlatIndex(ckpt)
     for key, module in adapter.modules.items():
-        unique = _hits(ckpt, flat_index, module.key, module.path, module.component)
-        if not unique:
+        found = _hits(ckpt, flat_index, module.key, module.path, module.component)
+        if not found:
             res.unmatched.append(key)
             continue
-        if len(unique) > 1:
-            res.ambiguous[key] = [f"{c.name + '/' if c.name else ''}{k}" for c, k, _, _ in unique]
+        if len(found) > 1:
+            res.ambiguous[key] = [_describe(candidate) for candidate in found]
             continue
-        comp, base_key, logical, path = unique[0]
-        target = _target(comp, base_key)
         try:
-            transpose, reshape = fit(module, target.info, comp.model_type, path)
+            res.matches[key] = _match(module, found[0])
         except ShapeError as exc:
             res.shape_errors[key] = exc.message
-            continue
-        bias = None
-        if module.bias is not None:
-            bias_key = base_key[: -len(".weight")] + ".bias"
-            if bias_key not in comp:
-                res.shape_errors[key] = (
-                    f"module {key!r} has a lora_B.bias but the base has no {bias_key!r}"
-                )
-                continue
-            bias = _target(comp, bias_key)
-        res.matches[key] = ModuleMatch(
-            module, target, transpose, reshape, bias, component=logical or "", path=path
-        )
     res.replacements = _resolve_passthrough(adapter, ckpt)
     return res
 
 
-class _Layouts:
-    """The original-layout UNets of each single-file component, found once per component."""
+def _match(module: LoraModule, candidate: _Candidate) -> ModuleMatch:
+    """The match of a module placed on ``candidate``, its shapes checked.
 
-    def __init__(self) -> None:
-        self.found: dict[str, dict[str, UNetLayout]] = {}
+    Raises:
+        ShapeError: the update does not fit the base weight(s), or a lora_B.bias has no base
+            bias to go to.
+    """
+    comp, base_key, logical, path, rows = candidate[0]
+    if len(candidate) == 1 and rows is None:
+        target = _target(comp, base_key)
+        transpose, reshape = fit(module, target.info, comp.model_type, path)
+        return ModuleMatch(
+            module, target, transpose, reshape, _bias(module, comp, base_key), logical, path
+        )
+    parts = tuple(_fit_rows(module, c, k, r) for c, k, _, _, r in candidate)
+    out_rows = module.delta_shape[0]
+    spans = sorted((p.rows.update_start, p.rows.count) for p in parts if p.rows is not None)
+    tiled = 0
+    for start, count in spans:
+        if start != tiled:
+            break
+        tiled += count
+    if tiled != out_rows or len(spans) != len(parts):
+        names = ", ".join(dict.fromkeys(repr(p.target.key) for p in parts))
+        total = sum(p.rows.count for p in parts if p.rows is not None)
+        raise ShapeError(
+            f"module {module.key!r} (update {list(module.delta_shape)}) has {out_rows} output "
+            f"rows; the layout places {total} rows of it in {names}"
+        )
+    first = parts[0]
+    return ModuleMatch(module, first.target, False, False, first.bias, logical, path, parts)
 
-    def of(self, comp: Component) -> dict[str, UNetLayout]:
-        """Key prefix (``model.diffusion_model.``...) -> the layout of the UNet under it."""
-        if comp.name not in self.found:
-            self.found[comp.name] = _unet_layouts(comp)
-        return self.found[comp.name]
+
+def _bias(module: LoraModule, comp: Component, base_key: str) -> Target | None:
+    """The base bias a module's ``lora_B.bias`` goes to (None without one)."""
+    if module.bias is None:
+        return None
+    bias_key = _bias_key(base_key)
+    if bias_key not in comp:
+        raise ShapeError(
+            f"module {module.key!r} has a lora_B.bias but the base has no {bias_key!r}"
+        )
+    return _target(comp, bias_key)
 
 
-def _unet_layouts(comp: Component) -> dict[str, UNetLayout]:
-    out = {}
-    for prefix, logical in SINGLE_FILE_PREFIXES:
-        if logical != "unet":
-            continue
-        keys = [key[len(prefix) :] for key in comp if key.startswith(prefix)]
-        if any(key.startswith("input_blocks.") for key in keys):
-            layout = UNetLayout.from_keys(keys)
-            if layout is not None:
-                out[prefix] = layout
-    return out
+def _fit_rows(module: LoraModule, comp: Component, key: str, rows: Rows | None) -> Part:
+    """One part of a fused placement: rows of a linear update onto rows of a 2-D weight."""
+    target = _target(comp, key)
+    shape = tuple(target.info.shape)
+    delta = module.delta_shape
+    span = rows or Rows(0, 0, delta[0])
+    fits = (
+        module.kind not in (CONV, EMBEDDING)
+        and len(shape) == 2
+        and len(delta) == 2
+        and shape[1] == delta[1]
+        and span.start + span.count <= shape[0]
+        and span.update_start + span.count <= delta[0]
+        and (rows is not None or shape[0] == delta[0])
+    )
+    if not fits:
+        where = f"rows {span.start}:{span.start + span.count} of " if rows else ""
+        raise ShapeError(
+            f"module {module.key!r} ({module.kind}, update {list(delta)}) does not fit "
+            f"{where}base weight {key!r} of shape {list(shape)}"
+        )
+    return Part(target, rows, _bias(module, comp, key))
 
 
 class _LazyFlatIndex:
     """The :class:`_FlatIndex` of a checkpoint, built on the first kohya name looked up, and
-    the checkpoint's UNet layouts."""
+    the checkpoint's layouts."""
 
     def __init__(self, ckpt: Checkpoint) -> None:
         self.ckpt = ckpt
         self.index: _FlatIndex | None = None
-        self.layouts = _Layouts()
+        self.layouts = _Layouts(ckpt)
 
-    def lookup(self, component: str | None, flat: str) -> list[tuple[Component, str, str, str]]:
+    def lookup(self, component: str | None, flat: str) -> list[_Candidate]:
         if self.index is None:
             self.index = _FlatIndex(self.ckpt, self.layouts)
         return self.index.lookup(component, flat)
@@ -323,23 +514,32 @@ def _hits(
     key: str,
     path: str | None,
     component: str | None,
-) -> list[tuple[Component, str, str, str]]:
-    """The distinct base weights ``(component, base key, logical component, module path)`` a
-    module stem names: by its dotted ``path`` when known, else as a kohya-flattened name."""
-    hits: list[tuple[Component, str, str, str]] = []
+) -> list[_Candidate]:
+    """The distinct placements a module stem names: by its dotted ``path`` when known, else as
+    a kohya-flattened name. Each is one base weight, or the row ranges of several."""
+    found: list[_Candidate] = []
     if path is not None:
         comps = _candidate_components(ckpt, component)
         for by_suffix in (False, True):  # exact names in any component beat suffix matches
             for comp in comps:
-                hits.extend(
+                found.extend(
                     _path_hits(comp, path, component, ckpt.kind, by_suffix, flat_index.layouts)
                 )
-            if hits:
+            if found:
                 break
     else:
         kohya_component, flat = split_name(key)
-        hits.extend(flat_index.lookup(kohya_component, flat))
-    return list({(c.name, k): (c, k, lg, p) for c, k, lg, p in hits}.values())
+        found.extend(flat_index.lookup(kohya_component, flat))
+    unique: dict[tuple, _Candidate] = {}
+    for candidate in found:
+        unique.setdefault(tuple((c.name, k, r) for c, k, _, _, r in candidate), candidate)
+    return list(unique.values())
+
+
+def _describe(candidate: _Candidate) -> str:
+    comp, key = candidate[0][0], candidate[0][1]
+    name = f"{comp.name + '/' if comp.name else ''}{key}"
+    return name if len(candidate) == 1 else f"{name} (+{len(candidate) - 1} fused)"
 
 
 @dataclass
@@ -454,13 +654,13 @@ def resolve_foreign(adapter: Adapter, ckpt: Checkpoint) -> ForeignResolution:
                 res.unmatched.append(stem)
                 continue
             if len(unique) > 1:
-                res.ambiguous[stem] = [
-                    f"{c.name + '/' if c.name else ''}{k}" for c, k, _, _ in unique
-                ]
+                res.ambiguous[stem] = [_describe(candidate) for candidate in unique]
                 continue
-            comp, base_key, _, _ = unique[0]
+            comp, base_key, _, _, rows = unique[0][0]
             target = _target(comp, base_key)
             res.matches[stem] = target
+            if len(unique[0]) > 1 or rows is not None:
+                continue  # rows of a fused weight: the outer shape check below does not apply
             try:
                 out_dim, in_dim = foreign_update_dims(kind, shapes.get(stem, {}))
             except ValueError:
@@ -481,19 +681,21 @@ def resolve_foreign(adapter: Adapter, ckpt: Checkpoint) -> ForeignResolution:
 
 def _single_file_hits(
     comp: Component, path: str, component: str | None, layouts: _Layouts
-) -> list[tuple[Component, str, str, str]]:
+) -> list[_Candidate]:
     """Matches for a dotted path in a single-file checkpoint under its usual prefixes, and,
-    for a diffusers UNet path, under the original name its layout map gives."""
-    out = []
-    unets = layouts.of(comp)
+    for a diffusers path, the native weights (or rows of fused ones) its layout map gives."""
+    out: list[_Candidate] = []
+    found = layouts.of(comp)
     for prefix, logical in SINGLE_FILE_PREFIXES:
         if component and logical != component and component not in _DENOISERS:
             continue
-        keys = [f"{prefix}{path}.weight"] if prefix else []
-        original = unets[prefix].original_path(path) if prefix in unets else None
-        if original is not None:
-            keys.append(f"{prefix}{original}.weight")
-        out.extend((comp, key, logical, path) for key in keys if key in comp)
+        key = f"{prefix}{path}.weight"
+        if prefix and key in comp:
+            out.append(((comp, key, logical, path, None),))
+        if prefix in found:
+            candidate = _native_candidate(comp, prefix, logical, found[prefix].to_native(path))
+            if candidate is not None and candidate not in out:
+                out.append(candidate)
     return out
 
 

@@ -139,6 +139,9 @@ class LowRankTerm:
         delta_dtype: round the scaled update to this dtype (a safetensors name) before adding
             it: PEFT's embedding merge casts the delta to the weight's dtype first. None: add
             the float32 update as it is (every other layer kind, and float32 / float64 bases).
+        offset: the tensor row that row 0 of ``up`` updates: a module that is a row range of a
+            fused weight (``to_k`` in a native ``qkv``) updates rows ``offset : offset +
+            len(up)`` only. 0 for a module that is the whole tensor.
     """
 
     up: np.ndarray
@@ -148,15 +151,18 @@ class LowRankTerm:
     magnitude: np.ndarray | None = None
     label: str = ""
     delta_dtype: str | None = None
+    offset: int = 0
 
 
 @dataclass(frozen=True)
 class DenseTerm:
-    """A dense update ``value * scale`` (PEFT lora_bias added to the base bias)."""
+    """A dense update ``value * scale`` (PEFT lora_bias added to the base bias), to rows
+    ``offset : offset + len(value)`` of the tensor."""
 
     value: np.ndarray
     scale: float
     label: str = ""
+    offset: int = 0
 
 
 Term = LowRankTerm | DenseTerm
@@ -178,11 +184,25 @@ def product_rows(up: np.ndarray, down: np.ndarray, out: np.ndarray) -> np.ndarra
     return out
 
 
-def term_delta(term: Term, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
-    """Rows ``start:stop`` of the term's scaled update, float32, shaped ``[rows, cols]``.
+def term_rows(term: Term) -> int:
+    """How many rows of the tensor the term updates (from row ``term.offset``)."""
+    if isinstance(term, DenseTerm):
+        return term.value.shape[0]
+    return term.down.shape[1] if term.transposed else term.up.shape[0]
 
-    ``start`` must be a multiple of :data:`PRODUCT_ROWS`; ``out`` (float32 ``[rows, cols]``,
-    C-contiguous) receives the result when given.
+
+def term_span(term: Term, start: int, stop: int) -> tuple[int, int]:
+    """The rows ``(lo, hi)`` of the tensor's block ``start:stop`` that the term updates
+    (``lo >= hi``: none)."""
+    return max(start, term.offset), min(stop, term.offset + term_rows(term))
+
+
+def term_delta(term: Term, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Rows ``start:stop`` of the term's own scaled update (row 0 is tensor row
+    ``term.offset``), float32, shaped ``[rows, cols]``.
+
+    ``start`` is a multiple of :data:`PRODUCT_ROWS` for a term that is the whole tensor (row
+    blocks are); ``out`` (float32 ``[rows, cols]``, C-contiguous) receives the result when given.
     """
     scale = np.float32(term.scale)
     rows = stop - start
@@ -228,14 +248,25 @@ def apply_terms(
     unmerged_base = base.copy() if any(_is_dora(t) for t in terms) else None
     acc = base
     for term in terms:
-        delta = term_delta(term, start, stop, out=scratch)
+        lo, hi = term_span(term, start, stop)
+        if lo >= hi:
+            continue  # a row range of a fused tensor outside this block
+        whole = (lo, hi) == (start, stop)
+        rows = acc if whole else acc[lo - start : hi - start]
+        buffer = None if scratch is None else scratch[: hi - lo]
+        delta = term_delta(term, lo - term.offset, hi - term.offset, out=buffer)
         if isinstance(term, LowRankTerm) and term.magnitude is not None:
             assert unmerged_base is not None
-            acc = _dora(unmerged_base, acc, delta, term, start).astype(compute_dtype, copy=False)
+            unmerged = unmerged_base if whole else unmerged_base[lo - start : hi - start]
+            merged = _dora(unmerged, rows, delta, term, lo - term.offset)
+            if whole:
+                acc = merged.astype(compute_dtype, copy=False)
+            else:
+                np.copyto(rows, merged, casting="unsafe")
         else:
             if isinstance(term, LowRankTerm) and term.delta_dtype is not None:
                 np.copyto(delta, delta.astype(numpy_dtype(term.delta_dtype)), casting="unsafe")
-            np.add(acc, delta, out=acc)
+            np.add(rows, delta, out=rows)
     return acc
 
 

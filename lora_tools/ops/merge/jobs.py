@@ -39,13 +39,16 @@ from lora_tools.ops.merge.arithmetic import (
     dims_2d,
     row_block,
 )
-from lora_tools.resolve import ModuleMatch
+from lora_tools.resolve import ModuleMatch, Rows
 
 #: Bytes of one row block of a merged tensor (in float32): a few MB keeps a block's passes
 #: (product, scale, add, round) in the CPU caches (measured fastest between 1 and 8 MB).
 DEFAULT_BLOCK_BYTES = 4 << 20
 
 ProgressFn = Callable[[int, int], None]
+#: One update of a base tensor: the module, its merge weight, ``"weight"`` or ``"bias"``, and
+#: the rows of the tensor it covers (None: the whole tensor).
+Source = tuple[ModuleMatch, float, str, "Rows | None"]
 
 
 @dataclass
@@ -61,7 +64,7 @@ class TensorJob:
 
     info: TensorInfo
     out_dtype: str
-    sources: list[tuple[ModuleMatch, float, str]] = field(default_factory=list)
+    sources: list[Source] = field(default_factory=list)
     replacement: Tensor | None = None
 
     @property
@@ -79,7 +82,8 @@ class TensorJob:
     def terms(self) -> list[Term]:
         """The updates, with factors read from the adapter files now."""
         return [
-            build_term(match, weight, role, self.info.dtype) for match, weight, role in self.sources
+            build_term(match, weight, role, self.info.dtype, rows)
+            for match, weight, role, rows in self.sources
         ]
 
     @property
@@ -90,7 +94,7 @@ class TensorJob:
             role == "weight"
             and match.module.dora
             and (match.module.kind == EMBEDDING or match.transpose)
-            for match, _, role in self.sources
+            for match, _, role, _ in self.sources
         )
 
 
@@ -109,13 +113,23 @@ class FilePlan:
         return all(job.copy_raw for job in self.jobs)
 
 
-def build_term(match: ModuleMatch, weight: float, role: str, base_dtype: str = "F32") -> Term:
+def build_term(
+    match: ModuleMatch,
+    weight: float,
+    role: str,
+    base_dtype: str = "F32",
+    rows: Rows | None = None,
+) -> Term:
     """The float32 update one resolved module makes to its weight (``role="weight"``) or to
-    its bias (``role="bias"``, PEFT lora_bias); ``base_dtype`` is the base tensor's dtype.
+    its bias (``role="bias"``, PEFT lora_bias); ``base_dtype`` is the base tensor's dtype;
+    ``rows``: the update's rows that go to a row range of the tensor (a fused weight).
 
     Each layer kind rounds as PEFT's ``merge`` does (docs/math.md): Linear, Conv1D and conv
     layers add the float32 update to the weight (one rounding), embeddings add the update
     rounded to the weight's dtype first (two roundings for float16 / bfloat16 weights).
+    A row range takes the same rows of ``up`` (and of the bias and the DoRA magnitude): each
+    row of the update depends on its own row of ``up`` only, so the rows merged are those of
+    the whole update.
 
     Raises:
         AdapterError: a factor holds NaN or Inf, which would make the merged weight non-finite.
@@ -123,21 +137,25 @@ def build_term(match: ModuleMatch, weight: float, role: str, base_dtype: str = "
     module = match.module
     scale = module.scale * weight
     harm = f"merging it would make {match.target.key!r} non-finite"
+    span = slice(None) if rows is None else slice(rows.update_start, rows.update_start + rows.count)
+    offset = 0 if rows is None else rows.start
     if role == "bias":
         assert module.bias is not None
-        bias = module.bias.numpy().astype(np.float32)
-        return DenseTerm(require_finite(bias, "lora_B.bias", module, harm), scale, module.key)
+        bias = require_finite(module.bias.numpy().astype(np.float32), "lora_B.bias", module, harm)
+        return DenseTerm(np.ascontiguousarray(bias[span]), scale, module.key, offset)
     up, down = module.finite_factors(np.float32, consequence=harm)
     magnitude = None
     if module.magnitude is not None:
         magnitude = module.magnitude.numpy().astype(np.float32).reshape(-1)
         require_finite(magnitude, "DoRA magnitude", module, harm)
+        magnitude = np.ascontiguousarray(magnitude[span])
     transposed = module.kind == EMBEDDING or match.transpose
     # PEFT's Embedding.merge: weight += delta.to(weight.dtype); its DoRA path adds unrounded
     delta_dtype = None
     if module.kind == EMBEDDING and magnitude is None and base_dtype in NARROW_DTYPES:
         delta_dtype = base_dtype
-    return LowRankTerm(up, down, scale, transposed, magnitude, module.key, delta_dtype)
+    up = up if rows is None else np.ascontiguousarray(up[span])
+    return LowRankTerm(up, down, scale, transposed, magnitude, module.key, delta_dtype, offset)
 
 
 def copy_raw(

@@ -26,7 +26,7 @@ from lora_tools.io.checkpoint import Checkpoint, open_checkpoint
 from lora_tools.io.safetensors import Tensor
 from lora_tools.lowrank import max_abs_update
 from lora_tools.ops.merge.arithmetic import FLOAT_DTYPES
-from lora_tools.ops.merge.jobs import FilePlan, TensorJob
+from lora_tools.ops.merge.jobs import FilePlan, Source, TensorJob
 from lora_tools.resolve import ModuleMatch, Resolution, resolve
 
 #: --dtype spellings -> safetensors dtype names (``keep`` keeps each tensor's own).
@@ -206,7 +206,7 @@ def plan_merge(
         raise UsageError("no adapter to merge", hint="name at least one adapter")
     ckpt = open_checkpoint(base)
     reports: list[AdapterReport] = []
-    per_tensor: dict[tuple[str, str], list[tuple[ModuleMatch, float, str]]] = {}
+    per_tensor: dict[tuple[str, str], list[Source]] = {}
     replacements: dict[tuple[str, str], Tensor] = {}
     for spec in adapters:
         if not math.isfinite(spec.weight):
@@ -226,11 +226,11 @@ def plan_merge(
         res.raise_for_problems(adapter, allow_unmatched=allow_unmatched)
         reports.append(AdapterReport(spec, adapter, res))
         for match in res.matches.values():
-            t = match.target
-            per_tensor.setdefault((t.component, t.key), []).append((match, spec.weight, "weight"))
-            if match.bias is not None:
-                b = match.bias
-                per_tensor.setdefault((b.component, b.key), []).append((match, spec.weight, "bias"))
+            for part in match.placements:
+                for role, t in (("weight", part.target), ("bias", part.bias)):
+                    if t is not None:
+                        source = (match, spec.weight, role, part.rows)
+                        per_tensor.setdefault((t.component, t.key), []).append(source)
         for key, target in res.replacements.items():
             if spec.weight != 1.0:
                 raise UsageError(
@@ -260,7 +260,7 @@ def plan_merge(
                         hint="quantized bases cannot be merged into; use the unquantized base",
                     )
                 out_dtype = _out_dtype(info.dtype, dtype)
-                for match, weight, role in sources:
+                for match, weight, role, _ in sources:
                     _check_update_fits(match, weight, role, out_dtype)
                 jobs.append(TensorJob(info, out_dtype, sources, replacement))
             files.append(FilePlan(path, path.relative_to(root), jobs, reader.header.metadata))

@@ -39,7 +39,7 @@ import torch
 
 from lora_tools.errors import DeviceError
 from lora_tools.io.safetensors import SafetensorsFile, SafetensorsWriter
-from lora_tools.ops.merge.arithmetic import NORM_LANES, DenseTerm, LowRankTerm, Term
+from lora_tools.ops.merge.arithmetic import NORM_LANES, DenseTerm, LowRankTerm, Term, term_span
 from lora_tools.ops.merge.jobs import (
     DEFAULT_BLOCK_BYTES,
     FilePlan,
@@ -194,6 +194,7 @@ class TorchEngine:
 
     @staticmethod
     def _delta(dt: _DeviceTerm, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of the term's own update (row 0: tensor row ``offset``)."""
         t = dt.term
         scale = float(np.float32(t.scale))
         if isinstance(t, DenseTerm):
@@ -210,21 +211,35 @@ class TorchEngine:
         stop = start + base.shape[0]
         acc = base
         for dt in dterms:
-            delta = self._delta(dt, start, stop)
-            if dt.magnitude is None:
-                if isinstance(dt.term, LowRankTerm) and dt.term.delta_dtype is not None:
-                    delta = delta.to(TORCH_DTYPES[dt.term.delta_dtype]).float()
-                acc = (acc + delta).to(base.dtype)
+            lo, hi = term_span(dt.term, start, stop)
+            if lo >= hi:
+                continue  # a row range of a fused tensor outside this block
+            if (lo, hi) == (start, stop):
+                acc = self._merge_rows(base, acc, dt, lo - dt.term.offset)
                 continue
-            unmerged = (base + delta).float()
-            merged = (acc + delta).float()
-            if isinstance(dt.term, LowRankTerm) and dt.term.transposed:
-                factor = dt.magnitude / column_norm(unmerged)
-                acc = factor[None, :] * merged
-            else:
-                factor = dt.magnitude[start:stop] / lane_norm(unmerged)
-                acc = factor[:, None] * merged
+            a, b = lo - start, hi - start
+            merged = self._merge_rows(base[a:b], acc[a:b], dt, lo - dt.term.offset)
+            acc = acc.clone() if acc is base else acc
+            acc[a:b] = merged
         return acc
+
+    def _merge_rows(
+        self, base: torch.Tensor, acc: torch.Tensor, dt: _DeviceTerm, at: int
+    ) -> torch.Tensor:
+        """``acc`` (rows of the tensor, ``base`` their unmerged values) with one term's rows
+        ``at : at + len(acc)`` of its own update added."""
+        delta = self._delta(dt, at, at + acc.shape[0])
+        if dt.magnitude is None:
+            if isinstance(dt.term, LowRankTerm) and dt.term.delta_dtype is not None:
+                delta = delta.to(TORCH_DTYPES[dt.term.delta_dtype]).float()
+            return (acc + delta).to(base.dtype)
+        unmerged = (base + delta).float()
+        merged = (acc + delta).float()
+        if isinstance(dt.term, LowRankTerm) and dt.term.transposed:
+            factor = dt.magnitude / column_norm(unmerged)
+            return factor[None, :] * merged
+        factor = dt.magnitude[at : at + acc.shape[0]] / lane_norm(unmerged)
+        return factor[:, None] * merged
 
     # -- pipeline ------------------------------------------------------------------------
 
