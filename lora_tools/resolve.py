@@ -493,6 +493,26 @@ def _fit_rows(module: LoraModule, comp: Component, key: str, rows: Rows | None) 
     return Part(target, rows, _bias(module, comp, key))
 
 
+def checkpoint_layouts(ckpt: Checkpoint) -> dict[str, Layout]:
+    """The layout of each model of a checkpoint whose architecture a layout knows, by logical
+    component (``unet`` for a single file's denoiser, whatever its kind; ``transformer``,
+    ``text_encoder_2``... for a diffusers folder's components).
+
+    Example:
+        >>> from lora_tools.io.checkpoint import open_checkpoint                 # doctest: +SKIP
+        >>> checkpoint_layouts(open_checkpoint("flux1-dev.safetensors"))          # doctest: +SKIP
+        {'unet': FluxLayout(...)}
+    """
+    layouts = _Layouts(ckpt)
+    out: dict[str, Layout] = {}
+    logical = dict(SINGLE_FILE_PREFIXES)
+    for comp in ckpt.components.values():
+        for prefix, layout in layouts.of(comp).items():
+            name = comp.name if ckpt.kind == "diffusers" else logical[prefix]
+            out.setdefault(name, layout)
+    return out
+
+
 class _LazyFlatIndex:
     """The :class:`_FlatIndex` of a checkpoint, built on the first kohya name looked up, and
     the checkpoint's layouts."""
@@ -755,8 +775,11 @@ def _resolve_passthrough(adapter: Adapter, ckpt: Checkpoint) -> dict[str, Target
 __all__ = [
     "ForeignResolution",
     "ModuleMatch",
+    "Part",
     "Resolution",
+    "Rows",
     "Target",
+    "checkpoint_layouts",
     "fit",
     "foreign_update_dims",
     "resolve",

@@ -56,8 +56,11 @@ class Piece:
         return self.native + self.native_suffix
 
     @property
-    def native_bias_key(self) -> str:
-        """The native bias's tensor key."""
+    def native_bias_key(self) -> str | None:
+        """The native bias's tensor key; None for a parameter that is no weight (a norm's
+        ``.scale``), which has no bias next to it."""
+        if "weight" not in self.native_suffix:
+            return None
         return self.native + self.native_suffix.replace("weight", "bias")
 
     @property

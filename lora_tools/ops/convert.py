@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
@@ -39,6 +40,7 @@ from lora_tools.formats.peft import (
     diffusers_component_configs,
     peft_config_for,
 )
+from lora_tools.layouts import Layout
 from lora_tools.naming import (
     COMPONENTS,
     KOHYA_COMPONENT_PREFIX,
@@ -50,6 +52,7 @@ from lora_tools.naming import (
     target_paths,
 )
 from lora_tools.ops._algebra import add_history
+from lora_tools.ops.relayout import relayout
 from lora_tools.results import WrittenResult, adapter_inputs, input_ref
 
 TARGETS = ("peft", "kohya", "diffusers")
@@ -161,8 +164,10 @@ def convert_adapter(
     transposed = False
     resolved = 0
     dropped: list[str] = []
+    relaid = 0
     if base is not None:
-        resolved, transposed = _resolve_paths(adapter, modules, base)
+        resolved, transposed, layouts = _resolve_paths(adapter, modules, base)
+        modules, relaid = relayout(modules, layouts, to, _layout_refusal(adapter, to))
     if to in ("peft", "diffusers"):
         _check_layout(adapter, modules, to)
     missing = [m.key for m in modules.values() if m.path is None]
@@ -219,19 +224,25 @@ def convert_adapter(
     inputs = adapter_inputs(adapter)
     if base is not None:
         inputs += (input_ref(base, "base"),)
-    return ConvertResult(out, adapter.format, resolved, tuple(dropped), source_inputs=inputs)
+    notes = ()
+    if relaid:
+        side = "split from fused native weights" if to != "kohya" else "re-laid out"
+        notes = (f"{relaid} modules {side} through the base's layout (factors exact)",)
+    return ConvertResult(out, adapter.format, resolved, tuple(dropped), notes, source_inputs=inputs)
 
 
 def _resolve_paths(
     adapter: Adapter, modules: dict[str, LoraModule], base: str | os.PathLike[str]
-) -> tuple[int, bool]:
-    """Fill path and component of every module from the base; return (count, any Conv1D)."""
+) -> tuple[int, bool, dict[str, Layout]]:
+    """Fill path and component of every module from the base; return (count, any Conv1D,
+    the base's layouts)."""
     from lora_tools.io.checkpoint import open_checkpoint
-    from lora_tools.resolve import resolve
+    from lora_tools.resolve import checkpoint_layouts, resolve
 
     with open_checkpoint(base) as ckpt:
         res = resolve(adapter, ckpt)
         res.raise_for_problems(adapter)
+        layouts = checkpoint_layouts(ckpt)
     count = 0
     for key, match in res.matches.items():
         m = modules[key]
@@ -240,7 +251,19 @@ def _resolve_paths(
         m.path = match.path
         if match.component:
             m.component = match.component
-    return count, any(match.transpose for match in res.matches.values())
+    return count, any(match.transpose for match in res.matches.values()), layouts
+
+
+def _layout_refusal(adapter: Adapter, to: str) -> Callable[[str], UnsupportedAdapterError]:
+    def refuse(message: str) -> UnsupportedAdapterError:
+        return UnsupportedAdapterError(
+            f"{message}; converting to {to} would not keep the update exact",
+            path=adapter.source,
+            hint="keep the file in its own format (loratool merge and ComfyUI read it)",
+            kind="unsupported-layout",
+        )
+
+    return refuse
 
 
 def layout_of(module: LoraModule) -> str | None:
@@ -268,11 +291,10 @@ def _check_layout(adapter: Adapter, modules: dict[str, LoraModule], to: str) -> 
         consumer = "diffusers pipelines" if to == "diffusers" else "transformers / diffusers models"
         raise UnsupportedAdapterError(
             f"module {m.key!r} is named in the {layout} layout; {consumer} name their "
-            f"modules differently, so a {to} file with these names would load nothing "
-            "(converting between layouts is not supported yet)",
+            f"modules differently, so a {to} file with these names would load nothing",
             path=adapter.source,
-            hint="keep the file in its own format: diffusers' load_lora_weights and ComfyUI "
-            "read kohya files in this layout directly",
+            hint="pass --base with the base checkpoint (single file or diffusers folder): "
+            "its layout tells how to re-lay the modules out",
             kind="unsupported-layout",
         )
 
