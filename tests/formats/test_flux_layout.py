@@ -231,6 +231,24 @@ def _without(shapes: dict, *prefixes: str) -> dict:
     return {k: v for k, v in shapes.items() if not k.startswith(prefixes)}
 
 
+def test_quantized_native_files_keep_their_layout(flux_native):
+    """bitsandbytes NF4 packs each Linear weight into [numel / 2, 1] but keeps biases and norm
+    scales; ComfyUI's scaled fp8 adds a ``scale_weight`` per weight and a marker. The
+    dimensions come from the biases, and the extra keys are no part of the map."""
+    expected = FluxLayout("flux", HIDDEN, 4 * HIDDEN, 2, 3, guidance=True)
+    nf4 = {
+        k: (v[0] * v[1] // 2, 1) if k.endswith(".weight") and len(v) == 2 else v
+        for k, v in flux_native.items()
+    }
+    assert nf4 != flux_native
+    assert from_native(nf4) == expected
+    fp8 = dict(flux_native, scaled_fp8=(0,))
+    fp8.update(
+        {k.replace(".weight", ".scale_weight"): () for k in flux_native if k.endswith(".weight")}
+    )
+    assert from_native(fp8) == expected
+
+
 def test_native_key_sets_of_other_models_give_no_flux_layout(flux_native):
     assert from_native(flux_native) is not None
     # a block missing one weight, a gap in the numbering, no single blocks
