@@ -203,7 +203,7 @@ def test_a_native_fused_lora_splits_over_diffusers_weights(tmp_path, device):
 
 def test_fused_rows_equal_a_float64_reference(tmp_path):
     """The native merge against numpy float64: W[rows] + scale * B @ A for each piece."""
-    folder, single, d = _bases(tmp_path)
+    _, single, d = _bases(tmp_path)
     factors = _diffusers_side_factors()
     lora = _peft(tmp_path, "lora", factors)
     merge(single, [lora], tmp_path / "out.safetensors", device="cpu")
@@ -248,7 +248,7 @@ def test_kohya_names_of_native_fused_modules_resolve_in_a_diffusers_folder(tmp_p
 
 
 def test_a_fused_module_whose_rows_do_not_fit_is_a_shape_error(tmp_path):
-    folder, single, _ = _bases(tmp_path)
+    _, single, _ = _bases(tmp_path)
     lora = _peft(tmp_path, "bad", _factors({"blocks.0.to_q": H + 1}, 5))
     with open_checkpoint(single) as ckpt:
         res = resolve(load_adapter(lora), ckpt)
