@@ -19,12 +19,15 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from lora_tools.layouts import unet
+from lora_tools.layouts import unet, wan
 from lora_tools.layouts.base import Layout, Piece, PieceTable, Shapes
 from lora_tools.layouts.unet import UNetLayout
 
 #: Architecture modules, tried in order: each has ``from_native`` and ``from_diffusers``.
-ARCHITECTURES = (unet,)
+ARCHITECTURES = (
+    wan,
+    unet,
+)
 
 
 def _first(builders: list[Callable[[], Layout | None]]) -> Layout | None:
