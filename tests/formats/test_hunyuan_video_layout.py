@@ -40,12 +40,13 @@ TINY = {
     "pooled_projection_dim": 8,
     "rope_axes_dim": (2, 2, 4),
 }
-#: HunyuanVideo T2V; its I2V (token-replace conditioning, more input channels); a model without
-#: the guidance embedding.
+#: HunyuanVideo T2V; its I2V (token-replace conditioning, more input channels); models without
+#: the guidance embedding, without query / key norms.
 VARIANTS = {
     "t2v": {},
     "i2v": {"image_condition_type": "token_replace", "in_channels": 9},
     "no-guidance": {"guidance_embeds": False},
+    "no-qk-norm": {"qk_norm": None},
 }
 #: Bit patterns of a BFL Flux file (the other model with double_blocks / single_blocks).
 FLUX = {
@@ -84,7 +85,8 @@ def _linear1(key):
 def test_the_native_file_built_by_the_map_converts_back_bit_exact(variant):
     state, config = _model(VARIANTS[variant])
     layout = hunyuan_video.from_diffusers(config, _shapes(state))
-    assert layout == HunyuanVideoLayout(16, 48, 2, 2, 2, guidance=variant != "no-guidance")
+    flags = {"guidance": variant != "no-guidance", "qk_norm": variant != "no-qk-norm"}
+    assert layout == HunyuanVideoLayout(16, 48, 2, 2, 2, **flags)
     native = native_state_dict(layout, state)
     assert native["double_blocks.1.img_attn_qkv.weight"].shape == (48, 16)
     assert native["single_blocks.1.linear1.weight"].shape == (3 * 16 + 48, 16)
