@@ -6,6 +6,13 @@ in diffusers, derived from the model's structure rather than listed per case.
 - :mod:`lora_tools.layouts.unet`: the Stable Diffusion UNet (SD1.x, SD2.x, SDXL), original
   ``input_blocks`` / ``middle_block`` / ``output_blocks`` <-> diffusers ``down_blocks`` /
   ``mid_block`` / ``up_blocks``.
+- :mod:`lora_tools.layouts.flux`: Flux.1 (dev / schnell / Kontext / Fill) and Chroma, BFL
+  ``double_blocks`` / ``single_blocks`` (fused ``qkv``, ``linear1``; the final adaLN's halves
+  swapped) <-> ``FluxTransformer2DModel`` / ``ChromaTransformer2DModel``.
+- :mod:`lora_tools.layouts.wan`: Wan 2.x, native ``blocks.N.self_attn.q`` <-> diffusers
+  ``WanTransformer3DModel`` ``blocks.N.attn1.to_q`` (renames only).
+- :mod:`lora_tools.layouts.hunyuan_video`: HunyuanVideo, native ``double_blocks`` /
+  ``single_blocks`` (fused ``img_attn_qkv``, ``linear1``) <-> ``HunyuanVideoTransformer3DModel``.
 
 Each architecture module offers ``from_native(shapes)`` (the layout a native model's own tensor
 names and shapes show, file prefix removed) and ``from_diffusers(config, shapes)`` (the layout of
@@ -19,12 +26,17 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from lora_tools.layouts import flux, unet
+from lora_tools.layouts import flux, hunyuan_video, unet, wan
 from lora_tools.layouts.base import Layout, Piece, PieceTable, Shapes
 from lora_tools.layouts.unet import UNetLayout
 
 #: Architecture modules, tried in order: each has ``from_native`` and ``from_diffusers``.
-ARCHITECTURES = (flux, unet)
+ARCHITECTURES = (
+    flux,
+    wan,
+    hunyuan_video,
+    unet,
+)
 
 
 def _first(builders: list[Callable[[], Layout | None]]) -> Layout | None:
