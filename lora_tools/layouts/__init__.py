@@ -6,6 +6,8 @@ in diffusers, derived from the model's structure rather than listed per case.
 - :mod:`lora_tools.layouts.unet`: the Stable Diffusion UNet (SD1.x, SD2.x, SDXL), original
   ``input_blocks`` / ``middle_block`` / ``output_blocks`` <-> diffusers ``down_blocks`` /
   ``mid_block`` / ``up_blocks``.
+- :mod:`lora_tools.layouts.open_clip`: the OpenCLIP text encoder (SD2.x, SDXL's second),
+  ``transformer.resblocks`` <-> transformers ``text_model.encoder.layers``.
 
 Each architecture module offers ``from_native(shapes)`` (the layout a native model's own tensor
 names and shapes show, file prefix removed) and ``from_diffusers(config, shapes)`` (the layout of
@@ -19,12 +21,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from lora_tools.layouts import unet
+from lora_tools.layouts import open_clip, unet
 from lora_tools.layouts.base import Layout, Piece, PieceTable, Shapes
 from lora_tools.layouts.unet import UNetLayout
 
 #: Architecture modules, tried in order: each has ``from_native`` and ``from_diffusers``.
-ARCHITECTURES = (unet,)
+ARCHITECTURES = (open_clip, unet)
 
 
 def _first(builders: list[Callable[[], Layout | None]]) -> Layout | None:
