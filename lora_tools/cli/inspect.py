@@ -70,6 +70,15 @@ def _alpha(report: dict[str, Any]) -> str:
     return _hist(hist) or "-"
 
 
+def _architecture(arch: dict[str, Any] | None) -> str:
+    """``sd1  (metadata modelspec.architecture: stable-diffusion-v1/lora)``."""
+    if not arch:
+        return "not recorded"
+    if arch["recorded"] is None:
+        return f"{_safe(arch['name'])}  [dim](guessed from the {arch['source']})[/dim]"
+    return f"{_safe(arch['name'])}  [dim]({arch['source']}: {_safe(arch['recorded'])})[/dim]"
+
+
 def _ranges(indices: list[int]) -> str:
     if not indices:
         return ""
@@ -106,10 +115,12 @@ def render(report: dict[str, Any]) -> None:
     table.add_column(style="bold")
     table.add_column()
     base = report["base_model"]
+    arch = report["architecture"]
     rows = [
         ("file", ", ".join(_safe(f["path"]) for f in report["inputs"])),
         ("size", human_size(report["file_size_bytes"])),
         ("format", f"{report['format']} ({', '.join(report['variants']) or 'no LoRA modules'})"),
+        ("architecture", _architecture(arch)),
         (
             "base model",
             f"{_safe(base['name'])}  [dim]({base['source']})[/dim]" if base else "not recorded",

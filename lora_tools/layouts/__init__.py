@@ -13,6 +13,8 @@ in diffusers, derived from the model's structure rather than listed per case.
   ``WanTransformer3DModel`` ``blocks.N.attn1.to_q`` (renames only).
 - :mod:`lora_tools.layouts.hunyuan_video`: HunyuanVideo, native ``double_blocks`` /
   ``single_blocks`` (fused ``img_attn_qkv``, ``linear1``) <-> ``HunyuanVideoTransformer3DModel``.
+- :mod:`lora_tools.layouts.open_clip`: the OpenCLIP text encoder (SD2.x, SDXL's second),
+  ``transformer.resblocks`` <-> transformers ``text_model.encoder.layers``.
 
 Each architecture module offers ``from_native(shapes)`` (the layout a native model's own tensor
 names and shapes show, file prefix removed) and ``from_diffusers(config, shapes)`` (the layout of
@@ -26,12 +28,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from lora_tools.layouts import flux, hunyuan_video, unet, wan
+from lora_tools.layouts import flux, hunyuan_video, open_clip, unet, wan
 from lora_tools.layouts.base import Layout, Piece, PieceTable, Shapes
 from lora_tools.layouts.unet import UNetLayout
 
 #: Architecture modules, tried in order: each has ``from_native`` and ``from_diffusers``.
 ARCHITECTURES = (
+    open_clip,
     flux,
     wan,
     hunyuan_video,

@@ -271,7 +271,7 @@ def from_native(shapes: Shapes) -> UNetLayout | None:
 
 def from_diffusers(config: Mapping[str, Any], shapes: Shapes) -> UNetLayout | None:
     """The layout of a diffusers ``UNet2DConditionModel`` folder."""
-    if config.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
+    if config.get("_class_name") != "UNet2DConditionModel":
         return None
     return UNetLayout.from_config(config)
 

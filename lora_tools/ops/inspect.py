@@ -25,10 +25,11 @@ import numpy as np
 
 from lora_tools.adapter import Adapter, LoraModule
 from lora_tools.formats import load_adapter
+from lora_tools.formats.peft import DIFFUSERS_METADATA_KEY, diffusers_component_configs
 from lora_tools.lowrank import effective_rank, singular_values
 from lora_tools.results import SCHEMA_VERSION, Result, input_ref
 
-__all__ = ["SCHEMA_VERSION", "InspectResult", "inspect_adapter"]
+__all__ = ["SCHEMA_VERSION", "InspectResult", "architecture_of", "base_model_of", "inspect_adapter"]
 #: Histogram key of modules whose alpha (so scale) the files do not say.
 UNKNOWN = "unknown"
 
@@ -97,17 +98,131 @@ def block_of(module: LoraModule) -> tuple[str, int | None] | None:
 
 
 def base_model_of(adapter: Adapter) -> dict[str, str] | None:
-    """The base model as recorded in the config or metadata, with where it was found."""
+    """The checkpoint or Hub id the adapter was trained on, as its trainer recorded it, with
+    where it was found; never an architecture (see :func:`architecture_of`)."""
     cfg = adapter.config or {}
     meta = adapter.metadata
-    for source, value in (
+    found = [
         ("adapter_config.json base_model_name_or_path", cfg.get("base_model_name_or_path")),
         ("metadata ss_sd_model_name", meta.get("ss_sd_model_name")),
-        ("metadata modelspec.architecture", meta.get("modelspec.architecture")),
-        ("metadata ss_base_model_version", meta.get("ss_base_model_version")),
-    ):
+    ]
+    for component, config in diffusers_component_configs(meta).items():
+        source = f"metadata {DIFFUSERS_METADATA_KEY} {component}.base_model_name_or_path"
+        found.append((source, config.get("base_model_name_or_path")))
+    for source, value in found:
         if value:
             return {"name": str(value), "source": source}
+    return None
+
+
+#: ``modelspec.architecture`` (sd-scripts' sai_model_spec IDs, adapter suffix removed) and
+#: kohya's / musubi-tuner's ``ss_base_model_version`` prefixes (``_`` read as ``-``), in order.
+_RECORDED_ARCHITECTURES = (
+    ("stable-diffusion-xl", "sdxl"),
+    ("stable-diffusion-v1", "sd1"),
+    ("stable-diffusion-v2", "sd2"),
+    ("stable-diffusion-3", "sd3"),
+    ("sdxl", "sdxl"),
+    ("sd-v1", "sd1"),
+    ("sd-v2", "sd2"),
+    ("sd3", "sd3"),
+    ("flux", "flux"),
+    ("chroma", "chroma"),
+    ("lumina", "lumina"),
+    ("hunyuan-video", "hunyuan-video"),
+    ("wan", "wan"),
+    ("qwen-image", "qwen-image"),
+)
+#: Module-name signs, tried in order: architecture -> pattern on a module's path or key.
+_NAME_SIGNS = (
+    (
+        "hunyuan-video",
+        re.compile(r"token_refiner|(?:img|txt)_mlp[._]fc[12](?:[._]|$)|(?:img|txt)_mod[._]linear"),
+    ),
+    (
+        "flux",
+        re.compile(r"(?:^|[._])(?:double_blocks|single_blocks|single_transformer_blocks)[._]\d"),
+    ),
+    ("qwen-image", re.compile(r"transformer_blocks[._]\d+[._](?:img|txt)_(?:mlp|mod)")),
+    (
+        "sd3",
+        re.compile(
+            r"(?:^|[._])joint_blocks[._]\d|transformer_blocks[._]\d+[._]"
+            r"(?:attn[._]add_[qkv]_proj|attn[._]to_add_out|ff_context)"
+        ),
+    ),
+    (
+        "wan",
+        re.compile(
+            r"(?:^|\.|lora_unet_|lycoris_)blocks[._]\d+[._](?:self_attn|cross_attn|attn1|attn2|ffn)"
+        ),
+    ),
+)
+_UNET_RE = re.compile(
+    r"(?:^|[._])(?:down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block)(?:[._]|$)"
+)
+_DEEP_RE = re.compile(r"transformer_blocks[._][1-9]")
+_TE_LAYER_RE = re.compile(r"(?:^|[._])(?:te|text_encoder|text_model)[._].*?layers[._](\d+)")
+_CROSS_KV_RE = re.compile(r"attn2[._]to_[kv]$")
+#: SD UNets' cross-attention width (the text encoder's): SD1 CLIP-L, SD2 OpenCLIP-H, SDXL both.
+_CROSS_WIDTHS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+_LLM_RE = re.compile(
+    r"(?:^|[._])(?:layers[._]\d+[._](?:self_attn|mlp)|h[._]\d+[._](?:attn|mlp))[._]"
+)
+
+
+def architecture_of(adapter: Adapter) -> dict[str, str | None] | None:
+    """The architecture the adapter is for: ``{"name", "source", "recorded"}``.
+
+    From the metadata first (``modelspec.architecture``, kohya's ``ss_base_model_version``,
+    ``ss_v2``; ``recorded`` is the value as written), else guessed from the module names
+    (``source: "module names"``, ``recorded`` None); None when neither says.
+    """
+    meta = adapter.metadata
+    for key in ("modelspec.architecture", "ss_base_model_version"):
+        value = meta.get(key)
+        if value:
+            return {"name": _recorded_name(value), "source": f"metadata {key}", "recorded": value}
+    if meta.get("ss_v2") == "True":
+        return {"name": "sd2", "source": "metadata ss_v2", "recorded": "True"}
+    name = _name_from_modules(list(adapter.modules.values()))
+    return None if name is None else {"name": name, "source": "module names", "recorded": None}
+
+
+def _recorded_name(value: str) -> str:
+    """``stable-diffusion-v1/lora`` -> ``sd1``; an ID not known here, without its adapter
+    suffix, as written."""
+    plain = value.split("/", 1)[0].strip()
+    spelled = plain.lower().replace("_", "-")
+    for prefix, name in _RECORDED_ARCHITECTURES:
+        if spelled.startswith(prefix):
+            return name
+    return plain or value
+
+
+def _name_from_modules(modules: list[LoraModule]) -> str | None:
+    texts = [m.full_path or m.key for m in modules]
+    for name, sign in _NAME_SIGNS:
+        if any(sign.search(t) for t in texts):
+            return name
+    unet = [t for t in texts if _UNET_RE.search(t)]
+    te2 = any(m.component == "text_encoder_2" or m.key.startswith("lora_te2_") for m in modules)
+    widths = {
+        _CROSS_WIDTHS.get(m.in_features)
+        for m in modules
+        if _CROSS_KV_RE.search(m.full_path or m.key)
+    }
+    if te2 or any(_DEEP_RE.search(t) for t in unet) or "sdxl" in widths:
+        return "sdxl"
+    te_layers = [int(m.group(1)) for t in texts if (m := _TE_LAYER_RE.search(t))]
+    if "sd2" in widths or any(n >= 12 for n in te_layers):  # CLIP-L has 12 layers, SD2's 23
+        return "sd2"
+    if "sd1" in widths:
+        return "sd1"
+    if unet or te_layers:
+        return "sd"
+    if any(_LLM_RE.search(t) for t in texts):
+        return "llm"
     return None
 
 
@@ -194,7 +309,9 @@ class InspectResult(Result):
         path: the weights file (None for an in-memory adapter); files: it and its config.
         file_size_bytes: the files' total size.
         format / variants: the naming scheme and the adapter types in it (``lora``, ``dora``...).
-        base_model: ``{"name", "source"}`` as recorded in the config or metadata, or None.
+        architecture: ``{"name", "source", "recorded"}`` (:func:`architecture_of`), or None.
+        base_model: ``{"name", "source"}``, the trained-on checkpoint or Hub id as recorded in
+            the config or metadata (:func:`base_model_of`), or None.
         modules: one ``{"module", "kind", "component", "target", "rank", "alpha", "scale"}``
             per module (``alpha``: a number, ``"none"`` or ``"unknown"``; ``scale`` None when
             unknown).
@@ -217,6 +334,7 @@ class InspectResult(Result):
     file_size_bytes: int
     format: str
     variants: list[str]
+    architecture: dict[str, str | None] | None
     base_model: dict[str, str] | None
     modules: tuple[dict[str, Any], ...]
     by_kind: dict[str, int]
@@ -260,6 +378,7 @@ class InspectResult(Result):
             "file_size_bytes": self.file_size_bytes,
             "format": self.format,
             "variants": list(self.variants),
+            "architecture": self.architecture,
             "base_model": self.base_model,
             "counts": self.counts,
             "modules": [dict(m) for m in self.modules],
@@ -318,6 +437,7 @@ def inspect_adapter(
         file_size_bytes=sum(Path(p).stat().st_size for p in files),
         format=adapter.format,
         variants=list(adapter.variants),
+        architecture=architecture_of(adapter),
         base_model=base_model_of(adapter),
         modules=tuple(_module_row(m) for m in modules),
         by_kind=dict(Counter(m.kind for m in modules)),

@@ -41,6 +41,19 @@ def test_human_view_names_the_essentials(fixtures_dir):
         assert text in result.output
 
 
+def test_architecture_and_base_model_are_two_lines(fixtures_dir):
+    """The modelspec architecture is the architecture, the checkpoint name the base model."""
+    result = CliRunner().invoke(cli, ["inspect", str(fixtures_dir / "kohya/sd-lora.safetensors")])
+    assert result.exit_code == 0, result.output
+    lines = {line.split("  ", 1)[0]: " ".join(line.split()) for line in result.output.splitlines()}
+    assert lines["architecture"] == (
+        "architecture sd1 (metadata modelspec.architecture: stable-diffusion-v1/lora)"
+    )
+    assert lines["base model"] == "base model tiny-sd (metadata ss_sd_model_name)"
+    result = CliRunner().invoke(cli, ["inspect", str(fixtures_dir / "peft/llama-lora")])
+    assert "architecture  llm  (guessed from the module names)" in result.output
+
+
 def test_stats_view(fixtures_dir):
     result = CliRunner().invoke(cli, ["inspect", str(fixtures_dir / "peft/llama-lora"), "--stats"])
     assert result.exit_code == 0, result.output

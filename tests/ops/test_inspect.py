@@ -163,3 +163,138 @@ def test_robust_outliers():
     assert robust_outliers([1.0, 1.1, 0.9, 1.05, 50.0]) == [False] * 4 + [True]
     assert robust_outliers([1.0, 1.0, 1.0]) == [False] * 3  # too few to judge
     assert robust_outliers([2.0] * 6 + [0.0]) == [False] * 7  # zero is its own finding
+
+
+def _lora_file(tmp_path, stems, metadata=None, in_features=4, style="kohya"):
+    """A file with one rank-2 LoRA module per stem, in kohya or diffusers (lora_A / B) names."""
+    from safetensors.numpy import save_file
+
+    tensors = {}
+    for stem in stems:
+        down = np.zeros((2, in_features), np.float32)
+        up = np.zeros((4, 2), np.float32)
+        if style == "kohya":
+            tensors[f"{stem}.lora_down.weight"], tensors[f"{stem}.lora_up.weight"] = down, up
+        else:
+            tensors[f"{stem}.lora_A.weight"], tensors[f"{stem}.lora_B.weight"] = down, up
+    path = tmp_path / "lora.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("fixture", "architecture", "base_model"),
+    [
+        (
+            "kohya/sd-lora.safetensors",
+            {"name": "sd1", "source": "metadata modelspec.architecture",
+             "recorded": "stable-diffusion-v1/lora"},
+            {"name": "tiny-sd", "source": "metadata ss_sd_model_name"},
+        ),
+        (
+            "kohya/sdxl-lora.safetensors",
+            {"name": "sdxl", "source": "metadata modelspec.architecture",
+             "recorded": "stable-diffusion-xl-v1-base/lora"},
+            {"name": "tiny-sdxl.safetensors", "source": "metadata ss_sd_model_name"},
+        ),
+        (
+            "kohya/flux-lora.safetensors",
+            {"name": "flux", "source": "metadata modelspec.architecture",
+             "recorded": "flux-1-dev/lora"},
+            {"name": "tiny-flux.safetensors", "source": "metadata ss_sd_model_name"},
+        ),
+        (
+            "diffusers/sd-lora",
+            {"name": "sd", "source": "module names", "recorded": None},
+            {"name": "fixtures/bases/tiny-sd/text_encoder",
+             "source": "metadata lora_adapter_metadata text_encoder.base_model_name_or_path"},
+        ),
+        (
+            "peft/gpt2-lora",
+            {"name": "llm", "source": "module names", "recorded": None},
+            {"name": "fixtures/bases/tiny-gpt2",
+             "source": "adapter_config.json base_model_name_or_path"},
+        ),
+        (
+            "diffusers-old/sd-attn-procs.safetensors",
+            {"name": "sd", "source": "module names", "recorded": None},
+            None,
+        ),
+    ],
+)  # fmt: skip
+def test_architecture_and_base_model_are_reported_apart(fixtures_dir, fixture, architecture,
+                                                         base_model):  # fmt: skip
+    report = inspect_adapter(fixtures_dir / fixture)
+    assert report.architecture == architecture
+    assert report.base_model == base_model
+    doc = report.to_json()
+    assert (doc["architecture"], doc["base_model"]) == (architecture, base_model)
+
+
+@pytest.mark.parametrize(
+    ("metadata", "name", "source"),
+    [
+        ({"modelspec.architecture": "stable-diffusion-v2-768-v/lora"}, "sd2",
+         "metadata modelspec.architecture"),
+        ({"modelspec.architecture": "stable-diffusion-3-large/lora"}, "sd3",
+         "metadata modelspec.architecture"),
+        ({"modelspec.architecture": "chroma/lora"}, "chroma", "metadata modelspec.architecture"),
+        ({"modelspec.architecture": "some-new-model/lora"}, "some-new-model",
+         "metadata modelspec.architecture"),
+        ({"ss_base_model_version": "sdxl_base_v1-0", "ss_v2": "False"}, "sdxl",
+         "metadata ss_base_model_version"),
+        ({"ss_base_model_version": "sd_v2_v"}, "sd2", "metadata ss_base_model_version"),
+        ({"ss_base_model_version": "hunyuan_video"}, "hunyuan-video",
+         "metadata ss_base_model_version"),
+        ({"ss_v2": "True"}, "sd2", "metadata ss_v2"),
+        # modelspec wins over the older kohya field, and both over the names (an SD1 UNet)
+        ({"modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+          "ss_base_model_version": "sd_v1"}, "sdxl", "metadata modelspec.architecture"),
+    ],
+)  # fmt: skip
+def test_architecture_from_metadata_is_never_the_base_model(tmp_path, metadata, name, source):
+    path = _lora_file(tmp_path, ["lora_unet_down_blocks_0_attentions_0_proj_in"], metadata)
+    report = inspect_adapter(path)
+    assert report.architecture["name"] == name and report.architecture["source"] == source
+    assert report.base_model is None  # nothing named a checkpoint
+
+
+@pytest.mark.parametrize(
+    ("stems", "name", "style", "in_features"),
+    [
+        (["lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_0_linear1"],
+         "flux", "kohya", 4),
+        (["transformer.transformer_blocks.0.attn.to_q",
+          "transformer.single_transformer_blocks.0.attn.to_q"], "flux", "diffusers", 4),
+        (["lora_unet_double_blocks_0_img_mlp_fc1"], "hunyuan-video", "kohya", 4),
+        (["transformer.transformer_blocks.0.attn.add_q_proj"], "sd3", "diffusers", 4),
+        (["lora_unet_joint_blocks_0_context_block_attn_qkv"], "sd3", "kohya", 4),
+        (["transformer.transformer_blocks.0.img_mlp.net.0.proj"], "qwen-image", "diffusers", 4),
+        (["lora_unet_blocks_0_self_attn_q", "lora_unet_blocks_0_cross_attn_k"], "wan", "kohya", 4),
+        (["transformer.blocks.0.attn2.to_k"], "wan", "diffusers", 4),
+        (["lora_te1_text_model_encoder_layers_0_mlp_fc1",
+          "lora_te2_text_model_encoder_layers_0_mlp_fc1"], "sdxl", "kohya", 4),
+        (["lora_unet_down_blocks_1_attentions_0_transformer_blocks_1_attn1_to_q"], "sdxl",
+         "kohya", 4),
+        (["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"], "sdxl",
+         "diffusers", 2048),
+        (["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"], "sd2",
+         "diffusers", 1024),
+        (["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"], "sd1",
+         "diffusers", 768),
+        (["lora_te_text_model_encoder_layers_22_mlp_fc1"], "sd2", "kohya", 4),  # CLIP-L has 12
+        (["lora_te_text_model_encoder_layers_11_mlp_fc1"], "sd", "kohya", 4),
+        (["lora_unet_input_blocks_1_1_proj_in"], "sd", "kohya", 4),
+        (["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"], "sd",
+         "diffusers", 4),
+    ],
+)  # fmt: skip
+def test_architecture_guessed_from_module_names(tmp_path, stems, name, style, in_features):
+    report = inspect_adapter(_lora_file(tmp_path, stems, style=style, in_features=in_features))
+    assert report.architecture == {"name": name, "source": "module names", "recorded": None}
+    assert report.base_model is None
+
+
+def test_no_sign_gives_no_architecture(tmp_path):
+    report = inspect_adapter(_lora_file(tmp_path, ["lora_unet_proj_out"]))
+    assert report.architecture is None and report.to_json()["architecture"] is None
