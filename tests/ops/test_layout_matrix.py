@@ -1,0 +1,227 @@
+"""The support matrix of README.md ("Checkpoint layouts"): every architecture x naming x
+(merge into the diffusers pipeline folder, merge into the native single file, convert).
+
+For each architecture a tiny diffusers model (random weights, fixed seed) is saved as a pipeline
+folder and as a native single file built through its layout's pieces (each layout's own test
+checks those pieces against diffusers' single-file converter). Two LoRAs on every linear layer:
+
+- **diffusers** naming, written by the pipeline class's own ``save_lora_weights`` (rank 2,
+  alpha 4, so the scale is not 1);
+- **kohya** naming in the architecture's native names (sd-scripts / musubi-tuner style),
+  made by ``loratool convert --to kohya --base <native file>``: fused weights get one module
+  (A stacked, B block-diagonal).
+
+The reference is PEFT's merge on the diffusers model (what diffusers' ``fuse_lora`` runs).
+Each cell checks loratool's merge against it: into the folder bit for bit (torch engine, which
+multiplies as PEFT does), into the native file with the same bytes under the native names; and
+``convert`` back from kohya to diffusers gives the diffusers file's factors bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+from safetensors.torch import save_file
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+peft = pytest.importorskip("peft")
+
+from lora_tools.formats import load_adapter, save_adapter  # noqa: E402
+from lora_tools.layouts import diffusers_layout  # noqa: E402
+from lora_tools.ops.convert import convert_adapter  # noqa: E402
+from lora_tools.ops.merge import merge  # noqa: E402
+from tests.formats import test_flux_layout as flux_case  # noqa: E402
+from tests.formats import test_hunyuan_video_layout as hunyuan_case  # noqa: E402
+from tests.formats import test_wan_layout as wan_case  # noqa: E402
+from tests.formats.layout_oracle import native_state_dict  # noqa: E402
+
+pytestmark = pytest.mark.oracle
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    model_class: str
+    pipeline_class: str
+    config: dict
+    native_prefix: str = "model.diffusion_model."
+
+
+ARCHITECTURES = {
+    "flux": Architecture(
+        "flux", "FluxTransformer2DModel", "FluxPipeline", flux_case.FLUX_CONFIGS["dev"]
+    ),
+    "chroma": Architecture(
+        "chroma", "ChromaTransformer2DModel", "ChromaPipeline", flux_case.CHROMA_CONFIG
+    ),
+    "wan": Architecture("wan", "WanTransformer3DModel", "WanPipeline", wan_case.TINY),
+    "hunyuan-video": Architecture(
+        "hunyuan-video",
+        "HunyuanVideoTransformer3DModel",
+        "HunyuanVideoPipeline",
+        hunyuan_case.TINY,
+    ),
+}
+
+
+def _model(arch: Architecture, seed: int = 0):
+    torch.manual_seed(seed)
+    model = getattr(diffusers, arch.model_class)(**arch.config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn_like(parameter))
+    return model
+
+
+def _linear_names(model) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+@dataclass
+class Case:
+    arch: Architecture
+    folder: Path
+    native: Path
+    layout: object
+    parameters: dict
+    diffusers_lora: Path
+    reference: dict
+
+
+def _native(case_layout, state: dict, parameters: dict) -> dict:
+    return native_state_dict(case_layout, state, parameters)
+
+
+def _peft_merged(arch: Architecture, lora_config) -> tuple[dict, dict]:
+    """(merged diffusers state dict, LoRA state dict) of a PEFT LoRA on the model."""
+    model = _model(arch)
+    model.add_adapter(lora_config)
+    lora = peft.get_peft_model_state_dict(model)
+    for module in model.modules():
+        if isinstance(module, peft.tuners.lora.LoraLayer):
+            module.merge()
+    merged = {}
+    for key, value in model.state_dict().items():
+        if "lora_" in key:
+            continue
+        merged[key.replace(".base_layer.", ".")] = value.detach().clone()
+    return merged, lora
+
+
+@pytest.fixture(scope="module", params=list(ARCHITECTURES))
+def case(request, tmp_path_factory) -> Case:
+    arch = ARCHITECTURES[request.param]
+    root = tmp_path_factory.mktemp(arch.name)
+    model = _model(arch)
+    folder = root / "pipeline"
+    model.save_pretrained(folder / "transformer")
+    index = {"_class_name": arch.pipeline_class, "transformer": ["diffusers", arch.model_class]}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    config = json.loads((folder / "transformer/config.json").read_text())
+    state = model.state_dict()
+    layout = diffusers_layout(config, {k: tuple(v.shape) for k, v in state.items()})
+    assert layout is not None and layout.architecture == arch.name
+    parameters = {d: n for n, d in getattr(layout, "parameters", ())}
+    native = {arch.native_prefix + k: v for k, v in _native(layout, state, parameters).items()}
+    save_file({k: v.contiguous() for k, v in native.items()}, root / "native.safetensors")
+
+    lora_config = peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=_linear_names(model), init_lora_weights=False
+    )
+    reference, lora = _peft_merged(arch, lora_config)
+    out = root / "diffusers-lora"
+    pipeline = getattr(diffusers, arch.pipeline_class)
+    metadata = {"r": 2, "lora_alpha": 4}
+    pipeline.save_lora_weights(
+        out, transformer_lora_layers=lora, transformer_lora_adapter_metadata=metadata
+    )
+    return Case(
+        arch,
+        folder,
+        root / "native.safetensors",
+        layout,
+        parameters,
+        out / "pytorch_lora_weights.safetensors",
+        {k: v.numpy() for k, v in reference.items()},
+    )
+
+
+def _native_named(case: Case, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    tensors = {k: torch.from_numpy(v) for k, v in state.items()}
+    native = _native(case.layout, tensors, case.parameters)
+    return {case.arch.native_prefix + k: v.numpy() for k, v in native.items()}
+
+
+def _same(got: dict, want: dict, exact: bool = True) -> None:
+    assert sorted(got) == sorted(want)
+    for key, value in want.items():
+        if exact:
+            np.testing.assert_array_equal(got[key], value, err_msg=key)
+        else:
+            np.testing.assert_allclose(got[key], value, rtol=2e-6, atol=2e-6, err_msg=key)
+
+
+def _folder_weights(path: Path) -> dict[str, np.ndarray]:
+    return load_file(path / "transformer/diffusion_pytorch_model.safetensors")
+
+
+def _kohya(case: Case, tmp_path: Path) -> Path:
+    res = convert_adapter(load_adapter(case.diffusers_lora), "kohya", base=case.native)
+    out = tmp_path / "kohya.safetensors"
+    save_adapter(res.adapter, out)
+    return out
+
+
+MergeCell = Callable[[Case, Path, Path], None]
+
+
+def test_diffusers_naming_into_the_pipeline(case, tmp_path):
+    merge(case.folder, [case.diffusers_lora], tmp_path / "out", device="torch-cpu")
+    _same(_folder_weights(tmp_path / "out"), case.reference)
+    # the reference is a real merge: every linear weight changed
+    base = _folder_weights(case.folder)
+    model = _model(case.arch)
+    for name in _linear_names(model):
+        key = f"{name}.weight"
+        assert not np.array_equal(base[key], case.reference[key]), key
+
+
+def test_diffusers_naming_into_the_native_file(case, tmp_path):
+    out = tmp_path / "out.safetensors"
+    merge(case.native, [case.diffusers_lora], out, device="torch-cpu")
+    _same(load_file(out), _native_named(case, case.reference))
+
+
+def test_kohya_naming_into_the_pipeline(case, tmp_path):
+    kohya = _kohya(case, tmp_path)
+    names = {k.split(".")[0] for k in load_file(kohya)}
+    assert all(k.startswith("lora_unet_") for k in names)
+    native = {case.arch.native_prefix + k.removeprefix("lora_unet_") for k in names}
+    flat = {k.replace(".", "_").removesuffix("_weight") for k in load_file(case.native)}
+    assert {n.replace(".", "_") for n in native} <= flat  # native module names
+    merge(case.folder, [kohya], tmp_path / "out", device="torch-cpu")
+    _same(_folder_weights(tmp_path / "out"), case.reference, exact=False)
+
+
+def test_kohya_naming_into_the_native_file(case, tmp_path):
+    kohya = _kohya(case, tmp_path)
+    out = tmp_path / "out.safetensors"
+    merge(case.native, [kohya], out, device="torch-cpu")
+    _same(load_file(out), _native_named(case, case.reference), exact=False)
+
+
+def test_convert_kohya_to_diffusers_gives_back_the_factors(case, tmp_path):
+    kohya = _kohya(case, tmp_path)
+    res = convert_adapter(load_adapter(kohya), "diffusers", base=case.folder)
+    save_adapter(res.adapter, tmp_path / "back")
+    _same(
+        load_file(tmp_path / "back/pytorch_lora_weights.safetensors"),
+        load_file(case.diffusers_lora),
+    )
