@@ -258,8 +258,9 @@ class UNetLayout:
 
     @property
     def architecture(self) -> str:
-        """``sdxl`` for a UNet with SDXL's text-time embedding, else ``sd``."""
-        return "sdxl" if "add_embedding" in self.label_emb and len(self.label_emb) == 1 else "sd"
+        """``sdxl`` for a UNet with SDXL's text-time embedding (a single file's ``label_emb.0``
+        may be it), else ``sd``."""
+        return "sdxl" if "add_embedding" in self.label_emb else "sd"
 
 
 def from_native(shapes: Shapes) -> UNetLayout | None:

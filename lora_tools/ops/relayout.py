@@ -40,9 +40,11 @@ from lora_tools.layouts.base import Layout, Piece
 
 #: Denoiser components: a kohya ``lora_unet_`` module may be an SD UNet or a DiT transformer.
 DENOISERS = ("unet", "transformer")
-#: Architectures whose kohya (sd-scripts) LoRAs use the diffusers module names; every other
-#: architecture's kohya-style trainers (sd-scripts Flux / SD3, musubi-tuner) use native names.
-KOHYA_DIFFUSERS_NAMED = ("sd", "sdxl", "open-clip")
+#: Architectures whose kohya (sd-scripts) LoRAs use the diffusers / transformers module names
+#: (SD1.x / SD2.x UNets, text encoders); every other architecture's kohya-style trainers use
+#: native names (sd-scripts SDXL: SGM ``input_blocks``; sd-scripts Flux / SD3 and musubi-tuner:
+#: BFL / MMDiT / Wan / HunyuanVideo names).
+KOHYA_DIFFUSERS_NAMED = ("sd", "open-clip")
 
 
 def layout_for(layouts: dict[str, Layout], component: str | None) -> Layout | None:
@@ -131,6 +133,12 @@ def split(
     """A native module as the diffusers modules of its pieces (see the module docstring)."""
     if len(pieces) == 1 and pieces[0].whole:
         return [_renamed(m, pieces[0].diffusers)]
+    if all(p.whole for p in pieces):
+        names = ", ".join(repr(p.diffusers) for p in pieces)
+        raise refuse(
+            f"module {m.key!r} may be any of {names} in diffusers names (the base's layout does "
+            "not say which); give the diffusers pipeline folder as --base"
+        )
     if m.kind == CONV or any(p.whole for p in pieces):
         raise refuse(f"module {m.key!r} ({m.kind}) cannot be split into rows of its parts")
     by_target: dict[str, list[Piece]] = {}
@@ -179,7 +187,7 @@ def fuse(
 ) -> LoraModule:
     """The diffusers modules of one native weight as one module (see the module docstring)."""
     first = members[0][0]
-    if len(members) == 1 and len(pieces) == 1 and pieces[0].whole:
+    if len(members) == 1 and all(p.whole for p in members[0][1]):
         return _renamed(first, native)
     total = sum(p.rows or 0 for p in pieces)
     for m, own in members:

@@ -39,6 +39,7 @@ from lora_tools.ops.convert import convert_adapter  # noqa: E402
 from lora_tools.ops.merge import merge  # noqa: E402
 from tests.formats import test_flux_layout as flux_case  # noqa: E402
 from tests.formats import test_hunyuan_video_layout as hunyuan_case  # noqa: E402
+from tests.formats import test_unet_layout as unet_case  # noqa: E402
 from tests.formats import test_wan_layout as wan_case  # noqa: E402
 from tests.formats.layout_oracle import native_state_dict  # noqa: E402
 
@@ -52,9 +53,28 @@ class Architecture:
     pipeline_class: str
     config: dict
     native_prefix: str = "model.diffusion_model."
+    component: str = "transformer"
+    #: kohya-style trainers name this architecture's modules natively (sd-scripts SDXL: SGM
+    #: input_blocks; Flux / Wan / HunyuanVideo: BFL / native); SD1.x: diffusers names.
+    kohya_native: bool = True
 
 
 ARCHITECTURES = {
+    "sd": Architecture(
+        "sd",
+        "UNet2DConditionModel",
+        "StableDiffusionPipeline",
+        unet_case.SD1,
+        component="unet",
+        kohya_native=False,
+    ),
+    "sdxl": Architecture(
+        "sdxl",
+        "UNet2DConditionModel",
+        "StableDiffusionXLPipeline",
+        unet_case.SDXL,
+        component="unet",
+    ),
     "flux": Architecture(
         "flux", "FluxTransformer2DModel", "FluxPipeline", flux_case.FLUX_CONFIGS["dev"]
     ),
@@ -121,10 +141,10 @@ def case(request, tmp_path_factory) -> Case:
     root = tmp_path_factory.mktemp(arch.name)
     model = _model(arch)
     folder = root / "pipeline"
-    model.save_pretrained(folder / "transformer")
-    index = {"_class_name": arch.pipeline_class, "transformer": ["diffusers", arch.model_class]}
+    model.save_pretrained(folder / arch.component)
+    index = {"_class_name": arch.pipeline_class, arch.component: ["diffusers", arch.model_class]}
     (folder / "model_index.json").write_text(json.dumps(index))
-    config = json.loads((folder / "transformer/config.json").read_text())
+    config = json.loads((folder / arch.component / "config.json").read_text())
     state = model.state_dict()
     layout = diffusers_layout(config, {k: tuple(v.shape) for k, v in state.items()})
     assert layout is not None and layout.architecture == arch.name
@@ -140,7 +160,11 @@ def case(request, tmp_path_factory) -> Case:
     pipeline = getattr(diffusers, arch.pipeline_class)
     metadata = {"r": 2, "lora_alpha": 4}
     pipeline.save_lora_weights(
-        out, transformer_lora_layers=lora, transformer_lora_adapter_metadata=metadata
+        out,
+        **{
+            f"{arch.component}_lora_layers": lora,
+            f"{arch.component}_lora_adapter_metadata": metadata,
+        },
     )
     return Case(
         arch,
@@ -168,8 +192,8 @@ def _same(got: dict, want: dict, exact: bool = True) -> None:
             np.testing.assert_allclose(got[key], value, rtol=2e-6, atol=2e-6, err_msg=key)
 
 
-def _folder_weights(path: Path) -> dict[str, np.ndarray]:
-    return load_file(path / "transformer/diffusion_pytorch_model.safetensors")
+def _folder_weights(path: Path, component: str) -> dict[str, np.ndarray]:
+    return load_file(path / component / "diffusion_pytorch_model.safetensors")
 
 
 def _kohya(case: Case, tmp_path: Path) -> Path:
@@ -184,9 +208,9 @@ MergeCell = Callable[[Case, Path, Path], None]
 
 def test_diffusers_naming_into_the_pipeline(case, tmp_path):
     merge(case.folder, [case.diffusers_lora], tmp_path / "out", device="torch-cpu")
-    _same(_folder_weights(tmp_path / "out"), case.reference)
+    _same(_folder_weights(tmp_path / "out", case.arch.component), case.reference)
     # the reference is a real merge: every linear weight changed
-    base = _folder_weights(case.folder)
+    base = _folder_weights(case.folder, case.arch.component)
     model = _model(case.arch)
     for name in _linear_names(model):
         key = f"{name}.weight"
@@ -203,11 +227,14 @@ def test_kohya_naming_into_the_pipeline(case, tmp_path):
     kohya = _kohya(case, tmp_path)
     names = {k.split(".")[0] for k in load_file(kohya)}
     assert all(k.startswith("lora_unet_") for k in names)
-    native = {case.arch.native_prefix + k.removeprefix("lora_unet_") for k in names}
-    flat = {k.replace(".", "_").removesuffix("_weight") for k in load_file(case.native)}
-    assert {n.replace(".", "_") for n in native} <= flat  # native module names
+    flat = {k.removesuffix(".weight").replace(".", "_") for k in load_file(case.native)}
+    native = {
+        (case.arch.native_prefix + k.removeprefix("lora_unet_")).replace(".", "_") for k in names
+    }
+    # kohya names in the layout its trainers use: native, or (SD1.x) diffusers
+    assert (native <= flat) == case.arch.kohya_native
     merge(case.folder, [kohya], tmp_path / "out", device="torch-cpu")
-    _same(_folder_weights(tmp_path / "out"), case.reference, exact=False)
+    _same(_folder_weights(tmp_path / "out", case.arch.component), case.reference, exact=False)
 
 
 def test_kohya_naming_into_the_native_file(case, tmp_path):
