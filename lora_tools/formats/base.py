@@ -80,9 +80,10 @@ def bias_diff_keys(keys: Iterable[str], fmt: AdapterFormat) -> set[str]:
 
     Example:
         >>> from lora_tools.formats import get_format
-        >>> sorted(bias_diff_keys(["m.lora_down.weight", "m.lora_up.weight", "m.diff_b",
-        ...                        "n.diff", "n.diff_b"], get_format("comfyui")))
-        ['m.diff_b']
+        >>> keys = ["lora_unet_m.lora_down.weight", "lora_unet_m.lora_up.weight",
+        ...         "lora_unet_m.diff_b", "lora_unet_n.diff", "lora_unet_n.diff_b"]
+        >>> sorted(bias_diff_keys(keys, get_format("kohya")))
+        ['lora_unet_m.diff_b']
     """
     keys = list(keys)
     roles: dict[str, set[str]] = {}

@@ -9,6 +9,8 @@ which ComfyUI's comfy/lora.py ``load_lora`` reads: ``lora_down.weight`` or ``lor
 COMFY output writes these names with ``lora_A`` / ``lora_B`` and ``alpha``.
 
 Example:
+    >>> ComfyUIFormat().parse_key("diffusion_model.x.lora_A.weight")
+    ParsedKey(stem='diffusion_model.x', role='down', embedding=False)
     >>> ComfyUIFormat().locate("diffusion_model.double_blocks.0.img_attn.qkv")
     ('transformer', 'double_blocks.0.img_attn.qkv')
 """
@@ -18,7 +20,7 @@ from __future__ import annotations
 import re
 
 from lora_tools.adapter import LoraModule
-from lora_tools.formats.base import ParsedKey, classify_foreign
+from lora_tools.formats.base import classify_foreign
 from lora_tools.formats.kohya import KohyaFormat
 from lora_tools.naming import denoiser_component, flatten_path
 
@@ -53,6 +55,8 @@ class ComfyUIFormat(KohyaFormat):
         "lora_down / lora_up or lora_A / lora_B, alpha, diff_b)"
     )
     default_filename = "lora.safetensors"
+    role_re = _ROLE_RE
+    roles = _ROLES
 
     def claims(self, key: str) -> bool:
         if not key.startswith((DENOISER_PREFIX, TEXT_ENCODERS_PREFIX)):
@@ -63,18 +67,6 @@ class ComfyUIFormat(KohyaFormat):
         """Twice the keys claimed: the PEFT and kohya readers claim the same role suffixes, but
         under ComfyUI's prefixes the names are ComfyUI's (and so is the ``alpha`` they skip)."""
         return 2 * super().score(keys, metadata)
-
-    def parse_key(self, key: str) -> ParsedKey | None:
-        """``diffusion_model.<path>.lora_A.weight`` -> ``(diffusion_model.<path>, "down")``.
-
-        Example:
-            >>> ComfyUIFormat().parse_key("diffusion_model.x.lora_up.weight")
-            ParsedKey(stem='diffusion_model.x', role='up', embedding=False)
-        """
-        m = _ROLE_RE.match(key)
-        if m is None:
-            return None
-        return ParsedKey(m.group("stem"), _ROLES[m.group("role")])
 
     def locate(self, stem: str) -> tuple[str | None, str | None]:
         """``(component, native dotted path)``: ``diffusion_model.`` is the UNet or the

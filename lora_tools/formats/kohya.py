@@ -18,6 +18,7 @@ import math
 import re
 from collections import Counter
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -76,6 +77,9 @@ class KohyaFormat(AdapterFormat):
     name = "kohya"
     description = "kohya-ss / sd-scripts (lora_unet_* / lora_te*_ with lora_down / lora_up / alpha)"
     default_filename = "lora.safetensors"
+    #: The key grammar (``parse_key``): stem and role suffix, and the role each suffix names.
+    role_re: ClassVar[re.Pattern[str]] = _ROLE_RE
+    roles: ClassVar[dict[str, str]] = _ROLES
 
     def claims(self, key: str) -> bool:
         return bool(KOHYA_PREFIX_RE.match(key)) or ".lora_down." in key or ".lora_up." in key
@@ -88,10 +92,10 @@ class KohyaFormat(AdapterFormat):
             >>> KohyaFormat().parse_key("lora_te_text_model_q_proj.lora_up.weight")
             ParsedKey(stem='lora_te_text_model_q_proj', role='up', embedding=False)
         """
-        m = _ROLE_RE.match(key)
+        m = self.role_re.match(key)
         if m is None:
             return None
-        return ParsedKey(m.group("stem"), _ROLES[m.group("role")])
+        return ParsedKey(m.group("stem"), self.roles[m.group("role")])
 
     def read(self, source: AdapterSource) -> Adapter:
         adapter = Adapter(

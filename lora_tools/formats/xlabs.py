@@ -132,17 +132,15 @@ class XLabsFormat(AdapterFormat):
     def tensors_for(self, adapter: Adapter) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         for m in adapter.modules.values():
+            problem = None
             if m.dora or m.bias is not None or m.bias_diff is not None or m.rslora:
+                problem = "has a DoRA magnitude, a bias or rsLoRA"
+            elif m.scale != 1:
+                problem = f"has scale {m.scale:g} (alpha {m.effective_alpha:g}, rank {m.rank})"
+            if problem is not None:
                 raise UsageError(
-                    f"module {m.key!r} has a DoRA magnitude, a bias or rsLoRA, which x-flux "
-                    "files cannot hold",
-                    path=adapter.source,
-                    hint="keep this adapter in its own format",
-                )
-            if m.scale != 1:
-                raise UsageError(
-                    f"module {m.key!r} has scale {m.scale:g} (alpha {m.effective_alpha:g}, "
-                    f"rank {m.rank}); x-flux files store no alpha and load at scale 1",
+                    f"module {m.key!r} {problem}; x-flux files store no alpha and load at "
+                    "scale 1, and hold LoRA factors only",
                     path=adapter.source,
                     hint="keep this adapter in kohya, comfyui or diffusers format",
                 )

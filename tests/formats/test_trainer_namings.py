@@ -161,16 +161,15 @@ def _xlabs(tmp_path: Path, prefix: str = "") -> Path:
     # proj_lora: 15360 = 5 dim -> dim), as diffusers' _convert_xlabs_flux_lora_to_diffusers
     # reads them; hidden 8 here.
     rng = np.random.default_rng(3)
-    shapes = {
-        "double_blocks.0.processor.qkv_lora1": (24, 8),
-        "double_blocks.0.processor.proj_lora1": (8, 8),
-        "double_blocks.0.processor.qkv_lora2": (24, 8),
-        "double_blocks.0.processor.proj_lora2": (8, 8),
-        "single_blocks.1.processor.qkv_lora": (24, 8),
-        "single_blocks.1.processor.proj_lora": (8, 40),
-    }
+    double = [
+        (f"double_blocks.0.processor.{kind}_lora{stream}", 24 if kind == "qkv" else 8, 8)
+        for kind in ("qkv", "proj")
+        for stream in (1, 2)
+    ]
+    single = [("single_blocks.1.processor.qkv_lora", 24, 8)]
+    single.append(("single_blocks.1.processor.proj_lora", 8, 40))
     tensors = {}
-    for stem, (out, inn) in shapes.items():
+    for stem, out, inn in double + single:
         tensors.update(_factors(rng, prefix + stem, out, inn, "down.weight", "up.weight"))
     return _write(tmp_path / "xlabs.safetensors", tensors)
 
