@@ -102,10 +102,18 @@ class LoraModule:
         magnitude: DoRA magnitude vector, if any.
         bias: lora_B bias (PEFT ``lora_bias=True``), if any.
         alpha_tensor: kohya's stored alpha tensor, kept to write it back byte for byte.
-        keys: role (``down``, ``up``, ``alpha``, ``magnitude``, ``bias``) -> tensor key in the file.
+        keys: role (``down``, ``up``, ``alpha``, ``magnitude``, ``bias``, ``bias_diff``) ->
+            tensor key in the file.
         alpha_unknown: why the file does not say the module's alpha (``"no adapter_config.json"``
             for PEFT keys without their config), or None when it does. An unknown alpha makes
             :attr:`scale` and :attr:`effective_alpha` raise :class:`UnknownScaleError`.
+        bias_diff: a difference for the base layer's bias (ComfyUI / LyCORIS ``.diff_b``,
+            ``[out]``), or None. Consumers add ``strength * bias_diff`` to the bias: it is no
+            part of ``up @ down`` and is not multiplied by :attr:`scale` (ComfyUI
+            comfy/lora.py applies it as a plain ``diff`` patch).
+        rows: ``(start, stop)``: the update covers only these rows of the base weight (XLabs'
+            single-block ``qkv_lora`` updates the q / k / v rows of Flux's fused ``linear1``),
+            or None for the whole weight.
     """
 
     key: str
@@ -121,6 +129,8 @@ class LoraModule:
     alpha_tensor: Tensor | None = None
     keys: dict[str, str] = field(default_factory=dict)
     alpha_unknown: str | None = None
+    bias_diff: Tensor | None = None
+    rows: tuple[int, int] | None = None
 
     def __repr__(self) -> str:
         """Name, kind, rank, shapes and alpha; never tensor values.
@@ -184,14 +194,14 @@ class LoraModule:
 
     @property
     def delta_shape(self) -> tuple[int, ...]:
-        """Shape of the base weight this module updates (PEFT / torch layout)."""
+        """Shape of the update (PEFT / torch layout): the base weight's, or its :attr:`rows`."""
         if self.kind == EMBEDDING:
             return (self.in_features, self.out_features)
         return (self.out_features, self.in_features, *self.kernel)
 
     @property
     def parameter_count(self) -> int:
-        extra = sum(t.numel for t in (self.magnitude, self.bias) if t is not None)
+        extra = sum(t.numel for t in (self.magnitude, self.bias, self.bias_diff) if t is not None)
         return self.down.numel + self.up.numel + extra
 
     @property
@@ -380,7 +390,7 @@ class Adapter:
 
     @property
     def variants(self) -> list[str]:
-        """Names for what the file holds: LoRA, DoRA, rsLoRA, LoCon, LoHa, ..."""
+        """Names for what the file holds: LoRA, DoRA, rsLoRA, LoCon, bias diff, LoHa, ..."""
         out: list[str] = []
         mods = self.modules.values()
         if mods:
@@ -391,6 +401,8 @@ class Adapter:
             out.append("rsLoRA")
         if self.format == "kohya" and any(m.kind == CONV and math.prod(m.kernel) > 1 for m in mods):
             out.append("LoCon")
+        if any(m.bias_diff is not None for m in mods):
+            out.append("bias diff")
         out.extend(self.foreign)
         return out
 

@@ -122,12 +122,55 @@ def kohya_name(component: str | None, path: str) -> str:
     return f"{prefix}_{flatten_path(path)}"
 
 
+#: Flattened module roots of a UNet, in diffusers (``down_blocks``) and original / SGM
+#: (``input_blocks``) layout. A denoiser name (``lora_unet_``, ``lycoris_``) whose path starts
+#: otherwise is a transformer's (Flux / SD3 / Wan / HunyuanVideo, diffusers or native names).
+_UNET_FLAT_ROOTS = (
+    "down_blocks_",
+    "up_blocks_",
+    "mid_block_",
+    "conv_in",
+    "conv_out",
+    "conv_norm_out",
+    "time_embedding_linear_",
+    "add_embedding_",
+    "class_embedding_",
+    "input_blocks_",
+    "middle_block_",
+    "output_blocks_",
+    "time_embed_",
+    "label_emb_",
+    "out_0",
+    "out_2",
+)
+
+
+def denoiser_component(flat: str) -> str:
+    """``unet`` or ``transformer``: the pipeline component a flattened denoiser path names.
+
+    sd-scripts and musubi-tuner write every denoiser as ``lora_unet_`` and LyCORIS as
+    ``lycoris_``; the path says which model it is.
+
+    Example:
+        >>> denoiser_component("double_blocks_0_img_attn_qkv")
+        'transformer'
+        >>> denoiser_component("input_blocks_4_1_proj_in")
+        'unet'
+    """
+    return "unet" if flat.startswith(_UNET_FLAT_ROOTS) else "transformer"
+
+
 def split_name(stem: str) -> tuple[str | None, str]:
-    """``(component, flattened path)`` of a kohya module name."""
+    """``(component, flattened path)`` of a kohya module name (``lora_unet_`` and LyCORIS'
+    ``lycoris_`` name the denoiser: :func:`denoiser_component` says which)."""
     m = KOHYA_PREFIX_RE.match(stem)
     if m is None:
         return None, stem
-    return KOHYA_PREFIXES.get(m.group(1)), stem[m.end() :]
+    flat = stem[m.end() :]
+    prefix = m.group(1)
+    if prefix in ("lora_unet", "lycoris"):
+        return denoiser_component(flat), flat
+    return KOHYA_PREFIXES.get(prefix), flat
 
 
 #: Layer names recognised at the end of flattened (kohya) module names, longest first.

@@ -1,6 +1,7 @@
 """Adapter formats: detection, reading and writing through one registry.
 
-Built-in formats: ``peft``, ``diffusers``, ``kohya``, ``diffusers-old``. Third-party packages add
+Built-in formats: ``peft``, ``diffusers``, ``kohya``, ``diffusers-old``, ``comfyui``,
+``xlabs``. Third-party packages add
 formats through the ``lora_tools.formats`` entry-point group, naming an
 :class:`~lora_tools.formats.base.AdapterFormat` subclass.
 
@@ -26,10 +27,12 @@ from lora_tools.formats.base import (
     raise_unknown,
     read_json_config,
 )
+from lora_tools.formats.comfyui import ComfyUIFormat
 from lora_tools.formats.diffusers import DiffusersFormat
 from lora_tools.formats.diffusers_old import DiffusersOldFormat
 from lora_tools.formats.kohya import KohyaFormat
 from lora_tools.formats.peft import PeftFormat
+from lora_tools.formats.xlabs import XLabsFormat
 from lora_tools.io.atomic import check_output
 from lora_tools.io.safetensors import PICKLE_SUFFIXES, SafetensorsFile, gc_paused
 
@@ -59,7 +62,14 @@ def register(fmt: AdapterFormat | type[AdapterFormat]) -> AdapterFormat:
     return instance
 
 
-for _builtin in (PeftFormat, DiffusersFormat, KohyaFormat, DiffusersOldFormat):
+for _builtin in (
+    PeftFormat,
+    DiffusersFormat,
+    KohyaFormat,
+    DiffusersOldFormat,
+    ComfyUIFormat,
+    XLabsFormat,
+):
     register(_builtin)
 
 

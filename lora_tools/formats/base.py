@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -47,6 +48,10 @@ FOREIGN_SUFFIXES: dict[str, str] = {
     "boft_R": "BOFT",
     "vera_lambda_b": "VeRA",
     "vera_lambda_d": "VeRA",
+    # BFL's Flux Control LoRAs carry full RMS-norm scales (``...norm.query_norm.scale``) that
+    # diffusers loads as replacement weights: no LoRA, and no merge may skip them silently.
+    "query_norm.scale": "full norm weights",
+    "key_norm.scale": "full norm weights",
 }
 _FOREIGN_RE = re.compile(
     r"^(?P<stem>.+?)\.(?P<suffix>"
@@ -61,6 +66,39 @@ def classify_foreign(key: str) -> tuple[str, str] | None:
     if m is None:
         return None
     return FOREIGN_SUFFIXES[m.group("suffix")], m.group("stem")
+
+
+#: ComfyUI's bias difference (comfy/lora.py ``load_lora``: ``<stem>.diff_b`` is added to the
+#: base layer's bias as a ``diff`` patch, whatever else the stem holds).
+BIAS_DIFF_SUFFIX = ".diff_b"
+
+
+def bias_diff_keys(keys: Iterable[str], fmt: AdapterFormat) -> set[str]:
+    """The ``.diff_b`` keys of LoRA modules: stems that ``fmt`` reads both factors for and
+    that hold no full ``.diff``. Such a module is LoRA plus a bias difference
+    (:attr:`LoraModule.bias_diff`); a ``.diff_b`` without factors is a "full diff" module.
+
+    Example:
+        >>> from lora_tools.formats import get_format
+        >>> keys = ["lora_unet_m.lora_down.weight", "lora_unet_m.lora_up.weight",
+        ...         "lora_unet_m.diff_b", "lora_unet_n.diff", "lora_unet_n.diff_b"]
+        >>> sorted(bias_diff_keys(keys, get_format("kohya")))
+        ['lora_unet_m.diff_b']
+    """
+    keys = list(keys)
+    roles: dict[str, set[str]] = {}
+    for key in keys:
+        parsed = fmt.parse_key(key)
+        if parsed is not None:
+            roles.setdefault(parsed.stem, set()).add(parsed.role)
+    full = {k.removesuffix(".diff") for k in keys if k.endswith(".diff")}
+    return {
+        k
+        for k in keys
+        if k.endswith(BIAS_DIFF_SUFFIX)
+        and {"down", "up"} <= roles.get(k.removesuffix(BIAS_DIFF_SUFFIX), set())
+        and k.removesuffix(BIAS_DIFF_SUFFIX) not in full
+    }
 
 
 def add_foreign(adapter: Adapter, key: str, tensor: Tensor) -> bool:
@@ -83,7 +121,8 @@ class ParsedKey(NamedTuple):
     Attributes:
         stem: the module's name in the file (the key without the role suffix); the tensors of
             one module share it.
-        role: ``down``, ``up``, ``alpha``, ``magnitude`` (DoRA) or ``bias`` (lora_bias).
+        role: ``down``, ``up``, ``alpha``, ``magnitude`` (DoRA), ``bias`` (lora_bias) or
+            ``bias_diff`` (ComfyUI's ``.diff_b``).
         embedding: the key is an embedding factor (PEFT's ``lora_embedding_A`` / ``_B``).
     """
 
@@ -186,7 +225,8 @@ def raise_unknown(source: AdapterSource) -> None:
 
     sample = ", ".join(repr(k) for k in source.keys[:4]) or "no tensors at all"
     raise UnknownFormatError(
-        f"tensor names match no known LoRA naming scheme (peft, diffusers, kohya); "
+        f"tensor names match no known LoRA naming scheme (peft, diffusers, kohya, "
+        f"comfyui, xlabs); "
         f"first keys: {sample}",
         path=source.weights,
         hint="is this a LoRA adapter? a full model checkpoint is a base, not an adapter",

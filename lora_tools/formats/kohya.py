@@ -18,6 +18,7 @@ import math
 import re
 from collections import Counter
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -28,6 +29,7 @@ from lora_tools.formats.base import (
     AdapterSource,
     ParsedKey,
     add_foreign,
+    bias_diff_keys,
     unresolved_error,
 )
 from lora_tools.io.jsonfile import parse_json
@@ -41,8 +43,15 @@ from lora_tools.io.safetensors import (
 )
 from lora_tools.naming import KOHYA_PREFIX_RE, kohya_name, split_name
 
-_ROLE_RE = re.compile(r"^(?P<stem>[^.]+)\.(?P<role>lora_down\.weight|lora_up\.weight|alpha)$")
-_ROLES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+_ROLE_RE = re.compile(
+    r"^(?P<stem>[^.]+)\.(?P<role>lora_down\.weight|lora_up\.weight|alpha|diff_b)$"
+)
+_ROLES = {
+    "lora_down.weight": "down",
+    "lora_up.weight": "up",
+    "alpha": "alpha",
+    "diff_b": "bias_diff",
+}
 
 
 def read_scalar(tensor: Tensor) -> float:
@@ -68,30 +77,35 @@ class KohyaFormat(AdapterFormat):
     name = "kohya"
     description = "kohya-ss / sd-scripts (lora_unet_* / lora_te*_ with lora_down / lora_up / alpha)"
     default_filename = "lora.safetensors"
+    #: The key grammar (``parse_key``): stem and role suffix, and the role each suffix names.
+    role_re: ClassVar[re.Pattern[str]] = _ROLE_RE
+    roles: ClassVar[dict[str, str]] = _ROLES
 
     def claims(self, key: str) -> bool:
         return bool(KOHYA_PREFIX_RE.match(key)) or ".lora_down." in key or ".lora_up." in key
 
     def parse_key(self, key: str) -> ParsedKey | None:
-        """``<lora_name>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` -> (name, role).
+        """``<lora_name>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` -> (name, role);
+        ``.diff_b`` (a bias difference, :func:`~lora_tools.formats.base.bias_diff_keys`) too.
 
         Example:
             >>> KohyaFormat().parse_key("lora_te_text_model_q_proj.lora_up.weight")
             ParsedKey(stem='lora_te_text_model_q_proj', role='up', embedding=False)
         """
-        m = _ROLE_RE.match(key)
+        m = self.role_re.match(key)
         if m is None:
             return None
-        return ParsedKey(m.group("stem"), _ROLES[m.group("role")])
+        return ParsedKey(m.group("stem"), self.roles[m.group("role")])
 
     def read(self, source: AdapterSource) -> Adapter:
         adapter = Adapter(
             format=self.name, metadata=source.metadata, source=source.weights, config=None
         )
         parts: dict[str, dict[str, tuple[str, Tensor]]] = {}
+        bias_diffs = bias_diff_keys(source.keys, self)
         for key in source.keys:
             tensor = source.file.tensor(key)
-            if add_foreign(adapter, key, tensor):
+            if key not in bias_diffs and add_foreign(adapter, key, tensor):
                 continue
             parsed = self.parse_key(key)
             if parsed is None:
@@ -111,7 +125,7 @@ class KohyaFormat(AdapterFormat):
                 for key, tensor in roles.values():
                     adapter.passthrough[key] = tensor
                 continue
-            component, _ = split_name(stem)
+            component, path = self.locate(stem)
             keys = {"down": down_key, "up": up_key}
             alpha: float | None = None
             alpha_tensor = None
@@ -125,11 +139,23 @@ class KohyaFormat(AdapterFormat):
                 up=up,
                 alpha=alpha,
                 kind=CONV if len(down.shape) > 2 else LINEAR,
+                path=path,
                 component=component,
                 alpha_tensor=alpha_tensor,
                 keys=keys,
             )
+            if "bias_diff" in roles:
+                keys["bias_diff"], adapter.modules[stem].bias_diff = roles["bias_diff"]
         return adapter
+
+    def locate(self, stem: str) -> tuple[str | None, str | None]:
+        """``(component, dotted path)`` of a module stem; kohya names lose the path's dots, so
+        the path is None until resolved against a base."""
+        return split_name(stem)[0], None
+
+    def stem_for(self, module: LoraModule) -> str:
+        """The stem a module without keys from this format is written under."""
+        return kohya_name(module.component, module.path or module.key)
 
     def tensors_for(self, adapter: Adapter) -> dict[str, Tensor]:
         missing = [m.key for m in adapter.modules.values() if m.path is None and not m.keys]
@@ -139,14 +165,23 @@ class KohyaFormat(AdapterFormat):
         for m in adapter.modules.values():
             if m.dora or m.bias is not None:
                 raise UsageError(
-                    f"module {m.key!r} has a DoRA magnitude or a LoRA bias, which kohya "
-                    "files cannot hold",
+                    f"module {m.key!r} has a DoRA magnitude or a LoRA bias, which "
+                    f"{self.name} files cannot hold",
                     path=adapter.source,
                     hint="keep this adapter in PEFT or diffusers format",
                 )
-            stem = m.key if m.keys else kohya_name(m.component, m.path or m.key)
+            if m.rows is not None:
+                raise UsageError(
+                    f"module {m.key!r} updates rows {m.rows[0]}:{m.rows[1]} of its base "
+                    f"weight only, which {self.name} names cannot say",
+                    path=adapter.source,
+                    hint="keep this adapter in its own format",
+                )
+            stem = m.key if m.keys else self.stem_for(m)
             out[m.keys.get("down", f"{stem}.lora_down.weight")] = m.down
             out[m.keys.get("up", f"{stem}.lora_up.weight")] = m.up
+            if m.bias_diff is not None:
+                out[m.keys.get("bias_diff", f"{stem}.diff_b")] = m.bias_diff
             alpha_tensor = self._alpha_tensor(m)
             if alpha_tensor is not None:
                 out[m.keys.get("alpha", f"{stem}.alpha")] = alpha_tensor
@@ -174,7 +209,9 @@ class KohyaFormat(AdapterFormat):
     def write(self, adapter: Adapter, out: Path, *, refresh_hashes: bool = False) -> Path:
         if out.suffix != ".safetensors":
             raise UsageError(
-                "kohya adapters are single files", path=out, hint="give a .safetensors output path"
+                f"{self.name} adapters are single files",
+                path=out,
+                hint="give a .safetensors output path",
             )
         tensors = self.tensors_for(adapter)
         metadata = dict(adapter.metadata)

@@ -48,6 +48,19 @@ from lora_tools.naming import (
 )
 
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
+#: Module roots of Flux.1 in BFL's own names. PEFT-style keys on them without a config are fal's
+#: Kontext LoRAs or BFL's Control LoRAs (diffusers ``_convert_fal_kontext_lora_to_diffusers`` /
+#: ``_convert_bfl_flux_control_lora_to_diffusers``), whose modules are the transformer's.
+BFL_FLUX_ROOTS = (
+    "double_blocks.",
+    "single_blocks.",
+    "img_in",
+    "txt_in",
+    "time_in.",
+    "vector_in.",
+    "guidance_in.",
+    "final_layer.",
+)
 #: Why a module's alpha is unknown when its PEFT keys come without adapter_config.json.
 NO_CONFIG = f"no {ADAPTER_CONFIG_NAME}"
 
@@ -179,7 +192,12 @@ class PeftFormat(AdapterFormat):
             # the scale is unknown. Keys without PEFT's prefix are other tools' (diffusers'
             # component keys, ComfyUI-style files), whose loaders read no alpha as alpha = r.
             unknown = None
-            if config is None and component is None and stem.startswith(PEFT_PREFIX):
+            bfl = config is None and component is None and path.startswith(BFL_FLUX_ROOTS)
+            if bfl:
+                # fal's Kontext trainer (base_model.model.<BFL path>) and BFL's Control
+                # LoRAs (bare BFL paths): diffusers loads both at scale 1 (alpha = r).
+                component = "transformer"
+            elif config is None and component is None and stem.startswith(PEFT_PREFIX):
                 unknown = NO_CONFIG
             alpha: float | None = None
             rslora = False
@@ -225,6 +243,13 @@ class PeftFormat(AdapterFormat):
             raise unresolved_error(adapter, self.name, missing)
         out: dict[str, Tensor] = {}
         for m in adapter.modules.values():
+            if m.bias_diff is not None or m.rows is not None:
+                what = "a bias difference (.diff_b)" if m.bias_diff is not None else "a row range"
+                raise UsageError(
+                    f"module {m.key!r} has {what}, which {self.name} files cannot hold",
+                    path=adapter.source,
+                    hint="keep this adapter in its own format",
+                )
             stem = None if m.keys else self.stem_for(m)
             emb = m.kind == EMBEDDING
             roles = {

@@ -134,7 +134,14 @@ def test_naming_imports_only_the_bottom_layer():
         ("split_stem", "unet", (None, "unet")),
         ("split_name", "lora_unet_down_blocks_0_to_q", ("unet", "down_blocks_0_to_q")),
         ("split_name", "lora_te2_text_model_fc1", ("text_encoder_2", "text_model_fc1")),
-        ("split_name", "lycoris_blocks_0_attn", (None, "blocks_0_attn")),
+        ("split_name", "lycoris_blocks_0_attn", ("transformer", "blocks_0_attn")),
+        ("split_name", "lycoris_down_blocks_0_to_q", ("unet", "down_blocks_0_to_q")),
+        (
+            "split_name",
+            "lora_unet_double_blocks_0_img_attn_qkv",
+            ("transformer", "double_blocks_0_img_attn_qkv"),
+        ),
+        ("split_name", "lora_unet_input_blocks_4_1_proj_in", ("unet", "input_blocks_4_1_proj_in")),
         ("split_name", "other_name", (None, "other_name")),
     ],
 )

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from lora_tools.adapter import LARGEST_F32
 from lora_tools.formats import best_format
-from lora_tools.formats.base import AdapterFormat, classify_foreign
+from lora_tools.formats.base import AdapterFormat, bias_diff_keys, classify_foreign
 from lora_tools.io.safetensors import DTYPES, Header, SafetensorsFile, TensorInfo, scalar_value
 from lora_tools.naming import PEFT_PREFIX, split_stem
 from lora_tools.ops.validate.context import Context, fmt_number, fmt_shape
@@ -43,7 +43,7 @@ def detect_format(ctx: Context, names: list[str], metadata: dict[str, str]) -> A
         ctx.add(
             "LT113",
             f"tensor names match no LoRA naming scheme (peft, diffusers, kohya, "
-            f"diffusers-old); first keys: {sample}",
+            f"diffusers-old, comfyui, xlabs); first keys: {sample}",
             hint="is this a LoRA adapter? exclude base checkpoints from the hook",
         )
     return best
@@ -74,8 +74,9 @@ def check_structure(
     foreign: dict[str, dict[str, None]] = {}  # stems in file order: messages name the same one
     unknown: list[str] = []
     no_alpha: list[str] = []  # kohya modules without an alpha tensor, reported once (LT105)
+    bias_diffs = bias_diff_keys(names, fmt)  # a LoRA module's .diff_b is no full diff
     for key in names:
-        found = classify_foreign(key)
+        found = None if key in bias_diffs else classify_foreign(key)
         if found is not None:
             foreign.setdefault(found[0], {})[found[1]] = None
             continue
@@ -152,7 +153,9 @@ def _unknown_keys(ctx: Context, fmt: AdapterFormat, unknown: list[str]) -> None:
                 # Full tensors under the adapter's prefix: modules_to_save and saved
                 # embedding layers, which PEFT loads as replacements.
                 continue
-        elif fmt.name not in ("kohya", "diffusers-old") or key.startswith(BUNDLED_EMBEDDING_PREFIX):
+        elif fmt.name not in ("kohya", "diffusers-old", "comfyui", "xlabs") or key.startswith(
+            BUNDLED_EMBEDDING_PREFIX
+        ):
             continue
         ctx.add(
             "LT112",
@@ -244,7 +247,7 @@ def _check_stem(
         )
         return False
     out = up.shape[0]
-    for role, expected in (("magnitude", out), ("bias", out)):
+    for role, expected in (("magnitude", out), ("bias", out), ("bias_diff", out)):
         key = roles.get(role)
         if key is None:
             continue
@@ -262,7 +265,7 @@ def _check_stem(
                 found=fmt_shape(shape),
             )
             ok = False
-    if fmt.name == "kohya" and ok:
+    if fmt.name in ("kohya", "comfyui") and ok:
         ok = _check_kohya_alpha(ctx, stem, roles.get("alpha"), info, file, no_alpha)
     return ok
 
