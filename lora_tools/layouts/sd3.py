@@ -21,7 +21,8 @@ Per block ``i`` (``joint_blocks.i`` is ``transformer_blocks.i``):
 Outside the blocks: ``x_embedder.proj`` (``pos_embed.proj``), ``context_embedder``,
 ``t_embedder.mlp.0|2`` (``time_text_embed.timestep_embedder.linear_1|2``), ``y_embedder.mlp.0|2``
 (``time_text_embed.text_embedder.linear_1|2``), ``final_layer.linear`` (``proj_out``). The
-positional table (``pos_embed`` -> ``pos_embed.pos_embed``) is no module weight and not mapped.
+positional table ``pos_embed`` (diffusers ``pos_embed.pos_embed``) is a bare parameter, no Piece:
+:attr:`SD3Layout.parameters`.
 
 These are the facts of diffusers' ``convert_sd3_transformer_checkpoint_to_diffusers`` and
 ComfyUI's ``mmdit_to_diffusers``.
@@ -68,6 +69,8 @@ CONTEXT_PARTS: tuple[tuple[str, str], ...] = (
     ("mlp.fc1", "ff_context.net.0.proj"),
     ("mlp.fc2", "ff_context.net.2"),
 )
+#: The positional table: a bare parameter, native key -> diffusers key.
+POS_EMBED = ("pos_embed", "pos_embed.pos_embed")
 _QKV = ("to_q", "to_k", "to_v")
 _ADD_QKV = ("add_q_proj", "add_k_proj", "add_v_proj")
 _BLOCK_RE = re.compile(r"^joint_blocks\.(\d+)\.")
@@ -124,6 +127,12 @@ class SD3Layout:
         """The pieces, indexed by either name."""
         return PieceTable(self.pieces())
 
+    @property
+    def parameters(self) -> tuple[tuple[str, str], ...]:
+        """``(native key, diffusers key)`` of the bare parameters, which no Piece names (a
+        Piece's diffusers key ends in ``.weight``); LoRAs do not train them."""
+        return (POS_EMBED,)
+
     def to_native(self, diffusers_path: str) -> tuple[Piece, ...]:
         return self.table.to_native(diffusers_path)
 
@@ -170,4 +179,12 @@ def from_diffusers(config: Mapping[str, Any], shapes: Shapes) -> SD3Layout | Non
     )
 
 
-__all__ = ["BASIC_PARTS", "CONTEXT_PARTS", "X_PARTS", "SD3Layout", "from_diffusers", "from_native"]
+__all__ = [
+    "BASIC_PARTS",
+    "CONTEXT_PARTS",
+    "POS_EMBED",
+    "X_PARTS",
+    "SD3Layout",
+    "from_diffusers",
+    "from_native",
+]

@@ -2,8 +2,9 @@
 
 The reference is diffusers' ``convert_sd3_transformer_checkpoint_to_diffusers`` (native ->
 diffusers): a native state dict built from a tiny diffusers model through the map's pieces
-(fused ``qkv`` by rows, swapped adaLN halves) converts back to the model's own state dict
-tensor for tensor, and the converter uses every native key the map wrote.
+(fused ``qkv`` by rows, swapped adaLN halves; tests/formats/layout_oracle.py) converts back to
+the model's own state dict tensor for tensor, and the converter uses every native key the map
+wrote.
 """
 
 from __future__ import annotations
@@ -33,8 +34,6 @@ SD35_LARGE = {**SD3_MEDIUM, "qk_norm": "rms_norm"}
 SD35_MEDIUM = {**SD35_LARGE, "dual_attention_layers": [0, 1]}
 CONFIGS = [SD3_MEDIUM, SD35_LARGE, SD35_MEDIUM]
 IDS = ["sd3-medium", "sd35-large", "sd35-medium"]
-#: Native tensors no module map names: the positional table is a plain parameter.
-POS_EMBED = ("pos_embed", "pos_embed.pos_embed")
 
 
 def _model(config: dict):
@@ -50,48 +49,21 @@ def _shapes(state: dict) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in state.items()}
 
 
-def _native(state: dict, layout: SD3Layout) -> dict:
-    """A diffusers SD3 state dict under native names, assembled from the map's pieces."""
-    import torch
-
-    out = {POS_EMBED[0]: state[POS_EMBED[1]]}
-    filled: dict[str, int] = {}
-    for key, value in state.items():
-        if key == POS_EMBED[1]:
-            continue
-        module, _, param = key.rpartition(".")
-        pieces = layout.to_native(module)
-        assert pieces, f"no native name for {module}"
-        for piece in pieces:
-            assert piece.diffusers == module and piece in layout.to_diffusers(piece.native)
-            native = piece.native_key if param == "weight" else piece.native_bias_key
-            if piece.whole:
-                out[native] = value
-                continue
-            rows = sum(p.rows for p in layout.to_diffusers(piece.native))
-            target = out.setdefault(
-                native, torch.empty((rows, *value.shape[1:]), dtype=value.dtype)
-            )
-            lo, hi = piece.native_rows
-            target[lo:hi] = value[slice(*piece.diffusers_rows)]
-            filled[native] = filled.get(native, 0) + piece.rows
-    for native, rows in filled.items():
-        assert rows == out[native].shape[0], f"{native}: {rows} of {out[native].shape[0]} rows"
-    return out
-
-
 @pytest.mark.oracle
 @pytest.mark.parametrize("config", CONFIGS, ids=IDS)
 def test_the_map_agrees_with_diffusers_sd3_converter(config):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    from tests.formats.layout_oracle import assert_same_tensors, native_state_dict
 
     model_config, state = _model(config)
     layout = sd3.from_diffusers(model_config, _shapes(state))
     assert layout == SD3Layout(
         3, 16, tuple(config.get("dual_attention_layers", ())), "qk_norm" in config
     )
-    native = _native(state, layout)
+    assert layout.parameters == (("pos_embed", "pos_embed.pos_embed"),)
+    native = native_state_dict(layout, state, {d: n for n, d in layout.parameters})
     assert sd3.from_native(_shapes(native)) == layout
     assert isinstance(native_layout(_shapes(native)), SD3Layout)
     assert diffusers_layout(model_config, _shapes(state)) == layout
@@ -99,9 +71,7 @@ def test_the_map_agrees_with_diffusers_sd3_converter(config):
     checkpoint = {f"model.diffusion_model.{k}": v for k, v in native.items()}
     back = convert_sd3_transformer_checkpoint_to_diffusers(checkpoint)
     assert checkpoint == {}, f"native keys the converter does not know: {sorted(checkpoint)}"
-    assert sorted(back) == sorted(state)
-    for key, value in state.items():
-        assert torch.equal(back[key], value), key
+    assert_same_tensors(back, state)
 
 
 @pytest.mark.oracle
