@@ -15,6 +15,9 @@ in diffusers, derived from the model's structure rather than listed per case.
   ``single_blocks`` (fused ``img_attn_qkv``, ``linear1``) <-> ``HunyuanVideoTransformer3DModel``.
 - :mod:`lora_tools.layouts.open_clip`: the OpenCLIP text encoder (SD2.x, SDXL's second),
   ``transformer.resblocks`` <-> transformers ``text_model.encoder.layers``.
+- :mod:`lora_tools.layouts.sd3`: SD3 / SD3.5 MMDiT, ``joint_blocks`` (fused ``qkv``; the
+  pre-only and final adaLN halves swapped) <-> ``SD3Transformer2DModel``.
+- :mod:`lora_tools.layouts.qwen_image`: Qwen-Image, the same names in both layouts.
 
 Each architecture module offers ``from_native(shapes)`` (the layout a native model's own tensor
 names and shapes show, file prefix removed) and ``from_diffusers(config, shapes)`` (the layout of
@@ -28,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from lora_tools.layouts import flux, hunyuan_video, open_clip, unet, wan
+from lora_tools.layouts import flux, hunyuan_video, open_clip, qwen_image, sd3, unet, wan
 from lora_tools.layouts.base import Layout, Piece, PieceTable, Shapes
 from lora_tools.layouts.unet import UNetLayout
 
@@ -38,6 +41,8 @@ ARCHITECTURES = (
     flux,
     wan,
     hunyuan_video,
+    sd3,
+    qwen_image,
     unet,
 )
 

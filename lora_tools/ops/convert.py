@@ -52,7 +52,7 @@ from lora_tools.naming import (
     target_paths,
 )
 from lora_tools.ops._algebra import add_history
-from lora_tools.ops.relayout import relayout
+from lora_tools.ops.relayout import layout_for, relayout
 from lora_tools.results import WrittenResult, adapter_inputs, input_ref
 
 TARGETS = ("peft", "kohya", "diffusers")
@@ -165,11 +165,12 @@ def convert_adapter(
     resolved = 0
     dropped: list[str] = []
     relaid = 0
+    layouts: dict[str, Layout] = {}
     if base is not None:
         resolved, transposed, layouts = _resolve_paths(adapter, modules, base)
         modules, relaid = relayout(modules, layouts, to, _layout_refusal(adapter, to))
     if to in ("peft", "diffusers"):
-        _check_layout(adapter, modules, to)
+        _check_layout(adapter, modules, to, layouts)
     missing = [m.key for m in modules.values() if m.path is None]
     if missing and to in ("peft", "diffusers"):
         raise UsageError(
@@ -276,17 +277,23 @@ def layout_of(module: LoraModule) -> str | None:
     return None
 
 
-def _check_layout(adapter: Adapter, modules: dict[str, LoraModule], to: str) -> None:
+def _check_layout(
+    adapter: Adapter, modules: dict[str, LoraModule], to: str, layouts: dict[str, Layout]
+) -> None:
     """Refuse modules named in a layout the target's consumer does not have.
 
     PEFT and diffusers find a module by its path in the model class (diffusers' Flux
     transformer says ``transformer_blocks.0.attn.to_q``, not ``double_blocks.0.img_attn.qkv``):
     renaming such modules without re-laying them out (splitting fused qkv, mapping the block
-    names) writes a file that loads nothing.
+    names) writes a file that loads nothing. A path the base's diffusers layout has is no
+    such name (Qwen-Image's diffusers model has ``img_in`` and ``txt_in`` too).
     """
     for m in modules.values():
         layout = layout_of(m)
         if layout is None:
+            continue
+        known = layout_for(layouts, m.component)
+        if known is not None and m.path is not None and known.to_native(m.path):
             continue
         consumer = "diffusers pipelines" if to == "diffusers" else "transformers / diffusers models"
         raise UnsupportedAdapterError(

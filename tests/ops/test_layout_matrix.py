@@ -39,6 +39,8 @@ from lora_tools.ops.convert import convert_adapter  # noqa: E402
 from lora_tools.ops.merge import merge  # noqa: E402
 from tests.formats import test_flux_layout as flux_case  # noqa: E402
 from tests.formats import test_hunyuan_video_layout as hunyuan_case  # noqa: E402
+from tests.formats import test_qwen_image_layout as qwen_case  # noqa: E402
+from tests.formats import test_sd3_layout as sd3_case  # noqa: E402
 from tests.formats import test_unet_layout as unet_case  # noqa: E402
 from tests.formats import test_wan_layout as wan_case  # noqa: E402
 from tests.formats.layout_oracle import native_state_dict  # noqa: E402
@@ -87,6 +89,12 @@ ARCHITECTURES = {
         "HunyuanVideoTransformer3DModel",
         "HunyuanVideoPipeline",
         hunyuan_case.TINY,
+    ),
+    "sd3": Architecture(
+        "sd3", "SD3Transformer2DModel", "StableDiffusion3Pipeline", sd3_case.SD35_MEDIUM
+    ),
+    "qwen-image": Architecture(
+        "qwen-image", "QwenImageTransformer2DModel", "QwenImagePipeline", qwen_case.TINY
     ),
 }
 
