@@ -1,6 +1,6 @@
 """Adapter formats: detection, reading and writing through one registry.
 
-Built-in formats: ``peft``, ``diffusers``, ``kohya``, ``diffusers-old``. Third-party packages add
+Built-in formats: ``peft``, ``diffusers``, ``kohya``, ``diffusers-old``, ``mlx``. Third-party packages add
 formats through the ``lora_tools.formats`` entry-point group, naming an
 :class:`~lora_tools.formats.base.AdapterFormat` subclass.
 
@@ -18,7 +18,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from lora_tools.adapter import Adapter
-from lora_tools.constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHT_NAMES
+from lora_tools.constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHT_NAMES, CONFIG_WEIGHT_NAMES
 from lora_tools.errors import AdapterError, FormatError, UnsafeFileError, UsageError
 from lora_tools.formats.base import (
     AdapterFormat,
@@ -29,6 +29,7 @@ from lora_tools.formats.base import (
 from lora_tools.formats.diffusers import DiffusersFormat
 from lora_tools.formats.diffusers_old import DiffusersOldFormat
 from lora_tools.formats.kohya import KohyaFormat
+from lora_tools.formats.mlx import MlxFormat
 from lora_tools.formats.peft import PeftFormat
 from lora_tools.io.atomic import check_output
 from lora_tools.io.safetensors import PICKLE_SUFFIXES, SafetensorsFile, gc_paused
@@ -59,7 +60,7 @@ def register(fmt: AdapterFormat | type[AdapterFormat]) -> AdapterFormat:
     return instance
 
 
-for _builtin in (PeftFormat, DiffusersFormat, KohyaFormat, DiffusersOldFormat):
+for _builtin in (PeftFormat, DiffusersFormat, KohyaFormat, DiffusersOldFormat, MlxFormat):
     register(_builtin)
 
 
@@ -146,7 +147,7 @@ def find_adapter_files(path: str | os.PathLike[str]) -> tuple[Path, Path | None]
     if not path.exists():
         raise FormatError("no such file or folder", path=path, kind="missing")
     config = path.with_name(ADAPTER_CONFIG_NAME)
-    use_config = path.name == ADAPTER_WEIGHT_NAMES[0] and config.is_file()
+    use_config = path.name in CONFIG_WEIGHT_NAMES and config.is_file()
     return path, config if use_config else None
 
 

@@ -47,7 +47,41 @@ FOREIGN_SUFFIXES: dict[str, str] = {
     "boft_R": "BOFT",
     "vera_lambda_b": "VeRA",
     "vera_lambda_d": "VeRA",
+    # PEFT's spellings of its other types (the tuners' adapter_layer_names, peft 0.21)
+    "oft_R": "OFT",
+    "oft_embedding_R": "OFT",
+    "boft_s": "BOFT",
+    "fourierft_spectrum": "FourierFT",
+    "lora_E": "AdaLoRA",
+    "hra_u": "HRA",
+    "c3a_kernel": "C3A",
+    "shira_weight": "SHiRA",
+    "miss_block": "MiSS",
+    "road_theta": "RoAd",
+    "road_alpha": "RoAd",
+    "waveft_spectrum": "WaveFT",
+    "randlora_lambda": "RandLoRA",
+    "randlora_gamma": "RandLoRA",
+    "vblora_logits_A": "VB-LoRA",
+    "vblora_logits_B": "VB-LoRA",
+    "delora_A": "DeLoRA",
+    "delora_B": "DeLoRA",
+    "delora_lambda": "DeLoRA",
+    "gralora_A": "GraLoRA",
+    "gralora_B": "GraLoRA",
 }
+#: Tensors PEFT saves once for the whole model (``base_model.<name>``, with
+#: ``save_projection=True``): the frozen random matrices every module of the type shares.
+SHARED_FOREIGN: dict[str, str] = {
+    "vera_A": "VeRA",
+    "vera_B": "VeRA",
+    "randlora_A": "RandLoRA",
+    "randlora_B": "RandLoRA",
+    "vblora_vector_bank": "VB-LoRA",
+}
+_SHARED_RE = re.compile(
+    r"^base_model\.(?P<name>" + "|".join(map(re.escape, SHARED_FOREIGN)) + r")(?:\.[A-Za-z0-9_]+)?$"
+)
 _FOREIGN_RE = re.compile(
     r"^(?P<stem>.+?)\.(?P<suffix>"
     + "|".join(re.escape(s) for s in sorted(FOREIGN_SUFFIXES, key=len, reverse=True))
@@ -63,18 +97,34 @@ def classify_foreign(key: str) -> tuple[str, str] | None:
     return FOREIGN_SUFFIXES[m.group("suffix")], m.group("stem")
 
 
+def shared_foreign(key: str) -> str | None:
+    """The type of a tensor PEFT shares between every module of it (``base_model.vera_A``)."""
+    m = _SHARED_RE.match(key)
+    return SHARED_FOREIGN[m.group("name")] if m else None
+
+
 def add_foreign(adapter: Adapter, key: str, tensor: Tensor) -> bool:
-    """Keep a foreign tensor as pass-through and note its type; False if the key isn't one."""
+    """Keep a foreign tensor as pass-through and note its type; False if the key isn't one.
+
+    A shared tensor (:func:`shared_foreign`) is kept as pass-through and belongs to no module.
+    """
+    if shared_foreign(key) is not None:
+        adapter.passthrough[key] = tensor
+        return True
     found = classify_foreign(key)
     if found is None:
         return False
-    kind, stem = found
+    note_foreign(adapter, found[0], found[1], key, tensor)
+    return True
+
+
+def note_foreign(adapter: Adapter, kind: str, stem: str, key: str, tensor: Tensor) -> None:
+    """Keep ``tensor`` as pass-through, as a tensor of module ``stem`` of adapter type ``kind``."""
     seen = adapter._foreign_seen.setdefault(kind, set())
     if stem not in seen:  # a set: a list's `in` made reading n LyCORIS modules O(n^2)
         seen.add(stem)
         adapter.foreign.setdefault(kind, []).append(stem)
     adapter.passthrough[key] = tensor
-    return True
 
 
 class ParsedKey(NamedTuple):
@@ -155,6 +205,12 @@ class AdapterFormat:
         """
         return None
 
+    def canonical_shape(self, role: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape a ``role`` tensor stored as ``shape`` has in PEFT's orientation (down
+        ``[r, in]``, up ``[out, r]``): the same shape, except for formats that store factors
+        otherwise (mlx-lm: transposed). ``loratool validate`` checks shapes through it."""
+        return shape
+
     def score(self, keys: list[str], metadata: dict[str, str]) -> int:
         """How many keys this format claims (the format with the highest score reads the file)."""
         return sum(1 for k in keys if self.claims(k))
@@ -186,7 +242,7 @@ def raise_unknown(source: AdapterSource) -> None:
 
     sample = ", ".join(repr(k) for k in source.keys[:4]) or "no tensors at all"
     raise UnknownFormatError(
-        f"tensor names match no known LoRA naming scheme (peft, diffusers, kohya); "
+        f"tensor names match no known LoRA naming scheme (peft, diffusers, kohya, mlx); "
         f"first keys: {sample}",
         path=source.weights,
         hint="is this a LoRA adapter? a full model checkpoint is a base, not an adapter",

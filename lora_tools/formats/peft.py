@@ -155,7 +155,13 @@ class PeftFormat(AdapterFormat):
             if parsed.embedding:
                 parts[parsed.stem]["embedding"] = (key, tensor)
 
+        foreign_stems = {s for stems in adapter._foreign_seen.values() for s in stems}
         for stem, roles in parts.items():
+            if stem in foreign_stems:
+                # lora_A / lora_B of another type's module (AdaLoRA's, beside its lora_E)
+                for key, tensor in roles.values():
+                    adapter.passthrough[key] = tensor
+                continue
             if "down" not in roles or "up" not in roles:
                 # A factor without its partner is not a module: keep the tensors, validate says why.
                 for key, tensor in roles.values():
