@@ -48,6 +48,29 @@ from lora_tools.naming import (
 )
 
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
+#: PEFT's ``peft_type`` of the other adapter types loratool detects by their tensors
+#: (:data:`lora_tools.formats.base.FOREIGN_SUFFIXES`), and the name it reports them by. Their
+#: configs mean other things by ``r`` and ``alpha`` (IA3 and OFT have neither).
+OTHER_PEFT_TYPES = {
+    "LOHA": "LoHa",
+    "LOKR": "LoKr",
+    "IA3": "IA3",
+    "OFT": "OFT",
+    "BOFT": "BOFT",
+    "VERA": "VeRA",
+    "FOURIERFT": "FourierFT",
+    "ADALORA": "AdaLoRA",
+    "HRA": "HRA",
+    "C3A": "C3A",
+    "SHIRA": "SHiRA",
+    "MISS": "MiSS",
+    "ROAD": "RoAd",
+    "WAVEFT": "WaveFT",
+    "RANDLORA": "RandLoRA",
+    "VBLORA": "VB-LoRA",
+    "DELORA": "DeLoRA",
+    "GRALORA": "GraLoRA",
+}
 #: Why a module's alpha is unknown when its PEFT keys come without adapter_config.json.
 NO_CONFIG = f"no {ADAPTER_CONFIG_NAME}"
 

@@ -123,16 +123,8 @@ def check_adapter_config(
         _check_kohya_metadata(ctx, adapter, modules)
 
 
-#: PEFT's peft_type for the adapter types loratool detects (FOREIGN_SUFFIXES) but does not
-#: compute with; their configs mean other things by r and alpha (IA3 has neither).
-PEFT_TYPE_KINDS = {
-    "LOHA": "LoHa",
-    "LOKR": "LoKr",
-    "IA3": "IA3",
-    "OFT": "OFT",
-    "BOFT": "BOFT",
-    "VERA": "VeRA",
-}
+#: PEFT's peft_type for the adapter types loratool detects but does not compute with.
+PEFT_TYPE_KINDS = peft_format.OTHER_PEFT_TYPES
 
 
 def _is_other_peft_type(config: dict[str, Any], adapter: Adapter) -> bool:
