@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -127,6 +128,27 @@ def note_foreign(adapter: Adapter, kind: str, stem: str, key: str, tensor: Tenso
     adapter.passthrough[key] = tensor
 
 
+def complete_modules(
+    fmt: AdapterFormat, source: AdapterSource, adapter: Adapter
+) -> Iterator[tuple[str, dict[str, tuple[str, Tensor]]]]:
+    """``(stem, role -> (key, tensor))`` for each module of ``source`` with both factors, by
+    ``fmt.parse_key``; every other tensor (no LoRA key, or a factor without its partner, which
+    validate reports) is kept in ``adapter.passthrough``."""
+    parts: dict[str, dict[str, tuple[str, Tensor]]] = {}
+    for key in source.keys:
+        tensor = source.file.tensor(key)
+        parsed = fmt.parse_key(key)
+        if parsed is None:
+            adapter.passthrough[key] = tensor
+        else:
+            parts.setdefault(parsed.stem, {})[parsed.role] = (key, tensor)
+    for stem, roles in parts.items():
+        if "down" in roles and "up" in roles:
+            yield stem, roles
+        else:
+            adapter.passthrough.update(roles.values())
+
+
 class ParsedKey(NamedTuple):
     """A LoRA tensor key split the way its format names tensors.
 
@@ -158,6 +180,16 @@ class AdapterSource:
     @property
     def metadata(self) -> dict[str, str]:
         return self.file.metadata
+
+    def new_adapter(self, format: str) -> Adapter:
+        """An empty :class:`Adapter` of ``format`` that records these files as its sources."""
+        return Adapter(
+            format=format,
+            metadata=self.metadata,
+            config=self.config,
+            source=self.weights,
+            config_source=self.config_path,
+        )
 
 
 def read_json_config(path: Path) -> dict[str, Any]:

@@ -36,18 +36,26 @@ import numpy as np
 from lora_tools.adapter import EMBEDDING, LINEAR, Adapter, LoraModule
 from lora_tools.constants import ADAPTER_CONFIG_NAME, MLX_WEIGHTS_NAME
 from lora_tools.errors import AdapterError, FormatError, UnsupportedAdapterError, UsageError
-from lora_tools.formats.base import AdapterFormat, AdapterSource, ParsedKey, ensure, note_foreign
+from lora_tools.formats.base import (
+    AdapterFormat,
+    AdapterSource,
+    ParsedKey,
+    complete_modules,
+    ensure,
+    note_foreign,
+)
 from lora_tools.io.atomic import atomic_dir
 from lora_tools.io.safetensors import Tensor, save_tensors
 from lora_tools.naming import config_number
 
-_ROLE_RE = re.compile(r"^(?P<stem>.+)\.(?P<role>lora_a|lora_b|m)$")
-_ROLES = {"lora_a": "down", "lora_b": "up", "m": "magnitude"}
 #: Last path parts of the embedding layers of the models mlx-lm ports (Llama, Qwen, Mistral,
 #: Gemma: ``embed_tokens``; GPT-2 / Phi: ``wte``; GPT-NeoX: ``embed_in``...).
 EMBEDDING_NAMES = frozenset(
     {"embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings", "embedding"}
 )
+#: mlx-lm's adapter leaves (tuner/utils.py ``load_adapters``: ``lora_a``, ``lora_b``, ``m``).
+_ROLES = {"lora_a": "down", "lora_b": "up", "m": "magnitude"}
+_ROLE_RE = re.compile(r"^(?P<stem>.+)\.(?P<role>lora_a|lora_b|m)$")
 #: Adapter types of mlx-lm files that loratool detects but does not compute with.
 SWITCH_KIND = "MLX SwitchLinear LoRA"
 DORA_EMBEDDING_KIND = "MLX DoRA embedding"
@@ -151,11 +159,10 @@ class MlxFormat(AdapterFormat):
             >>> MlxFormat().parse_key("model.embed_tokens.lora_b")
             ParsedKey(stem='model.embed_tokens', role='up', embedding=True)
         """
-        m = _ROLE_RE.match(key)
-        if m is None:
-            return None
-        stem = m.group("stem")
-        return ParsedKey(stem, _ROLES[m.group("role")], _is_embedding(stem))
+        found = _ROLE_RE.match(key)
+        return found and ParsedKey(
+            found["stem"], _ROLES[found["role"]], _is_embedding(found["stem"])
+        )
 
     def claims(self, key: str) -> bool:
         # ``.m`` alone is too common a leaf to claim a file by; the factors say it is mlx's.
@@ -177,13 +184,7 @@ class MlxFormat(AdapterFormat):
                 hint="it is a (partial) model checkpoint: use it as a base, not as an adapter",
                 kind="unsupported-type",
             )
-        adapter = Adapter(
-            format=self.name,
-            metadata=source.metadata,
-            config=source.config,
-            source=source.weights,
-            config_source=source.config_path,
-        )
+        adapter = source.new_adapter(self.name)
         params = config.get("lora_parameters", {})
         if not isinstance(params, dict):
             raise FormatError(
@@ -195,19 +196,7 @@ class MlxFormat(AdapterFormat):
             )
         scale = params.get("scale")
         dora = config.get("fine_tune_type") == "dora"
-        parts: dict[str, dict[str, tuple[str, Tensor]]] = {}
-        for key in source.keys:
-            tensor = source.file.tensor(key)
-            parsed = self.parse_key(key)
-            if parsed is None:
-                adapter.passthrough[key] = tensor
-                continue
-            parts.setdefault(parsed.stem, {})[parsed.role] = (key, tensor)
-        for stem, roles in parts.items():
-            if "down" not in roles or "up" not in roles:
-                for key, tensor in roles.values():
-                    adapter.passthrough[key] = tensor
-                continue
+        for stem, roles in complete_modules(self, source, adapter):
             (down_key, lora_a), (up_key, lora_b) = roles["down"], roles["up"]
             embedding = _is_embedding(stem)
             if len(lora_a.shape) == 3 or (embedding and "magnitude" in roles):
@@ -229,16 +218,8 @@ class MlxFormat(AdapterFormat):
             else:
                 alpha, unknown = alpha_for(config_number(scale), rank), None
             keys = {"down": down_key, "up": up_key}
-            module = LoraModule(
-                key=stem,
-                down=down,
-                up=up,
-                alpha=alpha,
-                kind=EMBEDDING if embedding else LINEAR,
-                path=stem,
-                keys=keys,
-                alpha_unknown=unknown,
-            )
+            kind = EMBEDDING if embedding else LINEAR
+            module = LoraModule(stem, down, up, alpha, kind, stem, keys=keys, alpha_unknown=unknown)
             if "magnitude" in roles:
                 keys["magnitude"], module.magnitude = roles["magnitude"]
             elif dora:
