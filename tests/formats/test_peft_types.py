@@ -118,3 +118,18 @@ def test_math_commands_refuse_naming_the_type(
         with pytest.raises(UnsupportedAdapterError, match=f"unsupported adapter type {kind} "):
             call()
     assert not (tmp_path / "merged").exists()
+
+
+def test_a_peft_type_with_unknown_tensors_is_named_from_its_config(tmp_path: Path) -> None:
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    folder = tmp_path / "future"
+    folder.mkdir()
+    save_file(
+        {"base_model.model.model.layers.0.self_attn.q_proj.zeta_w": np.zeros(4, np.float32)},
+        folder / "adapter_model.safetensors",
+    )
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "ZETA"}))
+    with pytest.raises(UnsupportedAdapterError, match="unsupported adapter type ZETA"):
+        load_adapter(folder)
