@@ -154,6 +154,38 @@ def test_validate_passes_mlx_lm_files_and_names_unknown_keys(tmp_path: Path) -> 
     assert ("LT112", "model.layers.1.self_attn.q_proj.extra") in codes
 
 
+def _with_config(tmp_path: Path, kind: str, **changes: object) -> Path:
+    folder = tmp_path / f"{kind}-{len(list(tmp_path.iterdir()))}"
+    shutil.copytree(DATA / kind, folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    for key, value in changes.items():
+        if key == "rank":
+            config["lora_parameters"]["rank"] = value
+        else:
+            config[key] = value
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _findings(path: Path) -> list[tuple[str, str]]:
+    return [(f.rule.code, f.message) for r in validate([path]).files for f in r.findings]
+
+
+def test_validate_checks_the_mlx_config_against_the_tensors(tmp_path: Path) -> None:
+    assert [c for c, _ in _findings(_with_config(tmp_path, "lora", rank=8))] == ["LT304"]
+    plain = _findings(_with_config(tmp_path, "dora", fine_tune_type="lora"))
+    assert [c for c, _ in plain] == ["LT308"]
+    # a DoRA adapter without its magnitudes: mlx-lm starts them at ||W||, no plain LoRA merge
+    folder = _with_config(tmp_path, "lora", fine_tune_type="dora")
+    lost = _findings(folder)
+    assert lost and "no magnitude vector" in lost[0][1]
+    with pytest.raises(LoraToolError, match="no magnitude vector"):
+        load_adapter(folder)
+    (folder / "adapter_config.json").unlink()
+    lone = folder / "adapters.safetensors"
+    assert "LT301" in [c for c, _ in _findings(lone)]
+
+
 def test_refusals(tmp_path: Path) -> None:
     with pytest.raises(UnsupportedAdapterError, match="one rank and one scale"):
         convert_adapter(load_adapter(FIXTURES / "peft" / "llama-patterns"), "mlx")
