@@ -299,7 +299,7 @@ def mlx_config_for(adapter: Adapter) -> dict[str, Any]:
     The adapter's own config is kept when it is mlx-lm's and still says every module's rank
     and scale; otherwise ``fine_tune_type``, ``num_layers`` (-1: every block; modules mlx-lm
     then adds where the file has none start with ``lora_b = 0``, no update) and
-    ``lora_parameters`` are written fresh.
+    ``lora_parameters`` are written fresh (the config's other fields stay).
 
     Raises:
         UnsupportedAdapterError: modules of different ranks or scales, or rsLoRA mixed in a way
@@ -320,8 +320,7 @@ def mlx_config_for(adapter: Adapter) -> dict[str, Any]:
             f"modules have {what}; an mlx-lm adapter has one rank and one scale "
             "(lora_parameters.rank / .scale) for every module",
             path=adapter.source,
-            hint="keep this adapter in PEFT format, or make every module the same rank with "
-            "`loratool resize` first",
+            hint="write it as a PEFT adapter instead (PEFT keeps a rank and alpha per module)",
             kind="unsupported-type",
         )
     rank, scale = ranks[0], scales[0]
@@ -353,8 +352,9 @@ def mlx_config_for(adapter: Adapter) -> dict[str, Any]:
     if dropout is not None:
         params["dropout"] = dropout
     params.setdefault("dropout", 0.0)
-    config.update(fine_tune_type="dora" if dora else "lora", lora_parameters=params)
-    config.setdefault("num_layers", -1)
+    # -1: every block. The modules may no longer be the config's (combine, a converted file),
+    # and the model's block count is not known here to say how many of the last ones they use.
+    config.update(fine_tune_type="dora" if dora else "lora", lora_parameters=params, num_layers=-1)
     base = source.get("base_model_name_or_path")
     if own is None and isinstance(base, str) and base:
         config["model"] = base

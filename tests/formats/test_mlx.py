@@ -219,3 +219,16 @@ def test_mlx_keys_are_block_relative() -> None:
     assert mlx_keys(
         ["model.layers.0.self_attn.q_proj", "model.layers.9.mlp.up_proj", "lm_head"]
     ) == ["lm_head", "mlp.up_proj", "self_attn.q_proj"]
+
+
+def test_rescaled_mlx_adapter_keeps_its_update(tmp_path: Path) -> None:
+    from lora_tools.ops.rescale import rescale_adapter
+
+    result = rescale_adapter(load_adapter(DATA / "lora"), alpha=16)
+    save_adapter(result.adapter, tmp_path / "a16")
+    config = json.loads((tmp_path / "a16" / "adapter_config.json").read_text())
+    assert config["lora_parameters"]["scale"] == 4 and config["num_layers"] == -1
+    before = _merged(tmp_path, DATA / "lora", "before")
+    after = _merged(tmp_path, tmp_path / "a16", "after")
+    for key, value in before.items():
+        np.testing.assert_allclose(after[key], value, rtol=0, atol=3e-7, err_msg=key)
