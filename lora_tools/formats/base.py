@@ -243,6 +243,12 @@ class AdapterFormat:
         otherwise (mlx-lm: transposed). ``loratool validate`` checks shapes through it."""
         return shape
 
+    def foreign_kind(self, stem: str, shapes: dict[str, tuple[int, ...]]) -> str | None:
+        """The adapter type of a module whose LoRA-named tensors (role -> shape) are of a kind
+        loratool does not compute with (mlx-lm's mixture-of-experts LoRA), else None. The
+        reader and ``loratool validate`` both ask it."""
+        return None
+
     def score(self, keys: list[str], metadata: dict[str, str]) -> int:
         """How many keys this format claims (the format with the highest score reads the file)."""
         return sum(1 for k in keys if self.claims(k))

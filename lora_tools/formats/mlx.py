@@ -174,6 +174,13 @@ class MlxFormat(AdapterFormat):
             return (shape[1], shape[0])
         return shape
 
+    def foreign_kind(self, stem: str, shapes: dict[str, tuple[int, ...]]) -> str | None:
+        if len(shapes.get("down", ())) == 3:
+            return SWITCH_KIND
+        if _is_embedding(stem) and "magnitude" in shapes:
+            return DORA_EMBEDDING_KIND
+        return None
+
     def read(self, source: AdapterSource) -> Adapter:
         config = source.config or {}
         if config.get("fine_tune_type") == "full":
@@ -199,10 +206,10 @@ class MlxFormat(AdapterFormat):
         for stem, roles in complete_modules(self, source, adapter):
             (down_key, lora_a), (up_key, lora_b) = roles["down"], roles["up"]
             embedding = _is_embedding(stem)
-            if len(lora_a.shape) == 3 or (embedding and "magnitude" in roles):
-                kind = SWITCH_KIND if len(lora_a.shape) == 3 else DORA_EMBEDDING_KIND
+            other = self.foreign_kind(stem, {role: t.shape for role, (_, t) in roles.items()})
+            if other is not None:
                 for key, tensor in roles.values():
-                    note_foreign(adapter, kind, stem, key, tensor)
+                    note_foreign(adapter, other, stem, key, tensor)
                 continue
             ensure(
                 len(lora_a.shape) == 2 and len(lora_b.shape) == 2,

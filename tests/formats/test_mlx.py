@@ -232,3 +232,25 @@ def test_rescaled_mlx_adapter_keeps_its_update(tmp_path: Path) -> None:
     after = _merged(tmp_path, tmp_path / "a16", "after")
     for key, value in before.items():
         np.testing.assert_allclose(after[key], value, rtol=0, atol=3e-7, err_msg=key)
+
+
+def test_inspect_names_the_base_and_moe_modules_are_detected_not_merged(tmp_path: Path) -> None:
+    from lora_tools.ops.inspect import inspect_adapter
+
+    report = inspect_adapter(DATA / "lora")
+    assert report.format == "mlx" and report.base_model == {
+        "name": "tiny-llama",
+        "source": "adapter_config.json model",
+    }
+    folder = tmp_path / "moe"
+    shutil.copytree(DATA / "lora", folder)
+    tensors = load_file(folder / "adapters.safetensors")
+    stem = "model.layers.1.mlp.switch_mlp.up_proj"
+    tensors[f"{stem}.lora_a"] = np.ones((2, 4, 16), np.float32)  # LoRASwitchLinear: [E, r, in]
+    tensors[f"{stem}.lora_b"] = np.ones((2, 32, 4), np.float32)  # [E, out, r]
+    save_file(tensors, folder / "adapters.safetensors")
+    adapter = load_adapter(folder)
+    assert adapter.foreign == {"MLX SwitchLinear LoRA": [stem]} and len(adapter.modules) == 4
+    with pytest.raises(UnsupportedAdapterError, match="MLX SwitchLinear LoRA"):
+        merge(BASE, [str(folder)], tmp_path / "merged")
+    assert [c for c, _ in _findings(folder)] == ["LT111"]  # LoRA mixed with another type

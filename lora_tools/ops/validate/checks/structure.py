@@ -88,9 +88,14 @@ def check_structure(
         entry = stems.setdefault(parsed.stem, Stem())
         entry.roles[parsed.role] = key
         entry.embedding = entry.embedding or parsed.embedding
+    info = header.tensors
+    for stem, entry in stems.items():
+        shapes = {role: info[key].shape for role, key in entry.roles.items() if key in info}
+        kind = fmt.foreign_kind(stem, shapes)
+        if kind is not None:
+            foreign.setdefault(kind, {})[stem] = None
     foreign_stems = {s for group in foreign.values() for s in group}
     bad: set[str] = set()
-    info = header.tensors
     for stem, entry in stems.items():
         if stem in foreign_stems:
             continue
