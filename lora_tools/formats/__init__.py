@@ -19,13 +19,7 @@ from pathlib import Path
 
 from lora_tools.adapter import Adapter
 from lora_tools.constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHT_NAMES, CONFIG_WEIGHT_NAMES
-from lora_tools.errors import (
-    AdapterError,
-    FormatError,
-    UnsafeFileError,
-    UnsupportedAdapterError,
-    UsageError,
-)
+from lora_tools.errors import AdapterError, FormatError, UnsafeFileError, UsageError
 from lora_tools.formats.base import (
     AdapterFormat,
     AdapterSource,
@@ -179,17 +173,6 @@ def best_format(keys: list[str], metadata: dict[str, str]) -> AdapterFormat | No
 def detect_format(source: AdapterSource) -> AdapterFormat:
     """The registered format that claims the most keys; UnknownFormatError if none claims any."""
     best = best_format(source.keys, source.metadata)
-    peft_type = (source.config or {}).get("peft_type")
-    if best is None and isinstance(peft_type, str) and peft_type != "LORA":
-        # a PEFT type whose tensor names loratool does not know yet: say what the config says
-        sample = ", ".join(repr(k) for k in source.keys[:2]) or "no tensors at all"
-        raise UnsupportedAdapterError(
-            f"unsupported adapter type {peft_type} (adapter_config.json peft_type), with "
-            f"tensors loratool does not know ({sample})",
-            path=source.weights,
-            hint="PEFT merges its own types (PeftModel.merge_and_unload)",
-            kind="unsupported-type",
-        )
     if best is None:
         raise_unknown(source)
     assert best is not None

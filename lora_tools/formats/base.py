@@ -276,9 +276,21 @@ def unresolved_error(adapter: Adapter, target: str, missing: list[str]) -> Usage
 
 
 def raise_unknown(source: AdapterSource) -> None:
-    from lora_tools.errors import UnknownFormatError
+    """Raise for a file no format claims: UnsupportedAdapterError naming the type when its
+    PEFT config says one (a type whose tensor names loratool does not know), else
+    UnknownFormatError."""
+    from lora_tools.errors import UnknownFormatError, UnsupportedAdapterError
 
     sample = ", ".join(repr(k) for k in source.keys[:4]) or "no tensors at all"
+    peft_type = (source.config or {}).get("peft_type")
+    if isinstance(peft_type, str) and peft_type != "LORA":
+        raise UnsupportedAdapterError(
+            f"unsupported adapter type {peft_type} (adapter_config.json peft_type), whose "
+            f"tensors loratool does not know: {sample}",
+            path=source.weights,
+            hint="PEFT merges its own types (PeftModel.merge_and_unload)",
+            kind="unsupported-type",
+        )
     raise UnknownFormatError(
         f"tensor names match no known LoRA naming scheme (peft, diffusers, kohya, mlx); "
         f"first keys: {sample}",
