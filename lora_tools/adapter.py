@@ -414,7 +414,9 @@ class Adapter:
                 f"unsupported adapter type {kind} ({len(stems)} modules, e.g. {stems[0]!r}); "
                 f"{operation} is defined for LoRA factors only",
                 path=self.source,
-                hint="LyCORIS types need LyCORIS' own tools",
+                hint="PEFT merges its own types (PeftModel.merge_and_unload)"
+                if self.format == "peft"
+                else "LyCORIS types need LyCORIS' own tools",
                 kind="unsupported-type",
             )
 
@@ -444,6 +446,7 @@ class Adapter:
         r = config.get("r")
         if (
             self.format == "peft"
+            and config.get("peft_type", "LORA") == "LORA"  # r means other things elsewhere
             and "r" in config
             and not (isinstance(r, int) and not isinstance(r, bool) and r > 0)
         ):

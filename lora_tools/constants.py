@@ -14,9 +14,13 @@ ADAPTER_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 #: diffusers' LoRA weights file (``save_lora_weights``).
 DIFFUSERS_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+#: mlx-lm's adapter weights (``mlx_lm.lora``; its checkpoints are ``<step>_adapters.safetensors``).
+MLX_WEIGHTS_NAME = "adapters.safetensors"
 #: Weights file names looked for, in order, inside an adapter folder (and the only weights names
 #: of an adapter folder loratool writes).
-ADAPTER_WEIGHT_NAMES = (PEFT_WEIGHTS_NAME, DIFFUSERS_WEIGHTS_NAME)
+ADAPTER_WEIGHT_NAMES = (PEFT_WEIGHTS_NAME, DIFFUSERS_WEIGHTS_NAME, MLX_WEIGHTS_NAME)
+#: Weights files that the adapter_config.json beside them belongs to (PEFT's and mlx-lm's).
+CONFIG_WEIGHT_NAMES = (PEFT_WEIGHTS_NAME, MLX_WEIGHTS_NAME)
 
 # -- base checkpoints ---------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""``loratool convert ADAPTER --to peft|kohya|diffusers -o OUT [--base BASE]``."""
+"""``loratool convert ADAPTER --to peft|kohya|diffusers|mlx -o OUT [--base BASE]``."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from lora_tools.cli.options import (
     "--to",
     "to",
     required=True,
-    type=click.Choice(["peft", "kohya", "diffusers"]),
+    type=click.Choice(["peft", "kohya", "diffusers", "mlx"]),
     help="Target naming scheme.",
 )
 @output_option()
@@ -57,10 +57,11 @@ def command(
     as_json: bool,
     quiet: bool,
 ) -> None:
-    """Convert between PEFT, kohya and diffusers naming, carrying every module's scale exactly.
+    """Convert between PEFT, kohya, diffusers and mlx-lm naming, carrying every module's scale.
 
     Factors are copied unchanged; scale moves to alpha_pattern (PEFT), lora_adapter_metadata
-    (diffusers) or per-module alpha tensors (kohya; rsLoRA expressed as alpha).
+    (diffusers), per-module alpha tensors (kohya; rsLoRA expressed as alpha) or mlx-lm's one
+    lora_parameters.scale (mlx stores the factors transposed).
 
     \b
     Examples:

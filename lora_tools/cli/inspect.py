@@ -168,6 +168,22 @@ def render(report: dict[str, Any]) -> None:
         table.add_row(key, value)
     out.print(table)
 
+    if report["foreign_modules"]:
+        out.print()
+        t = Table(title="unsupported modules (structure from the tensors)", title_justify="left")
+        t.add_column("module", overflow="fold")
+        t.add_column("type")
+        t.add_column("structure", overflow="fold")
+        for row in report["foreign_modules"]:
+            t.add_row(
+                _safe(row["module"].removeprefix(PEFT_PREFIX)),
+                _safe(row["type"]),
+                _safe(row["structure"]),
+            )
+        out.print(t)
+        for name, shape in report["shared_tensors"].items():
+            out.print(f"shared  {_safe(name)}  [{', '.join(map(str, shape))}]")
+
     config = report["config"] or {}
 
     notable = [(k, config[k]) for k in NOTABLE_CONFIG if config.get(k) not in (None, {}, [], "")]

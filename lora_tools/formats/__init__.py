@@ -1,7 +1,7 @@
 """Adapter formats: detection, reading and writing through one registry.
 
 Built-in formats: ``peft``, ``diffusers``, ``kohya``, ``diffusers-old``, ``comfyui``,
-``xlabs``. Third-party packages add
+``xlabs``, ``mlx``. Third-party packages add
 formats through the ``lora_tools.formats`` entry-point group, naming an
 :class:`~lora_tools.formats.base.AdapterFormat` subclass.
 
@@ -19,7 +19,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from lora_tools.adapter import Adapter
-from lora_tools.constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHT_NAMES
+from lora_tools.constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHT_NAMES, CONFIG_WEIGHT_NAMES
 from lora_tools.errors import AdapterError, FormatError, UnsafeFileError, UsageError
 from lora_tools.formats.base import (
     AdapterFormat,
@@ -31,6 +31,7 @@ from lora_tools.formats.comfyui import ComfyUIFormat
 from lora_tools.formats.diffusers import DiffusersFormat
 from lora_tools.formats.diffusers_old import DiffusersOldFormat
 from lora_tools.formats.kohya import KohyaFormat
+from lora_tools.formats.mlx import MlxFormat
 from lora_tools.formats.peft import PeftFormat
 from lora_tools.formats.xlabs import XLabsFormat
 from lora_tools.io.atomic import check_output
@@ -69,6 +70,7 @@ for _builtin in (
     DiffusersOldFormat,
     ComfyUIFormat,
     XLabsFormat,
+    MlxFormat,
 ):
     register(_builtin)
 
@@ -156,7 +158,7 @@ def find_adapter_files(path: str | os.PathLike[str]) -> tuple[Path, Path | None]
     if not path.exists():
         raise FormatError("no such file or folder", path=path, kind="missing")
     config = path.with_name(ADAPTER_CONFIG_NAME)
-    use_config = path.name == ADAPTER_WEIGHT_NAMES[0] and config.is_file()
+    use_config = path.name in CONFIG_WEIGHT_NAMES and config.is_file()
     return path, config if use_config else None
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -52,7 +52,41 @@ FOREIGN_SUFFIXES: dict[str, str] = {
     # diffusers loads as replacement weights: no LoRA, and no merge may skip them silently.
     "query_norm.scale": "full norm weights",
     "key_norm.scale": "full norm weights",
+    # PEFT's spellings of its other types (the tuners' adapter_layer_names, peft 0.21)
+    "oft_R": "OFT",
+    "oft_embedding_R": "OFT",
+    "boft_s": "BOFT",
+    "fourierft_spectrum": "FourierFT",
+    "lora_E": "AdaLoRA",
+    "hra_u": "HRA",
+    "c3a_kernel": "C3A",
+    "shira_weight": "SHiRA",
+    "miss_block": "MiSS",
+    "road_theta": "RoAd",
+    "road_alpha": "RoAd",
+    "waveft_spectrum": "WaveFT",
+    "randlora_lambda": "RandLoRA",
+    "randlora_gamma": "RandLoRA",
+    "vblora_logits_A": "VB-LoRA",
+    "vblora_logits_B": "VB-LoRA",
+    "delora_A": "DeLoRA",
+    "delora_B": "DeLoRA",
+    "delora_lambda": "DeLoRA",
+    "gralora_A": "GraLoRA",
+    "gralora_B": "GraLoRA",
 }
+#: Tensors PEFT saves once for the whole model (``base_model.<name>``, with
+#: ``save_projection=True``): the frozen random matrices every module of the type shares.
+SHARED_FOREIGN: dict[str, str] = {
+    "vera_A": "VeRA",
+    "vera_B": "VeRA",
+    "randlora_A": "RandLoRA",
+    "randlora_B": "RandLoRA",
+    "vblora_vector_bank": "VB-LoRA",
+}
+_SHARED_RE = re.compile(
+    r"^base_model\.(?P<name>" + "|".join(map(re.escape, SHARED_FOREIGN)) + r")(?:\.[A-Za-z0-9_]+)?$"
+)
 _FOREIGN_RE = re.compile(
     r"^(?P<stem>.+?)\.(?P<suffix>"
     + "|".join(re.escape(s) for s in sorted(FOREIGN_SUFFIXES, key=len, reverse=True))
@@ -101,18 +135,55 @@ def bias_diff_keys(keys: Iterable[str], fmt: AdapterFormat) -> set[str]:
     }
 
 
+def shared_foreign(key: str) -> str | None:
+    """The type of a tensor PEFT shares between every module of it (``base_model.vera_A``)."""
+    m = _SHARED_RE.match(key)
+    return SHARED_FOREIGN[m.group("name")] if m else None
+
+
 def add_foreign(adapter: Adapter, key: str, tensor: Tensor) -> bool:
-    """Keep a foreign tensor as pass-through and note its type; False if the key isn't one."""
+    """Keep a foreign tensor as pass-through and note its type; False if the key isn't one.
+
+    A shared tensor (:func:`shared_foreign`) is kept as pass-through and belongs to no module.
+    """
+    if shared_foreign(key) is not None:
+        adapter.passthrough[key] = tensor
+        return True
     found = classify_foreign(key)
     if found is None:
         return False
-    kind, stem = found
+    note_foreign(adapter, found[0], found[1], key, tensor)
+    return True
+
+
+def note_foreign(adapter: Adapter, kind: str, stem: str, key: str, tensor: Tensor) -> None:
+    """Keep ``tensor`` as pass-through, as a tensor of module ``stem`` of adapter type ``kind``."""
     seen = adapter._foreign_seen.setdefault(kind, set())
     if stem not in seen:  # a set: a list's `in` made reading n LyCORIS modules O(n^2)
         seen.add(stem)
         adapter.foreign.setdefault(kind, []).append(stem)
     adapter.passthrough[key] = tensor
-    return True
+
+
+def complete_modules(
+    fmt: AdapterFormat, source: AdapterSource, adapter: Adapter
+) -> Iterator[tuple[str, dict[str, tuple[str, Tensor]]]]:
+    """``(stem, role -> (key, tensor))`` for each module of ``source`` with both factors, by
+    ``fmt.parse_key``; every other tensor (no LoRA key, or a factor without its partner, which
+    validate reports) is kept in ``adapter.passthrough``."""
+    parts: dict[str, dict[str, tuple[str, Tensor]]] = {}
+    for key in source.keys:
+        tensor = source.file.tensor(key)
+        parsed = fmt.parse_key(key)
+        if parsed is None:
+            adapter.passthrough[key] = tensor
+        else:
+            parts.setdefault(parsed.stem, {})[parsed.role] = (key, tensor)
+    for stem, roles in parts.items():
+        if "down" in roles and "up" in roles:
+            yield stem, roles
+        else:
+            adapter.passthrough.update(roles.values())
 
 
 class ParsedKey(NamedTuple):
@@ -147,6 +218,16 @@ class AdapterSource:
     @property
     def metadata(self) -> dict[str, str]:
         return self.file.metadata
+
+    def new_adapter(self, format: str) -> Adapter:
+        """An empty :class:`Adapter` of ``format`` that records these files as its sources."""
+        return Adapter(
+            format=format,
+            metadata=self.metadata,
+            config=self.config,
+            source=self.weights,
+            config_source=self.config_path,
+        )
 
 
 def read_json_config(path: Path) -> dict[str, Any]:
@@ -194,6 +275,18 @@ class AdapterFormat:
         """
         return None
 
+    def canonical_shape(self, role: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape a ``role`` tensor stored as ``shape`` has in PEFT's orientation (down
+        ``[r, in]``, up ``[out, r]``): the same shape, except for formats that store factors
+        otherwise (mlx-lm: transposed). ``loratool validate`` checks shapes through it."""
+        return shape
+
+    def foreign_kind(self, stem: str, shapes: dict[str, tuple[int, ...]]) -> str | None:
+        """The adapter type of a module whose LoRA-named tensors (role -> shape) are of a kind
+        loratool does not compute with (mlx-lm's mixture-of-experts LoRA), else None. The
+        reader and ``loratool validate`` both ask it."""
+        return None
+
     def score(self, keys: list[str], metadata: dict[str, str]) -> int:
         """How many keys this format claims (the format with the highest score reads the file)."""
         return sum(1 for k in keys if self.claims(k))
@@ -221,12 +314,24 @@ def unresolved_error(adapter: Adapter, target: str, missing: list[str]) -> Usage
 
 
 def raise_unknown(source: AdapterSource) -> None:
-    from lora_tools.errors import UnknownFormatError
+    """Raise for a file no format claims: UnsupportedAdapterError naming the type when its
+    PEFT config says one (a type whose tensor names loratool does not know), else
+    UnknownFormatError."""
+    from lora_tools.errors import UnknownFormatError, UnsupportedAdapterError
 
     sample = ", ".join(repr(k) for k in source.keys[:4]) or "no tensors at all"
+    peft_type = (source.config or {}).get("peft_type")
+    if isinstance(peft_type, str) and peft_type != "LORA":
+        raise UnsupportedAdapterError(
+            f"unsupported adapter type {peft_type} (adapter_config.json peft_type), whose "
+            f"tensors loratool does not know: {sample}",
+            path=source.weights,
+            hint="PEFT merges its own types (PeftModel.merge_and_unload)",
+            kind="unsupported-type",
+        )
     raise UnknownFormatError(
         f"tensor names match no known LoRA naming scheme (peft, diffusers, kohya, "
-        f"comfyui, xlabs); "
+        f"comfyui, xlabs, mlx); "
         f"first keys: {sample}",
         path=source.weights,
         hint="is this a LoRA adapter? a full model checkpoint is a base, not an adapter",

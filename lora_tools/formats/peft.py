@@ -61,6 +61,30 @@ BFL_FLUX_ROOTS = (
     "guidance_in.",
     "final_layer.",
 )
+
+#: PEFT's ``peft_type`` of the other adapter types loratool detects by their tensors
+#: (:data:`lora_tools.formats.base.FOREIGN_SUFFIXES`), and the name it reports them by. Their
+#: configs mean other things by ``r`` and ``alpha`` (IA3 and OFT have neither).
+OTHER_PEFT_TYPES = {
+    "LOHA": "LoHa",
+    "LOKR": "LoKr",
+    "IA3": "IA3",
+    "OFT": "OFT",
+    "BOFT": "BOFT",
+    "VERA": "VeRA",
+    "FOURIERFT": "FourierFT",
+    "ADALORA": "AdaLoRA",
+    "HRA": "HRA",
+    "C3A": "C3A",
+    "SHIRA": "SHiRA",
+    "MISS": "MiSS",
+    "ROAD": "RoAd",
+    "WAVEFT": "WaveFT",
+    "RANDLORA": "RandLoRA",
+    "VBLORA": "VB-LoRA",
+    "DELORA": "DeLoRA",
+    "GRALORA": "GraLoRA",
+}
 #: Why a module's alpha is unknown when its PEFT keys come without adapter_config.json.
 NO_CONFIG = f"no {ADAPTER_CONFIG_NAME}"
 
@@ -168,7 +192,13 @@ class PeftFormat(AdapterFormat):
             if parsed.embedding:
                 parts[parsed.stem]["embedding"] = (key, tensor)
 
+        foreign_stems = {s for stems in adapter._foreign_seen.values() for s in stems}
         for stem, roles in parts.items():
+            if stem in foreign_stems:
+                # lora_A / lora_B of another type's module (AdaLoRA's, beside its lora_E)
+                for key, tensor in roles.values():
+                    adapter.passthrough[key] = tensor
+                continue
             if "down" not in roles or "up" not in roles:
                 # A factor without its partner is not a module: keep the tensors, validate says why.
                 for key, tensor in roles.values():

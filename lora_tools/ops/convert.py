@@ -1,8 +1,9 @@
 """``convert``: rename an adapter into another naming scheme, carrying every module's scale.
 
 Targets: ``peft`` (``base_model.model.<path>`` + adapter_config.json), ``diffusers``
-(``<component>.<path>`` + ``lora_adapter_metadata``) and ``kohya`` (``lora_unet_*`` /
-``lora_te*_`` with per-module alpha tensors). The factors are copied byte for byte; only names
+(``<component>.<path>`` + ``lora_adapter_metadata``), ``kohya`` (``lora_unet_*`` /
+``lora_te*_`` with per-module alpha tensors) and ``mlx`` (mlx-lm's ``<path>.lora_a`` /
+``.lora_b``, one rank and scale in its adapter_config.json; its factors are PEFT's transposed). The factors are copied byte for byte; only names
 and the places scale lives change:
 
 - PEFT and diffusers: per-module alpha through ``lora_alpha`` + ``alpha_pattern`` (written
@@ -35,6 +36,7 @@ from typing import Any
 
 from lora_tools.adapter import Adapter, LoraModule
 from lora_tools.errors import UnsupportedAdapterError, UsageError
+from lora_tools.formats.mlx import mlx_config_for
 from lora_tools.formats.peft import (
     DIFFUSERS_METADATA_KEY,
     diffusers_component_configs,
@@ -55,7 +57,7 @@ from lora_tools.ops._algebra import add_history
 from lora_tools.ops.relayout import layout_for, relayout
 from lora_tools.results import WrittenResult, adapter_inputs, input_ref
 
-TARGETS = ("peft", "kohya", "diffusers")
+TARGETS = ("peft", "kohya", "diffusers", "mlx")
 #: Single-file checkpoint layouts whose module names no diffusers / transformers model class
 #: uses, by their top-level module names (module paths inside a component).
 FOREIGN_LAYOUTS: dict[str, tuple[str, ...]] = {
@@ -138,7 +140,7 @@ def convert_adapter(
 
     Args:
         adapter: the adapter (not modified).
-        to: ``peft``, ``kohya`` or ``diffusers``.
+        to: ``peft``, ``kohya``, ``diffusers`` or ``mlx``.
         base: base checkpoint (file, HF folder or diffusers pipeline folder), needed to recover
             module paths from kohya names; also checks that every module fits the base.
         component: the pipeline component (``unet``, ``text_encoder``, ``transformer``...) to
@@ -169,10 +171,10 @@ def convert_adapter(
     if base is not None:
         resolved, transposed, layouts = _resolve_paths(adapter, modules, base)
         modules, relaid = relayout(modules, layouts, to, _layout_refusal(adapter, to))
-    if to in ("peft", "diffusers"):
+    if to in ("peft", "diffusers", "mlx"):
         _check_layout(adapter, modules, to, layouts)
     missing = [m.key for m in modules.values() if m.path is None]
-    if missing and to in ("peft", "diffusers"):
+    if missing and to in ("peft", "diffusers", "mlx"):
         raise UsageError(
             f"{len(missing)} modules have kohya names (e.g. {missing[0]!r}), which do not say "
             f"where the dots of the module path were; {to} names need the dotted path",
@@ -202,6 +204,10 @@ def convert_adapter(
     if to == "peft":
         out.metadata["format"] = "pt"
         out.config = _peft_config(adapter, out, component, transposed)
+    elif to == "mlx":
+        out.metadata.pop("format", None)  # mlx-lm's files carry no metadata
+        out.config = adapter.config if adapter.format == "mlx" else _mlx_seed(adapter)
+        out.config = mlx_config_for(out)  # refuses what one rank and scale cannot say
     elif to == "diffusers":
         out.metadata["format"] = "pt"
         out.metadata[DIFFUSERS_METADATA_KEY] = json.dumps(
@@ -324,11 +330,11 @@ def _place_components(
     dropped: list[str],
 ) -> dict[str, LoraModule]:
     present = {m.component for m in modules.values()}
-    if to == "peft":
+    if to in ("peft", "mlx"):
         named = sorted(c for c in present if c is not None)
         if component is None and len(named) > 1:
             raise UsageError(
-                f"this adapter holds {len(named)} components ({', '.join(named)}); a PEFT "
+                f"this adapter holds {len(named)} components ({', '.join(named)}); a {to} "
                 "adapter holds one model",
                 path=adapter.source,
                 hint=f"pass --component {named[0]} (and convert each component separately)",
@@ -407,6 +413,8 @@ def _renamed(m: LoraModule, to: str) -> LoraModule:
         new.key = kohya_name(m.component, m.path or "")
     elif to == "peft":
         new.key = PEFT_PREFIX + (m.path or "")
+    elif to == "mlx":
+        new.key = m.path or ""
     else:
         new.key = f"{m.component}.{m.path}"
     return new
@@ -416,6 +424,15 @@ def _passthrough(adapter: Adapter, to: str, kept: dict[str, LoraModule]) -> dict
     """Full tensors (modules_to_save, saved layers) under the target's prefix."""
     if not adapter.passthrough or to == adapter.format:
         return dict(adapter.passthrough)
+    if to == "mlx" or adapter.format == "mlx":
+        name = next(iter(adapter.passthrough))
+        raise UnsupportedAdapterError(
+            f"holds {len(adapter.passthrough)} full tensors (e.g. {name!r}) that "
+            f"{'mlx-lm adapters cannot hold' if to == 'mlx' else 'are no mlx-lm LoRA tensors'}",
+            path=adapter.source,
+            hint="convert an adapter of LoRA factors only",
+            kind="unsupported-type",
+        )
     if to == "kohya":
         name = next(iter(adapter.passthrough))
         raise UnsupportedAdapterError(
@@ -462,7 +479,26 @@ def _peft_config(
         value = (source.config or {}).get(key)
         if value is not None:
             fresh[key] = value
+    if source.format == "mlx" and source.config:
+        # mlx-lm names the base model "model" and keeps dropout in lora_parameters
+        params = source.config.get("lora_parameters") or {}
+        if isinstance(source.config.get("model"), str):
+            fresh["base_model_name_or_path"] = source.config["model"]
+        if isinstance(params.get("dropout"), (int, float)):
+            fresh["lora_dropout"] = params["dropout"]
     return fresh
+
+
+def _mlx_seed(source: Adapter) -> dict[str, Any]:
+    """The fields of a PEFT config that mlx-lm's config also has (the writer adds rank and
+    scale, :func:`lora_tools.formats.mlx.mlx_config_for`)."""
+    config = source.config or {}
+    seed: dict[str, Any] = {}
+    if isinstance(config.get("lora_dropout"), (int, float)):
+        seed["lora_dropout"] = config["lora_dropout"]
+    if isinstance(config.get("base_model_name_or_path"), str):
+        seed["base_model_name_or_path"] = config["base_model_name_or_path"]
+    return seed
 
 
 def _diffusers_seed(source: Adapter, out: Adapter, transposed: bool) -> dict[str, Any]:

@@ -25,6 +25,7 @@ import numpy as np
 
 from lora_tools.adapter import Adapter, LoraModule
 from lora_tools.formats import load_adapter
+from lora_tools.formats.base import shared_foreign
 from lora_tools.formats.peft import DIFFUSERS_METADATA_KEY, diffusers_component_configs
 from lora_tools.lowrank import effective_rank, singular_values
 from lora_tools.results import SCHEMA_VERSION, Result, input_ref
@@ -67,6 +68,9 @@ NOTABLE_METADATA = (
 )
 NOTABLE_CONFIG = (
     "peft_type",
+    "fine_tune_type",
+    "num_layers",
+    "lora_parameters",
     "task_type",
     "base_model_name_or_path",
     "r",
@@ -104,6 +108,7 @@ def base_model_of(adapter: Adapter) -> dict[str, str] | None:
     meta = adapter.metadata
     found = [
         ("adapter_config.json base_model_name_or_path", cfg.get("base_model_name_or_path")),
+        ("adapter_config.json model", cfg.get("model") if adapter.format == "mlx" else None),
         ("metadata ss_sd_model_name", meta.get("ss_sd_model_name")),
     ]
     for component, config in diffusers_component_configs(meta).items():
@@ -301,6 +306,95 @@ def _scale_or_none(m: LoraModule) -> float | None:
     return None if m.alpha_unknown is not None else m.scale
 
 
+def _dims(shape: tuple[int, ...] | None) -> str:
+    return "?" if shape is None else " x ".join(map(str, shape))
+
+
+def foreign_structure(kind: str, tensors: dict[str, tuple[int, ...]]) -> str:
+    """One line on what a non-LoRA module's tensors make (``tensors``: name after the module
+    stem -> shape), from the shapes alone; the tensors' own shapes where the type is unknown.
+
+    Example:
+        >>> foreign_structure("LoKr", {"lokr_w1": (4, 4), "lokr_w2": (4, 8)})
+        'kron(4 x 4, 4 x 8) -> 16 x 32'
+        >>> foreign_structure("OFT", {"oft_R.weight": (4, 6)})
+        '4 blocks of 4 x 4 (6 parameters each, skew-symmetric)'
+    """
+    t = {name.removesuffix(".weight"): shape for name, shape in tensors.items()}
+    if kind == "LoHa" and "hada_w1_a" in t and "hada_w1_b" in t:
+        w1a, w1b = t["hada_w1_a"], t["hada_w1_b"]
+        tucker = "hada_t1" in t
+        rank = w1a[0] if tucker else w1a[-1]
+        out = w1a[1] if tucker else w1a[0]
+        return f"rank {rank}: (w1_a w1_b) * (w2_a w2_b) -> {out} x {w1b[-1]}" + (
+            ", Tucker" if tucker else ""
+        )
+    if kind == "LoKr":
+        w1 = t.get("lokr_w1") or (
+            (t["lokr_w1_a"][0], t["lokr_w1_b"][-1])
+            if {"lokr_w1_a", "lokr_w1_b"} <= set(t)
+            else None
+        )
+        w2 = t.get("lokr_w2") or (
+            (t["lokr_w2_a"][0], t["lokr_w2_b"][-1])
+            if {"lokr_w2_a", "lokr_w2_b"} <= set(t)
+            else None
+        )
+        if w1 is not None and w2 is not None and len(w1) >= 2 and len(w2) >= 2:
+            low = [n for n in ("w1", "w2") if f"lokr_{n}_a" in t]
+            rank = f", {'/'.join(low)} rank {t[f'lokr_{low[0]}_a'][-1]}" if low else ""
+            result = f"{w1[0] * w2[0]} x {w1[1] * w2[1]}"
+            return f"kron({_dims(w1[:2])}, {_dims(w2[:2])}) -> {result}{rank}"
+    if kind == "IA3" and "ia3_l" in t:
+        shape = t["ia3_l"]
+        n = math.prod(shape)
+        side = "inputs (feed-forward)" if len(shape) == 2 and shape[0] == 1 else "outputs"
+        return f"vector of {n} scaling the {side}"
+    if kind == "OFT" and "oft_R" in t and len(t["oft_R"]) == 2:
+        blocks, params = t["oft_R"]
+        size = round((1 + math.sqrt(1 + 8 * params)) / 2)
+        return f"{blocks} blocks of {size} x {size} ({params} parameters each, skew-symmetric)"
+    if kind == "BOFT" and "boft_R" in t and len(t["boft_R"]) == 4:
+        factors, blocks, b, _ = t["boft_R"]
+        scale = f", scale [{math.prod(t['boft_s'])}]" if "boft_s" in t else ""
+        return f"{factors} butterfly factor(s) of {blocks} blocks {b} x {b}{scale}"
+    if kind == "VeRA" and "vera_lambda_b" in t and "vera_lambda_d" in t:
+        return (
+            f"rank {math.prod(t['vera_lambda_d'])}: lambda_b [{math.prod(t['vera_lambda_b'])}] "
+            "x shared vera_B, lambda_d x shared vera_A"
+        )
+    if kind == "FourierFT" and "fourierft_spectrum" in t:
+        return f"{math.prod(t['fourierft_spectrum'])} spectral coefficients"
+    return ", ".join(f"{name} [{', '.join(map(str, shape))}]" for name, shape in t.items())
+
+
+def _foreign_rows(adapter: Adapter) -> tuple[list[dict[str, Any]], dict[str, list[int]]]:
+    """One row per non-LoRA module (type, tensors, structure), and the shared tensors."""
+    by_stem: dict[str, dict[str, tuple[int, ...]]] = {}
+    stems = {stem: kind for kind, found in adapter.foreign.items() for stem in found}
+    shared: dict[str, list[int]] = {}
+    for key, tensor in adapter.passthrough.items():
+        if shared_foreign(key) is not None:
+            shared[key] = list(tensor.shape)
+            continue
+        stem, _, rest = key.rpartition(".")
+        while stem and stem not in stems:
+            stem, _, part = stem.rpartition(".")
+            rest = f"{part}.{rest}"
+        if stem:
+            by_stem.setdefault(stem, {})[rest] = tuple(tensor.shape)
+    rows = [
+        {
+            "module": stem,
+            "type": kind,
+            "tensors": {name: list(shape) for name, shape in by_stem.get(stem, {}).items()},
+            "structure": foreign_structure(kind, by_stem.get(stem, {})),
+        }
+        for stem, kind in stems.items()
+    ]
+    return rows, shared
+
+
 @dataclass(frozen=True, repr=False)
 class InspectResult(Result):
     """What :func:`inspect_adapter` found; ``to_json()`` is the ``inspect --json`` document.
@@ -322,6 +416,9 @@ class InspectResult(Result):
         dtypes: tensor count per dtype; parameters: ``{"lora", "passthrough"}`` element counts.
         passthrough_tensors: full tensors stored beside the modules; unsupported: module count
             per adapter type detected but not handled.
+        foreign_modules: one ``{"module", "type", "tensors", "structure"}`` per module of such
+            a type (``tensors``: name -> shape; ``structure``: :func:`foreign_structure`);
+            shared_tensors: tensors every module of a type shares (VeRA's), name -> shape.
         metadata / config: the file's metadata and adapter config, as stored.
         stats: with ``stats=True``, ``{"modules": [per-module norms], "outliers", "non_finite",
             "zero", "frobenius_median"}``; else None.
@@ -350,6 +447,8 @@ class InspectResult(Result):
     parameters: dict[str, int]
     passthrough_tensors: list[str]
     unsupported: dict[str, int]
+    foreign_modules: tuple[dict[str, Any], ...]
+    shared_tensors: dict[str, list[int]]
     metadata: dict[str, str]
     config: dict[str, Any] | None
     stats: dict[str, Any] | None = None
@@ -395,6 +494,8 @@ class InspectResult(Result):
             "parameters": dict(self.parameters),
             "passthrough_tensors": list(self.passthrough_tensors),
             "unsupported": dict(self.unsupported),
+            "foreign_modules": [dict(m) for m in self.foreign_modules],
+            "shared_tensors": dict(self.shared_tensors),
             "metadata": dict(self.metadata),
             "config": self.config,
             "stats": self.stats,
@@ -431,6 +532,7 @@ def inspect_adapter(
             if index is not None:
                 entries.add(index)
 
+    foreign_rows, shared = _foreign_rows(adapter)
     return InspectResult(
         path=str(adapter.source) if adapter.source else None,
         files=tuple(str(p) for p in files),
@@ -465,6 +567,8 @@ def inspect_adapter(
         },
         passthrough_tensors=sorted(adapter.passthrough),
         unsupported={kind: len(stems) for kind, stems in adapter.foreign.items()},
+        foreign_modules=tuple(foreign_rows),
+        shared_tensors=shared,
         metadata=dict(adapter.metadata),
         config=adapter.config,
         stats=_stats(modules) if stats else None,

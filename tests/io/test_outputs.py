@@ -183,9 +183,11 @@ def test_a_link_loop_as_output_is_an_output_error(tmp_path: Path) -> None:
 def test_the_adapter_folders_loratool_writes_use_the_shared_names() -> None:
     from lora_tools.formats.diffusers import DiffusersFormat
     from lora_tools.formats.diffusers_old import DiffusersOldFormat
+    from lora_tools.formats.mlx import MlxFormat
     from lora_tools.formats.peft import PeftFormat
 
     writers = {PeftFormat.default_filename, DiffusersFormat.default_filename}
+    writers |= {MlxFormat.default_filename}
     assert writers | {DiffusersOldFormat.default_filename} == set(ADAPTER_WEIGHT_NAMES)
 
 

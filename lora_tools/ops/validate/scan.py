@@ -81,9 +81,14 @@ class Factor:
         self.matrix = matrix
 
 
-def gram(raw: memoryview, info: TensorInfo, role: str) -> np.ndarray | Factor:
+def gram(
+    raw: memoryview, info: TensorInfo, role: str, *, transposed: bool = False
+) -> np.ndarray | Factor:
     """The ``r x r`` Gram matrix of a factor: ``U^T U`` for up, ``V V^T`` for down; or the
     factor itself (:class:`Factor`) when ``r`` exceeds its other side.
+
+    ``transposed``: the file stores the 2-D factor transposed (mlx-lm's ``lora_a [in, r]``,
+    ``lora_b [r, out]``); it is read as a view of its transpose.
 
     ``||s U V||_F^2 = s^2 trace(U^T U V V^T)``, so the two Grams give the update norm without
     forming it (:func:`frobenius_squared`); float32 products (float64 for F64 data) are plenty
@@ -92,6 +97,8 @@ def gram(raw: memoryview, info: TensorInfo, role: str) -> np.ndarray | Factor:
     values = np.frombuffer(raw, dtype=numpy_dtype(info.dtype))
     work = values if values.dtype in (np.float32, np.float64) else values.astype(np.float32)
     mat = work.reshape(info.shape[0], -1)
+    if transposed:
+        mat = mat.T
     rank, other = (mat.shape[1], mat.shape[0]) if role == "up" else mat.shape
     if rank > other:
         # ``values`` is a view of the read buffer: keep a copy.

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_tools.constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHT_NAMES
+from lora_tools.constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHT_NAMES, CONFIG_WEIGHT_NAMES
 from lora_tools.io.hub import local_reason, parse_hub_id, resolve_input
 from lora_tools.io.safetensors import PICKLE_SUFFIXES, file_kind
 
@@ -47,10 +47,8 @@ def _folder_targets(display: str, folder: Path) -> list[Target]:
     if files:
         targets = []
         for weights in files:
-            # The config belongs to PEFT's weights file, or to the folder's only weights file.
-            attach = cfg is not None and (
-                weights.name == ADAPTER_WEIGHT_NAMES[0] or len(files) == 1
-            )
+            # The config belongs to PEFT's or mlx-lm's weights file, or to the folder's only weights file.
+            attach = cfg is not None and (weights.name in CONFIG_WEIGHT_NAMES or len(files) == 1)
             targets.append(
                 Target(
                     _join(display, weights.name),
@@ -97,7 +95,7 @@ def discover(paths: Iterable[str | os.PathLike[str]]) -> list[Target]:
             found = _folder_targets(os.path.dirname(display) or ".", path.parent)
         elif path.is_file():
             config = path.with_name(ADAPTER_CONFIG_NAME)
-            attach = path.name == ADAPTER_WEIGHT_NAMES[0] and config.is_file()
+            attach = path.name in CONFIG_WEIGHT_NAMES and config.is_file()
             found = [
                 Target(
                     display,

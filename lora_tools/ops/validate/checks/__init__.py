@@ -85,7 +85,7 @@ def check_target(
         tensors={n: i for n, i in container.trusted.tensors.items() if n not in excluded},
     )
     config = None
-    if target.config is not None and fmt.name == "peft":
+    if target.config is not None and fmt.name in ("peft", "mlx"):
         config = read_config(ctx)
     elif target.config is not None:
         read_config(ctx)  # report a broken config even when it is not used

@@ -117,22 +117,16 @@ def check_adapter_config(
                 return  # an intact PEFT LoHa / LoKr / IA3... adapter; LT110 reports its type
             _check_peft_type(ctx, config, display, adapter)
             _check_config(ctx, config, modules, display)
+    elif fmt.name == "mlx":
+        _check_mlx_config(ctx, config, modules)
     elif fmt.name == "diffusers":
         _check_diffusers_metadata(ctx, adapter, modules)
     elif fmt.name == "kohya":
         _check_kohya_metadata(ctx, adapter, modules)
 
 
-#: PEFT's peft_type for the adapter types loratool detects (FOREIGN_SUFFIXES) but does not
-#: compute with; their configs mean other things by r and alpha (IA3 has neither).
-PEFT_TYPE_KINDS = {
-    "LOHA": "LoHa",
-    "LOKR": "LoKr",
-    "IA3": "IA3",
-    "OFT": "OFT",
-    "BOFT": "BOFT",
-    "VERA": "VeRA",
-}
+#: PEFT's peft_type for the adapter types loratool detects but does not compute with.
+PEFT_TYPE_KINDS = peft_format.OTHER_PEFT_TYPES
 
 
 def _is_other_peft_type(config: dict[str, Any], adapter: Adapter) -> bool:
@@ -493,3 +487,48 @@ def _parse_number(value: object) -> float | None:
     except (TypeError, ValueError):
         return None  # "Dynamic" and friends: nothing to compare
     return number if math.isfinite(number) else None
+
+
+def _check_mlx_config(
+    ctx: Context, config: dict[str, Any] | None, modules: list[LoraModule]
+) -> None:
+    """mlx-lm's adapter_config.json against the tensors: mlx-lm builds every LoRA layer with
+    ``lora_parameters.rank`` and refuses tensors of another shape; ``fine_tune_type`` says
+    whether the layers are DoRA (and so expect ``.m``)."""
+    if config is None:
+        ctx.add(
+            "LT301",
+            f"mlx-lm keys ({len(modules)} modules) but no {ADAPTER_CONFIG_NAME} beside the "
+            "weights: mlx-lm cannot load the adapter, and its scale is unknown",
+            hint="put the adapter_config.json mlx_lm.lora wrote beside adapters.safetensors",
+        )
+        return
+    display = ctx.target.config_display or str(ctx.target.config)
+    params = config.get("lora_parameters")
+    rank = params.get("rank") if isinstance(params, dict) else None
+    for m in modules:
+        if m.rank != rank:
+            ctx.add(
+                "LT304",
+                f"module {m.key!r} has rank {m.rank} but lora_parameters.rank is {rank!r}; "
+                "mlx-lm refuses to load it (shape mismatch)",
+                module=m.key,
+                expected=repr(rank),
+                found=str(m.rank),
+                path=display,
+                hint=f"set lora_parameters.rank to {m.rank}",
+            )
+            break
+    dora = config.get("fine_tune_type") == "dora"
+    for m in modules:
+        if m.dora != dora:
+            ctx.add(
+                "LT308",
+                f"module {m.key!r} {'has' if m.dora else 'has no'} magnitude vector but "
+                f"fine_tune_type is {config.get('fine_tune_type')!r}; mlx-lm "
+                + ("refuses the .m tensors" if m.dora else "merges it as plain LoRA"),
+                module=m.key,
+                path=display,
+                hint=f"set fine_tune_type to {'dora' if m.dora else 'lora'}",
+            )
+            break

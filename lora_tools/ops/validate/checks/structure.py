@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from lora_tools.adapter import LARGEST_F32
 from lora_tools.formats import best_format
-from lora_tools.formats.base import AdapterFormat, bias_diff_keys, classify_foreign
+from lora_tools.formats.base import AdapterFormat, bias_diff_keys, classify_foreign, shared_foreign
 from lora_tools.io.safetensors import DTYPES, Header, SafetensorsFile, TensorInfo, scalar_value
 from lora_tools.naming import PEFT_PREFIX, split_stem
 from lora_tools.ops.validate.context import Context, fmt_number, fmt_shape
@@ -43,7 +43,7 @@ def detect_format(ctx: Context, names: list[str], metadata: dict[str, str]) -> A
         ctx.add(
             "LT113",
             f"tensor names match no LoRA naming scheme (peft, diffusers, kohya, "
-            f"diffusers-old, comfyui, xlabs); first keys: {sample}",
+            f"diffusers-old, comfyui, xlabs, mlx); first keys: {sample}",
             hint="is this a LoRA adapter? exclude base checkpoints from the hook",
         )
     return best
@@ -76,6 +76,8 @@ def check_structure(
     no_alpha: list[str] = []  # kohya modules without an alpha tensor, reported once (LT105)
     bias_diffs = bias_diff_keys(names, fmt)  # a LoRA module's .diff_b is no full diff
     for key in names:
+        if shared_foreign(key) is not None:
+            continue  # a matrix every module of a PEFT type shares (VeRA's vera_A / vera_B)
         found = None if key in bias_diffs else classify_foreign(key)
         if found is not None:
             foreign.setdefault(found[0], {})[found[1]] = None
@@ -87,9 +89,14 @@ def check_structure(
         entry = stems.setdefault(parsed.stem, Stem())
         entry.roles[parsed.role] = key
         entry.embedding = entry.embedding or parsed.embedding
+    info = header.tensors
+    for stem, entry in stems.items():
+        shapes = {role: info[key].shape for role, key in entry.roles.items() if key in info}
+        kind = fmt.foreign_kind(stem, shapes)
+        if kind is not None:
+            foreign.setdefault(kind, {})[stem] = None
     foreign_stems = {s for group in foreign.values() for s in group}
     bad: set[str] = set()
-    info = header.tensors
     for stem, entry in stems.items():
         if stem in foreign_stems:
             continue
@@ -153,9 +160,13 @@ def _unknown_keys(ctx: Context, fmt: AdapterFormat, unknown: list[str]) -> None:
                 # Full tensors under the adapter's prefix: modules_to_save and saved
                 # embedding layers, which PEFT loads as replacements.
                 continue
-        elif fmt.name not in ("kohya", "diffusers-old", "comfyui", "xlabs") or key.startswith(
-            BUNDLED_EMBEDDING_PREFIX
-        ):
+        elif fmt.name not in (
+            "kohya",
+            "diffusers-old",
+            "comfyui",
+            "xlabs",
+            "mlx",
+        ) or key.startswith(BUNDLED_EMBEDDING_PREFIX):
             continue
         ctx.add(
             "LT112",
@@ -193,6 +204,8 @@ def _check_stem(
         )
         return False
     down, up = info[down_key], info[up_key]
+    down_shape = fmt.canonical_shape("down", down.shape)
+    up_shape = fmt.canonical_shape("up", up.shape)
     ok = True
     for role, key in roles.items():
         if role == "alpha":
@@ -208,13 +221,13 @@ def _check_stem(
                 found=dtype,
             )
             ok = False
-    nd, nu = len(down.shape), len(up.shape)
+    nd, nu = len(down_shape), len(up_shape)
     if entry.embedding:
         shape_ok = nd == 2 and nu == 2
     elif nd == 2 and nu == 2:
         shape_ok = True
     else:
-        shape_ok = nd >= 3 and nu == nd and all(d == 1 for d in up.shape[2:])
+        shape_ok = nd >= 3 and nu == nd and all(d == 1 for d in up_shape[2:])
     if not shape_ok:
         ctx.add(
             "LT104",
@@ -225,7 +238,7 @@ def _check_stem(
             found=f"{fmt_shape(down.shape)} / {fmt_shape(up.shape)}",
         )
         return False
-    rank_down, rank_up = down.shape[0], up.shape[1]
+    rank_down, rank_up = down_shape[0], up_shape[1]
     if rank_down != rank_up:
         ctx.add(
             "LT102",
@@ -246,7 +259,7 @@ def _check_stem(
             hint="drop the module, or re-train it with r >= 1",
         )
         return False
-    out = up.shape[0]
+    out = up_shape[0]
     for role, expected in (("magnitude", out), ("bias", out), ("bias_diff", out)):
         key = roles.get(role)
         if key is None:

@@ -40,9 +40,13 @@ def check_values(ctx: Context, adapter: Adapter, header: Header, clean: bool) ->
     """
     assert ctx.target.weights is not None
     factor_role: dict[str, tuple[str, str]] = {}
+    stored_transposed: set[str] = set()  # factors the file stores transposed (mlx-lm)
     for stem, m in adapter.modules.items():
         factor_role[m.keys.get("down", "")] = (stem, "down")
         factor_role[m.keys.get("up", "")] = (stem, "up")
+        for role in ("down", "up"):
+            if getattr(getattr(m, role), "inner", None) is not None:
+                stored_transposed.add(m.keys.get(role, ""))
     hash_rules = {"LT205", "LT206"} & ctx.rules
     expected_hash = adapter.metadata.get("sshs_model_hash") if hash_rules else None
     digest = hashlib.sha256() if expected_hash and clean else None
@@ -68,7 +72,9 @@ def check_values(ctx: Context, adapter: Adapter, header: Header, clean: bool) ->
                     digest.update(raw)
                 state.feed(raw)
                 if role is not None and state.finite and want_norms:
-                    grams.setdefault(role[0], {})[role[1]] = gram(raw, info, role[1])
+                    grams.setdefault(role[0], {})[role[1]] = gram(
+                        raw, info, role[1], transposed=info.name in stored_transposed
+                    )
                 if ctx.progress is not None:
                     ctx.progress.advance(len(raw))
             if (state.nan or state.inf) and not already:
