@@ -431,6 +431,10 @@ def _match(module: LoraModule, candidate: _Candidate) -> ModuleMatch:
         ShapeError: the update does not fit the base weight(s), or a lora_B.bias has no base
             bias to go to.
     """
+    if module.rows is not None:
+        candidate = _within(candidate, module.rows)
+        if not candidate:
+            raise ShapeError(f"module {module.key!r}: rows {module.rows} lie in no base weight")
     comp, base_key, logical, path, rows = candidate[0]
     if len(candidate) == 1 and rows is None:
         target = _target(comp, base_key)
@@ -457,15 +461,32 @@ def _match(module: LoraModule, candidate: _Candidate) -> ModuleMatch:
     return ModuleMatch(module, first.target, False, False, first.bias, logical, path, parts)
 
 
+def _within(candidate: _Candidate, span: tuple[int, int]) -> _Candidate:
+    """``candidate`` for a module that updates rows ``span`` of the weight it names only
+    (XLabs' q / k / v rows of Flux's ``linear1``): each part cut to those rows, rows of the
+    update counted from the span's start."""
+    first, last = span
+    out = []
+    for comp, key, logical, path, rows in candidate:
+        if rows is None:
+            out.append((comp, key, logical, path, Rows(first, 0, last - first)))
+            continue
+        lo = max(first, rows.update_start)
+        hi = min(last, rows.update_start + rows.count)
+        if lo < hi:
+            start = rows.start + lo - rows.update_start
+            out.append((comp, key, logical, path, Rows(start, lo - first, hi - lo)))
+    return tuple(out)
+
+
 def _bias(module: LoraModule, comp: Component, base_key: str) -> Target | None:
-    """The base bias a module's ``lora_B.bias`` goes to (None without one)."""
-    if module.bias is None:
+    """The base bias a module's ``lora_B.bias`` or ``.diff_b`` goes to (None without one)."""
+    if module.bias is None and module.bias_diff is None:
         return None
     bias_key = _bias_key(base_key)
     if bias_key not in comp:
-        raise ShapeError(
-            f"module {module.key!r} has a lora_B.bias but the base has no {bias_key!r}"
-        )
+        what = "lora_B.bias" if module.bias is not None else "bias difference (.diff_b)"
+        raise ShapeError(f"module {module.key!r} has a {what} but the base has no {bias_key!r}")
     return _target(comp, bias_key)
 
 

@@ -129,6 +129,15 @@ def _check_inputs(adapters: list[Adapter], weights: list[float]) -> None:
         a.require_plain_lora("combine")
         a.require_known_scale("combine")
         a.require_no_dora("combine")
+        diffs = [k for k, m in a.modules.items() if m.bias_diff is not None]
+        if diffs:
+            raise UnsupportedAdapterError(
+                f"{len(diffs)} modules carry a bias difference (.diff_b, e.g. {diffs[0]!r}); "
+                "combine builds new factors and has no place for them",
+                path=a.source,
+                hint="merge the adapters into the base instead (loratool merge takes several)",
+                kind="unsupported-type",
+            )
         if a.passthrough:
             name = next(iter(a.passthrough))
             raise UnsupportedAdapterError(

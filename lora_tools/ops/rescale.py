@@ -36,7 +36,7 @@ import numpy as np
 from lora_tools.adapter import LARGEST_F32, Adapter, LoraModule
 from lora_tools.errors import UsageError
 from lora_tools.lowrank import split_scalar
-from lora_tools.ops._algebra import Progress, add_history, with_factors
+from lora_tools.ops._algebra import Progress, add_history, cast_like, with_factors
 from lora_tools.results import WrittenResult, adapter_inputs
 
 SMALLEST_F32 = float(np.finfo(np.float32).tiny)
@@ -150,7 +150,7 @@ def rescale_adapter(
         if multiplier == 1.0:
             modules[key] = dataclasses.replace(m, alpha=new_alpha)
         else:
-            modules[key] = _scaled(m, multiplier, new_alpha)
+            modules[key] = _scaled(m, multiplier, new_alpha, 1.0 if factor is None else factor)
             changed.append(key)
         new_alphas[key] = modules[key].effective_alpha
         if progress is not None:
@@ -183,8 +183,12 @@ def rescale_adapter(
     )
 
 
-def _scaled(m: LoraModule, multiplier: float, new_alpha: float | None) -> LoraModule:
-    """``m`` with factors (and lora bias) multiplied by ``multiplier``, alpha set to new_alpha."""
+def _scaled(
+    m: LoraModule, multiplier: float, new_alpha: float | None, gain: float = 1.0
+) -> LoraModule:
+    """``m`` with factors (and lora bias) multiplied by ``multiplier``, alpha set to new_alpha;
+    a bias difference (``.diff_b``, added at the merge strength, no alpha / r) times ``gain``,
+    the update's own gain (``--factor``; 1 for a new alpha or ``--normalize``)."""
     c_up, c_down = split_scalar(multiplier)
     up, down = m.finite_factors()
     bias = None
@@ -192,4 +196,8 @@ def _scaled(m: LoraModule, multiplier: float, new_alpha: float | None) -> LoraMo
         # PEFT adds scale * bias. With the update's gain g (F, or 1 for alpha / normalize) the
         # new bias is bias * g * scale_old / scale_new, which is bias * multiplier in every mode.
         bias = np.asarray(m.bias.numpy(), dtype=np.float64) * multiplier
-    return with_factors(m, up * c_up, down * c_down, alpha=new_alpha, bias=bias)
+    new = with_factors(m, up * c_up, down * c_down, alpha=new_alpha, bias=bias)
+    if m.bias_diff is not None and gain != 1.0:
+        diff = np.asarray(m.bias_diff.numpy(), np.float64) * gain
+        new.bias_diff = cast_like(diff, m.bias_diff)
+    return new

@@ -225,3 +225,85 @@ def test_convert_without_a_base_refuses_bfl_names_for_diffusers(flux, diffusers_
     kohya = _kohya(flux, diffusers_lora, tmp_path)
     with pytest.raises(UnsupportedAdapterError, match="--base"):
         convert_adapter(load_adapter(kohya), "diffusers", component="transformer")
+
+
+def _xlabs_and_comfy(flux, tmp_path: Path) -> tuple[Path, Path, dict]:
+    """An XLabs file (scale 1; single-block qkv on the q / k / v rows of linear1) and a ComfyUI
+    file (BFL names, alpha, a .diff_b on a projection), with their factors by native module."""
+    rng = np.random.default_rng(11)
+    h = flux["layout"].hidden
+    factors: dict[str, tuple] = {}
+    xlabs: dict[str, np.ndarray] = {}
+    for n in range(2):
+        for name, module, rows in (
+            ("qkv_lora1", "img_attn.qkv", 3 * h),
+            ("proj_lora1", "img_attn.proj", h),
+            ("qkv_lora2", "txt_attn.qkv", 3 * h),
+            ("proj_lora2", "txt_attn.proj", h),
+        ):
+            up = rng.standard_normal((rows, 2), np.float32)
+            down = rng.standard_normal((2, h), np.float32)
+            xlabs[f"double_blocks.{n}.processor.{name}.up.weight"] = up
+            xlabs[f"double_blocks.{n}.processor.{name}.down.weight"] = down
+            factors[f"double_blocks.{n}.{module}"] = (up, down, 1.0, (0, rows))
+    up = rng.standard_normal((3 * h, 2), np.float32)
+    down = rng.standard_normal((2, h), np.float32)
+    xlabs["single_blocks.0.processor.qkv_lora.up.weight"] = up
+    xlabs["single_blocks.0.processor.qkv_lora.down.weight"] = down
+    factors["single_blocks.0.linear1"] = (up, down, 1.0, (0, 3 * h))
+    save_file({k: torch.from_numpy(v) for k, v in xlabs.items()}, tmp_path / "xlabs.safetensors")
+    stem = "diffusion_model.double_blocks.1.img_attn.proj"
+    comfy = {
+        f"{stem}.lora_down.weight": rng.standard_normal((2, h), np.float32),
+        f"{stem}.lora_up.weight": rng.standard_normal((h, 2), np.float32),
+        f"{stem}.alpha": np.array(1.0, np.float32),
+        f"{stem}.diff_b": rng.standard_normal(h, np.float32),
+    }
+    save_file({k: torch.from_numpy(v) for k, v in comfy.items()}, tmp_path / "comfy.safetensors")
+    return (
+        tmp_path / "xlabs.safetensors",
+        tmp_path / "comfy.safetensors",
+        {
+            "factors": factors,
+            "comfy": comfy,
+        },
+    )
+
+
+def test_xlabs_and_comfyui_files_merge_into_both_layouts(flux, tmp_path):
+    xlabs, comfy, made = _xlabs_and_comfy(flux, tmp_path)
+    native = load_file(flux["root"] / "bfl.safetensors")
+    expected = {k: v.astype(np.float64) for k, v in native.items()}
+    for module, (up, down, scale, (r0, r1)) in made["factors"].items():
+        expected[f"{module}.weight"][r0:r1] += scale * up.astype(np.float64) @ down
+    stem = "diffusion_model.double_blocks.1.img_attn.proj"
+    c = made["comfy"]
+    weight = 0.5
+    expected["double_blocks.1.img_attn.proj.weight"] += (
+        weight
+        * 0.5
+        * c[f"{stem}.lora_up.weight"].astype(np.float64)
+        @ c[f"{stem}.lora_down.weight"]
+    )
+    expected["double_blocks.1.img_attn.proj.bias"] += weight * c[f"{stem}.diff_b"]
+    merge(
+        flux["root"] / "bfl.safetensors",
+        [xlabs, comfy],
+        tmp_path / "bfl.safetensors",
+        weights=[1.0, weight],
+        device="cpu",
+    )
+    got = load_file(tmp_path / "bfl.safetensors")
+    changed = {k for k in native if not np.array_equal(native[k], got[k])}
+    for key, value in expected.items():
+        np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-5, err_msg=key)
+    # the mlp rows of linear1 are untouched (XLabs' qkv_lora covers q, k, v only)
+    h = flux["layout"].hidden
+    np.testing.assert_array_equal(
+        got["single_blocks.0.linear1.weight"][3 * h :],
+        native["single_blocks.0.linear1.weight"][3 * h :],
+    )
+    assert "double_blocks.1.img_attn.proj.bias" in changed
+    merge(flux["folder"], [xlabs, comfy], tmp_path / "folder", weights=[1.0, weight], device="cpu")
+    folder = load_file(tmp_path / "folder/transformer/diffusion_pytorch_model.safetensors")
+    _assert_same(got, _native_named(flux, folder))

@@ -46,7 +46,8 @@ from lora_tools.resolve import ModuleMatch, Rows
 DEFAULT_BLOCK_BYTES = 4 << 20
 
 ProgressFn = Callable[[int, int], None]
-#: One update of a base tensor: the module, its merge weight, ``"weight"`` or ``"bias"``, and
+#: One update of a base tensor: the module, its merge weight, ``"weight"``, ``"bias"`` or
+#: ``"bias_diff"``, and
 #: the rows of the tensor it covers (None: the whole tensor).
 Source = tuple[ModuleMatch, float, str, "Rows | None"]
 
@@ -121,7 +122,8 @@ def build_term(
     rows: Rows | None = None,
 ) -> Term:
     """The float32 update one resolved module makes to its weight (``role="weight"``) or to
-    its bias (``role="bias"``, PEFT lora_bias); ``base_dtype`` is the base tensor's dtype;
+    its bias (``role="bias"``, PEFT lora_bias, times the module's scale; ``role="bias_diff"``,
+    ComfyUI's ``.diff_b``, times the merge weight only); ``base_dtype`` is the base tensor's dtype;
     ``rows``: the update's rows that go to a row range of the tensor (a fused weight).
 
     Each layer kind rounds as PEFT's ``merge`` does (docs/math.md): Linear, Conv1D and conv
@@ -143,6 +145,12 @@ def build_term(
         assert module.bias is not None
         bias = require_finite(module.bias.numpy().astype(np.float32), "lora_B.bias", module, harm)
         return DenseTerm(np.ascontiguousarray(bias[span]), scale, module.key, offset)
+    if role == "bias_diff":
+        # ComfyUI's .diff_b: bias += strength * diff_b (no alpha / r)
+        assert module.bias_diff is not None
+        diff = module.bias_diff.numpy().astype(np.float32)
+        diff = require_finite(diff, "bias difference (.diff_b)", module, harm)
+        return DenseTerm(np.ascontiguousarray(diff[span]), weight, module.key, offset)
     up, down = module.finite_factors(np.float32, consequence=harm)
     magnitude = None
     if module.magnitude is not None:

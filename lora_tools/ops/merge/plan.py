@@ -101,11 +101,12 @@ def _check_update_fits(match: ModuleMatch, weight: float, role: str, out_dtype: 
     module = match.module
     scale = module.scale * weight
     limit = LARGEST.get(out_dtype, LARGEST_F32) / 2
-    if role == "bias":
-        assert module.bias is not None
+    if role in ("bias", "bias_diff"):
+        values = module.bias if role == "bias" else module.bias_diff
+        assert values is not None
         with np.errstate(over="ignore", invalid="ignore"):
-            peak = float(np.abs(module.bias.numpy().astype(np.float64)).max(initial=0.0))
-            peak *= abs(scale)
+            peak = float(np.abs(values.numpy().astype(np.float64)).max(initial=0.0))
+            peak *= abs(scale if role == "bias" else weight)
     else:
         harm = f"merging it would make {match.target.key!r} non-finite"
         up, down = module.finite_factors(consequence=harm)
@@ -226,8 +227,14 @@ def plan_merge(
         res.raise_for_problems(adapter, allow_unmatched=allow_unmatched)
         reports.append(AdapterReport(spec, adapter, res))
         for match in res.matches.values():
+            module = match.module
             for part in match.placements:
-                for role, t in (("weight", part.target), ("bias", part.bias)):
+                roles = (
+                    ("weight", part.target),
+                    ("bias", part.bias if module.bias is not None else None),
+                    ("bias_diff", part.bias if module.bias_diff is not None else None),
+                )
+                for role, t in roles:
                     if t is not None:
                         source = (match, spec.weight, role, part.rows)
                         per_tensor.setdefault((t.component, t.key), []).append(source)
