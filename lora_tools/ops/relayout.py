@@ -17,7 +17,8 @@ them differently (:mod:`lora_tools.layouts`). Moving a LoRA across is exact on t
   was. Parts with different scales, DoRA parts and conv parts are refused (no exact fused
   factors exist in kohya's one-alpha-per-module naming).
 
-The DoRA magnitude and ``lora_B.bias`` are per output row: a split takes their rows with ``B``'s.
+The DoRA magnitude, ``lora_B.bias`` and a ``.diff_b`` are per output row: a split takes their
+rows with ``B``'s.
 
 Example:
     >>> from lora_tools.layouts.base import PieceTable, stacked
@@ -164,6 +165,8 @@ def split(
             new.magnitude = ArrayTensor(_rows(m.magnitude, spans, total), m.magnitude.dtype)
         if m.bias is not None:
             new.bias = ArrayTensor(_rows(m.bias, spans, total), m.bias.dtype)
+        if m.bias_diff is not None:
+            new.bias_diff = ArrayTensor(_rows(m.bias_diff, spans, total), m.bias_diff.dtype)
         out.append(new)
     return out
 
@@ -195,6 +198,8 @@ def fuse(
             raise refuse(f"module {m.key!r} ({m.kind}) cannot be fused into rows of {native!r}")
         if m.magnitude is not None:
             raise refuse(f"module {m.key!r} is DoRA: its magnitude cannot be fused exactly")
+        if m.bias_diff is not None:
+            raise refuse(f"module {m.key!r} has a bias difference (.diff_b), not fused")
     scales = {m.scale for m, _ in members}
     if len(scales) > 1:
         names = ", ".join(repr(m.key) for m, _ in members)
