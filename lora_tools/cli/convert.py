@@ -1,4 +1,4 @@
-"""``loratool convert ADAPTER --to peft|kohya|diffusers|mlx -o OUT [--base BASE]``."""
+"""``loratool convert ADAPTER --to peft|kohya|diffusers|mlx|comfyui -o OUT [--base BASE]``."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from lora_tools.cli.options import (
     "--to",
     "to",
     required=True,
-    type=click.Choice(["peft", "kohya", "diffusers", "mlx"]),
+    type=click.Choice(["peft", "kohya", "diffusers", "mlx", "comfyui"]),
     help="Target naming scheme.",
 )
 @output_option()
@@ -32,7 +32,8 @@ from lora_tools.cli.options import (
     metavar="BASE",
     help="Base checkpoint (file, HF folder, diffusers pipeline folder or Hub id "
     "user/name[@rev]): needed to recover "
-    "module paths from kohya names; also checks every module fits the base.",
+    "module paths from kohya names and to re-lay modules out between the base's native and "
+    "diffusers layouts (split / fuse qkv); also checks every module fits the base.",
 )
 @click.option(
     "--component",

@@ -36,6 +36,7 @@ from typing import Any
 
 from lora_tools.adapter import Adapter, LoraModule
 from lora_tools.errors import UnsupportedAdapterError, UsageError
+from lora_tools.formats.comfyui import ComfyUIFormat
 from lora_tools.formats.mlx import mlx_config_for
 from lora_tools.formats.peft import (
     DIFFUSERS_METADATA_KEY,
@@ -57,7 +58,9 @@ from lora_tools.ops._algebra import add_history
 from lora_tools.ops.relayout import layout_for, relayout
 from lora_tools.results import WrittenResult, adapter_inputs, input_ref
 
-TARGETS = ("peft", "kohya", "diffusers", "mlx")
+TARGETS = ("peft", "kohya", "diffusers", "mlx", "comfyui")
+#: Targets that store one alpha tensor per module (kohya-style keys).
+_ALPHA_TENSORS = ("kohya", "comfyui")
 #: Single-file checkpoint layouts whose module names no diffusers / transformers model class
 #: uses, by their top-level module names (module paths inside a component).
 FOREIGN_LAYOUTS: dict[str, tuple[str, ...]] = {
@@ -168,6 +171,13 @@ def convert_adapter(
     dropped: list[str] = []
     relaid = 0
     layouts: dict[str, Layout] = {}
+    if to == "comfyui" and base is None:
+        raise UsageError(
+            "--to comfyui names modules in the checkpoint's native layout (diffusion_model."
+            "input_blocks..., double_blocks...), which only the base checkpoint tells",
+            path=adapter.source,
+            hint="pass --base with the base checkpoint (single file or diffusers folder)",
+        )
     if base is not None:
         resolved, transposed, layouts = _resolve_paths(adapter, modules, base)
         modules, relaid = relayout(modules, layouts, to, _layout_refusal(adapter, to))
@@ -183,7 +193,7 @@ def convert_adapter(
         )
 
     modules = _place_components(adapter, modules, to, component, dropped)
-    if to == "kohya":
+    if to in _ALPHA_TENSORS:
         _check_kohya(adapter, modules)
     converted = {}
     for m in modules.values():
@@ -395,9 +405,9 @@ def _renamed(m: LoraModule, to: str) -> LoraModule:
     """``m`` with its keys cleared (the writer names it for ``to``) and its scale expressed the
     way ``to`` stores it."""
     alpha, rslora = m.alpha, m.rslora
-    if to == "kohya" and rslora:
+    if to in _ALPHA_TENSORS and rslora:
         alpha, rslora = m.scale * m.rank, False
-    elif to != "kohya" and alpha is None:
+    elif to not in _ALPHA_TENSORS and alpha is None:
         alpha = float(m.rank)
     if to == "kohya" and m.path is None:
         # Already a kohya name (no path to rebuild it from): keep it and its keys.
@@ -407,10 +417,12 @@ def _renamed(m: LoraModule, to: str) -> LoraModule:
         keys={},
         alpha=alpha,
         rslora=rslora,
-        alpha_tensor=m.alpha_tensor if to == "kohya" else None,
+        alpha_tensor=m.alpha_tensor if to in _ALPHA_TENSORS else None,
     )
     if to == "kohya":
         new.key = kohya_name(m.component, m.path or "")
+    elif to == "comfyui":
+        new.key = ComfyUIFormat().stem_for(new)
     elif to == "peft":
         new.key = PEFT_PREFIX + (m.path or "")
     elif to == "mlx":
@@ -433,10 +445,10 @@ def _passthrough(adapter: Adapter, to: str, kept: dict[str, LoraModule]) -> dict
             hint="convert an adapter of LoRA factors only",
             kind="unsupported-type",
         )
-    if to == "kohya":
+    if to in _ALPHA_TENSORS:
         name = next(iter(adapter.passthrough))
         raise UnsupportedAdapterError(
-            f"holds {len(adapter.passthrough)} full tensors (e.g. {name!r}) that kohya LoRA "
+            f"holds {len(adapter.passthrough)} full tensors (e.g. {name!r}) that {to} LoRA "
             "files cannot hold",
             path=adapter.source,
             hint="keep this adapter in PEFT or diffusers format",

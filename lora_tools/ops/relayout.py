@@ -56,8 +56,11 @@ def layout_for(layouts: dict[str, Layout], component: str | None) -> Layout | No
 
 
 def target_side(to: str, layout: Layout) -> str:
-    """``diffusers`` or ``native``: the names the ``to`` format's consumers look up."""
+    """``diffusers`` or ``native``: the names the ``to`` format's consumers look up. ComfyUI
+    looks denoisers up by the checkpoint's own names, text encoders by transformers'."""
     if to == "kohya" and layout.architecture not in KOHYA_DIFFUSERS_NAMED:
+        return "native"
+    if to == "comfyui" and layout.architecture != "open-clip":
         return "native"
     return "diffusers"
 

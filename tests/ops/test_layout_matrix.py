@@ -260,3 +260,27 @@ def test_convert_kohya_to_diffusers_gives_back_the_factors(case, tmp_path):
         load_file(tmp_path / "back/pytorch_lora_weights.safetensors"),
         load_file(case.diffusers_lora),
     )
+
+
+def _comfyui(case: Case, tmp_path: Path) -> Path:
+    res = convert_adapter(load_adapter(case.diffusers_lora), "comfyui", base=case.native)
+    out = tmp_path / "comfyui.safetensors"
+    save_adapter(res.adapter, out)
+    return out
+
+
+def test_comfyui_naming_into_both_layouts(case, tmp_path):
+    comfy = _comfyui(case, tmp_path)
+    names = {
+        k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0]
+        for k in load_file(comfy)
+    }
+    native = {k.removesuffix(".weight") for k in load_file(case.native)}
+    # ComfyUI names: the checkpoint's own (native) module paths under diffusion_model.
+    assert {n.replace("diffusion_model.", case.arch.native_prefix, 1) for n in names} <= native
+    assert load_adapter(comfy).format == "comfyui"
+    merge(case.folder, [comfy], tmp_path / "out", device="torch-cpu")
+    _same(_folder_weights(tmp_path / "out", case.arch.component), case.reference, exact=False)
+    out = tmp_path / "out.safetensors"
+    merge(case.native, [comfy], out, device="torch-cpu")
+    _same(load_file(out), _native_named(case, case.reference), exact=False)
