@@ -208,6 +208,7 @@ def _kohya(case: Case, tmp_path: Path) -> Path:
     res = convert_adapter(load_adapter(case.diffusers_lora), "kohya", base=case.native)
     out = tmp_path / "kohya.safetensors"
     save_adapter(res.adapter, out)
+    _validates(out, case.native)
     return out
 
 
@@ -266,7 +267,20 @@ def _comfyui(case: Case, tmp_path: Path) -> Path:
     res = convert_adapter(load_adapter(case.diffusers_lora), "comfyui", base=case.native)
     out = tmp_path / "comfyui.safetensors"
     save_adapter(res.adapter, out)
+    _validates(out, case.native)
     return out
+
+
+def _validates(path: Path, base: Path) -> None:
+    """loratool's own gate passes on what loratool wrote, against the base too."""
+    from click.testing import CliRunner
+
+    from lora_tools.cli import cli
+
+    result = CliRunner().invoke(
+        cli, ["validate", str(path), "--base", str(base), "--fail-on", "warning"]
+    )
+    assert result.exit_code == 0, result.output
 
 
 def test_comfyui_naming_into_both_layouts(case, tmp_path):
