@@ -65,10 +65,9 @@ _ALPHA_TENSORS = ("kohya", "comfyui")
 #: uses, by their top-level module names (module paths inside a component).
 FOREIGN_LAYOUTS: dict[str, tuple[str, ...]] = {
     "BFL (Flux single-file)": (
+        # not img_in / txt_in: Qwen-Image's diffusers model has modules of those names
         "double_blocks",
         "single_blocks",
-        "img_in",
-        "txt_in",
         "time_in",
         "vector_in",
         "guidance_in",
@@ -182,7 +181,7 @@ def convert_adapter(
         resolved, transposed, layouts = _resolve_paths(adapter, modules, base)
         modules, relaid = relayout(modules, layouts, to, _layout_refusal(adapter, to))
     if to in ("peft", "diffusers", "mlx"):
-        _check_layout(adapter, modules, to, layouts)
+        _check_layout(adapter, modules, to, layouts, base is not None)
     missing = [m.key for m in modules.values() if m.path is None]
     if missing and to in ("peft", "diffusers", "mlx"):
         raise UsageError(
@@ -294,7 +293,11 @@ def layout_of(module: LoraModule) -> str | None:
 
 
 def _check_layout(
-    adapter: Adapter, modules: dict[str, LoraModule], to: str, layouts: dict[str, Layout]
+    adapter: Adapter,
+    modules: dict[str, LoraModule],
+    to: str,
+    layouts: dict[str, Layout],
+    base_given: bool = False,
 ) -> None:
     """Refuse modules named in a layout the target's consumer does not have.
 
@@ -316,7 +319,10 @@ def _check_layout(
             f"module {m.key!r} is named in the {layout} layout; {consumer} name their "
             f"modules differently, so a {to} file with these names would load nothing",
             path=adapter.source,
-            hint="pass --base with the base checkpoint (single file or diffusers folder): "
+            hint="the base given holds no whole model of this architecture to map (loratool "
+            "derives a layout from every block of it); give the complete checkpoint as --base"
+            if base_given
+            else "pass --base with the base checkpoint (single file or diffusers folder): "
             "its layout tells how to re-lay the modules out",
             kind="unsupported-layout",
         )

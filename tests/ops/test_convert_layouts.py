@@ -106,3 +106,30 @@ def test_a_partial_adapter_loads_in_diffusers_without_extra_layers(fixtures_dir,
     out = save_adapter(result.adapter, tmp_path / "d", refresh_hashes=True)
     got = consumers.diffusers_consume(fixtures_dir / "bases/tiny-sd", out)
     assert got.problems(len(part)) == []
+
+
+def test_qwen_image_module_names_are_no_bfl_names(tmp_path):
+    """Qwen-Image's diffusers model has img_in / txt_in: a diffusers-named Qwen LoRA converts to
+    PEFT without a base (those names are only BFL's next to double_blocks / single_blocks)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for path in ("img_in", "txt_in", "transformer_blocks.0.attn.to_q"):
+        tensors[f"transformer.{path}.lora_A.weight"] = rng.standard_normal((2, 4), np.float32)
+        tensors[f"transformer.{path}.lora_B.weight"] = rng.standard_normal((4, 2), np.float32)
+    save_file(tensors, tmp_path / "pytorch_lora_weights.safetensors")
+    res = convert_adapter(load_adapter(tmp_path / "pytorch_lora_weights.safetensors"), "peft")
+    assert sorted(m.path for m in res.adapter.modules.values()) == [
+        "img_in",
+        "transformer_blocks.0.attn.to_q",
+        "txt_in",
+    ]
+
+
+def test_a_partial_base_says_it_holds_no_whole_model(fixtures_dir):
+    src = load_adapter(fixtures_dir / "kohya/flux-lora.safetensors")
+    with pytest.raises(UnsupportedAdapterError) as info:
+        convert_adapter(src, "diffusers", base=fixtures_dir / "bases/tiny-flux.safetensors")
+    assert "complete checkpoint" in info.value.hint
