@@ -23,7 +23,7 @@ from pathlib import Path
 
 from lora_tools.adapter import LINEAR, Adapter, LoraModule
 from lora_tools.errors import UsageError
-from lora_tools.formats.base import AdapterFormat, AdapterSource, ParsedKey
+from lora_tools.formats.base import AdapterFormat, AdapterSource, ParsedKey, complete_modules
 from lora_tools.io.safetensors import Tensor, save_tensors
 
 #: Double-block processor LoRA -> the BFL module it updates (1: image stream, 2: text stream).
@@ -76,21 +76,9 @@ class XLabsFormat(AdapterFormat):
         adapter = Adapter(
             format=self.name, metadata=source.metadata, source=source.weights, config=None
         )
-        parts: dict[str, dict[str, tuple[str, Tensor]]] = {}
-        for key in source.keys:
-            tensor = source.file.tensor(key)
-            parsed = self.parse_key(key)
-            if parsed is None:
-                adapter.passthrough[key] = tensor
-                continue
-            parts.setdefault(parsed.stem, {})[parsed.role] = (key, tensor)
-        for stem, roles in parts.items():
-            m = _KEY_RE.match(roles[next(iter(roles))][0])
+        for stem, roles in complete_modules(self, source, adapter):
+            m = _KEY_RE.match(roles["down"][0])
             assert m is not None
-            if "down" not in roles or "up" not in roles:
-                for key, tensor in roles.values():
-                    adapter.passthrough[key] = tensor
-                continue
             (down_key, down), (up_key, up) = roles["down"], roles["up"]
             path = _native(m)
             single_qkv = m.group("blocks") == "single_blocks" and m.group("name") == "qkv_lora"

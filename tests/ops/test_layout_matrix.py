@@ -20,7 +20,6 @@ multiplies as PEFT does), into the native file with the same bytes under the nat
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,15 +203,18 @@ def _folder_weights(path: Path, component: str) -> dict[str, np.ndarray]:
     return load_file(path / component / "diffusion_pytorch_model.safetensors")
 
 
-def _kohya(case: Case, tmp_path: Path) -> Path:
-    res = convert_adapter(load_adapter(case.diffusers_lora), "kohya", base=case.native)
-    out = tmp_path / "kohya.safetensors"
+def _converted(case: Case, to: str, tmp_path: Path) -> Path:
+    """The diffusers LoRA converted to ``to`` names with the native file as the base, and
+    validated (loratool's gate passes on what loratool writes)."""
+    res = convert_adapter(load_adapter(case.diffusers_lora), to, base=case.native)
+    out = tmp_path / f"{to}.safetensors"
     save_adapter(res.adapter, out)
     _validates(out, case.native)
     return out
 
 
-MergeCell = Callable[[Case, Path, Path], None]
+def _kohya(case: Case, tmp_path: Path) -> Path:
+    return _converted(case, "kohya", tmp_path)
 
 
 def test_diffusers_naming_into_the_pipeline(case, tmp_path):
@@ -263,14 +265,6 @@ def test_convert_kohya_to_diffusers_gives_back_the_factors(case, tmp_path):
     )
 
 
-def _comfyui(case: Case, tmp_path: Path) -> Path:
-    res = convert_adapter(load_adapter(case.diffusers_lora), "comfyui", base=case.native)
-    out = tmp_path / "comfyui.safetensors"
-    save_adapter(res.adapter, out)
-    _validates(out, case.native)
-    return out
-
-
 def _validates(path: Path, base: Path) -> None:
     """loratool's own gate passes on what loratool wrote, against the base too."""
     from click.testing import CliRunner
@@ -284,7 +278,7 @@ def _validates(path: Path, base: Path) -> None:
 
 
 def test_comfyui_naming_into_both_layouts(case, tmp_path):
-    comfy = _comfyui(case, tmp_path)
+    comfy = _converted(case, "comfyui", tmp_path)
     names = {
         k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0]
         for k in load_file(comfy)

@@ -155,6 +155,17 @@ def _native_of(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 ENGINES = ["cpu", "torch-cpu"]
 
 
+def _merged_both(folder: Path, single: Path, lora: Path, tmp_path: Path, device: str):
+    """(folder merge's tensors, single-file merge's tensors), in 1 KB row blocks: 6 rows of 40
+    floats, so blocks cut through every fused range."""
+    merge(folder, [lora], tmp_path / "into-diffusers", device=device, block_bytes=1024)
+    merge(single, [lora], tmp_path / "into-native.safetensors", device=device, block_bytes=1024)
+    by_folder = load_file(
+        tmp_path / "into-diffusers/transformer/diffusion_pytorch_model.safetensors"
+    )
+    return by_folder, load_file(tmp_path / "into-native.safetensors")
+
+
 @pytest.mark.parametrize("device", ENGINES)
 @pytest.mark.parametrize("variant", ["plain", "dora", "bias"])
 def test_a_diffusers_named_lora_merges_into_fused_native_rows(tmp_path, device, variant):
@@ -164,13 +175,7 @@ def test_a_diffusers_named_lora_merges_into_fused_native_rows(tmp_path, device, 
     lora = _peft(
         tmp_path, "lora", _diffusers_side_factors(), dora=variant == "dora", bias=variant == "bias"
     )
-    # 1 KB blocks: 6 rows of 40 floats, so blocks cut through every fused range
-    merge(folder, [lora], tmp_path / "into-diffusers", device=device, block_bytes=1024)
-    merge(single, [lora], tmp_path / "into-native.safetensors", device=device, block_bytes=1024)
-    by_folder = load_file(
-        tmp_path / "into-diffusers/transformer/diffusion_pytorch_model.safetensors"
-    )
-    by_file = load_file(tmp_path / "into-native.safetensors")
+    by_folder, by_file = _merged_both(folder, single, lora, tmp_path, device)
     expected = _native_of(by_folder)
     assert by_file.keys() == expected.keys()
     for key, value in expected.items():
@@ -190,12 +195,7 @@ def test_a_native_fused_lora_splits_over_diffusers_weights(tmp_path, device):
     paths = {f"blocks.{n}.qkv": 3 * H for n in range(BLOCKS)}
     paths.update({f"blocks.{n}.mod": 2 * H for n in range(BLOCKS)})
     lora = _peft(tmp_path, "native-lora", _factors(paths, 3))
-    merge(folder, [lora], tmp_path / "into-diffusers", device=device, block_bytes=1024)
-    merge(single, [lora], tmp_path / "into-native.safetensors", device=device, block_bytes=1024)
-    by_folder = load_file(
-        tmp_path / "into-diffusers/transformer/diffusion_pytorch_model.safetensors"
-    )
-    by_file = load_file(tmp_path / "into-native.safetensors")
+    by_folder, by_file = _merged_both(folder, single, lora, tmp_path, device)
     expected = _native_of(by_folder)
     for key in by_file:
         np.testing.assert_array_equal(by_file[key], expected[key], err_msg=key)
