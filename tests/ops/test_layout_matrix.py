@@ -11,7 +11,8 @@ checks those pieces against diffusers' single-file converter). Two LoRAs on ever
   made by ``loratool convert --to kohya --base <native file>``: fused weights get one module
   (A stacked, B block-diagonal).
 
-The reference is PEFT's merge on the diffusers model (what diffusers' ``fuse_lora`` runs).
+The reference is PEFT's merge on the diffusers model, checked to equal diffusers' own
+``load_lora_weights`` + ``fuse_lora`` on the pipeline bit for bit.
 Each cell checks loratool's merge against it: into the folder bit for bit (torch engine, which
 multiplies as PEFT does), into the native file with the same bytes under the native names; and
 ``convert`` back from kohya to diffusers gives the diffusers file's factors bit for bit.
@@ -165,7 +166,7 @@ def case(request, tmp_path_factory) -> Case:
     reference, lora = _peft_merged(arch, lora_config)
     out = root / "diffusers-lora"
     pipeline = getattr(diffusers, arch.pipeline_class)
-    metadata = {"r": 2, "lora_alpha": 4}
+    metadata = {"r": 2, "lora_alpha": 4, "target_modules": _linear_names(model)}
     pipeline.save_lora_weights(
         out,
         **{
@@ -292,3 +293,19 @@ def test_comfyui_naming_into_both_layouts(case, tmp_path):
     out = tmp_path / "out.safetensors"
     merge(case.native, [comfy], out, device="torch-cpu")
     _same(load_file(out), _native_named(case, case.reference), exact=False)
+
+
+def test_the_reference_is_what_diffusers_fuse_lora_gives(case):
+    """The merges above are compared with PEFT's merge on the diffusers model; diffusers' own
+    pipeline (``load_lora_weights`` of the file + ``fuse_lora``) gives the same bytes."""
+    import inspect
+
+    pipeline = getattr(diffusers, case.arch.pipeline_class)
+    params = [p for p in inspect.signature(pipeline.__init__).parameters if p != "self"]
+    model = _model(case.arch)
+    pipe = pipeline(**{p: model if p == case.arch.component else None for p in params})
+    pipe.load_lora_weights(case.diffusers_lora)
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    fused = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    _same(fused, case.reference)
