@@ -255,3 +255,33 @@ def test_a_fused_module_whose_rows_do_not_fit_is_a_shape_error(tmp_path):
     assert list(res.shape_errors) == ["base_model.model.blocks.0.to_q"]
     message = res.shape_errors["base_model.model.blocks.0.to_q"]
     assert "has 41 output rows; the layout places 40 rows of it in" in message
+
+
+def test_a_diffusers_model_folder_and_a_folder_of_a_native_file_have_their_layouts(tmp_path):
+    """``transformer/`` of a pipeline (config.json with a diffusers ``_class_name``) is in
+    diffusers layout, a folder holding a native single file in the native one: a LoRA named in
+    the other layout merges into each as into the pipeline / the single file."""
+    folder, single, _ = _bases(tmp_path)
+    native_folder = tmp_path / "native-folder"
+    native_folder.mkdir()
+    (native_folder / single.name).write_bytes(single.read_bytes())
+    diffusers_lora = _peft(tmp_path, "lora", _diffusers_side_factors())
+    native_paths = {f"blocks.{n}.qkv": 3 * H for n in range(BLOCKS)}
+    native_lora = _peft(tmp_path, "native-lora", _factors(native_paths, 3))
+    for lora in (diffusers_lora, native_lora):
+        name = lora.name
+        merge(folder, [lora], tmp_path / f"{name}-pipeline", device="cpu")
+        merge(folder / "transformer", [lora], tmp_path / f"{name}-model", device="cpu")
+        merge(single, [lora], tmp_path / f"{name}.safetensors", device="cpu")
+        merge(native_folder, [lora], tmp_path / f"{name}-native", device="cpu")
+        weights = "diffusion_pytorch_model.safetensors"
+        want = load_file(tmp_path / f"{name}-pipeline/transformer/{weights}")
+        got = load_file(tmp_path / f"{name}-model/{weights}")
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            np.testing.assert_array_equal(got[key], value, err_msg=key)
+        want = load_file(tmp_path / f"{name}.safetensors")
+        got = load_file(tmp_path / f"{name}-native/{single.name}")
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            np.testing.assert_array_equal(got[key], value, err_msg=key)
