@@ -54,7 +54,7 @@ from lora_tools.naming import (
     split_stem,
     target_paths,
 )
-from lora_tools.ops._algebra import add_history
+from lora_tools.ops._algebra import add_history, exact_targets, targets_cover
 from lora_tools.ops.relayout import layout_for, relayout
 from lora_tools.results import WrittenResult, adapter_inputs, input_ref
 
@@ -481,13 +481,13 @@ def _peft_config(
 ) -> dict[str, Any]:
     """adapter_config.json for the converted adapter (scale fields are filled by the writer)."""
     if source.format == "peft" and source.config:
-        return dict(source.config)
+        return _targeting(source.config, list(out.modules.values()))
     if source.format == "diffusers":
         configs = diffusers_component_configs(source.metadata)
         comps = {m.component for m in source.modules.values()}
         comp = component or (next(iter(comps)) if len(comps) == 1 else None)
         if comp in configs:
-            config = dict(configs[comp])
+            config = _targeting(configs[comp], list(out.modules.values()))
             config.setdefault("peft_type", "LORA")
             return config
     fresh = peft_config_for(dataclasses.replace(out, config={})) or {}
@@ -505,6 +505,16 @@ def _peft_config(
         if isinstance(params.get("dropout"), (int, float)):
             fresh["lora_dropout"] = params["dropout"]
     return fresh
+
+
+def _targeting(config: dict[str, Any], modules: list[LoraModule]) -> dict[str, Any]:
+    """A carried config whose ``target_modules`` still select every module written: kept, else
+    (none given, as diffusers' ``save_lora_weights`` may write; modules re-laid out into other
+    names) the exact module paths, or PEFT would build other layers and load nothing."""
+    out = dict(config)
+    if not all(targets_cover(out.get("target_modules"), m.path or m.key) for m in modules):
+        out.update(exact_targets(modules))
+    return out
 
 
 def _mlx_seed(source: Adapter) -> dict[str, Any]:
@@ -528,9 +538,9 @@ def _diffusers_seed(source: Adapter, out: Adapter, transposed: bool) -> dict[str
     flat: dict[str, Any] = {}
     for comp, modules in by_component.items():
         if comp in existing:
-            config = dict(existing[comp])
+            config = _targeting(existing[comp], modules)
         elif source.format == "peft" and source.config:
-            config = dict(source.config)
+            config = _targeting(source.config, modules)
         else:
             config = {
                 "peft_type": "LORA",

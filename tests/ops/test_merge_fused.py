@@ -15,13 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from lora_tools import layouts
-from lora_tools.formats import load_adapter
+from lora_tools.formats import load_adapter, save_adapter
 from lora_tools.io.checkpoint import open_checkpoint
 from lora_tools.layouts.base import Piece, PieceTable, stacked
+from lora_tools.ops.convert import convert_adapter
 from lora_tools.ops.merge import merge
+from lora_tools.ops.validate import validate
 from lora_tools.resolve import resolve
 
 H = 40  # hidden size: fused ranges start at 40 and 80, inside 64-row product calls
@@ -285,3 +288,40 @@ def test_a_diffusers_model_folder_and_a_folder_of_a_native_file_have_their_layou
         assert got.keys() == want.keys()
         for key, value in want.items():
             np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
+@pytest.mark.parametrize("to", ["peft", "diffusers"])
+def test_convert_carries_a_config_whose_targets_select_every_module_written(tmp_path, to):
+    """A carried config whose target_modules name the native fused modules (split by
+    convert) or name nothing (diffusers' save_lora_weights may write only r and lora_alpha)
+    gets the exact module paths: PEFT would otherwise build other layers and load nothing."""
+    folder, _, _ = _bases(tmp_path)
+    native = _peft(tmp_path, "native", _factors({"blocks.0.qkv": 3 * H}, 3))
+    assert json.loads((native / "adapter_config.json").read_text())["target_modules"] == ["qkv"]
+    diffusers_lora = tmp_path / "diffusers.safetensors"
+    b, a = _factors({"blocks.0.to_q": H}, 4)["blocks.0.to_q"]
+    metadata = {
+        "lora_adapter_metadata": json.dumps({"transformer.r": 4, "transformer.lora_alpha": 8})
+    }
+    save_file(
+        {
+            "transformer.blocks.0.to_q.lora_A.weight": a,
+            "transformer.blocks.0.to_q.lora_B.weight": b,
+        },
+        diffusers_lora,
+        metadata,
+    )
+    for n, source in enumerate((native, diffusers_lora)):
+        res = convert_adapter(load_adapter(source), to, base=folder)
+        out = tmp_path / f"{to}-{n}"
+        save_adapter(res.adapter, out)
+        paths = sorted(m.path for m in res.adapter.modules.values())
+        if to == "peft":
+            targets = json.loads((out / "adapter_config.json").read_text())["target_modules"]
+        else:
+            with safe_open(out / "pytorch_lora_weights.safetensors", "np") as f:
+                meta = f.metadata()
+            targets = json.loads(meta["lora_adapter_metadata"])["transformer.target_modules"]
+        assert sorted(targets) == paths, source
+        findings = [f.message for fr in validate([out], base=folder).files for f in fr.findings]
+        assert findings == []
