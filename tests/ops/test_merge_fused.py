@@ -325,3 +325,32 @@ def test_convert_carries_a_config_whose_targets_select_every_module_written(tmp_
         assert sorted(targets) == paths, source
         findings = [f.message for fr in validate([out], base=folder).files for f in fr.findings]
         assert findings == []
+
+
+def test_a_fused_module_of_one_trained_part_splits_back_into_that_part_alone(tmp_path):
+    """A LoRA on ``to_q`` alone fused into ``qkv`` (the rows of k and v zero) converts back to
+    the one ``to_q`` module with its own factors, not to zero ``to_k`` / ``to_v`` modules that
+    validate reports as untrained; a fused module with no trained part keeps its parts."""
+    folder, single, _ = _bases(tmp_path)
+    factors = _factors({"blocks.0.to_q": H}, 6)
+    lora = _peft(tmp_path, "q-only", factors)
+    fused = convert_adapter(load_adapter(lora), "kohya", base=single).adapter
+    assert [m.path for m in fused.modules.values()] == ["blocks.0.qkv"]
+    save_adapter(fused, tmp_path / "fused.safetensors")
+    back = convert_adapter(load_adapter(tmp_path / "fused.safetensors"), "peft", base=folder)
+    save_adapter(back.adapter, tmp_path / "back")
+    got = load_file(tmp_path / "back/adapter_model.safetensors")
+    b, a = factors["blocks.0.to_q"]
+    assert sorted(got) == [
+        "base_model.model.blocks.0.to_q.lora_A.weight",
+        "base_model.model.blocks.0.to_q.lora_B.weight",
+    ]
+    np.testing.assert_array_equal(got["base_model.model.blocks.0.to_q.lora_A.weight"], a)
+    np.testing.assert_array_equal(got["base_model.model.blocks.0.to_q.lora_B.weight"], b)
+    assert [f for fr in validate([tmp_path / "back"], base=folder).files for f in fr.findings] == []
+
+    untrained = _peft(
+        tmp_path, "untrained", {"blocks.0.qkv": (np.zeros((3 * H, 4), np.float32), a)}
+    )
+    split = convert_adapter(load_adapter(untrained), "peft", base=folder).adapter
+    assert sorted(m.path for m in split.modules.values()) == [f"blocks.0.to_{c}" for c in "kqv"]
