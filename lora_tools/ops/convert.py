@@ -55,7 +55,7 @@ from lora_tools.naming import (
     target_paths,
 )
 from lora_tools.ops._algebra import add_history, exact_targets, targets_cover
-from lora_tools.ops.relayout import layout_for, relayout
+from lora_tools.ops.relayout import DENOISERS, layout_for, relayout
 from lora_tools.results import WrittenResult, adapter_inputs, input_ref
 
 TARGETS = ("peft", "kohya", "diffusers", "mlx", "comfyui")
@@ -357,7 +357,9 @@ def _place_components(
             )
         keep = {}
         for key, m in modules.items():
-            if component is not None and m.component not in (component, None):
+            # a single-file base calls every denoiser unet; the file may say transformer
+            denoiser = component in DENOISERS and m.component in DENOISERS
+            if component is not None and m.component not in (component, None) and not denoiser:
                 dropped.append(key)
                 continue
             m.component = None

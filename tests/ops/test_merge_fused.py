@@ -354,3 +354,21 @@ def test_a_fused_module_of_one_trained_part_splits_back_into_that_part_alone(tmp
     )
     split = convert_adapter(load_adapter(untrained), "peft", base=folder).adapter
     assert sorted(m.path for m in split.modules.values()) == [f"blocks.0.to_{c}" for c in "kqv"]
+
+
+def test_component_transformer_selects_a_transformer_against_a_single_file(tmp_path):
+    """A single-file base names its denoiser ``unet``; ``--component transformer`` (the name
+    the diffusers file itself uses) still selects it."""
+    _, single, _ = _bases(tmp_path)
+    b, a = _factors({"blocks.0.to_q": H}, 7)["blocks.0.to_q"]
+    lora = tmp_path / "diffusers.safetensors"
+    save_file(
+        {
+            "transformer.blocks.0.to_q.lora_A.weight": a,
+            "transformer.blocks.0.to_q.lora_B.weight": b,
+        },
+        lora,
+    )
+    for component in ("transformer", "unet"):
+        res = convert_adapter(load_adapter(lora), "peft", base=single, component=component)
+        assert [m.path for m in res.adapter.modules.values()] == ["blocks.0.to_q"]
