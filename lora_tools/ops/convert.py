@@ -164,6 +164,7 @@ def convert_adapter(
         )
     adapter.require_plain_lora("convert")
     adapter.require_known_scale(f"convert --to {to}")
+    _refuse_bias_diff(adapter, to)
     modules = {k: dataclasses.replace(m) for k, m in adapter.modules.items()}
     transposed = False
     resolved = 0
@@ -245,6 +246,23 @@ def convert_adapter(
         side = "split from fused native weights" if to != "kohya" else "re-laid out"
         notes = (f"{relaid} modules {side} through the base's layout (factors exact)",)
     return ConvertResult(out, adapter.format, resolved, tuple(dropped), notes, source_inputs=inputs)
+
+
+def _refuse_bias_diff(adapter: Adapter, to: str) -> None:
+    """A ``.diff_b`` (added unscaled at the merge strength) has no place in PEFT, diffusers or
+    mlx-lm files: their lora_B bias is scaled by alpha / r, and mlx-lm has none."""
+    if to in _ALPHA_TENSORS:
+        return
+    diffs = [m.key for m in adapter.modules.values() if m.bias_diff is not None]
+    if diffs:
+        raise UnsupportedAdapterError(
+            f"{len(diffs)} modules carry a bias difference (.diff_b, e.g. {diffs[0]!r}), which "
+            f"{to} files cannot hold",
+            path=adapter.source,
+            hint="keep the file in a format with .diff_b (kohya, comfyui): loratool merge and "
+            "ComfyUI apply it",
+            kind="unsupported-type",
+        )
 
 
 def _resolve_paths(
