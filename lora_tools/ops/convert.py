@@ -393,7 +393,7 @@ def _place_components(
         assign = component or _infer_component(adapter)
         if assign is None and to == "diffusers":
             raise UsageError(
-                "this PEFT adapter does not say which pipeline component it belongs to",
+                f"this {adapter.format} adapter does not say which pipeline component it belongs to",
                 path=adapter.source,
                 hint="pass --component unet / transformer / text_encoder ... "
                 "(or --base with the pipeline folder)",
