@@ -183,6 +183,8 @@ def convert_adapter(
         modules, relaid = relayout(modules, layouts, to, _layout_refusal(adapter, to))
     if to in ("peft", "diffusers", "mlx"):
         _check_layout(adapter, modules, to, layouts, base is not None)
+    if to in _ALPHA_TENSORS and base is None:
+        _check_native_named(adapter, modules, to)
     missing = [m.key for m in modules.values() if m.path is None]
     if missing and to in ("peft", "diffusers", "mlx"):
         raise UsageError(
@@ -342,6 +344,37 @@ def _check_layout(
             if base_given
             else "pass --base with the base checkpoint (single file or diffusers folder): "
             "its layout tells how to re-lay the modules out",
+            kind="unsupported-layout",
+        )
+
+
+#: Architectures whose kohya-style LoRAs (sd-scripts, musubi-tuner) and ComfyUI name the
+#: denoiser's modules natively: a ``lora_unet_`` name of a diffusers path loads in neither.
+_NATIVE_NAMED = ("flux", "chroma", "sd3", "wan", "hunyuan-video")
+
+
+def _check_native_named(adapter: Adapter, modules: dict[str, LoraModule], to: str) -> None:
+    """Refuse a denoiser module in diffusers names for a target that needs native ones, which
+    only a base checkpoint's layout gives (``lora_unet_transformer_blocks_0_attn_to_q`` is no
+    Flux name that sd-scripts, diffusers' kohya loader or ComfyUI look up)."""
+    from lora_tools.ops.inspect import architecture_of
+
+    found = architecture_of(adapter)
+    if found is None or found["name"] not in _NATIVE_NAMED:
+        return
+    diffusers_named = [
+        m
+        for m in modules.values()
+        if m.path is not None and m.component in (None, *DENOISERS) and layout_of(m) is None
+    ]
+    # a block's module names the layout best (context_embedder is SD3's name in both)
+    for m in sorted(diffusers_named, key=lambda m: "blocks" not in (m.path or ""))[:1]:
+        raise UnsupportedAdapterError(
+            f"module {m.key!r} is named in the diffusers layout of a {found['name']} model; "
+            f"{to} files of it name modules in the native layout (double_blocks..., "
+            "joint_blocks..., blocks.N.self_attn...), which only the base checkpoint tells",
+            path=adapter.source,
+            hint="pass --base with the base checkpoint (single file or diffusers folder)",
             kind="unsupported-layout",
         )
 
