@@ -235,7 +235,8 @@ FLAT_TARGET_NAMES = sorted(
 
 def flat_target_name(name: str) -> str:
     """The layer a flattened (kohya) module name targets: a known layer name at its end
-    (``to_out_0`` is ``to_out.0``), else the part after the last ``_<digits>_``.
+    (``to_out_0`` is ``to_out.0``), else the part after the last ``_<digits>_`` (after the
+    kohya prefix for a module outside the blocks: ``lora_unet_img_in`` targets ``img_in``).
 
     Example:
         >>> flat_target_name("lora_unet_down_blocks_0_attentions_0_to_out_0")
@@ -244,7 +245,7 @@ def flat_target_name(name: str) -> str:
     for known in FLAT_TARGET_NAMES:
         if name.endswith("_" + known) or name == known:
             return "to_out.0" if known == "to_out_0" else known
-    return re.split(r"_\d+_", name)[-1]
+    return re.split(r"_\d+_", split_name(name)[1])[-1]
 
 
 # -- PEFT config patterns: which config entry speaks for a module ----------------------------------

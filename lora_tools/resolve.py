@@ -214,17 +214,22 @@ def _bias_key(key: str) -> str:
 class _Layouts:
     """The layouts of a checkpoint's components, found once per component: by key prefix in a
     single file (``model.diffusion_model.`` -> the UNet's), from ``config.json`` in a diffusers
-    folder (prefix ``""``)."""
+    folder or a diffusers model's own folder (``transformer/`` of a pipeline; prefix ``""``)."""
 
     def __init__(self, ckpt: Checkpoint) -> None:
-        self.diffusers = ckpt.kind == "diffusers"
+        self.kind = ckpt.kind
         self.found: dict[str, dict[str, Layout]] = {}
+
+    def diffusers(self, comp: Component) -> bool:
+        """The component is named in diffusers layout: a pipeline's component, or a folder
+        whose ``config.json`` names a diffusers model class."""
+        return self.kind == "diffusers" or "_class_name" in (comp.config or {})
 
     def of(self, comp: Component) -> dict[str, Layout]:
         """Key prefix -> the layout of the model under it."""
         if comp.name not in self.found:
             self.found[comp.name] = (
-                _diffusers_layouts(comp) if self.diffusers else _native_layouts(comp)
+                _diffusers_layouts(comp) if self.diffusers(comp) else _native_layouts(comp)
             )
         return self.found[comp.name]
 
@@ -313,7 +318,14 @@ class _FlatIndex:
                             hit = (comp, key, logical if prefix else "", path, None)
                             self._add(logical, path, (hit,))
                         if prefix in found:
-                            self._add_aliases(comp, prefix, logical, path, found[prefix])
+                            self._add_aliases(
+                                comp,
+                                prefix,
+                                logical,
+                                path,
+                                found[prefix],
+                                native=not layouts.diffusers(comp),
+                            )
                         break
                 if module.startswith("model.") and not module.startswith("model.diffusion_model."):
                     self._add("unet", module, ((comp, key, "", module, None),))
@@ -390,7 +402,7 @@ def _path_hits(
     for candidate in _path_candidates(path):
         if f"{candidate}.weight" in comp:
             return [((comp, f"{candidate}.weight", logical, candidate, None),)]
-    if kind == "file":
+    if kind == "file" or (layouts.of(comp) and not layouts.diffusers(comp)):
         return _single_file_hits(comp, path, component, layouts)
     layout = layouts.of(comp).get("")
     if layout is not None:

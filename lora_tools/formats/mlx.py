@@ -247,12 +247,13 @@ class MlxFormat(AdapterFormat):
         """Every tensor to write under mlx-lm's names (``<path>.lora_a`` ...)."""
         out: dict[str, Tensor] = {}
         for m in adapter.modules.values():
-            if m.path is None or m.component is not None or m.bias is not None:
+            bias = m.bias is not None or m.bias_diff is not None
+            if m.path is None or m.component is not None or bias:
                 raise UsageError(
                     f"module {m.key!r} cannot be written as an mlx-lm adapter: "
                     + (
-                        "it has a lora_B bias, which mlx-lm's LoRA layers do not have"
-                        if m.bias is not None
+                        "it has a lora_B bias or .diff_b, which mlx-lm's LoRA layers do not have"
+                        if bias
                         else "mlx-lm names modules by their path in one model"
                     ),
                     path=adapter.source,

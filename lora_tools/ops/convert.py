@@ -54,8 +54,8 @@ from lora_tools.naming import (
     split_stem,
     target_paths,
 )
-from lora_tools.ops._algebra import add_history
-from lora_tools.ops.relayout import layout_for, relayout
+from lora_tools.ops._algebra import add_history, exact_targets, targets_cover
+from lora_tools.ops.relayout import DENOISERS, layout_for, relayout
 from lora_tools.results import WrittenResult, adapter_inputs, input_ref
 
 TARGETS = ("peft", "kohya", "diffusers", "mlx", "comfyui")
@@ -164,6 +164,7 @@ def convert_adapter(
         )
     adapter.require_plain_lora("convert")
     adapter.require_known_scale(f"convert --to {to}")
+    _refuse_bias_diff(adapter, to)
     modules = {k: dataclasses.replace(m) for k, m in adapter.modules.items()}
     transposed = False
     resolved = 0
@@ -182,6 +183,8 @@ def convert_adapter(
         modules, relaid = relayout(modules, layouts, to, _layout_refusal(adapter, to))
     if to in ("peft", "diffusers", "mlx"):
         _check_layout(adapter, modules, to, layouts, base is not None)
+    if to in _ALPHA_TENSORS and base is None:
+        _check_native_named(adapter, modules, to)
     missing = [m.key for m in modules.values() if m.path is None]
     if missing and to in ("peft", "diffusers", "mlx"):
         raise UsageError(
@@ -245,6 +248,23 @@ def convert_adapter(
         side = "split from fused native weights" if to != "kohya" else "re-laid out"
         notes = (f"{relaid} modules {side} through the base's layout (factors exact)",)
     return ConvertResult(out, adapter.format, resolved, tuple(dropped), notes, source_inputs=inputs)
+
+
+def _refuse_bias_diff(adapter: Adapter, to: str) -> None:
+    """A ``.diff_b`` (added unscaled at the merge strength) has no place in PEFT, diffusers or
+    mlx-lm files: their lora_B bias is scaled by alpha / r, and mlx-lm has none."""
+    if to in _ALPHA_TENSORS:
+        return
+    diffs = [m.key for m in adapter.modules.values() if m.bias_diff is not None]
+    if diffs:
+        raise UnsupportedAdapterError(
+            f"{len(diffs)} modules carry a bias difference (.diff_b, e.g. {diffs[0]!r}), which "
+            f"{to} files cannot hold",
+            path=adapter.source,
+            hint="keep the file in a format with .diff_b (kohya, comfyui): loratool merge and "
+            "ComfyUI apply it",
+            kind="unsupported-type",
+        )
 
 
 def _resolve_paths(
@@ -328,6 +348,37 @@ def _check_layout(
         )
 
 
+#: Architectures whose kohya-style LoRAs (sd-scripts, musubi-tuner) and ComfyUI name the
+#: denoiser's modules natively: a ``lora_unet_`` name of a diffusers path loads in neither.
+_NATIVE_NAMED = ("flux", "chroma", "sd3", "wan", "hunyuan-video")
+
+
+def _check_native_named(adapter: Adapter, modules: dict[str, LoraModule], to: str) -> None:
+    """Refuse a denoiser module in diffusers names for a target that needs native ones, which
+    only a base checkpoint's layout gives (``lora_unet_transformer_blocks_0_attn_to_q`` is no
+    Flux name that sd-scripts, diffusers' kohya loader or ComfyUI look up)."""
+    from lora_tools.ops.inspect import architecture_of
+
+    found = architecture_of(adapter)
+    if found is None or found["name"] not in _NATIVE_NAMED:
+        return
+    diffusers_named = [
+        m
+        for m in modules.values()
+        if m.path is not None and m.component in (None, *DENOISERS) and layout_of(m) is None
+    ]
+    # a block's module names the layout best (context_embedder is SD3's name in both)
+    for m in sorted(diffusers_named, key=lambda m: "blocks" not in (m.path or ""))[:1]:
+        raise UnsupportedAdapterError(
+            f"module {m.key!r} is named in the diffusers layout of a {found['name']} model; "
+            f"{to} files of it name modules in the native layout (double_blocks..., "
+            "joint_blocks..., blocks.N.self_attn...), which only the base checkpoint tells",
+            path=adapter.source,
+            hint="pass --base with the base checkpoint (single file or diffusers folder)",
+            kind="unsupported-layout",
+        )
+
+
 def _infer_component(adapter: Adapter) -> str | None:
     """The component named by the config's base model folder (``.../tiny-sd/unet``), if any."""
     name = (adapter.config or {}).get("base_model_name_or_path")
@@ -357,7 +408,9 @@ def _place_components(
             )
         keep = {}
         for key, m in modules.items():
-            if component is not None and m.component not in (component, None):
+            # a single-file base calls every denoiser unet; the file may say transformer
+            denoiser = component in DENOISERS and m.component in DENOISERS
+            if component is not None and m.component not in (component, None) and not denoiser:
                 dropped.append(key)
                 continue
             m.component = None
@@ -373,7 +426,7 @@ def _place_components(
         assign = component or _infer_component(adapter)
         if assign is None and to == "diffusers":
             raise UsageError(
-                "this PEFT adapter does not say which pipeline component it belongs to",
+                f"this {adapter.format} adapter does not say which pipeline component it belongs to",
                 path=adapter.source,
                 hint="pass --component unet / transformer / text_encoder ... "
                 "(or --base with the pipeline folder)",
@@ -481,13 +534,13 @@ def _peft_config(
 ) -> dict[str, Any]:
     """adapter_config.json for the converted adapter (scale fields are filled by the writer)."""
     if source.format == "peft" and source.config:
-        return dict(source.config)
+        return _targeting(source.config, list(out.modules.values()))
     if source.format == "diffusers":
         configs = diffusers_component_configs(source.metadata)
         comps = {m.component for m in source.modules.values()}
         comp = component or (next(iter(comps)) if len(comps) == 1 else None)
         if comp in configs:
-            config = dict(configs[comp])
+            config = _targeting(configs[comp], list(out.modules.values()))
             config.setdefault("peft_type", "LORA")
             return config
     fresh = peft_config_for(dataclasses.replace(out, config={})) or {}
@@ -505,6 +558,16 @@ def _peft_config(
         if isinstance(params.get("dropout"), (int, float)):
             fresh["lora_dropout"] = params["dropout"]
     return fresh
+
+
+def _targeting(config: dict[str, Any], modules: list[LoraModule]) -> dict[str, Any]:
+    """A carried config whose ``target_modules`` still select every module written: kept, else
+    (none given, as diffusers' ``save_lora_weights`` may write; modules re-laid out into other
+    names) the exact module paths, or PEFT would build other layers and load nothing."""
+    out = dict(config)
+    if not all(targets_cover(out.get("target_modules"), m.path or m.key) for m in modules):
+        out.update(exact_targets(modules))
+    return out
 
 
 def _mlx_seed(source: Adapter) -> dict[str, Any]:
@@ -528,9 +591,9 @@ def _diffusers_seed(source: Adapter, out: Adapter, transposed: bool) -> dict[str
     flat: dict[str, Any] = {}
     for comp, modules in by_component.items():
         if comp in existing:
-            config = dict(existing[comp])
+            config = _targeting(existing[comp], modules)
         elif source.format == "peft" and source.config:
-            config = dict(source.config)
+            config = _targeting(source.config, modules)
         else:
             config = {
                 "peft_type": "LORA",

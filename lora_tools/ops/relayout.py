@@ -9,7 +9,9 @@ them differently (:mod:`lora_tools.layouts`). Moving a LoRA across is exact on t
   ``B`` that weight holds (``B_q = B[0:h]``...), rank and alpha unchanged, so
   ``B_q @ A`` is row for row ``B @ A``. Rank columns of ``B_q`` that are all zero are dropped
   with their rows of ``A`` (a fused module made by :func:`fuse` splits back into exactly its
-  parts), alpha scaled to keep ``alpha / r``.
+  parts), alpha scaled to keep ``alpha / r``. A part whose rows of ``B`` are all zero (the
+  ``to_k`` of a fused module trained on ``to_q`` alone) updates nothing and is left out, unless
+  every part is (an untrained module stays one, for ``validate`` to report).
 - **Fuse** (diffusers -> native): the diffusers modules of one native weight become one module
   with ``A`` stacked (``[r_q + r_k + r_v, h]``) and ``B`` block-diagonal (``B_q`` in rows
   ``0:h`` and columns ``0:r_q``...), rank the sum, alpha ``s * rank`` for the parts' common
@@ -149,6 +151,7 @@ def split(
     for p in pieces:
         by_target.setdefault(p.diffusers, []).append(p)
     out = []
+    zero: list[LoraModule] = []
     for path, group in by_target.items():
         total = sum(p.rows or 0 for p in group)
         spans = [(p.diffusers_start, p.native_start, p.rows or 0) for p in group]
@@ -171,7 +174,16 @@ def split(
         if m.bias_diff is not None:
             new.bias_diff = ArrayTensor(_rows(m.bias_diff, spans, total), m.bias_diff.dtype)
         out.append(new)
+        if not len(keep) and m.magnitude is None and not _nonzero(new.bias, new.bias_diff):
+            zero.append(new)
+    if len(zero) < len(out):
+        out = [new for new in out if not any(new is z for z in zero)]
     return out
+
+
+def _nonzero(*tensors: Tensor | None) -> bool:
+    """Any of the tensors has a nonzero entry."""
+    return any(t is not None and bool(np.any(t.numpy() != 0)) for t in tensors)
 
 
 def _tiling(total: int, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:

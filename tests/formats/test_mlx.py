@@ -193,6 +193,8 @@ def test_refusals(tmp_path: Path) -> None:
         convert_adapter(load_adapter(FIXTURES / "peft" / "llama-embedding"), "mlx")
     with pytest.raises(UsageError, match="is a folder"):
         save_adapter(load_adapter(DATA / "lora"), tmp_path / "x.safetensors")
+    with pytest.raises(UsageError, match="this mlx adapter does not say which pipeline component"):
+        convert_adapter(load_adapter(DATA / "lora"), "diffusers")
     full = tmp_path / "full"
     shutil.copytree(DATA / "lora", full)
     config = json.loads((full / "adapter_config.json").read_text())

@@ -165,6 +165,11 @@ def test_kohya_name_round_trips_through_split_name():
         ("lora_unet_down_blocks_0_attentions_0_to_out_0", "to_out.0"),
         ("lora_te_text_model_encoder_layers_0_self_attn_out_proj", "out_proj"),
         ("lora_unet_blocks_3_weird_layer", "weird_layer"),
+        ("lora_unet_img_in", "img_in"),
+        (
+            "lora_transformer_time_text_embed_timestep_embedder_linear_1",
+            "time_text_embed_timestep_embedder_linear_1",
+        ),
     ],
 )
 def test_a_flattened_name_targets_its_known_layer(key, expected):

@@ -48,3 +48,32 @@ def test_combine_refuses_a_bias_difference(with_diff_b):
     path, _, _ = with_diff_b
     with pytest.raises(UnsupportedAdapterError, match="diff_b"):
         combine_adapters([load_adapter(path), load_adapter(path)], weights=[1.0, 1.0])
+
+
+@pytest.mark.parametrize("to", ["peft", "diffusers", "mlx"])
+def test_convert_refuses_a_bias_difference_where_the_target_has_no_place_for_it(
+    with_diff_b, tmp_path, to
+):
+    """PEFT / diffusers scale lora_B.bias by alpha / r, mlx-lm has no bias: refused before
+    anything is written (exit 3), never dropped (mlx wrote the factors alone)."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    from lora_tools.ops.convert import convert_adapter
+
+    path, stem, _ = with_diff_b
+    adapter = load_adapter(path)
+    module = adapter.modules[stem]
+    adapter.modules[stem] = dataclasses.replace(module, path="blocks.0.proj_in", component=None)
+    with pytest.raises(UnsupportedAdapterError, match=r"\.diff_b"):
+        convert_adapter(adapter, to)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lora_tools", "convert", path, "--to", to, "-o", out],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 3, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and ".diff_b" in lines[0] and not out.exists()

@@ -133,3 +133,25 @@ def test_a_partial_base_says_it_holds_no_whole_model(fixtures_dir):
     with pytest.raises(UnsupportedAdapterError) as info:
         convert_adapter(src, "diffusers", base=fixtures_dir / "bases/tiny-flux.safetensors")
     assert "complete checkpoint" in info.value.hint
+
+
+def test_diffusers_names_of_a_native_named_architecture_need_the_base_for_kohya(
+    fixtures_dir, tmp_path
+):
+    """kohya-style Flux / SD3 / Wan / HunyuanVideo LoRAs and ComfyUI use the native names:
+    ``lora_unet_transformer_blocks_0_attn_to_q`` loads nowhere, so without --base (which gives
+    the layout) convert refuses; SD's kohya names are diffusers names and need no base."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for path in ("transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.proj_mlp"):
+        tensors[f"transformer.{path}.lora_A.weight"] = rng.standard_normal((2, 8), np.float32)
+        tensors[f"transformer.{path}.lora_B.weight"] = rng.standard_normal((8, 2), np.float32)
+    save_file(tensors, tmp_path / "flux.safetensors")
+    with pytest.raises(UnsupportedAdapterError, match="diffusers layout of a flux model") as info:
+        convert_adapter(load_adapter(tmp_path / "flux.safetensors"), "kohya")
+    assert info.value.kind == "unsupported-layout" and "--base" in (info.value.hint or "")
+    sd = convert_adapter(load_adapter(fixtures_dir / "diffusers/sd-lora"), "kohya")
+    assert all(k.startswith(("lora_unet_", "lora_te")) for k in sd.adapter.modules)

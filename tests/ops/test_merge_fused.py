@@ -15,13 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from lora_tools import layouts
-from lora_tools.formats import load_adapter
+from lora_tools.formats import load_adapter, save_adapter
 from lora_tools.io.checkpoint import open_checkpoint
 from lora_tools.layouts.base import Piece, PieceTable, stacked
+from lora_tools.ops.convert import convert_adapter
 from lora_tools.ops.merge import merge
+from lora_tools.ops.validate import validate
 from lora_tools.resolve import resolve
 
 H = 40  # hidden size: fused ranges start at 40 and 80, inside 64-row product calls
@@ -255,3 +258,117 @@ def test_a_fused_module_whose_rows_do_not_fit_is_a_shape_error(tmp_path):
     assert list(res.shape_errors) == ["base_model.model.blocks.0.to_q"]
     message = res.shape_errors["base_model.model.blocks.0.to_q"]
     assert "has 41 output rows; the layout places 40 rows of it in" in message
+
+
+def test_a_diffusers_model_folder_and_a_folder_of_a_native_file_have_their_layouts(tmp_path):
+    """``transformer/`` of a pipeline (config.json with a diffusers ``_class_name``) is in
+    diffusers layout, a folder holding a native single file in the native one: a LoRA named in
+    the other layout merges into each as into the pipeline / the single file."""
+    folder, single, _ = _bases(tmp_path)
+    native_folder = tmp_path / "native-folder"
+    native_folder.mkdir()
+    (native_folder / single.name).write_bytes(single.read_bytes())
+    diffusers_lora = _peft(tmp_path, "lora", _diffusers_side_factors())
+    native_paths = {f"blocks.{n}.qkv": 3 * H for n in range(BLOCKS)}
+    native_lora = _peft(tmp_path, "native-lora", _factors(native_paths, 3))
+    for lora in (diffusers_lora, native_lora):
+        name = lora.name
+        merge(folder, [lora], tmp_path / f"{name}-pipeline", device="cpu")
+        merge(folder / "transformer", [lora], tmp_path / f"{name}-model", device="cpu")
+        merge(single, [lora], tmp_path / f"{name}.safetensors", device="cpu")
+        merge(native_folder, [lora], tmp_path / f"{name}-native", device="cpu")
+        weights = "diffusion_pytorch_model.safetensors"
+        want = load_file(tmp_path / f"{name}-pipeline/transformer/{weights}")
+        got = load_file(tmp_path / f"{name}-model/{weights}")
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            np.testing.assert_array_equal(got[key], value, err_msg=key)
+        want = load_file(tmp_path / f"{name}.safetensors")
+        got = load_file(tmp_path / f"{name}-native/{single.name}")
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
+@pytest.mark.parametrize("to", ["peft", "diffusers"])
+def test_convert_carries_a_config_whose_targets_select_every_module_written(tmp_path, to):
+    """A carried config whose target_modules name the native fused modules (split by
+    convert) or name nothing (diffusers' save_lora_weights may write only r and lora_alpha)
+    gets the exact module paths: PEFT would otherwise build other layers and load nothing."""
+    folder, _, _ = _bases(tmp_path)
+    native = _peft(tmp_path, "native", _factors({"blocks.0.qkv": 3 * H}, 3))
+    assert json.loads((native / "adapter_config.json").read_text())["target_modules"] == ["qkv"]
+    diffusers_lora = tmp_path / "diffusers.safetensors"
+    b, a = _factors({"blocks.0.to_q": H}, 4)["blocks.0.to_q"]
+    metadata = {
+        "lora_adapter_metadata": json.dumps({"transformer.r": 4, "transformer.lora_alpha": 8})
+    }
+    save_file(
+        {
+            "transformer.blocks.0.to_q.lora_A.weight": a,
+            "transformer.blocks.0.to_q.lora_B.weight": b,
+        },
+        diffusers_lora,
+        metadata,
+    )
+    for n, source in enumerate((native, diffusers_lora)):
+        res = convert_adapter(load_adapter(source), to, base=folder)
+        out = tmp_path / f"{to}-{n}"
+        save_adapter(res.adapter, out)
+        paths = sorted(m.path for m in res.adapter.modules.values())
+        if to == "peft":
+            targets = json.loads((out / "adapter_config.json").read_text())["target_modules"]
+        else:
+            with safe_open(out / "pytorch_lora_weights.safetensors", "np") as f:
+                meta = f.metadata()
+            targets = json.loads(meta["lora_adapter_metadata"])["transformer.target_modules"]
+        assert sorted(targets) == paths, source
+        findings = [f.message for fr in validate([out], base=folder).files for f in fr.findings]
+        assert findings == []
+
+
+def test_a_fused_module_of_one_trained_part_splits_back_into_that_part_alone(tmp_path):
+    """A LoRA on ``to_q`` alone fused into ``qkv`` (the rows of k and v zero) converts back to
+    the one ``to_q`` module with its own factors, not to zero ``to_k`` / ``to_v`` modules that
+    validate reports as untrained; a fused module with no trained part keeps its parts."""
+    folder, single, _ = _bases(tmp_path)
+    factors = _factors({"blocks.0.to_q": H}, 6)
+    lora = _peft(tmp_path, "q-only", factors)
+    fused = convert_adapter(load_adapter(lora), "kohya", base=single).adapter
+    assert [m.path for m in fused.modules.values()] == ["blocks.0.qkv"]
+    save_adapter(fused, tmp_path / "fused.safetensors")
+    back = convert_adapter(load_adapter(tmp_path / "fused.safetensors"), "peft", base=folder)
+    save_adapter(back.adapter, tmp_path / "back")
+    got = load_file(tmp_path / "back/adapter_model.safetensors")
+    b, a = factors["blocks.0.to_q"]
+    assert sorted(got) == [
+        "base_model.model.blocks.0.to_q.lora_A.weight",
+        "base_model.model.blocks.0.to_q.lora_B.weight",
+    ]
+    np.testing.assert_array_equal(got["base_model.model.blocks.0.to_q.lora_A.weight"], a)
+    np.testing.assert_array_equal(got["base_model.model.blocks.0.to_q.lora_B.weight"], b)
+    assert [f for fr in validate([tmp_path / "back"], base=folder).files for f in fr.findings] == []
+
+    untrained = _peft(
+        tmp_path, "untrained", {"blocks.0.qkv": (np.zeros((3 * H, 4), np.float32), a)}
+    )
+    split = convert_adapter(load_adapter(untrained), "peft", base=folder).adapter
+    assert sorted(m.path for m in split.modules.values()) == [f"blocks.0.to_{c}" for c in "kqv"]
+
+
+def test_component_transformer_selects_a_transformer_against_a_single_file(tmp_path):
+    """A single-file base names its denoiser ``unet``; ``--component transformer`` (the name
+    the diffusers file itself uses) still selects it."""
+    _, single, _ = _bases(tmp_path)
+    b, a = _factors({"blocks.0.to_q": H}, 7)["blocks.0.to_q"]
+    lora = tmp_path / "diffusers.safetensors"
+    save_file(
+        {
+            "transformer.blocks.0.to_q.lora_A.weight": a,
+            "transformer.blocks.0.to_q.lora_B.weight": b,
+        },
+        lora,
+    )
+    for component in ("transformer", "unet"):
+        res = convert_adapter(load_adapter(lora), "peft", base=single, component=component)
+        assert [m.path for m in res.adapter.modules.values()] == ["blocks.0.to_q"]
