@@ -194,6 +194,15 @@ def convert_adapter(
             hint="pass --base with the base checkpoint the adapter was trained on",
         )
 
+    piped = sorted({m.component for m in modules.values() if m.component})
+    if to == "mlx" and piped:
+        raise UnsupportedAdapterError(
+            f"its modules belong to diffusers pipeline components ({', '.join(piped)}); "
+            "mlx-lm adapters hold one language model",
+            path=adapter.source,
+            hint="convert to diffusers, kohya or comfyui for image / video pipelines",
+            kind="unsupported-type",
+        )
     modules = _place_components(adapter, modules, to, component, dropped)
     if to in _ALPHA_TENSORS:
         _check_kohya(adapter, modules)

@@ -155,3 +155,11 @@ def test_diffusers_names_of_a_native_named_architecture_need_the_base_for_kohya(
     assert info.value.kind == "unsupported-layout" and "--base" in (info.value.hint or "")
     sd = convert_adapter(load_adapter(fixtures_dir / "diffusers/sd-lora"), "kohya")
     assert all(k.startswith(("lora_unet_", "lora_te")) for k in sd.adapter.modules)
+
+
+def test_a_pipeline_lora_is_no_mlx_adapter(fixtures_dir):
+    """mlx-lm adapters hold one language model: a diffusers pipeline LoRA is refused in one
+    line, not written as a file mlx-lm cannot use."""
+    src = load_adapter(fixtures_dir / "diffusers/sd-lora")
+    with pytest.raises(UnsupportedAdapterError, match="mlx-lm adapters hold one language model"):
+        convert_adapter(src, "mlx")
