@@ -41,6 +41,7 @@ from lora_tools.formats.base import classify_foreign
 from lora_tools.io.checkpoint import Checkpoint, Component
 from lora_tools.io.safetensors import TensorInfo
 from lora_tools.layouts import Layout, Piece, diffusers_layout, native_layout
+from lora_tools.layouts.base import tiles
 from lora_tools.naming import PEFT_PREFIX, flatten_path, split_name, split_stem
 
 #: Single-file key prefixes -> the component they hold, tried in order (longest first).
@@ -456,13 +457,8 @@ def _match(module: LoraModule, candidate: _Candidate) -> ModuleMatch:
         )
     parts = tuple(_fit_rows(module, c, k, r) for c, k, _, _, r in candidate)
     out_rows = module.delta_shape[0]
-    spans = sorted((p.rows.update_start, p.rows.count) for p in parts if p.rows is not None)
-    tiled = 0
-    for start, count in spans:
-        if start != tiled:
-            break
-        tiled += count
-    if tiled != out_rows or len(spans) != len(parts):
+    spans = [(p.rows.update_start, p.rows.count) for p in parts if p.rows is not None]
+    if len(spans) != len(parts) or not tiles(spans, out_rows):
         names = ", ".join(dict.fromkeys(repr(p.target.key) for p in parts))
         total = sum(p.rows.count for p in parts if p.rows is not None)
         raise ShapeError(

@@ -146,6 +146,21 @@ def stacked(
         start += rows
 
 
+def tiles(spans: Iterable[tuple[int, int]], total: int) -> bool:
+    """Whether ``(start, count)`` row spans cover rows ``0 : total`` exactly once.
+
+    Example:
+        >>> tiles([(4, 4), (0, 4)], 8), tiles([(0, 4), (2, 6)], 8), tiles([(0, 4)], 8)
+        (True, False, False)
+    """
+    at = 0
+    for start, count in sorted(spans):
+        if start != at:
+            return False
+        at += count
+    return at == total
+
+
 def config_value(config: Mapping[str, Any], *names: str, default: Any = None) -> Any:
     """The first of ``names`` present in a diffusers config (models rename their fields)."""
     for name in names:
@@ -154,4 +169,4 @@ def config_value(config: Mapping[str, Any], *names: str, default: Any = None) ->
     return default
 
 
-__all__ = ["Layout", "Piece", "PieceTable", "Shapes", "config_value", "stacked"]
+__all__ = ["Layout", "Piece", "PieceTable", "Shapes", "config_value", "stacked", "tiles"]

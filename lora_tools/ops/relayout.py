@@ -39,7 +39,7 @@ import numpy as np
 from lora_tools.adapter import CONV, LoraModule
 from lora_tools.errors import UnsupportedAdapterError
 from lora_tools.io.safetensors import ArrayTensor, Tensor
-from lora_tools.layouts.base import Layout, Piece
+from lora_tools.layouts.base import Layout, Piece, tiles
 
 #: Denoiser components: a kohya ``lora_unet_`` module may be an SD UNet or a DiT transformer.
 DENOISERS = ("unet", "transformer")
@@ -155,7 +155,7 @@ def split(
     for path, group in by_target.items():
         total = sum(p.rows or 0 for p in group)
         spans = [(p.diffusers_start, p.native_start, p.rows or 0) for p in group]
-        if sorted((s, n) for s, _, n in spans) != _tiling(total, [(s, n) for s, _, n in spans]):
+        if not tiles([(s, n) for s, _, n in spans], total):
             raise refuse(f"module {m.key!r}: the rows of {path!r} are not all in it")
         up = _rows(m.up, spans, total)
         down = m.down.numpy()
@@ -184,17 +184,6 @@ def split(
 def _nonzero(*tensors: Tensor | None) -> bool:
     """Any of the tensors has a nonzero entry."""
     return any(t is not None and bool(np.any(t.numpy() != 0)) for t in tensors)
-
-
-def _tiling(total: int, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The spans sorted, when they tile ``0:total`` exactly; else a list that differs."""
-    ordered = sorted(spans)
-    at = 0
-    for start, n in ordered:
-        if start != at:
-            return []
-        at += n
-    return ordered if at == total else []
 
 
 def fuse(
