@@ -302,6 +302,7 @@ class _FlatIndex:
         self.entries: dict[tuple[str, str], list[_Candidate]] = {}
         for comp in ckpt.components.values():
             found = layouts.of(comp)
+            native = not layouts.diffusers(comp)
             for key in comp:
                 module = _weight_module(key)
                 if module is None:
@@ -320,12 +321,7 @@ class _FlatIndex:
                             self._add(logical, path, (hit,))
                         if prefix in found:
                             self._add_aliases(
-                                comp,
-                                prefix,
-                                logical,
-                                path,
-                                found[prefix],
-                                native=not layouts.diffusers(comp),
+                                comp, prefix, logical, path, found[prefix], native=native
                             )
                         break
                 if module.startswith("model.") and not module.startswith("model.diffusion_model."):

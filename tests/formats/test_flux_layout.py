@@ -32,6 +32,7 @@ from diffusers import (  # noqa: E402
 from lora_tools.layouts import Layout, diffusers_layout, native_layout  # noqa: E402
 from lora_tools.layouts.flux import FluxLayout, from_diffusers, from_native  # noqa: E402
 from lora_tools.layouts.unet import UNetLayout  # noqa: E402
+from tests.formats.layout_oracle import native_state_dict  # noqa: E402
 
 pytestmark = pytest.mark.oracle
 
@@ -90,40 +91,6 @@ def _shapes(state: dict) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in state.items()}
 
 
-def _native(state: dict, layout: FluxLayout) -> dict:
-    """A diffusers state dict in the native layout, assembled from the map's pieces; every
-    diffusers tensor must be used and every native row written exactly once."""
-    by_native: dict[str, list] = {}
-    for piece in layout.table:
-        by_native.setdefault(piece.native, []).append(piece)
-    out, used = {}, set()
-    for pieces in by_native.values():
-        first = pieces[0]
-        kinds = [("weight", first.native_key)]
-        if f"{first.diffusers}.bias" in state:
-            kinds.append(("bias", first.native_bias_key))
-        for param, native_key in kinds:
-            if first.whole:
-                assert len(pieces) == 1
-                out[native_key] = state[f"{first.diffusers}.{param}"].clone()
-                used.add(f"{first.diffusers}.{param}")
-                continue
-            rows = sum(p.rows for p in pieces)
-            columns = state[f"{first.diffusers}.{param}"].shape[1:]
-            tensor = torch.full((rows, *columns), float("nan"))
-            written = torch.zeros(rows, dtype=torch.int64)
-            for p in pieces:
-                source = state[f"{p.diffusers}.{param}"]
-                (n0, n1), (d0, d1) = p.native_rows, p.diffusers_rows
-                tensor[n0:n1] = source[d0:d1]
-                written[n0:n1] += 1
-                used.add(f"{p.diffusers}.{param}")
-            assert written.eq(1).all(), native_key
-            out[native_key] = tensor
-    assert used == set(state), sorted(set(state) - used)
-    return out
-
-
 def _diffusers_converter(architecture: str, hidden: int):
     name = CONVERTERS[architecture]
     source = textwrap.dedent(inspect.getsource(getattr(single_file_utils, name)))
@@ -147,7 +114,7 @@ def test_the_native_file_built_through_the_map_converts_back_bit_for_bit(
     state = model.state_dict()
     layout = from_diffusers(_saved_config(model, tmp_path), _shapes(state))
     assert layout is not None
-    native = _native(state, layout)
+    native = native_state_dict(layout, state)
     assert from_native(_shapes(native)) == layout
     checkpoint = {f"model.diffusion_model.{k}": v.clone() for k, v in native.items()}
     converted = _diffusers_converter(layout.architecture, HIDDEN)(checkpoint)
@@ -164,7 +131,7 @@ def test_both_constructions_give_one_layout_and_the_registry_finds_it(name, cls,
     state = model.state_dict()
     diffusers_config = _saved_config(model, tmp_path)
     layout = from_diffusers(diffusers_config, _shapes(state))
-    native_shapes = _shapes(_native(state, layout))
+    native_shapes = _shapes(native_state_dict(layout, state))
     expected = FluxLayout(
         "chroma" if name == "chroma" else "flux",
         hidden=HIDDEN,
@@ -224,7 +191,7 @@ def flux_native() -> dict[str, tuple[int, ...]]:
     model = _model(FluxTransformer2DModel, FLUX_CONFIGS["dev"])
     state = model.state_dict()
     layout = FluxLayout("flux", HIDDEN, 4 * HIDDEN, 2, 3, guidance=True)
-    return _shapes(_native(state, layout))
+    return _shapes(native_state_dict(layout, state))
 
 
 def _without(shapes: dict, *prefixes: str) -> dict:

@@ -34,7 +34,8 @@ from lora_tools.formats import load_adapter, save_adapter  # noqa: E402
 from lora_tools.layouts.flux import from_diffusers  # noqa: E402
 from lora_tools.ops.convert import convert_adapter  # noqa: E402
 from lora_tools.ops.merge import merge  # noqa: E402
-from tests.formats.test_flux_layout import FLUX_CONFIGS, _model, _native  # noqa: E402
+from tests.formats.layout_oracle import native_state_dict  # noqa: E402
+from tests.formats.test_flux_layout import FLUX_CONFIGS, _model  # noqa: E402
 
 pytestmark = pytest.mark.oracle
 
@@ -63,7 +64,7 @@ def flux(tmp_path_factory):
     config = json.loads((folder / "transformer/config.json").read_text())
     state = model.state_dict()
     layout = from_diffusers(config, {k: tuple(v.shape) for k, v in state.items()})
-    native = _native(state, layout)
+    native = native_state_dict(layout, state)
     save_file({k: v.contiguous() for k, v in native.items()}, root / "bfl.safetensors")
     comfy = {f"model.diffusion_model.{k}": v.contiguous() for k, v in native.items()}
     save_file(comfy, root / "comfy.safetensors")
@@ -126,7 +127,7 @@ def _fused_by_diffusers(lora: Path) -> dict[str, np.ndarray]:
 
 def _native_named(flux, state: dict[str, np.ndarray], prefix: str = "") -> dict[str, np.ndarray]:
     tensors = {k: torch.from_numpy(v) for k, v in state.items() if not k.startswith("__")}
-    return {prefix + k: v.numpy() for k, v in _native(tensors, flux["layout"]).items()}
+    return {prefix + k: v.numpy() for k, v in native_state_dict(flux["layout"], tensors).items()}
 
 
 def _assert_same(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:

@@ -123,10 +123,6 @@ class Case:
     reference: dict
 
 
-def _native(case_layout, state: dict, parameters: dict) -> dict:
-    return native_state_dict(case_layout, state, parameters)
-
-
 def _peft_merged(arch: Architecture, lora_config) -> tuple[dict, dict]:
     """(merged diffusers state dict, LoRA state dict) of a PEFT LoRA on the model."""
     model = _model(arch)
@@ -157,7 +153,9 @@ def case(request, tmp_path_factory) -> Case:
     layout = diffusers_layout(config, {k: tuple(v.shape) for k, v in state.items()})
     assert layout is not None and layout.architecture == arch.name
     parameters = {d: n for n, d in getattr(layout, "parameters", ())}
-    native = {arch.native_prefix + k: v for k, v in _native(layout, state, parameters).items()}
+    native = {
+        arch.native_prefix + k: v for k, v in native_state_dict(layout, state, parameters).items()
+    }
     save_file({k: v.contiguous() for k, v in native.items()}, root / "native.safetensors")
 
     lora_config = peft.LoraConfig(
@@ -187,7 +185,7 @@ def case(request, tmp_path_factory) -> Case:
 
 def _native_named(case: Case, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     tensors = {k: torch.from_numpy(v) for k, v in state.items()}
-    native = _native(case.layout, tensors, case.parameters)
+    native = native_state_dict(case.layout, tensors, case.parameters)
     return {case.arch.native_prefix + k: v.numpy() for k, v in native.items()}
 
 

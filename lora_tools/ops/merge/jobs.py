@@ -47,8 +47,7 @@ DEFAULT_BLOCK_BYTES = 4 << 20
 
 ProgressFn = Callable[[int, int], None]
 #: One update of a base tensor: the module, its merge weight, ``"weight"``, ``"bias"`` or
-#: ``"bias_diff"``, and
-#: the rows of the tensor it covers (None: the whole tensor).
+#: ``"bias_diff"``, and the rows of the tensor it covers (None: the whole tensor).
 Source = tuple[ModuleMatch, float, str, "Rows | None"]
 
 
