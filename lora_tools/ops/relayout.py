@@ -223,14 +223,14 @@ def fuse(
     column = 0
     for m, own in members:
         values = m.up.numpy().reshape(m.up.shape[0], m.rank)
+        own_bias = None if m.bias is None else m.bias.numpy()
         for p in own:
             n = p.rows or 0
             up[p.native_start : p.native_start + n, column : column + m.rank] = values[
                 p.diffusers_start : p.diffusers_start + n
             ]
-            if m.bias is not None and bias is not None:
-                b = m.bias.numpy()
-                bias[p.native_start : p.native_start + n] = b[
+            if own_bias is not None and bias is not None:
+                bias[p.native_start : p.native_start + n] = own_bias[
                     p.diffusers_start : p.diffusers_start + n
                 ]
         downs.append(m.down.numpy().reshape(m.rank, -1))
