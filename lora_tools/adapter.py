@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from lora_tools.deltas import DeltaModule
 from lora_tools.errors import AdapterError, UnknownScaleError, UnsupportedAdapterError
 from lora_tools.io.safetensors import Tensor
 from lora_tools.lowrank import max_abs_update
@@ -342,7 +343,10 @@ class Adapter:
             registered third-party format.
         modules: LoRA modules by key stem, in file order.
         passthrough: tensors kept byte for byte (modules_to_save, embeddings, LyCORIS tensors).
-        foreign: adapter types loratool detects but does not compute with, type -> module stems.
+        foreign: adapter types other than LoRA (LoHa, LoKr, OFT...), type -> module stems;
+            their tensors stay in ``passthrough`` (written back byte for byte).
+        deltas: the modules of ``foreign`` whose update loratool computes, by stem
+            (:class:`~lora_tools.deltas.DeltaModule`: the same tensors, read as their type).
         metadata: the file's ``__metadata__``.
         config: the adapter config (PEFT adapter_config.json), or None.
         source: the file the tensors came from.
@@ -353,6 +357,7 @@ class Adapter:
     modules: dict[str, LoraModule] = field(default_factory=dict)
     passthrough: dict[str, Tensor] = field(default_factory=dict)
     foreign: dict[str, list[str]] = field(default_factory=dict)
+    deltas: dict[str, DeltaModule] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
     config: dict[str, Any] | None = None
     source: Path | None = None
@@ -406,10 +411,19 @@ class Adapter:
         out.extend(self.foreign)
         return out
 
-    def require_plain_lora(self, operation: str) -> None:
-        """Raise UnsupportedAdapterError if the adapter holds types ``operation`` can't handle."""
-        if self.foreign:
-            kind, stems = next(iter(self.foreign.items()))
+    def uncomputed(self) -> dict[str, list[str]]:
+        """The foreign modules loratool cannot compute with (no :attr:`deltas` entry), by type."""
+        out = {
+            kind: [s for s in stems if s not in self.deltas] for kind, stems in self.foreign.items()
+        }
+        return {kind: stems for kind, stems in out.items() if stems}
+
+    def require_plain_lora(self, operation: str, *, deltas_ok: bool = False) -> None:
+        """Raise UnsupportedAdapterError if the adapter holds types ``operation`` can't handle:
+        any non-LoRA module, or with ``deltas_ok`` those that are no :attr:`deltas` entry."""
+        foreign = self.uncomputed() if deltas_ok else self.foreign
+        if foreign:
+            kind, stems = next(iter(foreign.items()))
             raise UnsupportedAdapterError(
                 f"unsupported adapter type {kind} ({len(stems)} modules, e.g. {stems[0]!r}); "
                 f"{operation} is defined for LoRA factors only",

@@ -24,6 +24,7 @@ LAYERS: dict[str, int] = {
     "lora_tools.io": 1,
     "lora_tools.adapter": 2,
     "lora_tools.lowrank": 2,
+    "lora_tools.deltas": 2,
     "lora_tools.naming": 1,
     "lora_tools.layouts": 1,
     "lora_tools.formats": 4,

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
 from lora_tools.adapter import Adapter
+from lora_tools.deltas import DeltaError, build, role_of
 from lora_tools.errors import AdapterError, UsageError
 from lora_tools.io.jsonfile import read_json_object
 from lora_tools.io.safetensors import SafetensorsFile, Tensor
@@ -163,6 +164,41 @@ def note_foreign(adapter: Adapter, kind: str, stem: str, key: str, tensor: Tenso
         seen.add(stem)
         adapter.foreign.setdefault(kind, []).append(stem)
     adapter.passthrough[key] = tensor
+
+
+def collect_deltas(
+    adapter: Adapter,
+    fmt: AdapterFormat,
+    locate: Callable[[str], tuple[str | None, str | None]],
+) -> None:
+    """Read the foreign modules whose type loratool computes as :class:`DeltaModule` s
+    (``adapter.deltas``); their tensors stay in ``adapter.passthrough``.
+
+    A module's tensors are found by stem: the foreign suffix (:func:`classify_foreign`), the
+    format's own LoRA roles (a Tucker LoCon's ``lora_up``, its ``alpha``), or for kohya names,
+    which hold no dot, the key's first part. A module whose tensors make no update of its type
+    stays foreign only (``loratool validate`` reports it).
+    """
+    stems = {stem for found in adapter.foreign.values() for stem in found}
+    if not stems:
+        return
+    parts: dict[str, dict[str, tuple[str, Tensor]]] = {}
+    for key, tensor in adapter.passthrough.items():
+        found = classify_foreign(key)
+        parsed = None if found is not None else fmt.parse_key(key)
+        stem = found[1] if found else parsed.stem if parsed else key.partition(".")[0]
+        if stem in stems:
+            parts.setdefault(stem, {})[role_of(key[len(stem) + 1 :])] = (key, tensor)
+    for stem, found in parts.items():
+        component, path = locate(stem)
+        module = build(stem, found, path=path, component=component)
+        if module is None:
+            continue
+        try:
+            module.update_dims  # noqa: B018 - the shape check
+        except DeltaError:
+            continue
+        adapter.deltas[stem] = module
 
 
 def complete_modules(

@@ -30,6 +30,7 @@ from lora_tools.formats.base import (
     ParsedKey,
     add_foreign,
     bias_diff_keys,
+    collect_deltas,
     unresolved_error,
 )
 from lora_tools.io.jsonfile import parse_json
@@ -146,6 +147,7 @@ class KohyaFormat(AdapterFormat):
             )
             if "bias_diff" in roles:
                 keys["bias_diff"], adapter.modules[stem].bias_diff = roles["bias_diff"]
+        collect_deltas(adapter, self, self.locate)
         return adapter
 
     def locate(self, stem: str) -> tuple[str | None, str | None]:
