@@ -185,6 +185,23 @@ class DeltaModule:
             out = out.reshape(base.shape)
         return out
 
+    @property
+    def row_local(self) -> bool:
+        """Rows of the update come from the tensors alone, a block at a time
+        (:meth:`delta_rows`): the type does not read the base and has no weight decomposition."""
+        return not self.needs_base
+
+    def delta_rows(self, start: int, stop: int, dtype: np.dtype = np.float32) -> np.ndarray:
+        """Rows ``start:stop`` of the flattened ``[out, in * k]`` update at strength 1, computed
+        from the rows of the factors they need only (for merging a tensor in row blocks).
+
+        Raises:
+            DeltaError: the type's update depends on the base (:attr:`row_local` is False).
+        """
+        if not self.row_local:
+            raise DeltaError(f"a {self.type} update depends on the base weight: use delta(base)")
+        return self.spec.rows(self, start, stop, np.dtype(dtype))
+
 
 @dataclass(frozen=True)
 class TypeSpec:
@@ -218,6 +235,10 @@ class TypeSpec:
 
     def delta(self, m: DeltaModule, base: np.ndarray | None, dtype: np.dtype) -> np.ndarray:
         raise NotImplementedError
+
+    def rows(self, m: DeltaModule, start: int, stop: int, dtype: np.dtype) -> np.ndarray:
+        """Rows of the flattened update; types override it to compute only those rows."""
+        return self.delta(m, None, dtype).reshape(m.update_dims[0], -1)[start:stop]
 
 
 def _need(m: DeltaModule, *roles: str, ndim: int = 2) -> None:
@@ -311,7 +332,20 @@ class _LoHa(TypeSpec):
 
     def delta(self, m: DeltaModule, base: np.ndarray | None, dtype: np.dtype) -> np.ndarray:
         h1, h2 = self.halves(m, dtype)
-        return (h1 * h2 * dtype.type(self.scale(m))).astype(dtype, copy=False)
+        out = h1 * h2 * dtype.type(self.scale(m))
+        return out.astype(dtype, copy=False).reshape(self.full_shape(m))
+
+    def rows(self, m: DeltaModule, start: int, stop: int, dtype: np.dtype) -> np.ndarray:
+        self.dims(m)
+        halves = []
+        for i in (1, 2):
+            a, b = m.array(f"hada_w{i}_a", dtype), m.array(f"hada_w{i}_b", dtype)
+            if "hada_t1" in m.tensors:
+                core = np.einsum("aj...,jq->aq...", m.array(f"hada_t{i}", dtype), b)
+                halves.append(a[:, start:stop].T @ core.reshape(a.shape[0], -1))
+            else:
+                halves.append(a[start:stop] @ b.reshape(b.shape[0], -1))
+        return halves[0] * halves[1] * dtype.type(self.scale(m))
 
 
 class _LoKr(TypeSpec):
@@ -400,6 +434,13 @@ class _LoKr(TypeSpec):
         out = np.kron(w1, w2) * dtype.type(self.scale(m))
         return out.astype(dtype, copy=False).reshape(self.full_shape(m))
 
+    def rows(self, m: DeltaModule, start: int, stop: int, dtype: np.dtype) -> np.ndarray:
+        w1, w2 = self.factors(m, dtype)
+        index = np.arange(start, stop)
+        i, j = np.divmod(index, w2.shape[0])  # row i * b + j of kron(w1, w2)
+        block = w1[i][:, :, None] * w2[j][:, None, :]
+        return block.reshape(len(index), -1) * dtype.type(self.scale(m))
+
 
 class _TuckerLoCon(TypeSpec):
     """``dW[o, i, ...] = scale * sum_ab up[o, a] mid[a, b, ...] down[b, i]`` (LyCORIS'
@@ -448,6 +489,10 @@ class _TuckerLoCon(TypeSpec):
         out = (up @ down) * dtype.type(self.scale(m))
         return out.astype(dtype, copy=False).reshape(self.full_shape(m))
 
+    def rows(self, m: DeltaModule, start: int, stop: int, dtype: np.dtype) -> np.ndarray:
+        up, down = self.factors(m, dtype)
+        return (up[start:stop] @ down) * dtype.type(self.scale(m))
+
 
 class _Full(TypeSpec):
     """``dW = diff`` (LyCORIS full / ComfyUI ``diff``), no alpha."""
@@ -466,6 +511,10 @@ class _Full(TypeSpec):
 
     def delta(self, m: DeltaModule, base: np.ndarray | None, dtype: np.dtype) -> np.ndarray:
         return m.array("diff", dtype)
+
+    def rows(self, m: DeltaModule, start: int, stop: int, dtype: np.dtype) -> np.ndarray:
+        diff = m.tensors["diff"].numpy()
+        return np.asarray(diff.reshape(diff.shape[0], -1)[start:stop], dtype=dtype)
 
 
 class _DoraLoRA(TypeSpec):
@@ -499,6 +548,10 @@ class _DoraLoRA(TypeSpec):
         up, down = self.factors(m, dtype)
         out = (up @ down) * dtype.type(self.scale(m))
         return out.astype(dtype, copy=False).reshape(self.full_shape(m))
+
+    def rows(self, m: DeltaModule, start: int, stop: int, dtype: np.dtype) -> np.ndarray:
+        up, down = self.factors(m, dtype)
+        return (up[start:stop] @ down) * dtype.type(self.scale(m))
 
 
 class _NotYet(TypeSpec):
@@ -542,6 +595,46 @@ TYPES: dict[str, TypeSpec] = {
         _NotYet(IA3, ("weight", "on_input"), needs_base=True),
     )
 }
+
+
+def weight_decompose(
+    m: DeltaModule, base: np.ndarray, delta: np.ndarray, strength: float = 1.0
+) -> np.ndarray:
+    """The weight after a module with ``dora_scale``, as ComfyUI computes it
+    (comfy/weight_adapter/base.py ``weight_decompose``; facts in FORMATS.md).
+
+    ``W1 = W + dW``; ``n`` = the norm of each output row (``dora_scale`` ``[out, 1, ...]``)
+    or input column (``[1, in, ...]``) of the weight, plus float eps; ``W' = W1 * dora_scale /
+    n``, then blended with the base at ``strength``: ``W + strength * (W' - W)``.
+    All in ``base``'s float dtype; ``base`` and ``delta`` have the base weight's shape.
+    """
+    scale = m.array("dora_scale", base.dtype)
+    weight = base + delta
+    flat = weight.reshape(weight.shape[0], -1)
+    if scale.shape[0] == weight.shape[0]:
+        norm = np.sqrt(np.einsum("ij,ij->i", flat, flat)).reshape(-1, *[1] * (weight.ndim - 1))
+    else:
+        cols = np.swapaxes(weight, 0, 1).reshape(weight.shape[1], -1)
+        norm = np.sqrt(np.einsum("ij,ij->i", cols, cols))
+        norm = norm.reshape(1, -1, *[1] * (weight.ndim - 2))
+    norm = norm + np.finfo(base.dtype).eps
+    out = weight * (scale.reshape(norm.shape) / norm).astype(base.dtype)
+    if strength != 1.0:
+        out = base + base.dtype.type(strength) * (out - base)
+    return out
+
+
+def merged(
+    m: DeltaModule, base: np.ndarray, strength: float = 1.0, dtype: np.dtype = np.float32
+) -> np.ndarray:
+    """The base weight with the module merged at ``strength``, in ``dtype`` (not rounded to the
+    base's dtype): ``W + strength * dW``, or the weight decomposition of ``W + dW``."""
+    dtype = np.dtype(dtype)
+    weight = np.asarray(base, dtype=dtype)
+    delta = m.delta(weight, dtype)
+    if m.dora_scale is not None:
+        return weight_decompose(m, weight, delta, strength)
+    return weight + dtype.type(strength) * delta
 
 
 #: Tensor name (after the module stem, ``.weight`` dropped) -> the type it marks. A module's
@@ -644,7 +737,9 @@ __all__ = [
     "DeltaModule",
     "TypeSpec",
     "build",
+    "merged",
     "module_type",
     "role_of",
     "tucker",
+    "weight_decompose",
 ]
