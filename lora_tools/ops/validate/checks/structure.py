@@ -138,7 +138,9 @@ def check_structure(
         }
         uncomputed = {kind: group for kind, group in uncomputed.items() if group}
         if uncomputed and not loaded:
-            kinds = ", ".join(f"{kind} ({len(group)} modules)" for kind, group in uncomputed.items())
+            kinds = ", ".join(
+                f"{kind} ({len(group)} modules)" for kind, group in uncomputed.items()
+            )
             example = next(iter(uncomputed.values()))[0]
             ctx.add(
                 "LT110",
@@ -316,6 +318,19 @@ def _check_delta(
             "conversion",
         )
         return False
+    core = _tucker_mismatch(roles, info)
+    if core is not None:
+        shapes = ", ".join(f"{role} {fmt_shape(info[key].shape)}" for role, key in roles.items())
+        ctx.add(
+            "LT117",
+            f"{kind} module {stem!r}: {core} ({shapes}): the tensors make no {kind} update",
+            module=stem,
+            expected=f"the shapes of a {kind} module",
+            found=shapes,
+            hint="re-export the adapter; its tensors come from different modules or a bad "
+            "conversion",
+        )
+        return False
     if rank == 0:
         ctx.add(
             "LT103",
@@ -343,6 +358,35 @@ def _check_delta(
             )
             return False
     return _check_delta_alpha(ctx, stem, kind, module, roles, info, file, notes)
+
+
+#: Tucker core -> the factors it contracts with: ``tucker(core, a, b)`` sums ``core[i, j]``
+#: against ``a[i]`` and ``b[j]``, and the cores of one module share their kernel.
+_CORES = {
+    "hada_t1": ("hada_w1_a", "hada_w1_b"),
+    "hada_t2": ("hada_w2_a", "hada_w2_b"),
+    "lokr_t2": ("lokr_w2_a", "lokr_w2_b"),
+}
+
+
+def _tucker_mismatch(roles: dict[str, str], info: dict[str, TensorInfo]) -> str | None:
+    """What is wrong with a module's Tucker cores (their ranks are not their factors', or the
+    two cores' kernels differ), or None."""
+    kernels = set()
+    for core, (a, b) in _CORES.items():
+        if core not in roles or a not in roles or b not in roles:
+            continue
+        shape = info[roles[core]].shape
+        ranks = (info[roles[a]].shape[0], info[roles[b]].shape[0])
+        if len(shape) < 2 or tuple(shape[:2]) != ranks:
+            return (
+                f"{core} {fmt_shape(shape)} does not match the ranks {ranks[0]} of {a} and "
+                f"{ranks[1]} of {b}"
+            )
+        kernels.add(tuple(shape[2:]))
+    if len(kernels) > 1:
+        return "hada_t1 and hada_t2 have different kernels"
+    return None
 
 
 def _dora_scale_fits(
