@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -140,13 +141,36 @@ def _parameters(report: dict[str, Any]) -> str:
     return text
 
 
-def _delta_stats(out: Any, rows: list[dict[str, Any]]) -> None:
-    """The ``--stats`` table of the other types' modules."""
-    from rich.markup import escape
+def _lora_stats(out: Any, rows: list[dict[str, Any]]) -> None:
+    """The ``--stats`` table of the LoRA modules."""
     from rich.table import Table
 
-    from lora_tools.errors import printable
+    out.print()
+    t = Table(title="per-module update (scaled, from the factors)", title_justify="left")
+    t.add_column("module", overflow="fold")
+    headers = ("rank", "scale", "||dW||_F", "sigma_max", "eff. rank")
+    for col in headers:
+        t.add_column(col, justify="right")
+    cells = [
+        [
+            str(row["rank"]),
+            "unknown" if row["scale"] is None else f"{row['scale']:.4g}",
+            "non-finite"
+            if not row["finite"]
+            else ("unknown" if row["frobenius"] is None else f"{row['frobenius']:.4g}"),
+            "" if row["spectral"] is None else f"{row['spectral']:.4g}",
+            "" if row["effective_rank"] is None else f"{row['effective_rank']:.2f}",
+        ]
+        for row in rows
+    ]
+    _stats_rows(out, t, headers, rows, cells)
 
+
+def _delta_stats(out: Any, rows: list[dict[str, Any]]) -> None:
+    """The ``--stats`` table of the other types' modules."""
+    from rich.table import Table
+
+    out.print()
     t = Table(title="per-module update of other types (from the factors)", title_justify="left")
     t.add_column("module", overflow="fold")
     headers = ("type", "rank", "scale", "||dW||_F", "sigma_max", "eff. rank")
@@ -165,21 +189,55 @@ def _delta_stats(out: Any, rows: list[dict[str, Any]]) -> None:
         ]
         for row in rows
     ]
+    _stats_rows(out, t, headers, rows, cells)
+
+
+def _structure_table(
+    out: Any, title: str, rows: list[dict[str, Any]], extra: dict[str, Callable[[Any], str]]
+) -> None:
+    """A table of modules with their type and structure line, plus ``extra`` columns
+    (header -> cell of a row), right-aligned."""
+    from rich.table import Table
+
+    out.print()
+    t = Table(title=title, title_justify="left")
+    t.add_column("module", overflow="fold")
+    t.add_column("type")
+    t.add_column("structure", overflow="fold")
+    for header in extra:
+        t.add_column(header, justify="right")
+    for row in rows:
+        t.add_row(
+            _safe(row["module"].removeprefix(PEFT_PREFIX)),
+            _safe(row["type"]),
+            _safe(row["structure"]),
+            *(cell(row) for cell in extra.values()),
+        )
+    out.print(t)
+
+
+def _stats_rows(
+    out: Any, table: Any, headers: tuple[str, ...], rows: list[dict[str, Any]], cells: list[Any]
+) -> None:
+    """Fill and print a ``--stats`` table: module names fitted to the room the cells leave,
+    outliers and non-finite modules in red."""
+    from rich.markup import escape
+
+    from lora_tools.errors import printable
+
     names = fit_names(
         [printable(row["module"].removeprefix(PEFT_PREFIX)) for row in rows],
         column_room(out.width, headers, cells),
     )
     for name, row, row_cells in zip(names, rows, cells, strict=True):
         style = "red" if row["outlier"] or not row["finite"] else None
-        t.add_row(escape(name), *row_cells, style=style)
-    out.print(t)
+        table.add_row(escape(name), *row_cells, style=style)
+    out.print(table)
 
 
 def render(report: dict[str, Any]) -> None:
-    from rich.markup import escape
     from rich.table import Table
 
-    from lora_tools.errors import printable
     from lora_tools.ops.inspect import NOTABLE_CONFIG, NOTABLE_METADATA, human_size
 
     out = console()
@@ -230,36 +288,22 @@ def render(report: dict[str, Any]) -> None:
     out.print(table)
 
     if report["delta_modules"]:
-        out.print()
-        t = Table(title="modules of other types (structure from the tensors)", title_justify="left")
-        t.add_column("module", overflow="fold")
-        t.add_column("type")
-        t.add_column("structure", overflow="fold")
-        t.add_column("parameters", justify="right")
-        t.add_column("LoRA of that rank", justify="right")
-        for row in report["delta_modules"]:
-            t.add_row(
-                _safe(row["module"].removeprefix(PEFT_PREFIX)),
-                _safe(row["type"]),
-                _safe(row["structure"]),
-                f"{row['parameters']:,}",
-                "-" if row["lora_parameters"] is None else f"{row['lora_parameters']:,}",
-            )
-        out.print(t)
+        _structure_table(
+            out,
+            "modules of other types (structure from the tensors)",
+            report["delta_modules"],
+            {
+                "parameters": lambda row: f"{row['parameters']:,}",
+                "LoRA of that rank": lambda row: (
+                    "-" if row["lora_parameters"] is None else f"{row['lora_parameters']:,}"
+                ),
+            },
+        )
 
     if report["foreign_modules"]:
-        out.print()
-        t = Table(title="unsupported modules (structure from the tensors)", title_justify="left")
-        t.add_column("module", overflow="fold")
-        t.add_column("type")
-        t.add_column("structure", overflow="fold")
-        for row in report["foreign_modules"]:
-            t.add_row(
-                _safe(row["module"].removeprefix(PEFT_PREFIX)),
-                _safe(row["type"]),
-                _safe(row["structure"]),
-            )
-        out.print(t)
+        _structure_table(
+            out, "unsupported modules (structure from the tensors)", report["foreign_modules"], {}
+        )
         for name, shape in report["shared_tensors"].items():
             out.print(f"shared  {_safe(name)}  [{', '.join(map(str, shape))}]")
 
@@ -280,32 +324,8 @@ def render(report: dict[str, Any]) -> None:
 
     stats = report["stats"]
     if stats:
-        out.print()
-        t = Table(title="per-module update (scaled, from the factors)", title_justify="left")
-        t.add_column("module", overflow="fold")
-        headers = ("rank", "scale", "||dW||_F", "sigma_max", "eff. rank")
-        for col in headers:
-            t.add_column(col, justify="right")
-        cells = [
-            [
-                str(row["rank"]),
-                "unknown" if row["scale"] is None else f"{row['scale']:.4g}",
-                "non-finite"
-                if not row["finite"]
-                else ("unknown" if row["frobenius"] is None else f"{row['frobenius']:.4g}"),
-                "" if row["spectral"] is None else f"{row['spectral']:.4g}",
-                "" if row["effective_rank"] is None else f"{row['effective_rank']:.2f}",
-            ]
-            for row in stats["modules"]
-        ]
-        names = fit_names(
-            [printable(row["module"].removeprefix(PEFT_PREFIX)) for row in stats["modules"]],
-            column_room(out.width, headers, cells),
-        )
-        for name, row, row_cells in zip(names, stats["modules"], cells, strict=True):
-            style = "red" if row["outlier"] or not row["finite"] else None
-            t.add_row(escape(name), *row_cells, style=style)
-        out.print(t)
+        if stats["modules"]:
+            _lora_stats(out, stats["modules"])
         if stats["delta_modules"]:
             _delta_stats(out, stats["delta_modules"])
         summary = f"median ||dW||_F {stats['frobenius_median']:.4g}"

@@ -263,20 +263,8 @@ def _check_delta(
     per file."""
     info = header.tensors
     present = ", ".join(sorted(roles))
-    for role, key in roles.items():
-        dtype = info[key].dtype
-        if role in ("alpha", "on_input"):
-            continue
-        if dtype not in FLOAT_DTYPES or not DTYPES[dtype].decodable:
-            ctx.add(
-                "LT115",
-                f"tensor {key!r} of {kind} module {stem!r} has dtype {dtype}; its tensors are "
-                "floating point (F32, F16, BF16, F64, F8)",
-                module=stem,
-                expected="a float dtype",
-                found=dtype,
-            )
-            return False
+    if not _float_tensors(ctx, stem, roles, info, f"{kind} tensors", ("alpha", "on_input")):
+        return False
     missing = []
     for alternatives in _NEEDS.get(kind, ()):
         if not any(need <= roles.keys() for need in alternatives):
@@ -306,24 +294,15 @@ def _check_delta(
         module.update_dims  # noqa: B018 - the core's shape checks
         rank = module.rank
         shape = module.delta_shape
+        core = _tucker_mismatch(roles, info)
+        problem = None if core is None else f"{kind} module {stem!r}: {core}"
     except DeltaError as exc:
+        problem = str(exc)
+    if problem is not None:
         shapes = ", ".join(f"{role} {fmt_shape(info[key].shape)}" for role, key in roles.items())
         ctx.add(
             "LT117",
-            f"{exc} ({shapes}): the tensors make no {kind} update",
-            module=stem,
-            expected=f"the shapes of a {kind} module",
-            found=shapes,
-            hint="re-export the adapter; its tensors come from different modules or a bad "
-            "conversion",
-        )
-        return False
-    core = _tucker_mismatch(roles, info)
-    if core is not None:
-        shapes = ", ".join(f"{role} {fmt_shape(info[key].shape)}" for role, key in roles.items())
-        ctx.add(
-            "LT117",
-            f"{kind} module {stem!r}: {core} ({shapes}): the tensors make no {kind} update",
+            f"{problem} ({shapes}): the tensors make no {kind} update",
             module=stem,
             expected=f"the shapes of a {kind} module",
             found=shapes,
@@ -516,21 +495,7 @@ def _check_stem(
     down, up = info[down_key], info[up_key]
     down_shape = fmt.canonical_shape("down", down.shape)
     up_shape = fmt.canonical_shape("up", up.shape)
-    ok = True
-    for role, key in roles.items():
-        if role == "alpha":
-            continue
-        dtype = info[key].dtype
-        if dtype not in FLOAT_DTYPES or not DTYPES[dtype].decodable:
-            ctx.add(
-                "LT115",
-                f"tensor {key!r} has dtype {dtype}; LoRA factors are floating point "
-                "(F32, F16, BF16, F64, F8)",
-                module=stem,
-                expected="a float dtype",
-                found=dtype,
-            )
-            ok = False
+    ok = _float_tensors(ctx, stem, roles, info, "LoRA factors", ("alpha",))
     nd, nu = len(down_shape), len(up_shape)
     if entry.embedding:
         shape_ok = nd == 2 and nu == 2
@@ -590,6 +555,33 @@ def _check_stem(
             ok = False
     if fmt.name in ("kohya", "comfyui") and ok:
         ok = _check_kohya_alpha(ctx, stem, roles.get("alpha"), info, file, no_alpha)
+    return ok
+
+
+def _float_tensors(
+    ctx: Context,
+    stem: str,
+    roles: dict[str, str],
+    info: dict[str, TensorInfo],
+    what: str,
+    skip: tuple[str, ...],
+) -> bool:
+    """LT115 for each tensor of a module (but the roles in ``skip``) whose dtype is no
+    decodable float; False if any."""
+    ok = True
+    for role, key in roles.items():
+        dtype = info[key].dtype
+        if role in skip or (dtype in FLOAT_DTYPES and DTYPES[dtype].decodable):
+            continue
+        ctx.add(
+            "LT115",
+            f"tensor {key!r} has dtype {dtype}; {what} are floating point "
+            "(F32, F16, BF16, F64, F8)",
+            module=stem,
+            expected="a float dtype",
+            found=dtype,
+        )
+        ok = False
     return ok
 
 
