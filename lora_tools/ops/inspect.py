@@ -430,7 +430,10 @@ def _foreign_rows(adapter: Adapter) -> tuple[list[dict[str, Any]], dict[str, lis
     rows = [
         {
             "module": stem,
-            "type": kind,
+            # LyCORIS BOFT uses OFT's tensor names, its blocks 4-D (butterfly factors)
+            "type": "BOFT"
+            if kind == "OFT" and len(by_stem.get(stem, {}).get("oft_blocks", ())) == 4
+            else kind,
             "tensors": {name: list(shape) for name, shape in by_stem.get(stem, {}).items()},
             "structure": foreign_structure(kind, by_stem.get(stem, {}), on_input.get(stem)),
         }
@@ -716,7 +719,7 @@ def inspect_adapter(
         dtypes=dict(dtypes.most_common()),
         parameters=_parameters(adapter, modules, deltas),
         passthrough_tensors=sorted(adapter.passthrough),
-        unsupported={kind: len(stems) for kind, stems in adapter.uncomputed().items()},
+        unsupported=dict(Counter(r["type"] for r in foreign_rows)),
         delta_modules=tuple(delta_rows),
         by_type=dict(Counter(r["type"] for r in [*delta_rows, *foreign_rows])),
         foreign_modules=tuple(foreign_rows),

@@ -402,3 +402,64 @@ def test_header_only_inspect_and_validate_import_neither_torch_nor_ml_dtypes():
         [sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True
     )
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stderr
+
+
+# ------------------------------------------- more types, written by lycoris-lora in the test
+
+MORE = {
+    "boft": {"algo": "boft"},
+    "glora": {"algo": "glora"},
+    "ia3": {"algo": "ia3"},
+    "loha-dora-in": {"algo": "loha", "dora_wd": True, "wd_on_output": False},
+    "lokr-both": {"algo": "lokr", "factor": 2, "decompose_both": True},
+    "locon-tucker": {"algo": "locon", "use_tucker": True},
+}
+
+
+@pytest.fixture(scope="module")
+def more_files(tmp_path_factory) -> Path:
+    """Files of the types tests/data/lycoris does not hold, as make_lycoris_files.py writes
+    them (lycoris-lora's own network, on tiny-sd's UNet)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make", DATA / "make_lycoris_files.py")
+    make = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make)
+    out = tmp_path_factory.mktemp("lycoris")
+    make.HERE, make.FILES = out, MORE
+    make.main()
+    return out
+
+
+@pytest.mark.oracle
+def test_more_lycoris_types_are_described_and_not_flagged(more_files):
+    expected = {
+        "boft": ({"BOFT": 77}, ["LT110"]),
+        "glora": ({"GLoRA": 77}, ["LT110"]),
+        "ia3": ({"IA3": 77}, ["LT110"]),  # its <stem>.weight vectors are no unknown keys
+        "loha-dora-in": ({"LoHa": 77}, []),
+        "lokr-both": ({"LoKr": 77}, ["LT118"]),
+        # LyCORIS' Tucker LoCon puts lora_mid on 3x3 convs only: the rest are plain LoRA
+        "locon-tucker": ({"Tucker LoCon": 16}, ["LT111"]),
+    }
+    for name, (by_type, found) in expected.items():
+        path = more_files / f"{name}.safetensors"
+        r = inspect_adapter(path)
+        assert r.by_type == by_type, name
+        assert codes(validate([path])) == found, name
+    rows = {
+        m["module"]: m
+        for m in inspect_adapter(more_files / "loha-dora-in.safetensors").delta_modules
+    }
+    assert rows[CONV]["dora_scale"] == "input"
+    ia3 = inspect_adapter(more_files / "ia3.safetensors").foreign_modules
+    assert ia3[0]["structure"] == "vector of 4 scaling the outputs"
+    boft = inspect_adapter(more_files / "boft.safetensors")
+    assert boft.unsupported == {"BOFT": 77}
+    assert boft.foreign_modules[0]["structure"] == "2 butterfly factor(s) of 2 blocks 2 x 2"
+    tucker_path = more_files / "locon-tucker.safetensors"
+    tucker = load_adapter(tucker_path).deltas[CONV]
+    report = inspect_adapter(tucker_path, stats=True)
+    row = next(r for r in report.stats["delta_modules"] if r["module"] == CONV)
+    s = np.linalg.svd(_dense(tucker), compute_uv=False)
+    assert row["frobenius"] == pytest.approx(np.linalg.norm(s), rel=1e-9)

@@ -110,6 +110,9 @@ def check_structure(
             continue
         if not _check_stem(ctx, fmt, stem, entry, info, file, no_alpha):
             bad.add(stem)
+    # LyCORIS IA3 keeps its vector as ``<stem>.weight`` beside ``<stem>.on_input``
+    ia3 = foreign.get("IA3", {})
+    unknown = [key for key in unknown if key.removesuffix(".weight") not in ia3]
     _unknown_keys(ctx, fmt, unknown)
     if no_alpha:
         count = len(no_alpha)
@@ -136,7 +139,9 @@ def check_structure(
             kind: [s for s in group if s not in computed and s not in broken]
             for kind, group in foreign.items()
         }
-        uncomputed = {kind: group for kind, group in uncomputed.items() if group}
+        uncomputed = _boft_apart(
+            {kind: group for kind, group in uncomputed.items() if group}, names, header
+        )
         if uncomputed and not loaded:
             kinds = ", ".join(
                 f"{kind} ({len(group)} modules)" for kind, group in uncomputed.items()
@@ -430,6 +435,28 @@ def _check_delta_alpha(
         zero_reading="LyCORIS reads it as alpha = rank (scale 1, as loratool does), ComfyUI "
         "as scale 0 (no effect)",
     )
+
+
+def _boft_apart(
+    kinds: dict[str, list[str]], names: list[str], header: Header
+) -> dict[str, list[str]]:
+    """``kinds`` with the OFT modules whose ``oft_blocks`` are 4-D (LyCORIS BOFT's butterfly
+    factors) listed as BOFT: the tensor names are OFT's."""
+    oft = kinds.get("OFT")
+    if not oft:
+        return kinds
+    blocks = {key.removesuffix(".oft_blocks"): key for key in names if key.endswith(".oft_blocks")}
+    four_d = {
+        s
+        for s, key in blocks.items()
+        if key in header.tensors and len(header.tensors[key].shape) == 4
+    }
+    boft = [s for s in oft if s in four_d]
+    if not boft:
+        return kinds
+    out = {kind: group for kind, group in kinds.items() if kind != "OFT"}
+    rest = [s for s in oft if s not in four_d]
+    return {**({"OFT": rest} if rest else {}), "BOFT": boft, **out}
 
 
 def _explained(ctx: Context) -> bool:
