@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -102,15 +103,144 @@ def _safe(value: Any) -> str:
     return escape(printable(str(value)))
 
 
-def render(report: dict[str, Any]) -> None:
-    from rich.markup import escape
+def _modules(report: dict[str, Any]) -> str:
+    """``80  (linear 3, LoHa 77)``: LoRA modules by kind, then the other types' modules."""
+    kinds = [f"{k} {v}" for k, v in report["by_kind"].items()]
+    kinds += [f"{_safe(k)} {v}" for k, v in report["by_type"].items()]
+    total = report["counts"]["modules"] + sum(report["by_type"].values())
+    return f"{total}  ({', '.join(kinds)})"
+
+
+def _with_types(report: dict[str, Any], lora: str, field: str) -> str:
+    """A rank / alpha / scale line: the LoRA modules' histogram, then each other type's
+    (``-`` where neither has one)."""
+    parts = [lora] if lora and lora != "-" else []
+    by_type: dict[str, list[Any]] = {}
+    for row in report["delta_modules"]:
+        if row[field] is not None:
+            by_type.setdefault(row["type"], []).append(row[field])
+    for kind, values in by_type.items():
+        counts: dict[str, int] = {}
+        for value in values:
+            counts[str(value)] = counts.get(str(value), 0) + 1
+        parts.append(f"{_safe(kind)} {_hist(counts)}")
+    return "; ".join(parts) or "-"
+
+
+def _parameters(report: dict[str, Any]) -> str:
+    """``0 LoRA + 10,288 LoHa (5,144 as LoRAs of their ranks) + 77 pass-through``."""
+    params = report["parameters"]
+    text = f"{params['lora']:,} LoRA"
+    if report["delta_modules"]:
+        types = ", ".join(dict.fromkeys(_safe(r["type"]) for r in report["delta_modules"]))
+        text += f" + {params['deltas']:,} {types}"
+        if params["deltas_as_lora"]:
+            text += f" ({params['deltas_as_lora']:,} as LoRAs of their ranks)"
+    if params["other_passthrough"]:
+        text += f" + {params['other_passthrough']:,} pass-through"
+    return text
+
+
+def _lora_stats(out: Any, rows: list[dict[str, Any]]) -> None:
+    """The ``--stats`` table of the LoRA modules."""
     from rich.table import Table
 
+    out.print()
+    t = Table(title="per-module update (scaled, from the factors)", title_justify="left")
+    t.add_column("module", overflow="fold")
+    headers = ("rank", "scale", "||dW||_F", "sigma_max", "eff. rank")
+    for col in headers:
+        t.add_column(col, justify="right")
+    cells = [
+        [
+            str(row["rank"]),
+            "unknown" if row["scale"] is None else f"{row['scale']:.4g}",
+            "non-finite"
+            if not row["finite"]
+            else ("unknown" if row["frobenius"] is None else f"{row['frobenius']:.4g}"),
+            "" if row["spectral"] is None else f"{row['spectral']:.4g}",
+            "" if row["effective_rank"] is None else f"{row['effective_rank']:.2f}",
+        ]
+        for row in rows
+    ]
+    _stats_rows(out, t, headers, rows, cells)
+
+
+def _delta_stats(out: Any, rows: list[dict[str, Any]]) -> None:
+    """The ``--stats`` table of the other types' modules."""
+    from rich.table import Table
+
+    out.print()
+    t = Table(title="per-module update of other types (from the factors)", title_justify="left")
+    t.add_column("module", overflow="fold")
+    headers = ("type", "rank", "scale", "||dW||_F", "sigma_max", "eff. rank")
+    for col in headers:
+        t.add_column(col, justify="right")
+    cells = [
+        [
+            _safe(row["type"]),
+            "-" if row["rank"] is None else str(row["rank"]),
+            f"{row['scale']:.4g}",
+            "non-finite"
+            if not row["finite"]
+            else (_safe(row["note"]) if row["frobenius"] is None else f"{row['frobenius']:.4g}"),
+            "" if row["spectral"] is None else f"{row['spectral']:.4g}",
+            "" if row["effective_rank"] is None else f"{row['effective_rank']:.2f}",
+        ]
+        for row in rows
+    ]
+    _stats_rows(out, t, headers, rows, cells)
+
+
+def _structure_table(
+    out: Any, title: str, rows: list[dict[str, Any]], extra: dict[str, Callable[[Any], str]]
+) -> None:
+    """A table of modules with their type and structure line, plus ``extra`` columns
+    (header -> cell of a row), right-aligned."""
+    from rich.table import Table
+
+    out.print()
+    t = Table(title=title, title_justify="left")
+    t.add_column("module", overflow="fold")
+    t.add_column("type")
+    t.add_column("structure", overflow="fold")
+    for header in extra:
+        t.add_column(header, justify="right")
+    for row in rows:
+        t.add_row(
+            _safe(row["module"].removeprefix(PEFT_PREFIX)),
+            _safe(row["type"]),
+            _safe(row["structure"]),
+            *(cell(row) for cell in extra.values()),
+        )
+    out.print(t)
+
+
+def _stats_rows(
+    out: Any, table: Any, headers: tuple[str, ...], rows: list[dict[str, Any]], cells: list[Any]
+) -> None:
+    """Fill and print a ``--stats`` table: module names fitted to the room the cells leave,
+    outliers and non-finite modules in red."""
+    from rich.markup import escape
+
     from lora_tools.errors import printable
+
+    names = fit_names(
+        [printable(row["module"].removeprefix(PEFT_PREFIX)) for row in rows],
+        column_room(out.width, headers, cells),
+    )
+    for name, row, row_cells in zip(names, rows, cells, strict=True):
+        style = "red" if row["outlier"] or not row["finite"] else None
+        table.add_row(escape(name), *row_cells, style=style)
+    out.print(table)
+
+
+def render(report: dict[str, Any]) -> None:
+    from rich.table import Table
+
     from lora_tools.ops.inspect import NOTABLE_CONFIG, NOTABLE_METADATA, human_size
 
     out = console()
-    mods = report["counts"]
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
@@ -125,10 +255,7 @@ def render(report: dict[str, Any]) -> None:
             "base model",
             f"{_safe(base['name'])}  [dim]({base['source']})[/dim]" if base else "not recorded",
         ),
-        (
-            "modules",
-            f"{mods['modules']}  ({', '.join(f'{k} {v}' for k, v in report['by_kind'].items())})",
-        ),
+        ("modules", _modules(report)),
         ("components", ", ".join(f"{k} {v}" for k, v in report["by_component"].items())),
         ("targets", ", ".join(f"{_safe(k)} x{v}" for k, v in report["targets"].items())),
         (
@@ -138,19 +265,11 @@ def render(report: dict[str, Any]) -> None:
             )
             or "-",
         ),
-        ("rank", _hist(report["rank"]["histogram"]) or "-"),
-        ("alpha", _alpha(report)),
-        ("scale", _hist(report["scale"]["histogram"]) or "-"),
+        ("rank", _with_types(report, _hist(report["rank"]["histogram"]), "rank")),
+        ("alpha", _with_types(report, _alpha(report), "alpha")),
+        ("scale", _with_types(report, _hist(report["scale"]["histogram"]), "scale")),
         ("dtypes", ", ".join(f"{k} x{v}" for k, v in report["dtypes"].items())),
-        (
-            "parameters",
-            f"{report['parameters']['lora']:,} LoRA"
-            + (
-                f" + {report['parameters']['passthrough']:,} pass-through"
-                if report["parameters"]["passthrough"]
-                else ""
-            ),
-        ),
+        ("parameters", _parameters(report)),
     ]
     if report["passthrough_tensors"]:
         names = report["passthrough_tensors"]
@@ -168,19 +287,23 @@ def render(report: dict[str, Any]) -> None:
         table.add_row(key, value)
     out.print(table)
 
+    if report["delta_modules"]:
+        _structure_table(
+            out,
+            "modules of other types (structure from the tensors)",
+            report["delta_modules"],
+            {
+                "parameters": lambda row: f"{row['parameters']:,}",
+                "LoRA of that rank": lambda row: (
+                    "-" if row["lora_parameters"] is None else f"{row['lora_parameters']:,}"
+                ),
+            },
+        )
+
     if report["foreign_modules"]:
-        out.print()
-        t = Table(title="unsupported modules (structure from the tensors)", title_justify="left")
-        t.add_column("module", overflow="fold")
-        t.add_column("type")
-        t.add_column("structure", overflow="fold")
-        for row in report["foreign_modules"]:
-            t.add_row(
-                _safe(row["module"].removeprefix(PEFT_PREFIX)),
-                _safe(row["type"]),
-                _safe(row["structure"]),
-            )
-        out.print(t)
+        _structure_table(
+            out, "unsupported modules (structure from the tensors)", report["foreign_modules"], {}
+        )
         for name, shape in report["shared_tensors"].items():
             out.print(f"shared  {_safe(name)}  [{', '.join(map(str, shape))}]")
 
@@ -201,35 +324,21 @@ def render(report: dict[str, Any]) -> None:
 
     stats = report["stats"]
     if stats:
-        out.print()
-        t = Table(title="per-module update (scaled, from the factors)", title_justify="left")
-        t.add_column("module", overflow="fold")
-        headers = ("rank", "scale", "||dW||_F", "sigma_max", "eff. rank")
-        for col in headers:
-            t.add_column(col, justify="right")
-        cells = [
-            [
-                str(row["rank"]),
-                "unknown" if row["scale"] is None else f"{row['scale']:.4g}",
-                "non-finite"
-                if not row["finite"]
-                else ("unknown" if row["frobenius"] is None else f"{row['frobenius']:.4g}"),
-                "" if row["spectral"] is None else f"{row['spectral']:.4g}",
-                "" if row["effective_rank"] is None else f"{row['effective_rank']:.2f}",
-            ]
-            for row in stats["modules"]
-        ]
-        names = fit_names(
-            [printable(row["module"].removeprefix(PEFT_PREFIX)) for row in stats["modules"]],
-            column_room(out.width, headers, cells),
-        )
-        for name, row, row_cells in zip(names, stats["modules"], cells, strict=True):
-            style = "red" if row["outlier"] or not row["finite"] else None
-            t.add_row(escape(name), *row_cells, style=style)
-        out.print(t)
+        if stats["modules"]:
+            _lora_stats(out, stats["modules"])
+        if stats["delta_modules"]:
+            _delta_stats(out, stats["delta_modules"])
         summary = f"median ||dW||_F {stats['frobenius_median']:.4g}"
         if report["alpha"].get("unknown"):
             summary = "||dW||_F unknown: the scale is unknown"
+        elif not stats["modules"] and not stats["delta_modules"]:
+            summary = "no module whose update loratool computes"
+        elif not stats["modules"] and all(
+            r["note"] == "needs the base" for r in stats["delta_modules"]
+        ):
+            summary = (
+                "||dW||_F unknown: the update needs the base weight, which inspect never reads"
+            )
         if stats["outliers"]:
             summary += f"; outliers: {', '.join(map(_safe, stats['outliers']))}"
         if stats["non_finite"]:

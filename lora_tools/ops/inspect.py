@@ -24,10 +24,12 @@ from typing import Any
 import numpy as np
 
 from lora_tools.adapter import Adapter, LoraModule
+from lora_tools.deltas import LOKR, DeltaError, DeltaModule
 from lora_tools.formats import load_adapter
 from lora_tools.formats.base import shared_foreign
 from lora_tools.formats.peft import DIFFUSERS_METADATA_KEY, diffusers_component_configs
 from lora_tools.lowrank import effective_rank, singular_values
+from lora_tools.naming import flat_target_name
 from lora_tools.results import SCHEMA_VERSION, Result, input_ref
 
 __all__ = ["SCHEMA_VERSION", "InspectResult", "architecture_of", "base_model_of", "inspect_adapter"]
@@ -88,9 +90,9 @@ NOTABLE_CONFIG = (
 )
 
 
-def block_of(module: LoraModule) -> tuple[str, int | None] | None:
+def block_of(module: LoraModule | DeltaModule) -> tuple[str, int | None] | None:
     """``(family, index)`` of the block a module sits in (``("layers", 3)``), if recognisable."""
-    text = module.full_path or module.key
+    text = _text_of(module)
     matches = list(_BLOCK_RE.finditer(text))
     if matches:
         first = matches[0]
@@ -99,6 +101,24 @@ def block_of(module: LoraModule) -> tuple[str, int | None] | None:
     if m:
         return m.group(1), None
     return None
+
+
+def _text_of(module: LoraModule | DeltaModule) -> str:
+    """The module's full path when known, else its key (what block and target names read)."""
+    if isinstance(module, LoraModule):
+        return module.full_path or module.key
+    if module.path is None:
+        return module.key
+    return f"{module.component}.{module.path}" if module.component else module.path
+
+
+def _target_of(module: LoraModule | DeltaModule) -> str:
+    if isinstance(module, LoraModule):
+        return module.target_name
+    if module.path:
+        parts = module.path.split(".")
+        return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+    return flat_target_name(module.key)
 
 
 def base_model_of(adapter: Adapter) -> dict[str, str] | None:
@@ -310,15 +330,20 @@ def _dims(shape: tuple[int, ...] | None) -> str:
     return "?" if shape is None else " x ".join(map(str, shape))
 
 
-def foreign_structure(kind: str, tensors: dict[str, tuple[int, ...]]) -> str:
+def foreign_structure(
+    kind: str, tensors: dict[str, tuple[int, ...]], on_input: int | None = None
+) -> str:
     """One line on what a non-LoRA module's tensors make (``tensors``: name after the module
     stem -> shape), from the shapes alone; the tensors' own shapes where the type is unknown.
+    ``on_input``: a LyCORIS IA3 module's ``on_input`` value (which side it scales), if read.
 
     Example:
         >>> foreign_structure("LoKr", {"lokr_w1": (4, 4), "lokr_w2": (4, 8)})
         'kron(4 x 4, 4 x 8) -> 16 x 32'
         >>> foreign_structure("OFT", {"oft_R.weight": (4, 6)})
         '4 blocks of 4 x 4 (6 parameters each, skew-symmetric)'
+        >>> foreign_structure("OFT", {"oft_blocks": (4, 2, 2), "alpha": ()})
+        '4 blocks of 2 x 2 (Cayley rotation of the outputs)'
     """
     t = {name.removesuffix(".weight"): shape for name, shape in tensors.items()}
     if kind == "LoHa" and "hada_w1_a" in t and "hada_w1_b" in t:
@@ -345,6 +370,20 @@ def foreign_structure(kind: str, tensors: dict[str, tuple[int, ...]]) -> str:
             rank = f", {'/'.join(low)} rank {t[f'lokr_{low[0]}_a'][-1]}" if low else ""
             result = f"{w1[0] * w2[0]} x {w1[1] * w2[1]}"
             return f"kron({_dims(w1[:2])}, {_dims(w2[:2])}) -> {result}{rank}"
+    if kind in ("OFT", "BOFT") and "oft_blocks" in t and len(t["oft_blocks"]) in (3, 4):
+        shape = t["oft_blocks"]
+        size = f"{shape[-1]} x {shape[-1]}"
+        rescale = ", rescaled outputs" if "rescale" in t else ""
+        if len(shape) == 4:  # LyCORIS BOFT: [factors, blocks, b, b]
+            return f"{shape[0]} butterfly factor(s) of {shape[1]} blocks {size}{rescale}"
+        return f"{shape[0]} blocks of {size} (Cayley rotation of the outputs){rescale}"
+    if kind == "GLoRA" and {"a1", "a2", "b1", "b2"} <= set(t):
+        a2, b1, b2 = t["a2"], t["b1"], t["b2"]
+        kernel = f" x {_dims(b2[2:])}" if len(b2) > 2 and math.prod(b2[2:]) > 1 else ""
+        return f"W + W (a1 a2) + b1 b2, a rank {a2[0]}, b rank {b2[0]} -> {b1[0]} x {b2[1]}{kernel}"
+    if kind == "IA3" and "weight" in t and "ia3_l" not in t:
+        side = {0: "outputs", 1: "inputs"}.get(on_input, "inputs or outputs (on_input says)")
+        return f"vector of {math.prod(t['weight'])} scaling the {side}"
     if kind == "IA3" and "ia3_l" in t:
         shape = t["ia3_l"]
         n = math.prod(shape)
@@ -369,9 +408,11 @@ def foreign_structure(kind: str, tensors: dict[str, tuple[int, ...]]) -> str:
 
 
 def _foreign_rows(adapter: Adapter) -> tuple[list[dict[str, Any]], dict[str, list[int]]]:
-    """One row per non-LoRA module (type, tensors, structure), and the shared tensors."""
+    """One row per non-LoRA module loratool does not compute (type, tensors, structure), and
+    the shared tensors."""
     by_stem: dict[str, dict[str, tuple[int, ...]]] = {}
-    stems = {stem: kind for kind, found in adapter.foreign.items() for stem in found}
+    on_input: dict[str, int] = {}
+    stems = {stem: kind for kind, found in adapter.uncomputed().items() for stem in found}
     shared: dict[str, list[int]] = {}
     for key, tensor in adapter.passthrough.items():
         if shared_foreign(key) is not None:
@@ -383,16 +424,118 @@ def _foreign_rows(adapter: Adapter) -> tuple[list[dict[str, Any]], dict[str, lis
             rest = f"{part}.{rest}"
         if stem:
             by_stem.setdefault(stem, {})[rest] = tuple(tensor.shape)
+            if rest == "on_input" and tensor.numel == 1 and not tensor.dtype.startswith("F8"):
+                # one number, like a kohya alpha: which side a LyCORIS IA3 module scales
+                on_input[stem] = int(np.asarray(tensor.numpy()).reshape(-1)[0])
     rows = [
         {
             "module": stem,
-            "type": kind,
+            # LyCORIS BOFT uses OFT's tensor names, its blocks 4-D (butterfly factors)
+            "type": "BOFT"
+            if kind == "OFT" and len(by_stem.get(stem, {}).get("oft_blocks", ())) == 4
+            else kind,
             "tensors": {name: list(shape) for name, shape in by_stem.get(stem, {}).items()},
-            "structure": foreign_structure(kind, by_stem.get(stem, {})),
+            "structure": foreign_structure(kind, by_stem.get(stem, {}), on_input.get(stem)),
         }
         for stem, kind in stems.items()
     ]
     return rows, shared
+
+
+def _axis(m: DeltaModule) -> str | None:
+    """Which side a module's ``dora_scale`` normalises (LyCORIS ``wd_on_output``): ``output``
+    (``[out, 1, ...]``), ``input`` (``[1, in, ...]``), or None without one."""
+    scale = m.dora_scale
+    if scale is None:
+        return None
+    shape = tuple(scale.shape)
+    if len(shape) >= 2 and shape[0] == 1 and math.prod(shape) > 1:
+        return "input"
+    return "output"
+
+
+def delta_structure(m: DeltaModule) -> str:
+    """One line on what a module of a computed type makes, from its tensors' shapes.
+
+    Example:
+        >>> import numpy as np
+        >>> from lora_tools.deltas import LOKR
+        >>> from lora_tools.io.safetensors import ArrayTensor
+        >>> t = {k: ArrayTensor(np.zeros(s, np.float32)) for k, s in
+        ...      {"lokr_w1": (2, 2), "lokr_w2_a": (4, 1), "lokr_w2_b": (1, 8)}.items()}
+        >>> delta_structure(DeltaModule("m", LOKR, t, alpha=1.0))
+        'kron(2 x 2, 4 x 8) -> 8 x 16, w2 = w2_a w2_b of rank 1'
+    """
+    out = _dims(m.delta_shape)
+    shapes = {role: m.shape(role) for role in m.tensors}
+    if m.type == "LoHa":
+        text = f"rank {m.rank}: (w1_a w1_b) * (w2_a w2_b) -> {out}"
+        if "hada_t1" in shapes:
+            text += f", Tucker cores {_dims(shapes['hada_t1'])}"
+    elif m.type == LOKR:
+        w1 = shapes.get("lokr_w1") or (shapes["lokr_w1_a"][0], shapes["lokr_w1_b"][1])
+        w2 = shapes.get("lokr_w2") or (shapes["lokr_w2_a"][0], shapes["lokr_w2_b"][1])
+        if "lokr_t2" in shapes:
+            w2 = (shapes["lokr_w2_a"][1], shapes["lokr_w2_b"][1], *shapes["lokr_t2"][2:])
+        sides = []
+        if "lokr_w1_a" in shapes:
+            sides.append(f"w1 = w1_a w1_b of rank {shapes['lokr_w1_b'][0]}")
+        if "lokr_w2_a" in shapes:
+            core = f", Tucker core {_dims(shapes['lokr_t2'])}" if "lokr_t2" in shapes else ""
+            sides.append(f"w2 = w2_a w2_b of rank {shapes['lokr_w2_b'][0]}{core}")
+        text = f"kron({_dims(w1)}, {_dims(w2)}) -> {out}, " + ("; ".join(sides) or "both whole")
+    elif m.type == "Tucker LoCon":
+        text = f"rank {m.rank}: up x core {_dims(shapes['lora_mid'])} x down -> {out}"
+    elif m.type == "full diff":
+        text = f"diff {out}"
+    elif m.type == "kohya DoRA":
+        text = f"rank {m.rank}: up down -> {out}"
+    else:
+        text = foreign_structure(m.type, shapes, m.options.get("on_input"))
+    if m.bias_diff is not None:
+        text += f", bias diff [{math.prod(m.bias_diff.shape)}]"
+    axis = _axis(m)
+    if axis is not None:
+        text += f", weight-decomposed on the {axis}s (dora_scale {_dims(shapes['dora_scale'])})"
+    return text
+
+
+def _delta_parameters(m: DeltaModule) -> int:
+    """Trained numbers in a module: its tensors but alpha, with its bias difference."""
+    return m.parameters + (0 if m.bias_diff is None else math.prod(m.bias_diff.shape))
+
+
+def _as_lora(m: DeltaModule) -> int | None:
+    """The parameters of a plain LoRA of the module's rank on the same update, ``r (out +
+    in)``; None where the type has no rank that a LoRA's would mean (LoKr, full, OFT, IA3)."""
+    if m.type not in ("LoHa", "Tucker LoCon", "kohya DoRA", "GLoRA") or m.rank is None:
+        return None
+    out, inp = m.update_dims
+    return None if inp is None else m.rank * (out + inp)
+
+
+def _delta_row(m: DeltaModule) -> dict[str, Any]:
+    """One entry of ``delta_modules``: what the header says about one module of another type."""
+    tensors = {role: list(m.shape(role)) for role in m.tensors}
+    if m.bias_diff is not None:
+        tensors["diff_b"] = list(m.bias_diff.shape)
+    return {
+        "module": m.key,
+        "type": m.type,
+        "kind": m.kind,
+        "component": m.component,
+        "target": _target_of(m),
+        "rank": m.rank,
+        "alpha": "none" if m.alpha is None else m.alpha,
+        "scale": m.scale,
+        "update": list(m.delta_shape),
+        "structure": delta_structure(m),
+        "tensors": tensors,
+        "parameters": _delta_parameters(m),
+        "lora_parameters": _as_lora(m),
+        "needs_base": m.needs_base,
+        "dora_scale": _axis(m),
+    }
 
 
 @dataclass(frozen=True, repr=False)
@@ -415,13 +558,18 @@ class InspectResult(Result):
         rslora / dora: whether any module uses them.
         dtypes: tensor count per dtype; parameters: ``{"lora", "passthrough"}`` element counts.
         passthrough_tensors: full tensors stored beside the modules; unsupported: module count
-            per adapter type detected but not handled.
-        foreign_modules: one ``{"module", "type", "tensors", "structure"}`` per module of such
-            a type (``tensors``: name -> shape; ``structure``: :func:`foreign_structure`);
-            shared_tensors: tensors every module of a type shares (VeRA's), name -> shape.
+            per adapter type detected but not computed (:meth:`Adapter.uncomputed`).
+        delta_modules: one row per module of another type loratool computes (LoHa, LoKr...:
+            :attr:`Adapter.deltas`), see :func:`_delta_row`; by_type: module count per such
+            type and per unsupported type.
+        foreign_modules: one ``{"module", "type", "tensors", "structure"}`` per module of an
+            unsupported type (``tensors``: name -> shape; ``structure``:
+            :func:`foreign_structure`); shared_tensors: tensors every module of a type shares
+            (VeRA's), name -> shape.
         metadata / config: the file's metadata and adapter config, as stored.
-        stats: with ``stats=True``, ``{"modules": [per-module norms], "outliers", "non_finite",
-            "zero", "frobenius_median"}``; else None.
+        stats: with ``stats=True``, ``{"modules": [per-module norms], "delta_modules": [the
+            same for the other types], "outliers", "non_finite", "zero",
+            "frobenius_median"}``; else None.
     """
 
     command = "inspect"
@@ -447,6 +595,8 @@ class InspectResult(Result):
     parameters: dict[str, int]
     passthrough_tensors: list[str]
     unsupported: dict[str, int]
+    delta_modules: tuple[dict[str, Any], ...]
+    by_type: dict[str, int]
     foreign_modules: tuple[dict[str, Any], ...]
     shared_tensors: dict[str, list[int]]
     metadata: dict[str, str]
@@ -455,9 +605,11 @@ class InspectResult(Result):
 
     @property
     def counts(self) -> dict[str, int]:
-        """``{"modules", "passthrough_tensors", "files"}`` counts."""
+        """``{"modules", "delta_modules", "passthrough_tensors", "files"}`` counts
+        (``modules``: LoRA modules; ``delta_modules``: modules of the other computed types)."""
         return {
             "modules": len(self.modules),
+            "delta_modules": len(self.delta_modules),
             "passthrough_tensors": len(self.passthrough_tensors),
             "files": len(self.files),
         }
@@ -494,6 +646,8 @@ class InspectResult(Result):
             "parameters": dict(self.parameters),
             "passthrough_tensors": list(self.passthrough_tensors),
             "unsupported": dict(self.unsupported),
+            "delta_modules": [dict(m) for m in self.delta_modules],
+            "by_type": dict(self.by_type),
             "foreign_modules": [dict(m) for m in self.foreign_modules],
             "shared_tensors": dict(self.shared_tensors),
             "metadata": dict(self.metadata),
@@ -515,6 +669,7 @@ def inspect_adapter(
         path_or_adapter if isinstance(path_or_adapter, Adapter) else load_adapter(path_or_adapter)
     )
     modules = list(adapter.modules.values())
+    deltas = list(adapter.deltas.values())
     files = [p for p in (adapter.source, adapter.config_source) if p is not None]
     dtypes = Counter(
         t.dtype
@@ -524,7 +679,7 @@ def inspect_adapter(
     ) + Counter(t.dtype for t in adapter.passthrough.values())
 
     blocks: dict[str, set[int]] = {}
-    for m in modules:
+    for m in [*modules, *deltas]:
         found = block_of(m)
         if found:
             family, index = found
@@ -533,6 +688,7 @@ def inspect_adapter(
                 entries.add(index)
 
     foreign_rows, shared = _foreign_rows(adapter)
+    delta_rows = [_delta_row(m) for m in deltas]
     return InspectResult(
         path=str(adapter.source) if adapter.source else None,
         files=tuple(str(p) for p in files),
@@ -543,8 +699,8 @@ def inspect_adapter(
         base_model=base_model_of(adapter),
         modules=tuple(_module_row(m) for m in modules),
         by_kind=dict(Counter(m.kind for m in modules)),
-        by_component=dict(Counter(m.component or "model" for m in modules)),
-        targets=dict(Counter(m.target_name for m in modules).most_common()),
+        by_component=dict(Counter(m.component or "model" for m in [*modules, *deltas])),
+        targets=dict(Counter(_target_of(m) for m in [*modules, *deltas]).most_common()),
         blocks={family: sorted(idx) for family, idx in blocks.items()},
         rank={
             "histogram": _histogram([m.rank for m in modules]),
@@ -561,18 +717,32 @@ def inspect_adapter(
         rslora=any(m.rslora for m in modules),
         dora=any(m.dora for m in modules),
         dtypes=dict(dtypes.most_common()),
-        parameters={
-            "lora": sum(m.parameter_count for m in modules),
-            "passthrough": sum(t.numel for t in adapter.passthrough.values()),
-        },
+        parameters=_parameters(adapter, modules, deltas),
         passthrough_tensors=sorted(adapter.passthrough),
-        unsupported={kind: len(stems) for kind, stems in adapter.foreign.items()},
+        unsupported=dict(Counter(r["type"] for r in foreign_rows)),
+        delta_modules=tuple(delta_rows),
+        by_type=dict(Counter(r["type"] for r in [*delta_rows, *foreign_rows])),
         foreign_modules=tuple(foreign_rows),
         shared_tensors=shared,
         metadata=dict(adapter.metadata),
         config=adapter.config,
-        stats=_stats(modules) if stats else None,
+        stats=_stats(modules, deltas) if stats else None,
     )
+
+
+def _parameters(
+    adapter: Adapter, modules: list[LoraModule], deltas: list[DeltaModule]
+) -> dict[str, Any]:
+    """``parameters``: element counts of the LoRA factors, of the other types' modules (and
+    what plain LoRAs of their ranks would hold), and of the pass-through tensors."""
+    owned = {key for m in deltas for key in m.keys.values()}
+    return {
+        "lora": sum(m.parameter_count for m in modules),
+        "passthrough": sum(t.numel for t in adapter.passthrough.values()),
+        "deltas": sum(_delta_parameters(m) for m in deltas),
+        "deltas_as_lora": sum(_as_lora(m) or 0 for m in deltas),
+        "other_passthrough": sum(t.numel for k, t in adapter.passthrough.items() if k not in owned),
+    }
 
 
 def _module_row(m: LoraModule) -> dict[str, Any]:
@@ -588,20 +758,59 @@ def _module_row(m: LoraModule) -> dict[str, Any]:
     }
 
 
-def _stats(modules: list[LoraModule]) -> dict[str, Any]:
+NEEDS_BASE = "needs the base"
+
+
+def delta_stats(m: DeltaModule) -> dict[str, Any]:
+    """||dW||_F, largest singular value and effective rank of one module's update at strength
+    1, from :func:`lora_tools.deltas.factors.singular_values` (LoKr from its factors' singular
+    values, the other factored types through a QR of their factors: never a matrix of the
+    update's size, but for a full diff, which is one).
+
+    A type whose update depends on the base weight (OFT, GLoRA, IA3, a weight decomposition)
+    has no norm without it: ``frobenius`` is None and ``note`` says so (inspect reads no base).
+    """
+    from lora_tools.deltas.factors import singular_values as delta_singular_values
+
+    finite = all(np.all(np.isfinite(m.array(role))) for role in m.tensors)
+    row: dict[str, Any] = {"frobenius": None, "spectral": None, "effective_rank": None}
+    row.update(finite=finite, note=None)
+    if m.needs_base:
+        row["note"] = NEEDS_BASE
+        return row
+    if not finite:
+        return row
+    try:
+        S = delta_singular_values(m)
+    except DeltaError as exc:
+        row["note"] = str(exc)
+        return row
+    row["frobenius"] = float(np.sqrt(np.sum(S**2)))
+    row["spectral"] = float(S[0]) if S.size else 0.0
+    row["effective_rank"] = round(effective_rank(S), 4)
+    return row
+
+
+def _stats(modules: list[LoraModule], deltas: list[DeltaModule]) -> dict[str, Any]:
     rows = []
     for m in modules:
         row = {"module": m.key, "rank": m.rank, "scale": _scale_or_none(m), **module_stats(m)}
         rows.append(row)
-    norms = [r["frobenius"] if r["frobenius"] is not None else 0.0 for r in rows]
+    delta_rows = [
+        {"module": m.key, "type": m.type, "rank": m.rank, "scale": m.scale, **delta_stats(m)}
+        for m in deltas
+    ]
+    every = [*rows, *delta_rows]
+    norms = [r["frobenius"] if r["frobenius"] is not None else 0.0 for r in every]
     flags = robust_outliers(norms)
-    for row, flag in zip(rows, flags, strict=True):
+    for row, flag in zip(every, flags, strict=True):
         row["outlier"] = flag
     finite = [n for n in norms if n > 0]
     return {
         "modules": rows,
-        "outliers": [r["module"] for r in rows if r["outlier"]],
-        "non_finite": [r["module"] for r in rows if not r["finite"]],
-        "zero": [r["module"] for r in rows if r["finite"] and r["frobenius"] == 0],
+        "delta_modules": delta_rows,
+        "outliers": [r["module"] for r in every if r["outlier"]],
+        "non_finite": [r["module"] for r in every if not r["finite"]],
+        "zero": [r["module"] for r in every if r["finite"] and r["frobenius"] == 0],
         "frobenius_median": float(np.median(finite)) if finite else 0.0,
     }

@@ -57,7 +57,13 @@ def test_patterns_report(fixtures_dir):
         for m in load_adapter(fixtures_dir / "peft/llama-patterns").modules.values()
         for t in (m.down, m.up)
     )
-    assert r.parameters == {"lora": lora_params, "passthrough": 0}
+    assert r.parameters == {
+        "lora": lora_params,
+        "passthrough": 0,
+        "deltas": 0,
+        "deltas_as_lora": 0,
+        "other_passthrough": 0,
+    }
     files = [
         fixtures_dir / "peft/llama-patterns/adapter_model.safetensors",
         fixtures_dir / "peft/llama-patterns/adapter_config.json",
@@ -90,8 +96,9 @@ def test_patterns_report(fixtures_dir):
             None,
             {"0.5": 73, "2": 18},
         ),
-        ("kohya/sd-loha.safetensors", ["LoHa"], {}, {}, {}),
-        ("kohya/sd-dora.safetensors", ["kohya DoRA"], {}, {}, {}),
+        # other types count in the components; the histograms are the LoRA modules'
+        ("kohya/sd-loha.safetensors", ["LoHa"], {"unet": 3}, {}, {}),
+        ("kohya/sd-dora.safetensors", ["kohya DoRA"], {"unet": 32, "text_encoder": 8}, {}, {}),
         ("peft/llama-rslora", ["LoRA", "rsLoRA"], {"model": 8}, {"8": 8}, {"4": 8}),
         ("peft/llama-dora", ["LoRA", "DoRA"], {"model": 4}, {"8": 4}, {"2": 4}),
         ("diffusers/sd-lora", ["LoRA"], {"unet": 32, "text_encoder": 8}, {"4": 32, "8": 8}, None),
@@ -122,9 +129,13 @@ def test_diffusers_metadata_gives_per_component_alpha(fixtures_dir):
 
 
 def test_unsupported_types_are_named(fixtures_dir):
+    # LoHa is computed: counted by type, not unsupported; OFT is not computed: unsupported
     r = inspect_adapter(fixtures_dir / "kohya/sd-loha.safetensors")
-    assert r.unsupported == {"LoHa": 3}
+    assert (r.unsupported, r.by_type, r.counts["delta_modules"]) == ({}, {"LoHa": 3}, 3)
     assert r.metadata["ss_network_module"] == "lycoris.kohya"
+    oft = inspect_adapter(fixtures_dir.parent / "tests/data/lycoris/diag-oft.safetensors")
+    assert oft.unsupported == oft.by_type == {"OFT": 77}
+    assert len(oft.foreign_modules) == 77 and not oft.delta_modules
 
 
 def test_stats_match_dense_svd(fixtures_dir):

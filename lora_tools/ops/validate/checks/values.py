@@ -1,6 +1,6 @@
-"""Value rules (``LT2xx``): NaN/Inf, all-zero factors, update-norm outliers and
-``sshs_model_hash``, from one streaming pass over the data buffer (arithmetic in
-:mod:`lora_tools.ops.validate.scan`).
+"""Value rules (``LT2xx``): NaN/Inf, all-zero factors (LoRA's, and the tensors whose product
+is another type's update), update-norm outliers and ``sshs_model_hash``, from one streaming
+pass over the data buffer (arithmetic in :mod:`lora_tools.ops.validate.scan`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections import Counter
 import numpy as np
 
 from lora_tools.adapter import Adapter
+from lora_tools.deltas import FULL, LOHA, LOKR, TUCKER_LOCON, DeltaModule
 from lora_tools.io.safetensors import Header, SafetensorsFile, TensorSpec, reference_order
 from lora_tools.ops.inspect import robust_outliers
 from lora_tools.ops.validate.context import Context
@@ -25,6 +26,28 @@ OUTLIER_Z = 8.0
 #: ...and only when the norm is at least this many times above (or below) the median, so that a
 #: file whose modules are all alike (tiny MAD) does not turn small differences into findings.
 OUTLIER_MIN_RATIO = 10.0
+#: Per type, the tensors whose product is the update: one all-zero makes it exactly zero (a
+#: Hadamard, Kronecker or Tucker product). A full diff is zero when its ``diff`` is (and its bias
+#: difference, if any). A weight-decomposed module is never zero by its factors alone: its
+#: ``dora_scale`` renormalises the base weight whatever the update.
+PRODUCT_ROLES: dict[str, frozenset[str]] = {
+    LOHA: frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"}),
+    LOKR: frozenset(
+        {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"}
+    ),
+    TUCKER_LOCON: frozenset({"lora_up", "lora_down", "lora_mid"}),
+}
+
+
+def _zero_by_product(m: DeltaModule, zero_roles: set[str]) -> list[str]:
+    """The roles of ``m`` whose all-zero values make its update exactly zero (empty: not
+    zero)."""
+    if m.dora_scale is not None:
+        return []
+    if m.type == FULL:
+        bias = m.keys.get("diff_b")
+        return ["diff"] if "diff" in zero_roles and (bias is None or "diff_b" in zero_roles) else []
+    return sorted(zero_roles & PRODUCT_ROLES.get(m.type, frozenset()))
 
 
 def check_values(ctx: Context, adapter: Adapter, header: Header, clean: bool) -> None:
@@ -40,6 +63,9 @@ def check_values(ctx: Context, adapter: Adapter, header: Header, clean: bool) ->
     """
     assert ctx.target.weights is not None
     factor_role: dict[str, tuple[str, str]] = {}
+    delta_role = {
+        key: (stem, role) for stem, m in adapter.deltas.items() for role, key in m.keys.items()
+    }
     stored_transposed: set[str] = set()  # factors the file stores transposed (mlx-lm)
     for stem, m in adapter.modules.items():
         factor_role[m.keys.get("down", "")] = (stem, "down")
@@ -55,6 +81,7 @@ def check_values(ctx: Context, adapter: Adapter, header: Header, clean: bool) ->
     # The Grams are the only O(size * rank) work of the pass: skip them unless LT204 runs.
     want_norms = "LT204" in ctx.rules
     zero: dict[str, list[str]] = {}
+    delta_zero: dict[str, set[str]] = {}  # modules of other types: their all-zero tensors
     non_finite: set[str] = set()
     scan = SafetensorsFile(ctx.target.weights, header=header)
     total = sum(info.nbytes for info in header.tensors.values())
@@ -83,16 +110,23 @@ def check_values(ctx: Context, adapter: Adapter, header: Header, clean: bool) ->
                     "LT201",
                     f"tensor {info.name!r} holds {state.describe()} of {info.numel} values; "
                     "merging it makes the base weights non-finite",
-                    module=role[0] if role else info.name,
+                    module=role[0] if role else delta_role.get(info.name, (info.name,))[0],
                     expected="finite values",
                     found=state.describe(),
                     hint="the training diverged or the file is corrupt; use an earlier checkpoint",
                 )
             if role is not None and state.all_zero and info.numel:
                 zero.setdefault(role[0], []).append(role[1])
+            elif info.name in delta_role and state.all_zero and info.numel:
+                stem, part = delta_role[info.name]
+                delta_zero.setdefault(stem, set()).add(part)
     finally:
         scan.close()
 
+    for stem, parts in delta_zero.items():
+        killing = _zero_by_product(adapter.deltas[stem], parts)
+        if killing:
+            zero[stem] = killing
     _zero_rules(ctx, adapter, zero)
     _outliers(ctx, adapter, grams, zero, non_finite)
     if digest is not None and expected_hash is not None:
@@ -167,10 +201,13 @@ def _reference_order_sha256(ctx: Context, header: Header, buffer_sha256: str) ->
 
 
 def _zero_rules(ctx: Context, adapter: Adapter, zero: dict[str, list[str]]) -> None:
-    modules = adapter.modules
+    modules = {**adapter.modules, **adapter.deltas}
     if not zero:
         return
-    names = {"down": "down (lora_A)", "up": "up (lora_B)"}
+    names: dict[str, str] = {"down": "down (lora_A)", "up": "up (lora_B)"}
+    for stem in zero:
+        if stem in adapter.deltas:
+            names.update((role, role) for role in zero[stem])
     if len(zero) == len(modules):
         roles = Counter(r for rs in zero.values() for r in rs)
         which = " and ".join(f"{names[r]} x{n}" for r, n in roles.items())
@@ -184,9 +221,10 @@ def _zero_rules(ctx: Context, adapter: Adapter, zero: dict[str, list[str]]) -> N
         )
         return
     for stem, roles in zero.items():
+        kind = f"{adapter.deltas[stem].type} module" if stem in adapter.deltas else "module"
         ctx.add(
             "LT203",
-            f"module {stem!r} has an all-zero {' and '.join(names[r] for r in roles)}: its "
+            f"{kind} {stem!r} has an all-zero {' and '.join(names[r] for r in roles)}: its "
             "update is exactly zero",
             module=stem,
             hint="this module learned nothing; drop it or check the training setup",
