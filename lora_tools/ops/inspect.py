@@ -718,7 +718,7 @@ def inspect_adapter(
         dora=any(m.dora for m in modules),
         dtypes=dict(dtypes.most_common()),
         parameters=_parameters(adapter, modules, deltas),
-        passthrough_tensors=sorted(adapter.passthrough),
+        passthrough_tensors=sorted(set(adapter.passthrough) - _owned_keys(deltas)),
         unsupported=dict(Counter(r["type"] for r in foreign_rows)),
         delta_modules=tuple(delta_rows),
         by_type=dict(Counter(r["type"] for r in [*delta_rows, *foreign_rows])),
@@ -730,12 +730,17 @@ def inspect_adapter(
     )
 
 
+def _owned_keys(deltas: list[DeltaModule]) -> set[str]:
+    """The keys of the other types' modules: their tensors, not tensors beside the modules."""
+    return {key for m in deltas for key in m.keys.values()}
+
+
 def _parameters(
     adapter: Adapter, modules: list[LoraModule], deltas: list[DeltaModule]
 ) -> dict[str, Any]:
     """``parameters``: element counts of the LoRA factors, of the other types' modules (and
     what plain LoRAs of their ranks would hold), and of the pass-through tensors."""
-    owned = {key for m in deltas for key in m.keys.values()}
+    owned = _owned_keys(deltas)
     return {
         "lora": sum(m.parameter_count for m in modules),
         "passthrough": sum(t.numel for t in adapter.passthrough.values()),
