@@ -110,7 +110,16 @@ class DeltaModule:
 
     @property
     def spec(self) -> TypeSpec:
+        """The math of this module's type under its convention (PEFT defines some types'
+        math differently from LyCORIS: :data:`PEFT_TYPES` overrides :data:`TYPES` there)."""
+        if self.convention == PEFT and self.type in PEFT_TYPES:
+            return PEFT_TYPES[self.type]
         return TYPES[self.type]
+
+    @property
+    def computed(self) -> bool:
+        """loratool computes this module's update (False: detected, inspected, refused)."""
+        return self.type in TYPES and self.spec.computed
 
     @property
     def dora_scale(self) -> Tensor | None:
@@ -216,6 +225,22 @@ class TypeSpec:
     name: str
     roles: tuple[str, ...]
     needs_base: bool = False
+    #: loratool computes the type's update; False for a type it detects and refuses.
+    computed: bool = True
+
+    def merged(
+        self, m: DeltaModule, base: np.ndarray, strength: float, dtype: np.dtype
+    ) -> np.ndarray:
+        """The base weight (already in ``dtype``) with the module merged at ``strength``.
+
+        The default is ``W + strength * dW`` (or the weight decomposition when the module has
+        ``dora_scale``); a type whose reference merge computes the weight another way
+        (PEFT's IA3 scales ``W``, OFT rotates it) overrides this to follow that order exactly.
+        """
+        delta = m.delta(base, dtype)
+        if m.dora_scale is not None:
+            return weight_decompose(m, base, delta, strength)
+        return base + dtype.type(strength) * delta
 
     def rank(self, m: DeltaModule) -> int | None:
         return None
@@ -557,6 +582,9 @@ class _DoraLoRA(TypeSpec):
 class _NotYet(TypeSpec):
     """A type whose update loratool does not compute yet: detected, inspected, refused."""
 
+    def __init__(self, name: str, roles: tuple[str, ...], needs_base: bool = False) -> None:
+        super().__init__(name, roles, needs_base, computed=False)
+
     def dims(self, m: DeltaModule) -> tuple[int, int | None]:
         raise DeltaError(f"the shape of a {m.type} update is not known to loratool")
 
@@ -597,6 +625,11 @@ TYPES: dict[str, TypeSpec] = {
 }
 
 
+#: PEFT's math for types it defines differently from LyCORIS, by type name; filled by
+#: :mod:`lora_tools.deltas.peft_types` (PEFT's LoHa, LoKr, IA3, OFT, BOFT, VeRA, AdaLoRA...).
+PEFT_TYPES: dict[str, TypeSpec] = {}
+
+
 def weight_decompose(
     m: DeltaModule, base: np.ndarray, delta: np.ndarray, strength: float = 1.0
 ) -> np.ndarray:
@@ -631,10 +664,7 @@ def merged(
     base's dtype): ``W + strength * dW``, or the weight decomposition of ``W + dW``."""
     dtype = np.dtype(dtype)
     weight = np.asarray(base, dtype=dtype)
-    delta = m.delta(weight, dtype)
-    if m.dora_scale is not None:
-        return weight_decompose(m, weight, delta, strength)
-    return weight + dtype.type(strength) * delta
+    return m.spec.merged(m, weight, strength, dtype)
 
 
 #: Tensor name (after the module stem, ``.weight`` dropped) -> the type it marks. A module's
@@ -731,6 +761,7 @@ __all__ = [
     "MARKERS",
     "OFT",
     "PEFT",
+    "PEFT_TYPES",
     "TUCKER_LOCON",
     "TYPES",
     "DeltaError",

@@ -192,7 +192,7 @@ def _computed(kind: str) -> bool:
     """Whether loratool computes modules of ``kind`` (the types the core registers but does not
     compute yet raise for every module)."""
     spec = TYPES.get(kind)
-    return spec is not None and getattr(spec, "computed", type(spec).__name__ != "_NotYet")
+    return spec is not None and spec.computed
 
 
 def _check_deltas(
