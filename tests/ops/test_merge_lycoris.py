@@ -460,3 +460,104 @@ def test_a_type_loratool_does_not_compute_is_refused_by_name(tmp_path):
     with pytest.raises(UnsupportedAdapterError, match=r"type norm .*'lora_unet_down_blocks_0_"):
         merge(SD, [path], tmp_path / "out", device="cpu")
     assert not (tmp_path / "out").exists()
+
+
+# -- fit_delta: how an update's shape meets the weight's ----------------------------------------
+
+
+def _module(kind: str, **shapes: tuple[int, ...]):
+    from lora_tools.deltas import DeltaModule
+    from lora_tools.io.safetensors import ArrayTensor
+
+    tensors = {role: ArrayTensor(np.ones(shape, np.float32)) for role, shape in shapes.items()}
+    return DeltaModule("m", kind, tensors, alpha=1.0)
+
+
+@pytest.mark.parametrize(
+    ("kind", "shapes", "base", "expected"),
+    [
+        # a flat LoHa (hada_w1_b [r, in * 3 * 3]) on a 3x3 convolution: reshaped
+        ("LoHa", {"hada_w1_a": (4, 2), "hada_w1_b": (2, 27), "hada_w2_a": (4, 2),
+                  "hada_w2_b": (2, 27)}, (4, 3, 3, 3), (False, True)),
+        # a 1x1 conv DoRA LoCon on a linear weight, and a linear one on a 1x1 conv
+        ("kohya DoRA", {"lora_up": (4, 2, 1, 1), "lora_down": (2, 3, 1, 1),
+                        "dora_scale": (4, 1, 1, 1)}, (4, 3), (False, True)),
+        ("kohya DoRA", {"lora_up": (4, 2), "lora_down": (2, 3), "dora_scale": (4, 1)},
+         (4, 3, 1, 1), (False, True)),
+        # a Tucker LoHa's kernel is its own: 3x3 fits 3x3 only
+        ("LoHa", {"hada_w1_a": (2, 4), "hada_w1_b": (2, 3), "hada_t1": (2, 2, 3, 3),
+                  "hada_w2_a": (2, 4), "hada_w2_b": (2, 3), "hada_t2": (2, 2, 3, 3)},
+         (4, 3, 3, 3), (False, False)),
+        ("LoHa", {"hada_w1_a": (2, 4), "hada_w1_b": (2, 3), "hada_t1": (2, 2, 3, 3),
+                  "hada_w2_a": (2, 4), "hada_w2_b": (2, 3), "hada_t2": (2, 2, 3, 3)},
+         (4, 27), None),
+        # a full diff stored [in, out] (GPT-2 Conv1D) takes the update transposed
+        ("full diff", {"diff": (4, 3)}, (3, 4), (True, False)),
+        ("full diff", {"diff": (4, 3)}, (4, 4), None),
+    ],
+)  # fmt: skip
+def test_fit_delta_lays_each_update_shape_onto_the_weight(kind, shapes, base, expected):
+    from lora_tools.io.safetensors import TensorInfo
+    from lora_tools.resolve import fit_delta
+
+    info = TensorInfo("w.weight", "F32", base, 0, 4 * int(np.prod(base)))
+    module = _module(kind, **shapes)
+    if expected is None:
+        with pytest.raises(ShapeError, match="does not fit base weight 'w.weight'"):
+            fit_delta(module, info)
+    else:
+        assert fit_delta(module, info) == expected
+
+
+def test_gpt2_conv1d_weights_stored_in_out_take_every_type_transposed(tmp_path):
+    """GPT-2's Conv1D weights are stored ``[in, out]``: a LoHa (row-local), a full diff on a
+    square one (known from the model type) and a weight-decomposed LoCon (merged whole) land
+    transposed; numpy float64 of the module orientation is the reference."""
+    gpt2 = BASES / "tiny-gpt2"
+    base = load_file(gpt2 / "model.safetensors")
+    rng = np.random.default_rng(3)
+
+    def f32(*shape):
+        return (rng.standard_normal(shape) * 0.1).astype(np.float32)
+
+    attn, proj, fc = (
+        f"lora_unet_transformer_h_0_{n}" for n in ("attn_c_attn", "attn_c_proj", "mlp_c_fc")
+    )
+    state = {
+        f"{attn}.hada_w{i}_{s}": f32(*shape)
+        for i in (1, 2)
+        for s, shape in (("a", (96, 2)), ("b", (2, 32)))
+    }
+    state |= {f"{attn}.alpha": np.array(1.0, np.float32), f"{proj}.diff": f32(32, 32)}
+    state |= {
+        f"{fc}.lora_up.weight": f32(128, 2),
+        f"{fc}.lora_down.weight": f32(2, 32),
+        f"{fc}.alpha": np.array(2.0, np.float32),
+        f"{fc}.dora_scale": np.abs(f32(128, 1)) + 1,
+    }
+    path = tmp_path / "gpt2.safetensors"
+    save_tensors(path, state)
+    s = {k: v.astype(np.float64) for k, v in state.items()}
+    w = 0.5
+    loha = (
+        (s[f"{attn}.hada_w1_a"] @ s[f"{attn}.hada_w1_b"])
+        * (s[f"{attn}.hada_w2_a"] @ s[f"{attn}.hada_w2_b"])
+        * 0.5
+    )
+    weight = base["transformer.h.0.mlp.c_fc.weight"].astype(np.float64).T  # [out, in]
+    merged = weight + s[f"{fc}.lora_up.weight"] @ s[f"{fc}.lora_down.weight"]
+    norm = np.linalg.norm(merged, axis=1, keepdims=True) + EPS32
+    decomposed = merged * s[f"{fc}.dora_scale"] / norm
+    ref = {
+        "transformer.h.0.attn.c_attn.weight": base["transformer.h.0.attn.c_attn.weight"] + w * loha.T,
+        "transformer.h.0.attn.c_proj.weight": base["transformer.h.0.attn.c_proj.weight"] + w * s[f"{proj}.diff"].T,
+        "transformer.h.0.mlp.c_fc.weight": (weight + w * (decomposed - weight)).T,
+    }  # fmt: skip
+    outs = []
+    for device in ("cpu", "torch-cpu"):
+        out = tmp_path / device
+        merge(gpt2, [path], out, weights=[w], device=device)
+        outs.append({k: v.tobytes() for k, v in load_file(out / "model.safetensors").items()})
+    assert outs[0] == outs[1]
+    got = load_file(tmp_path / "cpu" / "model.safetensors")
+    assert compare(got, ref, "fp32", base) == 3
