@@ -32,6 +32,7 @@ from lora_tools.ops.merge import merge
 from lora_tools.ops.validate import validate
 
 torch = pytest.importorskip("torch")
+pytest.importorskip("ml_dtypes")  # numpy's bfloat16, for reading bf16 files
 lycoris_modules = pytest.importorskip("lycoris.modules")
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -561,3 +562,41 @@ def test_gpt2_conv1d_weights_stored_in_out_take_every_type_transposed(tmp_path):
     assert outs[0] == outs[1]
     got = load_file(tmp_path / "cpu" / "model.safetensors")
     assert compare(got, ref, "fp32", base) == 3
+
+
+def test_comfyui_named_modules_merge_into_a_bfl_file(tmp_path):
+    """ComfyUI names (``diffusion_model.<BFL path>``): a LoHa on the whole fused ``qkv`` and
+    a LoKr on ``linear1``, tensors as LyCORIS lays them out, LyCORIS' modules the reference."""
+    flux = BASES / "tiny-flux.safetensors"
+    base = load_file(flux)
+    rng = np.random.default_rng(5)
+
+    def f32(*shape):
+        return (rng.standard_normal(shape) * 0.1).astype(np.float32)
+
+    qkv, lin = (
+        "diffusion_model.double_blocks.0.img_attn.qkv",
+        "diffusion_model.single_blocks.0.linear1",
+    )
+    state = {
+        f"{qkv}.hada_w{i}_{s}": f32(*shape)
+        for i in (1, 2)
+        for s, shape in (("a", (48, 2)), ("b", (2, 16)))
+    }
+    state |= {f"{qkv}.alpha": np.array(1.0, np.float32), f"{lin}.lokr_w1": f32(4, 4)}
+    state |= {
+        f"{lin}.lokr_w2_a": f32(28, 2),
+        f"{lin}.lokr_w2_b": f32(2, 4),
+        f"{lin}.alpha": np.array(1.0, np.float32),
+    }
+    path = tmp_path / "comfy.safetensors"
+    save_tensors(path, state)
+    adapter = load_adapter(path)
+    assert adapter.format == "comfyui" and len(adapter.deltas) == 2
+    ref = {}
+    for stem in (qkv, lin):
+        key = stem.removeprefix("diffusion_model.") + ".weight"
+        ref[key], _ = lycoris_merged(state, stem, base[key].astype(np.float64), 0.5)
+    out = tmp_path / "out.safetensors"
+    merge(flux, [path], out, weights=[0.5], device="cpu")
+    assert compare(load_file(out), ref, "bf16", base) == 2
