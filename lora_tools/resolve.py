@@ -849,7 +849,9 @@ def fit_delta(
     name = path.rsplit(".", 1)[-1]
     conv1d = model_type in CONV1D_MODEL_TYPES and name in CONV1D_NAMES
     rows, cols = (shape[0], math.prod(shape[1:])) if shape else (1, 1)
-    kernel_ok = len(delta) <= 2 or delta == shape
+    # the kernel where the tensors say it; a 1x1 one also fits a linear weight, and back
+    pointwise = math.prod(delta[2:]) == 1 and math.prod(shape[2:]) == 1
+    kernel_ok = len(delta) <= 2 or delta == shape or pointwise
     if len(shape) == 2 and inp is not None and (inp, out) == shape and (conv1d or out != inp):
         return True, False
     if out == rows and inp in (None, cols) and kernel_ok:
