@@ -617,10 +617,6 @@ TYPES: dict[str, TypeSpec] = {
         _TuckerLoCon(TUCKER_LOCON, ("lora_up", "lora_down", "lora_mid", *_COMMON)),
         _Full(FULL, ("diff", *_COMMON)),
         _DoraLoRA(DORA_LORA, ("lora_up", "lora_down", *_COMMON)),
-        _NotYet(OFT, ("oft_blocks", "oft_diag", "rescale", "alpha", "dora_scale"), needs_base=True),
-        _NotYet(BOFT, ("oft_blocks", "rescale", "alpha", "dora_scale"), needs_base=True),
-        _NotYet(GLORA, ("a1", "a2", "b1", "b2", *_COMMON), needs_base=True),
-        _NotYet(IA3, ("weight", "on_input"), needs_base=True),
     )
 }
 
@@ -731,6 +727,9 @@ def build(
     if kind == OFT and "oft_blocks" in parts and len(parts["oft_blocks"][1].shape) == 4:
         kind = BOFT
     tensors = {role: t for role, (_, t) in parts.items() if role not in ("alpha", "diff_b")}
+    options = dict(options or {})
+    if kind == IA3 and "on_input" in parts:  # which side it scales, for inspect
+        options.setdefault("on_input", int(np.asarray(parts["on_input"][1].numpy()).reshape(-1)[0]))
     alpha = None
     if "alpha" in parts:
         values = np.asarray(parts["alpha"][1].numpy(), dtype=np.float64).reshape(-1)
@@ -744,7 +743,7 @@ def build(
         path=path,
         component=component,
         keys={role: key for role, (key, _) in parts.items()},
-        options=dict(options or {}),
+        options=options,
         bias_diff=parts["diff_b"][1] if "diff_b" in parts else None,
     )
 
@@ -774,3 +773,8 @@ __all__ = [
     "tucker",
     "weight_decompose",
 ]
+
+# OFT, BOFT, GLoRA and IA3 (they need the base weight): their math in their own module
+from lora_tools.deltas.lycoris_types import SPECS as _LYCORIS_SPECS  # noqa: E402
+
+TYPES.update({spec.name: spec for spec in _LYCORIS_SPECS})
