@@ -629,13 +629,15 @@ PEFT_TYPES: dict[str, TypeSpec] = {}
 def weight_decompose(
     m: DeltaModule, base: np.ndarray, delta: np.ndarray, strength: float = 1.0
 ) -> np.ndarray:
-    """The weight after a module with ``dora_scale``, as ComfyUI computes it
-    (comfy/weight_adapter/base.py ``weight_decompose``; facts in FORMATS.md).
+    """The weight after a module with ``dora_scale`` (LyCORIS' weight decomposition).
 
-    ``W1 = W + dW``; ``n`` = the norm of each output row (``dora_scale`` ``[out, 1, ...]``)
-    or input column (``[1, in, ...]``) of the weight, plus float eps; ``W' = W1 * dora_scale /
-    n``, then blended with the base at ``strength``: ``W + strength * (W' - W)``.
-    All in ``base``'s float dtype; ``base`` and ``delta`` have the base weight's shape.
+    ``W1 = W + dW``; ``n`` = the norm of each output row (``dora_scale`` ``[out, 1, ...]``,
+    LyCORIS ``wd_on_output``) or input column (``[1, in, ...]``) of ``W1``, plus float eps;
+    ``W' = W1 * dora_scale / n``, then blended with the base at ``strength``: ``W + strength *
+    (W' - W)``. All in ``base``'s float dtype; ``base`` and ``delta`` have the base weight's
+    shape. The norm is LyCORIS' (lycoris/functional/general.py), which trained the magnitude;
+    ComfyUI (comfy/weight_adapter/base.py ``weight_decompose``) takes the output side's norm of
+    ``W`` instead, and its strength blend is the one here (docs/math.md, "Other adapter types").
     """
     scale = m.array("dora_scale", base.dtype)
     weight = base + delta

@@ -313,6 +313,7 @@ COMFY_CASES = {
     "locon-tucker": (TUCKER_LOCON, (8, 4, 3, 3), {"lora_up": (8, 2, 1, 1),
                                                   "lora_mid": (2, 2, 3, 3),
                                                   "lora_down": (2, 4, 1, 1)}, 1.0),
+    "lora-dora": (DORA_LORA, (8, 6), {"lora_up": (8, 2), "lora_down": (2, 6)}, 1.0),
     "lora-dora-conv": (DORA_LORA, (8, 4, 3, 3), {"lora_up": (8, 2, 1, 1),
                                                  "lora_down": (2, 4, 3, 3)}, 1.0),
     "full": (FULL, (8, 4, 3, 3), {"diff": (8, 4, 3, 3)}, None),
@@ -410,7 +411,8 @@ def test_glora_layouts_follow_comfyui():
 # ------------------------------------------------------------ dora_scale (weight decomposition)
 
 DORA = {  # name -> comfy case whose tensors get a dora_scale
-    "lora": "lora-dora-conv",
+    "lora": "lora-dora",
+    "lora-conv": "lora-dora-conv",
     "loha": "loha",
     "loha-tucker": "loha-tucker",
     "lokr": "lokr",
@@ -470,6 +472,10 @@ def test_output_side_dora_equals_lycoris(written):
             want = module.double().get_merged_weight(1.0)[0].numpy()
         np.testing.assert_allclose(merged(m, w, 1.0, F64), want, rtol=0, atol=1e-12)
         f32_close(merged(m, w, 1.0, F32), want)
+        with torch.no_grad():  # LyCORIS' strength scales m / n - 1: W + dW at strength 0
+            at_zero = module.get_merged_weight(0.0)[0].numpy()
+        np.testing.assert_allclose(at_zero, w + m.delta(w), rtol=0, atol=1e-12)
+        np.testing.assert_array_equal(merged(m, w, 0.0, F64), w)
         t = {role: m.array(role, F32) for role in ("lora_up", "lora_down")}
         as_is = _comfy(DORA_LORA, w, t, m.alpha, 1.0, m.array("dora_scale", F32)).numpy()
         plain = w + m.delta(w)  # diffusers drops dora_scale (test below)
