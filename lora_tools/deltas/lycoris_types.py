@@ -164,8 +164,8 @@ class _BOFT(_Rotation):
     def blocks(self, m: DeltaModule) -> tuple[int, ...]:
         _need(m, "oft_blocks", ndim=4)
         shape = m.shape("oft_blocks")
-        stages, n, b, b2 = shape
-        if len(shape) != 4 or b != b2 or b % 2 or n % 2 ** max(stages - 1, 0):
+        stages, n, b, b2 = shape if len(shape) == 4 else (0, 0, 1, 0)
+        if b != b2 or b % 2 or n % 2 ** max(stages - 1, 0):
             raise DeltaError(
                 f"BOFT module {m.key!r}: oft_blocks is {list(shape)}, expected [m, n, b, b] "
                 "with b even and n a multiple of 2^(m-1)"
@@ -213,16 +213,16 @@ class _GLoRA(TypeSpec):
             return len(base_shape) >= 2 and s["a2"][0] == base_shape[0] == base_shape[1]
         return s["a1"][0] <= s["a2"][0]
 
-    def rank(self, m: DeltaModule) -> int:
+    def rank(self, m: DeltaModule, old: bool | None = None) -> int:
         s = self._shapes(m)
-        return s["a1"][0] if self.old_layout(m) else s["a2"][0]
+        return s["a1"][0] if (self.old_layout(m) if old is None else old) else s["a2"][0]
 
-    def scale(self, m: DeltaModule) -> float:
-        return _alpha_over(m, self.rank(m))
+    def scale(self, m: DeltaModule, old: bool | None = None) -> float:
+        return _alpha_over(m, self.rank(m, old))
 
-    def full_shape(self, m: DeltaModule) -> tuple[int, ...]:
+    def full_shape(self, m: DeltaModule, old: bool | None = None) -> tuple[int, ...]:
         s = self._shapes(m)
-        if self.old_layout(m):
+        if self.old_layout(m) if old is None else old:
             return s["b2"][0], math.prod(s["b1"][1:])
         _agree(m, "inputs of a1 and a2", s["a1"][0], s["a2"][1])
         if "bm" in m.tensors:
@@ -230,8 +230,8 @@ class _GLoRA(TypeSpec):
             return s["b1"][0], s["b2"][1], *m.shape("bm")[2:]
         return s["b1"][0], s["b2"][1], *s["b2"][2:]
 
-    def dims(self, m: DeltaModule) -> tuple[int, int]:
-        shape = self.full_shape(m)
+    def dims(self, m: DeltaModule, old: bool | None = None) -> tuple[int, int]:
+        shape = self.full_shape(m, old)
         return shape[0], math.prod(shape[1:])
 
     def is_conv(self, m: DeltaModule) -> bool:
@@ -240,7 +240,8 @@ class _GLoRA(TypeSpec):
     def delta(self, m: DeltaModule, base: np.ndarray | None, dtype: np.dtype) -> np.ndarray:
         if base is None:
             raise DeltaError("a GLoRA update depends on the base weight: pass base")
-        out, inp = self.dims(m)
+        old = self.old_layout(m, tuple(base.shape))
+        out, inp = self.dims(m, old)
         if base.shape[0] != out or math.prod(base.shape[1:]) != inp:
             raise DeltaError(
                 f"GLoRA module {m.key!r} makes a {out} x {inp} update, the base weight is "
@@ -248,12 +249,12 @@ class _GLoRA(TypeSpec):
             )
         weight = np.asarray(base, dtype=dtype)
         a1, a2, b1, b2 = (m.array(role, dtype) for role in ("a1", "a2", "b1", "b2"))
-        if self.old_layout(m, tuple(base.shape)):
+        if old:
             flat = weight.reshape(out, -1)
             a2, a1 = a2.reshape(a2.shape[0], -1), a1.reshape(a1.shape[0], -1)
             dw = b2.reshape(out, -1) @ b1.reshape(b1.shape[0], -1) + (flat @ a2) @ a1
         else:
-            r = self.rank(m)
+            r = self.rank(m, old)
             a1, a2 = a1.reshape(-1, r), a2.reshape(r, -1)
             # W a1 a2 contracts the input channels; a conv's kernel axes stay
             wa = np.moveaxis(np.tensordot(weight, a1, axes=([1], [0])), -1, 1)
@@ -263,7 +264,7 @@ class _GLoRA(TypeSpec):
             else:
                 bb = b1.reshape(-1, r) @ b2.reshape(r, -1)
             dw = wa.reshape(out, -1) + bb.reshape(out, -1)
-        return (dw * dtype.type(self.scale(m))).astype(dtype, copy=False).reshape(base.shape)
+        return (dw * dtype.type(self.scale(m, old))).astype(dtype, copy=False).reshape(base.shape)
 
 
 class _IA3(TypeSpec):

@@ -406,6 +406,15 @@ def test_glora_layouts_follow_comfyui():
         m = _module(kind, t, alpha)
         assert m.spec.old_layout(m) is old and m.spec.old_layout(m, w.shape) is old, name
         assert m.rank == 2 and m.update_dims == w.shape, name
+    # new layout, rank 6 on a 4 x 4 weight: the tensors alone read it as old (rank 4 on 6 x 6),
+    # the base says new, as ComfyUI reads it
+    rng = np.random.default_rng(7)
+    shapes = {"a1": (4, 6), "a2": (6, 4), "b1": (4, 6), "b2": (6, 4)}
+    t = _tensors(rng, shapes)
+    w = rng.standard_normal((4, 4)).astype(np.float32)
+    m = _module(GLORA, t, 3.0)
+    assert m.spec.old_layout(m) and not m.spec.old_layout(m, w.shape)
+    f32_close(merged(m, w, 1.0, F32), _comfy(GLORA, w, t, 3.0, 1.0))
 
 
 # ------------------------------------------------------------ dora_scale (weight decomposition)
