@@ -4,9 +4,11 @@ Written for these tests from the facts of ComfyUI's code (comfyanonymous/ComfyUI
 2026-12), not copied from it: ``calculate_weight`` of each adapter in comfy/weight_adapter/
 (lora.py ``LoRAAdapter``, loha.py ``LoHaAdapter``, lokr.py ``LoKrAdapter``, glora.py
 ``GLoRAAdapter``, oft.py ``OFTAdapter``, boft.py ``BOFTAdapter``) and ``weight_decompose`` in
-comfy/weight_adapter/base.py. ComfyUI patches a float32 copy of the weight
-(comfy/model_patcher.py casts it before comfy/lora.py ``calculate_weight``), casts every
-adapter tensor to the intermediate dtype (float32) and applies ``function`` (identity here).
+comfy/weight_adapter/base.py. ComfyUI patches a copy of the weight in
+``lora_compute_dtype(device)`` (comfy/model_patcher.py, before comfy/lora.py
+``calculate_weight``): float32 on the CPU (float16 on fp16-capable GPUs, not modelled here),
+casts every adapter tensor to the intermediate dtype (float32) and applies ``function``
+(identity here).
 
 The facts each function follows:
 - alpha: the file's value (None without an ``.alpha``: scale 1); LoRA, LoHa, GLoRA divide it by
