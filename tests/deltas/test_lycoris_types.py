@@ -237,7 +237,7 @@ def test_files_lycoris_writes_merge_as_lycoris_merges_them(written, name):
     path, modules = written[name]
     adapter = load_adapter(path)
     assert set(adapter.deltas) == set(modules) and len(modules) == 77
-    worst = 0.0
+    worst, constrained = 0.0, 0
     for stem, (module, w) in modules.items():
         m = adapter.deltas[stem]
         with float64_inverse(), torch.no_grad():
@@ -246,7 +246,12 @@ def test_files_lycoris_writes_merge_as_lycoris_merges_them(written, name):
         ours = merged(m, w, 1.0, F64)
         worst = max(worst, float(np.abs(ours - want).max()))
         f32_close(merged(m, w, 1.0, F32), want)
+        if m.alpha:
+            free = DeltaModule(stem, m.type, m.tensors)
+            constrained += np.abs(merged(free, w, 1.0, F64) - ours).max() > 1e-6
     assert worst < 1e-12
+    if name == "diag-oft-constrained":
+        assert constrained > 10  # the bound bites on these modules
 
 
 def test_ia3_files_say_their_side():
