@@ -7,7 +7,7 @@ comfy/weight_adapter/{oft,boft,glora}.py). Formulas in docs/math.md, "Other adap
 
 - OFT: ``oft_blocks [n, b, b]``; ``Q = B - B^T`` per block, ``R = (I + Q)(I - Q)^-1`` (Cayley);
   ``W'`` block ``k`` of ``b`` output rows is ``R_k^T W_k``, times ``rescale [out, 1, ...]`` when
-  the file has one.
+  the file has one. Old files store ``R`` itself as ``oft_diag``.
 - BOFT: ``oft_blocks [m, n, b, b]``: ``m`` butterfly stages, each a block-diagonal rotation of
   the output rows after a stride permutation; ``rescale`` as OFT's.
 - Constraint (OFT and BOFT): the stored ``alpha`` is LyCORIS' ``constraint``; when it is above 0,
@@ -112,6 +112,10 @@ class _Rotation(TypeSpec):
         ComfyUI compares ``||Q||`` with alpha itself)."""
         return 0.0 if not m.alpha or m.alpha < 0 else float(m.alpha) * self.dims(m)[0]
 
+    def rotation(self, m: DeltaModule, dtype: np.dtype) -> np.ndarray:
+        """The blocks' rotations ``R``, in ``dtype``."""
+        return cayley(m.array("oft_blocks", dtype), self.constraint(m))
+
     def rotate(self, m: DeltaModule, rotation: np.ndarray, base: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
@@ -119,8 +123,7 @@ class _Rotation(TypeSpec):
         """``W'`` at strength 1, in ``dtype``, shaped as ``base``."""
         out, _ = self.dims(m)
         base = np.asarray(_base_rows(m, base, out), dtype=dtype)
-        rotation = cayley(m.array("oft_blocks", dtype), self.constraint(m))
-        weight = self.rotate(m, rotation, base)
+        weight = self.rotate(m, self.rotation(m, dtype), base)
         if "rescale" in m.tensors:
             weight = weight * m.array("rescale", dtype).reshape(out, *[1] * (base.ndim - 1))
         return weight
@@ -140,16 +143,30 @@ class _Rotation(TypeSpec):
 
 class _OFT(_Rotation):
     """LyCORIS diag-OFT: ``W'_k = R_k^T W_k`` on each block of ``b`` output rows
-    (lycoris/functional/diag_oft.py, einsum ``k n m, k n ... -> k m ...``)."""
+    (lycoris/functional/diag_oft.py, einsum ``k n m, k n ... -> k m ...``). Old LyCORIS files
+    store the rotations themselves as ``oft_diag`` (no Cayley, no constraint: AUTOMATIC1111's
+    extensions-builtin/Lora/network_oft.py, whose ``is_R`` path reads them so)."""
+
+    def _role(self, m: DeltaModule) -> str:
+        return (
+            "oft_diag"
+            if "oft_diag" in m.tensors and "oft_blocks" not in m.tensors
+            else ("oft_blocks")
+        )
 
     def blocks(self, m: DeltaModule) -> tuple[int, ...]:
-        _need(m, "oft_blocks", ndim=3)
-        shape = m.shape("oft_blocks")
+        role = self._role(m)
+        _need(m, role, ndim=3)
+        shape = m.shape(role)
         if len(shape) != 3 or shape[1] != shape[2]:
-            raise DeltaError(
-                f"OFT module {m.key!r}: oft_blocks is {list(shape)}, expected [n, b, b]"
-            )
+            raise DeltaError(f"OFT module {m.key!r}: {role} is {list(shape)}, expected [n, b, b]")
         return shape
+
+    def rotation(self, m: DeltaModule, dtype: np.dtype) -> np.ndarray:
+        if self._role(m) == "oft_diag":
+            self.blocks(m)
+            return m.array("oft_diag", dtype)
+        return super().rotation(m, dtype)
 
     def rotate(self, m: DeltaModule, rotation: np.ndarray, base: np.ndarray) -> np.ndarray:
         n, b, _ = rotation.shape
@@ -329,7 +346,7 @@ class _IA3(TypeSpec):
 _COMMON = ("alpha", "dora_scale")
 #: The specs :data:`lora_tools.deltas.TYPES` registers for these types.
 SPECS: tuple[TypeSpec, ...] = (
-    _OFT(OFT, ("oft_blocks", "rescale", *_COMMON), needs_base=True),
+    _OFT(OFT, ("oft_blocks", "oft_diag", "rescale", *_COMMON), needs_base=True),
     _BOFT(BOFT, ("oft_blocks", "rescale", *_COMMON), needs_base=True),
     _GLoRA(GLORA, ("a1", "a2", "b1", "b2", "bm", *_COMMON), needs_base=True),
     _IA3(IA3, ("weight", "on_input"), needs_base=True),

@@ -40,6 +40,7 @@ from lora_tools.deltas import (
     merged,
     module_type,
 )
+from lora_tools.deltas.lycoris_types import cayley
 from lora_tools.formats import load_adapter
 from lora_tools.io.safetensors import ArrayTensor
 from tests.deltas import comfy_reference as comfy
@@ -151,6 +152,17 @@ def test_the_oft_constraint_is_alpha_times_the_outputs():
         want = module.get_merged_weight(1.0)[0].numpy()
     assert np.abs(merged(free, w, 1.0, F64) - want).max() > 1e-3
     np.testing.assert_allclose(merged(m, w, 1.0, F64), want, rtol=0, atol=1e-13)
+
+
+def test_old_oft_diag_holds_the_rotations():
+    """An old LyCORIS ``oft_diag`` is ``R`` itself (AUTOMATIC1111's ``is_R`` path): the Cayley
+    rotations of a module's blocks, stored so, merge to the same weight, and alpha is unused."""
+    module, w = lycoris_module("oft", "conv")
+    m = from_state_dict(module.state_dict())
+    rotations = cayley(m.array("oft_blocks"), 0.0)
+    old = DeltaModule("m", OFT, {"oft_diag": ArrayTensor(rotations)}, alpha=2**-7)
+    assert old.update_dims == (16, None)
+    np.testing.assert_allclose(merged(old, w, 1.0, F64), merged(m, w, 1.0, F64), atol=1e-14)
 
 
 def test_a_module_that_does_not_fit_its_base_is_a_delta_error():
