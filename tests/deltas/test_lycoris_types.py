@@ -443,6 +443,7 @@ DORA = {  # name -> comfy case whose tensors get a dora_scale
     "loha-tucker": "loha-tucker",
     "lokr": "lokr",
     "lokr-conv": "lokr-conv",
+    "glora": "glora",  # ComfyUI decomposes GLoRA too (LyCORIS' GLoRA has no dora_scale)
 }
 
 
