@@ -620,6 +620,12 @@ TYPES: dict[str, TypeSpec] = {
     )
 }
 
+# OFT, BOFT, GLoRA and IA3 (they need the base weight): their math in their own module, which
+# imports the names above
+from lora_tools.deltas.lycoris_types import SPECS as _LYCORIS_SPECS  # noqa: E402
+
+TYPES.update({spec.name: spec for spec in _LYCORIS_SPECS})
+
 
 #: PEFT's math for types it defines differently from LyCORIS, by type name; filled by
 #: :mod:`lora_tools.deltas.peft_types` (PEFT's LoHa, LoKr, IA3, OFT, BOFT, VeRA, AdaLoRA...).
@@ -775,8 +781,3 @@ __all__ = [
     "tucker",
     "weight_decompose",
 ]
-
-# OFT, BOFT, GLoRA and IA3 (they need the base weight): their math in their own module
-from lora_tools.deltas.lycoris_types import SPECS as _LYCORIS_SPECS  # noqa: E402
-
-TYPES.update({spec.name: spec for spec in _LYCORIS_SPECS})
