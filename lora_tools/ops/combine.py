@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import zlib
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +54,7 @@ from lora_tools.ops._algebra import (
     add_history,
     exact_targets,
     module_identity,
+    output_alphas,
     targets_cover,
     with_factors,
 )
@@ -260,7 +260,7 @@ def combine_adapters(
         if progress is not None:
             progress(n + 1, len(groups))
     modules: dict[str, LoraModule] = {}
-    alphas = _output_alphas(first.format, [(t, up.shape[1]) for t, up, _, _ in built])
+    alphas = output_alphas(first.format, [(t, up.shape[1]) for t, up, _, _ in built])
     for (template, up, down, bias), alpha in zip(built, alphas, strict=True):
         # The factors hold the update at scale 1; a module written with another scale
         # (alpha / k) takes its inverse into the factors, rounded once with them.
@@ -412,21 +412,6 @@ def _bias_sum(terms: list[tuple[Any, float, LoraModule]]) -> np.ndarray | None:
     written with another scale keeps this bias: lora_tools writes no bias to kohya files)."""
     parts = [c * np.asarray(m.bias.numpy(), np.float64) for _, c, m in terms if m.bias is not None]
     return np.sum(parts, axis=0) if parts else None
-
-
-def _output_alphas(fmt: str, modules: list[tuple[LoraModule, int]]) -> list[float]:
-    """The alpha of each output module (given with its rank): the rank (scale 1), except in
-    kohya files, where every module of a component gets one alpha, the component's most common
-    rank. diffusers' kohya loader keeps only the most common alpha of a component for
-    attention and text-encoder layers (the others' alpha_pattern keys match nothing), so
-    mixed alphas there load at the wrong strength."""
-    if fmt != "kohya":
-        return [float(k) for _, k in modules]
-    by_component: dict[str | None, list[int]] = {}
-    for m, k in modules:
-        by_component.setdefault(module_identity(m)[0], []).append(k)
-    common = {c: float(Counter(ks).most_common(1)[0][0]) for c, ks in by_component.items()}
-    return [common[module_identity(m)[0]] for m, _ in modules]
 
 
 def _concat(terms: list) -> tuple[np.ndarray, np.ndarray, tuple]:
