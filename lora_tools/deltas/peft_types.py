@@ -136,57 +136,62 @@ class _PeftLoHa(_LoHa):
         alpha = m.alpha if m.alpha is not None else r
         return 0.0 if not r else float(alpha) / r
 
-    def delta(self, m: DeltaModule, base: np.ndarray | None, dtype: np.dtype) -> np.ndarray:
+    def halves(self, m: DeltaModule, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
         torch = _exact(dtype)
         if torch is None:
-            return super().delta(m, base, dtype)
+            return super().halves(m, dtype)
         self.dims(m)
-        scale = torch.tensor(self.scale(m))  # LoHaLayer: scale=torch.tensor(self.scaling)
         t = {role: _t(torch, m, role) for role in m.tensors if role.startswith("hada_")}
-        if "hada_t1" in t:
+        if "hada_t1" in t:  # HadaWeightCP.forward
             eq = "i j k l, j r, i p -> p r k l"
             h1 = torch.einsum(eq, t["hada_t1"], t["hada_w1_b"], t["hada_w1_a"])
             h2 = torch.einsum(eq, t["hada_t2"], t["hada_w2_b"], t["hada_w2_a"])
-            out = h1 * h2 * scale
-        else:
-            out = ((t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"])) * scale
-        return _np(out).reshape(self.full_shape(m))
+        else:  # HadaWeight.forward
+            h1, h2 = t["hada_w1_a"] @ t["hada_w1_b"], t["hada_w2_a"] @ t["hada_w2_b"]
+        return _np(h1), _np(h2)
 
     def rows(self, m: DeltaModule, start: int, stop: int, dtype: np.dtype) -> np.ndarray:
-        return self.delta(m, None, dtype).reshape(m.update_dims[0], -1)[start:stop]
+        torch = _exact(dtype)
+        if torch is None or "hada_t1" in m.tensors:
+            h1, h2 = self.halves(m, dtype)
+            flat = (h1 * h2 * dtype.type(self.scale(m))).reshape(h1.shape[0], -1)
+            return flat[start:stop]
+        self.dims(m)
+        h = [
+            _tensor(torch, m.array(f"hada_w{i}_a", np.float32)[start:stop])
+            @ _t(torch, m, f"hada_w{i}_b")
+            for i in (1, 2)
+        ]
+        return _np((h[0] * h[1]) * torch.tensor(self.scale(m)))
 
 
 class _PeftLoKr(_LoKr):
     """``dW = alpha / r * kron(w1, w2)`` with PEFT's config ``r`` and ``alpha`` whether or not a
-    factor is decomposed (LyCORIS: scale 1 with both factors whole)."""
+    factor is decomposed (LyCORIS: scale 1 with both factors whole). The Kronecker product and
+    the scale are single roundings, the same in numpy; the factors' products follow PEFT's."""
 
     def scale(self, m: DeltaModule) -> float:
         r = _config_rank(m, None) or super().rank(m) or 1
         alpha = m.alpha if m.alpha is not None else r
         return float(alpha) / r
 
-    def delta(self, m: DeltaModule, base: np.ndarray | None, dtype: np.dtype) -> np.ndarray:
+    def factors(self, m: DeltaModule, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
         torch = _exact(dtype)
         if torch is None:
-            return super().delta(m, base, dtype)
+            return super().factors(m, dtype)
         self.dims(m)
         t = {role: _t(torch, m, role) for role in m.tensors if role.startswith("lokr_")}
         w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
         if "lokr_w2" in t:
             w2 = t["lokr_w2"]
-        elif "lokr_t2" in t:
+        elif "lokr_t2" in t:  # lokr.layer.make_weight_cp
             w2 = torch.einsum(
                 "i j k l, i p, j r -> p r k l", t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"]
             )
         else:
             w2 = t["lokr_w2_a"] @ t["lokr_w2_b"]
-        if len(w2.shape) == 4:
-            w1 = w1.unsqueeze(2).unsqueeze(2)
-        out = torch.kron(w1, w2.contiguous()) * self.scale(m)
-        return _np(out).reshape(self.full_shape(m))
-
-    def rows(self, m: DeltaModule, start: int, stop: int, dtype: np.dtype) -> np.ndarray:
-        return self.delta(m, None, dtype).reshape(m.update_dims[0], -1)[start:stop]
+        w1, w2 = _np(w1), _np(w2)
+        return w1.reshape(w1.shape[0], -1), w2.reshape(w2.shape[0], -1)
 
 
 # -- IA3: W * l ------------------------------------------------------------------------------
@@ -208,7 +213,10 @@ class _PeftIA3(TypeSpec):
 
     def dims(self, m: DeltaModule) -> tuple[int, int | None]:
         n = self._length(m)
-        return (None, n) if m.options.get("feedforward") else (n, None)  # type: ignore[return-value]
+        if not m.options.get("feedforward"):
+            return n, None
+        # a conv's ia3_l [1, in, 1, 1] scales in channels: in * kernel is the base's
+        return None, (n if len(m.shape("ia3_l")) <= 2 else None)  # type: ignore[return-value]
 
     def full_shape(self, m: DeltaModule) -> tuple[int, ...]:
         return self.dims(m)  # type: ignore[return-value]
@@ -562,7 +570,14 @@ class _AdaLoRA(TypeSpec):
         return (b @ (a * e)) * dtype.type(self._alpha(m)) / ranknum
 
     def rows(self, m: DeltaModule, start: int, stop: int, dtype: np.dtype) -> np.ndarray:
-        return self.delta(m, None, dtype)[start:stop]
+        torch = _exact(dtype)
+        if torch is None:
+            return self.delta(m, None, dtype)[start:stop]
+        self.dims(m)
+        a, e = _t(torch, m, "lora_A"), _t(torch, m, "lora_E")
+        b = _tensor(torch, m.array("lora_B", np.float32)[start:stop])
+        ranknum = torch.tensor([self._ranknum(m)])
+        return _np(b @ (a.reshape(a.shape[0], -1) * e) * self._alpha(m) / (ranknum + 1e-5))
 
 
 class _VeRA(TypeSpec):

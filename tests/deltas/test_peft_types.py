@@ -288,3 +288,28 @@ def test_vera_without_its_projection_stays_uncomputed(tmp_path):
     assert adapter.deltas == {} and len(adapter.foreign["VeRA"]) == 3
     codes = [f.rule.code for f in validate([str(folder)]).files[0].findings]
     assert "LT110" in codes
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_loratool_merge_is_peft_merge_and_unload(tmp_path, name):
+    """``loratool merge`` of the file into the base's safetensors equals PEFT's merged model,
+    every weight bit for bit (float32). Left out: a square Conv1D outside a GPT-2 model type
+    (``sq``: no shape nor name says it is stored ``[in, out]``), and biases, which PEFT's IA3
+    also scales (``merged_bias``; the merge engine leaves them)."""
+    from safetensors.numpy import load_file
+    from safetensors.torch import save_file
+
+    from lora_tools.ops.merge import merge
+
+    folder, _base, weights, merged32, _ = _write(tmp_path, name)
+    base_file = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in weights.items()}, base_file)
+    merge(base_file, [str(folder)], tmp_path / "merged.safetensors")
+    out = load_file(tmp_path / "merged.safetensors")
+    changed = 0
+    for key, value in out.items():
+        if key.endswith(".bias") or key == "sq.weight":
+            continue
+        np.testing.assert_array_equal(value, merged32[key].numpy(), err_msg=key)
+        changed += not np.array_equal(value, weights[key].numpy())
+    assert changed == len(load_adapter(folder).deltas) - (name == "ia3-conv1d")
