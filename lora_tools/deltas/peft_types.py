@@ -548,6 +548,12 @@ class _AdaLoRA(TypeSpec):
     def scale(self, m: DeltaModule) -> float:
         return self._alpha(m) / (self._ranknum(m) + 1e-5)
 
+    def factors(self, m: DeltaModule, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+        """``(B [out, r], A * E [r, in])``: ``scale * B @ (A * E)`` is the update."""
+        _, inp = self.dims(m)
+        a = m.array("lora_A", dtype).reshape(-1, inp)
+        return m.array("lora_B", dtype), a * m.array("lora_E", dtype).reshape(-1, 1)
+
     def dims(self, m: DeltaModule) -> tuple[int, int]:
         _need(m, "lora_A", "lora_B", "lora_E")
         r = self.rank(m)
