@@ -21,6 +21,7 @@ shape does not fit is a :class:`~lora_tools.deltas.DeltaError`, never reshaped.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 from typing import Any
@@ -47,6 +48,7 @@ from lora_tools.io.safetensors import Tensor
 
 ADALORA = "AdaLoRA"
 VERA = "VeRA"
+FOURIERFT = "FourierFT"
 
 #: adapter_config.json ``peft_type`` -> loratool's type name, for the types computed here.
 PEFT_TYPE_NAMES = {
@@ -57,6 +59,7 @@ PEFT_TYPE_NAMES = {
     "BOFT": BOFT,
     "ADALORA": ADALORA,
     "VERA": VERA,
+    "FOURIERFT": FOURIERFT,
 }
 
 #: Compute float32 updates with torch, in PEFT's operation order, when it is installed (tests
@@ -646,6 +649,52 @@ class _VeRA(TypeSpec):
         return ((lb * b) @ (ld * a)).reshape(base.shape)
 
 
+class _FourierFT(TypeSpec):
+    """``dW = Re(ifft2(F)) * scaling``: ``F`` ``[out, in]`` is zero but at ``n`` positions, the
+    first ``n`` of ``torch.randperm(out * in)`` seeded with the config's ``random_loc_seed``,
+    which hold ``fourierft_spectrum``. The positions are torch's random numbers: the update
+    needs torch, and the base weight for ``out`` and ``in``. PEFT computes it in float32
+    whatever the weights' dtype (its dense spectrum is float32)."""
+
+    def dims(self, m: DeltaModule) -> tuple[int, int | None]:
+        _need(m, "fourierft_spectrum", ndim=1)
+        return None, None  # type: ignore[return-value]
+
+    def full_shape(self, m: DeltaModule) -> tuple[int, ...]:
+        return self.dims(m)  # type: ignore[return-value]
+
+    def delta(self, m: DeltaModule, base: np.ndarray | None, dtype: np.dtype) -> np.ndarray:
+        assert base is not None
+        torch = _torch()
+        if torch is None:
+            raise DeltaError(
+                f"FourierFT module {m.key!r}: its spectrum's positions are torch.randperm's; "
+                "install torch to compute it"
+            )
+        if base.ndim != 2:
+            raise DeltaError(
+                f"FourierFT module {m.key!r}: the base weight {list(base.shape)} is no linear layer's"
+            )
+        out, inp = base.shape
+        spectrum = m.array("fourierft_spectrum", np.float32).reshape(-1)
+        if spectrum.size > out * inp:
+            raise DeltaError(
+                f"FourierFT module {m.key!r}: {spectrum.size} coefficients for a {out} x {inp} weight"
+            )
+        seed = int(m.options.get("random_loc_seed", 777))
+        order = torch.randperm(out * inp, generator=torch.Generator().manual_seed(seed))
+        where = order[: spectrum.size]
+        where = torch.stack([where // inp, where % inp], dim=0)
+        scaling = m.options.get("scaling", 150.0)
+        if dtype == np.float32:  # FourierFTLayer.get_delta_weight
+            dense = torch.zeros(out, inp)
+            dense[where[0, :], where[1, :]] = torch.from_numpy(spectrum)
+            return _np(torch.fft.ifft2(dense).real * scaling)
+        dense64 = np.zeros((out, inp), dtype=np.float64)
+        dense64[where[0].numpy(), where[1].numpy()] = spectrum
+        return (np.fft.ifft2(dense64).real * scaling).astype(dtype, copy=False)
+
+
 _LOHA_ROLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 _LOKR_ROLES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 _SPECS: tuple[TypeSpec, ...] = (
@@ -656,6 +705,12 @@ _SPECS: tuple[TypeSpec, ...] = (
     _PeftBOFT(BOFT, ("boft_R", "boft_s"), needs_base=True),
     _AdaLoRA(ADALORA, ("lora_A", "lora_B", "lora_E")),
     _VeRA(VERA, ("vera_lambda_b", "vera_lambda_d"), needs_base=True),
+    _FourierFT(
+        FOURIERFT,
+        ("fourierft_spectrum",),
+        needs_base=True,
+        computed=importlib.util.find_spec("torch") is not None,
+    ),
 )
 PEFT_TYPES.update({spec.name: spec for spec in _SPECS})
 
@@ -711,6 +766,9 @@ def module_options(
         options["init_r"] = config.get("init_r", 12)
         value = config.get("lora_alpha", 8)
         alpha = float(value) if isinstance(value, (int, float)) else math.nan
+    elif kind == FOURIERFT:
+        options["scaling"] = config.get("scaling", 150.0)
+        options["random_loc_seed"] = config.get("random_loc_seed", 777)
     elif kind == VERA:
         options["projection_prng_key"] = config.get("projection_prng_key", 0)
         options["save_projection"] = config.get("save_projection", True)
@@ -756,6 +814,8 @@ def peft_modules(
     for stem, found in parts.items():
         component, path = split_stem(stem)
         alpha, options = module_options(kind, config, path)
+        if kind == FOURIERFT and options["fan_in_fan_out"]:
+            continue  # a Conv1D's: nothing in the file says which of its layers are
         options.update(shared)
         module = DeltaModule(
             key=stem,
@@ -788,6 +848,7 @@ def peft_deltas(
 
 __all__ = [
     "ADALORA",
+    "FOURIERFT",
     "PEFT_TYPE_NAMES",
     "VERA",
     "butterfly_perm",

@@ -70,7 +70,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 #: The types loratool computes from PEFT's config (lora_tools.deltas.peft_types); the rest are
 #: detected and refused. PEFT's default init makes LoHa's and LoKr's update zero (LT202).
-COMPUTED = {"LOHA", "LOKR", "IA3", "OFT", "BOFT", "VERA"}
+COMPUTED = {"LOHA", "LOKR", "IA3", "OFT", "BOFT", "VERA", "FOURIERFT"}
 ZERO_AT_INIT = {"LOHA", "LOKR"}
 
 
