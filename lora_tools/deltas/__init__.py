@@ -119,7 +119,8 @@ class DeltaModule:
     @property
     def computed(self) -> bool:
         """loratool computes this module's update (False: detected, inspected, refused)."""
-        return self.type in TYPES and self.spec.computed
+        peft = self.convention == PEFT and self.type in PEFT_TYPES
+        return (peft or self.type in TYPES) and self.spec.computed
 
     @property
     def dora_scale(self) -> Tensor | None:
@@ -186,7 +187,9 @@ class DeltaModule:
             raise DeltaError(f"a {self.type} update depends on the base weight: pass base")
         out = self.spec.delta(self, base, np.dtype(dtype))
         if base is not None:
-            if out.size != base.size:
+            if out.size != base.size or out.shape[0] != base.shape[0]:
+                # rows must agree: a Conv1D weight stored [in, out] is passed transposed, never
+                # reshaped into a wrong [out, in]
                 raise DeltaError(
                     f"{self.type} update has {out.size} elements {tuple(out.shape)}, the base "
                     f"weight {base.size} {tuple(base.shape)}"
@@ -781,3 +784,5 @@ __all__ = [
     "tucker",
     "weight_decompose",
 ]
+
+from lora_tools.deltas import peft_types as _peft_types  # noqa: E402, F401 - fills PEFT_TYPES
