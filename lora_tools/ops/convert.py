@@ -65,7 +65,7 @@ from lora_tools.ops._algebra import (
     targets_cover,
 )
 from lora_tools.ops.relayout import DENOISERS, layout_for, relayout
-from lora_tools.ops.to_lora import ModuleToLora, as_lora
+from lora_tools.ops.to_lora import ModuleToLora, as_lora, require_base
 from lora_tools.results import WrittenResult, adapter_inputs, input_ref
 
 TARGETS = ("peft", "kohya", "diffusers", "mlx", "comfyui", "lora")
@@ -751,6 +751,7 @@ def convert_to_lora(
             path=adapter.source,
             hint="give a LyCORIS / PEFT adapter of another type (LoHa, LoKr, full...)",
         )
+    require_base(adapter, base, "convert --to lora")
     dense = [m for m in adapter.deltas.values() if m.needs_base or m.type == FULL]
     if dense and not rule:
         m = dense[0]

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from lora_tools.adapter import CONV, LINEAR, Adapter, LoraModule
-from lora_tools.deltas import LOHA, DeltaError
+from lora_tools.deltas import LOHA, DeltaError, DeltaModule
 from lora_tools.errors import AdapterError, ResolveError, ShapeError, UsageError
 from lora_tools.formats.peft import DIFFUSERS_METADATA_KEY, peft_config_for
 from lora_tools.io.safetensors import ArrayTensor, numpy_dtype
@@ -148,6 +148,25 @@ def base_weights(
     return shapes, arrays
 
 
+def require_base(
+    adapter: Adapter, base: str | os.PathLike[str] | None, operation: str
+) -> list[DeltaModule]:
+    """The delta modules whose update reads the base weight; UsageError (kind
+    ``needs-base``) naming the first when there are any and no ``base``."""
+    needy = [m for m in adapter.deltas.values() if m.needs_base]
+    if needy and base is None:
+        m = needy[0]
+        what = "a weight decomposition (dora_scale)" if m.dora_scale is not None else m.type
+        raise UsageError(
+            f"{len(needy)} modules' updates depend on the base weight (e.g. {m.key!r}, "
+            f"{what}); {operation} needs it",
+            path=adapter.source,
+            hint="give the base checkpoint the adapter was trained on",
+            kind="needs-base",
+        )
+    return needy
+
+
 def as_lora(
     adapter: Adapter,
     rule: dict[str, Any] | None,
@@ -171,17 +190,7 @@ def as_lora(
 
     adapter.require_plain_lora(operation, deltas_ok=True)
     deltas = adapter.deltas
-    needy = [m for m in deltas.values() if m.needs_base]
-    if needy and base is None:
-        m = needy[0]
-        what = "a weight decomposition (dora_scale)" if m.dora_scale is not None else m.type
-        raise UsageError(
-            f"{len(needy)} modules' updates depend on the base weight (e.g. {m.key!r}, "
-            f"{what}); {operation} needs it",
-            path=adapter.source,
-            hint="give the base checkpoint the adapter was trained on",
-            kind="needs-base",
-        )
+    needy = require_base(adapter, base, operation)
     shapes: dict[str, tuple[int, ...]] = {}
     arrays: dict[str, np.ndarray] = {}
     if base is not None:
@@ -321,4 +330,4 @@ def _lora_config(adapter: Adapter, modules: list[LoraModule]) -> dict[str, Any] 
     return fresh
 
 
-__all__ = ["ModuleToLora", "as_lora", "base_weights"]
+__all__ = ["ModuleToLora", "as_lora", "base_weights", "require_base"]
