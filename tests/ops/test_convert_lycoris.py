@@ -65,7 +65,7 @@ def base_weight(stem: str) -> np.ndarray:
     path = stem.removeprefix("lora_unet_")
     with open_checkpoint(SD) as ckpt:
         comp = ckpt.components["unet"]
-        for key in comp.keys():
+        for key in comp:
             if key.endswith(".weight") and key[: -len(".weight")].replace(".", "_") == path:
                 return np.asarray(comp.open(comp.file_for(key)).read(key), np.float64)
     raise KeyError(stem)
