@@ -67,6 +67,14 @@ PEFT_TYPE_NAMES = {
 USE_TORCH = True
 
 
+def _torch_installed() -> bool:
+    """Whether torch can be imported, judged without importing it."""
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):  # a broken or blocked installation
+        return False
+
+
 def _torch() -> Any:
     if not USE_TORCH:
         return None
@@ -709,7 +717,7 @@ _SPECS: tuple[TypeSpec, ...] = (
         FOURIERFT,
         ("fourierft_spectrum",),
         needs_base=True,
-        computed=importlib.util.find_spec("torch") is not None,
+        computed=_torch_installed(),
     ),
 )
 PEFT_TYPES.update({spec.name: spec for spec in _SPECS})

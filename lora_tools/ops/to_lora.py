@@ -99,20 +99,21 @@ def base_weights(
     adapter: Adapter, base: str | os.PathLike[str], read: set[str]
 ) -> tuple[dict[str, tuple[int, ...]], dict[str, np.ndarray]]:
     """Each delta module's base weight shape, as its update is laid out (``[out, in, *k]``),
-    and the weight itself for the stems in ``read``, resolved against ``base`` by the
-    names (:func:`lora_tools.resolve.resolve_foreign`, the resolution validate and merge use).
+    and the weight itself for the stems in ``read``, resolved against ``base`` as merge and
+    validate resolve them (:func:`lora_tools.resolve.resolve`; a module on rows of fused
+    weights gets those rows).
 
     Raises:
         ResolveError / ShapeError: a module in ``read`` matches no base weight, several, or
             one whose shape its update does not fit.
     """
     from lora_tools.io.checkpoint import open_checkpoint
-    from lora_tools.resolve import resolve_foreign
+    from lora_tools.resolve import resolve
 
     shapes: dict[str, tuple[int, ...]] = {}
     arrays: dict[str, np.ndarray] = {}
     with open_checkpoint(base) as ckpt:
-        res = resolve_foreign(adapter, ckpt)
+        res = resolve(adapter, ckpt)
         for stem, message in res.shape_errors.items():
             if stem in adapter.deltas:
                 raise ShapeError(message, path=adapter.source, hint="is this the right base model?")
@@ -125,7 +126,7 @@ def base_weights(
                     hint="give the one component's checkpoint as the base",
                     kind="ambiguous",
                 )
-            if stem not in res.matches:
+            if stem not in res.deltas:
                 raise ResolveError(
                     f"module {stem!r} ({adapter.deltas[stem].type}) matches no base weight; "
                     "its update depends on the base weight",
@@ -134,17 +135,27 @@ def base_weights(
                     kind="unmatched",
                 )
         comps = {c.name: c for c in ckpt.components.values()}
-        for stem, target in res.matches.items():
-            m = adapter.deltas.get(stem)
-            if m is None:
+
+        def weight(target: Any) -> np.ndarray:
+            return comps[target.component].open(target.file).read(target.key)
+
+        for stem, match in res.deltas.items():
+            if any(part.rows is not None for part in match.parts):
+                # rows of one fused weight, or of several (a native qkv on to_q / to_k / to_v)
+                rest = tuple(match.target.info.shape[1:])
+                shapes[stem] = (adapter.deltas[stem].update_dims[0], *rest)
+                if stem in read:
+                    rows = []
+                    for part in sorted(match.parts, key=lambda p: p.rows.update_start):
+                        r = part.rows
+                        rows.append(weight(part.target)[r.start : r.start + r.count])
+                    arrays[stem] = np.concatenate(rows)
                 continue
-            shape = tuple(target.info.shape)
-            out = m.update_dims[0]
-            transposed = len(shape) == 2 and shape[0] != out and shape[1] == out
-            shapes[stem] = shape[::-1] if transposed else shape
+            shape = tuple(match.target.info.shape)
+            shapes[stem] = shape[::-1] if match.transpose else shape
             if stem in read:
-                weight = comps[target.component].open(target.file).read(target.key)
-                arrays[stem] = weight.T if transposed else weight
+                w = weight(match.target)
+                arrays[stem] = w.T if match.transpose else w
     return shapes, arrays
 
 
