@@ -852,9 +852,15 @@ def fit_delta(
     # the kernel where the tensors say it; a 1x1 one also fits a linear weight, and back
     pointwise = math.prod(delta[2:]) == 1 and math.prod(shape[2:]) == 1
     kernel_ok = len(delta) <= 2 or delta == shape or pointwise
-    if len(shape) == 2 and inp is not None and (inp, out) == shape and (conv1d or out != inp):
+
+    def fits(size: int | None, dim: int) -> bool:
+        return size is None or size == dim  # None: the type does not fix that side
+
+    stored_in_out = len(shape) == 2 and fits(inp, shape[0]) and fits(out, shape[1])
+    as_is = fits(out, rows) and fits(inp, cols)
+    if stored_in_out and (out, inp) != (None, None) and (conv1d or not as_is):
         return True, False
-    if out == rows and inp in (None, cols) and kernel_ok:
+    if as_is and kernel_ok:
         return False, len(delta) != len(shape) and inp is not None
     raise ShapeError(
         f"module {module.key!r} ({_kind(module)}, update {_shown(module)} as [out, in * "

@@ -1,8 +1,10 @@
-"""``loratool convert ADAPTER --to peft|kohya|diffusers|mlx|comfyui -o OUT [--base BASE]``."""
+"""``loratool convert ADAPTER --to peft|kohya|diffusers|mlx|comfyui|lora -o OUT [--base BASE]
+[--rank R | --energy E]``."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -23,8 +25,9 @@ from lora_tools.cli.options import (
     "--to",
     "to",
     required=True,
-    type=click.Choice(["peft", "kohya", "diffusers", "mlx", "comfyui"]),
-    help="Target naming scheme.",
+    type=click.Choice(["peft", "kohya", "diffusers", "mlx", "comfyui", "lora"]),
+    help="Target naming scheme, or lora: every LoHa / LoKr / Tucker LoCon / full / DoRA-"
+    "weighted module as a plain LoRA in the input's naming.",
 )
 @output_option()
 @click.option(
@@ -33,7 +36,21 @@ from lora_tools.cli.options import (
     help="Base checkpoint (file, HF folder, diffusers pipeline folder or Hub id "
     "user/name[@rev]): needed to recover "
     "module paths from kohya names and to re-lay modules out between the base's native and "
-    "diffusers layouts (split / fuse qkv); also checks every module fits the base.",
+    "diffusers layouts (split / fuse qkv); also checks every module fits the base. With "
+    "--to lora: the base weights that modules of base-dependent types (dora_scale, OFT...) "
+    "read, and each module's kernel shape.",
+)
+@click.option(
+    "--rank",
+    type=int,
+    help="--to lora: the rank of every converted module (the optimal one, Eckart-Young; "
+    "capped at the module's exact rank). Default: the exact rank (lossless).",
+)
+@click.option(
+    "--energy",
+    type=float,
+    help="--to lora: per module, the smallest rank keeping this fraction of ||dW||_F^2, in "
+    "(0, 1]. Not with --rank.",
 )
 @click.option(
     "--component",
@@ -46,6 +63,7 @@ from lora_tools.cli.options import (
 @command_hints(
     {
         "unknown-format": "convert takes an adapter as ADAPTER; give a base model with --base",
+        "needs-base": "pass --base with the base checkpoint the adapter was trained on",
     }
 )
 def command(
@@ -54,6 +72,8 @@ def command(
     output: Path,
     base: str | None,
     component: str | None,
+    rank: int | None,
+    energy: float | None,
     force: bool,
     as_json: bool,
     quiet: bool,
@@ -64,26 +84,43 @@ def command(
     (diffusers), per-module alpha tensors (kohya; rsLoRA expressed as alpha) or mlx-lm's one
     lora_parameters.scale (mlx stores the factors transposed).
 
+    --to lora writes every module of another adapter type (LoHa, LoKr, Tucker LoCon, full,
+    DoRA-weighted) as a plain LoRA module in the input's naming, exactly by default, or the
+    optimal LoRA of --rank R / --energy E; each module's error is reported.
+
     \b
     Examples:
       loratool convert fixtures/kohya/sd-lora.safetensors --to diffusers -o out/sd \\
           --base fixtures/bases/tiny-sd
       loratool convert fixtures/peft/sd-unet-conv --to kohya -o out/unet.safetensors
       loratool convert fixtures/diffusers/sd-lora --to peft --component unet -o out/unet
+      loratool convert tests/data/lycoris/lokr.safetensors --to lora -o out/lokr-lora.safetensors
     """
     blas_threads()
     from lora_tools.ops._algebra import input_paths, write_adapter
-    from lora_tools.ops.convert import convert_adapter
+    from lora_tools.ops.convert import convert_adapter, lora_rule
 
+    if to == "lora":
+        lora_rule(rank, energy)  # before loading anything: a bad rule is a usage error
     source = load_input(adapter)
     base_path = None
     if base is not None:
         from lora_tools.io.hub import resolve_input
 
         base_path = resolve_input(base, role="base")
-    result = convert_adapter(source, to, base=base_path, component=component)
+    result = convert_adapter(
+        source, to, base=base_path, component=component, rank=rank, energy=energy
+    )
     inputs = [*input_paths(source, adapter), *([base_path] if base_path is not None else [])]
     written = write_adapter(result.adapter, output, inputs, force=force)
+    if to == "lora":
+        for note in result.notes:
+            warn(note)
+        if as_json:
+            print_json(result.with_output(output).to_json())
+        elif not quiet:
+            render_lora(result, written)
+        return
     if result.dropped:
         warn(
             f"{len(result.dropped)} modules of other components left out "
@@ -96,3 +133,45 @@ def command(
         f"wrote {written}: {source.format} -> {to}, {len(result.adapter.modules)} modules"
         + (f" ({result.resolved} paths resolved against the base)" if result.resolved else "")
     )
+
+
+def render_lora(result: Any, written: Path) -> None:
+    """One row per converted module: its type, rank and error; then the totals."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from lora_tools.cli._common import column_room, console, fit_names
+    from lora_tools.errors import printable
+
+    out = console()
+    table = Table(title="convert --to lora", title_justify="left")
+    headers = ("type", "rank", "method", "energy kept", "rel. error")
+    for col in ("module", *headers):
+        table.add_column(
+            col,
+            justify="left" if col in ("module", "type", "method") else "right",
+            overflow="fold" if col == "module" else "ellipsis",
+        )
+    cells = [
+        [
+            row.type,
+            str(row.rank)
+            if row.exact_rank in (None, row.rank)
+            else f"{row.rank} of {row.exact_rank}",
+            row.method,
+            f"{row.retained_energy:.6f}",
+            f"{row.relative_error:.2e}",
+        ]
+        for row in result.modules
+    ]
+    names = fit_names([row.key for row in result.modules], column_room(out.width, headers, cells))
+    for name, row_cells in zip(names, cells, strict=True):
+        table.add_row(escape(printable(name)), *row_cells)
+    out.print(table)
+    worst = max((row.relative_error for row in result.modules), default=0.0)
+    kept = f", {result.kept} LoRA modules kept" if result.kept else ""
+    click.echo(
+        f"{len(result.modules)} modules converted to LoRA{kept}; "
+        + ("exact (float64 rounding)" if result.exact else f"max relative error {worst:.2e}")
+    )
+    click.echo(f"wrote {written}")

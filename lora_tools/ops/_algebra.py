@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,21 @@ def module_identity(module: LoraModule) -> tuple[str | None, str]:
     if component in ("text_encoder", "text_encoder_2"):
         flat = flat.removeprefix("text_model_")
     return component, flat
+
+
+def output_alphas(fmt: str, modules: list[tuple[LoraModule, int]]) -> list[float]:
+    """The alpha of each output module (given with its rank): the rank (scale 1), except in
+    kohya files, where every module of a component gets one alpha, the component's most common
+    rank. diffusers' kohya loader keeps only the most common alpha of a component for
+    attention and text-encoder layers (the others' alpha_pattern keys match nothing), so
+    mixed alphas there load at the wrong strength."""
+    if fmt != "kohya":
+        return [float(k) for _, k in modules]
+    by_component: dict[str | None, list[int]] = {}
+    for m, k in modules:
+        by_component.setdefault(module_identity(m)[0], []).append(k)
+    common = {c: float(Counter(ks).most_common(1)[0][0]) for c, ks in by_component.items()}
+    return [common[module_identity(m)[0]] for m, _ in modules]
 
 
 def cast_like(array: np.ndarray, like: Tensor) -> ArrayTensor:

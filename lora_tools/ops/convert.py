@@ -35,7 +35,11 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from lora_tools.adapter import Adapter, LoraModule
-from lora_tools.errors import UnsupportedAdapterError, UsageError
+from lora_tools.deltas import FULL
+from lora_tools.errors import (
+    UnsupportedAdapterError,
+    UsageError,
+)
 from lora_tools.formats.comfyui import ComfyUIFormat
 from lora_tools.formats.mlx import mlx_config_for
 from lora_tools.formats.peft import (
@@ -54,11 +58,17 @@ from lora_tools.naming import (
     split_stem,
     target_paths,
 )
-from lora_tools.ops._algebra import add_history, exact_targets, targets_cover
+from lora_tools.ops._algebra import (
+    Progress,
+    add_history,
+    exact_targets,
+    targets_cover,
+)
 from lora_tools.ops.relayout import DENOISERS, layout_for, relayout
+from lora_tools.ops.to_lora import ModuleToLora, as_lora, require_base
 from lora_tools.results import WrittenResult, adapter_inputs, input_ref
 
-TARGETS = ("peft", "kohya", "diffusers", "mlx", "comfyui")
+TARGETS = ("peft", "kohya", "diffusers", "mlx", "comfyui", "lora")
 #: Targets that store one alpha tensor per module (kohya-style keys).
 _ALPHA_TENSORS = ("kohya", "comfyui")
 #: Single-file checkpoint layouts whose module names no diffusers / transformers model class
@@ -137,12 +147,16 @@ def convert_adapter(
     *,
     base: str | os.PathLike[str] | None = None,
     component: str | None = None,
-) -> ConvertResult:
-    """Convert ``adapter`` to the ``to`` naming scheme with every module's scale unchanged.
+    rank: int | None = None,
+    energy: float | None = None,
+) -> ConvertResult | LoraConvertResult:
+    """Convert ``adapter`` to the ``to`` naming scheme with every module's scale unchanged,
+    or with ``to="lora"`` every module of another type to a plain LoRA
+    (:func:`convert_to_lora`, which takes ``rank`` / ``energy``).
 
     Args:
         adapter: the adapter (not modified).
-        to: ``peft``, ``kohya``, ``diffusers`` or ``mlx``.
+        to: ``peft``, ``kohya``, ``diffusers``, ``mlx``, ``comfyui`` or ``lora``.
         base: base checkpoint (file, HF folder or diffusers pipeline folder), needed to recover
             module paths from kohya names; also checks that every module fits the base.
         component: the pipeline component (``unet``, ``text_encoder``, ``transformer``...) to
@@ -158,6 +172,19 @@ def convert_adapter(
     """
     if to not in TARGETS:
         raise UsageError(f"--to must be one of {', '.join(TARGETS)}, not {to!r}")
+    if to == "lora":
+        if component is not None:
+            raise UsageError(
+                "--component applies to renaming conversions; --to lora keeps every module "
+                "in the input's naming",
+                hint="convert the LoRA written to another naming scheme afterwards",
+            )
+        return convert_to_lora(adapter, rank=rank, energy=energy, base=base)
+    if rank is not None or energy is not None:
+        raise UsageError(
+            f"--rank / --energy apply to --to lora; --to {to} copies the factors unchanged",
+            hint="re-rank a LoRA with `loratool resize`",
+        )
     if component is not None and component not in COMPONENTS:
         raise UsageError(
             f"unknown component {component!r}", hint=f"known components: {', '.join(COMPONENTS)}"
@@ -616,4 +643,159 @@ def _diffusers_seed(source: Adapter, out: Adapter, transposed: bool) -> dict[str
     return flat
 
 
-__all__ = ["TARGETS", "ConvertResult", "convert_adapter"]
+# -- convert --to lora: every other adapter type as a plain LoRA --------------------------------
+
+
+@dataclass(frozen=True, repr=False)
+class LoraConvertResult(WrittenResult):
+    """The plain LoRA and one row per converted module (plain LoRA modules are kept as they are).
+
+    ``rule`` is ``{"rank": R}``, ``{"energy": E}`` or ``{}`` (the exact LoRA).
+    """
+
+    command = "convert"
+
+    adapter: Adapter
+    modules: tuple[ModuleToLora, ...] = ()
+    rule: dict[str, Any] = dataclasses.field(default_factory=dict)
+    source_format: str = ""
+    kept: int = 0
+    notes: tuple[str, ...] = ()
+
+    @property
+    def exact(self) -> bool:
+        """Every converted module reproduces its update (up to float rounding)."""
+        return all(row.relative_error <= _EXACT for row in self.modules)
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "from": self.source_format,
+            "to": "lora",
+            "format": self.adapter.format,
+            "rule": dict(self.rule),
+            "counts": {
+                "modules": len(self.adapter.modules),
+                "converted": len(self.modules),
+                "kept": self.kept,
+                "resolved_from_base": 0,
+                "dropped": 0,
+            },
+            "modules": [row.as_dict() for row in self.modules],
+            "summary": {
+                "exact": self.exact,
+                "max_relative_error": max((r.relative_error for r in self.modules), default=0.0),
+                "min_retained_energy": min((r.retained_energy for r in self.modules), default=1.0),
+            },
+            "dropped": [],
+            "notes": list(self.notes),
+        }
+
+
+#: A relative error at float64 round-off: the conversion is exact.
+_EXACT = 1e-10
+
+
+def lora_rule(rank: int | None, energy: float | None) -> dict[str, Any]:
+    """``--rank`` / ``--energy`` (at most one) as keyword arguments of
+    :func:`~lora_tools.lowrank.select_rank`; ``{}`` for the exact LoRA."""
+    if rank is not None and energy is not None:
+        raise UsageError("give at most one of --rank and --energy")
+    if rank is not None:
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise UsageError(f"--rank must be an integer >= 1, got {rank!r}")
+        return {"rank": rank}
+    if energy is not None:
+        if not (isinstance(energy, (int, float)) and 0 < energy <= 1):
+            raise UsageError(f"--energy must be in (0, 1], got {energy!r}")
+        return {"energy": float(energy)}
+    return {}
+
+
+def convert_to_lora(
+    adapter: Adapter,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    base: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> LoraConvertResult:
+    """Every LoHa / LoKr / Tucker LoCon / full / base-dependent module as a plain LoRA module,
+    in the adapter's own naming (kohya names stay kohya); plain LoRA modules are kept.
+
+    Without ``rank`` / ``energy`` each module becomes its exact LoRA (rank ``r1 * r2`` for a
+    LoHa, ``rank(w1) * rank(w2)`` for a LoKr, ``r`` for a Tucker LoCon); a module whose update
+    has no low-rank form (a full diff, a type that reads the base weight) needs one of them.
+    The factors come from :func:`lora_tools.deltas.factors.to_lora`; each module's error is
+    reported in ``result.modules``.
+
+    Args:
+        adapter: the adapter (not modified).
+        rank: the rank of every converted module (capped at its exact rank).
+        energy: per module, the smallest rank keeping this fraction of ``||dW||_F^2``.
+        base: base checkpoint: needed by modules whose update reads the base weight (OFT,
+            IA3, GLoRA, a weight decomposition ``dora_scale``); gives every convolution its
+            kernel (a LoHa stores it flattened).
+        seed: seed of the randomized SVD.
+        progress: optional ``progress(done, total)`` callback.
+
+    Raises:
+        UsageError: both rules; a module that needs ``base`` or a rule and has none.
+        UnsupportedAdapterError: a type loratool does not compute.
+    """
+    rule = lora_rule(rank, energy)
+    if not adapter.deltas:
+        adapter.require_plain_lora("convert --to lora", deltas_ok=True)
+        raise UsageError(
+            "this adapter holds plain LoRA modules only: nothing to convert to LoRA",
+            path=adapter.source,
+            hint="give a LyCORIS / PEFT adapter of another type (LoHa, LoKr, full...)",
+        )
+    require_base(adapter, base, "convert --to lora")
+    dense = [m for m in adapter.deltas.values() if m.needs_base or m.type == FULL]
+    if dense and not rule:
+        m = dense[0]
+        raise UsageError(
+            f"module {m.key!r} ({m.type}) has no low-rank form: an exact LoRA of its "
+            f"{m.update_dims[0]} x {m.update_dims[1] or '?'} update is no smaller than it",
+            path=adapter.source,
+            hint="pass --rank R or --energy E (--energy 1 keeps every module whole)",
+        )
+    out, rows, notes = as_lora(
+        adapter,
+        rule or None,
+        base=base,
+        seed=seed,
+        progress=progress,
+        operation="convert --to lora",
+    )
+    add_history(
+        out,
+        "convert",
+        source_format=adapter.format,
+        to="lora",
+        base=os.fspath(base) if base is not None else None,
+        **rule,
+    )
+    inputs = adapter_inputs(adapter)
+    if base is not None:
+        inputs += (input_ref(base, "base"),)
+    return LoraConvertResult(
+        out,
+        rows,
+        rule,
+        adapter.format,
+        len(adapter.modules),
+        notes,
+        source_inputs=inputs,
+    )
+
+
+__all__ = [
+    "TARGETS",
+    "ConvertResult",
+    "LoraConvertResult",
+    "convert_adapter",
+    "convert_to_lora",
+    "lora_rule",
+]

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from lora_tools.cli import cli
-from lora_tools.errors import UnsupportedAdapterError
+from lora_tools.errors import UnsupportedAdapterError, UsageError
 from lora_tools.formats import load_adapter
 from lora_tools.ops.convert import convert_adapter
 from lora_tools.ops.inspect import inspect_adapter
@@ -68,6 +68,12 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
+#: The types loratool computes from PEFT's config (lora_tools.deltas.peft_types); the rest are
+#: detected and refused. PEFT's default init makes LoHa's and LoKr's update zero (LT202).
+COMPUTED = {"LOHA", "LOKR", "IA3", "OFT", "BOFT", "VERA", "FOURIERFT"}
+ZERO_AT_INIT = {"LOHA", "LOKR"}
+
+
 @pytest.mark.parametrize("peft_type", list(EXPECTED))
 def test_detected_named_and_inspected(folders: dict[str, Path], peft_type: str) -> None:
     kind, structure = EXPECTED[peft_type]
@@ -76,12 +82,16 @@ def test_detected_named_and_inspected(folders: dict[str, Path], peft_type: str) 
     assert list(adapter.foreign) == [kind] and kind in adapter.variants
     report = inspect_adapter(folders[peft_type])
     assert report.config["peft_type"] == peft_type
-    rows = {row["module"]: row for row in report.foreign_modules}
+    computed = peft_type in COMPUTED
+    table = report.to_json()["delta_modules" if computed else "foreign_modules"]
+    rows = {row["module"]: row for row in table}
     q = rows["base_model.model.model.layers.0.self_attn.q_proj"]
-    assert (q["type"], q["structure"]) == (kind, structure)
+    assert q["type"] == kind and q["structure"].startswith(structure)
     assert q["tensors"]
     count = 6 if peft_type == "IA3" else 4
-    assert len(rows) == count and report.unsupported == {kind: count}
+    assert len(rows) == count
+    assert report.unsupported == ({} if computed else {kind: count})
+    assert len(adapter.deltas) == (count if computed else 0)
     if peft_type == "VERA":
         assert sorted(report.shared_tensors) == ["base_model.vera_A", "base_model.vera_B"]
     if peft_type == "IA3":
@@ -91,33 +101,48 @@ def test_detected_named_and_inspected(folders: dict[str, Path], peft_type: str) 
     assert text.exit_code == 0, text.output
     assert structure in text.output and peft_type in text.output
     doc = json.loads(CliRunner().invoke(cli, ["inspect", str(folders[peft_type]), "--json"]).output)
-    assert doc["foreign_modules"][0]["type"] == kind
+    assert doc["delta_modules" if computed else "foreign_modules"][0]["type"] == kind
 
 
 @pytest.mark.parametrize("peft_type", list(EXPECTED))
 def test_validate_names_the_type_and_nothing_else(folders: dict[str, Path], peft_type: str) -> None:
     kind, _ = EXPECTED[peft_type]
     (report,) = validate([folders[peft_type]]).files
-    assert [f.rule.code for f in report.findings] == ["LT110"]
-    assert kind in report.findings[0].message
+    codes = [f.rule.code for f in report.findings]
+    if peft_type not in COMPUTED:
+        assert codes == ["LT110"] and kind in report.findings[0].message
+    else:
+        assert codes == (["LT202"] if peft_type in ZERO_AT_INIT else [])
+
+
+#: Types whose update is no function of their tensors alone (IA3 scales W, OFT / BOFT rotate
+#: it; VeRA's and FourierFT's shapes come from the base).
+READS_BASE = {"IA3", "OFT", "BOFT", "VERA", "FOURIERFT"}
 
 
 @pytest.mark.parametrize("peft_type", list(EXPECTED))
-def test_math_commands_refuse_naming_the_type(
+def test_math_commands_on_the_types(
     folders: dict[str, Path], peft_type: str, tmp_path: Path
 ) -> None:
     kind, _ = EXPECTED[peft_type]
     adapter = load_adapter(folders[peft_type])
-    calls = [
-        lambda: merge(BASE, [str(folders[peft_type])], tmp_path / "merged"),
-        lambda: resize_adapter(adapter, rank=2),
-        lambda: convert_adapter(adapter, "kohya"),
-        lambda: convert_adapter(adapter, "mlx"),
-    ]
-    for call in calls:
-        with pytest.raises(UnsupportedAdapterError, match=f"unsupported adapter type {kind} "):
-            call()
-    assert not (tmp_path / "merged").exists()
+    # merged as PEFT merges them (tests/deltas/test_peft_types.py checks the bits)
+    merge(BASE, [str(folders[peft_type])], tmp_path / "merged")
+    assert (tmp_path / "merged").exists()
+    if peft_type in READS_BASE:
+        with pytest.raises(UsageError, match=f"depend on the base weight .*{kind}") as err:
+            resize_adapter(adapter, rank=2)
+        assert err.value.kind == "needs-base"
+    else:
+        # resize writes the optimal plain LoRA of the type's update
+        resized = resize_adapter(adapter, rank=2).adapter
+        assert not resized.deltas and len(resized.modules) == len(adapter.deltas)
+        assert all(m.rank <= 2 for m in resized.modules.values())
+    for target in ("kohya", "mlx"):
+        # a renamed PEFT type would change its scale in a LyCORIS loader: refused
+        with pytest.raises(UnsupportedAdapterError, match=f"unsupported adapter type {kind} ") as e:
+            convert_adapter(adapter, target)
+        assert "convert --to lora" in (e.value.hint or "")
 
 
 def test_a_peft_type_with_unknown_tensors_is_named_from_its_config(tmp_path: Path) -> None:
