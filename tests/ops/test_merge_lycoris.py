@@ -17,6 +17,7 @@ once-rounded reference except where it lies next to a rounding tie.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -83,6 +84,10 @@ def lycoris_merged(
     with torch.no_grad():
         if kind is lycoris_modules.LokrModule and params[7] is not None:
             module = _tucker_lokr(stem, org, *params).double()
+        elif kind is lycoris_modules.IA3Module:
+            # lycoris-lora 4.1's make_module passes IA3 its on_input too, which
+            # IA3Module.make_module_from_state_dict does not take (TypeError)
+            module = kind.make_module_from_state_dict(stem, org, params[0]).double()
         else:
             module = lycoris_modules.make_module(kind, params, stem, org).double()
         shape = tuple(base.shape)
@@ -91,6 +96,16 @@ def lycoris_merged(
             merged1 = module.get_merged_weight(1, shape)[0].reshape(shape)
             return (w + weight * (merged1 - w)).numpy(), None
         bias = None
+        diff_types = (
+            lycoris_modules.LohaModule,
+            lycoris_modules.LokrModule,
+            lycoris_modules.FullModule,
+            lycoris_modules.LoConModule,
+        )
+        if not isinstance(module, diff_types):  # reads the weight (OFT, BOFT, GLoRA, IA3)
+            with _float64_inverse():
+                merged1 = module.get_merged_weight(1, shape)[0].reshape(shape)
+            return (w + weight * (merged1 - w)).numpy(), None
         if isinstance(module, (lycoris_modules.LohaModule, lycoris_modules.LokrModule)):
             diff = module.get_weight(shape)
         elif isinstance(module, lycoris_modules.FullModule):
@@ -99,6 +114,21 @@ def lycoris_merged(
         else:
             diff = module.get_diff_weight(1, shape)[0]
         return (w + weight * diff.reshape(shape)).numpy(), bias
+
+
+@contextlib.contextmanager
+def _float64_inverse():
+    """LyCORIS' OFT inverts ``(I - Q).float()``: kept float64 here, on float64 tensors."""
+    original = torch.Tensor.float
+
+    def keep(self, *args, **kwargs):
+        return self if self.dtype == torch.float64 else original(self, *args, **kwargs)
+
+    torch.Tensor.float = keep
+    try:
+        yield
+    finally:
+        torch.Tensor.float = original
 
 
 def _tucker_lokr(stem, org, w1, w1a, w1b, w2, w2a, w2b, _, t2, alpha, dora_scale):
@@ -156,9 +186,11 @@ def assert_float32_rounding(got: np.ndarray, ref: np.ndarray, name: str) -> None
     assert worst <= bound, f"{name}: {worst:.3g} > {bound:.3g}"
 
 
-def assert_once_rounded(got: np.ndarray, ref: np.ndarray, name: str) -> None:
+def assert_once_rounded(got: np.ndarray, ref: np.ndarray, name: str, base: np.ndarray) -> None:
     """``got`` (float16 / bfloat16) is ``ref`` (float64) rounded once, except where ``ref`` lies
-    within float32 rounding of a tie between the two neighbours, ``got`` being the other one."""
+    within float32 rounding of a tie between ``got`` and the rounded reference: float32
+    rounding of the merge's own operands, the weight ``base`` and the result (an element that
+    nearly cancels keeps the weight's float32 error)."""
     expected = ref.astype(got.dtype)
     differ = expected.astype(np.float64) != got.astype(np.float64)
     if not differ.any():
@@ -166,7 +198,8 @@ def assert_once_rounded(got: np.ndarray, ref: np.ndarray, name: str) -> None:
     a = got.astype(np.float64)[differ]
     b = expected.astype(np.float64)[differ]
     r = ref[differ]
-    tol = 8 * EPS32 * np.maximum(np.abs(r), 1e-30)
+    scale = np.maximum(np.abs(r), np.abs(base.astype(np.float64)[differ]))
+    tol = 8 * EPS32 * np.maximum(scale, 1e-30)
     assert np.all(np.abs(r - (a + b) / 2) <= tol), (
         f"{name}: {int(differ.sum())} elements are no once-rounded reference, "
         f"e.g. {a[0]!r} vs {b[0]!r} for {r[0]!r}"
@@ -184,7 +217,7 @@ def compare(got: dict[str, np.ndarray], ref: dict[str, np.ndarray], dtype: str, 
             assert out.dtype == np.float32
             assert_float32_rounding(out, value, key)
         else:
-            assert_once_rounded(out, value, key)
+            assert_once_rounded(out, value, key, base[key])
         changed += int(not np.array_equal(out, base[key].astype(out.dtype)))
     return changed
 
@@ -600,3 +633,57 @@ def test_comfyui_named_modules_merge_into_a_bfl_file(tmp_path):
     out = tmp_path / "out.safetensors"
     merge(flux, [path], out, weights=[0.5], device="cpu")
     assert compare(load_file(out), ref, "bf16", base) == 2
+
+
+# -- the types whose merge reads the weight (OFT, BOFT, GLoRA, IA3): merged whole --------------
+
+
+@pytest.fixture(scope="module")
+def weight_reading_files(tmp_path_factory) -> dict[str, Path]:
+    """diag-OFT (the committed file) and BOFT / GLoRA / IA3 files lycoris-lora writes here as
+    make_lycoris_files.py writes its files (kohya network on tiny-sd's UNet, fp16)."""
+    import lycoris.kohya as lycoris_kohya
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from tests.data.lycoris.make_lycoris_files import PRESET
+
+    folder = tmp_path_factory.mktemp("lycoris-weight-reading")
+    preset = folder / "preset.toml"
+    preset.write_text(PRESET)
+    files = {"diag-oft": DATA / "diag-oft.safetensors"}
+    for seed, algo in enumerate(("boft", "glora", "ia3"), 10):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel.from_pretrained(SD / "unet")
+        text_encoder = CLIPTextModel.from_pretrained(SD / "text_encoder")
+        net = lycoris_kohya.create_network(
+            1.0, 2, 1.0, None, text_encoder, unet, preset=str(preset), conv_dim=2, conv_alpha=1,
+            algo=algo,
+        )  # fmt: skip
+        net.apply_to(text_encoder, unet, True, True)
+        with torch.no_grad():
+            for param in net.parameters():
+                param.add_(torch.randn_like(param) * 0.05)
+        files[algo] = folder / f"{algo}.safetensors"
+        net.save_weights(str(files[algo]), torch.float16, {})
+    return files
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.5])
+@pytest.mark.parametrize("name", ["diag-oft", "boft", "glora", "ia3"])
+def test_weight_reading_types_merge_as_lycoris_computes_them(
+    tmp_path, weight_reading_files, name, weight
+):
+    path = weight_reading_files[name]
+    adapter = load_adapter(path)
+    if adapter.uncomputed():
+        pytest.skip(f"loratool does not compute {sorted(adapter.uncomputed())} yet")
+    assert len(adapter.deltas) == 77 and all(m.needs_base for m in adapter.deltas.values())
+    base = load_file(SD / UNET)
+    ref = references([(path, weight)], base, kohya_names(base))
+    outs = []
+    for device in ("cpu", "torch-cpu"):
+        got = _merged_unet(tmp_path, [(path, weight)], device=device, dtype="bf16")
+        outs.append({k: v.tobytes() for k, v in got.items()})
+        assert compare(got, ref, "bf16", base) >= 70
+    assert outs[0] == outs[1]

@@ -1,4 +1,5 @@
-"""Fold LoRA adapters into a base checkpoint, streaming tensor by tensor.
+"""Fold adapters into a base checkpoint, streaming tensor by tensor: LoRA, and the other types
+loratool computes (:mod:`lora_tools.deltas`: LoHa, LoKr, Tucker LoCon, full diff, kohya DoRA...).
 
 :func:`merge` is the entry point (what ``loratool merge`` calls). The package has a module per
 phase, each importing only the ones below it (no module imports this package back):
@@ -8,7 +9,8 @@ phase, each importing only the ones below it (no module imports this package bac
   each adapter module to the base weight it updates and records what happens to every tensor;
 - :mod:`.jobs`: the per-tensor jobs (:class:`TensorJob`: copied as raw bytes, merged with a list
   of updates, or replaced by an adapter tensor) and the raw copy both engines use;
-- :mod:`.arithmetic`: the arithmetic of a merge, as PEFT computes it;
+- :mod:`.arithmetic`: the arithmetic of a merge, as PEFT computes it (the other types: their
+  update's rows, or their merged weight, from :mod:`lora_tools.deltas`);
 - :mod:`.numpy_engine` (CPU, no torch) and :mod:`.torch_engine` (CUDA, or ``--exact``): write the
   tensors of one output file;
 - :mod:`.engine`: which engine, on which device (:func:`select_engine`);
