@@ -216,7 +216,15 @@ class _PeftIA3(TypeSpec):
 
     def dims(self, m: DeltaModule) -> tuple[int, int | None]:
         n = self._length(m)
-        if not m.options.get("feedforward"):
+        shape = m.shape("ia3_l")
+        feedforward = bool(m.options.get("feedforward"))
+        if len(shape) == 2 and n > 1 and (shape[0] == 1) != feedforward:
+            side = "inputs (feed-forward)" if shape[0] == 1 else "outputs"
+            raise DeltaError(
+                f"IA3 module {m.key!r}: ia3_l {list(shape)} scales the {side}, but "
+                f"feedforward_modules {'lists' if feedforward else 'does not list'} the module"
+            )
+        if not feedforward:
             return n, None
         # a conv's ia3_l [1, in, 1, 1] scales in channels: in * kernel is the base's
         return None, (n if len(m.shape("ia3_l")) <= 2 else None)  # type: ignore[return-value]
@@ -307,6 +315,10 @@ class _PeftOFT(TypeSpec):
     def _shape(self, m: DeltaModule) -> tuple[int, int]:
         _need(m, "oft_R")
         rows, n = m.shape("oft_R")
+        if m.options.get("block_share") and rows != 1:
+            raise DeltaError(
+                f"OFT module {m.key!r}: block_share keeps one block, oft_R has {rows} rows"
+            )
         return rows, _block_size(m, n)
 
     def dims(self, m: DeltaModule) -> tuple[int, int | None]:
