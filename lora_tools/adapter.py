@@ -428,11 +428,19 @@ class Adapter:
                 f"unsupported adapter type {kind} ({len(stems)} modules, e.g. {stems[0]!r}); "
                 f"{operation} is defined for LoRA factors only",
                 path=self.source,
-                hint="PEFT merges its own types (PeftModel.merge_and_unload)"
-                if self.format == "peft"
-                else "LyCORIS types need LyCORIS' own tools",
+                hint=self._foreign_hint(stems),
                 kind="unsupported-type",
             )
+
+    def _foreign_hint(self, stems: list[str]) -> str:
+        if all(stem in self.deltas for stem in stems):
+            needs = any(self.deltas[stem].needs_base for stem in stems)
+            return "`loratool convert --to lora` makes a plain LoRA of them" + (
+                " (give it --base: their update reads the base weight)" if needs else ""
+            )
+        if self.format == "peft":
+            return "PEFT merges its own types (PeftModel.merge_and_unload)"
+        return "LyCORIS types need LyCORIS' own tools"
 
     @property
     def alpha_unknown(self) -> str | None:

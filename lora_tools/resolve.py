@@ -849,7 +849,9 @@ def fit_delta(
     name = path.rsplit(".", 1)[-1]
     conv1d = model_type in CONV1D_MODEL_TYPES and name in CONV1D_NAMES
     rows, cols = (shape[0], math.prod(shape[1:])) if shape else (1, 1)
-    kernel_ok = len(delta) <= 2 or delta == shape
+    # the kernel where the tensors say it; a 1x1 one also fits a linear weight, and back
+    pointwise = math.prod(delta[2:]) == 1 and math.prod(shape[2:]) == 1
+    kernel_ok = len(delta) <= 2 or delta == shape or pointwise
 
     def fits(size: int | None, dim: int) -> bool:
         return size is None or size == dim  # None: the type does not fix that side

@@ -51,6 +51,8 @@ from lora_tools.cli.options import (
     {
         "unknown-format": "combine takes adapters only; to fold one into a base model: "
         "`loratool merge BASE ADAPTER -o OUT`",
+        "needs-base": "turn such an adapter into a LoRA first: "
+        "`loratool convert ADAPTER --to lora --base BASE --energy 1 -o OUT`",
     }
 )
 def command(

@@ -63,6 +63,7 @@ from lora_tools.cli.options import (
 @command_hints(
     {
         "unknown-format": "convert takes an adapter as ADAPTER; give a base model with --base",
+        "needs-base": "pass --base with the base checkpoint the adapter was trained on",
     }
 )
 def command(

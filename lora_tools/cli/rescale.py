@@ -69,9 +69,9 @@ def command(
     if as_json:
         print_json(result.with_output(output).to_json())
         return
-    new_alphas = sorted(set(result.new_alphas.values()))
+    new_alphas = sorted({a for a in result.new_alphas.values() if not isinstance(a, str)})
     shown = ", ".join(f"{a:g}" for a in new_alphas[:6]) + (" ..." if len(new_alphas) > 6 else "")
     click.echo(
         f"wrote {written} ({result.adapter.format}): {len(result.changed)} of "
-        f"{len(result.adapter.modules)} modules changed; alpha now {shown}"
+        f"{len(result.new_alphas)} modules changed; alpha now {shown or 'none'}"
     )

@@ -7,8 +7,8 @@ from typing import Any
 
 import click
 
-from lora_tools.cli._algebra import load_input
-from lora_tools.cli._common import column_room, console, fit_names, print_json
+from lora_tools.cli._algebra import load_input, warn
+from lora_tools.cli._common import column_room, command_hints, console, fit_names, print_json
 from lora_tools.cli.options import (
     blas_threads,
     force_option,
@@ -44,9 +44,16 @@ from lora_tools.cli.options import (
     help="sqrt: sqrt(S) in both factors; up: S in the up factor, down orthonormal (sd-scripts).",
 )
 @click.option("--dry-run", is_flag=True, help="Print the plan; write nothing (-o not needed).")
+@click.option(
+    "--base",
+    metavar="BASE",
+    help="Base checkpoint (file, folder or Hub id): for modules of other adapter types whose "
+    "update reads the base weight (dora_scale, OFT...), and the kernel of LoHa convolutions.",
+)
 @force_option
 @json_option
 @quiet_option
+@command_hints({"needs-base": "pass --base with the base checkpoint the adapter was trained on"})
 def command(
     adapter: str,
     output: Path | None,
@@ -58,6 +65,7 @@ def command(
     max_rank: int | None,
     distribute: str,
     dry_run: bool,
+    base: str | None,
     force: bool,
     as_json: bool,
     quiet: bool,
@@ -68,6 +76,9 @@ def command(
     from the factors without forming the dense matrix. Per-module ranks that differ are written
     as rank_pattern / alpha_pattern (PEFT) or per-module alpha (kohya); each module keeps its
     scale. Prints per module the chosen rank, retained energy and relative error.
+
+    Modules of other types (LoHa, LoKr, Tucker LoCon, full, DoRA-weighted with --base) become
+    the optimal plain LoRA of the chosen rank, as `convert --to lora` writes them.
 
     \b
     Examples:
@@ -92,18 +103,27 @@ def command(
     if output is None and not dry_run:
         raise UsageError("give -o OUTPUT (or --dry-run to only see the plan)")
     source = load_input(adapter)
+    base_path = None
+    if base is not None:
+        from lora_tools.io.hub import resolve_input
+
+        base_path = resolve_input(base, role="base")
     with progress_bar("resize", quiet) as progress:
         result = resize_adapter(
             source,
             **rule,
             distribute=distribute,
             dry_run=dry_run,
+            base=base_path,
             progress=progress,
         )
+    for note in result.notes:
+        warn(note)
     written = None
     if not dry_run:
         assert result.adapter is not None and output is not None
-        written = write_adapter(result.adapter, output, input_paths(source, adapter), force=force)
+        inputs = [*input_paths(source, adapter), *([base_path] if base_path else [])]
+        written = write_adapter(result.adapter, output, inputs, force=force)
     summary = result.summary(source)
     if as_json:
         print_json(result.with_output(output if written else None).to_json())

@@ -202,9 +202,12 @@ def _choose(S: np.ndarray, rule: dict[str, Any] | None, dims: tuple[int, int]) -
 
 
 def _split(
-    left: np.ndarray, S: np.ndarray, right: np.ndarray, sign: float = 1.0
+    left: np.ndarray, S: np.ndarray, right: np.ndarray, sign: float = 1.0, distribute: str = "sqrt"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(left * sqrt(S) * sign, sqrt(S) * right)``: the singular values shared evenly."""
+    """``(left * sqrt(S) * sign, sqrt(S) * right)``: the singular values shared evenly, or
+    with ``distribute="up"`` all in ``left`` (``right`` orthonormal, sd-scripts' split)."""
+    if distribute == "up":
+        return left * (S * sign), right.copy()
     root = np.sqrt(S)
     return left * (root * sign), right * root[:, None]
 
@@ -239,7 +242,7 @@ def _lokr_factor_svds(
     return svd1, svd2
 
 
-def _lokr_to_lora(m: DeltaModule, rule: dict[str, Any] | None) -> LoraFactors:
+def _lokr_to_lora(m: DeltaModule, rule: dict[str, Any] | None, distribute: str) -> LoraFactors:
     """``kron(U1 S1 V1, U2 S2 V2) = kron(U1, U2) kron(S1, S2) kron(V1, V2)``: the singular
     triplets of the update are the pairs ``(u1_i x u2_j, s1_i s2_j, v1_i x v2_j)``; the top
     ``k`` pairs by product are the truncated SVD. Only ``[out, k]`` and ``[k, in]`` are formed."""
@@ -253,7 +256,7 @@ def _lokr_to_lora(m: DeltaModule, rule: dict[str, Any] | None) -> LoraFactors:
     i, j = np.divmod(order[:k], len(s2))
     left = (u1[:, i][:, None, :] * u2[:, j][None, :, :]).reshape(-1, k)
     right = (v1[i][:, :, None] * v2[j][:, None, :]).reshape(k, -1)
-    up, down = _split(left, S[:k], right, -1.0 if scale < 0 else 1.0)
+    up, down = _split(left, S[:k], right, -1.0 if scale < 0 else 1.0, distribute)
     if not S.size or not S[0] > 0:
         up, down = np.zeros((dims[0], 1)), np.zeros((1, dims[1] or 0))
     return LoraFactors(
@@ -267,14 +270,14 @@ def _lokr_to_lora(m: DeltaModule, rule: dict[str, Any] | None) -> LoraFactors:
     )
 
 
-def _factored_to_lora(m: DeltaModule, rule: dict[str, Any] | None) -> LoraFactors:
+def _factored_to_lora(m: DeltaModule, rule: dict[str, Any] | None, distribute: str) -> LoraFactors:
     """LoHa (Khatri-Rao factors, rank ``r1 * r2``) and Tucker LoCon (core contracted, rank
     ``r``): the truncated SVD from a QR of each factor and a small SVD
     (:func:`lora_tools.lowrank.low_rank_approx`)."""
     up, down = exact_factors(m)
     S = compact(up, down)[1]
     k = _choose(S, rule, (up.shape[0], down.shape[1]))
-    lr = low_rank_approx(up, down, 1.0, k)
+    lr = low_rank_approx(up, down, 1.0, k, distribute=distribute)
     return LoraFactors(
         lr.up,
         lr.down,
@@ -335,7 +338,9 @@ def randomized_svd(
     return Q @ ub, S, Vh
 
 
-def _dense_to_lora(M: np.ndarray, rule: dict[str, Any] | None, seed: int) -> LoraFactors:
+def _dense_to_lora(
+    M: np.ndarray, rule: dict[str, Any] | None, seed: int, distribute: str
+) -> LoraFactors:
     """The rank-``k`` LoRA of a dense update: a randomized SVD for a fixed rank or an energy
     (the sketch widened until it holds the rank with ``OVERSAMPLE`` to spare), the dense SVD
     where the sketch would be as wide as it costs, or for the exact LoRA and the other rules."""
@@ -359,7 +364,7 @@ def _dense_to_lora(M: np.ndarray, rule: dict[str, Any] | None, seed: int) -> Lor
     if sketch is None:
         U, S, Vh = np.linalg.svd(M, full_matrices=False)
         k = _choose(S, rule, M.shape)
-        up, down = _split(U[:, :k], S[:k], Vh[:k])
+        up, down = _split(U[:, :k], S[:k], Vh[:k], distribute=distribute)
         return LoraFactors(
             up,
             down,
@@ -371,7 +376,7 @@ def _dense_to_lora(M: np.ndarray, rule: dict[str, Any] | None, seed: int) -> Lor
         )
     U, S, Vh, k = sketch
     k = max(1, min(k, len(S)))
-    up, down = _split(U[:, :k], S[:k], Vh[:k])
+    up, down = _split(U[:, :k], S[:k], Vh[:k], distribute=distribute)
     error = float(np.linalg.norm(M - up @ down)) / frob if total > 0 else 0.0
     energy = float(np.sum(np.square(S[:k]))) / total if total > 0 else 1.0
     return LoraFactors(up, down, None, min(energy, 1.0), error, frob, RANDOMIZED)
@@ -383,6 +388,7 @@ def to_lora(
     *,
     base: np.ndarray | None = None,
     seed: int = 0,
+    distribute: str = "sqrt",
 ) -> LoraFactors:
     """The plain LoRA of a module's update: exact without ``rule``, else the optimal one of the
     rank ``rule`` picks (Eckart-Young).
@@ -401,6 +407,7 @@ def to_lora(
             ``rank(w1) * rank(w2)`` for a LoKr, up to ``min(out, in)`` for a dense update).
         base: the base weight (its own shape), for modules whose update reads it.
         seed: seed of the randomized SVD's test matrix.
+        distribute: ``sqrt`` (``sqrt(S)`` in both factors) or ``up`` (``S`` in ``up``).
 
     Returns:
         A :class:`LoraFactors`: ``up @ down`` approximates the flattened update at scale 1.
@@ -420,10 +427,10 @@ def to_lora(
     if not m.computed:
         raise DeltaError(f"loratool does not compute {m.type} updates")
     if m.needs_base or m.type == FULL:
-        return _dense_to_lora(dense_update(m, base), rule, seed)
+        return _dense_to_lora(dense_update(m, base), rule, seed, distribute)
     if m.type == LOKR:
-        return _lokr_to_lora(m, rule)
-    return _factored_to_lora(m, rule)
+        return _lokr_to_lora(m, rule, distribute)
+    return _factored_to_lora(m, rule, distribute)
 
 
 __all__ = [

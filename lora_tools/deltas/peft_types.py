@@ -66,6 +66,14 @@ PEFT_TYPE_NAMES = {
 USE_TORCH = True
 
 
+def _torch_installed() -> bool:
+    """Whether torch can be imported, judged without importing it."""
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):  # a broken or blocked installation
+        return False
+
+
 def _torch() -> Any:
     if not USE_TORCH:
         return None
@@ -74,14 +82,6 @@ def _torch() -> Any:
     except ImportError:
         return None
     return torch
-
-
-def _installed(name: str) -> bool:
-    """Whether ``name`` can be imported, without importing it."""
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
 
 
 def _exact(dtype: np.dtype) -> Any:
@@ -745,7 +745,7 @@ _SPECS: tuple[TypeSpec, ...] = (
         FOURIERFT,
         ("fourierft_spectrum",),
         needs_base=True,
-        computed=_installed("torch"),
+        computed=_torch_installed(),
     ),
 )
 PEFT_TYPES.update({spec.name: spec for spec in _SPECS})

@@ -16,7 +16,11 @@ Methods (docs/math.md has the derivations):
 
 Modules are matched across inputs by component and (flattened) module path, so inputs may be
 in different formats; a module present in only some inputs sums only those. Shapes and layer
-kinds must agree. Output modules have scale 1 (alpha = rank; in kohya files one alpha per
+kinds must agree. Modules of the other adapter types (LoHa, LoKr, Tucker LoCon, full) are first
+converted exactly to plain LoRA (:func:`lora_tools.ops.convert.as_lora`: rank ``r1 * r2`` for
+a LoHa, ``rank(w1) * rank(w2)`` for a LoKr, the numerical rank of a full diff) and then
+combined like any LoRA; types whose update reads the base weight (a weight decomposition, OFT,
+IA3, GLoRA) are refused, with ``convert --to lora --base`` as the way. Output modules have scale 1 (alpha = rank; in kohya files one alpha per
 component, the scale in the factors) and the first input's format, names and dtypes; the
 output config lists every module (see :func:`combined_config`). Inputs that share no layer are
 refused (:func:`check_same_model`). DoRA, LyCORIS and inputs with full replacement tensors
@@ -32,15 +36,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import zlib
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from lora_tools.adapter import Adapter, LoraModule
+from lora_tools.adapter import CONV, LINEAR, Adapter, LoraModule
 from lora_tools.errors import ShapeError, UnsupportedAdapterError, UsageError
 from lora_tools.formats.peft import DIFFUSERS_METADATA_KEY, diffusers_component_configs
+from lora_tools.io.safetensors import ArrayTensor
 from lora_tools.lowrank import (
     DISTRIBUTIONS,
     dense_low_rank,
@@ -150,6 +156,15 @@ def _check_inputs(adapters: list[Adapter], weights: list[float]) -> None:
             )
 
 
+def _plain(adapter: Adapter) -> Adapter:
+    """``adapter`` with its modules of other types as their exact plain LoRA."""
+    if not adapter.deltas:
+        return adapter
+    from lora_tools.ops.to_lora import as_lora
+
+    return as_lora(adapter, None, operation="combine")[0]
+
+
 def match_modules(
     adapters: list[Adapter],
 ) -> dict[tuple[str | None, str], list[tuple[int, LoraModule]]]:
@@ -171,6 +186,23 @@ def match_modules(
             loose = groups.pop((None, idents[0][1]))
             groups[named[0]] = sorted(groups[named[0]] + loose, key=lambda t: t[0])
     return groups
+
+
+def _adopt_kernel(members: list[tuple[int, LoraModule]]) -> None:
+    """Lay a module out as a convolution where another input's module of the same layer says
+    its kernel and the flattened updates agree: a LoHa stores a convolution's kernel
+    flattened, so its exact LoRA is ``[out, in * kh * kw]`` until a base tells the kernel."""
+    conv = next((m for _, m in members if m.kind == CONV), None)
+    if conv is None:
+        return
+    shape = conv.delta_shape
+    flat = (shape[0], math.prod(shape[1:]))
+    for n, (i, m) in enumerate(members):
+        if m.kind == LINEAR and m.delta_shape == flat:
+            r = m.rank
+            down = ArrayTensor(m.down.numpy().reshape(r, *shape[1:]), m.down.dtype)
+            up = ArrayTensor(m.up.numpy().reshape(shape[0], r, *[1] * (len(shape) - 2)), m.up.dtype)
+            members[n] = (i, dataclasses.replace(m, down=down, up=up, kind=CONV))
 
 
 def _check_shapes(adapters: list[Adapter], members: list[tuple[int, LoraModule]]) -> None:
@@ -232,11 +264,13 @@ def combine_adapters(
             raise UsageError(f"--density must be in (0, 1], got {density}")
     elif density is not None:
         raise UsageError("--density applies to --method ties and dare only")
+    adapters = [_plain(a) for a in adapters]
     _check_inputs(adapters, weights)
 
     first = adapters[0]
     groups = match_modules(adapters)
     for members in groups.values():
+        _adopt_kernel(members)
         _check_shapes(adapters, members)
     check_same_model(adapters, groups)
     loose = _loose_components(adapters, groups)

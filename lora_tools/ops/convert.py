@@ -34,14 +34,9 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
-import numpy as np
-
-from lora_tools.adapter import CONV, LINEAR, Adapter, LoraModule
-from lora_tools.deltas import FULL, LOHA, DeltaError
+from lora_tools.adapter import Adapter, LoraModule
+from lora_tools.deltas import FULL
 from lora_tools.errors import (
-    AdapterError,
-    ResolveError,
-    ShapeError,
     UnsupportedAdapterError,
     UsageError,
 )
@@ -52,9 +47,7 @@ from lora_tools.formats.peft import (
     diffusers_component_configs,
     peft_config_for,
 )
-from lora_tools.io.safetensors import ArrayTensor, numpy_dtype
 from lora_tools.layouts import Layout
-from lora_tools.lowrank import split_scalar
 from lora_tools.naming import (
     COMPONENTS,
     KOHYA_COMPONENT_PREFIX,
@@ -69,11 +62,10 @@ from lora_tools.ops._algebra import (
     Progress,
     add_history,
     exact_targets,
-    output_alphas,
     targets_cover,
-    with_factors,
 )
 from lora_tools.ops.relayout import DENOISERS, layout_for, relayout
+from lora_tools.ops.to_lora import ModuleToLora, as_lora, require_base
 from lora_tools.results import WrittenResult, adapter_inputs, input_ref
 
 TARGETS = ("peft", "kohya", "diffusers", "mlx", "comfyui", "lora")
@@ -653,40 +645,6 @@ def _diffusers_seed(source: Adapter, out: Adapter, transposed: bool) -> dict[str
 
 # -- convert --to lora: every other adapter type as a plain LoRA --------------------------------
 
-#: kohya ``ss_network_args`` that describe a plain LoRA's tensors (sd-scripts' LoCon split);
-#: every other argument is LyCORIS' (``algo``, ``factor``, ``use_tucker``...).
-_LORA_NETWORK_ARGS = ("conv_dim", "conv_alpha")
-
-
-@dataclass(frozen=True)
-class ModuleToLora:
-    """What ``convert --to lora`` did to one module.
-
-    Attributes:
-        key: the module's key.
-        type: its adapter type (``LoHa``, ``LoKr``...).
-        rank: the LoRA's rank.
-        exact_rank: the update's rank (None where a randomized SVD does not tell it).
-        retained_energy / relative_error: of the LoRA against the module's exact update
-            (relative Frobenius; before the factors are rounded to the file's dtype).
-        frobenius: ``||dW||_F``.
-        method: ``factors`` (factor space), ``randomized`` or ``dense`` (SVD of the update).
-    """
-
-    key: str
-    type: str
-    rank: int
-    exact_rank: int | None
-    retained_energy: float
-    relative_error: float
-    frobenius: float
-    method: str
-
-    def as_dict(self) -> dict[str, Any]:
-        """The row as in ``convert --to lora --json`` (the key is ``module`` there)."""
-        row = dataclasses.asdict(self)
-        return {"module": row.pop("key"), **row}
-
 
 @dataclass(frozen=True, repr=False)
 class LoraConvertResult(WrittenResult):
@@ -753,59 +711,6 @@ def lora_rule(rank: int | None, energy: float | None) -> dict[str, Any]:
     return {}
 
 
-def base_weights(
-    adapter: Adapter, base: str | os.PathLike[str], read: set[str]
-) -> tuple[dict[str, tuple[int, ...]], dict[str, np.ndarray]]:
-    """Each delta module's base weight shape, as its update is laid out (``[out, in, *k]``),
-    and the weight itself for the stems in ``read``, resolved against ``base`` by the
-    names (:func:`lora_tools.resolve.resolve_foreign`, the resolution validate and merge use).
-
-    Raises:
-        ResolveError / ShapeError: a module in ``read`` matches no base weight, several, or
-            one whose shape its update does not fit.
-    """
-    from lora_tools.io.checkpoint import open_checkpoint
-    from lora_tools.resolve import resolve_foreign
-
-    shapes: dict[str, tuple[int, ...]] = {}
-    arrays: dict[str, np.ndarray] = {}
-    with open_checkpoint(base) as ckpt:
-        res = resolve_foreign(adapter, ckpt)
-        for stem, message in res.shape_errors.items():
-            if stem in adapter.deltas:
-                raise ShapeError(message, path=adapter.source, hint="is this the right base model?")
-        for stem in read:
-            if stem in res.ambiguous:
-                cands = res.ambiguous[stem]
-                raise ResolveError(
-                    f"module {stem!r} matches {len(cands)} base weights ({', '.join(cands[:3])})",
-                    path=adapter.source,
-                    hint="give the one component's checkpoint as --base",
-                    kind="ambiguous",
-                )
-            if stem not in res.matches:
-                raise ResolveError(
-                    f"module {stem!r} ({adapter.deltas[stem].type}) matches no base weight; "
-                    "its update depends on the base weight",
-                    path=adapter.source,
-                    hint="is this adapter made for this base model?",
-                    kind="unmatched",
-                )
-        comps = {c.name: c for c in ckpt.components.values()}
-        for stem, target in res.matches.items():
-            m = adapter.deltas.get(stem)
-            if m is None:
-                continue
-            shape = tuple(target.info.shape)
-            out = m.update_dims[0]
-            transposed = len(shape) == 2 and shape[0] != out and shape[1] == out
-            shapes[stem] = shape[::-1] if transposed else shape
-            if stem in read:
-                weight = comps[target.component].open(target.file).read(target.key)
-                arrays[stem] = weight.T if transposed else weight
-    return shapes, arrays
-
-
 def convert_to_lora(
     adapter: Adapter,
     *,
@@ -814,7 +719,6 @@ def convert_to_lora(
     base: str | os.PathLike[str] | None = None,
     seed: int = 0,
     progress: Progress | None = None,
-    operation: str = "convert --to lora",
 ) -> LoraConvertResult:
     """Every LoHa / LoKr / Tucker LoCon / full / base-dependent module as a plain LoRA module,
     in the adapter's own naming (kohya names stay kohya); plain LoRA modules are kept.
@@ -834,34 +738,21 @@ def convert_to_lora(
             kernel (a LoHa stores it flattened).
         seed: seed of the randomized SVD.
         progress: optional ``progress(done, total)`` callback.
-        operation: how errors name the command (resize and combine convert through here).
 
     Raises:
         UsageError: both rules; a module that needs ``base`` or a rule and has none.
         UnsupportedAdapterError: a type loratool does not compute.
     """
-    from lora_tools.deltas.factors import to_lora
-
     rule = lora_rule(rank, energy)
-    adapter.require_plain_lora(operation, deltas_ok=True)
-    deltas = adapter.deltas
-    if not deltas:
+    if not adapter.deltas:
+        adapter.require_plain_lora("convert --to lora", deltas_ok=True)
         raise UsageError(
             "this adapter holds plain LoRA modules only: nothing to convert to LoRA",
             path=adapter.source,
             hint="give a LyCORIS / PEFT adapter of another type (LoHa, LoKr, full...)",
         )
-    needy = [m for m in deltas.values() if m.needs_base]
-    if needy and base is None:
-        m = needy[0]
-        what = "a weight decomposition (dora_scale)" if m.dora_scale is not None else m.type
-        raise UsageError(
-            f"{len(needy)} modules' updates depend on the base weight (e.g. {m.key!r}, "
-            f"{what}); {operation} needs it",
-            path=adapter.source,
-            hint="pass --base with the base checkpoint the adapter was trained on",
-        )
-    dense = [m for m in deltas.values() if m.needs_base or m.type == FULL]
+    require_base(adapter, base, "convert --to lora")
+    dense = [m for m in adapter.deltas.values() if m.needs_base or m.type == FULL]
     if dense and not rule:
         m = dense[0]
         raise UsageError(
@@ -870,49 +761,13 @@ def convert_to_lora(
             path=adapter.source,
             hint="pass --rank R or --energy E (--energy 1 keeps every module whole)",
         )
-    shapes: dict[str, tuple[int, ...]] = {}
-    arrays: dict[str, np.ndarray] = {}
-    if base is not None:
-        shapes, arrays = base_weights(adapter, base, {m.key for m in needy})
-    rows: list[ModuleToLora] = []
-    built: list[tuple[LoraModule, np.ndarray, np.ndarray]] = []
-    for n, m in enumerate(deltas.values()):
-        try:
-            lora = to_lora(m, rule or None, base=arrays.get(m.key), seed=seed)
-        except DeltaError as exc:
-            raise AdapterError(
-                f"module {m.key!r}: {exc}", path=adapter.source, kind="type-shape-mismatch"
-            ) from None
-        _require_finite(adapter, m, lora.up, lora.down)
-        rows.append(
-            ModuleToLora(
-                m.key,
-                m.type,
-                lora.rank,
-                lora.exact_rank,
-                lora.retained_energy,
-                lora.relative_error,
-                lora.frobenius,
-                lora.method,
-            )
-        )
-        built.append((_lora_template(adapter, m, shapes.get(m.key)), lora.up, lora.down))
-        if progress is not None:
-            progress(n + 1, len(deltas))
-    modules = dict(adapter.modules)
-    alphas = output_alphas(adapter.format, [(t, up.shape[1]) for t, up, _ in built])
-    for (template, up, down), alpha in zip(built, alphas, strict=True):
-        c_up, c_down = split_scalar(up.shape[1] / alpha)
-        modules[template.key] = with_factors(template, up * c_up, down * c_down, alpha=alpha)
-    gone = {key for m in deltas.values() for key in m.keys.values()}
-    out = dataclasses.replace(
+    out, rows, notes = as_lora(
         adapter,
-        modules=modules,
-        passthrough={k: t for k, t in adapter.passthrough.items() if k not in gone},
-        foreign={},
-        deltas={},
-        metadata=_lora_metadata(adapter.metadata),
-        config=_lora_config(adapter, list(modules.values())),
+        rule or None,
+        base=base,
+        seed=seed,
+        progress=progress,
+        operation="convert --to lora",
     )
     add_history(
         out,
@@ -922,117 +777,24 @@ def convert_to_lora(
         base=os.fspath(base) if base is not None else None,
         **rule,
     )
-    notes = []
-    flat = [
-        m.key
-        for m in deltas.values()
-        if m.type == LOHA and "hada_t1" not in m.tensors and m.key not in shapes
-    ]
-    if flat:
-        notes.append(
-            f"{len(flat)} LoHa modules do not say a kernel shape (LoHa stores a convolution's "
-            f"flattened, e.g. {flat[0]!r}: update {list(deltas[flat[0]].delta_shape)}); a "
-            "convolution among them gets 2-D factors [out, in * kh * kw], which ComfyUI "
-            "reads and kohya / diffusers loaders do not: pass --base to lay each module out "
-            "as its base weight"
-        )
     inputs = adapter_inputs(adapter)
     if base is not None:
         inputs += (input_ref(base, "base"),)
     return LoraConvertResult(
         out,
-        tuple(rows),
+        rows,
         rule,
         adapter.format,
         len(adapter.modules),
-        tuple(notes),
+        notes,
         source_inputs=inputs,
     )
-
-
-def _require_finite(adapter: Adapter, m: Any, up: np.ndarray, down: np.ndarray) -> None:
-    if not (np.isfinite(up).all() and np.isfinite(down).all()):
-        raise AdapterError(
-            f"module {m.key!r} ({m.type}): its tensors hold NaN/Inf values; the LoRA would "
-            "be non-finite",
-            path=adapter.source,
-            hint="run `loratool validate` on the adapter; use an earlier checkpoint",
-            kind="non-finite",
-        )
-
-
-def _lora_template(adapter: Adapter, m: Any, base_shape: tuple[int, ...] | None) -> LoraModule:
-    """A LoRA module in ``m``'s place: its name, path, dtype and layout (the base weight's
-    shape when known, else what the type's tensors say), with placeholder factors."""
-    shape = base_shape or m.delta_shape
-    kernel = tuple(shape[2:])
-    like = next(t for role, t in m.tensors.items() if role not in ("alpha", "dora_scale"))
-    keys = {}
-    if adapter.format in _ALPHA_TENSORS or m.path is None:
-        keys = {
-            "down": f"{m.key}.lora_down.weight",
-            "up": f"{m.key}.lora_up.weight",
-            "alpha": f"{m.key}.alpha",
-        }
-        if m.bias_diff is not None:
-            keys["bias_diff"] = m.keys.get("diff_b", f"{m.key}.diff_b")
-    dtype = numpy_dtype(like.dtype)
-    return LoraModule(
-        key=m.key,
-        down=ArrayTensor(np.zeros((1, *shape[1:]), dtype), like.dtype),
-        up=ArrayTensor(np.zeros((shape[0], 1, *[1] * len(kernel)), dtype), like.dtype),
-        alpha=None,
-        kind=CONV if kernel else LINEAR,
-        path=m.path,
-        component=m.component,
-        keys=keys,
-        bias_diff=m.bias_diff,
-    )
-
-
-def _lora_metadata(metadata: dict[str, str]) -> dict[str, str]:
-    """The metadata of a plain LoRA: LyCORIS' network module and arguments (``algo``...) no
-    longer describe the tensors; the diffusers config is rebuilt by the writer."""
-    out = {k: v for k, v in metadata.items() if k != DIFFUSERS_METADATA_KEY}
-    if out.get("ss_network_module", "").startswith("lycoris"):
-        out["ss_network_module"] = "networks.lora"
-    raw = out.get("ss_network_args")
-    if raw:
-        try:
-            args = json.loads(raw)
-        except ValueError:
-            args = None
-        if isinstance(args, dict) and "algo" in args:
-            kept = {k: v for k, v in args.items() if k in _LORA_NETWORK_ARGS}
-            if kept:
-                out["ss_network_args"] = json.dumps(kept)
-            else:
-                del out["ss_network_args"]
-    return out
-
-
-def _lora_config(adapter: Adapter, modules: list[LoraModule]) -> dict[str, Any] | None:
-    """A PEFT adapter's config as a LoRA's (peft_type LORA; scale fields filled by the writer),
-    keeping what describes the model and the training."""
-    if adapter.config is None:
-        return None
-    probe = Adapter(format=adapter.format, modules={m.key: m for m in modules}, config={})
-    fresh = peft_config_for(probe) or {}
-    fresh["peft_type"] = "LORA"
-    fresh["target_modules"] = target_paths(modules)
-    for key in _CONFIG_FIELDS_TO_KEEP:
-        value = adapter.config.get(key)
-        if value is not None:
-            fresh[key] = value
-    return fresh
 
 
 __all__ = [
     "TARGETS",
     "ConvertResult",
     "LoraConvertResult",
-    "ModuleToLora",
-    "base_weights",
     "convert_adapter",
     "convert_to_lora",
     "lora_rule",

@@ -15,7 +15,19 @@ update (PEFT adds ``bias * scale``).
 
 DoRA: alpha and normalize leave ``dW`` and so ``W' = m * (W + dW) / ||W + dW||`` unchanged and are
 allowed; ``factor`` is refused, since DoRA renormalises ``W + F dW`` and F would not be the change
-in strength. LyCORIS types are refused.
+in strength.
+
+The other adapter types (:mod:`lora_tools.deltas`) keep their type; ``factor`` scales each
+update exactly by scaling factors it is linear in, split as above: LoHa ``hada_w1_a`` and
+``hada_w2_a`` (one per Hadamard half: ``(c1 A1 B1) * (c2 A2 B2) = c1 c2 dW``), LoKr the ``w1``
+and ``w2`` sides (``kron(c1 w1, c2 w2) = c1 c2 kron(w1, w2)``), Tucker LoCon ``lora_up`` and
+``lora_down``, a full diff ``diff`` (and ``diff_b``) itself. ``alpha`` / ``normalize`` fold the
+scale change the same way on the types whose scale is ``alpha / r`` (LoHa, Tucker LoCon, a
+decomposed LoKr, kohya DoRA); a whole LoKr (scale 1 whatever alpha says) and a full diff have
+no alpha and are kept. Types whose update reads the base weight (a weight decomposition
+``dora_scale``, OFT, IA3, GLoRA) refuse ``factor``: their update is no multiple of their
+tensors, so no tensor scaled makes ``F * dW``; ``loratool convert --to lora --base BASE``
+turns them into a LoRA that rescales exactly.
 
 Example:
     >>> from lora_tools.formats import load_adapter                    # doctest: +SKIP
@@ -34,7 +46,9 @@ from typing import Any
 import numpy as np
 
 from lora_tools.adapter import LARGEST_F32, Adapter, LoraModule
-from lora_tools.errors import UsageError
+from lora_tools.deltas import DORA_LORA, FULL, LOHA, LOKR, PEFT, TUCKER_LOCON, DeltaModule
+from lora_tools.errors import UnsupportedAdapterError, UsageError
+from lora_tools.io.safetensors import ArrayTensor
 from lora_tools.lowrank import split_scalar
 from lora_tools.ops._algebra import Progress, add_history, cast_like, with_factors
 from lora_tools.results import WrittenResult, adapter_inputs
@@ -49,7 +63,8 @@ class RescaleResult(WrittenResult):
     Attributes:
         adapter: the new adapter (unchanged modules keep their original tensors).
         changed: keys of modules whose tensors changed.
-        old_alphas / new_alphas: per-module alpha before and after (effective values).
+        old_alphas / new_alphas: per-module alpha before and after (effective values;
+            ``"none"`` for a type without one: a full diff, a whole LoKr).
         notes: things the user should know (tensors the operation could not scale).
     """
 
@@ -57,8 +72,8 @@ class RescaleResult(WrittenResult):
 
     adapter: Adapter
     changed: tuple[str, ...] = ()
-    old_alphas: dict[str, float] = dataclasses.field(default_factory=dict)
-    new_alphas: dict[str, float] = dataclasses.field(default_factory=dict)
+    old_alphas: dict[str, float | str] = dataclasses.field(default_factory=dict)
+    new_alphas: dict[str, float | str] = dataclasses.field(default_factory=dict)
     notes: tuple[str, ...] = ()
 
     def fields(self) -> dict[str, Any]:
@@ -111,7 +126,7 @@ def rescale_adapter(
     """
     if sum(x is not None and x is not False for x in (alpha, factor, normalize or None)) != 1:
         raise UsageError("give exactly one of --alpha, --factor, --normalize")
-    adapter.require_plain_lora("rescale")
+    adapter.require_plain_lora("rescale", deltas_ok=True)
     adapter.require_known_scale("rescale")
     if alpha is not None:
         _check_number("alpha", alpha, positive=True)
@@ -125,11 +140,12 @@ def rescale_adapter(
     if factor is not None:
         _check_number("factor", factor, positive=False)
         adapter.require_no_dora("rescale --factor")
+        _refuse_base_dependent(adapter)
 
     modules: dict[str, LoraModule] = {}
     changed: list[str] = []
-    old_alphas: dict[str, float] = {}
-    new_alphas: dict[str, float] = {}
+    old_alphas: dict[str, float | str] = {}
+    new_alphas: dict[str, float | str] = {}
     notes: list[str] = []
     total = len(adapter.modules)
     for i, (key, m) in enumerate(adapter.modules.items()):
@@ -156,14 +172,24 @@ def rescale_adapter(
         if progress is not None:
             progress(i + 1, total)
 
-    if factor is not None and adapter.passthrough:
-        names = list(adapter.passthrough)
+    deltas, passthrough = _rescale_deltas(
+        adapter, alpha, factor, normalize, changed, old_alphas, new_alphas, notes
+    )
+    own = {key for m in adapter.deltas.values() for key in m.keys.values()}
+    if factor is not None and set(adapter.passthrough) - own:
+        names = [k for k in adapter.passthrough if k not in own]
         notes.append(
             f"{len(names)} full tensors (e.g. {names[0]!r}: modules_to_save or saved layers) "
             f"replace base weights instead of adding to them; --factor cannot scale them "
             "without the base, so they are kept unchanged"
         )
-    out = dataclasses.replace(adapter, modules=modules, metadata=dict(adapter.metadata))
+    out = dataclasses.replace(
+        adapter,
+        modules=modules,
+        deltas=deltas,
+        passthrough=passthrough,
+        metadata=dict(adapter.metadata),
+    )
     if out.config is not None:
         out.config = dict(out.config)
     add_history(
@@ -201,3 +227,130 @@ def _scaled(
         diff = np.asarray(m.bias_diff.numpy(), np.float64) * gain
         new.bias_diff = cast_like(diff, m.bias_diff)
     return new
+
+
+#: Per type, the tensors ``factor`` splits its multiplier over: the update is linear in each
+#: (the first role present of each group). A full diff has one.
+_LINEAR_ROLES: dict[str, tuple[tuple[str, ...], ...]] = {
+    LOHA: (("hada_w1_a",), ("hada_w2_a",)),
+    LOKR: (("lokr_w1", "lokr_w1_a"), ("lokr_w2", "lokr_w2_a")),
+    TUCKER_LOCON: (("lora_up",), ("lora_down",)),
+    DORA_LORA: (("lora_up",), ("lora_down",)),
+    FULL: (("diff",),),
+}
+
+
+def _refuse_base_dependent(adapter: Adapter) -> None:
+    for m in adapter.deltas.values():
+        if m.needs_base:
+            what = (
+                "its weight decomposition (dora_scale) renormalises W + F dW"
+                if m.dora_scale is not None
+                else f"a {m.type} update is computed from the base weight"
+            )
+            raise UnsupportedAdapterError(
+                f"module {m.key!r} ({m.type}): rescale --factor is not defined for it: {what}, "
+                "so no tensor scaled makes F times the update",
+                path=adapter.source,
+                hint="convert it to a plain LoRA first (`loratool convert ADAPTER --to lora "
+                "--base BASE --energy 1 -o OUT`), then rescale that",
+                kind="unsupported-type",
+            )
+
+
+def _alpha_scaled(m: DeltaModule) -> bool:
+    """The module's scale is ``alpha / r`` (a whole LyCORIS LoKr and a full diff have none)."""
+    if m.type == LOKR:
+        return m.rank is not None or m.convention == PEFT
+    return m.type in (LOHA, TUCKER_LOCON, DORA_LORA)
+
+
+def _rescale_deltas(
+    adapter: Adapter,
+    alpha: float | None,
+    factor: float | None,
+    normalize: bool,
+    changed: list[str],
+    old_alphas: dict[str, float | str],
+    new_alphas: dict[str, float | str],
+    notes: list[str],
+) -> tuple[dict[str, DeltaModule], dict[str, Any]]:
+    """Every delta module rescaled in its own type; its tensors stay in the pass-through."""
+    passthrough = dict(adapter.passthrough)
+    deltas: dict[str, DeltaModule] = {}
+    kept: list[DeltaModule] = []
+    for key, m in adapter.deltas.items():
+        scaled = _alpha_scaled(m)
+        old = m.alpha if m.alpha is not None else float(m.rank or 0) if scaled else "none"
+        old_alphas[key] = old
+        new_alpha = m.alpha
+        if factor is not None:
+            multiplier = factor
+        elif not scaled or (m.needs_base and m.dora_scale is None):
+            deltas[key], new_alphas[key] = m, old
+            kept.append(m)
+            continue
+        else:
+            if m.convention == PEFT:
+                raise UsageError(
+                    f"module {m.key!r} is PEFT's {m.type}, whose alpha lives in "
+                    "adapter_config.json; rescale --alpha / --normalize rewrite kohya-style "
+                    "alpha tensors only",
+                    path=adapter.source,
+                    hint="use --factor, or convert it to a LoRA first "
+                    "(`loratool convert ADAPTER --to lora -o OUT`)",
+                )
+            rank = float(m.rank or 1)
+            new_alpha = (
+                float(alpha)
+                if alpha is not None
+                else (math.sqrt(rank) if m.options.get("rs_lora") else rank)
+            )
+            multiplier = m.scale / dataclasses.replace(m, alpha=new_alpha).scale
+        new = _scaled_delta(m, multiplier, new_alpha, passthrough)
+        deltas[key] = new
+        new_alphas[key] = new_alpha if new_alpha is not None else old
+        if multiplier != 1.0 or new_alpha != m.alpha:
+            changed.append(key)
+    if kept:
+        kinds = sorted({m.type for m in kept})
+        notes.append(
+            f"{len(kept)} modules ({', '.join(kinds)}, e.g. {kept[0].key!r}) have no alpha / r "
+            "scale, so --alpha / --normalize leave them unchanged"
+        )
+    return deltas, passthrough
+
+
+def _scaled_delta(
+    m: DeltaModule, multiplier: float, new_alpha: float | None, passthrough: dict[str, Any]
+) -> DeltaModule:
+    """``m`` with its update times ``multiplier`` (split over the tensors it is linear in) and
+    its alpha set to ``new_alpha``; the new tensors replace the old ones in ``passthrough``."""
+    groups = _LINEAR_ROLES.get(m.type)
+    if groups is None:
+        raise UnsupportedAdapterError(
+            f"module {m.key!r}: rescale does not know which {m.type} tensors its update is "
+            "linear in",
+            hint="convert it to a plain LoRA first (`loratool convert ADAPTER --to lora -o OUT`)",
+            kind="unsupported-type",
+        )
+    parts = split_scalar(multiplier) if len(groups) == 2 else (multiplier,)
+    tensors = dict(m.tensors)
+    keys = dict(m.keys)
+    for group, c in zip(groups, parts, strict=True):
+        if c == 1.0:
+            continue
+        role = next(r for r in group if r in tensors)
+        old = tensors[role]
+        tensors[role] = cast_like(np.asarray(old.numpy(), np.float64) * c, old)
+        passthrough[keys[role]] = tensors[role]
+    bias_diff = m.bias_diff
+    if bias_diff is not None and m.type == FULL and multiplier != 1.0:
+        bias_diff = cast_like(np.asarray(bias_diff.numpy(), np.float64) * multiplier, bias_diff)
+        passthrough[keys["diff_b"]] = bias_diff
+    if new_alpha is not None and new_alpha != m.alpha:
+        key = keys.setdefault("alpha", f"{m.key}.alpha")
+        stored = passthrough.get(key)
+        shape = tuple(stored.shape) if stored is not None else ()
+        passthrough[key] = ArrayTensor(np.full(shape, new_alpha, np.float64), "F32")
+    return dataclasses.replace(m, tensors=tensors, keys=keys, alpha=new_alpha, bias_diff=bias_diff)

@@ -17,6 +17,11 @@ chosen rank keep their tensors byte for byte.
 DoRA is refused: the magnitude vector renormalises ``W + dW``, so the best rank-k ``dW`` is no
 longer the best rank-k DoRA update and the reported errors would not describe the result.
 
+The other adapter types (LoHa, LoKr, Tucker LoCon, full, and with ``base`` the types whose
+update reads the base weight) have no rank of their own to truncate: each such module becomes
+the optimal plain LoRA of the chosen rank (:func:`lora_tools.deltas.factors.to_lora`, in
+factor space where the algebra allows), as ``convert --to lora`` writes it.
+
 Example:
     >>> from lora_tools.formats import load_adapter                 # doctest: +SKIP
     >>> result = resize_adapter(load_adapter("fixtures/peft/llama-all-linear"), rank=4)
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +49,7 @@ from lora_tools.lowrank import (
     split_scalar,
 )
 from lora_tools.ops._algebra import Progress, add_history, with_factors
-from lora_tools.results import WrittenResult, adapter_inputs
+from lora_tools.results import WrittenResult, adapter_inputs, input_ref
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,7 @@ class ResizeResult(WrittenResult):
     distribute: str = "sqrt"
     dry_run: bool = False
     original: Adapter | None = dataclasses.field(default=None, repr=False, compare=False)
+    notes: tuple[str, ...] = ()
 
     def fields(self) -> dict[str, Any]:
         summary = self.summary(self.original) if self.original is not None else {}
@@ -101,6 +108,7 @@ class ResizeResult(WrittenResult):
             "counts": counts,
             "modules": [row.as_dict() for row in self.modules],
             "summary": summary,
+            "notes": list(self.notes),
         }
 
     @property
@@ -116,10 +124,15 @@ class ResizeResult(WrittenResult):
         total_sq = sum(r.frobenius**2 for r in rows)
         err_sq = sum((r.relative_error * r.frobenius) ** 2 for r in rows)
         before = sum(m.down.numel + m.up.numel for m in original.modules.values())
+        before += sum(m.parameters for m in original.deltas.values())
         after = 0
         for r in rows:
-            m = original.modules[r.key]
-            per_rank = (m.down.numel + m.up.numel) // max(m.rank, 1)
+            if r.key in original.modules:
+                m = original.modules[r.key]
+                per_rank = (m.down.numel + m.up.numel) // max(m.rank, 1)
+            else:
+                out, inp = original.deltas[r.key].update_dims
+                per_rank = out + (inp or 0)
             after += per_rank * r.new_rank
         return {
             "modules": len(rows),
@@ -199,6 +212,7 @@ def resize_adapter(
     max_rank: int | None = None,
     distribute: str = "sqrt",
     dry_run: bool = False,
+    base: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
 ) -> ResizeResult:
     """Re-rank every module by SVD truncation (exactly one rule).
@@ -213,6 +227,8 @@ def resize_adapter(
         distribute: ``sqrt`` (``sqrt(S)`` in both factors) or ``up`` (``S`` in up, as
             sd-scripts does).
         dry_run: compute the plan only (``result.adapter`` is None).
+        base: base checkpoint, for modules of other types whose update reads the base weight
+            (a weight decomposition, OFT...); it also gives LoHa convolutions their kernel.
         progress: optional ``progress(done, total)`` callback.
 
     Returns:
@@ -220,7 +236,7 @@ def resize_adapter(
 
     Raises:
         UsageError: a bad rule.
-        UnsupportedAdapterError: LyCORIS or DoRA modules.
+        UnsupportedAdapterError: a type loratool does not compute; PEFT DoRA modules.
     """
     rule = check_rule(
         rank=rank,
@@ -232,12 +248,34 @@ def resize_adapter(
     )
     if distribute not in DISTRIBUTIONS:
         raise UsageError(f"--distribute must be one of {', '.join(DISTRIBUTIONS)}")
-    adapter.require_plain_lora("resize")
+    adapter.require_plain_lora("resize", deltas_ok=True)
     adapter.require_known_scale("resize")
     adapter.require_no_dora("resize")
 
     rows: list[ModuleResize] = []
     modules: dict[str, LoraModule] = {}
+    source, notes = adapter, ()
+    if adapter.deltas:
+        from lora_tools.ops.to_lora import as_lora
+
+        source, converted, notes = as_lora(
+            adapter, rule, base=base, distribute=distribute, operation="resize"
+        )
+        for row in converted:
+            m = adapter.deltas[row.key]
+            exact = row.exact_rank if row.exact_rank is not None else min(m.update_dims)  # type: ignore[type-var]
+            rows.append(
+                ModuleResize(
+                    row.key,
+                    m.kind,
+                    int(exact or 0),
+                    row.rank,
+                    row.retained_energy,
+                    row.relative_error,
+                    row.frobenius,
+                    True,
+                )
+            )
     total = len(adapter.modules)
     for i, (key, m) in enumerate(adapter.modules.items()):
         row, new = _resize_module(
@@ -249,7 +287,8 @@ def resize_adapter(
             progress(i + 1, total)
     out = None
     if not dry_run:
-        out = dataclasses.replace(adapter, modules=modules, metadata=dict(adapter.metadata))
+        modules = {k: modules.get(k, m) for k, m in source.modules.items()}
+        out = dataclasses.replace(source, modules=modules, metadata=dict(source.metadata))
         if out.config is not None:
             out.config = dict(out.config)
         add_history(out, "resize", distribute=distribute, **{k: v for k, v in rule.items()})
@@ -260,7 +299,9 @@ def resize_adapter(
         distribute,
         dry_run,
         adapter,
-        source_inputs=adapter_inputs(adapter),
+        notes,
+        source_inputs=adapter_inputs(adapter)
+        + ((input_ref(base, "base"),) if base is not None else ()),
     )
 
 

@@ -94,7 +94,7 @@ def test_combine_and_convert(fixtures_dir, tmp_path):
         (["combine", "{src}", "{src}", "-o", "{tmp}/x", "--weights", "1"], 2, "weights"),
         (["combine", "{src}", "-o", "{tmp}/x", "--method", "ties"], 2, "--density"),
         (["convert", "{kohya}", "--to", "peft", "-o", "{tmp}/x"], 2, "--base"),
-        (["resize", "{loha}", "-o", "{tmp}/x.safetensors", "--rank", "1"], 3, "LoHa"),
+        (["rescale", "{dora}", "-o", "{tmp}/x.safetensors", "--factor", "2"], 3, "dora_scale"),
         (["rescale", "{src}", "-o", "{src}", "--factor", "2"], 3, "input"),
         (
             ["convert", "{kohya}", "--to", "diffusers", "-o", "{tmp}/x", "--base", "{llama}"],
@@ -110,7 +110,7 @@ def test_errors_are_one_line_with_exit_codes(fixtures_dir, tmp_path, args, code,
     values = {
         "src": fixtures_dir / "peft/llama-lora",
         "kohya": fixtures_dir / "kohya/sd-lora.safetensors",
-        "loha": fixtures_dir / "kohya/sd-loha.safetensors",
+        "dora": fixtures_dir / "kohya/sd-dora.safetensors",
         "llama": fixtures_dir / "bases/tiny-llama",
         "tmp": tmp_path,
     }

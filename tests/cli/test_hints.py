@@ -166,7 +166,14 @@ def test_the_scan_sees_the_hints() -> None:
     where = reach()
     assert where["lora_tools.formats.base"] == set(COMMANDS) - {"hf-extension"}
     assert where["lora_tools.cli.validate"] == {"validate"}
-    assert where["lora_tools.resolve"] == {"convert", "validate", "merge", "push"}
+    assert where["lora_tools.resolve"] == {
+        "convert",
+        "validate",
+        "merge",
+        "push",
+        "resize",  # other adapter types' base weights (ops.to_lora)
+        "combine",
+    }
 
 
 def test_every_option_in_the_source_exists_on_each_command_that_can_print_it() -> None:

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from lora_tools.cli import cli
-from lora_tools.errors import UnsupportedAdapterError
+from lora_tools.errors import UnsupportedAdapterError, UsageError
 from lora_tools.formats import load_adapter
 from lora_tools.ops.convert import convert_adapter
 from lora_tools.ops.inspect import inspect_adapter
@@ -115,27 +115,34 @@ def test_validate_names_the_type_and_nothing_else(folders: dict[str, Path], peft
         assert codes == (["LT202"] if peft_type in ZERO_AT_INIT else [])
 
 
+#: Types whose update is no function of their tensors alone (IA3 scales W, OFT / BOFT rotate
+#: it; VeRA's and FourierFT's shapes come from the base).
+READS_BASE = {"IA3", "OFT", "BOFT", "VERA", "FOURIERFT"}
+
+
 @pytest.mark.parametrize("peft_type", list(EXPECTED))
-def test_math_commands_refuse_naming_the_type(
+def test_math_commands_on_the_types(
     folders: dict[str, Path], peft_type: str, tmp_path: Path
 ) -> None:
     kind, _ = EXPECTED[peft_type]
     adapter = load_adapter(folders[peft_type])
-    merging = lambda: merge(BASE, [str(folders[peft_type])], tmp_path / "merged")  # noqa: E731
-    if peft_type in COMPUTED:
-        # merged as PEFT merges them (tests/deltas/test_peft_types.py checks the bits)
-        merging()
-        assert (tmp_path / "merged").exists()
-    calls = [
-        *([] if peft_type in COMPUTED else [merging]),
-        lambda: resize_adapter(adapter, rank=2),
-        lambda: convert_adapter(adapter, "kohya"),
-        lambda: convert_adapter(adapter, "mlx"),
-    ]
-    for call in calls:
-        with pytest.raises(UnsupportedAdapterError, match=f"unsupported adapter type {kind} "):
-            call()
-    assert (tmp_path / "merged").exists() == (peft_type in COMPUTED)
+    # merged as PEFT merges them (tests/deltas/test_peft_types.py checks the bits)
+    merge(BASE, [str(folders[peft_type])], tmp_path / "merged")
+    assert (tmp_path / "merged").exists()
+    if peft_type in READS_BASE:
+        with pytest.raises(UsageError, match=f"depend on the base weight .*{kind}") as err:
+            resize_adapter(adapter, rank=2)
+        assert err.value.kind == "needs-base"
+    else:
+        # resize writes the optimal plain LoRA of the type's update
+        resized = resize_adapter(adapter, rank=2).adapter
+        assert not resized.deltas and len(resized.modules) == len(adapter.deltas)
+        assert all(m.rank <= 2 for m in resized.modules.values())
+    for target in ("kohya", "mlx"):
+        # a renamed PEFT type would change its scale in a LyCORIS loader: refused
+        with pytest.raises(UnsupportedAdapterError, match=f"unsupported adapter type {kind} ") as e:
+            convert_adapter(adapter, target)
+        assert "convert --to lora" in (e.value.hint or "")
 
 
 def test_a_peft_type_with_unknown_tensors_is_named_from_its_config(tmp_path: Path) -> None:

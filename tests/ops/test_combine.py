@@ -194,8 +194,8 @@ def test_refusals(fixtures_dir, trio):
         combine_adapters([trio[0], load_adapter(fixtures_dir / "peft/llama-dora")])
     with pytest.raises(UnsupportedAdapterError, match="full tensors"):
         combine_adapters([trio[0], load_adapter(fixtures_dir / "peft/llama-modules-to-save")])
-    with pytest.raises(UnsupportedAdapterError):
-        combine_adapters([load_adapter(fixtures_dir / "kohya/sd-loha.safetensors")])
+    with pytest.raises(UsageError, match="base weight"):
+        combine_adapters([load_adapter(fixtures_dir / "kohya/sd-dora.safetensors")])
     for kwargs in (
         {"weights": [1.0]},
         {"method": "mean"},

@@ -119,9 +119,10 @@ def test_factor_warns_about_full_tensors(fixtures_dir):
     assert rescale_adapter(load_adapter(fixtures_dir / "peft/llama-lora"), factor=0.5).notes == ()
 
 
-def test_refuses_lycoris(fixtures_dir):
-    with pytest.raises(UnsupportedAdapterError, match="LoHa"):
-        rescale_adapter(load_adapter(fixtures_dir / "kohya/sd-loha.safetensors"), alpha=1.0)
+def test_refuses_factor_on_a_weight_decomposition(fixtures_dir):
+    """A kohya DoRA renormalises W + F dW: --factor would not be F times its update."""
+    with pytest.raises(UnsupportedAdapterError, match="dora_scale"):
+        rescale_adapter(load_adapter(fixtures_dir / "kohya/sd-dora.safetensors"), factor=0.5)
 
 
 @pytest.mark.parametrize(

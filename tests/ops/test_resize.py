@@ -281,10 +281,15 @@ def test_dry_run_and_summary(fixtures_dir):
     )
 
 
-@pytest.mark.parametrize("name", ["peft/llama-dora", "kohya/sd-loha.safetensors"])
-def test_refuses_dora_and_lycoris(fixtures_dir, name):
+def test_refuses_dora(fixtures_dir):
     with pytest.raises(UnsupportedAdapterError):
-        resize_adapter(load_adapter(fixtures_dir / name), rank=2)
+        resize_adapter(load_adapter(fixtures_dir / "peft/llama-dora"), rank=2)
+
+
+def test_weight_decomposed_modules_need_the_base(fixtures_dir):
+    with pytest.raises(UsageError, match="base weight") as caught:
+        resize_adapter(load_adapter(fixtures_dir / "kohya/sd-dora.safetensors"), rank=2)
+    assert caught.value.kind == "needs-base"
 
 
 @pytest.mark.parametrize(

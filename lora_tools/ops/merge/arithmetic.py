@@ -305,21 +305,22 @@ def rows_delta(term: RowsTerm, start: int, stop: int, out: np.ndarray | None = N
         AdapterError: the rows hold NaN / Inf, or values beyond ``term.limit``.
     """
     lo, hi = term.first + start, term.first + stop
-    pieces = []
-    cell = lo - lo % PRODUCT_ROWS
+    if out is None:
+        out = np.empty((stop - start, term.module.update_dims[1] or 1), np.float32)
     total = term.module.update_dims[0]
+    weight = np.float32(term.weight)
+    cell = lo - lo % PRODUCT_ROWS
     while cell < hi:
         end = min(cell + PRODUCT_ROWS, total)
         rows = term.module.delta_rows(cell, end, np.float32)
-        pieces.append(rows[max(lo, cell) - cell : min(hi, end) - cell])
+        a, b = max(lo, cell), min(hi, end)
+        target = out[a - lo : b - lo]
+        piece = rows[a - cell : b - cell]
+        if term.weight == 1.0:
+            np.copyto(target, piece.reshape(target.shape), casting="unsafe")
+        else:
+            np.multiply(piece.reshape(target.shape), weight, out=target)
         cell = end
-    delta = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-    if out is None:
-        out = np.empty(delta.shape, np.float32)
-    if term.weight == 1.0:
-        np.copyto(out, delta, casting="unsafe")
-    else:
-        np.multiply(delta, np.float32(term.weight), out=out)
     _check_peak(term, out)
     return out
 

@@ -227,7 +227,8 @@ def _check_deltas(
     for key in names:
         found = classify_foreign(key)
         parsed = None if found is not None else fmt.parse_key(key)
-        stem = found[1] if found else parsed.stem if parsed else None
+        # kohya names hold no dot: a key's first part is its module (IA3's <stem>.weight)
+        stem = found[1] if found else parsed.stem if parsed else key.partition(".")[0]
         if stem in kind_of:
             parts.setdefault(stem, {})[role_of(key[len(stem) + 1 :])] = key
     computed: set[str] = set()
