@@ -15,6 +15,10 @@
   ``qkv``, a native ``qkv`` on diffusers ``to_q`` / ``to_k`` / ``to_v``; the update's rows must
   fill the ranges exactly, or the module is a shape error.
 
+The modules of the other adapter types loratool computes (:attr:`Adapter.deltas`: LoHa, LoKr,
+Tucker LoCon, full diff, kohya DoRA...) resolve the same way, fused rows included, their shape
+checked from the type's update (:func:`fit_delta`).
+
 A module that resolves to nothing, or to more than one weight, is reported by name; nothing is
 guessed. ``fit`` decides the layout per module from the base tensor's shape: GPT-2 style Conv1D
 weights are stored ``[in, out]`` (PEFT's fan_in_fan_out), embeddings take the transposed update,
@@ -36,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_tools.adapter import CONV, EMBEDDING, Adapter, LoraModule
+from lora_tools.deltas import DeltaError, DeltaModule
 from lora_tools.errors import ResolveError, ShapeError
 from lora_tools.formats.base import classify_foreign
 from lora_tools.io.checkpoint import Checkpoint, Component
@@ -110,7 +115,7 @@ class ModuleMatch:
             ``qkv`` in diffusers ``to_q`` / ``to_k`` / ``to_v``). Empty: ``target`` whole.
     """
 
-    module: LoraModule
+    module: LoraModule | DeltaModule
     target: Target
     transpose: bool = False
     reshape: bool = False
@@ -127,9 +132,14 @@ class ModuleMatch:
 
 @dataclass
 class Resolution:
-    """The outcome of :func:`resolve`: matches, and everything that did not match."""
+    """The outcome of :func:`resolve`: matches, and everything that did not match.
+
+    ``matches`` holds the LoRA modules, ``deltas`` the modules of the other types loratool
+    computes (:attr:`Adapter.deltas`); the problems and ``total`` count both.
+    """
 
     matches: dict[str, ModuleMatch] = field(default_factory=dict)
+    deltas: dict[str, ModuleMatch] = field(default_factory=dict)
     unmatched: list[str] = field(default_factory=list)
     ambiguous: dict[str, list[str]] = field(default_factory=dict)
     shape_errors: dict[str, str] = field(default_factory=dict)
@@ -153,7 +163,7 @@ class Resolution:
                 "adapter with component prefixes",
                 kind="ambiguous",
             )
-        if not self.matches:
+        if not self.matches and not self.deltas:
             raise ResolveError(
                 f"0 of {self.total} modules match this base: the adapter would have no effect "
                 f"(e.g. {self.unmatched[0]!r})"
@@ -415,9 +425,13 @@ def resolve(adapter: Adapter, ckpt: Checkpoint) -> Resolution:
 
     Returns a :class:`Resolution`; call ``raise_for_problems`` to turn problems into errors.
     """
-    res = Resolution(total=len(adapter.modules))
+    res = Resolution(total=len(adapter.modules) + len(adapter.deltas))
     flat_index = _LazyFlatIndex(ckpt)
-    for key, module in adapter.modules.items():
+    modules: list[tuple[str, LoraModule | DeltaModule, dict[str, ModuleMatch]]] = [
+        (key, module, res.matches) for key, module in adapter.modules.items()
+    ]
+    modules += [(key, module, res.deltas) for key, module in adapter.deltas.items()]
+    for key, module, matches in modules:
         found = _hits(ckpt, flat_index, module.key, module.path, module.component)
         if not found:
             res.unmatched.append(key)
@@ -426,14 +440,14 @@ def resolve(adapter: Adapter, ckpt: Checkpoint) -> Resolution:
             res.ambiguous[key] = [_describe(candidate) for candidate in found]
             continue
         try:
-            res.matches[key] = _match(module, found[0])
+            matches[key] = _match(module, found[0])
         except ShapeError as exc:
             res.shape_errors[key] = exc.message
     res.replacements = _resolve_passthrough(adapter, ckpt)
     return res
 
 
-def _match(module: LoraModule, candidate: _Candidate) -> ModuleMatch:
+def _match(module: LoraModule | DeltaModule, candidate: _Candidate) -> ModuleMatch:
     """The match of a module placed on ``candidate``, its shapes checked.
 
     Raises:
@@ -447,18 +461,21 @@ def _match(module: LoraModule, candidate: _Candidate) -> ModuleMatch:
     comp, base_key, logical, path, rows = candidate[0]
     if len(candidate) == 1 and rows is None:
         target = _target(comp, base_key)
-        transpose, reshape = fit(module, target.info, comp.model_type, path)
+        if isinstance(module, DeltaModule):
+            transpose, reshape = fit_delta(module, target.info, comp.model_type, path)
+        else:
+            transpose, reshape = fit(module, target.info, comp.model_type, path)
         return ModuleMatch(
             module, target, transpose, reshape, _bias(module, comp, base_key), logical, path
         )
     parts = tuple(_fit_rows(module, c, k, r) for c, k, _, _, r in candidate)
-    out_rows = module.delta_shape[0]
+    out_rows = _update_dims(module)[0]
     spans = [(p.rows.update_start, p.rows.count) for p in parts if p.rows is not None]
     if len(spans) != len(parts) or not tiles(spans, out_rows):
         names = ", ".join(dict.fromkeys(repr(p.target.key) for p in parts))
         total = sum(p.rows.count for p in parts if p.rows is not None)
         raise ShapeError(
-            f"module {module.key!r} (update {list(module.delta_shape)}) has {out_rows} output "
+            f"module {module.key!r} (update {_shown(module)}) has {out_rows} output "
             f"rows; the layout places {total} rows of it in {names}"
         )
     first = parts[0]
@@ -483,7 +500,7 @@ def _within(candidate: _Candidate, span: tuple[int, int]) -> _Candidate:
     return tuple(out)
 
 
-def _bias(module: LoraModule, comp: Component, base_key: str) -> Target | None:
+def _bias(module: LoraModule | DeltaModule, comp: Component, base_key: str) -> Target | None:
     """The base bias a module's ``lora_B.bias`` or ``.diff_b`` goes to (None without one)."""
     if module.bias is None and module.bias_diff is None:
         return None
@@ -494,28 +511,58 @@ def _bias(module: LoraModule, comp: Component, base_key: str) -> Target | None:
     return _target(comp, bias_key)
 
 
-def _fit_rows(module: LoraModule, comp: Component, key: str, rows: Rows | None) -> Part:
+def _update_dims(module: LoraModule | DeltaModule) -> tuple[int, int | None]:
+    """``(out, in * kernel)`` of a module's update (``in`` None where a type does not fix it).
+
+    Raises:
+        ShapeError: a module's tensors make no update of its type.
+    """
+    if isinstance(module, DeltaModule):
+        try:
+            return module.update_dims
+        except DeltaError as exc:
+            raise ShapeError(f"module {module.key!r} ({module.type}): {exc}") from None
+    delta = module.delta_shape
+    return delta[0], math.prod(delta[1:])
+
+
+def _shown(module: LoraModule | DeltaModule) -> str:
+    """How messages show a module's update shape: ``[out, in]`` (``?`` where not fixed)."""
+    if isinstance(module, DeltaModule):
+        out, inp = _update_dims(module)
+        return f"[{out}, {'?' if inp is None else inp}]"
+    return str(list(module.delta_shape))
+
+
+def _fit_rows(
+    module: LoraModule | DeltaModule, comp: Component, key: str, rows: Rows | None
+) -> Part:
     """One part of a fused placement: rows of a linear update onto rows of a 2-D weight."""
     target = _target(comp, key)
     shape = tuple(target.info.shape)
-    delta = module.delta_shape
-    span = rows or Rows(0, 0, delta[0])
+    out, inp = _update_dims(module)
+    flat = len(module.delta_shape) <= 2
+    span = rows or Rows(0, 0, out)
     fits = (
         module.kind not in (CONV, EMBEDDING)
+        and flat
         and len(shape) == 2
-        and len(delta) == 2
-        and shape[1] == delta[1]
+        and inp in (None, shape[1])
         and span.start + span.count <= shape[0]
-        and span.update_start + span.count <= delta[0]
-        and (rows is not None or shape[0] == delta[0])
+        and span.update_start + span.count <= out
+        and (rows is not None or shape[0] == out)
     )
     if not fits:
         where = f"rows {span.start}:{span.start + span.count} of " if rows else ""
         raise ShapeError(
-            f"module {module.key!r} ({module.kind}, update {list(delta)}) does not fit "
+            f"module {module.key!r} ({_kind(module)}, update {_shown(module)}) does not fit "
             f"{where}base weight {key!r} of shape {list(shape)}"
         )
     return Part(target, rows, _bias(module, comp, key))
+
+
+def _kind(module: LoraModule | DeltaModule) -> str:
+    return f"{module.type}, {module.kind}" if isinstance(module, DeltaModule) else module.kind
 
 
 def checkpoint_layouts(ckpt: Checkpoint) -> dict[str, Layout]:
@@ -670,13 +717,16 @@ def foreign_update_dims(kind: str, shapes: dict[str, tuple[int, ...]]) -> tuple[
 
 
 def resolve_foreign(adapter: Adapter, ckpt: Checkpoint) -> ForeignResolution:
-    """Find the base weight of every non-LoRA module (LoHa, LoKr, kohya DoRA...) by name, as
-    :func:`resolve` does for LoRA modules, and check that the update's outer shape fits it
-    where the type fixes that shape (:func:`foreign_update_dims`).
+    """Find the base weight of every non-LoRA module that :func:`resolve` does not place (the
+    types loratool detects but does not compute: no :attr:`Adapter.deltas` entry) by name, as
+    :func:`resolve` does, and check that the update's outer shape fits it where the type fixes
+    that shape (:func:`foreign_update_dims`).
 
     Nothing here computes the update: this tells whether the file belongs to this base.
     """
-    stems_of = {stem for stems in adapter.foreign.values() for stem in stems}
+    stems_of = {
+        stem for stems in adapter.foreign.values() for stem in stems if stem not in adapter.deltas
+    }
     shapes: dict[str, dict[str, tuple[int, ...]]] = {}
     for key, tensor in adapter.passthrough.items():
         found = classify_foreign(key)
@@ -691,6 +741,8 @@ def resolve_foreign(adapter: Adapter, ckpt: Checkpoint) -> ForeignResolution:
     flat_index = _LazyFlatIndex(ckpt)
     for kind, stems in adapter.foreign.items():
         for stem in stems:
+            if stem not in stems_of:
+                continue
             res.total += 1
             res.kinds[stem] = kind
             component, path = (None, None) if adapter.format == "kohya" else split_stem(stem)
@@ -777,6 +829,45 @@ def fit(
     )
 
 
+def fit_delta(
+    module: DeltaModule, base: TensorInfo, model_type: str | None = None, path: str = ""
+) -> tuple[bool, bool]:
+    """``(transpose, reshape)`` that lay a non-LoRA module's update onto the base tensor.
+
+    The update is the flattened ``[out, in * kernel]`` matrix (:attr:`DeltaModule.update_dims`,
+    ``in`` None for types that rotate or scale outputs only); it fits a weight of ``out`` rows
+    and as many elements per row, with the kernel itself where the type's tensors say it (a
+    Tucker or conv factor). A 2-D weight stored ``[in, out]`` (GPT-2 Conv1D) takes it
+    transposed. ``reshape`` says the update's own shape is not the weight's.
+
+    Raises:
+        ShapeError: the update cannot be laid onto this base tensor.
+    """
+    out, inp = _update_dims(module)
+    shape = tuple(base.shape)
+    delta = module.delta_shape
+    name = path.rsplit(".", 1)[-1]
+    conv1d = model_type in CONV1D_MODEL_TYPES and name in CONV1D_NAMES
+    rows, cols = (shape[0], math.prod(shape[1:])) if shape else (1, 1)
+    # the kernel where the tensors say it; a 1x1 one also fits a linear weight, and back
+    pointwise = math.prod(delta[2:]) == 1 and math.prod(shape[2:]) == 1
+    kernel_ok = len(delta) <= 2 or delta == shape or pointwise
+
+    def fits(size: int | None, dim: int) -> bool:
+        return size is None or size == dim  # None: the type does not fix that side
+
+    stored_in_out = len(shape) == 2 and fits(inp, shape[0]) and fits(out, shape[1])
+    as_is = fits(out, rows) and fits(inp, cols)
+    if stored_in_out and (out, inp) != (None, None) and (conv1d or not as_is):
+        return True, False
+    if as_is and kernel_ok:
+        return False, len(delta) != len(shape) and inp is not None
+    raise ShapeError(
+        f"module {module.key!r} ({_kind(module)}, update {_shown(module)} as [out, in * "
+        f"kernel]) does not fit base weight {base.name!r} of shape {list(shape)}"
+    )
+
+
 def _resolve_passthrough(adapter: Adapter, ckpt: Checkpoint) -> dict[str, Target]:
     """Pass-through tensors (PEFT modules_to_save, saved embedding layers) that replace a base
     tensor of the same key and shape."""
@@ -806,6 +897,7 @@ __all__ = [
     "Target",
     "checkpoint_layouts",
     "fit",
+    "fit_delta",
     "foreign_update_dims",
     "resolve",
     "resolve_foreign",

@@ -119,7 +119,8 @@ class DeltaModule:
     @property
     def computed(self) -> bool:
         """loratool computes this module's update (False: detected, inspected, refused)."""
-        return self.type in TYPES and self.spec.computed
+        peft = self.convention == PEFT and self.type in PEFT_TYPES
+        return (peft or self.type in TYPES) and self.spec.computed
 
     @property
     def dora_scale(self) -> Tensor | None:
@@ -186,7 +187,9 @@ class DeltaModule:
             raise DeltaError(f"a {self.type} update depends on the base weight: pass base")
         out = self.spec.delta(self, base, np.dtype(dtype))
         if base is not None:
-            if out.size != base.size:
+            if out.size != base.size or out.shape[0] != base.shape[0]:
+                # rows must agree: a Conv1D weight stored [in, out] is passed transposed, never
+                # reshaped into a wrong [out, in]
                 raise DeltaError(
                     f"{self.type} update has {out.size} elements {tuple(out.shape)}, the base "
                     f"weight {base.size} {tuple(base.shape)}"
@@ -617,12 +620,14 @@ TYPES: dict[str, TypeSpec] = {
         _TuckerLoCon(TUCKER_LOCON, ("lora_up", "lora_down", "lora_mid", *_COMMON)),
         _Full(FULL, ("diff", *_COMMON)),
         _DoraLoRA(DORA_LORA, ("lora_up", "lora_down", *_COMMON)),
-        _NotYet(OFT, ("oft_blocks", "oft_diag", "rescale", "alpha", "dora_scale"), needs_base=True),
-        _NotYet(BOFT, ("oft_blocks", "rescale", "alpha", "dora_scale"), needs_base=True),
-        _NotYet(GLORA, ("a1", "a2", "b1", "b2", *_COMMON), needs_base=True),
-        _NotYet(IA3, ("weight", "on_input"), needs_base=True),
     )
 }
+
+# OFT, BOFT, GLoRA and IA3 (they need the base weight): their math in their own module, which
+# imports the names above
+from lora_tools.deltas.lycoris_types import SPECS as _LYCORIS_SPECS  # noqa: E402
+
+TYPES.update({spec.name: spec for spec in _LYCORIS_SPECS})
 
 
 #: PEFT's math for types it defines differently from LyCORIS, by type name; filled by
@@ -633,13 +638,15 @@ PEFT_TYPES: dict[str, TypeSpec] = {}
 def weight_decompose(
     m: DeltaModule, base: np.ndarray, delta: np.ndarray, strength: float = 1.0
 ) -> np.ndarray:
-    """The weight after a module with ``dora_scale``, as ComfyUI computes it
-    (comfy/weight_adapter/base.py ``weight_decompose``; facts in FORMATS.md).
+    """The weight after a module with ``dora_scale`` (LyCORIS' weight decomposition).
 
-    ``W1 = W + dW``; ``n`` = the norm of each output row (``dora_scale`` ``[out, 1, ...]``)
-    or input column (``[1, in, ...]``) of the weight, plus float eps; ``W' = W1 * dora_scale /
-    n``, then blended with the base at ``strength``: ``W + strength * (W' - W)``.
-    All in ``base``'s float dtype; ``base`` and ``delta`` have the base weight's shape.
+    ``W1 = W + dW``; ``n`` = the norm of each output row (``dora_scale`` ``[out, 1, ...]``,
+    LyCORIS ``wd_on_output``) or input column (``[1, in, ...]``) of ``W1``, plus float eps;
+    ``W' = W1 * dora_scale / n``, then blended with the base at ``strength``: ``W + strength *
+    (W' - W)``. All in ``base``'s float dtype; ``base`` and ``delta`` have the base weight's
+    shape. The norm is LyCORIS' (lycoris/functional/general.py), which trained the magnitude;
+    ComfyUI (comfy/weight_adapter/base.py ``weight_decompose``) takes the output side's norm of
+    ``W`` instead, and its strength blend is the one here (docs/math.md, "Other adapter types").
     """
     scale = m.array("dora_scale", base.dtype)
     weight = base + delta
@@ -731,6 +738,9 @@ def build(
     if kind == OFT and "oft_blocks" in parts and len(parts["oft_blocks"][1].shape) == 4:
         kind = BOFT
     tensors = {role: t for role, (_, t) in parts.items() if role not in ("alpha", "diff_b")}
+    options = dict(options or {})
+    if kind == IA3 and "on_input" in parts:  # which side it scales, for inspect
+        options.setdefault("on_input", int(np.asarray(parts["on_input"][1].numpy()).reshape(-1)[0]))
     alpha = None
     if "alpha" in parts:
         values = np.asarray(parts["alpha"][1].numpy(), dtype=np.float64).reshape(-1)
@@ -744,7 +754,7 @@ def build(
         path=path,
         component=component,
         keys={role: key for role, (key, _) in parts.items()},
-        options=dict(options or {}),
+        options=options,
         bias_diff=parts["diff_b"][1] if "diff_b" in parts else None,
     )
 
@@ -774,3 +784,5 @@ __all__ = [
     "tucker",
     "weight_decompose",
 ]
+
+from lora_tools.deltas import peft_types as _peft_types  # noqa: E402, F401 - fills PEFT_TYPES

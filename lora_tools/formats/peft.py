@@ -25,6 +25,7 @@ from typing import Any
 from lora_tools import patterns as patterns_mod
 from lora_tools.adapter import CONV, EMBEDDING, LINEAR, Adapter, LoraModule
 from lora_tools.constants import ADAPTER_CONFIG_NAME, PEFT_WEIGHTS_NAME
+from lora_tools.deltas.peft_types import peft_deltas
 from lora_tools.errors import FormatError, UsageError
 from lora_tools.formats.base import (
     AdapterFormat,
@@ -257,6 +258,10 @@ class PeftFormat(AdapterFormat):
             if "bias" in roles:
                 keys["bias"], module.bias = roles["bias"]
             adapter.modules[stem] = module
+        if foreign_stems and isinstance(source.config, dict):
+            # PEFT's other types (LoHa, LoKr, IA3, OFT, BOFT, AdaLoRA, VeRA) by the config's
+            # peft_type; their tensors stay pass-through as for every foreign module.
+            adapter.deltas.update(peft_deltas(adapter.passthrough, foreign_stems, source.config))
         return adapter
 
     # -- writing ---------------------------------------------------------------------------

@@ -94,13 +94,14 @@ def test_structure_lines_name_each_types_parts():
     assert rows["lokr"][CONV]["lora_parameters"] is None
 
 
-def test_uncomputed_types_stay_unsupported_with_their_structure():
+def test_oft_modules_are_computed_with_their_structure():
     r = inspect_adapter(DATA / "diag-oft.safetensors")
-    assert r.unsupported == r.by_type == {"OFT": 77} and not r.delta_modules
-    row = next(m for m in r.foreign_modules if m["module"] == CONV)
+    assert r.by_type == {"OFT": 77} and r.unsupported == {} and not r.foreign_modules
+    row = next(m for m in r.delta_modules if m["module"] == CONV)
     assert row["structure"] == "2 blocks of 2 x 2 (Cayley rotation of the outputs)"
+    assert row["needs_base"] and row["update"] == [4]
     out = CliRunner().invoke(cli, ["inspect", str(DATA / "diag-oft.safetensors")]).output
-    assert "modules       77  (OFT 77)" in out and "unsupported   OFT (77 modules)" in out
+    assert "modules       77  (OFT 77)" in out and "unsupported" not in out
 
 
 def _dense(m: DeltaModule) -> np.ndarray:
@@ -198,10 +199,18 @@ def test_intact_files_of_computed_types_have_no_finding(name):
     assert codes(validate([DATA / f"{name}.safetensors"])) == expected
 
 
-def test_lt110_names_only_the_types_loratool_does_not_compute():
-    report = validate([DATA / "diag-oft.safetensors"])
+def test_lt110_names_only_the_types_loratool_does_not_compute(tmp_path):
+    def to_norm(t):  # LyCORIS' norm type (w_norm / b_norm): not computed
+        for key in [k for k in t if k.endswith(".oft_blocks")]:
+            stem = key.removesuffix(".oft_blocks")
+            t[f"{stem}.w_norm"] = np.ones(4, np.float16)
+            t[f"{stem}.b_norm"] = np.zeros(4, np.float16)
+            del t[key], t[f"{stem}.alpha"]
+
+    report = validate([copy_with(tmp_path, "diag-oft", to_norm)])
     assert codes(report) == ["LT110"]
-    assert "OFT (77 modules)" in findings(report, "LT110")[0].message
+    assert "norm (77 modules)" in findings(report, "LT110")[0].message
+    assert "LT110" not in codes(validate([DATA / "diag-oft.safetensors"]))
     assert "LT110" not in codes(validate([DATA / "loha.safetensors"]))
 
 
@@ -434,9 +443,9 @@ def more_files(tmp_path_factory) -> Path:
 @pytest.mark.oracle
 def test_more_lycoris_types_are_described_and_not_flagged(more_files):
     expected = {
-        "boft": ({"BOFT": 77}, ["LT110"]),
-        "glora": ({"GLoRA": 77}, ["LT110"]),
-        "ia3": ({"IA3": 77}, ["LT110"]),  # its <stem>.weight vectors are no unknown keys
+        "boft": ({"BOFT": 77}, []),
+        "glora": ({"GLoRA": 77}, []),
+        "ia3": ({"IA3": 77}, []),  # its <stem>.weight vectors are no unknown keys
         "loha-dora-in": ({"LoHa": 77}, []),
         "lokr-both": ({"LoKr": 77}, ["LT118"]),
         # LyCORIS' Tucker LoCon puts lora_mid on 3x3 convs only: the rest are plain LoRA
@@ -452,11 +461,11 @@ def test_more_lycoris_types_are_described_and_not_flagged(more_files):
         for m in inspect_adapter(more_files / "loha-dora-in.safetensors").delta_modules
     }
     assert rows[CONV]["dora_scale"] == "input"
-    ia3 = inspect_adapter(more_files / "ia3.safetensors").foreign_modules
+    ia3 = inspect_adapter(more_files / "ia3.safetensors").delta_modules
     assert ia3[0]["structure"] == "vector of 4 scaling the outputs"
     boft = inspect_adapter(more_files / "boft.safetensors")
-    assert boft.unsupported == {"BOFT": 77}
-    assert boft.foreign_modules[0]["structure"] == "2 butterfly factor(s) of 2 blocks 2 x 2"
+    assert boft.unsupported == {} and not boft.foreign_modules
+    assert boft.delta_modules[0]["structure"] == "2 butterfly factor(s) of 2 blocks 2 x 2"
     tucker_path = more_files / "locon-tucker.safetensors"
     tucker = load_adapter(tucker_path).deltas[CONV]
     report = inspect_adapter(tucker_path, stats=True)

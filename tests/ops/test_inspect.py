@@ -129,13 +129,13 @@ def test_diffusers_metadata_gives_per_component_alpha(fixtures_dir):
 
 
 def test_unsupported_types_are_named(fixtures_dir):
-    # LoHa is computed: counted by type, not unsupported; OFT is not computed: unsupported
+    # LoHa and OFT are computed: counted by type, not unsupported
     r = inspect_adapter(fixtures_dir / "kohya/sd-loha.safetensors")
     assert (r.unsupported, r.by_type, r.counts["delta_modules"]) == ({}, {"LoHa": 3}, 3)
     assert r.metadata["ss_network_module"] == "lycoris.kohya"
     oft = inspect_adapter(fixtures_dir.parent / "tests/data/lycoris/diag-oft.safetensors")
-    assert oft.unsupported == oft.by_type == {"OFT": 77}
-    assert len(oft.foreign_modules) == 77 and not oft.delta_modules
+    assert (oft.unsupported, oft.by_type) == ({}, {"OFT": 77})
+    assert len(oft.delta_modules) == 77 and not oft.foreign_modules
 
 
 def test_stats_match_dense_svd(fixtures_dir):

@@ -609,16 +609,16 @@ def test_output_checks(tmp_path: Path) -> None:
         merge(base, [adapter], base, device="cpu", force=True)
 
 
-def test_refuses_lycoris_and_bad_weights(tmp_path: Path) -> None:
+def test_refuses_uncomputed_types_and_bad_weights(tmp_path: Path) -> None:
     from lora_tools.errors import UnsupportedAdapterError
+    from lora_tools.io.safetensors import save_tensors
 
-    with pytest.raises(UnsupportedAdapterError):
-        merge(
-            FIXTURES / "bases" / "tiny-sd",
-            [FIXTURES / "kohya" / "sd-loha.safetensors"],
-            tmp_path / "a",
-            device="cpu",
-        )
+    # LyCORIS' norm type (w_norm / b_norm) is detected, not computed: merge names it
+    norm = tmp_path / "norm.safetensors"
+    stem = "lora_unet_down_blocks_0_resnets_0_norm1"
+    save_tensors(norm, {f"{stem}.{n}": np.ones(4, np.float32) for n in ("w_norm", "b_norm")})
+    with pytest.raises(UnsupportedAdapterError, match="type norm"):
+        merge(FIXTURES / "bases" / "tiny-sd", [norm], tmp_path / "a", device="cpu")
     with pytest.raises(UsageError, match="weight"):
         merge(
             FIXTURES / "bases" / "tiny-llama",

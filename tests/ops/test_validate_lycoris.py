@@ -174,17 +174,23 @@ def test_sd1_loha_against_its_base_passes():
 
 @pytest.mark.parametrize("name", LYCORIS_FILES)
 def test_lycoris_written_files_resolve_and_fit_their_base(name):
-    from lora_tools.resolve import resolve_foreign
+    from lora_tools.resolve import resolve, resolve_foreign
 
     path = DATA / f"{name}.safetensors"
+    adapter = load_adapter(path)
     with open_checkpoint(BASES / "tiny-sd") as ckpt:
-        res = resolve_foreign(load_adapter(path), ckpt)
+        computed = resolve(adapter, ckpt)  # the types loratool computes, as merge places them
+        res = resolve_foreign(adapter, ckpt)  # the others, by name and outer shape
         # Every module's outer shape was derived and checked, not skipped.
         assert sorted(res.shape_checked) == sorted(res.kinds) and res.total == len(res.kinds)
-    assert not (res.unmatched or res.ambiguous or res.shape_errors)
+    total = computed.total + res.total
+    assert total == sum(len(stems) for stems in adapter.foreign.values())
+    assert len(computed.deltas) == len(adapter.deltas) == computed.total
+    for problems in (res, computed):
+        assert not (problems.unmatched or problems.ambiguous or problems.shape_errors)
     assert not [c for c in codes(validate([path], base=BASES / "tiny-sd")) if c.startswith("LT4")]
     wrong = codes(validate([path], base=BASES / "tiny-llama", ignore="LT2"))
-    assert "LT404" in wrong and wrong.count("LT401") == res.total
+    assert "LT404" in wrong and wrong.count("LT401") == total
 
 
 def _with_shape_change(tmp_path: Path, source: Path, key: str, rows: int) -> Path:

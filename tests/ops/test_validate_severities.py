@@ -183,9 +183,11 @@ def _other_peft_types():
 def test_intact_peft_adapters_of_other_types_pass(tmp_path, kind):
     folder = _peft_adapter(tmp_path, _other_peft_types()[kind])
     report = validate([folder], base=TINY_LLAMA)
-    assert [f.rule.code for f in report.findings] == ["LT110"]
-    assert kind in report.findings[0].message
-    assert not report.failed("warning")
+    # loratool computes them from the config (lora_tools.deltas.peft_types): no LT110; PEFT's
+    # default init leaves LoHa's and LoKr's update zero: untrained (LT202), as a LoRA's
+    zero = kind in ("LoHa", "LoKr")
+    assert [f.rule.code for f in report.findings] == (["LT202"] if zero else [])
+    assert zero or not report.failed("warning")
     # their modules are resolved against the base all the same
     wrong = validate([folder], base=FIXTURES / "bases" / "tiny-sd", ignore="LT2")
     assert "LT404" in errors(wrong)

@@ -23,6 +23,13 @@ Definitions (float32 throughout, as PEFT's default merge path on an fp32 adapter
   stored ``[in, out]``, the reduced dimension is not contiguous and torch sums down it in order,
   see :func:`column_norm`); then ``W' = round(float32((m / n) * T))``.
 - lora_bias: ``b' = round(float32(b) + float32(bias * float32(scale)))``.
+- The other adapter types (:mod:`lora_tools.deltas`): a type whose update is row-local (LoHa,
+  LoKr, Tucker LoCon, full diff) gives its float32 rows (scale included,
+  :meth:`~lora_tools.deltas.DeltaModule.delta_rows`), computed :data:`PRODUCT_ROWS` rows of
+  the update at a time, times ``float32(weight)`` (:class:`RowsTerm`), added like a LoRA
+  update; a type whose merge reads the weight (kohya DoRA's ``dora_scale``, OFT, IA3...) takes
+  the weight as merged so far and returns it merged (:class:`WeightTerm`,
+  :func:`lora_tools.deltas.merged` in float32). Either way the sum is rounded once.
 
 Everything here works on row blocks of a base tensor, in place where it can, so that memory stays
 bounded and no pass allocates.
@@ -42,6 +49,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lora_tools.deltas import DeltaModule, merged
+from lora_tools.errors import AdapterError
 from lora_tools.io.safetensors import numpy_dtype
 
 #: Float dtypes a merge can compute on and write.
@@ -165,7 +174,61 @@ class DenseTerm:
     offset: int = 0
 
 
-Term = LowRankTerm | DenseTerm
+@dataclass(frozen=True)
+class RowsTerm:
+    """A row-local module of another type (LoHa, LoKr, Tucker LoCon, full diff): rows
+    ``first : first + count`` of its update, times ``weight``, to tensor rows ``offset :
+    offset + count``.
+
+    Attributes:
+        module: the module, its tensors read into memory (float32).
+        weight: the adapter's merge weight.
+        first: the first row of the module's update this term adds (a row range of a fused
+            weight takes some of them); ``count`` rows from there.
+        limit: the largest update the output dtype holds next to the base weight: a larger
+            one (or NaN / Inf) is an error, not an ``inf`` in the output.
+    """
+
+    module: DeltaModule
+    weight: float
+    count: int
+    first: int = 0
+    offset: int = 0
+    limit: float = float("inf")
+    label: str = ""
+
+
+@dataclass(frozen=True)
+class WeightTerm:
+    """A module whose merge reads the weight (``needs_base``: kohya DoRA, OFT, IA3...): rows
+    ``offset : offset + count`` of the tensor, shaped ``shape``, are replaced by
+    :func:`lora_tools.deltas.merged` of them (the weight as merged so far) at ``weight``.
+    The tensor is merged in one block
+    (:attr:`~lora_tools.ops.merge.jobs.TensorJob.needs_whole_tensor`).
+
+    Attributes:
+        shape: the rows' shape as the module sees the weight (PyTorch's ``[out, in, ...]``).
+        transposed: the base stores the layer ``[in, out]`` (GPT-2 Conv1D): the stored rows
+            are the transpose of ``shape``.
+        limit: the largest value the output dtype holds.
+    """
+
+    module: DeltaModule
+    weight: float
+    shape: tuple[int, ...]
+    transposed: bool = False
+    offset: int = 0
+    limit: float = float("inf")
+    label: str = ""
+
+    @property
+    def count(self) -> int:
+        if self.transposed:
+            return self.shape[1]
+        return self.shape[0] if self.shape else 1
+
+
+Term = LowRankTerm | DenseTerm | RowsTerm | WeightTerm
 
 
 def product_rows(up: np.ndarray, down: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -188,6 +251,8 @@ def term_rows(term: Term) -> int:
     """How many rows of the tensor the term updates (from row ``term.offset``)."""
     if isinstance(term, DenseTerm):
         return term.value.shape[0]
+    if isinstance(term, (RowsTerm, WeightTerm)):
+        return term.count
     return term.down.shape[1] if term.transposed else term.up.shape[0]
 
 
@@ -204,6 +269,10 @@ def term_delta(term: Term, start: int, stop: int, out: np.ndarray | None = None)
     ``start`` is a multiple of :data:`PRODUCT_ROWS` for a term that is the whole tensor (row
     blocks are); ``out`` (float32 ``[rows, cols]``, C-contiguous) receives the result when given.
     """
+    if isinstance(term, RowsTerm):
+        return rows_delta(term, start, stop, out)
+    if isinstance(term, WeightTerm):
+        raise TypeError("a WeightTerm merges the weight itself: use weight_merged")
     scale = np.float32(term.scale)
     rows = stop - start
     if isinstance(term, DenseTerm):
@@ -222,6 +291,80 @@ def term_delta(term: Term, start: int, stop: int, out: np.ndarray | None = None)
         out = np.empty((rows, term.down.shape[1]), np.float32)
     product_rows(term.up[start:stop], term.down, out)
     return np.multiply(out, scale, out=out)
+
+
+def rows_delta(term: RowsTerm, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Rows ``start:stop`` of a :class:`RowsTerm` (row 0: its update's row ``term.first``),
+    float32 ``[rows, cols]``, weight applied.
+
+    The update's rows are computed in whole cells of :data:`PRODUCT_ROWS` rows of the module's
+    own update (the cells ``start:stop`` touches, then cut), so that the bytes do not depend on
+    the row blocks a tensor is merged in, nor on the engine.
+
+    Raises:
+        AdapterError: the rows hold NaN / Inf, or values beyond ``term.limit``.
+    """
+    lo, hi = term.first + start, term.first + stop
+    if out is None:
+        out = np.empty((stop - start, term.module.update_dims[1] or 1), np.float32)
+    total = term.module.update_dims[0]
+    weight = np.float32(term.weight)
+    cell = lo - lo % PRODUCT_ROWS
+    while cell < hi:
+        end = min(cell + PRODUCT_ROWS, total)
+        rows = term.module.delta_rows(cell, end, np.float32)
+        a, b = max(lo, cell), min(hi, end)
+        target = out[a - lo : b - lo]
+        piece = rows[a - cell : b - cell]
+        if term.weight == 1.0:
+            np.copyto(target, piece.reshape(target.shape), casting="unsafe")
+        else:
+            np.multiply(piece.reshape(target.shape), weight, out=target)
+        cell = end
+    _check_peak(term, out)
+    return out
+
+
+def weight_merged(term: WeightTerm, rows: np.ndarray) -> np.ndarray:
+    """The tensor rows a :class:`WeightTerm` updates (2-D ``[count, cols]``, the weight merged
+    so far, float32 or float64) with its module merged: :func:`lora_tools.deltas.merged` in
+    that dtype, on the rows in the weight's own shape (``[in, out]`` ones transposed back).
+
+    Raises:
+        AdapterError: the result holds NaN / Inf, or values beyond ``term.limit``.
+    """
+    if term.transposed:
+        out = merged(term.module, rows.T, term.weight, rows.dtype).T
+    else:
+        out = merged(term.module, rows.reshape(term.shape), term.weight, rows.dtype)
+    out = np.ascontiguousarray(out, dtype=rows.dtype).reshape(rows.shape)
+    _check_peak(term, out)
+    return out
+
+
+def _check_peak(term: RowsTerm | WeightTerm, values: np.ndarray) -> None:
+    with np.errstate(invalid="ignore"):
+        peak = float(np.abs(values).max(initial=0.0))
+    if not peak < term.limit:
+        m = term.module
+        what = "update" if isinstance(term, RowsTerm) else "merged weight"
+        raise AdapterError(
+            f"module {m.key!r} ({m.type}): its {what} at weight {term.weight:g} reaches "
+            f"{peak:.3g}, beyond what the output dtype holds ({term.limit:.3g}); merging "
+            "would write inf",
+            path=_source_of(m),
+            hint="use a smaller --weight; `loratool validate` checks the module's values",
+            kind="non-finite",
+        )
+
+
+def _source_of(m: DeltaModule) -> object:
+    """The adapter file a module's tensors come from, if they come from one."""
+    for tensor in m.tensors.values():
+        file = getattr(tensor, "file", None)
+        if file is not None:
+            return file.path
+    return None
 
 
 def apply_terms(
@@ -253,6 +396,9 @@ def apply_terms(
             continue  # a row range of a fused tensor outside this block
         whole = (lo, hi) == (start, stop)
         rows = acc if whole else acc[lo - start : hi - start]
+        if isinstance(term, WeightTerm):
+            np.copyto(rows, weight_merged(term, rows), casting="unsafe")
+            continue
         buffer = None if scratch is None else scratch[: hi - lo]
         delta = term_delta(term, lo - term.offset, hi - term.offset, out=buffer)
         if isinstance(term, LowRankTerm) and term.magnitude is not None:

@@ -16,14 +16,17 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from lora_tools.adapter import EMBEDDING, require_finite
+from lora_tools.adapter import EMBEDDING, LARGEST, LARGEST_F32, require_finite
+from lora_tools.deltas import DeltaModule
 from lora_tools.io.safetensors import (
+    ArrayTensor,
     SafetensorsFile,
     SafetensorsWriter,
     Tensor,
@@ -35,9 +38,12 @@ from lora_tools.ops.merge.arithmetic import (
     PRODUCT_ROWS,
     DenseTerm,
     LowRankTerm,
+    RowsTerm,
     Term,
+    WeightTerm,
     dims_2d,
     row_block,
+    rows_delta,
 )
 from lora_tools.resolve import ModuleMatch, Rows
 
@@ -82,20 +88,26 @@ class TensorJob:
     def terms(self) -> list[Term]:
         """The updates, with factors read from the adapter files now."""
         return [
-            build_term(match, weight, role, self.info.dtype, rows)
+            build_term(match, weight, role, self.info.dtype, rows, self)
             for match, weight, role, rows in self.sources
         ]
 
     @property
     def needs_whole_tensor(self) -> bool:
-        """DoRA on a transposed layout (GPT-2 Conv1D) normalises columns of the base, so the
-        tensor is merged in one block; known from the plan, without reading the factors."""
-        return any(
-            role == "weight"
-            and match.module.dora
-            and (match.module.kind == EMBEDDING or match.transpose)
-            for match, _, role, _ in self.sources
-        )
+        """DoRA on a transposed layout (GPT-2 Conv1D) normalises columns of the base, and a
+        module of another type whose merge reads the weight (kohya DoRA, OFT, IA3...) takes
+        it whole, so the tensor is merged in one block; known from the plan, without reading
+        the factors."""
+        for match, _, role, _ in self.sources:
+            module = match.module
+            if role != "weight":
+                continue
+            if isinstance(module, DeltaModule):
+                if not module.row_local:
+                    return True
+            elif module.dora and (module.kind == EMBEDDING or match.transpose):
+                return True
+        return False
 
 
 @dataclass
@@ -119,6 +131,7 @@ def build_term(
     role: str,
     base_dtype: str = "F32",
     rows: Rows | None = None,
+    job: TensorJob | None = None,
 ) -> Term:
     """The float32 update one resolved module makes to its weight (``role="weight"``) or to
     its bias (``role="bias"``, PEFT lora_bias, times the module's scale; ``role="bias_diff"``,
@@ -132,10 +145,17 @@ def build_term(
     row of the update depends on its own row of ``up`` only, so the rows merged are those of
     the whole update.
 
+    A module of another type (:class:`~lora_tools.deltas.DeltaModule`) makes a
+    :class:`~lora_tools.ops.merge.arithmetic.RowsTerm` or a
+    :class:`~lora_tools.ops.merge.arithmetic.WeightTerm` (:func:`build_delta_term`; ``job`` is
+    the tensor it goes to).
+
     Raises:
         AdapterError: a factor holds NaN or Inf, which would make the merged weight non-finite.
     """
     module = match.module
+    if isinstance(module, DeltaModule):
+        return build_delta_term(match, weight, role, rows, job)
     scale = module.scale * weight
     harm = f"merging it would make {match.target.key!r} non-finite"
     span = slice(None) if rows is None else slice(rows.update_start, rows.update_start + rows.count)
@@ -163,6 +183,74 @@ def build_term(
         delta_dtype = base_dtype
     up = up if rows is None else np.ascontiguousarray(up[span])
     return LowRankTerm(up, down, scale, transposed, magnitude, module.key, delta_dtype, offset)
+
+
+def build_delta_term(
+    match: ModuleMatch,
+    weight: float,
+    role: str,
+    rows: Rows | None = None,
+    job: TensorJob | None = None,
+) -> Term:
+    """The term a module of another type makes to its weight or, for ``role="bias_diff"``,
+    its bias (``.diff_b`` times the merge weight).
+
+    The module's tensors are read once, into float32 arrays, so that each row block computes
+    from memory. A row-local module (:attr:`~lora_tools.deltas.DeltaModule.row_local`) makes a
+    :class:`RowsTerm` (its update streamed in row blocks), or, on a weight stored ``[in,
+    out]``, a dense term of its transposed update; any other a :class:`WeightTerm`, merged
+    by :func:`lora_tools.deltas.merged` on the whole weight.
+
+    Raises:
+        AdapterError: a tensor of the module holds NaN or Inf.
+    """
+    module = match.module
+    assert isinstance(module, DeltaModule)
+    harm = f"merging it would make {match.target.key!r} non-finite"
+    span = slice(None) if rows is None else slice(rows.update_start, rows.update_start + rows.count)
+    offset = 0 if rows is None else rows.start
+    if role == "bias_diff":
+        assert module.bias_diff is not None
+        diff = module.bias_diff.numpy().astype(np.float32).reshape(-1)
+        diff = require_finite(diff, "bias difference (.diff_b)", _Named(module), harm)
+        return DenseTerm(np.ascontiguousarray(diff[span]), weight, module.key, offset)
+    out_dtype = job.out_dtype if job is not None else "F32"
+    limit = LARGEST.get(out_dtype, LARGEST_F32)
+    loaded = _loaded(module, harm)
+    out_rows = module.update_dims[0]
+    first = 0 if rows is None else rows.update_start
+    count = out_rows if rows is None else rows.count
+    if not module.row_local:
+        stored = tuple(job.info.shape) if job is not None else module.delta_shape
+        if match.transpose:
+            shape = (stored[1], stored[0])
+        elif rows is not None:
+            shape = (rows.count, *stored[1:])
+        else:
+            shape = stored
+        return WeightTerm(loaded, weight, shape, match.transpose, offset, limit, module.key)
+    term = RowsTerm(loaded, weight, count, first, offset, limit / 2, module.key)
+    if match.transpose:
+        dense = np.ascontiguousarray(rows_delta(term, 0, count).T)
+        return DenseTerm(dense, 1.0, module.key, offset)
+    return term
+
+
+class _Named:
+    """What :func:`~lora_tools.adapter.require_finite` names a module by: its key and file."""
+
+    def __init__(self, module: DeltaModule) -> None:
+        self.key = module.key
+        self.down = next(iter(module.tensors.values()), None)
+
+
+def _loaded(module: DeltaModule, harm: str) -> DeltaModule:
+    """``module`` with every tensor read into memory as float32 (checked finite)."""
+    tensors = {}
+    for role, tensor in module.tensors.items():
+        values = np.asarray(tensor.numpy(), dtype=np.float32)
+        tensors[role] = ArrayTensor(require_finite(values, role, _Named(module), harm))
+    return dataclasses.replace(module, tensors=tensors)
 
 
 def copy_raw(

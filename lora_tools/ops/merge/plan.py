@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from lora_tools.adapter import EMBEDDING, LARGEST, LARGEST_F32, Adapter
+from lora_tools.deltas import DeltaModule
 from lora_tools.errors import AdapterError, OutputError, UnsupportedAdapterError, UsageError
 from lora_tools.io.checkpoint import Checkpoint, open_checkpoint
 from lora_tools.io.safetensors import Tensor
@@ -99,7 +100,9 @@ def _check_update_fits(match: ModuleMatch, weight: float, role: str, out_dtype: 
     base weight the update is added to.
     """
     module = match.module
-    scale = module.scale * weight
+    if isinstance(module, DeltaModule) and role == "weight":
+        return  # checked on each row block as it is computed (RowsTerm / WeightTerm limit)
+    scale = (1.0 if isinstance(module, DeltaModule) else module.scale) * weight
     limit = LARGEST.get(out_dtype, LARGEST_F32) / 2
     if role in ("bias", "bias_diff"):
         values = module.bias if role == "bias" else module.bias_diff
@@ -116,7 +119,7 @@ def _check_update_fits(match: ModuleMatch, weight: float, role: str, out_dtype: 
             f"module {module.key!r}: its update times weight {weight:g} reaches {peak:.3g} "
             f"(scale {scale:.3g}), beyond what {out_dtype} can hold next to the base weight "
             f"({limit:.3g}); merging would write inf into {match.target.key!r}",
-            path=getattr(getattr(module.down, "file", None), "path", None),
+            path=getattr(getattr(getattr(module, "down", None), "file", None), "path", None),
             hint="use a smaller --weight, or fix the adapter's alpha",
             kind="non-finite",
         )
@@ -136,7 +139,16 @@ def _check_in_memory(adapter: Adapter) -> Adapter:
 
 
 def _check_mergeable(adapter: Adapter, weight: float) -> None:
-    adapter.require_plain_lora("merge")
+    adapter.require_plain_lora("merge", deltas_ok=True)
+    for m in adapter.deltas.values():
+        if not m.computed:
+            raise UnsupportedAdapterError(
+                f"unsupported adapter type {m.type} (e.g. {m.key!r}); loratool does not "
+                "compute its update, so merge cannot fold it into the base",
+                path=adapter.source,
+                hint="ComfyUI applies it at load time",
+                kind="unsupported-type",
+            )
     adapter.require_known_scale("merge")
     config = adapter.config or {}
     init = str(config.get("init_lora_weights", "")).lower()
@@ -173,6 +185,22 @@ def _check_mergeable(adapter: Adapter, weight: float) -> None:
         )
 
 
+def _check_placements(match: ModuleMatch, adapter: Adapter) -> None:
+    """A module whose merge reads the weight (kohya DoRA, OFT...) needs that weight in one
+    piece: refused where the base splits it over several tensors (a BFL ``qkv`` module on a
+    diffusers Flux folder's ``to_q`` / ``to_k`` / ``to_v``)."""
+    module = match.module
+    if isinstance(module, DeltaModule) and not module.row_local and len(match.parts) > 1:
+        names = ", ".join(repr(p.target.key) for p in match.parts)
+        raise UnsupportedAdapterError(
+            f"module {module.key!r} ({module.type}) reads the weight it updates, which this "
+            f"base splits into {len(match.parts)} tensors ({names})",
+            path=adapter.source,
+            hint="merge it into a base in the adapter's own layout (a single-file checkpoint)",
+            kind="unsupported-type",
+        )
+
+
 # -- planning -----------------------------------------------------------------------------
 
 
@@ -199,7 +227,8 @@ def plan_merge(
 
     Raises:
         ResolveError / ShapeError: a module matches nothing, several weights, or does not fit.
-        UnsupportedAdapterError: LyCORIS types, base-changing PEFT variants, DoRA embeddings.
+        UnsupportedAdapterError: types loratool does not compute, base-changing PEFT
+            variants, DoRA embeddings.
     """
     from lora_tools.formats import load_adapter
 
@@ -226,8 +255,9 @@ def plan_merge(
         res = resolve(adapter, ckpt)
         res.raise_for_problems(adapter, allow_unmatched=allow_unmatched)
         reports.append(AdapterReport(spec, adapter, res))
-        for match in res.matches.values():
+        for match in (*res.matches.values(), *res.deltas.values()):
             module = match.module
+            _check_placements(match, adapter)
             for part in match.placements:
                 roles = (
                     ("weight", part.target),

@@ -39,7 +39,17 @@ import torch
 
 from lora_tools.errors import DeviceError
 from lora_tools.io.safetensors import SafetensorsFile, SafetensorsWriter
-from lora_tools.ops.merge.arithmetic import NORM_LANES, DenseTerm, LowRankTerm, Term, term_span
+from lora_tools.ops.merge.arithmetic import (
+    NORM_LANES,
+    DenseTerm,
+    LowRankTerm,
+    RowsTerm,
+    Term,
+    WeightTerm,
+    rows_delta,
+    term_span,
+    weight_merged,
+)
 from lora_tools.ops.merge.jobs import (
     DEFAULT_BLOCK_BYTES,
     FilePlan,
@@ -176,6 +186,9 @@ class TorchEngine:
     def _device_terms(self, terms: list[Term]) -> list[_DeviceTerm]:
         out = []
         for t in terms:
+            if isinstance(t, (RowsTerm, WeightTerm)):
+                out.append(_DeviceTerm(t))  # computed by the numpy code: the same bytes
+                continue
             if isinstance(t, DenseTerm):
                 out.append(_DeviceTerm(t, value=self._put(t.value.astype(np.float32))))
                 continue
@@ -196,6 +209,9 @@ class TorchEngine:
     def _delta(dt: _DeviceTerm, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` of the term's own update (row 0: tensor row ``offset``)."""
         t = dt.term
+        if isinstance(t, RowsTerm):
+            return torch.from_numpy(rows_delta(t, start, stop))
+        assert not isinstance(t, WeightTerm)
         scale = float(np.float32(t.scale))
         if isinstance(t, DenseTerm):
             assert dt.value is not None
@@ -227,8 +243,14 @@ class TorchEngine:
         self, base: torch.Tensor, acc: torch.Tensor, dt: _DeviceTerm, at: int
     ) -> torch.Tensor:
         """``acc`` (rows of the tensor, ``base`` their unmerged values) with one term's rows
-        ``at : at + len(acc)`` of its own update added."""
+        ``at : at + len(acc)`` of its own update added (for a :class:`WeightTerm`, ``acc``
+        merged by the numpy code on the CPU, so that both engines write the same bytes)."""
+        if isinstance(dt.term, WeightTerm):
+            rows = acc.cpu().numpy()
+            return torch.from_numpy(weight_merged(dt.term, rows)).to(acc.device)
         delta = self._delta(dt, at, at + acc.shape[0])
+        if isinstance(dt.term, RowsTerm):
+            delta = delta.to(acc.device)
         if dt.magnitude is None:
             if isinstance(dt.term, LowRankTerm) and dt.term.delta_dtype is not None:
                 delta = delta.to(TORCH_DTYPES[dt.term.delta_dtype]).float()

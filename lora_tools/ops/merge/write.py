@@ -98,7 +98,7 @@ def _adapter_record(report: AdapterReport) -> dict[str, Any]:
     record.update(
         format=report.adapter.format,
         weight=report.spec.weight,
-        modules_merged=len(report.resolution.matches),
+        modules_merged=len(report.resolution.matches) + len(report.resolution.deltas),
         modules_unmatched=len(report.resolution.unmatched),
     )
     return record
@@ -414,7 +414,7 @@ def _summary(
                 "format": r.adapter.format,
                 "weight": r.spec.weight,
                 "modules": r.resolution.total,
-                "merged": len(r.resolution.matches),
+                "merged": len(r.resolution.matches) + len(r.resolution.deltas),
                 "replaced_tensors": len(r.resolution.replacements),
                 "unmatched": list(r.resolution.unmatched),
             }

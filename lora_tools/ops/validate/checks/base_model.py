@@ -13,9 +13,10 @@ from lora_tools.ops.validate.context import Context
 def check_base(ctx: Context, adapter: Adapter) -> None:
     """Resolve every module against ``ctx.checkpoint`` (LT401-LT405).
 
-    LyCORIS and other non-LoRA modules (LoHa, LoKr, kohya DoRA...) resolve by name too, and
-    their update's outer shape is checked where the type fixes it: loratool cannot merge them,
-    but it can tell whether the file belongs to this base.
+    The modules of the other types loratool computes (LoHa, LoKr, kohya DoRA...) resolve as
+    ``merge`` resolves them (:func:`~lora_tools.resolve.resolve`, fused rows included); the
+    types it only detects resolve by name, their update's outer shape checked where the type
+    fixes it (:func:`~lora_tools.resolve.resolve_foreign`).
     """
     from lora_tools.resolve import resolve, resolve_foreign
 
@@ -72,5 +73,7 @@ def check_base(ctx: Context, adapter: Adapter) -> None:
 
 
 def _describe(adapter: Adapter, key: str) -> str:
+    if key in adapter.deltas:
+        return f" ({adapter.deltas[key].type})"
     m = adapter.modules[key]
     return f" ({m.full_path})" if m.full_path and m.full_path != key else ""

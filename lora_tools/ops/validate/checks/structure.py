@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from lora_tools.adapter import LARGEST_F32
 from lora_tools.deltas import LOKR, TYPES, DeltaError, DeltaModule, build, module_type, role_of
+from lora_tools.deltas.peft_types import PEFT_TYPE_NAMES, peft_modules
+from lora_tools.errors import FormatError
 from lora_tools.formats import best_format
 from lora_tools.formats.base import AdapterFormat, bias_diff_keys, classify_foreign, shared_foreign
 from lora_tools.formats.kohya import KohyaFormat
+from lora_tools.formats.peft import PeftFormat
+from lora_tools.io.jsonfile import parse_json
 from lora_tools.io.safetensors import DTYPES, Header, SafetensorsFile, TensorInfo, scalar_value
 from lora_tools.naming import PEFT_PREFIX, split_stem
 from lora_tools.ops.validate.context import Context, fmt_number, fmt_shape
@@ -212,14 +218,17 @@ def _check_deltas(
         The modules of a computed type that make an update, and the modules that are broken
         (reported; ``stems`` gets their tensors so that the reader leaves them out).
     """
+    if isinstance(fmt, PeftFormat):
+        return _check_peft_deltas(ctx, names, foreign, stems, header, file)
     if not isinstance(fmt, KohyaFormat):
-        return set(), set()  # only the kohya reader (kohya, lycoris_, ComfyUI names) builds them
+        return set(), set()  # the kohya and PEFT readers build them
     kind_of = {stem: kind for kind, group in foreign.items() for stem in group}
     parts: dict[str, dict[str, str]] = {}
     for key in names:
         found = classify_foreign(key)
         parsed = None if found is not None else fmt.parse_key(key)
-        stem = found[1] if found else parsed.stem if parsed else None
+        # kohya names hold no dot: a key's first part is its module (IA3's <stem>.weight)
+        stem = found[1] if found else parsed.stem if parsed else key.partition(".")[0]
         if stem in kind_of:
             parts.setdefault(stem, {})[role_of(key[len(stem) + 1 :])] = key
     computed: set[str] = set()
@@ -252,6 +261,56 @@ def _check_deltas(
             "the alpha over",
         )
     return computed, broken
+
+
+def _check_peft_deltas(
+    ctx: Context,
+    names: list[str],
+    foreign: dict[str, dict[str, None]],
+    stems: dict[str, Stem],
+    header: Header,
+    file: SafetensorsFile,
+) -> tuple[set[str], set[str]]:
+    """The modules of PEFT's other types (its config's ``peft_type``: LoHa, LoKr, IA3, OFT,
+    BOFT, AdaLoRA, VeRA): LT116 for a missing tensor, LT117 for shapes that make no update or
+    a rank the config's ``r`` / ``rank_pattern`` contradicts. A config that cannot be read is
+    the config rules' finding: no module is checked here then."""
+    kind_stems = {stem for group in foreign.values() for stem in group}
+    if not kind_stems:
+        return set(), set()
+    config = _peft_config(ctx)
+    tensors = {key: file.tensor(key) for key in names if key in header.tensors}
+    found = peft_modules(tensors, kind_stems, config)
+    computed: set[str] = set()
+    broken: set[str] = set()
+    for stem, module in found.items():
+        if isinstance(module, DeltaModule):
+            computed.add(stem)
+            continue
+        kind = PEFT_TYPE_NAMES[str(config["peft_type"]).upper()]  # type: ignore[index]
+        missing = " has no " in str(module)
+        ctx.add(
+            "LT116" if missing else "LT117",
+            f"{module}: the tensors make no {kind} update; PEFT fails to load the adapter",
+            module=stem,
+            hint="re-export the adapter; the file lost tensors or they come from another "
+            "module or config",
+        )
+        broken.add(stem)
+        keys = [k for k in names if k.startswith(stem + ".")]
+        stems[stem] = Stem(roles={k[len(stem) + 1 :]: k for k in keys})
+    return computed, broken
+
+
+def _peft_config(ctx: Context) -> dict[str, Any] | None:
+    path = ctx.target.config
+    if path is None:
+        return None
+    try:
+        config = parse_json(Path(path).read_text(encoding="utf-8"), what=str(path))
+    except (OSError, ValueError, FormatError):
+        return None  # the config rules report it
+    return config if isinstance(config, dict) else None
 
 
 def _check_delta(
