@@ -24,7 +24,7 @@ import numpy as np
 
 from lora_tools.adapter import CONV, LINEAR, Adapter, LoraModule
 from lora_tools.deltas import LOHA, DeltaError, DeltaModule
-from lora_tools.errors import AdapterError, ResolveError, ShapeError, UsageError
+from lora_tools.errors import AdapterError, ResolveError, UsageError
 from lora_tools.formats.peft import DIFFUSERS_METADATA_KEY, peft_config_for
 from lora_tools.io.safetensors import ArrayTensor, numpy_dtype
 from lora_tools.lowrank import split_scalar
@@ -41,6 +41,7 @@ _CONFIG_FIELDS_TO_KEEP = (
     "lora_dropout",
     "layers_to_transform",
     "layers_pattern",
+    "fan_in_fan_out",
 )
 
 #: kohya ``ss_network_args`` that describe a LyCORIS type or a weight decomposition, which a
@@ -99,52 +100,41 @@ def base_weights(
     adapter: Adapter, base: str | os.PathLike[str], read: set[str]
 ) -> tuple[dict[str, tuple[int, ...]], dict[str, np.ndarray]]:
     """Each delta module's base weight shape, as its update is laid out (``[out, in, *k]``),
-    and the weight itself for the stems in ``read``, resolved against ``base`` by the
-    names (:func:`lora_tools.resolve.resolve_foreign`, the resolution validate and merge use).
+    and the weight itself for the stems in ``read``, resolved against ``base`` as merge
+    resolves them (:func:`lora_tools.resolve.resolve`).
 
     Raises:
-        ResolveError / ShapeError: a module in ``read`` matches no base weight, several, or
-            one whose shape its update does not fit.
+        ResolveError / ShapeError: a module matches no base weight, several, or one its update
+            does not fit; a module in ``read`` updates rows of a fused weight (its update would
+            read the rows of several modules).
     """
     from lora_tools.io.checkpoint import open_checkpoint
-    from lora_tools.resolve import resolve_foreign
+    from lora_tools.resolve import resolve
 
     shapes: dict[str, tuple[int, ...]] = {}
     arrays: dict[str, np.ndarray] = {}
     with open_checkpoint(base) as ckpt:
-        res = resolve_foreign(adapter, ckpt)
-        for stem, message in res.shape_errors.items():
-            if stem in adapter.deltas:
-                raise ShapeError(message, path=adapter.source, hint="is this the right base model?")
-        for stem in read:
-            if stem in res.ambiguous:
-                cands = res.ambiguous[stem]
-                raise ResolveError(
-                    f"module {stem!r} matches {len(cands)} base weights ({', '.join(cands[:3])})",
-                    path=adapter.source,
-                    hint="give the one component's checkpoint as the base",
-                    kind="ambiguous",
-                )
-            if stem not in res.matches:
-                raise ResolveError(
-                    f"module {stem!r} ({adapter.deltas[stem].type}) matches no base weight; "
-                    "its update depends on the base weight",
-                    path=adapter.source,
-                    hint="is this adapter made for this base model?",
-                    kind="unmatched",
-                )
+        res = resolve(adapter, ckpt)
+        res.raise_for_problems(adapter)
         comps = {c.name: c for c in ckpt.components.values()}
-        for stem, target in res.matches.items():
-            m = adapter.deltas.get(stem)
-            if m is None:
+        for stem, match in res.deltas.items():
+            if match.parts:
+                if stem in read:
+                    raise ResolveError(
+                        f"module {stem!r} ({adapter.deltas[stem].type}) updates rows of fused "
+                        f"base weights ({match.target.key!r}...); its update reads the base "
+                        "weight, which loratool takes whole",
+                        path=adapter.source,
+                        hint="use a base in the layout the adapter names",
+                        kind="unsupported-layout",
+                    )
                 continue
-            shape = tuple(target.info.shape)
-            out = m.update_dims[0]
-            transposed = len(shape) == 2 and shape[0] != out and shape[1] == out
-            shapes[stem] = shape[::-1] if transposed else shape
+            shape = tuple(match.target.info.shape)
+            shapes[stem] = shape[::-1] if match.transpose else shape
             if stem in read:
+                target = match.target
                 weight = comps[target.component].open(target.file).read(target.key)
-                arrays[stem] = weight.T if transposed else weight
+                arrays[stem] = weight.T if match.transpose else weight.reshape(shapes[stem])
     return shapes, arrays
 
 

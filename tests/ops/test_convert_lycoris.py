@@ -355,3 +355,46 @@ def test_combine_converts_each_module_exactly_first():
     assert caught.value.kind == "needs-base"
     code, text = run_cli("combine", DATA / "locon-dora.safetensors", "-o", "unused.safetensors")
     assert code == 2 and "loratool convert ADAPTER --to lora --base BASE" in text
+
+
+# -- PEFT's types: the LoRA written loads in PEFT and merges to what the original merges to ----
+
+PEFT_TYPES = ["loha", "loha-tucker", "lokr", "adalora", "vera", "fourierft", "ia3", "oft", "boft"]
+
+
+@pytest.mark.parametrize("name", PEFT_TYPES)
+def test_peft_types_become_a_lora_peft_merges_the_same(tmp_path, name):
+    """Oracle: PEFT. The original adapter's ``merge_and_unload`` (float64) against PEFT loading
+    the converted LoRA folder (``PeftModel.from_pretrained``) and merging it."""
+    import copy
+    import warnings
+
+    import peft
+    import peft.tuners.boft.layer as boft_layer
+
+    from lora_tools.io.safetensors import save_tensors
+    from tests.deltas import test_peft_types as pt
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    boft_layer.get_fbd_cuda = lambda: None  # CPU: PEFT's torch.block_diag fallback
+    folder, base, weights, _, merged64 = pt._write(tmp_path, name)
+    base_file = tmp_path / "base.safetensors"
+    save_tensors(base_file, {k: v.numpy() for k, v in weights.items()})
+    source = load_adapter(folder)
+    exact = name in ("loha", "loha-tucker", "lokr", "adalora")
+    result = convert_adapter(source, "lora", base=base_file, **({} if exact else {"energy": 1.0}))
+    assert result.exact and {r.method for r in result.modules} == (
+        {"factors"} if exact else {"dense"}
+    )
+    out = tmp_path / "lora"
+    save_adapter(result.adapter, out, refresh_hashes=True)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"
+    model = peft.PeftModel.from_pretrained(copy.deepcopy(base).double(), out)
+    got = model.merge_and_unload().state_dict()
+    for m in source.deltas.values():
+        key = m.path + ".weight"
+        want = merged64[key].numpy() - weights[key].double().numpy()
+        assert rel(got[key].numpy() - weights[key].double().numpy(), want) < 1e-6, (name, key)
+    code, text = run("validate", out, "--fail-on", "warning")
+    assert code == 0, text
