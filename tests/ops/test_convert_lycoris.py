@@ -200,6 +200,30 @@ def test_weight_decomposed_lora_needs_the_base_and_merges_the_same(tmp_path):
     assert code == 0, text
 
 
+def test_oft_lora_is_the_rotation_of_the_base(tmp_path):
+    """A diagonal OFT rotates the base weight: its LoRA is ``merged(W) - W`` (loratool's OFT
+    merge, checked against ComfyUI's and LyCORIS' elsewhere), exact with --energy 1."""
+    source = load_adapter(DATA / "diag-oft.safetensors")
+    result = convert_adapter(source, "lora", base=SD, energy=1.0)
+    assert result.exact and {r.method for r in result.modules} <= {"dense", "randomized"}
+    low = convert_adapter(source, "lora", base=SD, rank=1)
+    out = tmp_path / "lora.safetensors"
+    save_adapter(result.adapter, out)
+    lora = load_adapter(out)
+    for stem in list(source.deltas)[:12]:
+        m = source.deltas[stem]
+        W = base_weight(stem)
+        want = merged(m, W, dtype=np.float64) - W
+        assert rel(lora.modules[stem].delta().reshape(W.shape), want) < FP16, stem
+        s = np.linalg.svd(want.reshape(W.shape[0], -1), compute_uv=False)
+        row = next(r for r in low.modules if r.key == stem)
+        assert row.relative_error == pytest.approx(
+            np.sqrt(np.sum(s[1:] ** 2) / np.sum(s**2)), rel=1e-6
+        )
+    code, text = run("validate", out, "--base", SD, "--fail-on", "warning")
+    assert code == 0, text
+
+
 def test_cli_convert_to_lora_prints_each_module_and_json(tmp_path):
     out = tmp_path / "lora.safetensors"
     code, text = run("convert", DATA / "lokr.safetensors", "--to", "lora", "--rank", "2", "-o", out)
@@ -237,7 +261,7 @@ def test_cli_convert_to_lora_prints_each_module_and_json(tmp_path):
         (["{lokr}", "--to", "kohya", "--rank", "2"], 2, ["--to lora"]),
         (["{lokr}", "--to", "lora", "--component", "unet"], 2, ["--component"]),
         (["{lora}", "--to", "lora"], 2, ["nothing to convert"]),
-        (["{oft}", "--to", "lora"], None, ["OFT"]),
+        (["{oft}", "--to", "lora"], 2, ["OFT", "--base"]),
     ],
 )
 def test_cli_refusals_are_one_line_with_exit_codes(tmp_path, args, code, needles):
@@ -251,10 +275,7 @@ def test_cli_refusals_are_one_line_with_exit_codes(tmp_path, args, code, needles
     argv = [a.format(**files) for a in args]
     out = tmp_path / "o.safetensors"
     got, text = run_cli("convert", *argv, "-o", out)
-    if code is None:  # OFT: refused while loratool does not compute it, else it needs a base
-        assert got in (2, 3), text
-    else:
-        assert got == code, text
+    assert got == code, text
     line = text.strip()
     assert line.startswith("loratool: error:") and "\n" not in line and "Traceback" not in line
     for needle in needles:
