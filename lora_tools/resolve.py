@@ -501,8 +501,13 @@ def _within(candidate: _Candidate, span: tuple[int, int]) -> _Candidate:
 
 
 def _bias(module: LoraModule | DeltaModule, comp: Component, base_key: str) -> Target | None:
-    """The base bias a module's ``lora_B.bias`` or ``.diff_b`` goes to (None without one)."""
+    """The base bias a module's ``lora_B.bias`` or ``.diff_b`` goes to, or that its type's
+    merge scales (IA3 on the outputs; none there when the base layer has no bias); None
+    without one."""
     if module.bias is None and module.bias_diff is None:
+        if isinstance(module, DeltaModule) and module.spec.scales_bias(module):
+            bias_key = _bias_key(base_key)
+            return _target(comp, bias_key) if bias_key in comp else None
         return None
     bias_key = _bias_key(base_key)
     if bias_key not in comp:

@@ -245,6 +245,17 @@ class TypeSpec:
             return weight_decompose(m, base, delta, strength)
         return base + dtype.type(strength) * delta
 
+    def scales_bias(self, m: DeltaModule) -> bool:
+        """The module's merge changes the layer's bias too (an IA3 vector on the outputs
+        scales the whole output, bias included): :meth:`merged_bias` says how."""
+        return False
+
+    def merged_bias(
+        self, m: DeltaModule, bias: np.ndarray, strength: float, dtype: np.dtype
+    ) -> np.ndarray:
+        """The base bias (already in ``dtype``) after the merge; unchanged by default."""
+        return bias
+
     def rank(self, m: DeltaModule) -> int | None:
         return None
 

@@ -342,6 +342,24 @@ class _IA3(TypeSpec):
         # LyCORIS' order: W * (w * s + 1)
         return base * (self.vector(m, base, dtype) * dtype.type(strength) + dtype.type(1))
 
+    def scales_bias(self, m: DeltaModule) -> bool:
+        # LyCORIS' forward scales the layer's output, bias included: org_forward(x) * (w + 1)
+        # (its get_merged_weight returns no bias, so its own merge loses that part)
+        return not self.on_input(m)
+
+    def merged_bias(
+        self, m: DeltaModule, bias: np.ndarray, strength: float, dtype: np.dtype
+    ) -> np.ndarray:
+        if not self.scales_bias(m):
+            return bias
+        size = self._size(m)
+        if bias.size != size:
+            raise DeltaError(
+                f"IA3 module {m.key!r} scales {size} outputs, the bias has {bias.size}"
+            )
+        w = m.array("weight", dtype).reshape(bias.shape)
+        return bias * (w * dtype.type(strength) + dtype.type(1))
+
 
 _COMMON = ("alpha", "dora_scale")
 #: The specs :data:`lora_tools.deltas.TYPES` registers for these types.

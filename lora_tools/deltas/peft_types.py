@@ -279,6 +279,9 @@ class _PeftIA3(TypeSpec):
         full = base * self._vector(m, base, dtype)  # IA3 Linear.merge: torch.mul(W, ia3_l)
         return _blend(base, full, strength, dtype)
 
+    def scales_bias(self, m: DeltaModule) -> bool:
+        return not m.options.get("feedforward")
+
     def merged_bias(
         self, m: DeltaModule, bias: np.ndarray, strength: float = 1.0, dtype: np.dtype = np.float32
     ) -> np.ndarray:

@@ -526,3 +526,30 @@ def test_diffusers_drops_kohya_dora_scale():
     out = StableDiffusionLoraLoaderMixin.lora_state_dict(state)
     converted = out[0] if isinstance(out, tuple) else out
     assert converted and not any("dora" in k or "magnitude" in k for k in converted)
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("case", ["ia3", "ia3-on-input"])
+def test_ia3_merge_reproduces_lycoris_forward_bias_included(case):
+    """LyCORIS' IA3 on the outputs scales the layer's whole output, bias included (its
+    ``get_merged_weight`` returns no bias): loratool scales the bias too, so that the merged
+    layer computes what the adapter computed in training."""
+    cls, options, _ = CASES[case]
+    torch.manual_seed(0)
+    base = torch.nn.Linear(6, 16).double()
+    module = cls("m", base, 1.0, **options).double()
+    with torch.no_grad():
+        for p in module.parameters():
+            if p is not base.weight and p is not base.bias:
+                p.add_(torch.randn_like(p) * 0.3)
+    m = from_state_dict(module.state_dict())
+    x = torch.randn(5, 6, dtype=torch.float64)
+    with torch.no_grad():
+        want = module.bypass_forward(x, 1.0).numpy()
+    w, b = base.weight.detach().numpy(), base.bias.detach().numpy()
+    weight = merged(m, w, 1.0, F64)
+    got = x.numpy() @ weight.T + m.spec.merged_bias(m, b, 1.0, F64)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    assert m.spec.scales_bias(m) == (case == "ia3")
+    if case == "ia3":  # the base bias left as it is would be wrong
+        assert np.abs(x.numpy() @ weight.T + b - want).max() > 1e-3

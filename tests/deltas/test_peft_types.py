@@ -301,8 +301,8 @@ def test_vera_without_its_projection_stays_uncomputed(tmp_path):
 def test_loratool_merge_is_peft_merge_and_unload(tmp_path, name):
     """``loratool merge`` of the file into the base's safetensors equals PEFT's merged model,
     every weight bit for bit (float32). Left out: a square Conv1D outside a GPT-2 model type
-    (``sq``: no shape nor name says it is stored ``[in, out]``), and biases, which PEFT's IA3
-    also scales (``merged_bias``; the merge engine leaves them)."""
+    (``sq``: no shape nor name says it is stored ``[in, out]``). Biases included: PEFT's IA3
+    scales a non-feed-forward layer's bias too."""
     from safetensors.numpy import load_file
     from safetensors.torch import save_file
 
@@ -315,11 +315,17 @@ def test_loratool_merge_is_peft_merge_and_unload(tmp_path, name):
     out = load_file(tmp_path / "merged.safetensors")
     changed = 0
     for key, value in out.items():
-        if key.endswith(".bias") or key == "sq.weight":
+        if key == "sq.weight":
             continue
         np.testing.assert_array_equal(value, merged32[key].numpy(), err_msg=key)
-        changed += not np.array_equal(value, weights[key].numpy())
+        changed += key.endswith(".weight") and not np.array_equal(value, weights[key].numpy())
     assert changed == len(load_adapter(folder).deltas) - (name == "ia3-conv1d")
+    if name.startswith("ia3"):
+        scaled = [m for m in load_adapter(folder).deltas.values() if m.spec.scales_bias(m)]
+        for m in scaled:
+            key = f"{m.path}.bias"
+            if key in weights and weights[key].abs().max() > 0:  # Conv1D's bias starts at 0
+                assert not np.array_equal(out[key], weights[key].numpy()), key
 
 
 def test_boft_with_several_butterfly_factors_is_peft_s(tmp_path, monkeypatch):

@@ -220,6 +220,8 @@ class WeightTerm:
     offset: int = 0
     limit: float = float("inf")
     label: str = ""
+    #: the rows are the layer's bias, merged by the type's ``merged_bias`` (IA3 on outputs).
+    bias: bool = False
 
     @property
     def count(self) -> int:
@@ -333,7 +335,10 @@ def weight_merged(term: WeightTerm, rows: np.ndarray) -> np.ndarray:
     Raises:
         AdapterError: the result holds NaN / Inf, or values beyond ``term.limit``.
     """
-    if term.transposed:
+    if term.bias:
+        flat = rows.reshape(-1)
+        out = term.module.spec.merged_bias(term.module, flat, term.weight, flat.dtype)
+    elif term.transposed:
         out = merged(term.module, rows.T, term.weight, rows.dtype).T
     else:
         out = merged(term.module, rows.reshape(term.shape), term.weight, rows.dtype)

@@ -52,8 +52,9 @@ from lora_tools.resolve import ModuleMatch, Rows
 DEFAULT_BLOCK_BYTES = 4 << 20
 
 ProgressFn = Callable[[int, int], None]
-#: One update of a base tensor: the module, its merge weight, ``"weight"``, ``"bias"`` or
-#: ``"bias_diff"``, and the rows of the tensor it covers (None: the whole tensor).
+#: One update of a base tensor: the module, its merge weight, ``"weight"``, ``"bias"``,
+#: ``"bias_diff"`` or ``"bias_scale"`` (a type whose merge scales the bias), and the rows of
+#: the tensor it covers (None: the whole tensor).
 Source = tuple[ModuleMatch, float, str, "Rows | None"]
 
 
@@ -100,6 +101,8 @@ class TensorJob:
         the factors."""
         for match, _, role, _ in self.sources:
             module = match.module
+            if role == "bias_scale":
+                return True
             if role != "weight":
                 continue
             if isinstance(module, DeltaModule):
@@ -217,6 +220,10 @@ def build_delta_term(
     out_dtype = job.out_dtype if job is not None else "F32"
     limit = LARGEST.get(out_dtype, LARGEST_F32)
     loaded = _loaded(module, harm)
+    if role == "bias_scale":
+        # IA3 on the outputs scales the bias too: merged whole by the type's merged_bias
+        count = module.update_dims[0] if rows is None else rows.count
+        return WeightTerm(loaded, weight, (count,), False, offset, limit, module.key, bias=True)
     out_rows = module.update_dims[0]
     first = 0 if rows is None else rows.update_start
     count = out_rows if rows is None else rows.count

@@ -100,7 +100,7 @@ def _check_update_fits(match: ModuleMatch, weight: float, role: str, out_dtype: 
     base weight the update is added to.
     """
     module = match.module
-    if isinstance(module, DeltaModule) and role == "weight":
+    if isinstance(module, DeltaModule) and role in ("weight", "bias_scale"):
         return  # checked on each row block as it is computed (RowsTerm / WeightTerm limit)
     scale = (1.0 if isinstance(module, DeltaModule) else module.scale) * weight
     limit = LARGEST.get(out_dtype, LARGEST_F32) / 2
@@ -123,6 +123,11 @@ def _check_update_fits(match: ModuleMatch, weight: float, role: str, out_dtype: 
             hint="use a smaller --weight, or fix the adapter's alpha",
             kind="non-finite",
         )
+
+
+def _scales_bias(module: object) -> bool:
+    """The module's merge scales the layer's bias (IA3 on the outputs)."""
+    return isinstance(module, DeltaModule) and module.spec.scales_bias(module)
 
 
 def _check_in_memory(adapter: Adapter) -> Adapter:
@@ -263,6 +268,7 @@ def plan_merge(
                     ("weight", part.target),
                     ("bias", part.bias if module.bias is not None else None),
                     ("bias_diff", part.bias if module.bias_diff is not None else None),
+                    ("bias_scale", part.bias if _scales_bias(module) else None),
                 )
                 for role, t in roles:
                     if t is not None:
