@@ -24,7 +24,13 @@ import numpy as np
 
 from lora_tools.adapter import CONV, LINEAR, Adapter, LoraModule
 from lora_tools.deltas import LOHA, DeltaError, DeltaModule
-from lora_tools.errors import AdapterError, ResolveError, ShapeError, UsageError
+from lora_tools.errors import (
+    AdapterError,
+    ResolveError,
+    ShapeError,
+    UnsupportedAdapterError,
+    UsageError,
+)
 from lora_tools.formats.peft import DIFFUSERS_METADATA_KEY, peft_config_for
 from lora_tools.io.safetensors import ArrayTensor, numpy_dtype
 from lora_tools.lowrank import split_scalar
@@ -141,6 +147,21 @@ def base_weights(
             return comps[target.component].open(target.file).read(target.key)
 
         for stem, match in res.deltas.items():
+            m = adapter.deltas[stem]
+            bias = match.placements[0].bias
+            if (
+                stem in read
+                and m.spec.scales_bias(m)
+                and bias is not None
+                and np.any(weight(bias) != 0)
+            ):
+                raise UnsupportedAdapterError(
+                    f"module {stem!r} ({m.type} on the outputs) also scales the base layer's "
+                    f"bias {bias.key!r}, which a plain LoRA cannot carry",
+                    path=adapter.source,
+                    hint="`loratool merge` applies it, bias included",
+                    kind="unsupported-type",
+                )
             if any(part.rows is not None for part in match.parts):
                 # rows of one fused weight, or of several (a native qkv on to_q / to_k / to_v)
                 rest = tuple(match.target.info.shape[1:])
