@@ -17,30 +17,36 @@ One command, prints a markdown table (paste it into docs/benchmarks.md):
   extrapolated to the file's module count of each shape.
 - Agreement: on the sampled modules, relative Frobenius difference between loratool's LoRA
   (float64, before the cast to fp16) and the dense float64 truncated SVD.
+- Both sides run with one BLAS thread, the CLI's policy for convert (``cli.options.
+  blas_threads``): on a shared 2-core machine threaded BLAS oversubscribes (a 1280 x 5120
+  LoKr module measured 3.8 s with two threads under load, 0.03 s with one).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import sys
-import tempfile
-import time
-from collections import Counter
-from pathlib import Path
 
-import numpy as np
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")  # before numpy loads (see the docstring)
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections import Counter  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lora_tools.deltas.factors import to_lora
-from lora_tools.formats import load_adapter, save_adapter
-from lora_tools.io.safetensors import save_tensors
-from lora_tools.ops.convert import convert_to_lora
+from lora_tools.deltas.factors import to_lora  # noqa: E402
+from lora_tools.formats import load_adapter, save_adapter  # noqa: E402
+from lora_tools.io.safetensors import save_tensors  # noqa: E402
+from lora_tools.ops.convert import convert_to_lora  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine
+from _common import machine  # noqa: E402
 
 FACTOR = 8
 #: SDXL UNet (SGM names): spatial transformer -> (width, depth).

@@ -436,7 +436,7 @@ class Adapter:
         if all(stem in self.deltas for stem in stems):
             needs = any(self.deltas[stem].needs_base for stem in stems)
             return "`loratool convert --to lora` makes a plain LoRA of them" + (
-                " (give it --base: their update reads the base weight)" if needs else ""
+                " (with the base checkpoint: their update reads the base weight)" if needs else ""
             )
         if self.format == "peft":
             return "PEFT merges its own types (PeftModel.merge_and_unload)"

@@ -94,7 +94,8 @@ def command(
           --base fixtures/bases/tiny-sd
       loratool convert fixtures/peft/sd-unet-conv --to kohya -o out/unet.safetensors
       loratool convert fixtures/diffusers/sd-lora --to peft --component unet -o out/unet
-      loratool convert tests/data/lycoris/lokr.safetensors --to lora -o out/lokr-lora.safetensors
+      loratool convert fixtures/kohya/sd-loha.safetensors --to lora -o out/loha-lora.safetensors \\
+          --base fixtures/bases/tiny-sd
     """
     blas_threads()
     from lora_tools.ops._algebra import input_paths, write_adapter

@@ -46,6 +46,7 @@ from lora_tools.deltas import (
     DeltaModule,
     merged,
 )
+from lora_tools.deltas.peft_types import ADALORA
 from lora_tools.lowrank import low_rank_approx, relative_error, retained_energy, select_rank
 
 
@@ -76,7 +77,7 @@ def exact_factors(m: DeltaModule, dtype: np.dtype = np.float64) -> tuple[np.ndar
     """
     dtype = np.dtype(dtype)
     scale = dtype.type(m.scale)
-    if m.type in (TUCKER_LOCON, DORA_LORA):
+    if m.type in (TUCKER_LOCON, DORA_LORA, ADALORA) and not m.needs_base:
         up, down = m.spec.factors(m, dtype)  # type: ignore[attr-defined]
         return up * scale, down
     if m.type == LOHA:
@@ -395,9 +396,10 @@ def to_lora(
 
     - LoKr: from the SVDs of its two factors (singular values are products of theirs);
     - LoHa: the Khatri-Rao factors (rank ``<= r1 * r2``), a QR of each and a small SVD;
-    - Tucker LoCon: the core contracted into ``down``, then the same;
+    - Tucker LoCon (and PEFT's AdaLoRA): the core contracted into ``down``, then the same;
     - full diff, and types that read the base weight (OFT, IA3, GLoRA, a weight
-      decomposition; ``base`` needed): a randomized SVD of the dense update, error measured.
+      decomposition; ``base`` needed), VeRA, FourierFT: a randomized SVD of the dense update,
+      error measured.
 
     Args:
         m: the module (its tensors are not changed).
@@ -426,15 +428,28 @@ def to_lora(
     """
     if not m.computed:
         raise DeltaError(f"loratool does not compute {m.type} updates")
-    if m.needs_base or m.type == FULL:
+    if not low_rank_form(m):
         return _dense_to_lora(dense_update(m, base), rule, seed, distribute)
     if m.type == LOKR:
         return _lokr_to_lora(m, rule, distribute)
     return _factored_to_lora(m, rule, distribute)
 
 
+#: Types whose update is a low-rank product the algebra reaches from the tensors.
+FACTORED_TYPES = (LOHA, LOKR, TUCKER_LOCON, ADALORA)
+
+
+def low_rank_form(m: DeltaModule) -> bool:
+    """The module's update has a low-rank form in its tensors (LoHa, LoKr, Tucker LoCon,
+    AdaLoRA, none reading the base): :func:`to_lora` works in factor space and its exact LoRA
+    is small. Other updates (a full diff, OFT, IA3, GLoRA, VeRA, FourierFT, a weight
+    decomposition) go through the dense update."""
+    return m.type in FACTORED_TYPES and not m.needs_base
+
+
 __all__ = [
     "DENSE",
+    "FACTORED_TYPES",
     "FACTOR_SPACE",
     "RANDOMIZED",
     "LoraFactors",
@@ -443,6 +458,7 @@ __all__ = [
     "exact_factors",
     "khatri_rao_cols",
     "khatri_rao_rows",
+    "low_rank_form",
     "numerical_rank",
     "randomized_svd",
     "singular_values",

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import re
 from typing import Any
 
 import numpy as np
@@ -129,6 +128,8 @@ def _blend(base: np.ndarray, full: np.ndarray, strength: float, dtype: np.dtype)
 def _config_rank(m: DeltaModule, rank: int | None) -> int | None:
     """The config's ``r`` for the module (rank_pattern applied); it must be the tensors'."""
     r = m.options.get("r")
+    if r is not None and (isinstance(r, bool) or not isinstance(r, int)):
+        raise DeltaError(f"{m.type} module {m.key!r}: adapter_config.json gives r {r!r}")
     if r is not None and rank is not None and int(r) != rank:
         raise DeltaError(
             f"{m.type} module {m.key!r}: adapter_config.json gives r {r} (r / rank_pattern), "
@@ -145,6 +146,8 @@ class _PeftLoHa(_LoHa):
     def scale(self, m: DeltaModule) -> float:
         r = _config_rank(m, self.rank(m))
         alpha = m.alpha if m.alpha is not None else r
+        if not math.isfinite(alpha):
+            raise DeltaError(f"LoHa module {m.key!r}: adapter_config.json's alpha is no number")
         return 0.0 if not r else float(alpha) / r
 
     def halves(self, m: DeltaModule, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -184,6 +187,8 @@ class _PeftLoKr(_LoKr):
     def scale(self, m: DeltaModule) -> float:
         r = _config_rank(m, None) or super().rank(m) or 1
         alpha = m.alpha if m.alpha is not None else r
+        if not math.isfinite(alpha):
+            raise DeltaError(f"LoKr module {m.key!r}: adapter_config.json's alpha is no number")
         return float(alpha) / r
 
     def factors(self, m: DeltaModule, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -224,7 +229,15 @@ class _PeftIA3(TypeSpec):
 
     def dims(self, m: DeltaModule) -> tuple[int, int | None]:
         n = self._length(m)
-        if not m.options.get("feedforward"):
+        shape = m.shape("ia3_l")
+        feedforward = bool(m.options.get("feedforward"))
+        if len(shape) == 2 and n > 1 and (shape[0] == 1) != feedforward:
+            side = "inputs (feed-forward)" if shape[0] == 1 else "outputs"
+            raise DeltaError(
+                f"IA3 module {m.key!r}: ia3_l {list(shape)} scales the {side}, but "
+                f"feedforward_modules {'lists' if feedforward else 'does not list'} the module"
+            )
+        if not feedforward:
             return n, None
         # a conv's ia3_l [1, in, 1, 1] scales in channels: in * kernel is the base's
         return None, (n if len(m.shape("ia3_l")) <= 2 else None)  # type: ignore[return-value]
@@ -315,6 +328,10 @@ class _PeftOFT(TypeSpec):
     def _shape(self, m: DeltaModule) -> tuple[int, int]:
         _need(m, "oft_R")
         rows, n = m.shape("oft_R")
+        if m.options.get("block_share") and rows != 1:
+            raise DeltaError(
+                f"OFT module {m.key!r}: block_share keeps one block, oft_R has {rows} rows"
+            )
         return rows, _block_size(m, n)
 
     def dims(self, m: DeltaModule) -> tuple[int, int | None]:
@@ -550,10 +567,21 @@ class _AdaLoRA(TypeSpec):
         return m.shape("lora_A")[0]
 
     def _ranknum(self, m: DeltaModule) -> float:
-        return float(m.options.get("init_r") or self.rank(m))
+        init_r = m.options.get("init_r")
+        if init_r is None:
+            return float(self.rank(m))
+        if isinstance(init_r, bool) or not isinstance(init_r, (int, float)):
+            raise DeltaError(
+                f"AdaLoRA module {m.key!r}: adapter_config.json gives init_r {init_r!r}"
+            )
+        return float(init_r)
 
     def _alpha(self, m: DeltaModule) -> float:
         alpha = m.alpha if m.alpha is not None else 0.0
+        if not math.isfinite(alpha):
+            raise DeltaError(
+                f"AdaLoRA module {m.key!r}: adapter_config.json's lora_alpha is no number"
+            )
         return float(alpha) if alpha > 0 else float(self.rank(m))
 
     def scale(self, m: DeltaModule) -> float:
@@ -740,10 +768,15 @@ def _pattern_value(patterns: Any, path: str, default: Any) -> Any:
 def _feedforward(config: dict[str, Any], path: str) -> bool:
     """IA3Model._check_target_module_feedforward: a string is a full regex match, a list
     matches by suffix."""
+    from lora_tools.patterns import PatternError, fullmatch
+
     modules = config.get("feedforward_modules")
     if isinstance(modules, str):
-        return re.fullmatch(modules, path) is not None
-    return any(path.endswith(str(k)) for k in modules or ())
+        try:
+            return fullmatch(modules, path)  # bounded time whatever the pattern
+        except PatternError:
+            return False  # the config rules report it
+    return isinstance(modules, list) and any(path.endswith(str(k)) for k in modules)
 
 
 def module_options(

@@ -35,7 +35,6 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from lora_tools.adapter import Adapter, LoraModule
-from lora_tools.deltas import FULL
 from lora_tools.errors import (
     UnsupportedAdapterError,
     UsageError,
@@ -743,6 +742,8 @@ def convert_to_lora(
         UsageError: both rules; a module that needs ``base`` or a rule and has none.
         UnsupportedAdapterError: a type loratool does not compute.
     """
+    from lora_tools.deltas.factors import low_rank_form
+
     rule = lora_rule(rank, energy)
     if not adapter.deltas:
         adapter.require_plain_lora("convert --to lora", deltas_ok=True)
@@ -752,7 +753,7 @@ def convert_to_lora(
             hint="give a LyCORIS / PEFT adapter of another type (LoHa, LoKr, full...)",
         )
     require_base(adapter, base, "convert --to lora")
-    dense = [m for m in adapter.deltas.values() if m.needs_base or m.type == FULL]
+    dense = [m for m in adapter.deltas.values() if not low_rank_form(m)]
     if dense and not rule:
         m = dense[0]
         raise UsageError(

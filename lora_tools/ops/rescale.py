@@ -246,7 +246,7 @@ def _refuse_base_dependent(adapter: Adapter) -> None:
             what = (
                 "its weight decomposition (dora_scale) renormalises W + F dW"
                 if m.dora_scale is not None
-                else f"a {m.type} update is computed from the base weight"
+                else f"its {m.type} update is computed from the base weight"
             )
             raise UnsupportedAdapterError(
                 f"module {m.key!r} ({m.type}): rescale --factor is not defined for it: {what}, "

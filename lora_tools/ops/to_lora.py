@@ -41,6 +41,7 @@ _CONFIG_FIELDS_TO_KEEP = (
     "lora_dropout",
     "layers_to_transform",
     "layers_pattern",
+    "fan_in_fan_out",
 )
 
 #: kohya ``ss_network_args`` that describe a LyCORIS type or a weight decomposition, which a

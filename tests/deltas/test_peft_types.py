@@ -358,3 +358,42 @@ def test_adalora_factors_make_its_update(tmp_path):
         w = w.T if m.path == "c1d" else w
         np.testing.assert_allclose(up @ down * m.scale, m.delta(w), rtol=1e-13)
         assert up.shape[1] == m.rank == 4
+
+
+def test_validate_reports_an_ia3_vector_on_the_side_the_config_does_not_say(tmp_path):
+    import json
+
+    folder, *_ = _write(tmp_path, "ia3")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["feedforward_modules"] = ["lin"]  # lin's ia3_l is [12, 1]: an output scale
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    findings = [f for f in validate([str(folder)]).files[0].findings if f.rule.code == "LT117"]
+    assert len(findings) == 2  # lin (listed, scales outputs) and ff (unlisted, scales inputs)
+    assert all("feedforward_modules" in f.message for f in findings)
+    assert set(load_adapter(folder).deltas) == {"base_model.model.conv"}
+
+
+@pytest.mark.parametrize(
+    ("name", "change"),
+    [
+        ("loha", {"r": "2"}),
+        ("loha", {"alpha": "x", "alpha_pattern": {}}),
+        ("adalora", {"lora_alpha": None}),
+        ("adalora", {"init_r": [4]}),
+        ("ia3", {"feedforward_modules": "(a+)+$"}),
+        ("ia3", {"feedforward_modules": 3}),
+    ],
+)
+def test_hostile_config_values_are_findings_not_crashes(tmp_path, name, change):
+    import json
+
+    folder, *_ = _write(tmp_path, name)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, **change}))
+    adapter = load_adapter(folder)
+    computed = len(adapter.deltas)
+    codes = [f.rule.code for f in validate([str(folder)]).files[0].findings]
+    if name == "ia3":  # a pattern matching nothing: no module is feed-forward
+        assert not any(m.options["feedforward"] for m in adapter.deltas.values())
+    else:  # (loha's conv takes its r from rank_pattern)
+        assert computed < len(adapter.foreign[TYPE_OF[name]]) and "LT117" in codes

@@ -200,6 +200,30 @@ def test_weight_decomposed_lora_needs_the_base_and_merges_the_same(tmp_path):
     assert code == 0, text
 
 
+def test_oft_lora_is_the_rotation_of_the_base(tmp_path):
+    """A diagonal OFT rotates the base weight: its LoRA is ``merged(W) - W`` (loratool's OFT
+    merge, checked against ComfyUI's and LyCORIS' elsewhere), exact with --energy 1."""
+    source = load_adapter(DATA / "diag-oft.safetensors")
+    result = convert_adapter(source, "lora", base=SD, energy=1.0)
+    assert result.exact and {r.method for r in result.modules} <= {"dense", "randomized"}
+    low = convert_adapter(source, "lora", base=SD, rank=1)
+    out = tmp_path / "lora.safetensors"
+    save_adapter(result.adapter, out)
+    lora = load_adapter(out)
+    for stem in list(source.deltas)[:12]:
+        m = source.deltas[stem]
+        W = base_weight(stem)
+        want = merged(m, W, dtype=np.float64) - W
+        assert rel(lora.modules[stem].delta().reshape(W.shape), want) < FP16, stem
+        s = np.linalg.svd(want.reshape(W.shape[0], -1), compute_uv=False)
+        row = next(r for r in low.modules if r.key == stem)
+        assert row.relative_error == pytest.approx(
+            np.sqrt(np.sum(s[1:] ** 2) / np.sum(s**2)), rel=1e-6
+        )
+    code, text = run("validate", out, "--base", SD, "--fail-on", "warning")
+    assert code == 0, text
+
+
 def test_cli_convert_to_lora_prints_each_module_and_json(tmp_path):
     out = tmp_path / "lora.safetensors"
     code, text = run("convert", DATA / "lokr.safetensors", "--to", "lora", "--rank", "2", "-o", out)
@@ -237,7 +261,7 @@ def test_cli_convert_to_lora_prints_each_module_and_json(tmp_path):
         (["{lokr}", "--to", "kohya", "--rank", "2"], 2, ["--to lora"]),
         (["{lokr}", "--to", "lora", "--component", "unet"], 2, ["--component"]),
         (["{lora}", "--to", "lora"], 2, ["nothing to convert"]),
-        (["{oft}", "--to", "lora"], None, ["OFT"]),
+        (["{oft}", "--to", "lora"], 2, ["OFT", "--base"]),
     ],
 )
 def test_cli_refusals_are_one_line_with_exit_codes(tmp_path, args, code, needles):
@@ -251,10 +275,7 @@ def test_cli_refusals_are_one_line_with_exit_codes(tmp_path, args, code, needles
     argv = [a.format(**files) for a in args]
     out = tmp_path / "o.safetensors"
     got, text = run_cli("convert", *argv, "-o", out)
-    if code is None:  # OFT: refused while loratool does not compute it, else it needs a base
-        assert got in (2, 3), text
-    else:
-        assert got == code, text
+    assert got == code, text
     line = text.strip()
     assert line.startswith("loratool: error:") and "\n" not in line and "Traceback" not in line
     for needle in needles:
@@ -355,3 +376,46 @@ def test_combine_converts_each_module_exactly_first():
     assert caught.value.kind == "needs-base"
     code, text = run_cli("combine", DATA / "locon-dora.safetensors", "-o", "unused.safetensors")
     assert code == 2 and "loratool convert ADAPTER --to lora --base BASE" in text
+
+
+# -- PEFT's types: the LoRA written loads in PEFT and merges to what the original merges to ----
+
+PEFT_TYPES = ["loha", "loha-tucker", "lokr", "adalora", "vera", "fourierft", "ia3", "oft", "boft"]
+
+
+@pytest.mark.parametrize("name", PEFT_TYPES)
+def test_peft_types_become_a_lora_peft_merges_the_same(tmp_path, name):
+    """Oracle: PEFT. The original adapter's ``merge_and_unload`` (float64) against PEFT loading
+    the converted LoRA folder (``PeftModel.from_pretrained``) and merging it."""
+    import copy
+    import warnings
+
+    import peft
+    import peft.tuners.boft.layer as boft_layer
+
+    from lora_tools.io.safetensors import save_tensors
+    from tests.deltas import test_peft_types as pt
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    boft_layer.get_fbd_cuda = lambda: None  # CPU: PEFT's torch.block_diag fallback
+    folder, base, weights, _, merged64 = pt._write(tmp_path, name)
+    base_file = tmp_path / "base.safetensors"
+    save_tensors(base_file, {k: v.numpy() for k, v in weights.items()})
+    source = load_adapter(folder)
+    exact = name in ("loha", "loha-tucker", "lokr", "adalora")
+    result = convert_adapter(source, "lora", base=base_file, **({} if exact else {"energy": 1.0}))
+    assert result.exact and {r.method for r in result.modules} == (
+        {"factors"} if exact else {"dense"}
+    )
+    out = tmp_path / "lora"
+    save_adapter(result.adapter, out, refresh_hashes=True)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"
+    model = peft.PeftModel.from_pretrained(copy.deepcopy(base).double(), out)
+    got = model.merge_and_unload().state_dict()
+    for m in source.deltas.values():
+        key = m.path + ".weight"
+        want = merged64[key].numpy() - weights[key].double().numpy()
+        assert rel(got[key].numpy() - weights[key].double().numpy(), want) < 1e-6, (name, key)
+    code, text = run("validate", out, "--fail-on", "warning")
+    assert code == 0, text
