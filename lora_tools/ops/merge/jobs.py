@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from lora_tools.adapter import EMBEDDING, LARGEST, LARGEST_F32, require_finite
-from lora_tools.deltas import DeltaModule
+from lora_tools.deltas import LOKR, TYPES, DeltaModule
 from lora_tools.io.safetensors import (
     ArrayTensor,
     SafetensorsFile,
@@ -252,12 +252,25 @@ class _Named:
 
 
 def _loaded(module: DeltaModule, harm: str) -> DeltaModule:
-    """``module`` with every tensor read into memory as float32 (checked finite)."""
+    """``module`` with every tensor read into memory as float32 (checked finite).
+
+    A LyCORIS LoKr's two factors are also kept whole (``lokr_w1`` / ``lokr_w2``, the float32
+    products its rows would otherwise rebuild for every 64 rows: the same values, computed
+    once), where that leaves its scale as it was.
+    """
     tensors = {}
     for role, tensor in module.tensors.items():
         values = np.asarray(tensor.numpy(), dtype=np.float32)
         tensors[role] = ArrayTensor(require_finite(values, role, _Named(module), harm))
-    return dataclasses.replace(module, tensors=tensors)
+    loaded = dataclasses.replace(module, tensors=tensors)
+    if module.spec is TYPES[LOKR] and {"lokr_w1", "lokr_w2"} - set(tensors):
+        w1, w2 = loaded.spec.factors(loaded, np.dtype(np.float32))  # type: ignore[attr-defined]
+        whole = dataclasses.replace(
+            loaded, tensors={**tensors, "lokr_w1": ArrayTensor(w1), "lokr_w2": ArrayTensor(w2)}
+        )
+        if whole.scale == loaded.scale and whole.update_dims == loaded.update_dims:
+            return whole
+    return loaded
 
 
 def copy_raw(
