@@ -74,9 +74,10 @@ def _org_module(weight: np.ndarray):
 
 def lycoris_merged(
     state: dict[str, np.ndarray], stem: str, base: np.ndarray, weight: float
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """``(merged weight, bias difference times the weight or None)`` of module ``stem`` on
-    ``base`` at ``weight``, computed by LyCORIS' own module in float64."""
+) -> tuple[np.ndarray, np.ndarray | tuple[str, np.ndarray] | None]:
+    """``(merged weight, bias difference times the weight, or ("scale", s) for a bias
+    scaled by 1 + s, or None)`` of module ``stem`` on ``base`` at ``weight``, computed by
+    LyCORIS' own module in float64."""
     tensors = {k: torch.from_numpy(v.astype(np.float64)) for k, v in state.items()}
     org = _org_module(base)
     kind, params = lycoris_modules.get_module(tensors, stem)
@@ -105,6 +106,11 @@ def lycoris_merged(
         if not isinstance(module, diff_types):  # reads the weight (OFT, BOFT, GLoRA, IA3)
             with _float64_inverse():
                 merged1 = module.get_merged_weight(1, shape)[0].reshape(shape)
+            if isinstance(module, lycoris_modules.IA3Module) and not module.train_input:
+                # LyCORIS' forward scales the whole output, bias included, by (1 + w); its
+                # get_merged_weight returns no bias: the bias difference is weight * w * b
+                scale = weight * module.weight.detach().numpy().reshape(-1)
+                return (w + weight * (merged1 - w)).numpy(), ("scale", scale)
             return (w + weight * (merged1 - w)).numpy(), None
         if isinstance(module, (lycoris_modules.LohaModule, lycoris_modules.LokrModule)):
             diff = module.get_weight(shape)
@@ -169,8 +175,12 @@ def references(
                 continue  # another component (text encoder): not merged into the UNet
             key = names[stem]
             out[key], bias = lycoris_merged(state, stem, out[key], weight)
-            if bias is not None:
-                out[key.removesuffix("weight") + "bias"] += bias
+            bias_key = key.removesuffix("weight") + "bias"
+            if isinstance(bias, tuple):  # IA3 on the outputs: the bias scaled by (1 + w)
+                if bias_key in out:
+                    out[bias_key] = out[bias_key] * (1 + bias[1])
+            elif bias is not None:
+                out[bias_key] += bias
     return out
 
 
