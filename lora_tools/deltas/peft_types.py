@@ -320,7 +320,24 @@ def _solve_right_np(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.swapaxes(np.linalg.solve(np.swapaxes(a, 1, 2), np.swapaxes(b, 1, 2)), 1, 2)
 
 
-class _PeftOFT(TypeSpec):
+class _Rotates(TypeSpec):
+    """A type whose merged weight is the base rotated (:meth:`_rotated`): ``dW = W' - W``."""
+
+    def _rotated(self, m: DeltaModule, base: np.ndarray, dtype: np.dtype) -> np.ndarray:
+        raise NotImplementedError
+
+    def delta(self, m: DeltaModule, base: np.ndarray | None, dtype: np.dtype) -> np.ndarray:
+        assert base is not None
+        weight = np.asarray(base, dtype=dtype)
+        return self._rotated(m, weight, dtype) - weight
+
+    def merged(
+        self, m: DeltaModule, base: np.ndarray, strength: float, dtype: np.dtype
+    ) -> np.ndarray:
+        return _blend(base, self._rotated(m, base, dtype), strength, dtype)
+
+
+class _PeftOFT(_Rotates):
     """``W' = W @ R^T`` on the flattened ``[out, in * k * k]`` weight, ``R`` block-diagonal:
     ``r`` blocks (one shared block repeated with ``block_share``), each the Cayley-Neumann series
     ``I + 2Q + 2Q^2 + ... + Q^(n-1)`` (or the Cayley transform ``(I - Q)(I + Q)^-1`` without
@@ -442,16 +459,6 @@ class _PeftOFT(TypeSpec):
             ]
         return (rotation @ flat.T).T.reshape(base.shape).astype(dtype, copy=False)
 
-    def delta(self, m: DeltaModule, base: np.ndarray | None, dtype: np.dtype) -> np.ndarray:
-        assert base is not None
-        weight = np.asarray(base, dtype=dtype)
-        return self._rotated(m, weight, dtype) - weight
-
-    def merged(
-        self, m: DeltaModule, base: np.ndarray, strength: float, dtype: np.dtype
-    ) -> np.ndarray:
-        return _blend(base, self._rotated(m, base, dtype), strength, dtype)
-
 
 def butterfly_perm(n: int, b: int, r: int, n_butterfly_factor: int) -> np.ndarray:
     """PEFT's ``BOFTLayer.block_butterfly_perm``: the index permutation of one butterfly
@@ -470,7 +477,7 @@ def butterfly_perm(n: int, b: int, r: int, n_butterfly_factor: int) -> np.ndarra
     return indices
 
 
-class _PeftBOFT(TypeSpec):
+class _PeftBOFT(_Rotates):
     """``W' = (M @ W^T)^T * s`` on the flattened weight, ``s`` (``boft_s``) scaling output rows
     and ``M = B_(N-1) ... B_0`` the product of ``N`` butterfly factors ``B_i = P_i D_i P_i^T``:
     ``D_i`` block-diagonal with the Cayley transforms ``(I - S)(I + S)^-1`` of ``S = (R - R^T)
@@ -545,16 +552,6 @@ class _PeftBOFT(TypeSpec):
         matrix = self._matrix_np(m, dtype)
         s = m.array("boft_s", dtype).reshape(out, 1)
         return ((matrix @ flat.T).T * s).reshape(base.shape)
-
-    def delta(self, m: DeltaModule, base: np.ndarray | None, dtype: np.dtype) -> np.ndarray:
-        assert base is not None
-        weight = np.asarray(base, dtype=dtype)
-        return self._rotated(m, weight, dtype) - weight
-
-    def merged(
-        self, m: DeltaModule, base: np.ndarray, strength: float, dtype: np.dtype
-    ) -> np.ndarray:
-        return _blend(base, self._rotated(m, base, dtype), strength, dtype)
 
 
 # -- AdaLoRA, VeRA: PEFT's own additive types -------------------------------------------------

@@ -17,7 +17,6 @@ once-rounded reference except where it lies next to a rounding tie.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
@@ -35,6 +34,8 @@ from lora_tools.ops.validate import validate
 torch = pytest.importorskip("torch")
 pytest.importorskip("ml_dtypes")  # numpy's bfloat16, for reading bf16 files
 lycoris_modules = pytest.importorskip("lycoris.modules")
+
+from tests.deltas.test_lycoris_types import float64_inverse  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data" / "lycoris"
@@ -104,7 +105,7 @@ def lycoris_merged(
             lycoris_modules.LoConModule,
         )
         if not isinstance(module, diff_types):  # reads the weight (OFT, BOFT, GLoRA, IA3)
-            with _float64_inverse():
+            with float64_inverse():
                 merged1 = module.get_merged_weight(1, shape)[0].reshape(shape)
             if isinstance(module, lycoris_modules.IA3Module) and not module.train_input:
                 # LyCORIS' forward scales the whole output, bias included, by (1 + w); its
@@ -120,21 +121,6 @@ def lycoris_merged(
         else:
             diff = module.get_diff_weight(1, shape)[0]
         return (w + weight * diff.reshape(shape)).numpy(), bias
-
-
-@contextlib.contextmanager
-def _float64_inverse():
-    """LyCORIS' OFT inverts ``(I - Q).float()``: kept float64 here, on float64 tensors."""
-    original = torch.Tensor.float
-
-    def keep(self, *args, **kwargs):
-        return self if self.dtype == torch.float64 else original(self, *args, **kwargs)
-
-    torch.Tensor.float = keep
-    try:
-        yield
-    finally:
-        torch.Tensor.float = original
 
 
 def _tucker_lokr(stem, org, w1, w1a, w1b, w2, w2a, w2b, _, t2, alpha, dora_scale):
