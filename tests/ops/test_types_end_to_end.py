@@ -352,10 +352,6 @@ def test_merge_is_lycoris_merged_weight(lycoris, references, base_unet, tmp_path
         assert any(k.endswith(".bias") for k in ref)  # diff_b is merged too
 
 
-def test_old_oft_diag_merges_as_the_oft_it_came_from(references):
-    assert references["oft-diag-old"].keys() == references["oft"].keys()
-
-
 @pytest.mark.parametrize("peft_type", list(PEFT_CONFIGS))
 def test_merge_of_peft_types_is_merge_and_unload(peft_folders, tmp_path, peft_type):
     folder, state = peft_folders[peft_type]
