@@ -424,6 +424,8 @@ class Adapter:
         foreign = self.uncomputed() if deltas_ok else self.foreign
         if foreign:
             kind, stems = next(iter(foreign.items()))
+            if stems[0] in self.deltas:  # the suffix table says OFT for BOFT's oft_blocks too
+                kind = self.deltas[stems[0]].type
             raise UnsupportedAdapterError(
                 f"unsupported adapter type {kind} ({len(stems)} modules, e.g. {stems[0]!r}); "
                 f"{operation} is defined for LoRA factors only",
