@@ -516,16 +516,19 @@ def test_peft_factored_types_resize_rescale_combine(peft_folders, tmp_path, peft
     refused(["rescale", folder, "--alpha", "3", "-o", tmp_path / "a"], 2, "adapter_config.json")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rescale --factor of a PEFT LoHa / LoKr folder writes adapter_model.safetensors "
-    "without adapter_config.json (validate: LT301 error; PEFT cannot load it)",
-)
 @pytest.mark.parametrize("peft_type", PEFT_FACTORED)
 def test_peft_factored_types_rescale_factor(peft_folders, tmp_path, peft_type):
-    folder, _ = peft_folders[peft_type]
-    ok("rescale", folder, "--factor", "0.5", "-o", tmp_path / "half")
-    clean(tmp_path / "half", LLAMA)
+    """The rescaled folder keeps its adapter_config.json (PEFT's type, r and alpha) and merges
+    as ``W + 0.5 dW``."""
+    folder, state = peft_folders[peft_type]
+    half = tmp_path / "half"
+    ok("rescale", folder, "--factor", "0.5", "-o", half)
+    clean(half, LLAMA)
+    ok("merge", LLAMA, half, "-o", tmp_path / "m", "--device", "cpu")
+    got = load_file(tmp_path / "m" / "model.safetensors")
+    base = load_file(LLAMA / "model.safetensors")
+    want = {k: base[k] + 0.5 * (v.astype(np.float64) - base[k]) for k, v in state.items()}
+    assert_f32(got, want, ulps=32)
 
 
 @pytest.mark.parametrize("peft_type", ["VERA", "BOFT"])
