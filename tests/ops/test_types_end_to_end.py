@@ -85,6 +85,8 @@ FACTORED = ["loha", "loha-tucker", "lokr-whole", "lokr", "lokr-tucker", "locon-t
 LINEAR = [*FACTORED, "full"]
 #: LyCORIS types whose update reads the base weight
 READS_BASE = [n for n in TYPE if n not in LINEAR]
+#: types whose tensors keep a convolution's kernel: convert --to lora and resize need no base
+KERNEL_KEPT = {"locon-tucker", "full"}
 #: LyCORIS module classes whose update is computed apart from the base weight
 DIFF_MODULES = {"LohaModule", "LokrModule", "LoConModule", "FullModule"}
 
@@ -367,7 +369,9 @@ def _to_lora(path: Path, out: Path, base: Path, whole: bool) -> None:
     """``convert --to lora --base`` (a LoHa convolution takes its kernel from the base), with
     ``--energy 1`` where the update has no low-rank form of its own (``whole``)."""
     extra = ["--energy", "1"] if whole else []
-    ok("convert", path, "--to", "lora", "--base", base, "-o", out, *extra)
+    if path.stem not in KERNEL_KEPT:
+        extra += ["--base", base]
+    ok("convert", path, "--to", "lora", "-o", out, *extra)
     clean(out, base)
 
 
@@ -441,7 +445,8 @@ def test_resize_is_the_truncated_svd_of_each_update(lycoris, references, base_un
     path, _ = lycoris[name]
     out = tmp_path / "r.safetensors"
     # the base gives a LoHa / LoKr convolution its kernel, and is needed where the update reads it
-    ok("resize", path, "--rank", "2", "--base", SD, "-o", out)
+    extra = [] if name in KERNEL_KEPT else ["--base", SD]
+    ok("resize", path, "--rank", "2", "-o", out, *extra)
     clean(out, SD)
     got = merged_unet(out, tmp_path / "m")
     for key, dw in delta_of(references[name], base_unet).items():
