@@ -411,11 +411,17 @@ def test_adalora_becomes_a_lora(peft_folders, tmp_path, args):
     ok(*[a.format(a=folder) for a in args], "-o", tmp_path / "out")
 
 
-@pytest.mark.xfail(strict=True, reason=ADALORA_BUG)
-def test_adalora_stats_are_its_update_norms(peft_folders):
+@pytest.mark.parametrize(
+    "peft_type",
+    [
+        *PEFT_FACTORED,
+        pytest.param("ADALORA", marks=pytest.mark.xfail(strict=True, reason=ADALORA_BUG)),
+    ],
+)
+def test_peft_stats_are_the_update_norms(peft_folders, peft_type):
     import json
 
-    folder, state = peft_folders["ADALORA"]
+    folder, state = peft_folders[peft_type]
     base = load_file(LLAMA / "model.safetensors")
     doc = json.loads(ok("inspect", "--stats", "--json", folder))
     rows = doc["stats"]["delta_modules"]
