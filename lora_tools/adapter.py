@@ -437,9 +437,9 @@ class Adapter:
     def _foreign_hint(self, stems: list[str]) -> str:
         if all(stem in self.deltas for stem in stems):
             needs = any(self.deltas[stem].needs_base for stem in stems)
-            return "`loratool convert --to lora` makes a plain LoRA of them" + (
-                " (give it --base: their update reads the base weight)" if needs else ""
-            )
+            if needs:  # their update reads the base weight
+                return "`loratool convert --to lora --base BASE` makes a plain LoRA of them"
+            return "`loratool convert --to lora` makes a plain LoRA of them"
         if self.format == "peft":
             return "PEFT merges its own types (PeftModel.merge_and_unload)"
         return "LyCORIS types need LyCORIS' own tools"
