@@ -424,6 +424,8 @@ class Adapter:
         foreign = self.uncomputed() if deltas_ok else self.foreign
         if foreign:
             kind, stems = next(iter(foreign.items()))
+            if stems[0] in self.deltas:  # the suffix table says OFT for BOFT's oft_blocks too
+                kind = self.deltas[stems[0]].type
             raise UnsupportedAdapterError(
                 f"unsupported adapter type {kind} ({len(stems)} modules, e.g. {stems[0]!r}); "
                 f"{operation} is defined for LoRA factors only",
@@ -435,9 +437,9 @@ class Adapter:
     def _foreign_hint(self, stems: list[str]) -> str:
         if all(stem in self.deltas for stem in stems):
             needs = any(self.deltas[stem].needs_base for stem in stems)
-            return "`loratool convert --to lora` makes a plain LoRA of them" + (
-                " (with the base checkpoint: their update reads the base weight)" if needs else ""
-            )
+            if needs:  # their update reads the base weight
+                return "`loratool convert --to lora --base BASE` makes a plain LoRA of them"
+            return "`loratool convert --to lora` makes a plain LoRA of them"
         if self.format == "peft":
             return "PEFT merges its own types (PeftModel.merge_and_unload)"
         return "LyCORIS types need LyCORIS' own tools"

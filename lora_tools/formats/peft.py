@@ -419,7 +419,8 @@ def peft_config_for(adapter: Adapter) -> dict[str, Any] | None:
     """
     modules = [m for m in adapter.modules.values() if m.component is None]
     if not modules:
-        return None
+        # PEFT's other types (LoHa, LoKr...) alone: their config, as read, still says them
+        return dict(adapter.config) if adapter.deltas and adapter.config else None
     base = adapter.config or {
         "peft_type": "LORA",
         "task_type": None,

@@ -130,9 +130,12 @@ class ResizeResult(WrittenResult):
             if r.key in original.modules:
                 m = original.modules[r.key]
                 per_rank = (m.down.numel + m.up.numel) // max(m.rank, 1)
-            else:
+            elif self.adapter is not None and r.key in self.adapter.modules:
+                m = self.adapter.modules[r.key]  # the LoRA written (its shape is the base's)
+                per_rank = (m.down.numel + m.up.numel) // max(m.rank, 1)
+            else:  # a dry run: the update's dims, where the type fixes them
                 out, inp = original.deltas[r.key].update_dims
-                per_rank = out + (inp or 0)
+                per_rank = (out or 0) + (inp or 0)
             after += per_rank * r.new_rank
         return {
             "modules": len(rows),
