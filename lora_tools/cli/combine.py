@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from lora_tools.cli._algebra import load_input
+from lora_tools.cli._algebra import load_input, warn
 from lora_tools.cli._common import command_hints, print_json
 from lora_tools.cli.options import (
     blas_threads,
@@ -44,6 +44,13 @@ from lora_tools.cli.options import (
     show_default=True,
     help="How singular values are split between the factors (svd / ties / dare).",
 )
+@click.option(
+    "--base",
+    metavar="BASE",
+    help="Base checkpoint (file, folder or Hub id): for inputs of other adapter types whose "
+    "update reads the base weight (dora_scale, OFT...), and the kernel of LoHa / LoKr "
+    "convolutions.",
+)
 @force_option
 @json_option
 @quiet_option
@@ -51,8 +58,7 @@ from lora_tools.cli.options import (
     {
         "unknown-format": "combine takes adapters only; to fold one into a base model: "
         "`loratool merge BASE ADAPTER -o OUT`",
-        "needs-base": "turn such an adapter into a LoRA first: "
-        "`loratool convert ADAPTER --to lora --base BASE --energy 1 -o OUT`",
+        "needs-base": "pass --base with the base checkpoint the adapters were trained on",
     }
 )
 def command(
@@ -65,6 +71,7 @@ def command(
     density: float | None,
     seed: int,
     distribute: str,
+    base: str | None,
     force: bool,
     as_json: bool,
     quiet: bool,
@@ -87,6 +94,11 @@ def command(
 
     parsed = weights_from(weight, weights_list)
     sources = [load_input(spec) for spec in adapters]
+    base_path = None
+    if base is not None:
+        from lora_tools.io.hub import resolve_input
+
+        base_path = resolve_input(base, role="base")
     with progress_bar(f"combine ({method})", quiet) as progress:
         result = combine_adapters(
             sources,
@@ -96,9 +108,13 @@ def command(
             density=density,
             seed=seed,
             distribute=distribute,
+            base=base_path,
             progress=progress,
         )
+    for note in result.notes:
+        warn(note)
     inputs = [p for spec, a in zip(adapters, sources, strict=True) for p in input_paths(a, spec)]
+    inputs += [base_path] if base_path else []
     written = write_adapter(result.adapter, output, inputs, force=force)
     if as_json:
         print_json(result.with_output(output).to_json())

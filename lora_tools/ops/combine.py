@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -106,6 +107,8 @@ class CombineResult(WrittenResult):
     modules: tuple[ModuleCombine, ...] = ()
     method: str = "concat"
     weights: tuple[float, ...] = ()
+    #: what the conversion of other types said (a LoHa convolution without its kernel...).
+    notes: tuple[str, ...] = ()
 
     def fields(self) -> dict[str, Any]:
         return {
@@ -114,6 +117,7 @@ class CombineResult(WrittenResult):
             "weights": list(self.weights),
             "counts": {"modules": len(self.modules)},
             "modules": [row.as_dict() for row in self.modules],
+            "notes": list(self.notes),
         }
 
 
@@ -156,13 +160,15 @@ def _check_inputs(adapters: list[Adapter], weights: list[float]) -> None:
             )
 
 
-def _plain(adapter: Adapter) -> Adapter:
-    """``adapter`` with its modules of other types as their exact plain LoRA."""
+def _plain(adapter: Adapter, base: Any = None) -> tuple[Adapter, tuple[str, ...]]:
+    """``adapter`` with its modules of other types as their exact plain LoRA (laid out as
+    the ``base`` checkpoint's weights when given), and the conversion's notes."""
     if not adapter.deltas:
-        return adapter
+        return adapter, ()
     from lora_tools.ops.to_lora import as_lora
 
-    return as_lora(adapter, None, operation="combine")[0]
+    out, _, notes = as_lora(adapter, None, base=base, operation="combine")
+    return out, notes
 
 
 def match_modules(
@@ -226,6 +232,7 @@ def combine_adapters(
     density: float | None = None,
     seed: int = 0,
     distribute: str = "sqrt",
+    base: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
 ) -> CombineResult:
     """Combine adapters into one whose update is the weighted sum (see the module docstring).
@@ -238,6 +245,8 @@ def combine_adapters(
         density: fraction of entries kept by ties / dare, in (0, 1].
         seed: seed of dare's random drop.
         distribute: how singular values are split between factors (svd / ties / dare).
+        base: the base checkpoint, for inputs of other types whose update reads it, and to
+            lay out LoHa / LoKr convolutions whose tensors flatten the kernel.
         progress: optional ``progress(done, total)`` callback.
 
     Returns:
@@ -264,7 +273,9 @@ def combine_adapters(
             raise UsageError(f"--density must be in (0, 1], got {density}")
     elif density is not None:
         raise UsageError("--density applies to --method ties and dare only")
-    adapters = [_plain(a) for a in adapters]
+    plain = [_plain(a, base) for a in adapters]
+    adapters = [a for a, _ in plain]
+    notes = tuple(dict.fromkeys(note for _, found in plain for note in found))
     _check_inputs(adapters, weights)
 
     first = adapters[0]
@@ -324,6 +335,7 @@ def combine_adapters(
         tuple(rows),
         method,
         tuple(weights),
+        notes,
         source_inputs=tuple(ref for a in adapters for ref in adapter_inputs(a)),
     )
 

@@ -484,31 +484,25 @@ def test_rescale_factor_scales_the_update(lycoris, references, base_unet, tmp_pa
     assert_f32(got, {k: base_unet[k] + 0.5 * d for k, d in deltas.items()}, ulps=16)
 
 
-COMBINE_BUG = (
-    "combine converts LoHa / LoKr convolutions whose factors flatten the kernel without a "
-    "base: the LoRA written is [out, in*k*k] linear (validate --base: LT403 on every 3x3 conv)"
-)
-
-
 @pytest.mark.parametrize(
-    "name",
-    [
-        "loha-tucker",
-        "lokr-whole",
-        "lokr-tucker",
-        "locon-tucker",
-        pytest.param("loha", marks=pytest.mark.xfail(strict=True, reason=COMBINE_BUG)),
-        pytest.param("lokr", marks=pytest.mark.xfail(strict=True, reason=COMBINE_BUG)),
-    ],
+    "name", ["loha-tucker", "lokr-whole", "lokr-tucker", "locon-tucker", "loha", "lokr"]
 )
 def test_combine_sums_the_updates(lycoris, references, base_unet, tmp_path, name):
     path, _ = lycoris[name]
     twice = tmp_path / "twice.safetensors"
-    ok("combine", path, path, "-o", twice)
+    # a LoHa / decomposed LoKr convolution flattens its kernel: --base lays it out
+    extra = [] if name in KERNEL_KEPT else ["--base", SD]
+    ok("combine", path, path, "-o", twice, *extra)
     clean(twice, SD)
     got = merged_unet(twice, tmp_path / "m")
     deltas = delta_of(references[name], base_unet)
     assert_f32(got, {k: base_unet[k] + 2 * d for k, d in deltas.items()}, ulps=32)
+
+
+def test_combine_without_the_base_says_the_kernel_is_unknown(lycoris, tmp_path):
+    """Without --base a LoHa convolution's LoRA keeps the flattened kernel: combine says so."""
+    code, _, err = loratool("combine", lycoris["loha"][0], "-o", tmp_path / "o.safetensors")
+    assert code == 0 and "do not say a kernel shape" in err, err
 
 
 def test_combine_refuses_a_bias_difference(lycoris, tmp_path):
