@@ -24,6 +24,7 @@ import numpy as np
 
 from lora_tools.adapter import CONV, LINEAR, Adapter, LoraModule
 from lora_tools.deltas import LOHA, DeltaError, DeltaModule
+from lora_tools.deltas.peft_types import VERA
 from lora_tools.errors import (
     AdapterError,
     ResolveError,
@@ -259,6 +260,9 @@ def as_lora(
         c_up, c_down = split_scalar(up.shape[1] / alpha)
         modules[template.key] = with_factors(template, up * c_up, down * c_down, alpha=alpha)
     gone = {key for m in deltas.values() for key in m.keys.values()}
+    if any(m.type == VERA for m in deltas.values()):
+        # the projections VeRA's modules share, which no LoRA module reads
+        gone |= {"base_model.vera_A", "base_model.vera_B"}
     out = dataclasses.replace(
         adapter,
         modules=modules,

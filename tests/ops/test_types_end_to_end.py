@@ -590,12 +590,26 @@ def test_types_that_read_the_base_are_refused_without_it(lycoris, tmp_path, name
     o = tmp_path / "o.safetensors"
     refused(["convert", path, "--to", "lora", "-o", o], 2, kind, "--base")
     refused(["resize", path, "--rank", "2", "-o", o], 2, kind, "--base")
-    refused(["combine", path, path, "-o", o], 2, kind, "--to lora")
+    refused(["combine", path, path, "-o", o], 2, kind, "--base")
     refused(["rescale", path, "--factor", "0.5", "-o", o], 3, kind, "rescale --factor")
     # a rotation, a vector or a weight decomposition has no low-rank form to pick by itself
     line = refused(["convert", path, "--to", "lora", "--base", SD, "-o", o], 2, TYPE[name])
     assert "--rank R or --energy E" in line
     assert not o.exists()
+
+
+@pytest.mark.parametrize("name", [n for n in READS_BASE if n != "ia3"])
+def test_combine_with_the_base_sums_updates_that_read_it(
+    lycoris, references, base_unet, tmp_path, name
+):
+    """With --base each module becomes its exact LoRA ``merged(W) - W`` on that base first."""
+    path, _ = lycoris[name]
+    twice = tmp_path / "twice.safetensors"
+    ok("combine", path, path, "--base", SD, "-o", twice)
+    clean(twice, SD)
+    got = merged_unet(twice, tmp_path / "m")
+    deltas = delta_of(references[name], base_unet)
+    assert_f32(got, {k: base_unet[k] + 2 * d for k, d in deltas.items()}, ulps=64)
 
 
 def test_full_diff_needs_a_rank_rule(lycoris, tmp_path):
@@ -635,5 +649,17 @@ def test_peft_types_that_read_the_base_are_refused_without_it(peft_folders, tmp_
     kind = PEFT_NAME[peft_type]
     refused(["convert", folder, "--to", "lora", "-o", tmp_path / "o"], 2, kind, "--base")
     refused(["resize", folder, "--rank", "2", "-o", tmp_path / "o"], 2, kind, "--base")
-    refused(["combine", folder, folder, "-o", tmp_path / "o"], 2, kind, "--to lora")
+    refused(["combine", folder, folder, "-o", tmp_path / "o"], 2, kind, "--base")
     refused(["rescale", folder, "--factor", "2", "-o", tmp_path / "o"], 3, kind)
+
+
+@pytest.mark.parametrize("peft_type", PEFT_READS_BASE)
+def test_peft_types_combine_with_the_base(peft_folders, tmp_path, peft_type):
+    folder, state = peft_folders[peft_type]
+    base = load_file(LLAMA / "model.safetensors")
+    ok("combine", folder, folder, "--base", LLAMA, "-o", tmp_path / "c")
+    clean(tmp_path / "c", LLAMA)
+    ok("merge", LLAMA, tmp_path / "c", "-o", tmp_path / "m", "--device", "cpu")
+    got = load_file(tmp_path / "m" / "model.safetensors")
+    want = {k: 2 * v.astype(np.float64) - base[k] for k, v in state.items()}
+    assert_f32(got, want, ulps=64)
