@@ -76,7 +76,8 @@ def _quantize_hf(scheme: Scheme, weight: np.ndarray) -> tuple[np.ndarray, np.nda
         inv = np.exp2(np.ceil(np.log2(np.maximum(inv, tiny)))).astype(np.float32)
         scale = (np.float32(1) / inv).astype(np.float32)
     q = _cast_fp8(w * _expand(scale, w.shape, block), scheme)
-    return q, inv if scheme.block_size else inv.reshape(())
+    # per tensor (no weight_block_size) transformers keeps the grid's shape: [..., 1, 1]
+    return q, inv
 
 
 def _quantize_compressed_tensors(
@@ -160,6 +161,8 @@ def expand_scale(scheme: Scheme, scale: np.ndarray | None, shape: tuple[int, ...
         factor = _expand(factor, shape, scheme.block_size)
     elif factor.size == 1:
         factor = factor.reshape(())
+    elif scheme.name == "hf-block-fp8":
+        factor = factor.reshape(*factor.shape[:-2], 1, 1)  # per tensor of stacked experts
     return np.broadcast_to(factor, shape)
 
 

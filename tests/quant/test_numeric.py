@@ -62,6 +62,17 @@ def test_hf_block_quantize_is_transformers_bit_for_bit(shape, block, scale_fmt):
     np.testing.assert_array_equal(inv, out["l.weight_scale_inv"].to(torch.float32).numpy())
 
 
+@pytest.mark.parametrize("shape", [(6, 10), (3, 4, 6)])
+def test_hf_per_tensor_without_block_size_is_transformers_bit_for_bit(shape):
+    w = _weight(shape, seed=9)
+    out = _hf(None).convert({"l.weight": torch.from_numpy(w)})
+    scheme = Scheme("hf-block-fp8", "F8_E4M3", "tensor", None, "weight_scale_inv")
+    q, inv = quantize(scheme, w)
+    np.testing.assert_array_equal(_bytes(q), _bytes(out["l.weight"]))
+    np.testing.assert_array_equal(inv, out["l.weight_scale_inv"].numpy())
+    np.testing.assert_array_equal(dequantize(scheme, q, inv), q.astype(np.float64) * inv)
+
+
 def test_hf_partial_edge_blocks_quantize_as_if_zero_padded():
     """transformers' Fp8Quantize passes a weight that blocks do not tile through unquantized;
     the checkpoints (DeepSeek-V3 kv_a_proj_with_mqa 576 rows in 128-row blocks) carry ceil-sized
