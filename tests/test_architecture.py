@@ -22,6 +22,7 @@ LAYERS: dict[str, int] = {
     "lora_tools.patterns": 1,
     "lora_tools.results": 1,
     "lora_tools.io": 1,
+    "lora_tools.quant": 1,
     "lora_tools.adapter": 2,
     "lora_tools.lowrank": 2,
     "lora_tools.deltas": 2,

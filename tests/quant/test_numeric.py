@@ -1,0 +1,206 @@
+"""loratool's fp8 quantizers against each scheme's own code: transformers' Fp8Quantize /
+Fp8Dequantize, compressed-tensors' calculate_qparams + quantize, and ComfyUI's
+TensorCoreFP8Layout.quantize (not on the package index: its four lines are transcribed in torch)."""
+
+from __future__ import annotations
+
+import types
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from lora_tools.quant.numeric import dequantize, expand_scale, fp8_step, quantize
+from lora_tools.quant.schemes import Scheme
+
+torch = pytest.importorskip("torch")
+
+pytestmark = pytest.mark.oracle
+
+_TORCH_FP8 = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+_TORCH_FLOAT = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def _weight(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """Gaussian values with rows of very different magnitudes, an all-zero row and -0.0s."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal(shape) * np.exp2(rng.integers(-12, 6, size=(*shape[:-1], 1)))
+    w[..., 0, :] = 0.0
+    w[..., 1, :2] = -0.0
+    return w.astype(np.float32)
+
+
+def _bytes(array) -> np.ndarray:
+    if isinstance(array, torch.Tensor):
+        return array.contiguous().view(torch.uint8).numpy()
+    return np.ascontiguousarray(array).view(np.uint8)
+
+
+def _hf(block, scale_fmt="float"):
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+
+    qc = types.SimpleNamespace(weight_block_size=block, scale_fmt=scale_fmt)
+    return Fp8Quantize(types.SimpleNamespace(quantization_config=qc))
+
+
+def _hf_scheme(block, scale_fmt="float") -> Scheme:
+    return Scheme(
+        "hf-block-fp8", "F8_E4M3", "block", block, "weight_scale_inv", scale_fmt=scale_fmt
+    )
+
+
+@pytest.mark.parametrize("scale_fmt", ["float", "ue8m0"])
+@pytest.mark.parametrize(
+    ("shape", "block"), [((8, 12), (4, 4)), ((6, 16), (2, 8)), ((3, 8, 8), (4, 4))]
+)
+def test_hf_block_quantize_is_transformers_bit_for_bit(shape, block, scale_fmt):
+    w = _weight(shape, seed=sum(shape))
+    out = _hf(block, scale_fmt).convert({"l.weight": torch.from_numpy(w)})
+    q, inv = quantize(_hf_scheme(block, scale_fmt), w)
+    assert q.dtype == ml_dtypes.float8_e4m3fn and q.shape == w.shape
+    np.testing.assert_array_equal(_bytes(q), _bytes(out["l.weight"]))
+    np.testing.assert_array_equal(inv, out["l.weight_scale_inv"].to(torch.float32).numpy())
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (3, 4, 6)])
+def test_hf_per_tensor_without_block_size_is_transformers_bit_for_bit(shape):
+    w = _weight(shape, seed=9)
+    out = _hf(None).convert({"l.weight": torch.from_numpy(w)})
+    scheme = Scheme("hf-block-fp8", "F8_E4M3", "tensor", None, "weight_scale_inv")
+    q, inv = quantize(scheme, w)
+    np.testing.assert_array_equal(_bytes(q), _bytes(out["l.weight"]))
+    np.testing.assert_array_equal(inv, out["l.weight_scale_inv"].numpy())
+    np.testing.assert_array_equal(dequantize(scheme, q, inv), q.astype(np.float64) * inv)
+
+
+def test_hf_partial_edge_blocks_quantize_as_if_zero_padded():
+    """transformers' Fp8Quantize passes a weight that blocks do not tile through unquantized;
+    the checkpoints (DeepSeek-V3 kv_a_proj_with_mqa 576 rows in 128-row blocks) carry ceil-sized
+    scale grids, so loratool quantizes each partial block on its own, as the zero-padded
+    tensor quantizes (zeros never raise an amax)."""
+    w = _weight((7, 10), seed=3)
+    padded = np.zeros((8, 12), dtype=np.float32)
+    padded[:7, :10] = w
+    out = _hf((4, 4)).convert({"l.weight": torch.from_numpy(padded)})
+    q, inv = quantize(_hf_scheme((4, 4)), w)
+    assert inv.shape == (2, 3)
+    np.testing.assert_array_equal(_bytes(q), _bytes(out["l.weight"])[:7, :10])
+    np.testing.assert_array_equal(inv, out["l.weight_scale_inv"].numpy())
+
+
+def test_hf_dequantize_matches_transformers_including_edge_blocks():
+    from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+
+    w = _weight((7, 10), seed=4)
+    q, inv = quantize(_hf_scheme((4, 4)), w)
+    ours = dequantize(_hf_scheme((4, 4)), q, inv)
+    theirs = _dequantize_fp8_weight(
+        torch.from_numpy(_bytes(q).copy()).view(torch.float8_e4m3fn),
+        torch.from_numpy(inv),
+        [4, 4],
+        torch.float32,
+    )
+    np.testing.assert_array_equal(ours.astype(np.float32), theirs.numpy())
+
+
+def _ct(strategy: str, w: np.ndarray, dtype: str):
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import dequantize as ct_dequantize
+    from compressed_tensors.quantization.lifecycle.forward import quantize as ct_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    args = QuantizationArgs(num_bits=8, type="float", strategy=strategy, symmetric=True)
+    t = torch.from_numpy(w).to(getattr(torch, _TORCH_FLOAT[dtype]))
+    if strategy == "channel":
+        lo, hi = t.amin(dim=1, keepdim=True), t.amax(dim=1, keepdim=True)
+    else:
+        lo, hi = t.amin(), t.amax()
+    scale, zero = calculate_qparams(lo, hi, args)
+    q = ct_quantize(t, scale, zero, args, dtype=torch.float8_e4m3fn)
+    return q, scale, ct_dequantize(q, scale, zero, args)
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
+@pytest.mark.parametrize("strategy", ["tensor", "channel"])
+def test_compressed_tensors_quantize_is_bit_for_bit(strategy, dtype):
+    w = _weight((6, 9), seed=5)
+    if dtype == "F16":
+        w = np.clip(w, -60000, 60000)
+    scheme = Scheme("compressed-tensors-fp8", "F8_E4M3", strategy, None, "weight_scale")
+    q_ref, scale_ref, deq_ref = _ct(strategy, w, dtype)
+    # the canonical quantizer sees the weight in its own dtype: give it the same
+    stored = torch.from_numpy(w).to(getattr(torch, _TORCH_FLOAT[dtype])).float().numpy()
+    q, scale = quantize(scheme, stored.astype(np.float64), compute_dtype=dtype)
+    assert scale.shape == tuple(scale_ref.shape)
+    np.testing.assert_array_equal(_bytes(q), _bytes(q_ref))
+    np.testing.assert_array_equal(scale.astype(np.float32), scale_ref.float().numpy())
+    ours = dequantize(scheme, q, scale)
+    rounded = torch.from_numpy(ours).to(deq_ref.dtype)
+    np.testing.assert_array_equal(rounded.float().numpy(), deq_ref.float().numpy())
+
+
+def _comfy_quantize(tensor, dtype):
+    """ComfyUI comfy/quant_ops.py TensorCoreFP8Layout.quantize (scale=None), transcribed."""
+    scale = torch.amax(tensor.abs()) / torch.finfo(dtype).max
+    scale = scale.to(dtype=torch.float32)
+    tensor_scaled = tensor * (1.0 / scale).to(tensor.dtype)
+    return tensor_scaled.to(dtype), scale
+
+
+@pytest.mark.parametrize("fp8", ["F8_E4M3", "F8_E5M2"])
+@pytest.mark.parametrize("dtype", ["BF16", "F32", "F16"])
+@pytest.mark.parametrize("name", ["comfyui-fp8", "comfyui-scaled-fp8"])
+def test_comfy_quantize_is_bit_for_bit(name, dtype, fp8):
+    w = _weight((5, 8), seed=6)
+    w[0, 0] = 3.0  # the all-zero first row would make ComfyUI's scale 0 only if all were zero
+    t = torch.from_numpy(w).to(getattr(torch, _TORCH_FLOAT[dtype]))
+    q_ref, scale_ref = _comfy_quantize(t, getattr(torch, _TORCH_FP8[fp8]))
+    scheme = Scheme(name, fp8, "tensor", None, "weight_scale")
+    q, scale = quantize(scheme, t.float().numpy().astype(np.float64), compute_dtype=dtype)
+    np.testing.assert_array_equal(_bytes(q), _bytes(q_ref))
+    assert scale.dtype == np.float32 and scale == scale_ref.numpy()
+    assert np.array_equal(dequantize(scheme, q, scale), _bytes(q).view(q.dtype) * np.float64(scale))
+
+
+@pytest.mark.parametrize("fp8", ["F8_E4M3", "F8_E5M2"])
+def test_plain_fp8_is_torch_cast_and_saturates_instead_of_nan(fp8):
+    w = _weight((4, 6), seed=7) * 100
+    scheme = Scheme("plain-fp8", fp8)
+    q, scale = quantize(scheme, w)
+    assert scale is None
+    inside = torch.from_numpy(w).clamp(
+        -float(ml_dtypes.finfo(q.dtype).max), float(ml_dtypes.finfo(q.dtype).max)
+    )
+    np.testing.assert_array_equal(_bytes(q), _bytes(inside.to(getattr(torch, _TORCH_FP8[fp8]))))
+    assert np.isfinite(q.astype(np.float32)).all()
+
+
+SCHEMES = [
+    _hf_scheme((4, 4)),
+    _hf_scheme((4, 4), "ue8m0"),
+    Scheme("compressed-tensors-fp8", "F8_E4M3", "tensor", None, "weight_scale"),
+    Scheme("compressed-tensors-fp8", "F8_E4M3", "channel", None, "weight_scale"),
+    Scheme("comfyui-fp8", "F8_E4M3", "tensor", None, "weight_scale"),
+    Scheme("comfyui-scaled-fp8", "F8_E5M2", "tensor", None, "scale_weight"),
+]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.describe())
+def test_round_trip_within_one_step_even_when_the_update_raises_amax(scheme):
+    """Requantizing with a recomputed scale never saturates: an update that raises a layer's
+    amax eightfold still lands every element within one fp8 step of W'."""
+    base = _weight((7, 10), seed=8).astype(np.float64)
+    raised = base.copy()
+    raised[3, 4] = 8 * np.abs(base).max() + 1
+    for w in (base, raised):
+        q, scale = quantize(scheme, w)
+        back = dequantize(scheme, q, scale)
+        step = fp8_step(scheme, w, scale)
+        # bf16 compute (compressed-tensors) rounds W once more before the fp8 rounding
+        assert (np.abs(back - w) <= step + 1e-300).all()
+        assert np.abs(back).max() >= 0.99 * np.abs(w).max()
+
+
+def test_expand_scale_refuses_a_grid_that_does_not_fit():
+    with pytest.raises(ValueError, match=r"expected \(2, 3\)"):
+        expand_scale(_hf_scheme((4, 4)), np.ones((2, 2), np.float32), (7, 10))
