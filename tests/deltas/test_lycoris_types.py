@@ -208,36 +208,27 @@ FILES = {
 }
 
 
+def lycoris_files_maker():
+    """tests/data/lycoris/make_lycoris_files.py as a module (its ``write_network``)."""
+    spec = importlib.util.spec_from_file_location("make_lycoris_files", MAKE)
+    make = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make)
+    return make
+
+
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
     """name -> (file, {module name: (LyCORIS module, base weight)}): each file as
     tests/data/lycoris/make_lycoris_files.py writes it (lycoris' kohya network on tiny-sd's
     UNet), in float32 so that the file holds the module's values exactly."""
-    import lycoris.kohya as lycoris_kohya
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    spec = importlib.util.spec_from_file_location("make_lycoris_files", MAKE)
-    make = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make)
+    make = lycoris_files_maker()
     out = tmp_path_factory.mktemp("lycoris-types")
     preset = out / "preset.toml"
     preset.write_text(make.PRESET)
     files = {}
     for i, (name, args) in enumerate(FILES.items()):
-        torch.manual_seed(i)
-        unet = UNet2DConditionModel.from_pretrained(make.BASE / "unet")
-        text_encoder = CLIPTextModel.from_pretrained(make.BASE / "text_encoder")
-        net = lycoris_kohya.create_network(
-            1.0, 2, 1.0, None, text_encoder, unet, preset=str(preset), conv_dim=2, conv_alpha=1,
-            **args,
-        )  # fmt: skip
-        net.apply_to(text_encoder, unet, True, True)
-        with torch.no_grad():
-            for param in net.parameters():
-                param.add_(torch.randn_like(param) * 0.05)
         path = out / f"{name}.safetensors"
-        net.save_weights(str(path), torch.float32, {})
+        net = make.write_network(path, args, seed=i, preset=preset, noise=0.05, dtype=torch.float32)
         modules = {m.lora_name: (m, m.org_weight.detach().double().numpy()) for m in net.loras}
         files[name] = (path, modules)
     return files

@@ -28,7 +28,7 @@ torch = pytest.importorskip("torch")
 lycoris_kohya = pytest.importorskip("lycoris.kohya")
 peft = pytest.importorskip("peft")
 
-from tests.deltas.test_lycoris_types import float64_inverse  # noqa: E402
+from tests.deltas.test_lycoris_types import float64_inverse, lycoris_files_maker  # noqa: E402
 from tests.ops.test_merge_lycoris import kohya_names  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -174,27 +174,15 @@ def clean(path: Path, base: Path, *ignore: str) -> None:
 def lycoris(tmp_path_factory):
     """name -> (file, {kohya module name: LyCORIS module}), plus the old ``oft_diag`` file (the
     rotations themselves, from LyCORIS' own ``get_r``) beside the diag-OFT one."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel
 
     out = tmp_path_factory.mktemp("types")
     preset = out / "preset.toml"
     preset.write_text(PRESET)
     files = {}
+    make = lycoris_files_maker()
     for i, (name, args) in enumerate(LYCORIS.items()):
-        torch.manual_seed(i)
-        unet = UNet2DConditionModel.from_pretrained(SD / "unet")
-        text_encoder = CLIPTextModel.from_pretrained(SD / "text_encoder")
-        net = lycoris_kohya.create_network(
-            1.0, 2, 1.0, None, text_encoder, unet, preset=str(preset), conv_dim=2, conv_alpha=1,
-            **args,
-        )  # fmt: skip
-        net.apply_to(text_encoder, unet, True, True)
-        with torch.no_grad():
-            for param in net.parameters():
-                param.add_(torch.randn_like(param) * 0.05)
         path = out / f"{name}.safetensors"
-        net.save_weights(str(path), torch.float32, {})
+        net = make.write_network(path, args, seed=i, preset=preset, noise=0.05, dtype=torch.float32)
         files[name] = (path, {m.lora_name: m for m in net.loras})
     path, modules = files["oft"]
     state = load_file(path)

@@ -40,33 +40,42 @@ FILES = {
 }
 
 
+def write_network(
+    path: Path,
+    args: dict,
+    *,
+    seed: int,
+    preset: Path,
+    noise: float = 0.01,
+    dtype: torch.dtype = torch.float16,
+):
+    """lycoris-lora's kohya network with ``args`` on tiny-sd (the modules ``preset`` names),
+    every parameter moved by ``noise`` times a normal draw after ``seed``, saved to ``path``;
+    returns the network (its ``loras`` are the trained modules)."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(BASE / "unet")
+    text_encoder = CLIPTextModel.from_pretrained(BASE / "text_encoder")
+    net = lycoris_kohya.create_network(
+        1.0, 2, 1.0, None, text_encoder, unet, preset=str(preset), conv_dim=2, conv_alpha=1,
+        **args,
+    )  # fmt: skip
+    net.apply_to(text_encoder, unet, True, True)
+    with torch.no_grad():
+        for param in net.parameters():
+            param.add_(torch.randn_like(param) * noise)
+    net.save_weights(str(path), dtype, {})
+    return net
+
+
 def main() -> None:
     preset = HERE / "preset.toml"
     preset.write_text(PRESET)
     orders = {}
     try:
         for name, args in FILES.items():
-            torch.manual_seed(len(orders))
-            unet = UNet2DConditionModel.from_pretrained(BASE / "unet")
-            text_encoder = CLIPTextModel.from_pretrained(BASE / "text_encoder")
-            net = lycoris_kohya.create_network(
-                1.0,
-                2,
-                1.0,
-                None,
-                text_encoder,
-                unet,
-                preset=str(preset),
-                conv_dim=2,
-                conv_alpha=1,
-                **args,
-            )
-            net.apply_to(text_encoder, unet, True, True)
-            with torch.no_grad():
-                for param in net.parameters():
-                    param.add_(torch.randn_like(param) * 0.01)
+            path = HERE / f"{name}.safetensors"
+            net = write_network(path, args, seed=len(orders), preset=preset)
             orders[name] = list(net.state_dict())
-            net.save_weights(str(HERE / f"{name}.safetensors"), torch.float16, {})
     finally:
         preset.unlink()
     (HERE / "state_dict_order.json").write_text(json.dumps(orders) + "\n")
