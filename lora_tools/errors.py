@@ -94,6 +94,11 @@ class ResolveError(LoraToolError):
     """Adapter modules do not resolve to base weights (none, or more than one)."""
 
 
+class UnsupportedBaseError(LoraToolError):
+    """A base checkpoint loratool cannot merge into (a quantization scheme it does not
+    requantize: fp8 schemes until the merge engine keeps them, int4 / NF4 / GPTQ / AWQ...)."""
+
+
 class ShapeError(LoraToolError):
     """Tensors that should agree in shape do not."""
 

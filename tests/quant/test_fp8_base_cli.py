@@ -93,9 +93,10 @@ def test_validate_resolves_against_an_fp8_base_as_against_the_float_one(fp8_base
     assert ("LT405", None) in _findings(on_fp8)
 
 
-def test_merge_still_refuses_an_fp8_base_in_one_line(fp8_base, tmp_path):
+def test_merge_still_refuses_an_fp8_base_in_one_line_naming_the_scheme(fp8_base, tmp_path):
     out = tmp_path / "out"
     result = loratool("merge", fp8_base, ADAPTER, "-o", out)
-    assert result.returncode != 0 and not out.exists()
+    assert result.returncode == 3 and not out.exists()
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "F8_E4M3" in lines[0] and "_proj.weight" in lines[0]
+    assert "hf-block-fp8 (F8_E4M3, 24x24 blocks)" in lines[0], lines[0]

@@ -17,12 +17,19 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NoReturn
 
 import numpy as np
 
 from lora_tools.adapter import EMBEDDING, LARGEST, LARGEST_F32, Adapter
 from lora_tools.deltas import DeltaModule
-from lora_tools.errors import AdapterError, OutputError, UnsupportedAdapterError, UsageError
+from lora_tools.errors import (
+    AdapterError,
+    OutputError,
+    UnsupportedAdapterError,
+    UnsupportedBaseError,
+    UsageError,
+)
 from lora_tools.io.checkpoint import Checkpoint, open_checkpoint
 from lora_tools.io.safetensors import Tensor
 from lora_tools.lowrank import max_abs_update
@@ -296,18 +303,30 @@ def plan_merge(
                 sources = per_tensor.get(key, [])
                 replacement = replacements.get(key)
                 if (sources or replacement is not None) and info.dtype not in FLOAT_DTYPES:
-                    raise UsageError(
-                        f"base tensor {info.name!r} is {info.dtype}; merging needs a float "
-                        "weight (F16, BF16, F32, F64)",
-                        path=path,
-                        hint="quantized bases cannot be merged into; use the unquantized base",
-                    )
+                    _refuse_quantized(comp, reader, info, path)
                 out_dtype = _out_dtype(info.dtype, dtype)
                 for match, weight, role, _ in sources:
                     _check_update_fits(match, weight, role, out_dtype)
                 jobs.append(TensorJob(info, out_dtype, sources, replacement))
             files.append(FilePlan(path, path.relative_to(root), jobs, reader.header.metadata))
     return MergePlan(ckpt, base_spec or str(base), files, reports, dtype)
+
+
+def _refuse_quantized(comp: Any, reader: Any, info: Any, path: Path) -> NoReturn:
+    """UnsupportedBaseError naming the quantization scheme the base's tensors and config say
+    (:func:`lora_tools.quant.detect_scheme`, header-only), for a merged tensor that is no
+    float weight."""
+    from lora_tools.quant import detect_scheme
+
+    headers = {name: comp.info(name) for name in comp}
+    scheme = detect_scheme(headers, metadata=reader.header.metadata, config=comp.config)
+    raise UnsupportedBaseError(
+        f"base tensor {info.name!r} is {info.dtype} ({scheme.describe()}); loratool merges "
+        "into float weights (F16, BF16, F32, F64) only, and never past a scale",
+        path=path,
+        hint="merge into the unquantized (bf16 / fp16 / fp32) base",
+        kind="unsupported-base",
+    )
 
 
 def output_path(out: str | os.PathLike[str], base: Path) -> Path:
