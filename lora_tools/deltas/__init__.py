@@ -394,7 +394,7 @@ class _LoKr(TypeSpec):
 
     Scale: LyCORIS (and ComfyUI) apply ``alpha / r`` only when a factor is decomposed, ``r``
     the decomposed factor's rank; with both factors whole the scale is 1 whatever alpha says.
-    PEFT's LoKr always scales by ``alpha / r`` (its config's).
+    PEFT's LoKr always scales by ``alpha / r`` (its config's): :data:`PEFT_TYPES` has its spec.
     """
 
     def _w1_dims(self, m: DeltaModule) -> tuple[int, int]:
@@ -429,10 +429,6 @@ class _LoKr(TypeSpec):
 
     def scale(self, m: DeltaModule) -> float:
         rank = self.rank(m)
-        if m.convention == PEFT:
-            r = int(m.options.get("r") or rank or 1)
-            alpha = m.alpha if m.alpha is not None else r
-            return float(alpha) / (math.sqrt(r) if m.options.get("rs_lora") else r)
         return 1.0 if rank is None else _alpha_over(m, rank)
 
     def dims(self, m: DeltaModule) -> tuple[int, int]:

@@ -138,6 +138,14 @@ def _config_rank(m: DeltaModule, rank: int | None) -> int | None:
     return rank if r is None else int(r)
 
 
+def _config_alpha(m: DeltaModule, default: float, name: str = "alpha") -> float:
+    """The config's alpha for the module (alpha_pattern applied), ``default`` without one."""
+    alpha = m.alpha if m.alpha is not None else default
+    if not math.isfinite(alpha):
+        raise DeltaError(f"{m.type} module {m.key!r}: adapter_config.json's {name} is no number")
+    return float(alpha)
+
+
 class _PeftLoHa(_LoHa):
     """``dW = alpha / r * (w1a @ w1b) * (w2a @ w2b)`` (Tucker: ``einsum`` rebuilds of each half),
     ``r`` and ``alpha`` from the config, reshaped to the base weight (a conv without
@@ -145,10 +153,8 @@ class _PeftLoHa(_LoHa):
 
     def scale(self, m: DeltaModule) -> float:
         r = _config_rank(m, self.rank(m))
-        alpha = m.alpha if m.alpha is not None else r
-        if not math.isfinite(alpha):
-            raise DeltaError(f"LoHa module {m.key!r}: adapter_config.json's alpha is no number")
-        return 0.0 if not r else float(alpha) / r
+        alpha = _config_alpha(m, r or 0)
+        return 0.0 if not r else alpha / r
 
     def halves(self, m: DeltaModule, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
         torch = _exact(dtype)
@@ -186,10 +192,7 @@ class _PeftLoKr(_LoKr):
 
     def scale(self, m: DeltaModule) -> float:
         r = _config_rank(m, None) or super().rank(m) or 1
-        alpha = m.alpha if m.alpha is not None else r
-        if not math.isfinite(alpha):
-            raise DeltaError(f"LoKr module {m.key!r}: adapter_config.json's alpha is no number")
-        return float(alpha) / r
+        return _config_alpha(m, r) / r
 
     def factors(self, m: DeltaModule, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
         torch = _exact(dtype)
@@ -577,12 +580,8 @@ class _AdaLoRA(TypeSpec):
         return float(init_r)
 
     def _alpha(self, m: DeltaModule) -> float:
-        alpha = m.alpha if m.alpha is not None else 0.0
-        if not math.isfinite(alpha):
-            raise DeltaError(
-                f"AdaLoRA module {m.key!r}: adapter_config.json's lora_alpha is no number"
-            )
-        return float(alpha) if alpha > 0 else float(self.rank(m))
+        alpha = _config_alpha(m, 0.0, "lora_alpha")
+        return alpha if alpha > 0 else float(self.rank(m))
 
     def scale(self, m: DeltaModule) -> float:
         return self._alpha(m) / (self._ranknum(m) + 1e-5)
