@@ -111,3 +111,26 @@ def machine() -> str:
         f"{platform.machine()}, {os.cpu_count()} cores, Python {sys.version.split()[0]}, "
         f"numpy {np.__version__}"
     )
+
+
+def prefault(gib: float) -> None:
+    """Touch ``gib`` GiB in a child process that exits at once (to push the base out of
+    the page cache; bench_merge.py's docstring explains why)."""
+    if gib > 0:
+        code = f"import numpy; numpy.ones({int(gib * (1 << 30))}, numpy.uint8)"
+        subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def timed(cmd: list[str], prefault_gib: float = 0) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS MB, CPU seconds) of one child process."""
+    os.sync()  # earlier runs' dirty pages are not this run's cost
+    time.sleep(1)
+    prefault(prefault_gib)
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        err = proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{err}")
+    return wall, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime

@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import timed
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / "_work" / "lycoris"
@@ -121,28 +122,6 @@ def adapter_tensors(kind: str, layers: list, seed: int) -> dict[str, np.ndarray]
 
 
 KINDS = ["LoRA r16", "LoHa r8", "LoKr f8 w2 r16", "LoKr f16 full"]
-
-
-def prefault(gib: float) -> None:
-    """Touch ``gib`` GiB in a child process that exits at once (bench_merge.py explains why)."""
-    if gib > 0:
-        code = f"import numpy; numpy.ones({int(gib * (1 << 30))}, numpy.uint8)"
-        subprocess.run([sys.executable, "-c", code], check=True)
-
-
-def timed(cmd: list[str], prefault_gib: float = 0) -> tuple[float, float, float]:
-    """(wall seconds, peak RSS MB, CPU seconds) of one child process."""
-    os.sync()
-    time.sleep(1)
-    prefault(prefault_gib)
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        err = proc.stderr.read().decode()[-2000:] if proc.stderr else ""
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{err}")
-    return wall, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
 
 
 def generate(work: Path, blocks: float) -> None:

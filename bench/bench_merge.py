@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import timed
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / "_work"
@@ -164,28 +165,6 @@ m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
 m = PeftModel.from_pretrained(m, sys.argv[2]).merge_and_unload()
 m.save_pretrained(sys.argv[3], max_shard_size="{shard}")
 """
-
-
-def prefault(gib: float) -> None:
-    """Touch ``gib`` GiB in a child process that exits at once (see the module docstring)."""
-    if gib > 0:
-        code = f"import numpy; numpy.ones({int(gib * (1 << 30))}, numpy.uint8)"
-        subprocess.run([sys.executable, "-c", code], check=True)
-
-
-def timed(cmd: list[str], prefault_gib: float = 0) -> tuple[float, float, float]:
-    """(wall seconds, peak RSS MB, CPU seconds) of one child process."""
-    os.sync()  # earlier runs' dirty pages are not this run's cost
-    time.sleep(1)
-    prefault(prefault_gib)
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        err = proc.stderr.read().decode()[-2000:] if proc.stderr else ""
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{err}")
-    return wall, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
