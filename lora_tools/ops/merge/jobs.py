@@ -157,22 +157,23 @@ def build_term(
         AdapterError: a factor holds NaN or Inf, which would make the merged weight non-finite.
     """
     module = match.module
-    if isinstance(module, DeltaModule):
-        return build_delta_term(match, weight, role, rows, job)
-    scale = module.scale * weight
     harm = f"merging it would make {match.target.key!r} non-finite"
     span = slice(None) if rows is None else slice(rows.update_start, rows.update_start + rows.count)
     offset = 0 if rows is None else rows.start
+    if role == "bias_diff":
+        # ComfyUI's .diff_b, of a LoRA or another type: bias += strength * diff_b (no alpha / r)
+        assert module.bias_diff is not None
+        named = _Named(module) if isinstance(module, DeltaModule) else module
+        diff = module.bias_diff.numpy().astype(np.float32).reshape(-1)
+        diff = require_finite(diff, "bias difference (.diff_b)", named, harm)
+        return DenseTerm(np.ascontiguousarray(diff[span]), weight, module.key, offset)
+    if isinstance(module, DeltaModule):
+        return build_delta_term(match, weight, role, rows, job)
+    scale = module.scale * weight
     if role == "bias":
         assert module.bias is not None
         bias = require_finite(module.bias.numpy().astype(np.float32), "lora_B.bias", module, harm)
         return DenseTerm(np.ascontiguousarray(bias[span]), scale, module.key, offset)
-    if role == "bias_diff":
-        # ComfyUI's .diff_b: bias += strength * diff_b (no alpha / r)
-        assert module.bias_diff is not None
-        diff = module.bias_diff.numpy().astype(np.float32)
-        diff = require_finite(diff, "bias difference (.diff_b)", module, harm)
-        return DenseTerm(np.ascontiguousarray(diff[span]), weight, module.key, offset)
     up, down = module.finite_factors(np.float32, consequence=harm)
     magnitude = None
     if module.magnitude is not None:
@@ -195,8 +196,8 @@ def build_delta_term(
     rows: Rows | None = None,
     job: TensorJob | None = None,
 ) -> Term:
-    """The term a module of another type makes to its weight or, for ``role="bias_diff"``,
-    its bias (``.diff_b`` times the merge weight).
+    """The term a module of another type makes to its weight or, for ``role="bias_scale"``,
+    to the bias its merge scales (a ``.diff_b`` is :func:`build_term`'s, as for LoRA).
 
     The module's tensors are read once, into float32 arrays, so that each row block computes
     from memory. A row-local module (:attr:`~lora_tools.deltas.DeltaModule.row_local`) makes a
@@ -208,15 +209,9 @@ def build_delta_term(
         AdapterError: a tensor of the module holds NaN or Inf.
     """
     module = match.module
-    assert isinstance(module, DeltaModule)
+    assert isinstance(module, DeltaModule) and role in ("weight", "bias_scale")
     harm = f"merging it would make {match.target.key!r} non-finite"
-    span = slice(None) if rows is None else slice(rows.update_start, rows.update_start + rows.count)
     offset = 0 if rows is None else rows.start
-    if role == "bias_diff":
-        assert module.bias_diff is not None
-        diff = module.bias_diff.numpy().astype(np.float32).reshape(-1)
-        diff = require_finite(diff, "bias difference (.diff_b)", _Named(module), harm)
-        return DenseTerm(np.ascontiguousarray(diff[span]), weight, module.key, offset)
     out_dtype = job.out_dtype if job is not None else "F32"
     limit = LARGEST.get(out_dtype, LARGEST_F32)
     loaded = _loaded(module, harm)
