@@ -397,7 +397,7 @@ def _quant_jobs(
         return _QuantPlan()  # unsupported: merging an fp8 tensor is refused by the caller
     plan = _QuantPlan(scheme)
     dequantize = dtype is not None
-    for name in fp8:
+    for name in (n for n in fp8 if not scheme.is_scale(n)):  # the marker is fp8 too
         key = (comp.name, name)
         merged = key in per_tensor or key in replacements
         if not (merged or dequantize):
