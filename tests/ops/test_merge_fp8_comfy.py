@@ -279,3 +279,11 @@ def test_the_cli_reports_the_scheme_and_its_json_fits_the_schema(merged, tmp_pat
         "base quantization: comfyui-scaled-fp8 (F8_E4M3, per-tensor scale): dequantized to "
         "BF16, 9 scale tensors dropped" in text.stdout
     )  # 7 scale_weight, 1 scale_input, the marker
+
+
+def test_a_per_tensor_scale_streamed_in_row_blocks_gives_the_same_bytes(merged, tmp_path):
+    """With 64-row blocks ``linear1`` (112 rows) is merged in two: a first pass measures the
+    merged weight's amax, the second quantizes each block with the one scale."""
+    out = tmp_path / "small.safetensors"
+    merge(merged.base, [merged.lora], out, device="cpu", block_bytes=1)
+    assert tensors_of(out)[0] == merged.after
