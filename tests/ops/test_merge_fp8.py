@@ -12,6 +12,8 @@ base stored as F64, whose output is the exact float64 sum the fp8 merge quantize
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import types
 from pathlib import Path
 
@@ -504,3 +506,53 @@ def test_row_blocks_of_whole_scale_blocks_write_the_same_bytes(merged, tmp_path)
         pytest.skip("one per kind of row split")
     merge(merged.base, [merged.adapter], tmp_path / "small", device="cpu", block_bytes=1)
     assert tensors_of(tmp_path / "small") == merged.after
+
+
+TINY_LLAMA = Path(__file__).resolve().parents[2] / "fixtures" / "bases" / "tiny-llama"
+TINY_LORA = Path(__file__).resolve().parents[2] / "fixtures" / "peft" / "llama-lora"
+
+
+def _quantized_like(folder: Path, extra: dict[str, torch.Tensor], quant_config: dict | None):
+    from safetensors.torch import load_file
+
+    shutil.copytree(TINY_LLAMA, folder)
+    weights = folder / "model.safetensors"
+    save_file({**load_file(weights), **extra}, weights)
+    if quant_config is not None:
+        config = json.loads((folder / "config.json").read_text())
+        config["quantization_config"] = quant_config
+        (folder / "config.json").write_text(json.dumps(config))
+
+
+REFUSED = {
+    "GPTQ": (
+        {"model.layers.0.self_attn.q_proj.qweight": torch.zeros(4, 32, dtype=torch.int32)},
+        {"quant_method": "gptq", "bits": 4},
+    ),
+    "AWQ": ({}, {"quant_method": "awq", "bits": 4}),
+    "bitsandbytes NF4": (
+        {"model.layers.0.mlp.up_proj.weight.absmax": torch.zeros(4)},
+        {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+    ),
+    "compressed-tensors pack-quantized (int4)": (
+        {"model.layers.0.mlp.up_proj.weight_packed": torch.zeros(4, 4, dtype=torch.int32)},
+        None,
+    ),
+}
+
+
+@pytest.mark.parametrize("named", list(REFUSED))
+def test_bases_in_schemes_loratool_cannot_requantize_are_refused_naming_them(named, tmp_path):
+    extra, quant_config = REFUSED[named]
+    _quantized_like(tmp_path / "base", extra, quant_config)
+    with pytest.raises(UnsupportedBaseError, match=re.escape(f"quantized as {named}")) as caught:
+        merge(tmp_path / "base", [TINY_LORA], tmp_path / "out", device="cpu")
+    assert caught.value.kind == "unsupported-base"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_gguf_base_is_refused_naming_gguf(tmp_path):
+    base = tmp_path / "model.safetensors"
+    base.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(64))
+    with pytest.raises(UnsupportedBaseError, match="GGUF file"):
+        merge(base, [TINY_LORA], tmp_path / "out.safetensors", device="cpu")
