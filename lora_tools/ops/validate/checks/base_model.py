@@ -5,9 +5,15 @@ that its update fits (resolution itself lives in :mod:`lora_tools.resolve`).
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 from lora_tools.adapter import Adapter
 from lora_tools.ops.validate.context import Context
+from lora_tools.quant.schemes import FP8_MAX, Scheme, detect_scheme
+
+#: The dtypes merge adds into as they are (lora_tools.ops.merge.arithmetic.FLOAT_DTYPES; that
+#: module is not imported here: it loads the merge engine).
+_MERGED_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 def check_base(ctx: Context, adapter: Adapter) -> None:
@@ -58,18 +64,60 @@ def check_base(ctx: Context, adapter: Adapter) -> None:
             hint="the adapter was made for another model; check base_model_name_or_path",
         )
     pairs = Counter()
+    schemes = _Schemes(ctx.checkpoint)
     for match in res.matches.values():
-        dtype = match.module.up.dtype
-        if dtype != match.target.info.dtype:
-            pairs[(dtype, match.target.info.dtype)] += 1
-    for (ours, theirs), count in pairs.items():
+        dtype, info = match.module.up.dtype, match.target.info
+        if dtype != info.dtype:
+            pairs[(dtype, info.dtype, schemes.of(match.target.component, info.dtype))] += 1
+    for (ours, theirs, scheme), count in pairs.items():
         ctx.add(
             "LT405",
-            f"{count} modules are {ours} while their base weights are {theirs}; merges "
-            f"compute in float32 and round to {theirs}",
-            expected=theirs,
+            f"{count} modules are {ours} while their base weights are "
+            + _merge_note(theirs, scheme),
+            expected=theirs if scheme is None else scheme.describe(),
             found=ours,
         )
+
+
+class _Schemes:
+    """The quantization scheme of each component of a base, read (from the headers, the
+    metadata and config.json: :func:`lora_tools.quant.detect_scheme`) only for a component
+    whose matched weights are not float."""
+
+    def __init__(self, checkpoint: Any) -> None:
+        self.checkpoint = checkpoint
+        self.found: dict[str, Scheme] = {}
+
+    def of(self, component: str, dtype: str) -> Scheme | None:
+        """None for a float weight; else the scheme its component's tensors say."""
+        if dtype in _MERGED_DTYPES:
+            return None
+        if component not in self.found:
+            comp = self.checkpoint.components[component]
+            headers = {name: comp.info(name) for name in comp}
+            metadata: dict[str, str] = {}
+            for path in comp.files:
+                metadata.update(comp.open(path).header.metadata or {})
+            self.found[component] = detect_scheme(headers, metadata=metadata, config=comp.config)
+        return self.found[component]
+
+
+def _merge_note(theirs: str, scheme: Scheme | None) -> str:
+    """The base weights' dtype (and scheme), and what ``loratool merge`` does with them."""
+    if scheme is None:
+        return f"{theirs}; merges compute in float32 and round to {theirs}"
+    if not scheme.supported or not scheme.quantized:
+        return f"{theirs} ({scheme.describe()}); loratool merge refuses this base"
+    if scheme.weight_scale_suffix is None:
+        return (
+            f"{scheme.describe()}; merges add the update in float32 and round to {theirs} "
+            f"(no scale: values past ±{FP8_MAX[theirs]:g} saturate)"
+        )
+    return (
+        f"{scheme.describe()}; merges dequantize each weight with its "
+        f"{scheme.weight_scale_suffix!r}, add the update in float32 and requantize to "
+        f"{theirs} with a recomputed scale"
+    )
 
 
 def _describe(adapter: Adapter, key: str) -> str:
