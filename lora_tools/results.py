@@ -190,6 +190,9 @@ class MergeResult(Result):
         tensors: ``{"total", "merged", "replaced", "copied", "cast"}`` tensor counts (``cast``:
             untouched by the adapters but rounded to another output dtype).
         bytes_read / bytes_written / fsync / seconds: the I/O done and the time it took.
+        quantization: for an fp8 base, its scheme and whether the output keeps it
+            (``{"scheme", "description", "output", "scales_rewritten", "tensors_dropped"}``);
+            None for a float base.
     """
 
     command: ClassVar[str] = "merge"
@@ -208,6 +211,7 @@ class MergeResult(Result):
     fsync: bool
     seconds: float
     base_path: str | None = None
+    quantization: dict[str, Any] | None = None
 
     @classmethod
     def from_summary(
@@ -248,6 +252,7 @@ class MergeResult(Result):
             fsync=summary["fsync"],
             seconds=summary["seconds"],
             base_path=None if base_path is None else os.fspath(base_path),
+            quantization=summary.get("quantization"),
         )
 
     @property
@@ -286,6 +291,7 @@ class MergeResult(Result):
             "bytes_written": self.bytes_written,
             "fsync": self.fsync,
             "seconds": self.seconds,
+            **({"quantization": dict(self.quantization)} if self.quantization else {}),
         }
 
 

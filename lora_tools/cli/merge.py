@@ -46,7 +46,12 @@ from lora_tools.cli.options import (
     "for every rank (needs the torch extra; slower start-up). Without it the cpu engine matches "
     "PEFT except for the last bit of a few elements at larger ranks.",
 )
-@dtype_option(keep=True, help="dtype of the float tensors written.")
+@dtype_option(
+    keep=True,
+    help="dtype of the float tensors written. On an fp8 base (plain, ComfyUI scaled, HF block, "
+    "compressed-tensors) keep requantizes each merged weight with a fresh scale, keeping the "
+    "scheme; bf16 / fp16 / fp32 dequantizes every fp8 weight and drops the scales.",
+)
 @force_option
 @click.option(
     "--fsync",
@@ -157,6 +162,14 @@ def _render(summary: Any) -> None:
     out.print(
         f"tensors: {t['merged']} merged, {t['replaced']} replaced, {t['copied']} copied{cast}"
     )
+    q = summary.quantization
+    if q:
+        kept = (
+            f"kept, {q['scales_rewritten']} scales recomputed"
+            if q["output"] == "kept"
+            else f"dequantized to {q['output']}, {q['tensors_dropped']} scale tensors dropped"
+        )
+        out.print(f"base quantization: {q['description']}: {kept}")
     for a in summary.adapters:
         n = a["counts"]
         extra = f", {n['modules_unmatched']} unmatched" if n["modules_unmatched"] else ""

@@ -1,5 +1,6 @@
 """A LoRA checked against an fp8 base resolves like one checked against the float base; merge
-still refuses fp8 bases (issue 14 lifts that), with one line naming the tensor and its dtype."""
+merges into it keeping its scheme, and refuses an fp8 scheme it does not know in one line naming
+the tensor, its dtype and the scheme."""
 
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ def fp8_base(tmp_path_factory) -> Path:
             index["weight_map"][name + "_scale_inv"] = other
     for shard, content in tensors.items():
         save_file(content, base / shard)
+    index["metadata"]["total_size"] = sum(a.nbytes for t in tensors.values() for a in t.values())
     (base / INDEX).write_text(json.dumps(index))
     config = json.loads((base / "config.json").read_text())
     config["quantization_config"] = {
@@ -93,10 +95,35 @@ def test_validate_resolves_against_an_fp8_base_as_against_the_float_one(fp8_base
     assert ("LT405", None) in _findings(on_fp8)
 
 
-def test_merge_still_refuses_an_fp8_base_in_one_line_naming_the_scheme(fp8_base, tmp_path):
+def test_merge_into_the_fp8_base_keeps_its_scheme(fp8_base, tmp_path):
     out = tmp_path / "out"
-    result = loratool("merge", fp8_base, ADAPTER, "-o", out)
+    result = loratool("merge", fp8_base, ADAPTER, "-o", out, "--json")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["quantization"]["scheme"] == "hf-block-fp8"
+    assert doc["quantization"]["scales_rewritten"] == doc["counts"]["tensors_merged"] == 8
+    assert (out / "config.json").read_bytes() == (fp8_base / "config.json").read_bytes()
+    assert (out / INDEX).read_bytes() == (fp8_base / INDEX).read_bytes()
+
+
+def test_merge_refuses_an_unsupported_fp8_scheme_in_one_line_naming_it(fp8_base, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(fp8_base, base)
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": {"num_bits": 8, "type": "float", "strategy": "block"},
+            }
+        },
+    }
+    (base / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    result = loratool("merge", base, ADAPTER, "-o", out)
     assert result.returncode == 3 and not out.exists()
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "F8_E4M3" in lines[0] and "_proj.weight" in lines[0]
-    assert "hf-block-fp8 (F8_E4M3, 24x24 blocks)" in lines[0], lines[0]
+    assert "compressed-tensors fp8 strategy 'block'" in lines[0], lines[0]

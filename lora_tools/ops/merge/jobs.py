@@ -20,6 +20,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -47,6 +48,9 @@ from lora_tools.ops.merge.arithmetic import (
 )
 from lora_tools.resolve import ModuleMatch, Rows
 
+if TYPE_CHECKING:
+    from lora_tools.ops.merge.quantized import QuantJob
+
 #: Bytes of one row block of a merged tensor (in float32): a few MB keeps a block's passes
 #: (product, scale, add, round) in the CPU caches (measured fastest between 1 and 8 MB).
 DEFAULT_BLOCK_BYTES = 4 << 20
@@ -67,12 +71,18 @@ class TensorJob:
         out_dtype: dtype written.
         terms: updates (built lazily from ``sources`` when the tensor is reached).
         replacement: an adapter tensor that replaces the base values before the updates.
+        quant: for an fp8 weight of a quantized base that is merged or dequantized: its
+            scheme and scale (:mod:`.quantized`).
+        scale_of: for the scale tensor of a merged fp8 weight: that weight's
+            :class:`~lora_tools.ops.merge.quantized.QuantJob`, which computes the new scale.
     """
 
     info: TensorInfo
     out_dtype: str
     sources: list[Source] = field(default_factory=list)
     replacement: Tensor | None = None
+    quant: QuantJob | None = None
+    scale_of: QuantJob | None = None
 
     @property
     def name(self) -> str:
@@ -80,7 +90,13 @@ class TensorJob:
 
     @property
     def copy_raw(self) -> bool:
-        return not self.sources and self.replacement is None and self.out_dtype == self.info.dtype
+        return (
+            not self.sources
+            and self.replacement is None
+            and self.out_dtype == self.info.dtype
+            and self.quant is None
+            and self.scale_of is None
+        )
 
     @property
     def out_nbytes(self) -> int:

@@ -25,6 +25,7 @@ import numpy as np
 from lora_tools.io.safetensors import SafetensorsFile, SafetensorsWriter, numpy_dtype
 from lora_tools.ops.merge.arithmetic import Term, apply_terms, compute_dtype_for
 from lora_tools.ops.merge.jobs import DEFAULT_BLOCK_BYTES, FilePlan, ProgressFn, TensorJob, job_rows
+from lora_tools.ops.merge.quantized import merge_rows, quant_rows
 
 
 def cpu_threads() -> int:
@@ -96,6 +97,7 @@ class _Block:
     at: int
     data: np.ndarray
     raw: np.ndarray
+    scale: np.ndarray | None = None
 
 
 @dataclass
@@ -147,11 +149,45 @@ class NumpyEngine:
     def _prepare(self, job: TensorJob) -> _Prepared:
         """Read a targeted tensor's updates (a worker's task, queued before its blocks)."""
         terms = job.terms()
-        rows, cols, step = job_rows(job, self.block_bytes)
+        rows, cols, step = self._rows(job)
+        if job.quant is not None:
+            job.quant.old_scale()  # read once, before the blocks
         replacement = None
         if job.replacement is not None:
             replacement = job.replacement.numpy().reshape(rows, cols)
         return _Prepared(job, terms, rows, cols, step, replacement)
+
+    def _rows(self, job: TensorJob) -> tuple[int, int, int]:
+        if job.quant is not None:
+            return quant_rows(job, self.block_bytes)
+        return job_rows(job, self.block_bytes)
+
+    def _quant_block(
+        self, reader: SafetensorsFile, prepared: Future[_Prepared], start: int
+    ) -> _Block:
+        """Rows of an fp8 weight of a quantized base: dequantized, merged, requantized (or
+        rounded to the --dtype) by :func:`~lora_tools.ops.merge.quantized.merge_rows`."""
+        item = prepared.result()
+        job = item.job
+        assert job.quant is not None
+        buffers = self._buffers()
+        count = min(item.rows, start + item.step) - start
+        shape = (count, item.cols)
+        raw = buffers.get("in", numpy_dtype(job.info.dtype), shape)
+        values, scale = merge_rows(
+            job.quant,
+            reader,
+            item.terms,
+            start,
+            count,
+            buffers.get("delta", np.float32, shape),
+            raw,
+        )
+        out_dtype = numpy_dtype(job.out_dtype)
+        raw_out = self._outputs.take(count * item.cols * out_dtype.itemsize)
+        out = _view(raw_out, out_dtype, shape)
+        np.copyto(out, values.reshape(shape), casting="unsafe")
+        return _Block(job, start * item.cols * out_dtype.itemsize, out, raw_out, scale)
 
     def _merge_block(
         self, reader: SafetensorsFile, prepared: Future[_Prepared], start: int
@@ -205,13 +241,14 @@ class NumpyEngine:
         """``(block task, last block of its tensor)`` for the targeted tensors, in file order;
         each tensor's factors are queued for reading just before its first block."""
         for job in plan.jobs:
-            if job.copy_raw:
+            if job.copy_raw or job.scale_of is not None:
                 continue
             prepared = pool.submit(self._prepare, job)
-            rows, _, step = job_rows(job, self.block_bytes)
+            rows, _, step = self._rows(job)
             starts = range(0, rows, step) if rows else range(1)
+            merge = self._merge_block if job.quant is None else self._quant_block
             for start in starts:
-                task = functools.partial(self._merge_block, reader, prepared, start)
+                task = functools.partial(merge, reader, prepared, start)
                 yield task, start == starts[-1]
 
     def write_file(
@@ -224,11 +261,13 @@ class NumpyEngine:
         """Write every tensor of one output file (see the class docstring).
 
         The writer takes the oldest block when it is ready, and otherwise copies a piece of an
-        untouched tensor while it waits, so the copies fill the time the workers need.
+        untouched tensor while it waits, so the copies fill the time the workers need. The
+        scale tensors of merged fp8 weights are written last, once their weights are done.
         """
         fd = reader.fileno()  # opened here, not raced by the workers
         copies = collections.deque(self._copies(reader, plan))
         blocks: collections.deque[tuple[Future[_Block], bool]] = collections.deque()
+        pieces: dict[str, list[np.ndarray | None]] = {}
         with (
             _one_blas_thread(self.threads),
             ThreadPoolExecutor(self.threads, thread_name_prefix="merge") as pool,
@@ -246,17 +285,26 @@ class NumpyEngine:
                         block = future.result()
                         writer.write_at(block.job.name, block.at, block.data)
                         self._outputs.give_back(block.raw)
+                        if block.job.quant is not None:
+                            pieces.setdefault(block.job.name, []).append(block.scale)
+                            if last:
+                                block.job.quant.finish(pieces.pop(block.job.name))
                         progress(block.data.nbytes, 1 if last else 0)
                     elif copies:
                         item, last = copies.popleft()
                         writer.copy_range(item.job.name, fd, item.offset, item.nbytes, at=item.at)
                         progress(item.nbytes, 1 if last else 0)
                     else:
-                        return
+                        break
             except BaseException:
                 for future, _ in blocks:
                     future.cancel()
                 raise
+        for job in plan.jobs:
+            if job.scale_of is not None:
+                scale = job.scale_of.scale_for_writing(self.block_bytes)
+                writer.write_at(job.name, 0, scale)
+                progress(scale.nbytes, 1)
 
 
 def _one_blas_thread(workers: int) -> contextlib.AbstractContextManager[object]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -86,6 +86,15 @@ class MergePlan:
     files: list[FilePlan]
     adapters: list[AdapterReport]
     dtype: str | None
+    #: component name -> its scheme, for the components of a quantized base (fp8).
+    schemes: dict[str, Any] = field(default_factory=dict)
+    #: (component, tensor) left out of the output: scales and markers of a dequantized base.
+    dropped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def dequantized(self) -> bool:
+        """The output dequantizes a quantized base (``--dtype`` on an fp8 base)."""
+        return bool(self.schemes) and self.dtype is not None
 
     @property
     def output_is_file(self) -> bool:
@@ -292,37 +301,154 @@ def plan_merge(
             replacements[(target.component, target.key)] = adapter.passthrough[key]
 
     files: list[FilePlan] = []
+    schemes: dict[str, Any] = {}
+    dropped: list[tuple[str, str]] = []
     root = ckpt.path.parent if ckpt.kind == "file" else ckpt.path
     for comp in ckpt.components.values():
+        quant = _quant_jobs(comp, per_tensor, replacements, dtype)
+        if quant.scheme is not None:
+            schemes[comp.name] = quant.scheme
         for path in comp.files:
             reader = comp.open(path)
             infos = sorted(reader.header.tensors.values(), key=lambda i: (i.begin, i.end))
             jobs = []
             for info in infos:
                 key = (comp.name, info.name)
+                if info.name in quant.dropped:
+                    dropped.append(key)
+                    continue
                 sources = per_tensor.get(key, [])
                 replacement = replacements.get(key)
+                qjob = quant.weights.get(info.name)
+                scale_of = quant.scales.get(info.name)
+                if qjob is not None:
+                    out_dtype = qjob.to_dtype or info.dtype
+                    job = TensorJob(info, out_dtype, sources, None, quant=qjob)
+                    qjob.job = job
+                    for match, weight, role, _ in sources:
+                        _check_update_fits(match, weight, role, qjob.to_dtype or "F32")
+                    jobs.append(job)
+                    continue
                 if (sources or replacement is not None) and info.dtype not in FLOAT_DTYPES:
                     _refuse_quantized(comp, reader, info, path)
-                out_dtype = _out_dtype(info.dtype, dtype)
+                out_dtype = info.dtype if scale_of is not None else _out_dtype(info.dtype, dtype)
                 for match, weight, role, _ in sources:
                     _check_update_fits(match, weight, role, out_dtype)
-                jobs.append(TensorJob(info, out_dtype, sources, replacement))
-            files.append(FilePlan(path, path.relative_to(root), jobs, reader.header.metadata))
-    return MergePlan(ckpt, base_spec or str(base), files, reports, dtype)
+                jobs.append(TensorJob(info, out_dtype, sources, replacement, scale_of=scale_of))
+            metadata = reader.header.metadata
+            if quant.scheme is not None and dtype is not None and metadata:
+                metadata = {k: v for k, v in metadata.items() if k != _COMFY_METADATA}
+            files.append(FilePlan(path, path.relative_to(root), jobs, metadata))
+    return MergePlan(ckpt, base_spec or str(base), files, reports, dtype, schemes, dropped)
+
+
+#: ComfyUI's safetensors metadata key naming each quantized layer's format.
+_COMFY_METADATA = "_quantization_metadata"
+
+
+@dataclass
+class _QuantPlan:
+    """What a quantized component's merge does: the fp8 weights merged or dequantized (name
+    -> job), the scale tensors rewritten (name -> the weight's job), the tensors dropped."""
+
+    scheme: Any = None
+    weights: dict[str, Any] = field(default_factory=dict)
+    scales: dict[str, Any] = field(default_factory=dict)
+    dropped: set[str] = field(default_factory=set)
+
+
+def component_scheme(comp: Any) -> Any:
+    """The quantization scheme of one component (:func:`lora_tools.quant.detect_scheme` on
+    every shard's headers and metadata and the config), header-only."""
+    from lora_tools.quant import detect_scheme
+
+    headers: dict[str, Any] = {}
+    metadata: dict[str, str] = {}
+    for path in comp.files:
+        reader = comp.open(path)
+        headers.update(reader.header.tensors)
+        metadata.update(reader.header.metadata or {})
+    return detect_scheme(headers, metadata=metadata, config=comp.config)
+
+
+def _quant_jobs(
+    comp: Any,
+    per_tensor: dict[tuple[str, str], list[Source]],
+    replacements: dict[tuple[str, str], Tensor],
+    dtype: str | None,
+) -> _QuantPlan:
+    """The quantized side of one component's plan (empty for a float component).
+
+    Keep (``dtype`` None): each merged fp8 weight is requantized and its scale rewritten.
+    ``--dtype``: every fp8 weight is dequantized, the scales, input scales and markers dropped.
+
+    Raises:
+        UnsupportedBaseError: a merged fp8 weight of an unsupported scheme, one without its
+            scale tensor, or one an adapter replaces (modules_to_save).
+    """
+    from lora_tools.ops.merge.quantized import QuantJob
+    from lora_tools.quant import FP8_MAX
+
+    fp8 = [n for n in comp if comp.info(n).dtype in FP8_MAX]
+    if not fp8:
+        return _QuantPlan()
+    scheme = component_scheme(comp)
+    if not scheme.quantized:
+        return _QuantPlan()  # unsupported: merging an fp8 tensor is refused by the caller
+    plan = _QuantPlan(scheme)
+    dequantize = dtype is not None
+    for name in fp8:
+        key = (comp.name, name)
+        merged = key in per_tensor or key in replacements
+        if not (merged or dequantize):
+            continue
+        path = comp.file_for(name)
+        if key in replacements:
+            raise UnsupportedBaseError(
+                f"base tensor {name!r} is {comp.info(name).dtype} ({scheme.describe()}); an "
+                "adapter replaces it with a full tensor (modules_to_save), which loratool does "
+                "not quantize",
+                path=path,
+                hint="merge into the unquantized base",
+                kind="unsupported-base",
+            )
+        scale = scheme.weight_scale_name(name)
+        if scale is not None and scale not in comp:
+            raise UnsupportedBaseError(
+                f"base tensor {name!r} is {comp.info(name).dtype} ({scheme.describe()}) but "
+                f"its scale {scale!r} is not in the checkpoint; merging without it would "
+                "ignore the scale",
+                path=path,
+                hint="check that every shard of the base is present",
+                kind="unsupported-base",
+            )
+        job = QuantJob(
+            scheme,
+            path,
+            scale,
+            comp.file_for(scale) if scale else None,
+            comp.info(scale) if scale else None,
+            dtype,
+        )
+        plan.weights[name] = job
+        if scale is not None and not dequantize:
+            plan.scales[scale] = job
+    if dequantize:
+        plan.dropped = {n for n in comp if scheme.is_scale(n) or n.endswith(".comfy_quant")} - set(
+            plan.weights
+        )
+    return plan
 
 
 def _refuse_quantized(comp: Any, reader: Any, info: Any, path: Path) -> NoReturn:
     """UnsupportedBaseError naming the quantization scheme the base's tensors and config say
-    (:func:`lora_tools.quant.detect_scheme`, header-only), for a merged tensor that is no
-    float weight."""
-    from lora_tools.quant import detect_scheme
-
-    headers = {name: comp.info(name) for name in comp}
-    scheme = detect_scheme(headers, metadata=reader.header.metadata, config=comp.config)
+    (:func:`component_scheme`, header-only), for a merged tensor that is neither a float
+    weight nor an fp8 weight of a supported scheme."""
+    scheme = component_scheme(comp)
     raise UnsupportedBaseError(
         f"base tensor {info.name!r} is {info.dtype} ({scheme.describe()}); loratool merges "
-        "into float weights (F16, BF16, F32, F64) only, and never past a scale",
+        "into float weights (F16, BF16, F32, F64) and fp8 weights of the schemes it knows "
+        "(plain, ComfyUI scaled, Hugging Face block, compressed-tensors), never past a scale",
         path=path,
         hint="merge into the unquantized (bf16 / fp16 / fp32) base",
         kind="unsupported-base",

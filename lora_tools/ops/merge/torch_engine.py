@@ -340,7 +340,17 @@ class TorchEngine:
         writer: SafetensorsWriter,
         progress: ProgressFn,
     ) -> None:
-        """Write every tensor of one output file (see the module docstring for the threads)."""
+        """Write every tensor of one output file (see the module docstring for the threads).
+
+        A file holding fp8 weights of a quantized base to merge or dequantize, or their scales,
+        is written by the numpy engine's code (:mod:`.quantized`: float64 dequantization and
+        the schemes' quantizers), so that both engines write the same bytes for it.
+        """
+        if any(job.quant is not None or job.scale_of is not None for job in plan.jobs):
+            from lora_tools.ops.merge.numpy_engine import NumpyEngine
+
+            NumpyEngine(self.block_bytes).write_file(reader, plan, writer, progress)
+            return
         read_q: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
         write_q: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
         stop = threading.Event()

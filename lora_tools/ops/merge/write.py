@@ -31,7 +31,13 @@ from typing import Any
 
 from lora_tools import __version__
 from lora_tools.adapter import Adapter
-from lora_tools.constants import CARD_NAME, INDEX_NAMES, MERGE_RECORD_KEY, MERGE_RECORD_NAME
+from lora_tools.constants import (
+    CARD_NAME,
+    INDEX_NAMES,
+    MERGE_RECORD_KEY,
+    MERGE_RECORD_NAME,
+    MODEL_CONFIG_NAME,
+)
 from lora_tools.errors import OutputError
 from lora_tools.io.atomic import atomic_dir, require_space
 from lora_tools.io.folder import skip_reason
@@ -105,7 +111,7 @@ def _adapter_record(report: AdapterReport) -> dict[str, Any]:
 
 
 def _provenance(plan: MergePlan, engine: Engine) -> dict[str, Any]:
-    return {
+    record: dict[str, Any] = {
         "tool": "loratool",
         "loratool_version": __version__,
         "operation": "merge",
@@ -114,6 +120,10 @@ def _provenance(plan: MergePlan, engine: Engine) -> dict[str, Any]:
         "dtype": plan.dtype or "keep",
         "engine": engine.name,
     }
+    quantization = quantization_record(plan)
+    if quantization is not None:
+        record["quantization"] = quantization
+    return record
 
 
 def _base_name(plan: MergePlan) -> str:
@@ -221,6 +231,8 @@ def _files_written(folder: Path) -> list[str]:
 
 
 def _write_indexes(plan: MergePlan, dest: Path) -> None:
+    """Write each index: ``total_size`` recomputed, the tensors dropped (the scales of a
+    dequantized fp8 base) left out; a copy of the base's bytes where nothing changed."""
     root = plan.base.path
     sizes: dict[Path, int] = {}
     for f in plan.files:
@@ -230,11 +242,49 @@ def _write_indexes(plan: MergePlan, dest: Path) -> None:
             continue
         doc = read_json_object(comp.index_path, kind="checkpoint-json")
         meta = dict(doc.get("metadata") or {})
-        meta["total_size"] = sum(sizes[p] for p in comp.files)
-        doc["metadata"] = meta
+        total = sum(sizes[p] for p in comp.files)
+        dropped = {name for c, name in plan.dropped if c == comp.name}
         target = dest / comp.index_path.relative_to(root)
         target.parent.mkdir(parents=True, exist_ok=True)
+        if meta.get("total_size") == total and not dropped:
+            shutil.copyfile(comp.index_path, target)
+            continue
+        meta["total_size"] = total
+        doc["metadata"] = meta
+        if dropped and isinstance(doc.get("weight_map"), dict):
+            doc["weight_map"] = {k: v for k, v in doc["weight_map"].items() if k not in dropped}
         target.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+
+
+def _write_dequantized_configs(plan: MergePlan, dest: Path) -> None:
+    """A dequantized fp8 base's config.json without its ``quantization_config``."""
+    if not plan.dequantized:
+        return
+    for name in plan.schemes:
+        comp = plan.base.components[name]
+        source = comp.root / MODEL_CONFIG_NAME
+        if not source.is_file() or "quantization_config" not in (comp.config or {}):
+            continue
+        doc = read_json_object(source, kind="checkpoint-json")
+        doc.pop("quantization_config", None)
+        target = dest / source.relative_to(plan.base.path)
+        target.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+
+
+def quantization_record(plan: MergePlan) -> dict[str, Any] | None:
+    """What the provenance record and the summary say of a quantized base: its scheme, and
+    whether the output keeps it (None for a float base)."""
+    if not plan.schemes:
+        return None
+    schemes = list(plan.schemes.values())
+    scales = sum(1 for f in plan.files for j in f.jobs if j.scale_of is not None)
+    return {
+        "scheme": schemes[0].name,
+        "description": schemes[0].describe(),
+        "output": plan.dtype or "kept",
+        "scales_rewritten": scales,
+        "tensors_dropped": len(plan.dropped),
+    }
 
 
 class _Cancelled(Exception):
@@ -372,6 +422,7 @@ def execute(
             copied, skipped = _copy_other_files(plan, tmp)
             _write_weights(plan, engine, lambda f: tmp / f.relative, tick, durable=fsync)
             _write_indexes(plan, tmp)
+            _write_dequantized_configs(plan, tmp)
             if not (tmp / CARD_NAME).exists():
                 card = _model_card(plan, provenance, out.name)
                 (tmp / CARD_NAME).write_text(card, encoding="utf-8")
@@ -433,9 +484,10 @@ def _summary(
                 1
                 for f in plan.files
                 for j in f.jobs
-                if not j.sources and j.replacement is None and not j.copy_raw
+                if not j.sources and j.replacement is None and not j.copy_raw and j.scale_of is None
             ),
         },
+        "quantization": quantization_record(plan),
         "bytes_read": read,
         "bytes_written": bytes_written,
         "fsync": fsync,
