@@ -94,10 +94,12 @@ class _Schemes:
             return None
         if component not in self.found:
             comp = self.checkpoint.components[component]
-            headers = {name: comp.info(name) for name in comp}
+            headers: dict[str, Any] = {}
             metadata: dict[str, str] = {}
             for path in comp.files:
-                metadata.update(comp.open(path).header.metadata or {})
+                header = comp.open(path).header
+                headers.update(header.tensors)
+                metadata.update(header.metadata or {})
             self.found[component] = detect_scheme(headers, metadata=metadata, config=comp.config)
         return self.found[component]
 
@@ -110,13 +112,13 @@ def _merge_note(theirs: str, scheme: Scheme | None) -> str:
         return f"{theirs} ({scheme.describe()}); loratool merge refuses this base"
     if scheme.weight_scale_suffix is None:
         return (
-            f"{scheme.describe()}; merges add the update in float32 and round to {theirs} "
-            f"(no scale: values past ±{FP8_MAX[theirs]:g} saturate)"
+            f"{scheme.describe()}; merges add the update and round to {theirs} (no scale: "
+            f"values past ±{FP8_MAX[theirs]:g} saturate; merge --dtype keeps them in float)"
         )
     return (
         f"{scheme.describe()}; merges dequantize each weight with its "
-        f"{scheme.weight_scale_suffix!r}, add the update in float32 and requantize to "
-        f"{theirs} with a recomputed scale"
+        f"{scheme.weight_scale_suffix!r}, add the update and requantize to {theirs} with a "
+        "recomputed scale (merge --dtype dequantizes instead)"
     )
 
 
