@@ -402,3 +402,52 @@ def test_a_merged_fp8_base_is_read_as_the_base_it_came_from(case, build, adapter
 def _names(path: Path) -> list[str]:
     with SafetensorsFile(path) as f:
         return list(f.header.tensors)
+
+
+def _gptq(name: str, value: np.ndarray) -> dict[str, np.ndarray]:
+    """A projection as AutoGPTQ / GPTQModel save it (4-bit, one group): no ``.weight``."""
+    layer, (rows, cols) = name.removesuffix(".weight"), value.shape
+    return {
+        f"{layer}.qweight": np.zeros((cols // 8, rows), np.int32),
+        f"{layer}.qzeros": np.zeros((1, rows // 8), np.int32),
+        f"{layer}.scales": np.ones((1, rows), np.float16),
+        f"{layer}.g_idx": np.zeros(cols, np.int32),
+    }
+
+
+def _nf4(name: str, value: np.ndarray) -> dict[str, np.ndarray]:
+    """A projection as bitsandbytes saves NF4: packed U8 ``weight`` [out * in / 2, 1]."""
+    return {
+        name: np.zeros((value.size // 2, 1), np.uint8),
+        f"{name}.absmax": np.ones(value.size // 64, np.float32),
+        f"{name}.quant_map": np.linspace(-1, 1, 16, dtype=np.float32),
+        f"{name}.quant_state.bitsandbytes__nf4": np.zeros(8, np.uint8),
+    }
+
+
+UNREAD = [
+    ("gptq", _gptq, {"quant_method": "gptq", "bits": 4, "group_size": 128}, "GPTQ",
+     {"LT401", "LT404"}),
+    ("nf4", _nf4, {"quant_method": "bitsandbytes", "load_in_4bit": True,
+                   "bnb_4bit_quant_type": "nf4"}, "bitsandbytes NF4", {"LT403"}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("case", "convert", "config", "scheme", "codes"), UNREAD, ids=["gptq", "nf4"]
+)
+def test_a_base_in_a_scheme_loratool_does_not_read_is_named_not_blamed_on_the_adapter(
+    case, convert, config, scheme, codes, tmp_path
+):
+    """Against a GPTQ or NF4 base the modules resolve to no float weight; the findings say the
+    base is quantized as what, instead of "loaders skip it silently" / "made for another
+    model" (PEFT loads a LoRA onto such a base)."""
+    base = _single_llama(tmp_path / "base", config, convert)
+    findings = [f for f in _findings(LLAMA_LORA, base) if f.rule.code.startswith("LT4")]
+    assert {f.rule.code for f in findings} == codes
+    for finding in findings:
+        assert finding.message.endswith(
+            f"the base is quantized as {scheme}, whose weights loratool does not read"
+        ), finding.message
+        assert "skip it silently" not in finding.message and "no effect" not in finding.message
+        assert finding.hint == "check the adapter against the unquantized base model"

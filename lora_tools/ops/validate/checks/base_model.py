@@ -33,15 +33,22 @@ def check_base(ctx: Context, adapter: Adapter) -> None:
     base = str(ctx.checkpoint.path)
     unmatched = [(key, _describe(adapter, key)) for key in res.unmatched]
     unmatched += [(key, f" ({other.kinds[key]})") for key in other.unmatched]
+    schemes = _Schemes(ctx.checkpoint)
+    problems = bool(unmatched or res.shape_errors or other.shape_errors)
+    # a base in a scheme loratool does not read (GPTQ, bitsandbytes...) has no weight a module
+    # can be checked against: say so rather than blame the adapter
+    refused = schemes.refused() if problems else None
+    packed = f"; the base is quantized as {refused}, whose weights loratool does not read"
+    unread_hint = "check the adapter against the unquantized base model"
     for key, where in unmatched:
         ctx.add(
             "LT401",
-            f"module {key!r}{where} resolves to no weight of the base {base}: loaders "
-            "skip it silently",
+            f"module {key!r}{where} resolves to no weight of the base {base}"
+            + (packed if refused else ": loaders skip it silently"),
             module=key,
             expected="one base weight",
             found="none",
-            hint="is this adapter made for this base model?",
+            hint=unread_hint if refused else "is this adapter made for this base model?",
         )
     for key, candidates in {**res.ambiguous, **other.ambiguous}.items():
         ctx.add(
@@ -53,18 +60,25 @@ def check_base(ctx: Context, adapter: Adapter) -> None:
             hint="use an adapter format with component prefixes (PEFT / diffusers)",
         )
     for key, message in {**res.shape_errors, **other.shape_errors}.items():
-        ctx.add("LT403", message, module=key, hint="is this the right base model?")
+        ctx.add(
+            "LT403",
+            message + (packed if refused else ""),
+            module=key,
+            hint=unread_hint if refused else "is this the right base model?",
+        )
     total = res.total + other.total
     if total and len(unmatched) == total:
         ctx.add(
             "LT404",
-            f"0 of {total} modules match this base ({base}): the adapter would load with no effect",
+            f"0 of {total} modules match this base ({base})"
+            + (packed if refused else ": the adapter would load with no effect"),
             expected=f"{total} matching modules",
             found="0",
-            hint="the adapter was made for another model; check base_model_name_or_path",
+            hint=unread_hint
+            if refused
+            else "the adapter was made for another model; check base_model_name_or_path",
         )
     pairs = Counter()
-    schemes = _Schemes(ctx.checkpoint)
     for match in res.matches.values():
         dtype, info = match.module.up.dtype, match.target.info
         if dtype != info.dtype:
@@ -90,8 +104,18 @@ class _Schemes:
 
     def of(self, component: str, dtype: str) -> Scheme | None:
         """None for a float weight; else the scheme its component's tensors say."""
-        if dtype in _MERGED_DTYPES:
-            return None
+        return None if dtype in _MERGED_DTYPES else self.component(component)
+
+    def refused(self) -> str | None:
+        """The scheme loratool does not read (``GPTQ``, ``bitsandbytes NF4``...) of a component
+        of the base, if one has such a scheme."""
+        for name in self.checkpoint.components:
+            scheme = self.component(name)
+            if not scheme.supported:
+                return scheme.unsupported
+        return None
+
+    def component(self, component: str) -> Scheme:
         if component not in self.found:
             comp = self.checkpoint.components[component]
             headers: dict[str, Any] = {}
