@@ -60,11 +60,16 @@ def _block_amax(values: np.ndarray, block: tuple[int, int]) -> np.ndarray:
     return tiles.max(axis=(-3, -1))
 
 
-def _quantize_hf(scheme: Scheme, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _quantize_hf(
+    scheme: Scheme, weight: np.ndarray, whole_amax: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """transformers Fp8Quantize._quantize_one, in float32 throughout."""
     w = weight.astype(np.float32)
     block = scheme.block_size or w.shape[-2:]
-    amax = _block_amax(w, block)
+    if whole_amax is not None and scheme.block_size is None and w.ndim == 2:
+        amax = np.asarray(whole_amax, dtype=np.float32).reshape(1, 1)
+    else:
+        amax = _block_amax(w, block)
     top = np.float32(FP8_MAX[scheme.fp8_dtype or "F8_E4M3"])
     # torch runs `448.0 / t` as reciprocal(t) * 448.0: two float32 roundings, kept here
     safe = np.where(amax > 0, amax, np.float32(1)).astype(np.float32)
@@ -81,7 +86,7 @@ def _quantize_hf(scheme: Scheme, weight: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def _quantize_compressed_tensors(
-    scheme: Scheme, weight: np.ndarray, compute: type
+    scheme: Scheme, weight: np.ndarray, compute: type, whole_amax: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """compressed-tensors calculate_qparams + _quantize, in the weight's (= the scale's) dtype.
 
@@ -90,6 +95,8 @@ def _quantize_compressed_tensors(
     w = weight.astype(compute)
     if scheme.granularity == "channel":
         amax = np.abs(w).max(axis=-1, keepdims=True)
+    elif whole_amax is not None:
+        amax = np.asarray(whole_amax, dtype=compute).reshape(1)
     else:
         amax = np.abs(w).max().reshape(1)
     top = FP8_MAX[scheme.fp8_dtype or "F8_E4M3"]
@@ -102,12 +109,12 @@ def _quantize_compressed_tensors(
 
 
 def _quantize_comfy(
-    scheme: Scheme, weight: np.ndarray, compute: type
+    scheme: Scheme, weight: np.ndarray, compute: type, whole_amax: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """ComfyUI TensorCoreFP8Layout.quantize: scale in the tensor's dtype, then float32."""
     w = weight.astype(compute)
     top = FP8_MAX[scheme.fp8_dtype or "F8_E4M3"]
-    amax = np.abs(w).max()
+    amax = np.abs(w).max() if whole_amax is None else np.asarray(whole_amax, dtype=compute)
     scale = np.float32((np.float32(amax) / np.float32(top)).astype(compute))
     if scale == 0:
         scale = np.float32(1)  # ComfyUI's 1/0 would make NaN of an all-zero weight
@@ -117,7 +124,11 @@ def _quantize_comfy(
 
 
 def quantize(
-    scheme: Scheme, weight: np.ndarray, *, compute_dtype: str = "F32"
+    scheme: Scheme,
+    weight: np.ndarray,
+    *,
+    compute_dtype: str = "F32",
+    whole_amax: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Quantize ``weight`` as ``scheme``'s canonical quantizer does, with a fresh scale.
 
@@ -127,6 +138,9 @@ def quantize(
         compute_dtype: the safetensors dtype the quantizer runs in where it runs in the
             weight's dtype: compressed-tensors and ComfyUI. For compressed-tensors pass the
             stored scale's dtype (it is the original weight's); ignored by the others.
+        whole_amax: for a per-tensor scale, the amax of the whole weight
+            (:func:`tensor_amax`), so that ``weight`` may be a row block of it: each block
+            then gets the bytes the whole tensor would. Ignored by the other granularities.
 
     Returns:
         (fp8 array of the scheme's dtype, new weight scale) - the scale as the scheme stores it
@@ -137,12 +151,21 @@ def quantize(
     if scheme.name == "plain-fp8":
         return _cast_fp8(weight, scheme), None
     if scheme.name == "hf-block-fp8":
-        return _quantize_hf(scheme, weight)
+        return _quantize_hf(scheme, weight, whole_amax)
     if scheme.name == "compressed-tensors-fp8":
-        return _quantize_compressed_tensors(scheme, weight, compute)
+        return _quantize_compressed_tensors(scheme, weight, compute, whole_amax)
     if scheme.name in ("comfyui-fp8", "comfyui-scaled-fp8"):
-        return _quantize_comfy(scheme, weight, compute)
+        return _quantize_comfy(scheme, weight, compute, whole_amax)
     raise ValueError(f"scheme {scheme.describe()} has no quantizer")
+
+
+def tensor_amax(weight: np.ndarray, *, compute_dtype: str = "F32") -> np.ndarray:
+    """``max |weight|`` as a per-tensor quantizer takes it: in its compute dtype (float32 for
+    transformers and ComfyUI here, the scale's for compressed-tensors). The maximum of row
+    blocks' amaxes is the whole tensor's (rounding is monotonic), so a weight may be measured
+    block by block and quantized block by block (:func:`quantize` ``whole_amax``)."""
+    w = np.asarray(weight).astype(_FLOAT_NUMPY[compute_dtype])
+    return np.abs(w).max(initial=np.zeros((), w.dtype))
 
 
 def expand_scale(scheme: Scheme, scale: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:

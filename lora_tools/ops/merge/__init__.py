@@ -11,6 +11,8 @@ phase, each importing only the ones below it (no module imports this package bac
   of updates, or replaced by an adapter tensor) and the raw copy both engines use;
 - :mod:`.arithmetic`: the arithmetic of a merge, as PEFT computes it (the other types: their
   update's rows, or their merged weight, from :mod:`lora_tools.deltas`);
+- :mod:`.quantized`: an fp8 weight of a quantized base (:mod:`lora_tools.quant`), dequantized
+  in float64, merged and requantized with a fresh scale (or dequantized for ``--dtype``);
 - :mod:`.numpy_engine` (CPU, no torch) and :mod:`.torch_engine` (CUDA, or ``--exact``): write the
   tensors of one output file;
 - :mod:`.engine`: which engine, on which device (:func:`select_engine`);

@@ -146,12 +146,13 @@ class NumpyEngine:
             buffers = self._local.buffers = _Buffers()
         return buffers
 
-    def _prepare(self, job: TensorJob) -> _Prepared:
+    def _prepare(self, reader: SafetensorsFile, job: TensorJob) -> _Prepared:
         """Read a targeted tensor's updates (a worker's task, queued before its blocks)."""
         terms = job.terms()
         rows, cols, step = self._rows(job)
         if job.quant is not None:
             job.quant.old_scale()  # read once, before the blocks
+            job.quant.measure(reader, terms, self.block_bytes, job.needs_whole_tensor)
         replacement = None
         if job.replacement is not None:
             replacement = job.replacement.numpy().reshape(rows, cols)
@@ -243,7 +244,7 @@ class NumpyEngine:
         for job in plan.jobs:
             if job.copy_raw or job.scale_of is not None:
                 continue
-            prepared = pool.submit(self._prepare, job)
+            prepared = pool.submit(self._prepare, reader, job)
             rows, _, step = self._rows(job)
             starts = range(0, rows, step) if rows else range(1)
             merge = self._merge_block if job.quant is None else self._quant_block

@@ -255,7 +255,14 @@ def plan_merge(
 
     if not adapters:
         raise UsageError("no adapter to merge", hint="name at least one adapter")
+    _refuse_gguf(Path(base))
     ckpt = open_checkpoint(base)
+    try:
+        for comp in ckpt.components.values():
+            _refuse_unsupported_scheme(comp)
+    except BaseException:
+        ckpt.close()
+        raise
     reports: list[AdapterReport] = []
     per_tensor: dict[tuple[str, str], list[Source]] = {}
     replacements: dict[tuple[str, str], Tensor] = {}
@@ -397,7 +404,7 @@ def _quant_jobs(
         return _QuantPlan()  # unsupported: merging an fp8 tensor is refused by the caller
     plan = _QuantPlan(scheme)
     dequantize = dtype is not None
-    for name in fp8:
+    for name in (n for n in fp8 if not scheme.is_scale(n)):  # the marker is fp8 too
         key = (comp.name, name)
         merged = key in per_tensor or key in replacements
         if not (merged or dequantize):
@@ -438,6 +445,41 @@ def _quant_jobs(
             plan.weights
         )
     return plan
+
+
+def _refuse_gguf(base: Path) -> None:
+    """UnsupportedBaseError for a GGUF file given as the base (llama.cpp's format)."""
+    from lora_tools.quant.schemes import is_gguf
+
+    if base.is_file():
+        with open(base, "rb") as fh:
+            head = fh.read(4)
+        if is_gguf(head):
+            raise UnsupportedBaseError(
+                "the base is a GGUF file (llama.cpp's quantized format); loratool merges into "
+                "safetensors checkpoints only",
+                path=base,
+                hint="merge into the safetensors checkpoint the GGUF file was made from",
+                kind="unsupported-base",
+            )
+
+
+def _refuse_unsupported_scheme(comp: Any) -> None:
+    """UnsupportedBaseError for a component quantized in a scheme loratool cannot requantize
+    (GPTQ, AWQ, bitsandbytes, int / block compressed-tensors, ComfyUI's non-fp8 formats...),
+    named as :func:`lora_tools.quant.detect_scheme` names it: merging its float layers alone
+    would leave a model whose quantized layers the adapter should have changed."""
+    scheme = component_scheme(comp)
+    if not scheme.supported:
+        where = comp.index_path or (comp.files[0] if len(comp.files) == 1 else comp.root)
+        raise UnsupportedBaseError(
+            f"the base is quantized as {scheme.unsupported}; loratool merges into float "
+            "checkpoints and fp8 ones (plain, ComfyUI scaled, Hugging Face block, "
+            "compressed-tensors FP8) only",
+            path=where,
+            hint="merge into the unquantized (bf16 / fp16 / fp32) base",
+            kind="unsupported-base",
+        )
 
 
 def _refuse_quantized(comp: Any, reader: Any, info: Any, path: Path) -> NoReturn:

@@ -11,9 +11,11 @@ the scheme (``--dtype keep``) or is dequantized (``--dtype bf16|fp16|fp32``). Pe
 3. keep: ``q, s = quantize(scheme, W')`` with a fresh scale, as the scheme's own quantizer does
    (:func:`lora_tools.quant.numeric.quantize`); otherwise ``W'`` rounded once to the dtype.
 
-A row block holds whole scale blocks (a multiple of the block's rows, per-channel rows), or the
-whole tensor when one scale covers it, so the scale each block gets is the one the quantizer
-would give the whole tensor. The new scale is written in the scale tensor's own place (same
+A row block holds whole scale blocks (a multiple of the block's rows, per-channel rows), so the
+scale each block gets is the one the quantizer would give the whole tensor; where one scale
+covers the tensor, a first pass measures the merged weight's amax block by block
+(:meth:`QuantJob.measure`) and the second quantizes each block with it. Memory stays at a few
+row blocks per worker, as for float merges. The new scale is written in the scale tensor's own place (same
 name, dtype, shape, file) by that tensor's job (:attr:`TensorJob.scale_of`), once its weight is
 done; a scale that sits in a file written before its weight's is computed there from the
 weight (the same bytes: every step is deterministic).
@@ -56,6 +58,8 @@ class QuantJob:
             the scheme.
         job: the weight's own job (set by the planner).
         new_scale: the recomputed scale, as stored (dtype, shape), once computed.
+        amax: for a per-tensor scale on a weight merged in several row blocks, the merged
+            weight's amax, measured by a first pass (:meth:`measure`).
     """
 
     scheme: Scheme
@@ -66,6 +70,7 @@ class QuantJob:
     to_dtype: str | None = None
     job: TensorJob | None = None
     new_scale: np.ndarray | None = None
+    amax: np.ndarray | None = None
     _old_scale: np.ndarray | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -94,8 +99,32 @@ class QuantJob:
     # -- row blocks ----------------------------------------------------------------------
 
     def whole(self, shape: tuple[int, ...]) -> bool:
-        """One scale covers the tensor (or its layout is not rows x columns): one block."""
-        return len(shape) != 2 or self.scheme.granularity == "tensor"
+        """The layout is not rows x columns (stacked experts, a convolution): one block."""
+        return len(shape) != 2
+
+    def needs_amax(self, rows: int, step: int) -> bool:
+        """A per-tensor scale, kept, on a weight merged in several blocks: the blocks need the
+        whole merged weight's amax first (a pass of its own)."""
+        return self.keeps_scheme and self.scheme.granularity == "tensor" and step < rows
+
+    def measure(
+        self, reader: SafetensorsFile, terms: list[Term], block_bytes: int, whole: bool
+    ) -> None:
+        """First pass for a per-tensor scale: the merged weight's amax, block by block, in the
+        quantizer's dtype (the rows are merged again by the second pass: the same values)."""
+        from lora_tools.quant.numeric import tensor_amax
+
+        assert self.job is not None
+        rows, _, step = self.rows(self.job.info.shape, block_bytes, whole)
+        if not self.needs_amax(rows, step) or self.amax is not None:
+            return
+        amax = None
+        for start in range(0, rows, step):
+            count = min(rows, start + step) - start
+            merged = _merged_rows(self, reader, terms, start, count)
+            block = tensor_amax(merged, compute_dtype=self.compute_dtype)
+            amax = block if amax is None else np.maximum(amax, block)
+        self.amax = amax
 
     def rows(self, shape: tuple[int, ...], block_bytes: int, whole: bool) -> tuple[int, int, int]:
         """``(rows, cols, rows per block)``: blocks of float64 rows, a multiple of
@@ -144,7 +173,9 @@ class QuantJob:
             return round_to(merged, self.to_dtype), None
         rows = dims_2d(shape)[0]
         values = merged.reshape(shape) if merged.shape[0] == rows else merged
-        q, scale = quantize(self.scheme, values, compute_dtype=self.compute_dtype)
+        q, scale = quantize(
+            self.scheme, values, compute_dtype=self.compute_dtype, whole_amax=self.amax
+        )
         return q.reshape(merged.shape), scale
 
     def finish(self, pieces: list[np.ndarray | None]) -> None:
@@ -152,8 +183,8 @@ class QuantJob:
         if self.scale_info is None or not self.keeps_scheme:
             return
         parts = [p for p in pieces if p is not None]
-        if len(parts) == 1:
-            scale = parts[0]
+        if len(parts) == 1 or self.scheme.granularity == "tensor":
+            scale = parts[0]  # a per-tensor scale: each block got the same
         elif self.scheme.granularity == "block":
             scale = np.concatenate(parts, axis=-2)
         else:
@@ -169,7 +200,9 @@ class QuantJob:
             assert self.job is not None
             with SafetensorsFile(self.weight_path) as reader:
                 terms = self.job.terms()
-                rows, _, step = self.rows(self.job.info.shape, block_bytes, _whole(self.job))
+                whole = _whole(self.job)
+                self.measure(reader, terms, block_bytes, whole)
+                rows, _, step = self.rows(self.job.info.shape, block_bytes, whole)
                 pieces = []
                 for start in range(0, rows, step) if rows else range(1):
                     count = min(rows, start + step) - start
@@ -202,14 +235,28 @@ def merge_rows(
     """Read rows ``start : start + count`` of a quantized weight, merge ``terms`` into them
     and requantize (or round to the ``--dtype``): the rows written, and their scale piece."""
     assert quant.job is not None
+    merged = _merged_rows(quant, reader, terms, start, count, scratch, raw)
+    return quant.finish_rows(merged, quant.job.info.shape)
+
+
+def _merged_rows(
+    quant: QuantJob,
+    reader: SafetensorsFile,
+    terms: list[Term],
+    start: int,
+    count: int,
+    scratch: np.ndarray | None = None,
+    raw: np.ndarray | None = None,
+) -> np.ndarray:
+    """Rows ``start : start + count`` of ``W' = dequant(W) + dW...`` in float64."""
+    assert quant.job is not None
     info = quant.job.info
     cols = dims_2d(info.shape)[1]
     if raw is None:
         raw = np.empty((count, cols), numpy_dtype(info.dtype))
     reader.read_into(info.name, raw, row_start=start)
     acc = quant.dequantize_rows(raw, start, info.shape)
-    merged = apply_terms(acc, terms, start, np.dtype(np.float64), scratch)
-    return quant.finish_rows(merged, info.shape)
+    return apply_terms(acc, terms, start, np.dtype(np.float64), scratch)
 
 
 __all__ = ["QuantJob", "merge_rows", "quant_rows"]
