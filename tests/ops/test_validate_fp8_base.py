@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from lora_tools.errors import UnsupportedBaseError
 from lora_tools.io.safetensors import SafetensorsFile
 from lora_tools.ops.validate import validate
 from lora_tools.quant.numeric import quantize
@@ -359,16 +358,7 @@ def test_validate_base_against_fp8_bases_stays_header_only(tmp_path):
 MERGED_CASES = [
     ("hf-block", hf_block_base, LLAMA_LORA, "base"),
     ("ct-channel", lambda t: ct_base(t, "channel"), LLAMA_LORA, "base"),
-    pytest.param(
-        "comfy-legacy",
-        lambda t: comfy_flux(t, "legacy"),
-        FLUX_LORA,
-        "base.safetensors",
-        # merge --dtype bf16 takes the F8_E4M3 `scaled_fp8` marker for a weight without a scale
-        marks=pytest.mark.xfail(
-            reason="merge --dtype on a ComfyUI legacy base: the marker", raises=UnsupportedBaseError
-        ),
-    ),
+    ("comfy-legacy", lambda t: comfy_flux(t, "legacy"), FLUX_LORA, "base.safetensors"),
     ("comfy-metadata", lambda t: comfy_flux(t, "metadata"), FLUX_LORA, "base.safetensors"),
 ]
 
@@ -376,7 +366,7 @@ MERGED_CASES = [
 @pytest.mark.parametrize(
     ("case", "build", "adapter", "name"),
     MERGED_CASES,
-    ids=["hf-block", "ct-channel", "comfy-legacy", "comfy-metadata"],
+    ids=[c[0] for c in MERGED_CASES],
 )
 def test_a_merged_fp8_base_is_read_as_the_base_it_came_from(case, build, adapter, name, tmp_path):
     """What LT405 says of the merge holds: the output keeps the scheme (validate against it
