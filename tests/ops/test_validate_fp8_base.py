@@ -441,3 +441,10 @@ def test_a_base_in_a_scheme_loratool_does_not_read_is_named_not_blamed_on_the_ad
         ), finding.message
         assert "skip it silently" not in finding.message and "no effect" not in finding.message
         assert finding.hint == "check the adapter against the unquantized base model"
+
+
+def test_an_integer_weight_in_no_known_scheme_is_noted_as_refused_by_merge(tmp_path):
+    base = _single_llama(tmp_path / "base", None, lambda n, v: {n: np.zeros(v.shape, np.int8)})
+    (note,) = [f for f in _findings(LLAMA_LORA, base) if f.rule.code == "LT405"]
+    assert note.message.endswith("base weights are I8; loratool merge refuses this base")
+    assert note.expected == "I8"  # detect_scheme found no quantization scheme

@@ -88,15 +88,14 @@ def check_base(ctx: Context, adapter: Adapter) -> None:
             "LT405",
             f"{count} modules are {ours} while their base weights are "
             + _merge_note(theirs, scheme),
-            expected=theirs if scheme is None else scheme.describe(),
+            expected=scheme.describe() if scheme and scheme.quantized else theirs,
             found=ours,
         )
 
 
 class _Schemes:
-    """The quantization scheme of each component of a base, read (from the headers, the
-    metadata and config.json: :func:`lora_tools.quant.detect_scheme`) only for a component
-    whose matched weights are not float."""
+    """The quantization scheme of each component of a base (from its headers, metadata and
+    config.json: :func:`lora_tools.quant.detect_scheme`), read once, when a rule asks."""
 
     def __init__(self, checkpoint: Any) -> None:
         self.checkpoint = checkpoint
@@ -132,12 +131,14 @@ def _merge_note(theirs: str, scheme: Scheme | None) -> str:
     """The base weights' dtype (and scheme), and what ``loratool merge`` does with them."""
     if scheme is None:
         return f"{theirs}; merges compute in float32 and round to {theirs}"
-    if not scheme.supported or not scheme.quantized:
+    if not scheme.supported:
         return f"{theirs} ({scheme.describe()}); loratool merge refuses this base"
+    if not scheme.quantized:  # a weight neither float nor fp8, in no scheme loratool knows
+        return f"{theirs}; loratool merge refuses this base"
     if scheme.weight_scale_suffix is None:
         return (
             f"{scheme.describe()}; merges add the update and round to {theirs} (no scale: "
-            f"values past ±{FP8_MAX[theirs]:g} saturate; merge --dtype keeps them in float)"
+            f"values past ±{FP8_MAX[theirs]:g} saturate; merge --dtype writes float weights instead)"
         )
     return (
         f"{scheme.describe()}; merges dequantize each weight with its "
