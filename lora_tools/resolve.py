@@ -210,7 +210,10 @@ _Candidate = tuple[_Hit, ...]
 
 
 def _weight_module(key: str) -> str | None:
-    """The module path of a weight key (``<path>.weight``, OpenCLIP's ``<path>_weight``)."""
+    """The module path of a weight key (``<path>.weight``, OpenCLIP's ``<path>_weight``); None
+    for ComfyUI's legacy fp8 scale ``<path>.scale_weight``, which is no weight."""
+    if key.endswith(".scale_weight"):
+        return None
     for suffix in (".weight", "_weight"):
         if key.endswith(suffix):
             return key[: -len(suffix)]
