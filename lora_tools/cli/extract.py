@@ -104,7 +104,7 @@ def command(
       loratool extract fixtures/bases/tiny-flux.safetensors \\
           fixtures/finetuned/tiny-flux-ft.safetensors -o out/x.safetensors --energy 0.99
     """
-    blas_threads(dense=True)
+    blas_threads()  # one BLAS thread per worker; the workers use every core
     from lora_tools.io.hub import resolve_input
     from lora_tools.ops._algebra import write_adapter
     from lora_tools.ops.extract import check_rule, extract

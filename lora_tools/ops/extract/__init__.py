@@ -414,6 +414,7 @@ def extract(
     seed: int = 0,
     progress: Progress | None = None,
     base_spec: str | None = None,
+    workers: int | None = None,
 ) -> ExtractResult:
     """Extract a LoRA from ``base`` and ``finetuned`` (see the module docstring).
 
@@ -433,6 +434,7 @@ def extract(
         seed: seed of the randomized SVD's Gaussian test matrices.
         progress: ``progress(done_bytes, total_bytes)`` after each tensor pair.
         base_spec: how the user named the base (for base_model_name_or_path).
+        workers: pairs computed at once (default: one per CPU core; 1 on a GPU).
 
     Raises:
         UsageError: a bad rule, format or regex.
@@ -460,7 +462,7 @@ def extract(
             )
         run = _Run(ckpt_b, ckpt_f, fmt, pattern, keep_diffs, backend, dtype, exact, seed)
         run.rule = {"rank": rank, "energy": energy, "min_rank": min_rank, "max_rank": max_rank}
-        run.go(progress)
+        run.go(progress, workers)
         adapter = run.build(base_spec or os.fspath(base))
         _check_resolves(adapter, ckpt_b, run.sources)
     rule = {k: v for k, v in run.rule.items() if v is not None}
@@ -521,66 +523,89 @@ class _Run:
         comp = next(iter(ckpt_b.components.values()))
         self.conv1d = comp.model_type in CONV1D_MODEL_TYPES
 
-    def go(self, progress: Progress | None) -> None:
+    def go(self, progress: Progress | None, workers: int | None = None) -> None:
+        """Walk every pair: the shapes first (header-only, so a mismatch is reported before
+        any work), then the data, ``workers`` pairs at a time (numpy's BLAS and LAPACK
+        release the GIL; each worker's BLAS runs one thread). Results are applied in order."""
+        from concurrent.futures import ThreadPoolExecutor
+
         pairs = _pairs(self.ckpt_b, self.ckpt_f)
         self.total = len(pairs)
-        sizes = [comp_f.info(key).nbytes for _, comp_f, key in pairs]
+        todo = [p for p in pairs if self.check_shapes(*p)]
+        for ckpt in (self.ckpt_b, self.ckpt_f):
+            for comp in ckpt.components.values():
+                for path in comp.files:
+                    comp.open(path)  # opened here, not raced by the workers
+        sizes = [comp_f.info(key).nbytes for _, comp_f, key in todo]
         done, total = 0, sum(sizes)
-        for (comp_b, comp_f, key), size in zip(pairs, sizes, strict=True):
-            self.pair(comp_b, comp_f, key)
-            done += size
-            if progress is not None:
-                progress(done, total)
+        if workers is None:
+            workers = 1 if isinstance(self.backend, TorchBackend) else (os.cpu_count() or 1)
+        window = max(1, workers)
+        from threadpoolctl import threadpool_limits
 
-    def pair(self, comp_b: Component, comp_f: Component, key: str) -> None:
+        with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(window) as pool:
+            futures: list[Any] = []
+            for n, pair in enumerate(todo):
+                futures.append(pool.submit(self.work, *pair))
+                if len(futures) > window:
+                    self.apply(todo[n - window], futures.pop(0).result())
+                    done += sizes[n - window]
+                    if progress is not None:
+                        progress(done, total)
+            for pair, future in zip(todo[len(todo) - len(futures) :], futures, strict=True):
+                self.apply(pair, future.result())
+                done += pair[1].info(pair[2]).nbytes
+                if progress is not None:
+                    progress(done, total)
+
+    def check_shapes(self, comp_b: Component, comp_f: Component, key: str) -> bool:
+        """False for a resized vocabulary (recorded); ShapeError for any other mismatch."""
         info_b, info_f = comp_b.info(key), comp_f.info(key)
+        if tuple(info_b.shape) == tuple(info_f.shape):
+            return True
         label = _label(comp_b, key)
-        if tuple(info_b.shape) != tuple(info_f.shape):
-            if (
-                len(info_b.shape) == 2
-                and len(info_f.shape) == 2
-                and info_b.shape[1] == info_f.shape[1]
-                and _is_vocab(key)
-            ):
-                self.others.append(
-                    TensorExtract(
-                        label,
-                        tuple(info_f.shape),
-                        RESIZED,
-                        f"vocabulary resized from {info_b.shape[0]} to {info_f.shape[0]} rows; "
-                        "a LoRA cannot change a layer's shape (resize the base's embeddings "
-                        "first, then extract)",
-                        0.0,
-                    )
-                )
-                return
-            raise ShapeError(
-                f"tensor {label!r} is {list(info_b.shape)} in the base but "
-                f"{list(info_f.shape)} in the fine-tune",
-                path=self.ckpt_f.path,
-                hint="is this the fine-tune of this base?",
-                kind="extract-shape",
-            )
-        raw_b, raw_f = _read_raw(comp_b, key), _read_raw(comp_f, key)
-        if info_b.dtype == info_f.dtype and np.array_equal(raw_b, raw_f):
-            self.unchanged += 1
-            return
-        if info_b.dtype not in FLOAT_DTYPES or info_f.dtype not in FLOAT_DTYPES:
+        if (
+            len(info_b.shape) == 2
+            and len(info_f.shape) == 2
+            and info_b.shape[1] == info_f.shape[1]
+            and _is_vocab(key)
+        ):
             self.others.append(
                 TensorExtract(
                     label,
                     tuple(info_f.shape),
-                    LISTED,
-                    f"{info_f.dtype} tensor (not a float weight) changed; not stored",
+                    RESIZED,
+                    f"vocabulary resized from {info_b.shape[0]} to {info_f.shape[0]} rows; "
+                    "a LoRA cannot change a layer's shape (resize the base's embeddings "
+                    "first, then extract)",
                     0.0,
                 )
             )
-            return
-        w_b, w_f = _as_float(raw_b, info_b), _as_float(raw_f, info_f)
-        del raw_b, raw_f
-        wide = np.float64 if np.float64 in (w_b.dtype, w_f.dtype) else np.float32
-        diff = np.subtract(w_f, w_b, dtype=wide)
-        del w_b, w_f
+            return False
+        raise ShapeError(
+            f"tensor {label!r} is {list(info_b.shape)} in the base but "
+            f"{list(info_f.shape)} in the fine-tune",
+            path=self.ckpt_f.path,
+            hint="is this the fine-tune of this base?",
+            kind="extract-shape",
+        )
+
+    def work(self, comp_b: Component, comp_f: Component, key: str) -> tuple[Any, ...]:
+        """One pair, in a worker: ``("same",)``, ``("other", why, diff)`` or
+        ``("lora", kind, shape, truncation)``. Mutates nothing."""
+        info_b, info_f = comp_b.info(key), comp_f.info(key)
+        label = _label(comp_b, key)
+        raw_f = _read_raw(comp_f, key)
+        raw_b = _read_raw(comp_b, key)
+        if info_b.dtype == info_f.dtype and np.array_equal(raw_b, raw_f):
+            return ("same",)
+        if info_b.dtype not in FLOAT_DTYPES or info_f.dtype not in FLOAT_DTYPES:
+            return ("other", f"{info_f.dtype} tensor (not a float weight) changed", None)
+        wide = np.float64 if "F64" in (info_b.dtype, info_f.dtype) else np.float32
+        diff = _as_float(raw_f, info_f).astype(wide, copy=True)
+        del raw_f
+        diff -= _as_float(raw_b, info_b)
+        del raw_b
         if not np.isfinite(diff).all():
             raise FormatError(
                 f"tensor {label!r}: the difference holds NaN/Inf values",
@@ -589,27 +614,18 @@ class _Run:
                 kind="non-finite",
             )
         if not diff.any():
-            self.unchanged += 1  # other bits, same values (-0.0 and 0.0, or another dtype)
-            return
-        out_dtype = self.dtype or info_f.dtype
+            return ("same",)  # other bits, same values (-0.0 and 0.0, or another dtype)
         selected = self.pattern is None or self.pattern.search(label) is not None
-        if diff.ndim >= 2 and key.endswith(".weight") and selected:
-            self.lora(comp_b, key, diff, out_dtype)
-            return
-        if diff.ndim < 2:
-            why = "1-D (a norm or a bias)" if diff.ndim == 1 else "a scalar"
-        elif not key.endswith(".weight"):
-            why = "not a layer weight"
-        else:
-            why = "left out by --modules"
-        self.diffs.append((comp_b, comp_f, key, diff.astype(numpy_dtype(out_dtype))))
-        self.others.append(
-            TensorExtract(label, tuple(diff.shape), LISTED, why, float(np.linalg.norm(diff)))
-        )
-
-    def lora(self, comp: Component, key: str, diff: np.ndarray, out_dtype: str) -> None:
-        stem, component, path, keys = self.naming.module(comp, key)
-        layer = path.rsplit(".", 1)[-1]
+        if not (diff.ndim >= 2 and key.endswith(".weight") and selected):
+            if diff.ndim < 2:
+                why = "1-D (a norm or a bias)" if diff.ndim == 1 else "a scalar"
+            elif not key.endswith(".weight"):
+                why = "not a layer weight"
+            else:
+                why = "left out by --modules"
+            return ("other", why, diff)
+        path = self.naming.module(comp_b, key)[2]
+        layer = key.removesuffix(".weight").rsplit(".", 1)[-1]
         shape = diff.shape
         if self.format == "peft" and layer in EMBEDDING_NAMES and diff.ndim == 2:
             kind, A = EMBEDDING, diff.T  # PEFT's embedding update is (B @ A)^T
@@ -619,7 +635,32 @@ class _Run:
             kind, A = CONV, diff.reshape(shape[0], -1)
         else:
             kind, A = LINEAR, diff
+        del path
         t = truncate(A, **self._rule(), backend=self.backend, seed=self.seed, exact=self.exact)
+        return ("lora", kind, shape, t)
+
+    def apply(self, pair: tuple[Component, Component, str], outcome: tuple[Any, ...]) -> None:
+        """Record a worker's outcome (main thread, in pair order)."""
+        comp_b, comp_f, key = pair
+        label = _label(comp_b, key)
+        out_dtype = self.dtype or comp_f.info(key).dtype
+        if outcome[0] == "same":
+            self.unchanged += 1
+            return
+        if outcome[0] == "other":
+            _, why, diff = outcome
+            if diff is None:
+                shape = tuple(comp_f.info(key).shape)
+                self.others.append(TensorExtract(label, shape, LISTED, f"{why}; not stored", 0.0))
+                return
+            norm = float(np.linalg.norm(diff))
+            # only kohya's .diff needs the values; PEFT stores the fine-tuned tensors
+            kept = diff.astype(numpy_dtype(out_dtype)) if self.format == "kohya" else None
+            self.diffs.append((comp_b, comp_f, key, kept))
+            self.others.append(TensorExtract(label, tuple(diff.shape), LISTED, why, norm))
+            return
+        _, kind, shape, t = outcome
+        stem, component, path, keys = self.naming.module(comp_b, key)
         k = t.rank
         if kind == CONV:
             down = t.down.reshape(k, *shape[1:])
@@ -639,8 +680,8 @@ class _Run:
         if self.format == "kohya":
             module.alpha_tensor = ArrayTensor(np.array(float(k), np.float32), "F32")
         self.loras[stem] = module
-        self.sources[stem] = (comp.name, key)
-        self.rows.append(_row(stem, _label(comp, key), tuple(shape), t))
+        self.sources[stem] = (comp_b.name, key)
+        self.rows.append(_row(stem, label, tuple(shape), t))
 
     def _rule(self) -> dict[str, Any]:
         r = self.rule

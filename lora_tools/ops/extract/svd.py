@@ -57,9 +57,9 @@ TOLERANCE = 1e-3
 ERROR_FLOOR = 1e-6
 #: Power iterations and start vectors of the estimate of ``||K||_2`` (the residual's top
 #: eigenvalue), and the factor it is inflated by (``1 / (1 - eps)``, ``eps = 3/4``).
-RESIDUAL_PRODUCTS = 6
-RESIDUAL_VECTORS = 8
-RESIDUAL_EPS = 0.75
+RESIDUAL_PRODUCTS = 3
+RESIDUAL_VECTORS = 16
+RESIDUAL_EPS = 0.9
 
 #: Relative uncertainty, in float32 epsilons, of an energy computed from float32 products.
 ROUNDING_EPS = 16
@@ -124,13 +124,9 @@ class NumpyBackend:
     def qr(self, x: Any) -> Any:
         return np.linalg.qr(x)[0]
 
-    def sumsq(self, x: Any, rows_per_block: int = 1024) -> float:
-        """``sum(x^2)`` accumulated in float64, a block of rows at a time."""
-        total = 0.0
-        for start in range(0, x.shape[0], rows_per_block):
-            block = np.asarray(x[start : start + rows_per_block], dtype=np.float64)
-            total += float(np.vdot(block, block))
-        return total
+    def sumsq(self, x: Any) -> float:
+        """``sum(x^2)`` accumulated in float64."""
+        return float(np.einsum("ij,ij->", x, x, dtype=np.float64))
 
     def colsumsq(self, x: Any) -> np.ndarray:
         x64 = np.asarray(x, dtype=np.float64)
@@ -227,32 +223,49 @@ def excess_bounds(theta: np.ndarray, eta2: float, kappa: float) -> np.ndarray:
 def _sketch(
     A: Any, width: int, be: Backend, seed: int
 ) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, float, float]:
-    """``(Q, Ub, t, Vh, eta2, kappa)`` of a width-``width`` sketch of ``A`` (``[m, n]``)."""
+    """``(Q, Ub, t, Vh, eta2, kappa)`` of a width-``width`` sketch of ``A`` (``[m, n]``).
+
+    Passes over ``A``: ``2 q + 1`` for the range finder, then two that also start the
+    residual's power iterations (``A^T [Q | X]`` gives ``B^T`` and ``R^T X``; ``A [B^T | W]``
+    gives the coupling ``E`` and the next iterate), then two per further power iteration.
+    """
     rng = np.random.default_rng(seed)
+    dtype = np.float64 if _is64(A) else np.float32
     Q = be.qr(A @ be.gaussian(rng, (A.shape[1], width), A))
     for _ in range(POWER_ITERATIONS):
         Q = be.qr(A @ be.qr(A.T @ Q))
-    B = Q.T @ A
-    B64 = be.numpy64(B)
+    X = be.gaussian(rng, (A.shape[0], RESIDUAL_VECTORS), A)
+    X = _unit_columns(X - Q @ (Q.T @ X), be, dtype)
+    # the residual R = (I - Q Q^T) A has R^T x = A^T x for x orthogonal to Q
+    both = A.T @ _hcat(be, Q, X)
+    Bt, W = both[:, :width], both[:, width:]
+    B64 = be.numpy64(Bt).T
     Ub, t, Vh = np.linalg.svd(B64, full_matrices=False)
-    # E^T = (I - Q Q^T) A B^T: the coupling of range(Q) with the rest (one more product)
-    Bt = be.asarray(np.ascontiguousarray(B64.T), np.float64 if _is64(A) else np.float32)
-    F = A @ Bt
+    mu = be.colsumsq(W)  # x^T R R^T x for unit x: the first power step
+    both = A @ _hcat(be, Bt, W)
+    F, X = both[:, :width], both[:, width:]
+    # E^T = (I - Q Q^T) A B^T: the coupling of range(Q) with the rest
     F = F - Q @ (Q.T @ F)
     eta2 = be.sumsq(F)
-    # kappa >= ||K||_2 = ||(I - QQ^T) A||_2^2, by power iterations on R R^T (probabilistic)
-    X = be.gaussian(rng, (A.shape[0], RESIDUAL_VECTORS), A)
-    mu = np.zeros(RESIDUAL_VECTORS)
-    for _ in range(RESIDUAL_PRODUCTS):
-        X = X - Q @ (Q.T @ X)
-        norms = np.sqrt(be.colsumsq(X))
-        norms[norms == 0] = 1.0
-        X = X / be.asarray(norms, np.float64 if _is64(A) else np.float32)
+    for _ in range(RESIDUAL_PRODUCTS - 1):
+        X = _unit_columns(X - Q @ (Q.T @ X), be, dtype)
         W = A.T @ X
-        mu = be.colsumsq(W)  # Rayleigh quotients x^T R R^T x of unit vectors
+        mu = be.colsumsq(W)
         X = A @ W
     kappa = float(mu.max(initial=0.0)) / (1 - RESIDUAL_EPS)
     return Q, Ub, t, Vh, eta2, kappa
+
+
+def _unit_columns(X: Any, be: Backend, dtype: Any) -> Any:
+    norms = np.sqrt(be.colsumsq(X))
+    norms[norms == 0] = 1.0
+    return X / be.asarray(norms, dtype)
+
+
+def _hcat(be: Backend, a: Any, b: Any) -> Any:
+    if isinstance(be, TorchBackend):
+        return be.torch.cat([a, b], dim=1)
+    return np.concatenate([a, b], axis=1)
 
 
 def _excess_ratio(err2_high: float, opt2_low: float, frob: float) -> float:
