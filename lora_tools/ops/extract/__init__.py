@@ -654,8 +654,9 @@ class _Run:
                 self.others.append(TensorExtract(label, shape, LISTED, f"{why}; not stored", 0.0))
                 return
             norm = float(np.linalg.norm(diff))
-            # only kohya's .diff needs the values; PEFT stores the fine-tuned tensors
-            kept = diff.astype(numpy_dtype(out_dtype)) if self.format == "kohya" else None
+            # kohya's .diff needs the values; PEFT stores the fine-tuned tensors (but biases)
+            small = self.format == "kohya" or diff.ndim <= 1  # PEFT's lora_B.bias needs them
+            kept = diff.astype(numpy_dtype(out_dtype)) if small else None
             self.diffs.append((comp_b, comp_f, key, kept))
             self.others.append(TensorExtract(label, tuple(diff.shape), LISTED, why, norm))
             return
