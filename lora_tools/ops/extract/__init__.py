@@ -237,6 +237,8 @@ def select_backend(device: str) -> NumpyBackend | TorchBackend:
     """numpy for ``cpu`` (and ``auto`` without a GPU); torch on the GPU for ``cuda[:N]``;
     torch on the CPU for ``torch-cpu`` (to check the torch path against numpy's).
 
+    ``auto`` imports torch only when a GPU device node exists (as merge decides).
+
     Raises:
         DeviceError: ``cuda`` asked for, but torch or a GPU is missing.
         UsageError: an unknown device.
@@ -244,14 +246,10 @@ def select_backend(device: str) -> NumpyBackend | TorchBackend:
     cuda = device == "cuda" or device.startswith("cuda:")
     if device not in ("auto", "cpu", "torch-cpu") and not cuda:
         raise UsageError(f"unknown device {device!r}", hint="use auto, cpu or cuda")
-    if device == "cpu":
-        return NumpyBackend()
-    from lora_tools.ops.merge.engine import _cuda_possible
-
-    if device == "auto" and not _cuda_possible():
+    if device == "cpu" or (device == "auto" and not _gpu_node()):
         return NumpyBackend()
     try:
-        import torch  # noqa: F401
+        import torch
     except ImportError:
         if device == "auto":
             return NumpyBackend()
@@ -261,10 +259,32 @@ def select_backend(device: str) -> NumpyBackend | TorchBackend:
         ) from None
     if device == "torch-cpu":
         return TorchBackend("cpu")
-    from lora_tools.ops.merge.torch_engine import cuda_device
+    if not torch.cuda.is_available():
+        if device == "auto":
+            return NumpyBackend()
+        built = "was built without CUDA" if torch.version.cuda is None else "sees no GPU"
+        raise DeviceError(
+            f"--device {device}: the installed torch {torch.__version__} {built}",
+            hint="install a CUDA build of torch and check the GPU, or use --device cpu",
+        )
+    index = int(device.split(":", 1)[1]) if ":" in device else 0
+    count = torch.cuda.device_count()
+    if not 0 <= index < count:
+        raise DeviceError(f"--device {device}: no GPU {index}; torch sees {count}")
+    return TorchBackend(f"cuda:{index}")
 
-    found = cuda_device("cuda" if device == "auto" else device, required=device != "auto")
-    return TorchBackend(found) if found else NumpyBackend()
+
+def _gpu_node() -> bool:
+    """Whether a GPU could be usable, judged without importing torch."""
+    import glob
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return False
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return False
+    return bool(glob.glob("/dev/nvidia[0-9]*")) or os.path.exists("/dev/kfd")
 
 
 # -- reading pairs ------------------------------------------------------------------------------
