@@ -17,7 +17,17 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_API = ("load_adapter", "inspect", "validate", "rescale", "resize", "combine", "convert", "push")
+_API = (
+    "load_adapter",
+    "inspect",
+    "validate",
+    "rescale",
+    "resize",
+    "combine",
+    "convert",
+    "push",
+    "extract",
+)
 _LAZY = {
     **dict.fromkeys(_API, "lora_tools.api"),
     "save_adapter": "lora_tools.formats",

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from lora_tools.adapter import Adapter
     from lora_tools.ops.combine import CombineResult
     from lora_tools.ops.convert import ConvertResult
+    from lora_tools.ops.extract import ExtractResult
     from lora_tools.ops.inspect import InspectResult
     from lora_tools.ops.push import PushPlan, PushResult
     from lora_tools.ops.rescale import RescaleResult
@@ -54,6 +55,7 @@ __all__ = [
     "WriteOptions",
     "combine",
     "convert",
+    "extract",
     "inspect",
     "load_adapter",
     "push",
@@ -415,6 +417,47 @@ def convert(adapter: AdapterInput, to: str, **options: Unpack[ConvertOptions]) -
     bases = [_local(base, role="base")] if base is not None else []
     resolved = {**options, "base": bases[0] if bases else None}
     return _transform(convert_adapter, [adapter], resolved, extra_inputs=bases, to=to)
+
+
+def extract(
+    base: PathInput,
+    finetuned: PathInput,
+    *,
+    output: PathInput | None = None,
+    force: bool = False,
+    **options: Any,
+) -> ExtractResult:
+    """A LoRA from a base checkpoint and its fine-tune (``loratool extract``).
+
+    Args:
+        base, finetuned: checkpoints (file, HF folder, diffusers pipeline folder or Hub id).
+        output: where the adapter goes (checked before any work); None keeps it in memory.
+        force: replace an existing output (never an input).
+        **options: :func:`lora_tools.ops.extract.extract`'s: ``rank`` or ``energy``,
+            ``min_rank``, ``max_rank``, ``modules``, ``format``, ``keep_diffs``, ``device``,
+            ``dtype``, ``exact``, ``seed``, ``progress``.
+
+    Returns:
+        The result; ``result.adapter`` is the LoRA, ``result.modules`` each module's rank
+        and error.
+
+    Example:
+        >>> r = extract("fixtures/bases/tiny-llama", "fixtures/finetuned/tiny-llama-ft",
+        ...             rank=3)                                              # doctest: +SKIP
+        >>> r.summary()["max_relative_error"] < 0.01                         # doctest: +SKIP
+        True
+    """
+    from lora_tools.ops._algebra import write_adapter
+    from lora_tools.ops.extract import extract as extract_op
+
+    paths = [_local(base, role="base"), _local(finetuned, role="base")]
+    if output is not None:
+        _check_output(output, paths, force)
+    result = extract_op(paths[0], paths[1], base_spec=os.fspath(base), **options)
+    if output is not None:
+        write_adapter(result.adapter, output, paths, force=force)
+        result = result.with_output(output)
+    return result
 
 
 def push(

@@ -173,6 +173,7 @@ def test_the_scan_sees_the_hints() -> None:
         "push",
         "resize",  # other adapter types' base weights (ops.to_lora)
         "combine",
+        "extract",  # checks its own output's names
     }
 
 
