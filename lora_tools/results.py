@@ -44,7 +44,17 @@ R = TypeVar("R", bound="Result")
 
 
 #: The commands with a ``--json`` document, each with a schema ``lora_tools/schemas/<command>.json``.
-COMMANDS = ("inspect", "validate", "rescale", "resize", "combine", "convert", "merge", "push")
+COMMANDS = (
+    "inspect",
+    "validate",
+    "rescale",
+    "resize",
+    "combine",
+    "convert",
+    "merge",
+    "push",
+    "extract",
+)
 
 
 def json_schema(name: str) -> dict[str, Any]:

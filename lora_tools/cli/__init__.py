@@ -23,6 +23,7 @@ COMMANDS = {
     "convert": "lora_tools.cli.convert:command",
     "validate": "lora_tools.cli.validate:command",
     "merge": "lora_tools.cli.merge:command",
+    "extract": "lora_tools.cli.extract:command",
     "push": "lora_tools.cli.push:command",
     "hf-extension": "lora_tools.cli.hf_extension:command",
 }

@@ -78,6 +78,19 @@ def documents(tmp: Path) -> dict[str, list[dict[str, Any]]]:
             ),
         ],
         "push": [run_json("push", llama, f"{TEST_USER}/x", "--dry-run", "--json")],
+        "extract": [
+            run_json(
+                "extract",
+                FIX / "bases/tiny-llama",
+                FIX / "finetuned/tiny-llama-ft",
+                "-o",
+                tmp / "x",
+                "--rank",
+                "2",
+                "--keep-diffs",
+                "--json",
+            )
+        ],
     }
 
 
@@ -237,6 +250,7 @@ def test_a_real_push_validates(hub_server: HubServer) -> None:
 def test_every_result_is_a_frozen_dataclass() -> None:
     from lora_tools.ops.combine import CombineResult
     from lora_tools.ops.convert import ConvertResult
+    from lora_tools.ops.extract import ExtractResult
     from lora_tools.ops.inspect import InspectResult
     from lora_tools.ops.push import PushPlan, PushResult
     from lora_tools.ops.rescale import RescaleResult
@@ -246,7 +260,7 @@ def test_every_result_is_a_frozen_dataclass() -> None:
 
     classes = [
         InspectResult, Report, RescaleResult, ResizeResult, CombineResult, ConvertResult,
-        MergeResult, PushPlan, PushResult,
+        MergeResult, PushPlan, PushResult, ExtractResult,
     ]  # fmt: skip
     assert {c.command for c in classes} == set(COMMANDS)
     for cls in classes:

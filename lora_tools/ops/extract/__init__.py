@@ -1,0 +1,842 @@
+"""``extract``: a LoRA from a base checkpoint and its fine-tune.
+
+Both checkpoints are opened header-only (:func:`lora_tools.io.checkpoint.open_checkpoint`, as
+``merge`` opens a base) and matched tensor by tensor, one pair in memory at a time:
+
+- a tensor missing from either side, or of another shape, is an error naming it; a resized
+  vocabulary (an embedding / ``lm_head`` with other rows) is reported and left out;
+- bit-equal tensors are skipped and counted;
+- every changed weight of two or more dimensions (selected by ``modules``, a regex searched in
+  the tensor name) becomes a LoRA module: the optimal rank-k approximation of
+  ``dW = W_ft - W_base`` (convolutions flattened to ``[out, in * kh * kw]``), from a certified
+  randomized SVD or the exact one (:func:`lora_tools.ops.extract.svd.truncate`). The singular
+  values are split evenly, ``up = U sqrt(S)``, ``down = sqrt(S) Vh``, and alpha = rank, so
+  every module has scale 1;
+- other changed tensors (norms, biases, 1-D tensors, 2-D weights ``modules`` leaves out) are
+  listed; with ``keep_diffs`` they are stored: PEFT ``modules_to_save`` (the fine-tuned
+  tensors of the whole layer) or ``lora_B.bias`` for the bias of a LoRA layer, kohya
+  ``.diff`` / ``.diff_b``.
+
+Output naming: PEFT for transformers folders, kohya for single files, diffusers for diffusers
+pipelines (:data:`DEFAULT_FORMATS`); every module is checked to resolve back onto the base
+tensor it came from (:func:`lora_tools.resolve.resolve`), as merge and validate will resolve
+it.
+
+Example:
+    >>> result = extract("fixtures/bases/tiny-llama", "fixtures/finetuned/tiny-llama-ft",
+    ...                  rank=4)                                             # doctest: +SKIP
+    >>> result.adapter.format, len(result.modules)                          # doctest: +SKIP
+    ('peft', 14)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lora_tools.adapter import CONV, EMBEDDING, LINEAR, Adapter, LoraModule
+from lora_tools.errors import DeviceError, FormatError, ResolveError, ShapeError, UsageError
+from lora_tools.io.checkpoint import Checkpoint, Component, open_checkpoint
+from lora_tools.io.safetensors import ArrayTensor, Tensor, TensorInfo, numpy_dtype
+from lora_tools.naming import PEFT_PREFIX, kohya_name
+from lora_tools.ops._algebra import Progress, add_history
+from lora_tools.ops.extract.svd import (
+    NumpyBackend,
+    TorchBackend,
+    Truncation,
+    truncate,
+)
+from lora_tools.resolve import CONV1D_MODEL_TYPES, CONV1D_NAMES, SINGLE_FILE_PREFIXES
+from lora_tools.results import WrittenResult, input_ref
+
+#: Output format per checkpoint kind (:attr:`Checkpoint.kind`).
+DEFAULT_FORMATS = {"folder": "peft", "file": "kohya", "diffusers": "diffusers"}
+FORMATS = ("peft", "kohya", "diffusers")
+#: Safetensors float dtypes a LoRA is computed from.
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+#: --dtype names -> safetensors dtypes.
+OUTPUT_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
+#: Layer names of token / position embeddings (PEFT's Embedding LoRA, lora_embedding_A / _B).
+EMBEDDING_NAMES = (
+    "embed_tokens",
+    "wte",
+    "wpe",
+    "word_embeddings",
+    "position_embeddings",
+    "token_type_embeddings",
+    "embed_positions",
+    "token_embedding",
+    "position_embedding",
+    "shared",
+)
+#: Layers whose rows are the vocabulary: a fine-tune that added tokens has more of them.
+VOCAB_NAMES = (*EMBEDDING_NAMES, "lm_head", "embed_out", "output")
+
+#: Tensor statuses of the non-LoRA rows.
+UNCHANGED = "unchanged"
+STORED = "stored"
+LISTED = "listed"
+RESIZED = "resized"
+
+
+@dataclass(frozen=True)
+class ModuleExtract:
+    """One LoRA module extracted.
+
+    Attributes:
+        module: the module's key stem in the output.
+        tensor: the base tensor (``component/key`` in a diffusers pipeline).
+        shape: the weight's shape.
+        rank: the rank written.
+        retained_energy: ``||dW_k||_F^2 / ||dW||_F^2``.
+        relative_error: ``||dW - dW_k||_F / ||dW||_F`` (before rounding to the output dtype).
+        frobenius: ``||dW||_F``.
+        method: ``randomized`` (certified) or ``exact`` (dense float64 SVD).
+        excess_bound: certified ``error / optimal error - 1`` (0 for ``exact``).
+        precision: ``float32`` or ``float64``.
+    """
+
+    module: str
+    tensor: str
+    shape: tuple[int, ...]
+    rank: int
+    retained_energy: float
+    relative_error: float
+    frobenius: float
+    method: str
+    excess_bound: float
+    precision: str
+
+    def as_dict(self) -> dict[str, Any]:
+        row = dataclasses.asdict(self)
+        row["shape"] = list(self.shape)
+        return row
+
+
+@dataclass(frozen=True)
+class TensorExtract:
+    """A changed tensor that is no LoRA module (or a resized one).
+
+    Attributes:
+        tensor: the base tensor's key (``component/key`` in a pipeline).
+        shape: its shape in the fine-tune.
+        status: ``stored`` (with keep_diffs), ``listed`` (not stored) or ``resized``.
+        reason: why it is not a LoRA module, and how it was stored.
+        frobenius: ``||W_ft - W_base||_F`` (0 for a resized tensor).
+    """
+
+    tensor: str
+    shape: tuple[int, ...]
+    status: str
+    reason: str
+    frobenius: float
+
+    def as_dict(self) -> dict[str, Any]:
+        row = dataclasses.asdict(self)
+        row["shape"] = list(self.shape)
+        return row
+
+
+@dataclass(frozen=True, repr=False)
+class ExtractResult(WrittenResult):
+    """The extracted adapter (in memory until written), per-module rows and the totals."""
+
+    command = "extract"
+
+    adapter: Adapter
+    format: str
+    rule: dict[str, Any]
+    modules: tuple[ModuleExtract, ...]
+    tensors: tuple[TensorExtract, ...]
+    unchanged: int
+    total_tensors: int
+    device: str
+    notes: tuple[str, ...] = ()
+
+    def summary(self) -> dict[str, Any]:
+        """Totals; ``overall_relative_error = sqrt(sum ||dW - dW_k||^2 / sum ||dW||^2)`` over
+        the LoRA modules."""
+        rows = self.modules
+        total = sum(r.frobenius**2 for r in rows)
+        err = sum((r.relative_error * r.frobenius) ** 2 for r in rows)
+        params = sum(m.down.numel + m.up.numel for m in self.adapter.modules.values())
+        return {
+            "overall_relative_error": math.sqrt(err / total) if total > 0 else 0.0,
+            "max_relative_error": max((r.relative_error for r in rows), default=0.0),
+            "min_retained_energy": min((r.retained_energy for r in rows), default=1.0),
+            "max_excess_bound": max((r.excess_bound for r in rows), default=0.0),
+            "lora_parameters": params,
+            "ranks": _histogram([r.rank for r in rows]),
+            "methods": _histogram([r.method for r in rows]),
+        }
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "tensors": self.total_tensors,
+            "modules": len(self.modules),
+            "unchanged": self.unchanged,
+            "stored": sum(t.status == STORED for t in self.tensors),
+            "listed": sum(t.status == LISTED for t in self.tensors),
+            "resized": sum(t.status == RESIZED for t in self.tensors),
+        }
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "device": self.device,
+            "rule": dict(self.rule),
+            "counts": self.counts(),
+            "modules": [row.as_dict() for row in self.modules],
+            "tensors": [row.as_dict() for row in self.tensors],
+            "summary": self.summary(),
+            "notes": list(self.notes),
+        }
+
+
+def _histogram(values: list[Any]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in sorted(values, key=lambda x: (str(type(x)), x)):
+        out[str(v)] = out.get(str(v), 0) + 1
+    return out
+
+
+# -- checking the rule and the device ----------------------------------------------------------
+
+
+def check_rule(
+    rank: int | None, energy: float | None, min_rank: int | None, max_rank: int | None
+) -> None:
+    """UsageError for a rule extract cannot apply (before anything is read)."""
+    if (rank is None) == (energy is None):
+        raise UsageError("give exactly one of --rank R and --energy E")
+    if rank is not None and rank < 1:
+        raise UsageError(f"--rank must be at least 1, not {rank}")
+    if energy is not None and not (0 < energy <= 1):
+        raise UsageError(f"--energy must be in (0, 1], not {energy}")
+    if min_rank is not None and min_rank < 1:
+        raise UsageError(f"--min-rank must be at least 1, not {min_rank}")
+    if max_rank is not None and max_rank < 1:
+        raise UsageError(f"--max-rank must be at least 1, not {max_rank}")
+    if min_rank is not None and max_rank is not None and min_rank > max_rank:
+        raise UsageError(f"--min-rank {min_rank} is above --max-rank {max_rank}")
+    if rank is not None and (min_rank is not None or max_rank is not None):
+        raise UsageError(
+            "--min-rank / --max-rank bound the rank --energy chooses; with --rank every "
+            "module gets that rank",
+            hint="drop --min-rank / --max-rank, or use --energy",
+        )
+
+
+def select_backend(device: str) -> NumpyBackend | TorchBackend:
+    """numpy for ``cpu`` (and ``auto`` without a GPU); torch on the GPU for ``cuda[:N]``;
+    torch on the CPU for ``torch-cpu`` (to check the torch path against numpy's).
+
+    Raises:
+        DeviceError: ``cuda`` asked for, but torch or a GPU is missing.
+        UsageError: an unknown device.
+    """
+    cuda = device == "cuda" or device.startswith("cuda:")
+    if device not in ("auto", "cpu", "torch-cpu") and not cuda:
+        raise UsageError(f"unknown device {device!r}", hint="use auto, cpu or cuda")
+    if device == "cpu":
+        return NumpyBackend()
+    from lora_tools.ops.merge.engine import _cuda_possible
+
+    if device == "auto" and not _cuda_possible():
+        return NumpyBackend()
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        if device == "auto":
+            return NumpyBackend()
+        raise DeviceError(
+            f"--device {device} needs torch, which is not installed",
+            hint="install a CUDA build of torch, or use --device cpu",
+        ) from None
+    if device == "torch-cpu":
+        return TorchBackend("cpu")
+    from lora_tools.ops.merge.torch_engine import cuda_device
+
+    found = cuda_device("cuda" if device == "auto" else device, required=device != "auto")
+    return TorchBackend(found) if found else NumpyBackend()
+
+
+# -- reading pairs ------------------------------------------------------------------------------
+
+
+def _label(comp: Component, key: str) -> str:
+    return f"{comp.name}/{key}" if comp.name else key
+
+
+def _is_vocab(key: str) -> bool:
+    parts = key.split(".")
+    return len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in VOCAB_NAMES
+
+
+def _pairs(base: Checkpoint, ft: Checkpoint) -> list[tuple[Component, Component, str]]:
+    """Every (base component, fine-tune component, key), after checking the two agree."""
+    missing = [c for c in base.components if c not in ft.components]
+    extra = [c for c in ft.components if c not in base.components]
+    if missing or extra:
+        what = (
+            f"component {missing[0]!r} is in the base but not in the fine-tune"
+            if missing
+            else f"component {extra[0]!r} is in the fine-tune but not in the base"
+        )
+        raise ShapeError(
+            f"{what}; the two checkpoints have other layouts",
+            path=ft.path,
+            hint="extract from a fine-tune saved in the base's layout",
+            kind="extract-layout",
+        )
+    out = []
+    for name, comp in base.components.items():
+        other = ft.components[name]
+        keys = comp.keys()
+        other_keys = set(other.keys())
+        for key in keys:
+            if key not in other_keys:
+                raise ShapeError(
+                    f"tensor {_label(comp, key)!r} is in the base but not in the fine-tune",
+                    path=ft.path,
+                    hint="is this the fine-tune of this base?",
+                    kind="extract-missing",
+                )
+        known = set(keys)
+        for key in other:
+            if key not in known:
+                raise ShapeError(
+                    f"tensor {_label(other, key)!r} is in the fine-tune but not in the base",
+                    path=base.path,
+                    hint="is this the fine-tune of this base?",
+                    kind="extract-missing",
+                )
+        out += [(comp, other, key) for key in keys]
+    return out
+
+
+def _as_float(raw: np.ndarray, info: TensorInfo) -> np.ndarray:
+    """The raw bytes of a float tensor as float32 (float64 for F64), exactly."""
+    shape = tuple(info.shape)
+    if info.dtype == "BF16":
+        # bfloat16 is the top half of a float32: widening is a shift (no ml_dtypes needed)
+        return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32).reshape(shape)
+    if info.dtype == "F16":
+        return raw.view("<f2").astype(np.float32).reshape(shape)
+    if info.dtype == "F32":
+        return raw.view("<f4").reshape(shape)
+    return raw.view("<f8").reshape(shape)
+
+
+def _read_raw(comp: Component, key: str) -> np.ndarray:
+    info = comp.info(key)
+    out = np.empty(info.nbytes, np.uint8)
+    comp.open(comp.file_for(key)).read_into(key, out)
+    return out
+
+
+# -- naming -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Naming:
+    """How the output names the module of a base weight, per format."""
+
+    format: str
+    kind: str
+
+    def module(self, comp: Component, key: str) -> tuple[str, str | None, str, dict[str, str]]:
+        """``(stem, component, path, keys)`` of the module updating base tensor ``key``."""
+        path = key.removesuffix(".weight")
+        if self.format == "peft":
+            return PEFT_PREFIX + path, None, path, {}
+        if self.format == "diffusers":
+            component = comp.name or "transformer"
+            return f"{component}.{path}", component, path, {}
+        component, inner = self._component_path(comp, path)
+        stem = kohya_name(component, inner)
+        keys = {
+            "down": f"{stem}.lora_down.weight",
+            "up": f"{stem}.lora_up.weight",
+            "alpha": f"{stem}.alpha",
+        }
+        return stem, component, inner, keys
+
+    def _component_path(self, comp: Component, path: str) -> tuple[str, str]:
+        if comp.name:
+            return comp.name, path
+        for prefix, component in SINGLE_FILE_PREFIXES:
+            if path.startswith(prefix):
+                return component, path[len(prefix) :]
+        return "unet", path
+
+
+def _default_name(ckpt: Checkpoint, given: str) -> str:
+    """base_model_name_or_path: the base config's ``_name_or_path``, else the base as given."""
+    comp = next(iter(ckpt.components.values()))
+    name = (comp.config or {}).get("_name_or_path")
+    return name if isinstance(name, str) and name else given
+
+
+def _task_type(ckpt: Checkpoint) -> str | None:
+    comp = next(iter(ckpt.components.values()))
+    arch = (comp.config or {}).get("architectures") or []
+    if any(isinstance(a, str) and a.endswith("ForCausalLM") for a in arch):
+        return "CAUSAL_LM"
+    if any(isinstance(a, str) and a.endswith("ForSeq2SeqLM") for a in arch):
+        return "SEQ_2_SEQ_LM"
+    return None
+
+
+# -- the operation --------------------------------------------------------------------------------
+
+
+def extract(
+    base: str | os.PathLike[str],
+    finetuned: str | os.PathLike[str],
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    min_rank: int | None = None,
+    max_rank: int | None = None,
+    modules: str | None = None,
+    format: str | None = None,
+    keep_diffs: bool = False,
+    device: str = "auto",
+    dtype: str | None = None,
+    exact: bool = False,
+    seed: int = 0,
+    progress: Progress | None = None,
+    base_spec: str | None = None,
+) -> ExtractResult:
+    """Extract a LoRA from ``base`` and ``finetuned`` (see the module docstring).
+
+    Args:
+        base, finetuned: local checkpoints (file, HF folder, diffusers pipeline folder).
+        rank / energy: the rule (exactly one); ``min_rank`` / ``max_rank`` bound the energy
+            rule's rank.
+        modules: a regex searched in each base tensor's key (``component/key`` in a
+            pipeline): only matching weights become LoRA modules (default: every changed
+            weight of two or more dimensions).
+        format: ``peft``, ``kohya`` or ``diffusers`` (default from the base, see
+            :data:`DEFAULT_FORMATS`).
+        keep_diffs: store the changed tensors that are no LoRA module.
+        device: ``auto``, ``cpu``, ``cuda``/``cuda:N`` (torch on the GPU) or ``torch-cpu``.
+        dtype: output dtype (``bf16``, ``fp16``, ``fp32``); default: each fine-tuned tensor's.
+        exact: dense SVDs only (no randomized sketch).
+        seed: seed of the randomized SVD's Gaussian test matrices.
+        progress: ``progress(done_bytes, total_bytes)`` after each tensor pair.
+        base_spec: how the user named the base (for base_model_name_or_path).
+
+    Raises:
+        UsageError: a bad rule, format or regex.
+        ShapeError: a tensor missing on one side, or of another shape.
+        DeviceError: ``cuda`` without torch / a GPU.
+    """
+    check_rule(rank, energy, min_rank, max_rank)
+    if format is not None and format not in FORMATS:
+        raise UsageError(f"unknown format {format!r}", hint=f"use one of {', '.join(FORMATS)}")
+    if dtype is not None and dtype not in OUTPUT_DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}", hint="use bf16, fp16 or fp32")
+    try:
+        pattern = re.compile(modules) if modules is not None else None
+    except re.error as exc:
+        raise UsageError(f"--modules {modules!r} is not a regular expression: {exc}") from None
+    backend = select_backend(device)
+    with open_checkpoint(base) as ckpt_b, open_checkpoint(finetuned) as ckpt_f:
+        fmt = format or DEFAULT_FORMATS[ckpt_b.kind]
+        if fmt == "diffusers" and ckpt_b.kind == "file":
+            raise UsageError(
+                "diffusers naming needs a diffusers pipeline base (a single file names its "
+                "layers in its own layout)",
+                path=ckpt_b.path,
+                hint="use --format kohya for single-file checkpoints",
+            )
+        run = _Run(ckpt_b, ckpt_f, fmt, pattern, keep_diffs, backend, dtype, exact, seed)
+        run.rule = {"rank": rank, "energy": energy, "min_rank": min_rank, "max_rank": max_rank}
+        run.go(progress)
+        adapter = run.build(base_spec or os.fspath(base))
+        _check_resolves(adapter, ckpt_b, run.sources)
+    rule = {k: v for k, v in run.rule.items() if v is not None}
+    add_history(adapter, "extract", base=base_spec or os.fspath(base), **rule)
+    inputs = (
+        input_ref(base_spec or base, "base"),
+        input_ref(finetuned, "model"),
+    )
+    return ExtractResult(
+        adapter=adapter,
+        format=fmt,
+        rule=rule,
+        modules=tuple(run.rows),
+        tensors=tuple(run.others),
+        unchanged=run.unchanged,
+        total_tensors=run.total,
+        device=backend.name,
+        notes=tuple(run.notes),
+        source_inputs=inputs,
+    )
+
+
+class _Run:
+    """The state of one extraction: the pairs walked, what each became."""
+
+    def __init__(
+        self,
+        ckpt_b: Checkpoint,
+        ckpt_f: Checkpoint,
+        fmt: str,
+        pattern: re.Pattern[str] | None,
+        keep_diffs: bool,
+        backend: NumpyBackend | TorchBackend,
+        dtype: str | None,
+        exact: bool,
+        seed: int,
+    ) -> None:
+        self.ckpt_b, self.ckpt_f = ckpt_b, ckpt_f
+        self.format = fmt
+        self.naming = _Naming(fmt, ckpt_b.kind)
+        self.pattern = pattern
+        self.keep_diffs = keep_diffs
+        self.backend = backend
+        self.dtype = OUTPUT_DTYPES[dtype] if dtype else None
+        self.exact = exact
+        self.seed = seed
+        self.rule: dict[str, Any] = {}
+        self.rows: list[ModuleExtract] = []
+        self.others: list[TensorExtract] = []
+        self.notes: list[str] = []
+        self.unchanged = 0
+        self.total = 0
+        self.loras: dict[str, LoraModule] = {}
+        #: module stem -> (component name, base key) it came from
+        self.sources: dict[str, tuple[str, str]] = {}
+        #: changed non-LoRA tensors: (comp_b, comp_f, key, diff array)
+        self.diffs: list[tuple[Component, Component, str, np.ndarray]] = []
+        comp = next(iter(ckpt_b.components.values()))
+        self.conv1d = comp.model_type in CONV1D_MODEL_TYPES
+
+    def go(self, progress: Progress | None) -> None:
+        pairs = _pairs(self.ckpt_b, self.ckpt_f)
+        self.total = len(pairs)
+        sizes = [comp_f.info(key).nbytes for _, comp_f, key in pairs]
+        done, total = 0, sum(sizes)
+        for (comp_b, comp_f, key), size in zip(pairs, sizes, strict=True):
+            self.pair(comp_b, comp_f, key)
+            done += size
+            if progress is not None:
+                progress(done, total)
+
+    def pair(self, comp_b: Component, comp_f: Component, key: str) -> None:
+        info_b, info_f = comp_b.info(key), comp_f.info(key)
+        label = _label(comp_b, key)
+        if tuple(info_b.shape) != tuple(info_f.shape):
+            if (
+                len(info_b.shape) == 2
+                and len(info_f.shape) == 2
+                and info_b.shape[1] == info_f.shape[1]
+                and _is_vocab(key)
+            ):
+                self.others.append(
+                    TensorExtract(
+                        label,
+                        tuple(info_f.shape),
+                        RESIZED,
+                        f"vocabulary resized from {info_b.shape[0]} to {info_f.shape[0]} rows; "
+                        "a LoRA cannot change a layer's shape (resize the base's embeddings "
+                        "first, then extract)",
+                        0.0,
+                    )
+                )
+                return
+            raise ShapeError(
+                f"tensor {label!r} is {list(info_b.shape)} in the base but "
+                f"{list(info_f.shape)} in the fine-tune",
+                path=self.ckpt_f.path,
+                hint="is this the fine-tune of this base?",
+                kind="extract-shape",
+            )
+        raw_b, raw_f = _read_raw(comp_b, key), _read_raw(comp_f, key)
+        if info_b.dtype == info_f.dtype and np.array_equal(raw_b, raw_f):
+            self.unchanged += 1
+            return
+        if info_b.dtype not in FLOAT_DTYPES or info_f.dtype not in FLOAT_DTYPES:
+            self.others.append(
+                TensorExtract(
+                    label,
+                    tuple(info_f.shape),
+                    LISTED,
+                    f"{info_f.dtype} tensor (not a float weight) changed; not stored",
+                    0.0,
+                )
+            )
+            return
+        w_b, w_f = _as_float(raw_b, info_b), _as_float(raw_f, info_f)
+        del raw_b, raw_f
+        wide = np.float64 if np.float64 in (w_b.dtype, w_f.dtype) else np.float32
+        diff = np.subtract(w_f, w_b, dtype=wide)
+        del w_b, w_f
+        if not np.isfinite(diff).all():
+            raise FormatError(
+                f"tensor {label!r}: the difference holds NaN/Inf values",
+                path=self.ckpt_f.path,
+                hint="check both checkpoints for NaN/Inf weights",
+                kind="non-finite",
+            )
+        if not diff.any():
+            self.unchanged += 1  # other bits, same values (-0.0 and 0.0, or another dtype)
+            return
+        out_dtype = self.dtype or info_f.dtype
+        selected = self.pattern is None or self.pattern.search(label) is not None
+        if diff.ndim >= 2 and key.endswith(".weight") and selected:
+            self.lora(comp_b, key, diff, out_dtype)
+            return
+        if diff.ndim < 2:
+            why = "1-D (a norm or a bias)" if diff.ndim == 1 else "a scalar"
+        elif not key.endswith(".weight"):
+            why = "not a layer weight"
+        else:
+            why = "left out by --modules"
+        self.diffs.append((comp_b, comp_f, key, diff.astype(numpy_dtype(out_dtype))))
+        self.others.append(
+            TensorExtract(label, tuple(diff.shape), LISTED, why, float(np.linalg.norm(diff)))
+        )
+
+    def lora(self, comp: Component, key: str, diff: np.ndarray, out_dtype: str) -> None:
+        stem, component, path, keys = self.naming.module(comp, key)
+        layer = path.rsplit(".", 1)[-1]
+        shape = diff.shape
+        if self.format == "peft" and layer in EMBEDDING_NAMES and diff.ndim == 2:
+            kind, A = EMBEDDING, diff.T  # PEFT's embedding update is (B @ A)^T
+        elif self.format == "peft" and self.conv1d and layer in CONV1D_NAMES and diff.ndim == 2:
+            kind, A = LINEAR, diff.T  # GPT-2 Conv1D stores [in, out] (fan_in_fan_out)
+        elif diff.ndim > 2:
+            kind, A = CONV, diff.reshape(shape[0], -1)
+        else:
+            kind, A = LINEAR, diff
+        t = truncate(A, **self._rule(), backend=self.backend, seed=self.seed, exact=self.exact)
+        k = t.rank
+        if kind == CONV:
+            down = t.down.reshape(k, *shape[1:])
+            up = t.up.reshape(shape[0], k, *[1] * (len(shape) - 2))
+        else:
+            down, up = t.down, t.up
+        module = LoraModule(
+            key=stem,
+            down=ArrayTensor(down, out_dtype),
+            up=ArrayTensor(up, out_dtype),
+            alpha=float(k),
+            kind=kind,
+            path=path,
+            component=component,
+            keys=keys,
+        )
+        if self.format == "kohya":
+            module.alpha_tensor = ArrayTensor(np.array(float(k), np.float32), "F32")
+        self.loras[stem] = module
+        self.sources[stem] = (comp.name, key)
+        self.rows.append(_row(stem, _label(comp, key), tuple(shape), t))
+
+    def _rule(self) -> dict[str, Any]:
+        r = self.rule
+        if r.get("rank") is not None:
+            return {"rank": r["rank"]}
+        return {
+            "energy": r["energy"],
+            "min_rank": r.get("min_rank") or 1,
+            "max_rank": r.get("max_rank"),
+        }
+
+    # -- the adapter --------------------------------------------------------------------------
+
+    def build(self, base_name: str) -> Adapter:
+        passthrough: dict[str, Tensor] = {}
+        to_save: list[str] = []
+        lora_bias = False
+        if self.diffs and self.keep_diffs:
+            if self.format == "peft":
+                to_save, lora_bias = self._peft_diffs(passthrough)
+            elif self.format == "kohya":
+                self._kohya_diffs(passthrough)
+            else:
+                self.notes.append(
+                    f"{len(self.diffs)} changed tensors are no LoRA module; diffusers LoRA "
+                    "files cannot hold full tensors, so they are listed, not stored (use "
+                    "--format peft or kohya to keep them)"
+                )
+        elif self.diffs:
+            self.notes.append(
+                f"{len(self.diffs)} changed tensors are no LoRA module (e.g. "
+                f"{self.others[0].tensor!r}); they are listed, not stored: --keep-diffs "
+                "stores them"
+            )
+        if not self.loras and not passthrough:
+            raise UsageError(
+                "nothing to extract: no changed weight becomes a LoRA module"
+                + (f" ({self.unchanged} tensors are bit-equal)" if self.unchanged else ""),
+                path=self.ckpt_f.path,
+                hint="check the two checkpoints, or --modules",
+                kind="extract-empty",
+            )
+        metadata = {"format": "pt"} if self.format != "kohya" else {}
+        adapter = Adapter(
+            format=self.format,
+            modules=dict(self.loras),
+            passthrough=passthrough,
+            metadata=metadata,
+        )
+        if self.format == "peft":
+            from lora_tools.naming import target_paths
+
+            adapter.config = {
+                "peft_type": "LORA",
+                "task_type": _task_type(self.ckpt_b),
+                "base_model_name_or_path": _default_name(self.ckpt_b, base_name),
+                "target_modules": target_paths(self.loras.values()),
+                "modules_to_save": to_save or None,
+                "bias": "none",
+                "fan_in_fan_out": self.conv1d,
+                "lora_dropout": 0.0,
+                "init_lora_weights": True,
+                "use_dora": False,
+                "use_rslora": False,
+                "lora_bias": lora_bias,
+            }
+        return adapter
+
+    def _peft_diffs(self, passthrough: dict[str, Tensor]) -> tuple[list[str], bool]:
+        """PEFT: a changed bias of a LoRA layer as ``lora_B.bias`` (when every LoRA layer's
+        base has a bias: PEFT's lora_bias is one switch for all); every other changed tensor
+        as its whole layer in ``modules_to_save`` (the fine-tune's tensors)."""
+        lora_paths = {m.path: m for m in self.loras.values()}
+        biased = {
+            path: f"{path}.bias" for path in lora_paths if f"{path}.bias" in self._base_comp()
+        }
+        bias_diffs = {
+            key.removesuffix(".bias"): diff
+            for _, _, key, diff in self.diffs
+            if key.endswith(".bias") and key.removesuffix(".bias") in lora_paths
+        }
+        lora_bias = bool(bias_diffs) and len(biased) == len(lora_paths)
+        if bias_diffs and not lora_bias:
+            self.notes.append(
+                f"{len(bias_diffs)} LoRA layers' biases changed, but some LoRA layers have no "
+                "bias in the base; PEFT's lora_bias is one switch for all, so the bias changes "
+                "are not stored"
+            )
+        if lora_bias:
+            for path, m in lora_paths.items():
+                diff = bias_diffs.get(path)
+                if diff is None:
+                    diff = np.zeros(m.up.shape[0], numpy_dtype(m.up.dtype))
+                m.bias = ArrayTensor(diff, m.up.dtype)
+        layers: dict[str, Component] = {}
+        for _comp_b, comp_f, key, _ in self.diffs:
+            path = key.rsplit(".", 1)[0] if "." in key else key
+            if path in lora_paths:
+                continue  # a bias handled above, or not stored
+            layers[path] = comp_f
+        for path, comp_f in layers.items():
+            for key in comp_f:
+                if key.startswith(path + ".") and "." not in key[len(path) + 1 :]:
+                    passthrough[PEFT_PREFIX + key] = comp_f.open(comp_f.file_for(key)).tensor(key)
+        for row_index, row in enumerate(self.others):
+            if row.status != LISTED:
+                continue
+            path = row.tensor.rsplit(".", 1)[0]
+            if path in layers or (lora_bias and path in lora_paths):
+                how = (
+                    "stored as lora_B.bias"
+                    if path in lora_paths
+                    else f"stored in modules_to_save ({path})"
+                )
+                self.others[row_index] = dataclasses.replace(
+                    row, status=STORED, reason=f"{row.reason}; {how}"
+                )
+        if self.dtype is not None:
+            for key, tensor in list(passthrough.items()):
+                passthrough[key] = ArrayTensor(tensor.numpy(), self.dtype)
+        return sorted(layers), lora_bias
+
+    def _base_comp(self) -> Component:
+        return next(iter(self.ckpt_b.components.values()))
+
+    def _kohya_diffs(self, passthrough: dict[str, Tensor]) -> None:
+        """kohya / ComfyUI: ``<name>.diff`` (a weight's difference) and ``<name>.diff_b`` (a
+        bias's), beside the LoRA factors where the layer has them."""
+        by_path = {(m.component, m.path): m for m in self.loras.values()}
+        for (comp_b, _, key, diff), row_index in zip(
+            self.diffs, self._listed_indices(), strict=True
+        ):
+            path, _, leaf = key.rpartition(".")
+            if leaf not in ("weight", "bias") or not path:
+                continue
+            stem, component, inner, _ = self.naming.module(comp_b, path + ".weight")
+            module = by_path.get((component, inner))
+            if leaf == "bias" and module is not None:
+                module.bias_diff = ArrayTensor(diff, None)
+                module.keys["bias_diff"] = f"{stem}.diff_b"
+            else:
+                passthrough[f"{stem}.{'diff' if leaf == 'weight' else 'diff_b'}"] = ArrayTensor(
+                    diff, None
+                )
+            row = self.others[row_index]
+            self.others[row_index] = dataclasses.replace(
+                row,
+                status=STORED,
+                reason=f"{row.reason}; stored as {stem}.diff" + ("_b" if leaf == "bias" else ""),
+            )
+
+    def _listed_indices(self) -> list[int]:
+        return [i for i, row in enumerate(self.others) if row.status == LISTED and row.frobenius]
+
+
+def _row(stem: str, label: str, shape: tuple[int, ...], t: Truncation) -> ModuleExtract:
+    return ModuleExtract(
+        module=stem,
+        tensor=label,
+        shape=shape,
+        rank=t.rank,
+        retained_energy=t.retained_energy,
+        relative_error=t.relative_error,
+        frobenius=t.frobenius,
+        method=t.method,
+        excess_bound=t.excess_bound,
+        precision=t.precision,
+    )
+
+
+def _check_resolves(
+    adapter: Adapter, ckpt: Checkpoint, sources: dict[str, tuple[str, str]]
+) -> None:
+    """Every module must resolve onto the base tensor it came from, as merge and validate
+    resolve it; a naming that does not is refused here, before anything is written."""
+    from lora_tools.resolve import resolve
+
+    res = resolve(adapter, ckpt)
+    for stem, (component, key) in sources.items():
+        match = res.matches.get(stem)
+        if match is None or match.target.key != key or match.target.component != component:
+            where = "no base weight" if match is None else f"{match.target.key!r}"
+            raise ResolveError(
+                f"module {stem!r} (from {key!r}) resolves to {where} in this format",
+                path=ckpt.path,
+                hint="use --format peft",
+                kind="extract-naming",
+            )
+
+
+__all__ = [
+    "DEFAULT_FORMATS",
+    "ExtractResult",
+    "ModuleExtract",
+    "TensorExtract",
+    "check_rule",
+    "extract",
+    "select_backend",
+]

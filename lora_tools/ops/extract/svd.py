@@ -1,0 +1,442 @@
+"""The optimal rank-k approximation of one dense difference ``dW``, with a certificate.
+
+:func:`truncate` returns the factors ``up @ down`` of a rank-k approximation of ``A = dW``
+(``[m, n]``, a convolution flattened to ``[out, in * kh * kw]``) and how far it is from the
+Eckart-Young optimum ``e_opt = sqrt(sum_{i > k} s_i^2)``:
+
+1. A randomized range finder (Halko, Martinsson and Tropp 2011, algorithms 4.4 and 5.1):
+   ``Q`` = an orthonormal basis of ``(A A^T)^q A Omega`` (``Omega`` Gaussian ``[n, l]``,
+   ``l = k + OVERSAMPLE``, ``q = POWER_ITERATIONS``), ``B = Q^T A = Ub diag(t) Vh``; the
+   approximation is ``(Q Ub_k) diag(t_k) Vh_k``. Its error is exact, not estimated:
+   ``e^2 = ||A||_F^2 - sum_{i <= k} t_i^2`` (``A - Q B_k`` splits into two orthogonal parts).
+2. A certificate that ``e <= (1 + tol) e_opt`` (docs/math.md, "extract"): the Ritz values
+   ``t_i^2`` are eigenvalues of ``H = Q^T A A^T Q``; the true ``s_i^2`` are eigenvalues of
+   ``M = A A^T = [[H, E^T], [E, K]]`` in the basis ``[Q, Q_perp]``. With ``||E||_F`` measured
+   (one more product) and ``kappa >= ||K||_2`` (power iterations on the residual, inflated; a
+   probabilistic bound), Weyl's and Li and Li's quadratic residual bounds give
+   ``0 <= s_i^2 - t_i^2 <= min(||E||, 2 ||E||^2 / (d_i + sqrt(d_i^2 + 4 ||E||^2)))`` with
+   ``d_i = t_i^2 - kappa > 0``, hence a lower bound of ``e_opt``.
+3. Where the certificate fails (no gap above the residual, or too little precision), the dense
+   SVD in float64: exact.
+
+The same code runs on numpy (LAPACK / BLAS) and on torch (``cuda`` or ``cpu``): the Gaussian
+test matrices come from numpy's generator in both, so both compute the same approximation to
+within their rounding.
+
+Example:
+    >>> rng = np.random.default_rng(0)
+    >>> A = rng.normal(size=(80, 6)) @ rng.normal(size=(6, 120)) + 1e-3 * rng.normal(size=(80, 120))
+    >>> t = truncate(A.astype(np.float32), rank=6)
+    >>> t.method, t.rank, t.certified
+    ('randomized', 6, True)
+    >>> s = np.linalg.svd(A.astype(np.float32).astype(np.float64), compute_uv=False)
+    >>> bool(abs(t.relative_error / (np.sqrt(np.sum(s[6:] ** 2) / np.sum(s**2))) - 1) < 1e-3)
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lora_tools.lowrank import select_rank
+
+#: Columns the range finder samples beyond the rank (HMT section 4.2).
+OVERSAMPLE = 10
+#: Subspace iterations of the range finder (HMT algorithm 4.4).
+POWER_ITERATIONS = 2
+#: A sketch wider than this fraction of ``min(m, n)`` costs about a dense SVD: take that.
+DENSE_FRACTION = 0.5
+#: How far the approximation's error may be from the optimum: ``e <= (1 + TOLERANCE) e_opt``.
+TOLERANCE = 1e-3
+#: Differences of the error below this fraction of ``||dW||_F`` are not told apart (the
+#: float32 products, and the rounding of the factors to the output dtype, are larger).
+ERROR_FLOOR = 1e-6
+#: Power iterations and start vectors of the estimate of ``||K||_2`` (the residual's top
+#: eigenvalue), and the factor it is inflated by (``1 / (1 - eps)``, ``eps = 3/4``).
+RESIDUAL_PRODUCTS = 6
+RESIDUAL_VECTORS = 8
+RESIDUAL_EPS = 0.75
+
+#: Relative uncertainty, in float32 epsilons, of an energy computed from float32 products.
+ROUNDING_EPS = 16
+
+RANDOMIZED = "randomized"
+EXACT = "exact"
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """A rank-k approximation ``up @ down`` of a dense difference and how good it is.
+
+    Attributes:
+        up: ``[m, k]`` (``U_k sqrt(S_k)``), in the working dtype.
+        down: ``[k, n]`` (``sqrt(S_k) Vh_k``).
+        S: the kept singular values (Ritz values for a sketch), float64.
+        frobenius: ``||dW||_F``.
+        relative_error: ``||dW - up @ down||_F / ||dW||_F`` (exact for both methods, before
+            the factors are rounded to the output dtype).
+        retained_energy: ``||up @ down||_F^2 / ||dW||_F^2``.
+        method: :data:`RANDOMIZED` or :data:`EXACT` (dense SVD).
+        excess_bound: certified ``e / e_opt - 1`` (0 for the exact SVD).
+        failure_probability: the chance the certificate's residual bound is wrong (over the
+            Gaussian vectors of the power iterations; 0 for the exact SVD).
+        precision: ``float32`` or ``float64``, the arithmetic of the SVD.
+    """
+
+    up: np.ndarray
+    down: np.ndarray
+    S: np.ndarray
+    frobenius: float
+    relative_error: float
+    retained_energy: float
+    method: str
+    excess_bound: float
+    failure_probability: float
+    precision: str
+
+    @property
+    def rank(self) -> int:
+        return int(self.up.shape[1])
+
+    @property
+    def certified(self) -> bool:
+        return self.excess_bound <= TOLERANCE
+
+
+# -- backends ---------------------------------------------------------------------------------
+
+
+class NumpyBackend:
+    """numpy arrays and LAPACK: the default."""
+
+    name = "cpu"
+
+    def asarray(self, a: np.ndarray, dtype: Any) -> np.ndarray:
+        return np.asarray(a, dtype=dtype)
+
+    def gaussian(self, rng: np.random.Generator, shape: tuple[int, int], like: Any) -> Any:
+        return rng.standard_normal(shape).astype(like.dtype)
+
+    def qr(self, x: Any) -> Any:
+        return np.linalg.qr(x)[0]
+
+    def sumsq(self, x: Any, rows_per_block: int = 1024) -> float:
+        """``sum(x^2)`` accumulated in float64, a block of rows at a time."""
+        total = 0.0
+        for start in range(0, x.shape[0], rows_per_block):
+            block = np.asarray(x[start : start + rows_per_block], dtype=np.float64)
+            total += float(np.vdot(block, block))
+        return total
+
+    def colsumsq(self, x: Any) -> np.ndarray:
+        x64 = np.asarray(x, dtype=np.float64)
+        return np.einsum("ij,ij->j", x64, x64)
+
+    def numpy64(self, x: Any) -> np.ndarray:
+        return np.asarray(x, dtype=np.float64)
+
+    def numpy(self, x: Any) -> np.ndarray:
+        return np.asarray(x)
+
+    def dense_svd(self, a: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return np.linalg.svd(np.asarray(a, dtype=np.float64), full_matrices=False)
+
+
+class TorchBackend:
+    """torch tensors on a device (``cuda:N``, or ``cpu`` for checking the torch path)."""
+
+    def __init__(self, device: str) -> None:
+        import torch
+
+        self.torch = torch
+        self.name = device
+        self.device = torch.device(device)
+
+    def _dtype(self, dtype: Any) -> Any:
+        return self.torch.float64 if np.dtype(dtype) == np.float64 else self.torch.float32
+
+    def asarray(self, a: np.ndarray, dtype: Any) -> Any:
+        t = self.torch.from_numpy(np.ascontiguousarray(a))
+        return t.to(device=self.device, dtype=self._dtype(dtype))
+
+    def gaussian(self, rng: np.random.Generator, shape: tuple[int, int], like: Any) -> Any:
+        g = rng.standard_normal(shape)
+        return self.torch.from_numpy(g).to(device=self.device, dtype=like.dtype)
+
+    def qr(self, x: Any) -> Any:
+        return self.torch.linalg.qr(x).Q
+
+    def sumsq(self, x: Any, rows_per_block: int = 1024) -> float:
+        total = 0.0
+        for start in range(0, x.shape[0], rows_per_block):
+            block = x[start : start + rows_per_block].to(self.torch.float64)
+            total += float((block * block).sum())
+        return total
+
+    def colsumsq(self, x: Any) -> np.ndarray:
+        x64 = x.to(self.torch.float64)
+        return (x64 * x64).sum(dim=0).cpu().numpy()
+
+    def numpy64(self, x: Any) -> np.ndarray:
+        return x.to(self.torch.float64).cpu().numpy()
+
+    def numpy(self, x: Any) -> np.ndarray:
+        return x.cpu().numpy()
+
+    def dense_svd(self, a: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        u, s, vh = self.torch.linalg.svd(a.to(self.torch.float64), full_matrices=False)
+        return u.cpu().numpy(), s.cpu().numpy(), vh.cpu().numpy()
+
+
+Backend = NumpyBackend | TorchBackend
+
+
+# -- the certificate ----------------------------------------------------------------------------
+
+
+def residual_failure_probability(dim: int) -> float:
+    """Chance that ``kappa = max_j mu_j / (1 - eps)`` is below ``||K||_2``: each of the
+    :data:`RESIDUAL_VECTORS` power iterations from a uniformly random start fails with
+    probability at most ``0.824 sqrt(dim) (1 - eps)^(t - 1/2)`` after ``t`` products
+    (Kuczynski and Wozniakowski 1992); the starts are independent."""
+    one = 0.824 * math.sqrt(max(dim, 1)) * (1 - RESIDUAL_EPS) ** (RESIDUAL_PRODUCTS - 0.5)
+    return min(1.0, one) ** RESIDUAL_VECTORS
+
+
+def excess_bounds(theta: np.ndarray, eta2: float, kappa: float) -> np.ndarray:
+    """``b_i >= s_i^2 - t_i^2`` for each Ritz value ``theta_i = t_i^2`` (inf without a gap).
+
+    Weyl: ``|lambda_i(M) - lambda_i(D)| <= ||E||_2 <= eta``; Li and Li (2005): ``<= 2 eta^2 /
+    (d_i + sqrt(d_i^2 + 4 eta^2))`` with ``d_i`` the distance of ``theta_i`` to the spectrum
+    of ``K`` (at least ``theta_i - kappa``). ``lambda_i(D) = theta_i`` needs ``theta_i >
+    kappa >= ||K||_2``.
+    """
+    eta = math.sqrt(max(eta2, 0.0))
+    gap = theta - kappa
+    out = np.full(theta.shape, np.inf)
+    live = gap > 0
+    quad = 2 * eta2 / (gap[live] + np.sqrt(gap[live] ** 2 + 4 * eta2))
+    out[live] = np.minimum(eta, quad)
+    return out
+
+
+def _sketch(
+    A: Any, width: int, be: Backend, seed: int
+) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, float, float]:
+    """``(Q, Ub, t, Vh, eta2, kappa)`` of a width-``width`` sketch of ``A`` (``[m, n]``)."""
+    rng = np.random.default_rng(seed)
+    Q = be.qr(A @ be.gaussian(rng, (A.shape[1], width), A))
+    for _ in range(POWER_ITERATIONS):
+        Q = be.qr(A @ be.qr(A.T @ Q))
+    B = Q.T @ A
+    B64 = be.numpy64(B)
+    Ub, t, Vh = np.linalg.svd(B64, full_matrices=False)
+    # E^T = (I - Q Q^T) A B^T: the coupling of range(Q) with the rest (one more product)
+    Bt = be.asarray(np.ascontiguousarray(B64.T), np.float64 if _is64(A) else np.float32)
+    F = A @ Bt
+    F = F - Q @ (Q.T @ F)
+    eta2 = be.sumsq(F)
+    # kappa >= ||K||_2 = ||(I - QQ^T) A||_2^2, by power iterations on R R^T (probabilistic)
+    X = be.gaussian(rng, (A.shape[0], RESIDUAL_VECTORS), A)
+    mu = np.zeros(RESIDUAL_VECTORS)
+    for _ in range(RESIDUAL_PRODUCTS):
+        X = X - Q @ (Q.T @ X)
+        norms = np.sqrt(be.colsumsq(X))
+        norms[norms == 0] = 1.0
+        X = X / be.asarray(norms, np.float64 if _is64(A) else np.float32)
+        W = A.T @ X
+        mu = be.colsumsq(W)  # Rayleigh quotients x^T R R^T x of unit vectors
+        X = A @ W
+    kappa = float(mu.max(initial=0.0)) / (1 - RESIDUAL_EPS)
+    return Q, Ub, t, Vh, eta2, kappa
+
+
+def _excess_ratio(err2_high: float, opt2_low: float, frob: float) -> float:
+    """The certified ``e / e_opt - 1`` from an upper bound of ``e^2`` and a lower bound of
+    ``e_opt^2``; 0 when the error itself is below the floor."""
+    if err2_high <= (ERROR_FLOOR * frob) ** 2:
+        return 0.0
+    if opt2_low <= 0:
+        return math.inf
+    return max(math.sqrt(err2_high / opt2_low) - 1, 0.0)
+
+
+def _is64(A: Any) -> bool:
+    return str(A.dtype).endswith("float64")
+
+
+@dataclass(frozen=True)
+class _Rule:
+    rank: int | None
+    energy: float | None
+    min_rank: int
+    max_rank: int | None
+
+
+def _choose_certified(
+    theta: np.ndarray, bounds: np.ndarray, total: float, rule: _Rule, dim: int
+) -> int | None:
+    """The rank the rule picks, when the sketch proves it; None when it cannot."""
+    if rule.rank is not None:
+        k = min(rule.rank, dim, len(theta))
+        live = int(np.count_nonzero(theta > theta[0] * dim * np.finfo(np.float64).eps))
+        return max(1, min(k, live))
+    assert rule.energy is not None
+    lo = max(1, rule.min_rank)
+    hi = dim if rule.max_rank is None else max(lo, min(rule.max_rank, dim))
+    lo = min(lo, hi)
+    target = rule.energy * total * (1 - 1e-12)
+    lower = np.cumsum(theta)  # sum_{i<=k} t_i^2 <= sum_{i<=k} s_i^2
+    upper = lower + np.cumsum(bounds)
+    found = np.flatnonzero(lower >= target)
+    k_hat = int(found[0]) + 1 if found.size else None
+    if k_hat is not None and k_hat <= lo:
+        return lo
+    if hi - 1 <= len(theta) and hi >= 2 and upper[hi - 2] < target:
+        return hi  # even rank hi - 1 keeps less than the target: the rule wants hi or more
+    if k_hat is not None and k_hat <= hi and (k_hat == 1 or upper[k_hat - 2] < target):
+        return k_hat
+    return None
+
+
+def truncate(
+    A: np.ndarray,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    min_rank: int = 1,
+    max_rank: int | None = None,
+    backend: Backend | None = None,
+    seed: int = 0,
+    exact: bool = False,
+    tolerance: float = TOLERANCE,
+) -> Truncation:
+    """The optimal rank-k approximation of ``A`` (``[m, n]``, float32 or float64).
+
+    ``rank`` fixes k; ``energy`` E picks the smallest k keeping ``E * ||A||_F^2``, clamped to
+    ``[min_rank, max_rank]``. The randomized SVD is used where its certificate shows
+    ``e <= (1 + tolerance) e_opt`` (or the difference is below :data:`ERROR_FLOOR`), the
+    dense float64 SVD otherwise (and with ``exact``).
+
+    Args:
+        A: the difference, 2-D.
+        rank, energy, min_rank, max_rank: the rule (exactly one of ``rank`` / ``energy``).
+        backend: :class:`NumpyBackend` (default) or :class:`TorchBackend`.
+        seed: seed of the Gaussian test matrices.
+        exact: always take the dense SVD.
+        tolerance: the certificate's relative tolerance.
+
+    Returns:
+        A :class:`Truncation` with ``up`` ``[m, k]`` and ``down`` ``[k, n]``.
+    """
+    if (rank is None) == (energy is None):
+        raise ValueError("exactly one of rank and energy is needed")
+    be = backend or NumpyBackend()
+    rule = _Rule(rank, energy, min_rank, max_rank)
+    m, n = A.shape
+    flip = m > n  # sketch the short side: Q is [min(m, n), l]
+    host = A.T if flip else A
+    dim = min(m, n)
+    work64 = A.dtype == np.float64
+    Aw = be.asarray(host, np.float64 if work64 else np.float32)
+    total = be.sumsq(Aw)
+    frob = math.sqrt(total)
+    if total == 0 or exact:
+        return _dense(Aw, be, rule, total, flip)
+    guess = rank if rank is not None else max(min_rank, 8)
+    while True:
+        width = min(guess + OVERSAMPLE, dim)
+        if width > DENSE_FRACTION * dim:
+            return _dense(Aw, be, rule, total, flip)
+        Q, Ub, t, Vh, eta2, kappa = _sketch(Aw, width, be, seed)
+        theta = t**2
+        bounds = excess_bounds(theta, eta2, kappa)
+        k = _choose_certified(theta, bounds, total, rule, dim)
+        if k is None:
+            if rank is not None:
+                return _dense(Aw, be, rule, total, flip)
+            guess *= 2
+            continue
+        err2 = max(total - float(np.sum(theta[:k])), 0.0)
+        excess = min(float(np.sum(bounds[:k])), k * kappa)
+        # float32 products leave a few eps of each captured energy uncertain
+        rounding = 0.0 if work64 else ROUNDING_EPS * np.finfo(np.float32).eps * total
+        ratio = _excess_ratio(err2 + rounding, err2 - rounding - excess, frob)
+        if (
+            ratio > tolerance
+            and not work64
+            and _excess_ratio(err2, err2 - excess, frob) <= (tolerance / 2)
+        ):
+            work64 = True  # the spectrum needs more digits than float32 keeps
+            Aw = be.asarray(host, np.float64)
+            continue
+        if ratio > tolerance:
+            if rank is not None or width >= DENSE_FRACTION * dim:
+                return _dense(Aw, be, rule, total, flip)
+            guess *= 2
+            continue
+        Sk = t[:k]
+        root = np.sqrt(Sk)
+        left = Q @ be.asarray(Ub[:, :k] * root, np.float64 if work64 else np.float32)
+        up = be.numpy(left)
+        down = (Vh[:k] * root[:, None]).astype(up.dtype)
+        up, down = (down.T, up.T) if flip else (up, down)
+        return Truncation(
+            up=np.ascontiguousarray(up),
+            down=np.ascontiguousarray(down),
+            S=Sk,
+            frobenius=frob,
+            relative_error=math.sqrt(err2 / total),
+            retained_energy=min(float(np.sum(theta[:k])) / total, 1.0),
+            method=RANDOMIZED,
+            excess_bound=ratio,
+            failure_probability=residual_failure_probability(dim),
+            precision="float64" if work64 else "float32",
+        )
+
+
+def _dense(Aw: Any, be: Backend, rule: _Rule, total: float, flip: bool) -> Truncation:
+    """The dense float64 SVD: exact (Eckart-Young), for any rule."""
+    u, S, vh = be.dense_svd(Aw)
+    dim = len(S)
+    if total == 0:
+        k = 1
+    elif rule.rank is not None:
+        live = int(np.count_nonzero(S[0] * dim * np.finfo(np.float64).eps < S))
+        k = max(1, min(rule.rank, live))
+    else:
+        k = select_rank(S, energy=rule.energy, min_rank=rule.min_rank, max_rank=rule.max_rank)
+    root = np.sqrt(S[:k])
+    up, down = u[:, :k] * root, vh[:k] * root[:, None]
+    up, down = (down.T, up.T) if flip else (up, down)
+    kept = float(np.sum(S[:k] ** 2))
+    tail = float(np.sum(S[k:] ** 2))
+    energy = sum(S**2)
+    return Truncation(
+        up=np.ascontiguousarray(up),
+        down=np.ascontiguousarray(down),
+        S=S[:k],
+        frobenius=math.sqrt(total),
+        relative_error=math.sqrt(tail / energy) if energy > 0 else 0.0,
+        retained_energy=kept / energy if energy > 0 else 1.0,
+        method=EXACT,
+        excess_bound=0.0,
+        failure_probability=0.0,
+        precision="float64",
+    )
+
+
+__all__ = [
+    "EXACT",
+    "RANDOMIZED",
+    "NumpyBackend",
+    "TorchBackend",
+    "Truncation",
+    "excess_bounds",
+    "residual_failure_probability",
+    "truncate",
+]
