@@ -33,7 +33,8 @@ class Consumer:
         name: the profile name (``vllm``).
         title: how its project spells it (``vLLM``).
         family: the prefix of its validate rules (``LT50``).
-        current: the newest version whose loading code was read; the default.
+        current: the newest version whose loading code was read; the default. Empty for a
+            consumer without releases to name (llama.cpp: the commits read are in ``checked``).
         oldest: the oldest version the facts cover; older ones are refused.
         checked: every version whose loading code was read.
         repository: where the loading code lives (``vllm-project/vllm``).
@@ -60,11 +61,15 @@ class Profile:
 
     @property
     def spec(self) -> str:
+        if not self.version:
+            return self.consumer.name
         return f"{self.consumer.name}:{fmt_version(self.version)}"
 
     @property
     def label(self) -> str:
         """``vLLM 0.34``: how findings name the consumer."""
+        if not self.version:
+            return self.consumer.title
         return f"{self.consumer.title} {fmt_version(self.version)}"
 
     def since(self, version: Version) -> bool:
@@ -92,9 +97,9 @@ def parse_version(text: str) -> Version:
 
 
 def _registry() -> dict[str, Consumer]:
-    from lora_tools.consumers import sglang, vllm
+    from lora_tools.consumers import llamacpp, sglang, tgi, vllm
 
-    modules = (vllm, sglang)
+    modules = (vllm, sglang, tgi, llamacpp)
     return {module.CONSUMER.name: module.CONSUMER for module in modules}
 
 
@@ -129,6 +134,12 @@ def parse_profiles(values: Iterable[str] | str | None) -> tuple[Profile, ...]:
                 raise UsageError(
                     f"--profile {token!r}: unknown consumer {name!r}",
                     hint=f"profiles: {', '.join(known)}",
+                )
+            if version_text and not consumer.current:
+                raise UsageError(
+                    f"--profile {token!r}: the {consumer.title} profile has no versions (its "
+                    f"facts come from {', '.join(consumer.checked)})",
+                    hint=f"write --profile {consumer.name}",
                 )
             version = parse_version(version_text) if version_text else consumer.current
             if _key(version) < _key(consumer.oldest) or _key(version) > _key(consumer.current):

@@ -42,11 +42,22 @@ ADAPTERS: dict[str, dict] = {
         r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa"
     ),
     "mlp": dict(r=8, lora_alpha=16, target_modules=["gate_proj", "up_proj", "down_proj"]),
+    "one-layer": dict(
+        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], layers_to_transform=[0]
+    ),
+    # v_proj of layer 1 alone at rank 4: one layer type with two ranks
+    "layer-rank": dict(
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj"],
+        rank_pattern={"layers.1.self_attn.v_proj": 4},
+    ),
+    "lm-head": dict(r=8, lora_alpha=16, target_modules=["q_proj", "lm_head"]),
 }
 
 
 @functools.cache
-def _model(vocab_size: int):
+def _model(vocab_size: int, tied: bool = False):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -59,7 +70,7 @@ def _model(vocab_size: int):
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -83,8 +94,8 @@ def make(folder: Path, name: str, *, vocab_size: int = 128) -> Path:
     return out
 
 
-def save_base(folder: Path, *, vocab_size: int = 128) -> Path:
+def save_base(folder: Path, *, vocab_size: int = 128, tied: bool = False) -> Path:
     """The tiny Llama itself, as a transformers folder (a ``--base`` for validate)."""
-    out = folder / f"base-{vocab_size}"
-    _model(vocab_size).save_pretrained(out)
+    out = folder / (f"base-{vocab_size}" + ("-tied" if tied else ""))
+    _model(vocab_size, tied).save_pretrained(out)
     return out

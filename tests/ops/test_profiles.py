@@ -37,6 +37,7 @@ def adapters(tmp_path_factory) -> Path:
         profile_adapters.make(root, name)
     profile_adapters.make(root / "v256", "embedding", vocab_size=256)
     profile_adapters.save_base(root)
+    profile_adapters.save_base(root, tied=True)
     return root
 
 
@@ -218,3 +219,61 @@ def test_profile_spelling():
     ]
     with pytest.raises(UsageError, match="need --profile"):
         validate(["fixtures/peft/llama-lora"], max_lora_rank=16)
+
+
+# TGI v3.3.7 (read, not run: its server needs a GPU): one scale per adapter, lora_A / lora_B of
+# the decoder layers' projections only, a layer type dropped unless every layer has it, ranks of
+# one layer type stacked. llama.cpp: convert_lora_to_gguf.py stops at any tensor that is not a
+# LoRA factor; get_scale = alpha / rank of the tensor pair.
+TGI_LLAMACPP = {
+    "clean": ([], []),
+    "all-linear": ([], []),
+    "mlp": ([], []),
+    "rank32": ([], []),
+    "embedding": (["LT522"], []),
+    "patterns": (["LT523"], ["LT533"]),  # llama.cpp: o_proj's alpha_pattern
+    # rank_pattern q_proj 4 with alpha_pattern q_proj 8: TGI serves 16 / 8 = 2 (right by luck),
+    # llama.cpp 16 / 4 = 4 (PEFT 8 / 4 = 2)
+    "patterns-same-scale": ([], ["LT533"]),
+    "rslora": ([], ["LT533"]),
+    "dora": (["LT522"], ["LT532"]),
+    "lora-bias": (["LT522"], ["LT532"]),
+    "modules-to-save": (["LT522"], ["LT532"]),
+    "pissa": (["LT526"], ["LT535"]),
+    "one-layer": ([], []),  # layer 0 only: the layer count needs --base (next test)
+    "layer-rank": (["LT523", "LT525"], []),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TGI_LLAMACPP))
+def test_tgi_and_llamacpp_verdicts(adapters, name):
+    tgi, llamacpp = TGI_LLAMACPP[name]
+    assert profile_codes(adapters / name, "tgi") == tgi
+    assert profile_codes(adapters / name, "llamacpp") == llamacpp
+
+
+def test_tgi_partial_layers_counts_the_base_layers(adapters):
+    report = validate([adapters / "one-layer"], profiles="tgi", base=adapters / "base-128")
+    found = [f for f in report.findings if f.rule.code == "LT524"]
+    assert sorted(f.module for f in found) == ["q_proj", "v_proj"]
+    assert all("decoder layer(s) 1 of 2" in f.message for f in found)
+
+
+def test_llamacpp_scale_finding_values(adapters):
+    (finding,) = validate([adapters / "rslora"], profiles="llamacpp").findings
+    # PEFT: 16 / sqrt(8); llama.cpp: 16 / 8
+    assert finding.found == "2" and finding.expected == f"{16 / 8**0.5:g}"
+
+
+def test_llamacpp_tied_lm_head(adapters):
+    tied = validate([adapters / "lm-head"], profiles="llamacpp", base=adapters / "base-128-tied")
+    assert "LT534" in {f.rule.code for f in tied.findings}
+    untied = validate([adapters / "lm-head"], profiles="llamacpp", base=adapters / "base-128")
+    assert not [f for f in untied.findings if f.rule.code.startswith("LT5")]
+
+
+def test_unversioned_profile():
+    (profile,) = parse_profiles("llamacpp")
+    assert profile.spec == "llamacpp" and profile.label == "llama.cpp"
+    with pytest.raises(UsageError, match="has no versions"):
+        parse_profiles("llamacpp:1.0")

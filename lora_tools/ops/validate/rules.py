@@ -152,6 +152,17 @@ _CATALOGUE = (
     Rule("LT514", "sglang-outside-targets", ERROR, "target module outside --lora-target-modules"),
     Rule("LT515", "sglang-scale-ignored", ERROR, "SGLang ignores per-module scales and rsLoRA"),
     Rule("LT516", "sglang-dropped-tensors", ERROR, "tensors SGLang drops without a word"),
+    Rule("LT521", "tgi-not-peft", ERROR, "TGI loads PEFT folders with safetensors only"),
+    Rule("LT522", "tgi-unused-tensors", ERROR, "tensors TGI logs as unused and drops"),
+    Rule("LT523", "tgi-scale-ignored", ERROR, "TGI ignores per-module scales"),
+    Rule("LT524", "tgi-partial-layer-type", ERROR, "layer type missing on some decoder layers"),
+    Rule("LT525", "tgi-mixed-ranks", ERROR, "ranks differ within one layer type"),
+    Rule("LT526", "tgi-init-ignored", ERROR, "base-changing init (PiSSA...) TGI does not apply"),
+    Rule("LT531", "llamacpp-not-peft", ERROR, "convert_lora_to_gguf.py reads PEFT folders only"),
+    Rule("LT532", "llamacpp-refused-tensor", ERROR, "tensor convert_lora_to_gguf.py refuses"),
+    Rule("LT533", "llamacpp-scale-ignored", ERROR, "llama.cpp ignores alpha_pattern and rsLoRA"),
+    Rule("LT534", "llamacpp-tied-lm-head", ERROR, "LoRA on lm_head of a tied-embedding base"),
+    Rule("LT535", "llamacpp-init-ignored", ERROR, "base-changing init llama.cpp does not apply"),
 )
 
 #: Every rule by code, in code order.

@@ -19,7 +19,9 @@ from typing import Any
 
 from lora_tools.adapter import EMBEDDING, Adapter, LoraModule
 from lora_tools.consumers import Profile, fmt_version
+from lora_tools.consumers import llamacpp as llamacpp_facts
 from lora_tools.consumers import sglang as sglang_facts
+from lora_tools.consumers import tgi as tgi_facts
 from lora_tools.consumers import vllm as vllm_facts
 from lora_tools.errors import UsageError
 from lora_tools.ops.validate.context import Context, fmt_number
@@ -126,9 +128,31 @@ def peft_folder_problem(ctx: Context, adapter: Adapter, weights_names: tuple[str
     if ctx.target.config is None:
         return "there is no adapter_config.json beside the weights"
     weights = ctx.target.weights
-    if weights is not None and weights.name not in weights_names:
+    if weights is not None and weights_names and weights.name not in weights_names:
         return f"the weights file is named {weights.name}, not {' or '.join(weights_names)}"
     return ""
+
+
+def base_changing_init(config: dict[str, Any]) -> str | None:
+    """The config's ``init_lora_weights`` when it is one that changes the base weights as PEFT
+    loads the adapter (PiSSA, OLoRA, CorDA, LoftQ...), else None. The inits that set only the
+    initial factors are those vLLM 0.32+ lists as supported."""
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower() not in vllm_facts.SUPPORTED_INITS:
+        return init
+    return None
+
+
+def init_finding(ctx: Context, code: str, who: str, init: str) -> None:
+    ctx.add(
+        code,
+        f"{who} does not read init_lora_weights {init!r}: PEFT changes the base weights for this "
+        "init when it loads the adapter, the server applies the adapter to the unchanged ones "
+        "(wrong output)",
+        path=ctx.target.config_display,
+        hint="save the adapter with PEFT's path_initial_model_for_weight_conversion (a plain "
+        "LoRA of the original base)",
+    )
 
 
 def global_scale(config: dict[str, Any], *, rslora: bool) -> float | None:
@@ -446,7 +470,178 @@ def _added_tokens(ctx: Context, vocab: int | None) -> int:
     return sum(1 for v in ids if vocab is None or v >= vocab)
 
 
+# -- TGI (LT52x) ---------------------------------------------------------------------------------
+
+
+def _tgi(ctx: Context, adapter: Adapter, profile: Profile, deployment: Deployment) -> None:
+    who = profile.label
+    weights = ctx.target.weights
+    problem = peft_folder_problem(ctx, adapter, ())
+    if not problem and weights is not None and weights.suffix != ".safetensors":
+        problem = f"the weights are {weights.name}; TGI reads *.safetensors files only"
+    if problem:
+        ctx.add(
+            "LT521",
+            f"{who} loads PEFT folders with safetensors weights only: {problem}",
+            hint="convert it with `loratool convert ADAPTER --to peft -o OUT`",
+        )
+        return
+    config = adapter.config or {}
+    loaded: dict[str, list[tuple[int, LoraModule]]] = {}
+    unused: list[str] = []
+    for m in adapter.modules.values():
+        where = tgi_facts.layer_of(m.path or "")
+        if where is None:
+            unused += list(m.keys.values())
+            continue
+        loaded.setdefault(where[1], []).append((where[0], m))
+        unused += [key for role, key in m.keys.items() if role not in ("down", "up")]
+    unused += [n for n in adapter.passthrough if not n.endswith(EMBEDDING_BASE_SUFFIXES)]
+    if unused:
+        what = " (DoRA is served as a plain LoRA)" if config.get("use_dora") else ""
+        ctx.add(
+            "LT522",
+            f"{who} loads only lora_A / lora_B of the decoder layers' projections and logs "
+            f"{len(unused)} tensor(s) as unused adapter weights{what}: {listed(unused)}",
+            module=unused[0],
+            hint="merge what they hold into the base model, or serve with PEFT",
+        )
+    layers = _base_layers(ctx)
+    seen = {i for entries in loaded.values() for i, _ in entries}
+    count = layers if layers is not None else (max(seen) + 1 if seen else 0)
+    for layer_type, entries in sorted(loaded.items()):
+        present = {i for i, _ in entries}
+        missing = sorted(set(range(count)) - present)
+        if missing:
+            ctx.add(
+                "LT524",
+                f"{who} drops {layer_type} on every layer: the adapter has no {layer_type} "
+                f"LoRA on decoder layer(s) {listed([str(i) for i in missing])} of {count}, "
+                f"and TGI loads a layer type only when every layer has it",
+                module=layer_type,
+                hint="train the layer type on every decoder layer, or serve with vLLM / PEFT",
+            )
+        ranks = sorted({m.rank for _, m in entries})
+        if len(ranks) > 1:
+            ctx.add(
+                "LT525",
+                f"{who} refuses {layer_type}: its LoRAs have ranks {ranks} and TGI stacks one "
+                "layer type into one tensor",
+                module=layer_type,
+                found=", ".join(map(str, ranks)),
+                hint="resize every module to one rank (`loratool resize ADAPTER --rank N`)",
+            )
+    init = base_changing_init(config)
+    if init is not None:
+        init_finding(ctx, "LT526", who, init)
+    served = global_scale(config, rslora=bool(config.get("use_rslora")))
+    modules = [m for entries in loaded.values() for _, m in entries]
+    wrong = [] if served is None else scale_misapplied(adapter, served)
+    wrong = [(m, sc) for m, sc in wrong if m in modules]
+    if wrong:
+        m, scale = wrong[0]
+        ctx.add(
+            "LT523",
+            f"{who} scales every module by lora_alpha / r = {fmt_number(served)} and never "
+            f"reads rank_pattern / alpha_pattern: {len(wrong)} module(s) are served at the "
+            f"wrong strength, e.g. {module_name(m)} (PEFT scale {fmt_number(scale)})",
+            module=module_name(m),
+            expected=fmt_number(scale),
+            found=fmt_number(served),
+            hint="bake the scales into the factors (`loratool convert ADAPTER --for vllm`)",
+        )
+
+
+def _base_layers(ctx: Context) -> int | None:
+    """``num_hidden_layers`` of the ``--base`` config, or None."""
+    if ctx.checkpoint is None:
+        return None
+    for component in ctx.checkpoint.components.values():
+        layers = (component.config or {}).get("num_hidden_layers")
+        if isinstance(layers, int) and not isinstance(layers, bool):
+            return layers
+    return None
+
+
+# -- llama.cpp (LT53x) ---------------------------------------------------------------------------
+
+
+def _llamacpp(ctx: Context, adapter: Adapter, profile: Profile, deployment: Deployment) -> None:
+    facts = llamacpp_facts
+    who = profile.label
+    problem = peft_folder_problem(ctx, adapter, facts.WEIGHTS_NAMES)
+    if problem:
+        ctx.add(
+            "LT531",
+            f"{who}'s convert_lora_to_gguf.py reads PEFT folders only (adapter_config.json + "
+            f"adapter_model.safetensors): {problem}",
+            hint="convert it with `loratool convert ADAPTER --to peft -o OUT`",
+        )
+        return
+    config = adapter.config or {}
+    refused = [n for n in tensor_names(adapter) if not facts.tensor_converted(n)]
+    if refused:
+        ctx.add(
+            "LT532",
+            f"{who}'s convert_lora_to_gguf.py stops at {len(refused)} tensor(s) that are not "
+            f'lora_A / lora_B ("Not a lora_A or lora_B tensor"): {listed(refused)}',
+            module=refused[0],
+            hint="merge DoRA, biases and modules_to_save into the base model first "
+            "(`loratool merge`), or retrain without them",
+        )
+    init = base_changing_init(config)
+    if init is not None:
+        init_finding(ctx, "LT535", who, init)
+    alpha = config.get("lora_alpha")
+    if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
+        wrong = []
+        for m in adapter.modules.values():
+            if m.alpha_unknown is None and m.rank > 0:
+                served = facts.served_scale(float(alpha), m.rank)
+                if not math.isclose(m.scale, served, rel_tol=1e-6):
+                    wrong.append((m, served))
+        if wrong:
+            m, served = wrong[0]
+            why = [k for k in ("alpha_pattern",) if config.get(k)]
+            if config.get("use_rslora"):
+                why.append("use_rslora")
+            ctx.add(
+                "LT533",
+                f"{who} stores one lora_alpha ({fmt_number(float(alpha))}) and scales each "
+                f"module by alpha / its rank, ignoring {' / '.join(why) or 'per-module alphas'}:"
+                f" {len(wrong)} module(s) are served at the wrong strength, e.g. "
+                f"{module_name(m)} (PEFT scale {fmt_number(m.scale)}, llama.cpp "
+                f"{fmt_number(served)})",
+                module=module_name(m),
+                expected=fmt_number(m.scale),
+                found=fmt_number(served),
+                hint="bake the scales into the factors (`loratool convert ADAPTER --for llamacpp`)",
+            )
+    if _tied_embeddings(ctx):
+        heads = [module_name(m) for m in adapter.modules.values() if m.target_name == "lm_head"]
+        if heads:
+            ctx.add(
+                "LT534",
+                f'{who} refuses a LoRA on lm_head of a base with tied embeddings ("lm_head is '
+                f'present in adapter, but is ignored in base model"): {listed(heads)}',
+                module=heads[0],
+                hint="retrain without lm_head in target_modules",
+            )
+
+
+def _tied_embeddings(ctx: Context) -> bool:
+    """Whether the ``--base`` config ties lm_head to the input embedding."""
+    if ctx.checkpoint is None:
+        return False
+    return any(
+        (component.config or {}).get("tie_word_embeddings") is True
+        for component in ctx.checkpoint.components.values()
+    )
+
+
 _CHECKS: dict[str, Callable[[Context, Adapter, Profile, Deployment], None]] = {
     "vllm": _vllm,
     "sglang": _sglang,
+    "tgi": _tgi,
+    "llamacpp": _llamacpp,
 }
