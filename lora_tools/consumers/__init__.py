@@ -97,9 +97,9 @@ def parse_version(text: str) -> Version:
 
 
 def _registry() -> dict[str, Consumer]:
-    from lora_tools.consumers import llamacpp, sglang, tgi, vllm
+    from lora_tools.consumers import llamacpp, peft, sglang, tgi, vllm
 
-    modules = (vllm, sglang, tgi, llamacpp)
+    modules = (vllm, sglang, tgi, llamacpp, peft)
     return {module.CONSUMER.name: module.CONSUMER for module in modules}
 
 

@@ -53,6 +53,10 @@ ADAPTERS: dict[str, dict] = {
         rank_pattern={"layers.1.self_attn.v_proj": 4},
     ),
     "lm-head": dict(r=8, lora_alpha=16, target_modules=["q_proj", "lm_head"]),
+    # PEFT 0.15's trainable tokens: rows of embed_tokens trained beside the LoRA
+    "trainable-tokens": dict(
+        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], trainable_token_indices=[1, 2]
+    ),
 }
 
 

@@ -277,3 +277,48 @@ def test_unversioned_profile():
     assert profile.spec == "llamacpp" and profile.label == "llama.cpp"
     with pytest.raises(UsageError, match="has no versions"):
         parse_profiles("llamacpp:1.0")
+
+
+def test_trainable_tokens_in_every_server(adapters):
+    # PEFT 0.15's token_adapter.trainable_tokens_delta: vLLM's parser refuses it, SGLang and TGI
+    # drop it, llama.cpp's converter stops at it (the cross-check ran vLLM's parser on it)
+    path = adapters / "trainable-tokens"
+    assert profile_codes(path, "vllm") == ["LT504"]
+    assert profile_codes(path, "sglang") == ["LT516"]
+    assert profile_codes(path, "tgi") == ["LT522"]
+    assert profile_codes(path, "llamacpp") == ["LT532"]
+
+
+@pytest.mark.parametrize(
+    "name,profile,expected",
+    [
+        ("clean", "peft", []),
+        ("clean", "peft:0.14", []),  # peft_version, ensure_weight_tying...: dropped, harmless
+        ("clean", "peft:0.13", ["LT562"]),
+        ("rslora", "peft:0.8", ["LT562"]),
+        ("trainable-tokens", "peft:0.14", ["LT563"]),
+        ("trainable-tokens", "peft:0.15", []),
+        ("lora-bias", "peft:0.14", []),
+        ("dora", "peft:0.16", []),
+    ],
+)
+def test_peft_versions(adapters, name, profile, expected):
+    assert profile_codes(adapters / name, profile) == expected
+
+
+def test_peft_dropped_key_names_the_version_that_knows_it(adapters):
+    (finding,) = validate([adapters / "trainable-tokens"], profiles="peft:0.14").findings
+    assert finding.module == "trainable_token_indices"
+    assert "trainable_token_indices: 0.15" in finding.hint
+
+
+def test_peft_unknown_keys_against_the_installed_peft():
+    # the fields table agrees with the PEFT installed here (0.21): none missing, none extra
+    import dataclasses
+
+    from peft import LoraConfig
+
+    from lora_tools.consumers import peft as facts
+
+    installed = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
+    assert set(facts.FIELDS_SINCE) == installed

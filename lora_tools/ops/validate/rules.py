@@ -163,6 +163,9 @@ _CATALOGUE = (
     Rule("LT533", "llamacpp-scale-ignored", ERROR, "llama.cpp ignores alpha_pattern and rsLoRA"),
     Rule("LT534", "llamacpp-tied-lm-head", ERROR, "LoRA on lm_head of a tied-embedding base"),
     Rule("LT535", "llamacpp-init-ignored", ERROR, "base-changing init llama.cpp does not apply"),
+    Rule("LT561", "peft-not-peft", ERROR, "PeftModel.from_pretrained loads PEFT folders only"),
+    Rule("LT562", "peft-unknown-key", ERROR, "config key the PEFT version refuses (before 0.14)"),
+    Rule("LT563", "peft-key-dropped", ERROR, "config key the PEFT version drops (0.14 on)"),
 )
 
 #: Every rule by code, in code order.

@@ -20,6 +20,7 @@ from typing import Any
 from lora_tools.adapter import EMBEDDING, Adapter, LoraModule
 from lora_tools.consumers import Profile, fmt_version
 from lora_tools.consumers import llamacpp as llamacpp_facts
+from lora_tools.consumers import peft as peft_facts
 from lora_tools.consumers import sglang as sglang_facts
 from lora_tools.consumers import tgi as tgi_facts
 from lora_tools.consumers import vllm as vllm_facts
@@ -639,9 +640,59 @@ def _tied_embeddings(ctx: Context) -> bool:
     )
 
 
+# -- PEFT (LT56x) --------------------------------------------------------------------------------
+
+
+def _peft(ctx: Context, adapter: Adapter, profile: Profile, deployment: Deployment) -> None:
+    facts = peft_facts
+    who = profile.label
+    problem = peft_folder_problem(ctx, adapter, facts.WEIGHTS_NAMES)
+    if problem:
+        ctx.add(
+            "LT561",
+            f"{who}'s PeftModel.from_pretrained loads PEFT folders only (adapter_config.json + "
+            f"adapter_model.safetensors): {problem}",
+            hint="convert it with `loratool convert ADAPTER --to peft -o OUT`",
+        )
+        return
+    config = adapter.config or {}
+    unknown = facts.unknown_keys(config, profile.version)
+    if not unknown:
+        return
+    if not profile.since(facts.TOLERANT_SINCE):
+        ctx.add(
+            "LT562",
+            f"{who} refuses the config: LoraConfig has no field {listed(unknown)} "
+            '("got an unexpected keyword argument"; the adapter was saved by a newer PEFT)',
+            path=ctx.target.config_display,
+            module=unknown[0],
+            hint=f"load it with PEFT {fmt_version(facts.TOLERANT_SINCE)} or later, or delete "
+            "the keys that hold their defaults from adapter_config.json",
+        )
+        return
+    dropped = [key for key in unknown if facts.matters(key, config[key])]
+    if dropped:
+        ctx.add(
+            "LT563",
+            f"{who} drops config key(s) it does not know, with only a warning: "
+            f"{', '.join(f'{k}={config[k]!r}' for k in dropped[:SHOWN_MODULES])} (the adapter "
+            "loads without those features)",
+            path=ctx.target.config_display,
+            module=dropped[0],
+            hint="load it with a PEFT version that knows them ("
+            + ", ".join(
+                f"{k}: {fmt_version(facts.FIELDS_SINCE[k])}"
+                for k in dropped[:SHOWN_MODULES]
+                if k in facts.FIELDS_SINCE
+            )
+            + ")",
+        )
+
+
 _CHECKS: dict[str, Callable[[Context, Adapter, Profile, Deployment], None]] = {
     "vllm": _vllm,
     "sglang": _sglang,
     "tgi": _tgi,
     "llamacpp": _llamacpp,
+    "peft": _peft,
 }
