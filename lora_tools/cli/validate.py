@@ -1,4 +1,5 @@
-"""``loratool validate PATH... [--base BASE] [--select IDS] [--ignore IDS] [--fail-on LEVEL]
+"""``loratool validate PATH... [--base BASE] [--profile NAME[:VERSION],...] [--max-lora-rank N]
+[--target-modules NAMES] [--select IDS] [--ignore IDS] [--fail-on LEVEL]
 [--output-format text|json|github|sarif | --json] [--exit-zero]``."""
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from lora_tools.cli.options import blas_threads, progress_bar, quiet_option
 
 _EPILOG = """\b
 Rules: docs/rules.md (LT0xx file integrity, LT1xx structure, LT2xx values,
-LT3xx config and metadata, LT4xx base). --ignore LT2 reads headers only.
+LT3xx config and metadata, LT4xx base, LT5xx deployment profiles).
+--ignore LT2 reads headers only.
 Defaults may live in pyproject.toml under [tool.loratool.validate]
 (select, ignore, fail-on, output-format).
 Exit codes: 0 clean, 1 findings at or above --fail-on, 2 usage, 3 could not
@@ -26,6 +28,29 @@ run (e.g. BASE unreadable), 130 interrupted."""
     metavar="BASE",
     help="Base checkpoint (file, HF folder, sharded, diffusers folder or Hub id): every module "
     "must resolve to exactly one base weight.",
+)
+@click.option(
+    "--profile",
+    "profiles",
+    multiple=True,
+    metavar="NAME[:VERSION]",
+    help="Check that a consumer loads and serves the adapter as PEFT does: vllm, sglang (LT5xx "
+    "rules). Comma-separated or repeated; VERSION defaults to the newest checked (vllm:0.30).",
+)
+@click.option(
+    "--max-lora-rank",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="The server's --max-lora-rank (with --profile; vLLM's default is 16).",
+)
+@click.option(
+    "--target-modules",
+    "target_modules",
+    multiple=True,
+    metavar="NAMES",
+    help="The server's --lora-target-modules, e.g. q_proj,v_proj (with --profile; default: "
+    "no restriction).",
 )
 @click.option(
     "--select",
@@ -64,6 +89,9 @@ def command(
     ctx: click.Context,
     paths: tuple[str, ...],
     base: str | None,
+    profiles: tuple[str, ...],
+    max_lora_rank: int | None,
+    target_modules: tuple[str, ...],
     select: tuple[str, ...],
     ignore: tuple[str, ...],
     fail_on: str | None,
@@ -79,6 +107,7 @@ def command(
     Example:
       loratool validate adapters/ --fail-on warning
       loratool validate my-lora/ --base meta-llama/Llama-3.1-8B --output-format github
+      loratool validate my-lora/ --profile vllm,sglang --max-lora-rank 32
     """
     blas_threads()
     from lora_tools.errors import UsageError
@@ -103,6 +132,9 @@ def command(
             select=list(select) or list(settings.select) or None,
             ignore=list(ignore) or list(settings.ignore) or None,
             progress=progress,
+            profiles=list(profiles) or None,
+            max_lora_rank=max_lora_rank,
+            target_modules=list(target_modules) or None,
         )
     if output_format == "json":
         print_json(to_json(report, fail_on))

@@ -11,7 +11,9 @@ Checks run in layers, each on what the previous one could establish (rules in
    against the tensors, kohya's ``ss_network_dim`` / ``ss_network_alpha``;
 4. values (``LT2xx``): one pass over the data buffer in file order, each byte read once, in
    bounded chunks: NaN/Inf, all-zero factors, update-norm outliers and ``sshs_model_hash``;
-5. base (``LT4xx``, with ``base``): every module resolved to exactly one base weight.
+5. base (``LT4xx``, with ``base``): every module resolved to exactly one base weight;
+6. deployment profiles (``LT5xx``, with ``profiles``): what each named consumer (vLLM, SGLang,
+   TGI, llama.cpp, diffusers, ComfyUI, PEFT) refuses or would serve wrong.
 
 Validation never writes anything and never modifies its inputs; torch is never imported.
 
@@ -41,8 +43,11 @@ import os
 from collections.abc import Iterable
 
 from lora_tools.constants import ADAPTER_CONFIG_NAME
+from lora_tools.consumers import parse_profiles
+from lora_tools.errors import UsageError
 from lora_tools.io.safetensors import PICKLE_SUFFIXES, gc_paused
 from lora_tools.ops.validate.checks import check_target
+from lora_tools.ops.validate.checks.profiles import Deployment
 from lora_tools.ops.validate.checks.structure import FLOAT_DTYPES
 from lora_tools.ops.validate.checks.values import OUTLIER_MIN_RATIO, OUTLIER_Z
 from lora_tools.ops.validate.outputs import (
@@ -55,7 +60,7 @@ from lora_tools.ops.validate.outputs import (
     to_sarif,
 )
 from lora_tools.ops.validate.report import FileReport, Finding, Progress, Report
-from lora_tools.ops.validate.rules import RULES, Rule, select_rules
+from lora_tools.ops.validate.rules import RULES, Rule, select_rules, split_selectors
 from lora_tools.ops.validate.scan import CHUNK_BYTES
 from lora_tools.ops.validate.settings import FAIL_ON, OUTPUT_FORMATS, Settings, load_settings
 from lora_tools.ops.validate.targets import Target, discover
@@ -69,6 +74,9 @@ def validate(
     select: Iterable[str] | str | None = None,
     ignore: Iterable[str] | str | None = None,
     progress: Progress | None = None,
+    profiles: Iterable[str] | str | None = None,
+    max_lora_rank: int | None = None,
+    target_modules: Iterable[str] | str | None = None,
 ) -> Report:
     """Validate adapters; return every finding, file by file.
 
@@ -79,12 +87,17 @@ def validate(
         select: rule codes, prefixes (``LT2``), names or ``ALL`` (default: all rules).
         ignore: rules to leave out, in the same spelling.
         progress: told how many data bytes the value rules will read, then each chunk.
+        profiles: consumers to check against, each ``NAME`` or ``NAME:VERSION`` (``vllm``,
+            ``sglang:0.5.23``), as a list or a comma-separated string (``LT5xx`` rules; their
+            families run even when ``select`` leaves them out, unless ``ignore`` names them).
+        max_lora_rank: the server's ``--max-lora-rank`` (default: the consumer's).
+        target_modules: the server's ``--lora-target-modules`` (default: no restriction).
 
     Returns:
         A :class:`Report`; ``report.failed("error")`` is the exit decision.
 
     Raises:
-        UsageError: a selector names no rule.
+        UsageError: a selector names no rule, or a profile or its settings are not valid.
         LoraToolError: ``base`` cannot be opened (the CLI exits 3).
 
     Example:
@@ -93,6 +106,9 @@ def validate(
         False
     """
     rules = select_rules(select, ignore)
+    deployment = _deployment(profiles, max_lora_rank, target_modules)
+    if deployment is not None:
+        rules |= select_rules(list(deployment.families), ignore)
     checkpoint = None
     if base is not None:
         from lora_tools.io.checkpoint import open_checkpoint
@@ -113,11 +129,34 @@ def validate(
             # CHUNK_BYTES is looked up here, on the package, so that setting it there tunes
             # the scan (the tests shrink it to exercise chunked reads).
             with gc_paused():  # a finding or a module per tensor: many objects, no cycles
-                files.append(check_target(target, rules, checkpoint, progress, CHUNK_BYTES))
+                files.append(
+                    check_target(target, rules, checkpoint, progress, CHUNK_BYTES, deployment)
+                )
     finally:
         if checkpoint is not None:
             checkpoint.close()
     return Report(files, rules, os.fspath(base) if base is not None else None)
+
+
+def _deployment(
+    profiles: Iterable[str] | str | None,
+    max_lora_rank: int | None,
+    target_modules: Iterable[str] | str | None,
+) -> Deployment | None:
+    chosen = parse_profiles(profiles)
+    if not chosen:
+        if max_lora_rank is not None or target_modules is not None:
+            raise UsageError(
+                "--max-lora-rank and --target-modules describe a server: they need --profile",
+                hint="add --profile vllm (or sglang, tgi...)",
+            )
+        return None
+    targets = None
+    if target_modules is not None:
+        targets = tuple(split_selectors(target_modules))
+        if not targets:
+            raise UsageError("--target-modules is empty", hint="name layers such as q_proj,v_proj")
+    return Deployment(chosen, max_lora_rank, targets)
 
 
 class _Totalled:

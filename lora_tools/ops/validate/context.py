@@ -30,6 +30,7 @@ class Context:
         chunk_bytes: the value scan's chunk size for tensors that are not LoRA factors.
         nonfinite_alphas: modules whose non-finite alpha LT108 reported, so that the value
             scan does not report the same alpha tensor again as LT201.
+        deployment: the ``--profile`` consumers and server settings (``LT5xx``), if any.
     """
 
     target: Target
@@ -39,6 +40,7 @@ class Context:
     progress: Progress | None = None
     chunk_bytes: int = CHUNK_BYTES
     nonfinite_alphas: set[str] = field(default_factory=set)
+    deployment: Any | None = None
 
     @property
     def path(self) -> str:

@@ -9,6 +9,9 @@ change meaning and are never reused; the hundreds digit is the category:
 - ``LT2xx`` values: read the tensor data, each byte once (NaN/Inf, zero factors, outliers, hash)
 - ``LT3xx`` config and metadata: adapter_config.json, diffusers and kohya metadata
 - ``LT4xx`` base: every module against a ``--base`` checkpoint
+- ``LT5xx`` deployment profiles (``--profile``): what a consumer refuses or serves wrong, one
+  family per consumer (``LT50x`` vLLM, ``LT51x`` SGLang, ``LT52x`` TGI, ``LT53x`` llama.cpp,
+  ``LT54x`` diffusers, ``LT55x`` ComfyUI, ``LT56x`` PEFT; ``LT59x`` compares consumers)
 
 Severities follow one principle (docs/rules.md, "Severities"): when the consumer (PEFT,
 diffusers, ComfyUI, sd-scripts) would refuse the file, or silently drop or misapply weights, the
@@ -46,6 +49,7 @@ CATEGORIES = {
     "LT2": "values",
     "LT3": "config and metadata",
     "LT4": "base checkpoint",
+    "LT5": "deployment profiles",
 }
 
 
@@ -134,6 +138,34 @@ _CATALOGUE = (
     Rule("LT403", "base-shape-mismatch", ERROR, "module update does not fit the base weight"),
     Rule("LT404", "no-module-matches-base", ERROR, "0 of N modules match the base"),
     Rule("LT405", "dtype-differs", INFO, "adapter dtype differs from the base dtype"),
+    # -- LT5xx deployment profiles (--profile; docs/rules.md names each rule's source)
+    Rule("LT501", "vllm-not-peft", ERROR, "vLLM loads PEFT folders only"),
+    Rule("LT502", "vllm-refused-feature", ERROR, "config uses a feature vLLM refuses"),
+    Rule("LT503", "vllm-rank-above-max", ERROR, "rank above vLLM's --max-lora-rank"),
+    Rule("LT504", "vllm-refused-tensor", ERROR, "tensor vLLM cannot parse as a LoRA weight"),
+    Rule("LT505", "vllm-outside-targets", ERROR, "module outside --lora-target-modules"),
+    Rule("LT506", "vllm-scale-ignored", ERROR, "vLLM version ignores per-module scales"),
+    Rule("LT507", "vllm-vocab-mismatch", ERROR, "embedding LoRA vocabulary differs from base"),
+    Rule("LT511", "sglang-not-peft", ERROR, "SGLang loads PEFT folders only"),
+    Rule("LT512", "sglang-refused-feature", ERROR, "config uses a feature SGLang refuses"),
+    Rule("LT513", "sglang-rank-above-max", ERROR, "rank above SGLang's --max-lora-rank"),
+    Rule("LT514", "sglang-outside-targets", ERROR, "target module outside --lora-target-modules"),
+    Rule("LT515", "sglang-scale-ignored", ERROR, "SGLang ignores per-module scales and rsLoRA"),
+    Rule("LT516", "sglang-dropped-tensors", ERROR, "tensors SGLang drops without a word"),
+    Rule("LT521", "tgi-not-peft", ERROR, "TGI loads PEFT folders with safetensors only"),
+    Rule("LT522", "tgi-unused-tensors", ERROR, "tensors TGI logs as unused and drops"),
+    Rule("LT523", "tgi-scale-ignored", ERROR, "TGI ignores per-module scales"),
+    Rule("LT524", "tgi-partial-layer-type", ERROR, "layer type missing on some decoder layers"),
+    Rule("LT525", "tgi-mixed-ranks", ERROR, "ranks differ within one layer type"),
+    Rule("LT526", "tgi-init-ignored", ERROR, "base-changing init (PiSSA...) TGI does not apply"),
+    Rule("LT531", "llamacpp-not-peft", ERROR, "convert_lora_to_gguf.py reads PEFT folders only"),
+    Rule("LT532", "llamacpp-refused-tensor", ERROR, "tensor convert_lora_to_gguf.py refuses"),
+    Rule("LT533", "llamacpp-scale-ignored", ERROR, "llama.cpp ignores alpha_pattern and rsLoRA"),
+    Rule("LT534", "llamacpp-tied-lm-head", ERROR, "LoRA on lm_head of a tied-embedding base"),
+    Rule("LT535", "llamacpp-init-ignored", ERROR, "base-changing init llama.cpp does not apply"),
+    Rule("LT561", "peft-not-peft", ERROR, "PeftModel.from_pretrained loads PEFT folders only"),
+    Rule("LT562", "peft-unknown-key", ERROR, "config key the PEFT version refuses (before 0.14)"),
+    Rule("LT563", "peft-key-dropped", ERROR, "config key the PEFT version drops (0.14 on)"),
 )
 
 #: Every rule by code, in code order.

@@ -5,7 +5,8 @@ on what the previous one could establish:
 - ``structure`` (``LT1xx``): the format, and each module's tensors, from the header;
 - ``config`` (``LT3xx``): adapter_config.json and metadata against the tensors;
 - ``values`` (``LT2xx``): one streaming pass over the data;
-- ``base_model`` (``LT4xx``): every module against the ``--base`` checkpoint.
+- ``base_model`` (``LT4xx``): every module against the ``--base`` checkpoint;
+- ``profiles`` (``LT5xx``): the rules of each ``--profile`` consumer.
 
 They share one :class:`~lora_tools.ops.validate.context.Context` per target, which holds the
 findings and drops those of disabled rules.
@@ -27,6 +28,7 @@ from lora_tools.ops.validate.checks.config import (
     readable_config,
 )
 from lora_tools.ops.validate.checks.integrity import check_container
+from lora_tools.ops.validate.checks.profiles import check_profiles
 from lora_tools.ops.validate.checks.structure import check_structure, detect_format
 from lora_tools.ops.validate.checks.values import check_values
 from lora_tools.ops.validate.context import Context
@@ -40,6 +42,7 @@ def check_target(
     checkpoint: Any | None,
     progress: Progress | None,
     chunk_bytes: int,
+    deployment: Any | None = None,
 ) -> FileReport:
     """Run every enabled rule on one adapter.
 
@@ -49,6 +52,7 @@ def check_target(
         checkpoint: the opened ``--base`` checkpoint, or None (no ``LT4xx`` rules then).
         progress: told about every chunk the value rules read.
         chunk_bytes: the value scan's chunk size for tensors that are not LoRA factors.
+        deployment: the ``--profile`` consumers (``LT5xx`` rules), or None.
 
     Returns:
         The target's findings, and its format when one was detected.
@@ -60,6 +64,7 @@ def check_target(
         checkpoint=checkpoint,
         progress=progress,
         chunk_bytes=chunk_bytes,
+        deployment=deployment,
     )
     container = check_container(ctx)
     if container is None:
@@ -110,4 +115,6 @@ def check_target(
             check_values(ctx, adapter, container.trusted, container.clean)
         if checkpoint is not None and ctx.runs("LT4"):
             check_base(ctx, adapter)
+        if deployment is not None:
+            check_profiles(ctx, adapter, deployment)
     return ctx.report
