@@ -4,13 +4,15 @@ the strength the adapter was trained for.
 The engines read one scale for the whole adapter from adapter_config.json and ignore (or refuse)
 what PEFT reads per module:
 
-- vLLM (vllm/lora/peft_helper.py ``PEFTHelper``): ``lora_alpha / r`` (``/ sqrt(r)`` with
-  ``use_rslora``) for every module; ``rank_pattern`` / ``alpha_pattern`` are dropped with the
-  other unknown fields. Each module's factors are copied into buffers ``max_lora_rank`` wide
-  (vllm/lora/layers/base_linear.py ``set_lora`` fills ``[:rank]``, the rest stays zero), so a
-  module of any rank up to ``max_lora_rank`` loads; ``r`` above it is refused
-  (``validate_legal``), as are DoRA and a non-empty ``modules_to_save``. ``max_lora_rank`` is
-  one of 1, 8, 16, 32, 64, 128, 256, 320, 512 (vllm/config/lora.py), 16 by default.
+- vLLM (vllm/lora/peft_helper.py ``PEFTHelper``): before 0.32 ``lora_alpha / r`` (``/ sqrt(r)``
+  with ``use_rslora``) for every module, ``rank_pattern`` / ``alpha_pattern`` dropped with the
+  other unknown fields; from 0.32 the patterns apply per module. Each module's factors are
+  copied into buffers ``max_lora_rank`` wide (vllm/lora/layers/base_linear.py ``set_lora`` fills
+  ``[:rank]``, the rest stays zero), so a module of any rank up to ``max_lora_rank`` loads;
+  ``r`` above it is refused (``validate_legal``), as are DoRA, a non-empty ``modules_to_save``,
+  ``bias`` other than ``none`` and (from 0.32) ``lora_bias``, base-changing inits, aLoRA,
+  ``layer_replication``, BD-LoRA and QALoRA. ``max_lora_rank`` is one of 1, 8, 16, 32, 64, 128,
+  256, 320, 512 (vllm/config/lora.py), 16 by default.
 - SGLang (python/sglang/srt/lora/lora.py ``LoRAAdapter``): ``lora_alpha / r`` for every module,
   ``use_rslora`` ignored; one rank per adapter (q / k / v and gate / up are stacked along the
   rank axis), and ``target_modules`` normalized to its fused names (python/sglang/srt/lora/
@@ -369,7 +371,7 @@ def _refuse_features(adapter: Adapter, name: str) -> None:
             hint="convert it to a plain LoRA with PEFT first (save_pretrained with "
             "path_initial_model_for_weight_conversion)",
         )
-    for field_name in ("layer_replication", "alora_invocation_tokens"):
+    for field_name in ("layer_replication", "alora_invocation_tokens", "use_bdlora", "use_qalora"):
         if config.get(field_name):
             raise _refuse(adapter, f"adapter uses {field_name}, which {name} does not serve")
 
@@ -452,6 +454,10 @@ def _config(adapter: Adapter, modules: list[LoraModule], rank: int | None) -> di
         modules_to_save=None,
         bias="none",
     )
+    if config.get("init_lora_weights") not in (True, False, None):
+        # how the factors were initialised for training (not a base-changing one: refused
+        # above); vLLM 0.32+ refuses names it does not know
+        config["init_lora_weights"] = True
     targets = config.get("target_modules")
     if not isinstance(targets, list) or not all(
         targets_cover(targets, m.path or m.key) for m in modules

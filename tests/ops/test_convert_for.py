@@ -269,3 +269,25 @@ def test_sglang_gets_a_target_modules_list(fixtures_dir, tmp_path):
     result = convert_for(adapter, "sglang")
     targets = result.adapter.config["target_modules"]
     assert isinstance(targets, list) and len(targets) == len(result.adapter.modules)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"init_lora_weights": "pissa_niter_4"}, "also changed the base weights"),
+        ({"layer_replication": [[0, 2]]}, "uses layer_replication"),
+        ({"use_qalora": True}, "uses use_qalora"),
+        ({"bias": "all"}, "bias is 'all'"),
+    ],
+)
+def test_config_features_the_engines_refuse_are_named(fixtures_dir, change, match):
+    adapter = load_adapter(fixtures_dir / "peft" / "llama-patterns")
+    adapter.config = {**adapter.config, **change}
+    with pytest.raises(UnsupportedAdapterError, match=match):
+        convert_for(adapter, "vllm")
+
+
+def test_a_training_only_init_name_is_written_as_true(fixtures_dir):
+    adapter = load_adapter(fixtures_dir / "peft" / "llama-patterns")
+    adapter.config = {**adapter.config, "init_lora_weights": "gaussian"}
+    assert convert_for(adapter, "vllm").adapter.config["init_lora_weights"] is True
