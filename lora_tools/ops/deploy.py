@@ -123,6 +123,7 @@ class ServedModule:
         source_rank: its rank in the input.
         scale: its scale in the input (``alpha / r`` or ``alpha / sqrt(r)``), now in its factors.
         rescaled: its factors were multiplied by ``scale`` (False: kept byte for byte).
+        added: a zero module SGLang needs to stack its neighbours (``source_rank`` 0).
     """
 
     module: str
@@ -130,10 +131,11 @@ class ServedModule:
     source_rank: int
     scale: float
     rescaled: bool
+    added: bool = False
 
     @property
     def padded(self) -> bool:
-        return self.rank != self.source_rank
+        return not self.added and self.rank != self.source_rank
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -143,6 +145,7 @@ class ServedModule:
             "scale": self.scale,
             "rescaled": self.rescaled,
             "padded": self.padded,
+            "added": self.added,
         }
 
 
@@ -267,10 +270,12 @@ def convert_for(
     if target == "sglang":
         _check_sglang_modules(source, modules)
     rank = max(m.rank for m in modules)
+    added = _sglang_stack_parts(source, modules, rank, base) if target == "sglang" else {}
     server = _check_rank(source, target, rank, max_lora_rank)
 
     uniform = (
-        len({m.rank for m in modules}) == 1
+        not added
+        and len({m.rank for m in modules}) == 1
         and len({m.effective_alpha for m in modules}) == 1
         and not any(m.rslora for m in modules)
     )
@@ -283,6 +288,9 @@ def convert_for(
             continue
         out_modules[key] = _served(m, rank)
         rows.append(ServedModule(_path(m), rank, m.rank, m.scale, True))
+    for key, m in added.items():
+        out_modules[key] = m
+        rows.append(ServedModule(_path(m), rank, 0, 0.0, False, added=True))
 
     config = _config(adapter, list(out_modules.values()), None if uniform else rank)
     out = Adapter(
@@ -399,6 +407,78 @@ def _check_sglang_modules(adapter: Adapter, modules: list[LoraModule]) -> None:
             )
 
 
+#: SGLang stacks these layers' factors into one fused layer, starting from the first name
+#: (python/sglang/srt/lora/lora.py ``normalize_qkv_proj``, ``normalize_gate_up_proj``): the
+#: parts it needs present (k_proj / up_proj it fills with zeros itself).
+_SGLANG_STACKS = (
+    (("q_proj", "k_proj", "v_proj"), ("q_proj", "v_proj")),
+    (("gate_proj", "up_proj"), ("gate_proj",)),
+)
+
+
+def _sglang_stack_parts(
+    adapter: Adapter,
+    modules: list[LoraModule],
+    rank: int,
+    base: str | os.PathLike[str] | None,
+) -> dict[str, LoraModule]:
+    """Zero modules (rank ``rank``, shapes from ``base``) for the parts of a fused layer SGLang
+    needs and the adapter lacks: a layer with v_proj but no q_proj LoRA is skipped (its
+    weights match no fused name), one with q_proj but no v_proj fails to load. Zero factors
+    add nothing to the update. Without ``base`` the shapes are unknown: refused."""
+    from lora_tools.adapter import LINEAR
+    from lora_tools.io.safetensors import ArrayTensor
+    from lora_tools.naming import PEFT_PREFIX
+
+    present = {m.path for m in modules if m.path}
+    like = modules[0]
+    missing: dict[str, str] = {}  # missing module path -> a module beside it
+    for m in modules:
+        if not m.path:
+            continue
+        parent, _, leaf = m.path.rpartition(".")
+        for parts, needed in _SGLANG_STACKS:
+            if leaf in parts:
+                for name in needed:
+                    if f"{parent}.{name}" not in present:
+                        missing.setdefault(f"{parent}.{name}", m.path)
+    if not missing:
+        return {}
+    if base is None:
+        path, beside = next(iter(missing.items()))
+        raise UnsupportedAdapterError(
+            f"module {beside!r} has no {path.rpartition('.')[2]!r} LoRA beside it "
+            f"({len(missing)} such parts missing); SGLang stacks q/k/v_proj and gate/up_proj "
+            "starting from q_proj / gate_proj and skips or fails on such a layer",
+            path=adapter.source,
+            hint="pass --base with the base checkpoint: zero modules of the right shapes are "
+            "added (they change nothing)",
+            kind="unsupported-layout",
+        )
+    from lora_tools.io.checkpoint import open_checkpoint
+
+    out: dict[str, LoraModule] = {}
+    with open_checkpoint(base) as ckpt:
+        weights = next(iter(ckpt.components.values()))
+        for path in missing:
+            key = f"{path}.weight"
+            if key not in weights:
+                raise UnsupportedAdapterError(
+                    f"SGLang needs a {path.rpartition('.')[2]!r} LoRA beside the adapter's "
+                    f"modules, and the base has no weight {key!r} to shape it",
+                    path=base,
+                    hint="give the base checkpoint the adapter was trained on",
+                    kind="unsupported-layout",
+                )
+            n_out, n_in = weights.info(key).shape[:2]
+            down = ArrayTensor(np.zeros((rank, n_in), like.down.numpy().dtype), like.down.dtype)
+            up = ArrayTensor(np.zeros((n_out, rank), like.up.numpy().dtype), like.up.dtype)
+            out[PEFT_PREFIX + path] = LoraModule(
+                key=PEFT_PREFIX + path, down=down, up=up, alpha=float(rank), kind=LINEAR, path=path
+            )
+    return out
+
+
 def _check_rank(
     adapter: Adapter, target: str, rank: int, max_lora_rank: int | None
 ) -> dict[str, Any]:
@@ -481,6 +561,12 @@ def _notes(result: ServeResult, source: Adapter) -> tuple[str, ...]:
         notes.append(
             f"{result.padded} modules zero-padded from rank {', '.join(map(str, ranks))} to "
             f"{result.rank} (adds nothing to B @ A)"
+        )
+    zeros = [m.module for m in result.modules if m.added]
+    if zeros:
+        notes.append(
+            f"{len(zeros)} zero modules added (e.g. {zeros[0]!r}): SGLang stacks q/k/v_proj and "
+            "gate/up_proj from q_proj / gate_proj"
         )
     config = source.config or {}
     dropped = [k for k in ("rank_pattern", "alpha_pattern") if config.get(k)]

@@ -291,3 +291,32 @@ def test_a_training_only_init_name_is_written_as_true(fixtures_dir):
     adapter = load_adapter(fixtures_dir / "peft" / "llama-patterns")
     adapter.config = {**adapter.config, "init_lora_weights": "gaussian"}
     assert convert_for(adapter, "vllm").adapter.config["init_lora_weights"] is True
+
+
+def test_sglang_gets_the_zero_parts_it_stacks_from_the_base(fixtures_dir, tmp_path):
+    # SGLang builds qkv_proj from q_proj (k_proj zero-filled) and gate_up_proj from gate_proj:
+    # a v_proj / up_proj LoRA alone would be skipped
+    src = peft_adapter(
+        tmp_path, fixtures_dir, "v-up", r=4, lora_alpha=8, target_modules=["v_proj", "up_proj"]
+    )
+    with pytest.raises(
+        UnsupportedAdapterError, match=r"has no '(q|gate)_proj' LoRA beside it \(4 such parts"
+    ) as err:
+        convert_for(load_adapter(src), "sglang")
+    assert "--base" in err.value.hint
+    result = convert_for(load_adapter(src), "sglang", base=fixtures_dir / LLAMA)
+    added = sorted(m.module for m in result.modules if m.added)
+    assert added == [
+        f"model.layers.{i}.{name}" for i in (0, 1) for name in ("mlp.gate_proj", "self_attn.q_proj")
+    ]
+    out = write(result, tmp_path / "out")
+    got = served(out, "sglang")
+    for path in added:
+        assert got[path].shape == (32 if "q_proj" in path else 64, 32) and not got[path].any()
+    want = intended(src)
+    for path, update in want.items():
+        np.testing.assert_allclose(got[path], update, rtol=0, atol=1e-6 * np.abs(update).max())
+    assert convert_for(load_adapter(src), "vllm").padded == 0  # vLLM needs no such parts
+    merged_in, merged_out = peft_merged(fixtures_dir, src), peft_merged(fixtures_dir, out)
+    for key, value in merged_in.items():
+        np.testing.assert_allclose(merged_out[key], value, rtol=0, atol=1e-6, err_msg=key)
