@@ -1,5 +1,5 @@
 """``loratool convert ADAPTER --to peft|kohya|diffusers|mlx|comfyui|lora -o OUT [--base BASE]
-[--rank R | --energy E]``."""
+[--rank R | --energy E]``, or ``--for vllm|sglang|llamacpp [--max-lora-rank N]``."""
 
 from __future__ import annotations
 
@@ -24,10 +24,24 @@ from lora_tools.cli.options import (
 @click.option(
     "--to",
     "to",
-    required=True,
+    required=False,
     type=click.Choice(["peft", "kohya", "diffusers", "mlx", "comfyui", "lora"]),
     help="Target naming scheme, or lora: every LoHa / LoKr / Tucker LoCon / full / DoRA-"
     "weighted module as a plain LoRA in the input's naming.",
+)
+@click.option(
+    "--for",
+    "target",
+    type=click.Choice(["vllm", "sglang", "llamacpp"]),
+    help="Instead of --to: the PEFT adapter this serving engine loads and serves at each "
+    "module's own strength (scales baked into the factors, one rank, one alpha; what it "
+    "cannot serve is refused by name).",
+)
+@click.option(
+    "--max-lora-rank",
+    type=int,
+    metavar="N",
+    help="--for vllm / sglang: the server's --max-lora-rank; a larger adapter rank is refused.",
 )
 @output_option()
 @click.option(
@@ -68,7 +82,9 @@ from lora_tools.cli.options import (
 )
 def command(
     adapter: str,
-    to: str,
+    to: str | None,
+    target: str | None,
+    max_lora_rank: int | None,
     output: Path,
     base: str | None,
     component: str | None,
@@ -101,6 +117,13 @@ def command(
     from lora_tools.ops._algebra import input_paths, write_adapter
     from lora_tools.ops.convert import convert_adapter, lora_rule
 
+    if (to is None) == (target is None):
+        raise click.UsageError("give one of --to and --for")
+    if target is not None:
+        render_for(adapter, target, output, base, component, max_lora_rank, force, as_json, quiet)
+        return
+    if max_lora_rank is not None:
+        raise click.UsageError("--max-lora-rank applies to --for vllm / sglang")
     if to == "lora":
         lora_rule(rank, energy)  # before loading anything: a bad rule is a usage error
     source = load_input(adapter)
@@ -134,6 +157,47 @@ def command(
         f"wrote {written}: {source.format} -> {to}, {len(result.adapter.modules)} modules"
         + (f" ({result.resolved} paths resolved against the base)" if result.resolved else "")
     )
+
+
+def render_for(
+    adapter: str,
+    target: str,
+    output: Path,
+    base: str | None,
+    component: str | None,
+    max_lora_rank: int | None,
+    force: bool,
+    as_json: bool,
+    quiet: bool,
+) -> None:
+    """``--for``: write the adapter the serving engine loads; say what changed."""
+    from lora_tools.ops._algebra import input_paths, write_adapter
+    from lora_tools.ops.deploy import check_max_lora_rank, convert_for
+
+    check_max_lora_rank(target, max_lora_rank)  # before loading anything
+    source = load_input(adapter)
+    base_path = None
+    if base is not None:
+        from lora_tools.io.hub import resolve_input
+
+        base_path = resolve_input(base, role="base")
+    result = convert_for(
+        source, target, base=base_path, component=component, max_lora_rank=max_lora_rank
+    )
+    inputs = [*input_paths(source, adapter), *([base_path] if base_path is not None else [])]
+    written = write_adapter(result.adapter, output, inputs, force=force)
+    if as_json:
+        print_json(result.with_output(output).to_json())
+        return
+    if quiet:
+        return
+    click.echo(
+        f"wrote {written}: {source.format} -> peft for {target}, {len(result.modules)} modules "
+        f"at rank {result.rank}, "
+        + ("factors kept byte for byte" if not result.rescaled else "every scale in the factors")
+    )
+    for note in result.notes:
+        click.echo(f"  {note}")
 
 
 def render_lora(result: Any, written: Path) -> None:
