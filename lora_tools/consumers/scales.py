@@ -366,7 +366,7 @@ def _peft(adapter: Adapter) -> ConsumerScales:
         return _not_loaded(
             "peft",
             _format_reason(
-                adapter, "PeftModel.from_pretrained loads PEFT folders (adapter_config.json)"
+                adapter, "PeftModel.from_pretrained loads PEFT folders with adapter_config.json"
             ),
         )
     config = adapter.config
@@ -438,7 +438,7 @@ def _diffusers(adapter: Adapter) -> ConsumerScales:
         "diffusers",
         _format_reason(
             adapter,
-            "load_lora_weights reads pipeline LoRA files (diffusers, kohya, ComfyUI names)",
+            "load_lora_weights reads pipeline LoRA files: diffusers, kohya or ComfyUI names",
         ),
     )
 
