@@ -27,7 +27,11 @@ def invoke(*args: object) -> str:
 def test_table_marks_the_serving_engines_that_ignore_the_patterns():
     text = invoke("inspect", PATTERNS, "--consumers")
     assert "scale per consumer" in text
-    rows = {line.split("│")[1].strip(): line for line in text.splitlines() if "│" in line and "self_attn" in line}
+    rows = {
+        line.split("│")[1].strip(): line
+        for line in text.splitlines()
+        if "│" in line and "self_attn" in line
+    }
     cells = [c.strip() for c in rows["model.layers.0.self_attn.o_proj"].split("│")[2:-1]]
     # rank, loratool, PEFT, vLLM, SGLang, TGI, llama.cpp
     assert cells == ["4", "0.75", "0.75", "2 !", "2 !", "2 !", "2 !"]
