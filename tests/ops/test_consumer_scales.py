@@ -365,3 +365,69 @@ def test_flux_kohya_scale_baked_by_diffusers_converter(tmp):
         assert math.isclose(measured, expected, rel_tol=1e-9)
         for consumer in ("diffusers", "comfyui", "intended"):
             assert math.isclose(got[consumer][stem], measured, rel_tol=1e-9), consumer
+
+
+# -- validate: LT590 --------------------------------------------------------------------------
+
+
+def lt590(path: Path) -> list:
+    from lora_tools.ops.validate import validate
+
+    return [f for f in validate([path]).findings if f.rule.code == "LT590"]
+
+
+def test_lt590_names_the_modules_the_consumers_and_their_scales():
+    found = lt590(FIX / "peft/llama-patterns")
+    assert [f.severity for f in found] == ["info"] * 3
+    by_module = {f.module: f for f in found}
+    v_proj = by_module[f"{P}.1.self_attn.v_proj"]
+    assert v_proj.message == (
+        f"module '{P}.1.self_attn.v_proj': vLLM, SGLang and TGI apply 2 where loratool's scale "
+        "is 1.33333 (PEFT and llama.cpp apply it)"
+    )
+    assert (v_proj.expected, v_proj.found) == ("1.33333", "vllm 2; sglang 2; tgi 2")
+    o_proj = by_module[f"{P}.0.self_attn.o_proj"]
+    assert o_proj.message.startswith(f"modules '{P}.0.self_attn.o_proj', '{P}.1.self_attn.o_proj'")
+    assert (
+        "vLLM, SGLang, TGI and llama.cpp apply 2 where loratool's scale is 0.75" in o_proj.message
+    )
+    assert "--consumers" in (o_proj.hint or "")
+
+
+def test_lt590_on_kohya_and_diffusers_files(tmp):
+    def partial(t, stems, meta):
+        t.pop("lora_unet_down_blocks_1_attentions_0_proj_out.alpha")
+
+    (finding,) = lt590(kohya_variant(tmp, "lt590-partial", partial))
+    assert finding.message == (
+        "module 'lora_unet_down_blocks_1_attentions_0_proj_out': diffusers applies 0.5 where "
+        "loratool's scale is 1 (ComfyUI applies it)"
+    )
+    (finding,) = lt590(FIX / "diffusers/sd-lora")
+    assert "8 more" not in finding.message and "and 5 more: ComfyUI applies 1" in finding.message
+    assert lt590(SD_KOHYA) == [] and lt590(FIX / "peft/llama-lora") == []
+
+
+def test_lt590_leaves_broken_scales_to_their_own_rules(tmp):
+    from lora_tools.ops.validate import validate
+
+    def zero(t, stems, meta):
+        t[f"{stems[0]}.alpha"] = np.array(0.0, np.float32)  # LT106: loaders disagree on 0
+
+    path = kohya_variant(tmp, "alpha-zero", zero)
+    codes = {f.rule.code for f in validate([path]).findings}
+    assert "LT106" in codes and "LT590" not in codes
+    codes = {f.rule.code for f in validate([FIX / "broken/wrong-alpha-config"]).findings}
+    assert "LT304" in codes and "LT590" not in codes
+
+
+def test_lt590_is_info_and_never_fails_a_run():
+    from click.testing import CliRunner
+
+    from lora_tools.cli import cli
+
+    args = ["validate", str(FIX / "peft/llama-patterns"), "--fail-on", "warning"]
+    result = CliRunner().invoke(cli, [*args, "--output-format", "json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert [f["rule"] for f in doc["files"][0]["findings"]] == ["LT590"] * 3

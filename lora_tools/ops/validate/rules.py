@@ -9,6 +9,7 @@ change meaning and are never reused; the hundreds digit is the category:
 - ``LT2xx`` values: read the tensor data, each byte once (NaN/Inf, zero factors, outliers, hash)
 - ``LT3xx`` config and metadata: adapter_config.json, diffusers and kohya metadata
 - ``LT4xx`` base: every module against a ``--base`` checkpoint
+- ``LT5xx`` consumers: what a deployment target (vLLM, llama.cpp, ComfyUI...) does with the file
 
 Severities follow one principle (docs/rules.md, "Severities"): when the consumer (PEFT,
 diffusers, ComfyUI, sd-scripts) would refuse the file, or silently drop or misapply weights, the
@@ -46,6 +47,7 @@ CATEGORIES = {
     "LT2": "values",
     "LT3": "config and metadata",
     "LT4": "base checkpoint",
+    "LT5": "consumers",
 }
 
 
@@ -134,6 +136,8 @@ _CATALOGUE = (
     Rule("LT403", "base-shape-mismatch", ERROR, "module update does not fit the base weight"),
     Rule("LT404", "no-module-matches-base", ERROR, "0 of N modules match the base"),
     Rule("LT405", "dtype-differs", INFO, "adapter dtype differs from the base dtype"),
+    # -- LT59x consumers' scales
+    Rule("LT590", "consumer-scales-differ", INFO, "consumers apply different scales to a module"),
 )
 
 #: Every rule by code, in code order.

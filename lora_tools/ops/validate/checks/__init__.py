@@ -5,7 +5,8 @@ on what the previous one could establish:
 - ``structure`` (``LT1xx``): the format, and each module's tensors, from the header;
 - ``config`` (``LT3xx``): adapter_config.json and metadata against the tensors;
 - ``values`` (``LT2xx``): one streaming pass over the data;
-- ``base_model`` (``LT4xx``): every module against the ``--base`` checkpoint.
+- ``base_model`` (``LT4xx``): every module against the ``--base`` checkpoint;
+- ``consumers`` (``LT59x``): what the consumers that load the file do with its scales.
 
 They share one :class:`~lora_tools.ops.validate.context.Context` per target, which holds the
 findings and drops those of disabled rules.
@@ -26,6 +27,7 @@ from lora_tools.ops.validate.checks.config import (
     read_config,
     readable_config,
 )
+from lora_tools.ops.validate.checks.consumers import check_consumer_scales
 from lora_tools.ops.validate.checks.integrity import check_container
 from lora_tools.ops.validate.checks.structure import check_structure, detect_format
 from lora_tools.ops.validate.checks.values import check_values
@@ -106,6 +108,7 @@ def check_target(
                 ctx.add("LT104", exc.message, hint=exc.hint)
             return ctx.report
         check_adapter_config(ctx, fmt, adapter, config)
+        check_consumer_scales(ctx, adapter)
         if ctx.runs("LT2"):
             check_values(ctx, adapter, container.trusted, container.clean)
         if checkpoint is not None and ctx.runs("LT4"):
