@@ -30,6 +30,7 @@ LAYERS: dict[str, int] = {
     "lora_tools.layouts": 1,
     "lora_tools.formats": 4,
     "lora_tools.resolve": 5,
+    "lora_tools.consumers": 5,
     "lora_tools.ops": 6,
     "lora_tools.api": 7,
     "lora_tools.cli": 8,

@@ -1,4 +1,4 @@
-"""``loratool inspect PATH [--json] [--stats] [-q]``."""
+"""``loratool inspect PATH [--json] [--stats] [--consumers] [-q]``."""
 
 from __future__ import annotations
 
@@ -20,6 +20,13 @@ from lora_tools.naming import PEFT_PREFIX
     is_flag=True,
     help="Per module: ||dW||_F, largest singular value, effective rank (reads the data).",
 )
+@click.option(
+    "--consumers",
+    "show_consumers",
+    is_flag=True,
+    help="Per module: the scale PEFT, diffusers, ComfyUI, vLLM, SGLang, TGI and llama.cpp "
+    "apply, beside loratool's; disagreements marked (header only).",
+)
 @quiet_option
 @command_hints(
     {
@@ -27,19 +34,22 @@ from lora_tools.naming import PEFT_PREFIX
         "`loratool validate ADAPTER --base BASE` checks an adapter against a base",
     }
 )
-def command(path: str, as_json: bool, stats: bool, quiet: bool) -> None:
+def command(path: str, as_json: bool, stats: bool, show_consumers: bool, quiet: bool) -> None:
     """Show what an adapter file or folder holds (PATH may be a Hub id user/name[@rev]).
 
     \b
     Example:
       loratool inspect fixtures/peft/llama-lora
       loratool inspect adapter.safetensors --stats --json
+      loratool inspect fixtures/peft/llama-patterns --consumers
     """
     blas_threads()
     from lora_tools.io.hub import resolve_input
     from lora_tools.ops.inspect import inspect_adapter
 
-    report = inspect_adapter(resolve_input(path, role="adapter"), stats=stats)
+    report = inspect_adapter(
+        resolve_input(path, role="adapter"), stats=stats, consumers=show_consumers
+    )
     if as_json:
         print_json(report.to_json())
     else:
@@ -346,3 +356,62 @@ def render(report: dict[str, Any]) -> None:
         if stats["zero"]:
             summary += f"; zero update: {len(stats['zero'])} modules"
         out.print(summary)
+
+    if report["consumers"] is not None:
+        _consumers(out, report["consumers"])
+
+
+def _scale(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def _consumers(out: Any, table: dict[str, Any]) -> None:
+    """The ``--consumers`` table: loratool's scale, then each loading consumer's, a
+    disagreeing cell in red with ``!``; the consumers that do not load the file, and why."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from lora_tools.errors import printable
+
+    loading = [c for c in table["consumers"] if c["loads"]]
+    out.print()
+    if not table["modules"]:
+        out.print("consumers: no LoRA modules to scale")
+        return
+    t = Table(title="scale per consumer (! differs from loratool's)", title_justify="left")
+    t.add_column("module", overflow="fold")
+    headers = ("rank", "loratool", *(c["title"] for c in loading))
+    for col in headers:
+        t.add_column(col, justify="right")
+    cells = []
+    for row in table["modules"]:
+        line = [str(row["rank"]), _scale(row["intended"])]
+        for c in loading:
+            value = row["scales"].get(c["name"])
+            text = "skipped" if value is None and c["name"] in row["skipped"] else _scale(value)
+            line.append(f"[red]{text} ![/red]" if c["name"] in row["differ"] else text)
+        cells.append(line)
+    names = fit_names(
+        [printable(row["module"].removeprefix(PEFT_PREFIX)) for row in table["modules"]],
+        column_room(out.width, headers, [[_plain(c) for c in line] for line in cells]),
+    )
+    for name, line in zip(names, cells, strict=True):
+        t.add_row(escape(name), *line)
+    out.print(t)
+    for c in loading:
+        out.print(f"[bold]{escape(c['title'])}[/bold]: {_safe(c['rule'])}")
+    for c in table["consumers"]:
+        if not c["loads"]:
+            out.print(f"[dim]{escape(c['title'])}: does not load it ({_safe(c['reason'])})[/dim]")
+    count = table["disagreements"]
+    if count:
+        out.print(
+            f"[yellow]{count} of {len(table['modules'])} modules are scaled differently[/yellow]"
+        )
+    else:
+        out.print("every consumer that loads it applies loratool's scale to every module")
+
+
+def _plain(cell: str) -> str:
+    """A cell without its markup, for measuring."""
+    return cell.replace("[red]", "").replace("[/red]", "")

@@ -4,8 +4,9 @@ One module per consumer (``vllm``, ``sglang``, ``tgi``, ``llamacpp``, ``diffuser
 ``comfyui``, ``peft``) holds the facts read from that consumer's own loading code: what it
 refuses, what it drops without a word, which ranks and modules it serves, and from which version
 on. Each names the sources read and the versions checked. ``validate --profile`` turns the facts
-into rules (:mod:`lora_tools.ops.validate.checks.profiles`); nothing here reads a tensor, and
-nothing imports torch.
+into rules (:mod:`lora_tools.ops.validate.checks.profiles`); :mod:`lora_tools.consumers.scales`
+holds the scale each one applies to each module (``inspect --consumers``, LT590). Nothing here
+reads a tensor, and nothing imports torch.
 
 A profile is a consumer at a version: ``vllm`` (the newest version checked) or ``vllm:0.30``.
 

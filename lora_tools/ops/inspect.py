@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from lora_tools.adapter import Adapter, LoraModule
+from lora_tools.consumers.scales import consumer_scales
 from lora_tools.deltas import LOKR, DeltaError, DeltaModule
 from lora_tools.formats import load_adapter
 from lora_tools.formats.base import shared_foreign
@@ -570,6 +571,9 @@ class InspectResult(Result):
         stats: with ``stats=True``, ``{"modules": [per-module norms], "delta_modules": [the
             same for the other types], "outliers", "non_finite", "zero",
             "frobenius_median"}``; else None.
+        consumers: with ``consumers=True``, the scale each consumer applies to each module
+            beside loratool's (:meth:`lora_tools.consumers.scales.ScaleTable.to_json`); else
+            None.
     """
 
     command = "inspect"
@@ -602,6 +606,7 @@ class InspectResult(Result):
     metadata: dict[str, str]
     config: dict[str, Any] | None
     stats: dict[str, Any] | None = None
+    consumers: dict[str, Any] | None = None
 
     @property
     def counts(self) -> dict[str, int]:
@@ -653,17 +658,23 @@ class InspectResult(Result):
             "metadata": dict(self.metadata),
             "config": self.config,
             "stats": self.stats,
+            "consumers": self.consumers,
         }
 
 
 def inspect_adapter(
-    path_or_adapter: str | os.PathLike[str] | Adapter, *, stats: bool = False
+    path_or_adapter: str | os.PathLike[str] | Adapter,
+    *,
+    stats: bool = False,
+    consumers: bool = False,
 ) -> InspectResult:
     """Describe an adapter; see docs/json.md for every field.
 
     Args:
         path_or_adapter: an adapter file or folder, or an already loaded Adapter.
         stats: also compute per-module norms and spectra from the factors (reads the data).
+        consumers: also say the scale each consumer (PEFT, diffusers, ComfyUI, vLLM, SGLang,
+            TGI, llama.cpp) applies to each module (header only).
     """
     adapter = (
         path_or_adapter if isinstance(path_or_adapter, Adapter) else load_adapter(path_or_adapter)
@@ -727,6 +738,7 @@ def inspect_adapter(
         metadata=dict(adapter.metadata),
         config=adapter.config,
         stats=_stats(modules, deltas) if stats else None,
+        consumers=consumer_scales(adapter).to_json() if consumers else None,
     )
 
 

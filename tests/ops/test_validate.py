@@ -506,7 +506,8 @@ def test_magnitudes_without_use_dora(tmp_path):
 
 
 def test_rank_pattern_consistency():
-    assert codes(validate([FIXTURES / "peft" / "llama-patterns"])) == []
+    # only the serving engines' scales (LT590, info: vLLM, SGLang and TGI read no pattern)
+    assert codes(validate([FIXTURES / "peft" / "llama-patterns"])) == ["LT590"] * 3
     config = json.loads((FIXTURES / "peft" / "llama-patterns" / "adapter_config.json").read_text())
     assert config["rank_pattern"]  # the fixture exercises the pattern path
 

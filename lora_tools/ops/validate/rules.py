@@ -166,6 +166,8 @@ _CATALOGUE = (
     Rule("LT561", "peft-not-peft", ERROR, "PeftModel.from_pretrained loads PEFT folders only"),
     Rule("LT562", "peft-unknown-key", ERROR, "config key the PEFT version refuses (before 0.14)"),
     Rule("LT563", "peft-key-dropped", ERROR, "config key the PEFT version drops (0.14 on)"),
+    # -- LT59x consumers' scales
+    Rule("LT590", "consumer-scales-differ", INFO, "consumers apply different scales to a module"),
 )
 
 #: Every rule by code, in code order.

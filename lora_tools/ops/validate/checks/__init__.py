@@ -7,6 +7,7 @@ on what the previous one could establish:
 - ``values`` (``LT2xx``): one streaming pass over the data;
 - ``base_model`` (``LT4xx``): every module against the ``--base`` checkpoint;
 - ``profiles`` (``LT5xx``): the rules of each ``--profile`` consumer.
+- ``consumers`` (``LT59x``): what the consumers that load the file do with its scales.
 
 They share one :class:`~lora_tools.ops.validate.context.Context` per target, which holds the
 findings and drops those of disabled rules.
@@ -27,6 +28,7 @@ from lora_tools.ops.validate.checks.config import (
     read_config,
     readable_config,
 )
+from lora_tools.ops.validate.checks.consumers import check_consumer_scales
 from lora_tools.ops.validate.checks.integrity import check_container
 from lora_tools.ops.validate.checks.profiles import check_profiles
 from lora_tools.ops.validate.checks.structure import check_structure, detect_format
@@ -111,6 +113,7 @@ def check_target(
                 ctx.add("LT104", exc.message, hint=exc.hint)
             return ctx.report
         check_adapter_config(ctx, fmt, adapter, config)
+        check_consumer_scales(ctx, adapter)
         if ctx.runs("LT2"):
             check_values(ctx, adapter, container.trusted, container.clean)
         if checkpoint is not None and ctx.runs("LT4"):
