@@ -1,5 +1,6 @@
-"""``loratool convert ADAPTER --to peft|kohya|diffusers|mlx|comfyui|lora -o OUT [--base BASE]
-[--rank R | --energy E]``, or ``--for vllm|sglang|llamacpp [--max-lora-rank N]``."""
+"""``loratool convert ADAPTER --to peft|kohya|diffusers|mlx|comfyui|lora|gguf -o OUT
+[--base BASE] [--rank R | --energy E] [--outtype T]``, or ``--for vllm|sglang|llamacpp
+[--max-lora-rank N]``."""
 
 from __future__ import annotations
 
@@ -25,9 +26,10 @@ from lora_tools.cli.options import (
     "--to",
     "to",
     required=False,
-    type=click.Choice(["peft", "kohya", "diffusers", "mlx", "comfyui", "lora"]),
+    type=click.Choice(["peft", "kohya", "diffusers", "mlx", "comfyui", "lora", "gguf"]),
     help="Target naming scheme, or lora: every LoHa / LoKr / Tucker LoCon / full / DoRA-"
-    "weighted module as a plain LoRA in the input's naming.",
+    "weighted module as a plain LoRA in the input's naming, or gguf: llama.cpp's LoRA GGUF "
+    "(needs the gguf extra and the base model's config.json).",
 )
 @click.option(
     "--for",
@@ -52,7 +54,9 @@ from lora_tools.cli.options import (
     "module paths from kohya names and to re-lay modules out between the base's native and "
     "diffusers layouts (split / fuse qkv); also checks every module fits the base. With "
     "--to lora: the base weights that modules of base-dependent types (dora_scale, OFT...) "
-    "read, and each module's kernel shape.",
+    "read, and each module's kernel shape. With --to gguf: the base model folder (its "
+    "config.json: architecture, layer and head counts; default: the adapter's "
+    "base_model_name_or_path when that is a local folder).",
 )
 @click.option(
     "--rank",
@@ -65,6 +69,11 @@ from lora_tools.cli.options import (
     type=float,
     help="--to lora: per module, the smallest rank keeping this fraction of ||dW||_F^2, in "
     "(0, 1]. Not with --rank.",
+)
+@click.option(
+    "--outtype",
+    type=click.Choice(["f32", "f16", "bf16", "q8_0"]),
+    help="--to gguf: the tensors' GGML type (default f32, as convert_lora_to_gguf.py).",
 )
 @click.option(
     "--component",
@@ -90,6 +99,7 @@ def command(
     component: str | None,
     rank: int | None,
     energy: float | None,
+    outtype: str | None,
     force: bool,
     as_json: bool,
     quiet: bool,
@@ -112,13 +122,22 @@ def command(
       loratool convert fixtures/diffusers/sd-lora --to peft --component unet -o out/unet
       loratool convert fixtures/kohya/sd-loha.safetensors --to lora -o out/loha-lora.safetensors \\
           --base fixtures/bases/tiny-sd
+      loratool convert fixtures/peft/llama-patterns --to gguf -o out/llama-patterns.gguf \\
+          --base fixtures/bases/tiny-llama
     """
     blas_threads()
+    if (to is None) == (target is None):
+        raise click.UsageError("give one of --to and --for")
+    if outtype is not None and to != "gguf":
+        raise click.UsageError("--outtype applies to --to gguf only")
+    if to == "gguf":
+        if max_lora_rank is not None:
+            raise click.UsageError("--max-lora-rank applies to --for vllm / sglang")
+        convert_gguf(adapter, output, base, outtype or "f32", force, as_json, quiet)
+        return
     from lora_tools.ops._algebra import input_paths, write_adapter
     from lora_tools.ops.convert import convert_adapter, lora_rule
 
-    if (to is None) == (target is None):
-        raise click.UsageError("give one of --to and --for")
     if target is not None:
         render_for(adapter, target, output, base, component, max_lora_rank, force, as_json, quiet)
         return
@@ -198,6 +217,43 @@ def render_for(
     )
     for note in result.notes:
         click.echo(f"  {note}")
+
+
+def convert_gguf(
+    adapter: str,
+    output: Path,
+    base: str | None,
+    outtype: str,
+    force: bool,
+    as_json: bool,
+    quiet: bool,
+) -> None:
+    """``--to gguf``: the llama.cpp LoRA GGUF, with every module's scale baked in."""
+    from lora_tools.io.atomic import check_output
+    from lora_tools.ops._algebra import input_paths
+    from lora_tools.ops.to_gguf import convert_to_gguf
+
+    source = load_input(adapter)
+    inputs = [*input_paths(source, adapter), *([Path(base)] if base is not None else [])]
+    check_output(output, list(inputs), force=force)
+    result = convert_to_gguf(source, output, base=base, outtype=outtype)
+    if as_json:
+        print_json(result.to_json())
+        return
+    if quiet:
+        return
+    plan = result.plan
+    assert plan is not None
+    baked = (
+        f"; {len(plan.baked)} modules' scales baked into lora_b (one alpha {plan.alpha:g} / r "
+        "in llama.cpp)"
+        if plan.baked
+        else ""
+    )
+    click.echo(
+        f"wrote {output}: {source.format} -> gguf ({plan.arch}, {outtype}), "
+        f"{len(plan.modules)} modules{baked}"
+    )
 
 
 def render_lora(result: Any, written: Path) -> None:
