@@ -21,6 +21,7 @@ name but build numbers, so the profile takes no version.
 
 from __future__ import annotations
 
+from lora_tools.constants import PEFT_WEIGHTS_NAME
 from lora_tools.consumers import Consumer
 
 CONSUMER = Consumer(
@@ -33,7 +34,7 @@ CONSUMER = Consumer(
     repository="ggml-org/llama.cpp",
 )
 
-WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+WEIGHTS_NAMES = (PEFT_WEIGHTS_NAME, "adapter_model.bin")
 
 
 def tensor_converted(name: str) -> bool:

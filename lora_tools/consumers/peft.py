@@ -19,6 +19,7 @@ save_and_load.py`` for the weights names.
 
 from __future__ import annotations
 
+from lora_tools.constants import PEFT_WEIGHTS_NAME
 from lora_tools.consumers import Consumer, Version
 
 CONSUMER = Consumer(
@@ -50,7 +51,7 @@ CONSUMER = Consumer(
     repository="huggingface/peft",
 )
 
-WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+WEIGHTS_NAMES = (PEFT_WEIGHTS_NAME, "adapter_model.bin")
 #: Unknown keys are dropped with a warning instead of failing the load.
 TOLERANT_SINCE: Version = (0, 14)
 #: Keys that describe the file, not the adapter: dropping them changes nothing.

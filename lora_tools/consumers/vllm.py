@@ -36,6 +36,7 @@ Read from the wheels of vLLM 0.6.6, 0.7.0, 0.7.3, 0.8.0, 0.8.5, 0.10.0, 0.11.0, 
 
 from __future__ import annotations
 
+from lora_tools.constants import PEFT_WEIGHTS_NAME
 from lora_tools.consumers import Consumer, Version
 
 #: The release wheels whose loading code was read.
@@ -58,7 +59,7 @@ CONSUMER = Consumer(
 #: ``LoRAConfig.max_lora_rank``'s default.
 DEFAULT_MAX_LORA_RANK = 16
 #: Weights files ``from_local_checkpoint`` opens, first found wins.
-WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.pt")
+WEIGHTS_NAMES = (PEFT_WEIGHTS_NAME, "adapter_model.bin", "adapter_model.pt")
 #: ``rank_pattern`` / ``alpha_pattern`` applied per module, and the 0.32 feature checks.
 PATTERNS_SINCE: Version = (0, 32)
 #: ``modules_to_save`` of a classification head allowed.

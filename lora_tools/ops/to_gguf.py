@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from lora_tools.adapter import CONV, EMBEDDING, Adapter, LoraModule
+from lora_tools.constants import MODEL_CONFIG_NAME
 from lora_tools.errors import (
     AdapterError,
     FormatError,
@@ -227,7 +228,7 @@ def read_base_config(adapter: Adapter, base: str | os.PathLike[str] | None) -> B
                 kind="needs-base",
             )
     path = Path(base)
-    config_path = path / "config.json" if path.is_dir() else path
+    config_path = path / MODEL_CONFIG_NAME if path.is_dir() else path
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except OSError as exc:

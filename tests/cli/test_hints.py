@@ -28,19 +28,21 @@ PACKAGE = ROOT / "lora_tools"
 OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 #: A command line in backticks: `loratool CMD ...` is checked against CMD; other programs'
 #: (`hf extensions remove lora`, `pip install ...`) are not loratool's options.
-COMMAND_LINE = re.compile(r"`(loratool|hf|pip|python)\s+([^`]*)`")
+COMMAND_LINE = re.compile(r"`(loratool|hf|pip|python|vllm)\s+([^`]*)`")
 GLOBAL_OPTIONS = {"--help", "--debug", "--version"}
 WRITERS = ("rescale", "resize", "combine", "convert", "merge")
 CLI_MODULES = {target.split(":")[0]: name for name, target in COMMANDS.items()}
 #: Modules (and packages) whose strings only some of the commands importing them can print.
 #: io.atomic is imported everywhere (through io.safetensors) but refuses outputs, which only
 #: the writers have; cli._common names global options only; push runs validate without a base
-#: and shows its errors' messages, never their hints.
+#: and shows its errors' messages, never their hints; the consumers package's strings are
+#: validate --profile's (its scale models, which inspect reaches too, print no option).
 PRINTED_BY = {
     "lora_tools.io.atomic": WRITERS,
     "lora_tools.cli._common": (),
     "lora_tools.cli._algebra": ("rescale", "resize", "combine", "convert"),
     "lora_tools.ops.validate": ("validate",),
+    "lora_tools.consumers": ("validate",),
     # merge renders only a new card with it and prints none of its notes or errors
     "lora_tools.ops.card": ("push",),
 }

@@ -76,7 +76,8 @@ def test_no_submodule_imports_the_package(name: str) -> None:
 
 def test_the_submodules_import_each_other_without_a_circle() -> None:
     graph = _sibling_graph()
-    assert graph["arithmetic"] == set() and graph["jobs"] == {"arithmetic"}
+    assert graph["arithmetic"] == set() and graph["jobs"] <= {"arithmetic", "quantized"}
+    assert graph["quantized"] == {"arithmetic"}
     assert "engine" not in graph["torch_engine"] and "write" not in graph["torch_engine"]
     order: list[str] = []
     visiting: set[str] = set()

@@ -129,7 +129,7 @@ def test_vllm_server_target_modules_packed_layers(adapters):
     assert profile_codes(adapters / "clean", "vllm", target_modules="qkv_proj,o_proj") == []
     assert profile_codes(adapters / "mlp", "vllm", target_modules="gate_up_proj") == ["LT505"]
     assert profile_codes(adapters / "mlp", "vllm", target_modules="up_proj,down_proj") == []
-    with pytest.raises(UsageError, match="no --lora-target-modules"):
+    with pytest.raises(UsageError, match="has no server list of target modules"):
         validate([adapters / "clean"], profiles="vllm:0.18", target_modules="q_proj")
 
 

@@ -33,7 +33,7 @@ import math
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
@@ -41,8 +41,19 @@ from lora_tools.io.safetensors import SafetensorsFile, TensorInfo, numpy_dtype
 from lora_tools.ops.merge.arithmetic import PRODUCT_ROWS, Term, apply_terms, dims_2d, row_block
 from lora_tools.quant.schemes import Scheme
 
-if TYPE_CHECKING:
-    from lora_tools.ops.merge.jobs import TensorJob
+
+class TensorJob(Protocol):
+    """What a :class:`QuantJob` reads of its weight's
+    :class:`~lora_tools.ops.merge.jobs.TensorJob` (a protocol, so that this phase does not
+    import the one above it)."""
+
+    @property
+    def info(self) -> TensorInfo: ...
+
+    @property
+    def needs_whole_tensor(self) -> bool: ...
+
+    def terms(self) -> list[Term]: ...
 
 
 @dataclass

@@ -138,12 +138,12 @@ def _merge_note(theirs: str, scheme: Scheme | None) -> str:
     if scheme.weight_scale_suffix is None:
         return (
             f"{scheme.describe()}; merges add the update and round to {theirs} (no scale: "
-            f"values past ±{FP8_MAX[theirs]:g} saturate; merge --dtype writes float weights instead)"
+            f"values past ±{FP8_MAX[theirs]:g} saturate; `loratool merge --dtype` writes float weights instead)"
         )
     return (
         f"{scheme.describe()}; merges dequantize each weight with its "
         f"{scheme.weight_scale_suffix!r}, add the update and requantize to {theirs} with a "
-        "recomputed scale (merge --dtype dequantizes instead)"
+        "recomputed scale (`loratool merge --dtype` dequantizes instead)"
     )
 
 

@@ -67,8 +67,9 @@ class Deployment:
                 and not profile.since(vllm_facts.TARGET_MODULES_SINCE)
             ):
                 raise UsageError(
-                    f"--target-modules: {profile.label} has no --lora-target-modules (it "
-                    f"appeared in vLLM {fmt_version(vllm_facts.TARGET_MODULES_SINCE)})",
+                    f"--target-modules: {profile.label} has no server list of target modules "
+                    "(`vllm serve --lora-target-modules` appeared in vLLM "
+                    f"{fmt_version(vllm_facts.TARGET_MODULES_SINCE)})",
                     hint="leave out --target-modules, or name a later version",
                 )
 
@@ -227,11 +228,12 @@ def _vllm(ctx: Context, adapter: Adapter, profile: Profile, deployment: Deployme
         if outside:
             ctx.add(
                 "LT505",
-                f"{who} with --lora-target-modules {','.join(deployment.target_modules)} "
+                f"{who} with --target-modules {','.join(deployment.target_modules)} "
                 f"loads {len(outside)} of {len(adapter.modules)} module(s) and never applies "
                 f"them (the base model is served there): {listed(outside)}",
                 module=outside[0],
-                hint="add their layer names to the server's --lora-target-modules",
+                hint="add their layer names to the server's "
+                "`vllm serve --lora-target-modules` (and to --target-modules here)",
             )
     if not profile.since(facts.PATTERNS_SINCE):
         served = global_scale(config, rslora=bool(config.get("use_rslora")))
@@ -282,7 +284,10 @@ def _vllm_refused(config: dict[str, Any], profile: Profile) -> list[str]:
     if lora_bias and profile.since(facts.PATTERNS_SINCE):
         out.append("lora_bias (LoRA biases are not supported)")
     elif lora_bias and not profile.since(facts.VOCAB_CHECK_SINCE):
-        out.append("lora_bias (LoRA biases are refused without --enable-lora-bias)")
+        out.append(
+            "lora_bias (LoRA biases are refused unless the server runs "
+            "`vllm serve --enable-lora-bias`)"
+        )
     init = config.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower() not in facts.SUPPORTED_INITS:
         if profile.since(facts.PATTERNS_SINCE):
@@ -414,9 +419,10 @@ def _sglang(ctx: Context, adapter: Adapter, profile: Profile, deployment: Deploy
             ctx.add(
                 "LT514",
                 f"{who} refuses the adapter: its target modules {outside} are not in "
-                f"--lora-target-modules {sorted(served)}",
+                f"--target-modules {sorted(served)}",
                 found=", ".join(outside),
-                hint="add them to the server's --lora-target-modules (or pass 'all')",
+                hint="add them to the server's "
+                "`python -m sglang.launch_server --lora-target-modules` (or pass 'all')",
             )
     served_scale = global_scale(config, rslora=False)
     wrong = [] if served_scale is None else scale_misapplied(adapter, served_scale)
