@@ -98,9 +98,9 @@ def parse_version(text: str) -> Version:
 
 
 def _registry() -> dict[str, Consumer]:
-    from lora_tools.consumers import llamacpp, peft, sglang, tgi, vllm
+    from lora_tools.consumers import comfyui, diffusers, llamacpp, peft, sglang, tgi, vllm
 
-    modules = (vllm, sglang, tgi, llamacpp, peft)
+    modules = (vllm, sglang, tgi, llamacpp, diffusers, comfyui, peft)
     return {module.CONSUMER.name: module.CONSUMER for module in modules}
 
 

@@ -19,6 +19,8 @@ from typing import Any
 
 from lora_tools.adapter import EMBEDDING, Adapter, LoraModule
 from lora_tools.consumers import Profile, fmt_version
+from lora_tools.consumers import comfyui as comfyui_facts
+from lora_tools.consumers import diffusers as diffusers_facts
 from lora_tools.consumers import llamacpp as llamacpp_facts
 from lora_tools.consumers import peft as peft_facts
 from lora_tools.consumers import sglang as sglang_facts
@@ -646,6 +648,153 @@ def _tied_embeddings(ctx: Context) -> bool:
     )
 
 
+# -- diffusers (LT54x) ---------------------------------------------------------------------------
+
+
+def file_tensor_names(adapter: Adapter) -> list[str]:
+    """Every tensor key of the file, LyCORIS modules' included."""
+    names = [key for d in adapter.deltas.values() for key in d.keys.values()]
+    return tensor_names(adapter) + names
+
+
+def scale_findings(
+    ctx: Context, code: str, who: str, adapter: Adapter, consumer: str, hint: str
+) -> None:
+    """One finding for the modules ``consumer`` (:mod:`lora_tools.consumers.scales`) applies
+    at another scale than loratool's (the trainer's)."""
+    from lora_tools.consumers.scales import consumer_scales, same_scale
+
+    (scales,) = consumer_scales(adapter, [consumer]).consumers
+    if not scales.loads:
+        return
+    wrong = []
+    for m in adapter.modules.values():
+        served = scales.scales.get(m.key)
+        if m.alpha_unknown is None and served is not None and not same_scale(served, m.scale):
+            wrong.append((m, served))
+    if wrong:
+        m, served = wrong[0]
+        ctx.add(
+            code,
+            f"{who} applies {len(wrong)} module(s) at another scale than the file's alpha / r, "
+            f"e.g. {module_name(m)} at {fmt_number(served)} instead of {fmt_number(m.scale)}; "
+            f"its rule here: {scales.rule}",
+            module=module_name(m),
+            expected=fmt_number(m.scale),
+            found=fmt_number(served),
+            hint=hint,
+        )
+
+
+def _diffusers(ctx: Context, adapter: Adapter, profile: Profile, deployment: Deployment) -> None:
+    from lora_tools.consumers.scales import consumer_scales
+
+    facts = diffusers_facts
+    who = profile.label
+    (scales,) = consumer_scales(adapter, ["diffusers"]).consumers
+    if not scales.loads:
+        ctx.add(
+            "LT541",
+            f"{who}'s load_lora_weights loads nothing from a {adapter.format} file, with only a "
+            "warning: no key is under a pipeline component's prefix (unet., text_encoder., "
+            "transformer.) or in a naming it converts (kohya, old diffusers, ComfyUI)",
+            hint="convert it with `loratool convert ADAPTER --to diffusers -o OUT`",
+        )
+        return
+    names = file_tensor_names(adapter)
+    kohya_sd = adapter.format == "kohya" and any(
+        n.startswith(facts.KOHYA_SD_PREFIXES) for n in names
+    )
+    if kohya_sd and not _flux_kohya(names):
+        outside = facts.kohya_sd_unprefixed(names)
+        if outside:
+            ctx.add(
+                "LT544",
+                f"{who} converts a kohya file only when every key starts with lora_unet_ / "
+                f"lora_te_ / lora_te1_ / lora_te2_; {len(outside)} key(s) do not "
+                f"({listed(outside)}), so no key is converted and nothing loads",
+                module=outside[0],
+                hint="remove those tensors, or convert the file with "
+                "`loratool convert ADAPTER --to diffusers -o OUT`",
+            )
+            return
+        left = facts.kohya_sd_left(names)
+        if left:
+            ctx.add(
+                "LT542",
+                f"{who}'s kohya converter takes lora_down / lora_up / alpha only and refuses "
+                f'the file ("The following keys have not been correctly renamed"): '
+                f"{len(left)} tensor(s) such as {listed(left)}",
+                module=left[0],
+                hint="merge the adapter into the base (`loratool merge`), or load it with ComfyUI",
+            )
+            return
+    dora = [n for n in names if n.endswith(facts.DORA_SUFFIX)]
+    if dora:
+        ctx.add(
+            "LT543",
+            f"{who} filters out the {len(dora)} dora_scale tensor(s) of this kohya DoRA file "
+            f"with only a warning and applies the modules as plain LoRAs: {listed(dora)}",
+            module=dora[0],
+            hint="merge the adapter into the base (`loratool merge`), or load it with ComfyUI",
+        )
+    scale_findings(
+        ctx,
+        "LT545",
+        who,
+        adapter,
+        "diffusers",
+        "give every module its own alpha tensor, or bake the scales into the factors "
+        "(`loratool convert ADAPTER --to diffusers -o OUT`)",
+    )
+
+
+def _flux_kohya(names: list[str]) -> bool:
+    """Flux kohya names (``lora_unet_double_blocks_...``): another converter."""
+    return any(
+        n.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_")) for n in names
+    )
+
+
+# -- ComfyUI (LT55x) -----------------------------------------------------------------------------
+
+
+def _comfyui(ctx: Context, adapter: Adapter, profile: Profile, deployment: Deployment) -> None:
+    facts = comfyui_facts
+    who = profile.label
+    if adapter.format in ("peft", "mlx"):
+        ctx.add(
+            "LT551",
+            f"{who} does not load this {adapter.format} file: load_lora maps base_model.model.* "
+            "keys only for SD3 and HunyuanDiT models and never language models' modules; every "
+            'other key is logged as "lora key not loaded" and dropped',
+            hint="for a diffusion model, convert it with `loratool convert ADAPTER --to comfyui "
+            "--base BASE -o OUT`",
+        )
+        return
+    if adapter.format not in ("kohya", "diffusers", "diffusers-old", "comfyui"):
+        return
+    unread = [n for n in file_tensor_names(adapter) if not facts.tensor_read(n)]
+    if unread:
+        ctx.add(
+            "LT552",
+            f'{who}\'s load_lora does not read {len(unread)} tensor(s) ("lora key not loaded"; '
+            f"dropped, the rest of the module applied without them): {listed(unread)}",
+            module=unread[0],
+            hint="merge what they hold into the base (`loratool merge`), or load the file "
+            "with diffusers",
+        )
+    scale_findings(
+        ctx,
+        "LT553",
+        who,
+        adapter,
+        "comfyui",
+        "store each module's alpha as a <module>.alpha tensor (`loratool convert ADAPTER "
+        "--to comfyui -o OUT`)",
+    )
+
+
 # -- PEFT (LT56x) --------------------------------------------------------------------------------
 
 
@@ -700,5 +849,7 @@ _CHECKS: dict[str, Callable[[Context, Adapter, Profile, Deployment], None]] = {
     "sglang": _sglang,
     "tgi": _tgi,
     "llamacpp": _llamacpp,
+    "diffusers": _diffusers,
+    "comfyui": _comfyui,
     "peft": _peft,
 }

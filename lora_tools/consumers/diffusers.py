@@ -1,0 +1,57 @@
+"""diffusers: what ``load_lora_weights`` (``lora_state_dict``, ``load_lora_adapter``) reads.
+
+Read from diffusers 0.42.1 (huggingface/diffusers, installed here and run on the test files):
+``loaders/lora_pipeline.py`` (``StableDiffusionLoraLoaderMixin.lora_state_dict`` and the other
+pipelines' copies), ``loaders/lora_conversion_utils.py`` (``_convert_non_diffusers_lora_to_
+diffusers``, ``_convert_kohya_flux_lora_to_diffusers``), ``loaders/peft.py``
+(``load_lora_adapter``) and ``utils/peft_utils.py`` (``get_peft_kwargs``).
+
+- A pipeline takes one state dict: a diffusers file (``unet.`` / ``text_encoder.`` /
+  ``transformer.`` prefixes, PEFT roles, with or without ``lora_adapter_metadata``), an old
+  attention-processor file, or a kohya / ComfyUI-named file it converts. Each component keeps
+  the keys under its own prefix; a file with none (a PEFT folder's ``base_model.model.`` keys)
+  loads nothing, with only a warning ("No LoRA keys associated to UNet2DConditionModel found
+  with the prefix='unet'").
+- ``dora_scale`` tensors (kohya DoRA) are filtered out with a warning ("a DoRA checkpoint that is
+  not compatible in Diffusers"): the module is applied as a plain LoRA.
+- SD / SDXL kohya files (every key under ``lora_unet_`` / ``lora_te_`` / ``lora_te1_`` /
+  ``lora_te2_``) go through ``_convert_non_diffusers_lora_to_diffusers``, which takes
+  ``lora_down`` / ``lora_up`` / ``alpha`` only: any other tensor left (LoHa ``hada_*``, LoKr
+  ``lokr_*``, Tucker ``lora_mid``, ``diff`` / ``diff_b``...) raises "The following keys have not
+  been correctly renamed". A kohya file with one key outside those prefixes is not converted at
+  all: its ``lora_unet_`` keys match no component and nothing loads.
+- The scale of each module is :mod:`lora_tools.consumers.scales` ``_diffusers`` (network_alphas
+  for SD / SDXL kohya files, PR 14409 for diffusers files without metadata).
+"""
+
+from __future__ import annotations
+
+from lora_tools.consumers import Consumer
+
+CONSUMER = Consumer(
+    name="diffusers",
+    title="diffusers",
+    family="LT54",
+    current=(0, 42),
+    oldest=(0, 42),
+    checked=("0.42.1",),
+    repository="huggingface/diffusers",
+)
+
+#: The prefixes every key of an SD / SDXL kohya file must have to be converted.
+KOHYA_SD_PREFIXES = ("lora_te_", "lora_unet_", "lora_te1_", "lora_te2_")
+#: The tensor suffixes ``_convert_non_diffusers_lora_to_diffusers`` consumes (``dora_scale``
+#: is filtered out before it, with a warning).
+KOHYA_SD_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+DORA_SUFFIX = ".dora_scale"
+
+
+def kohya_sd_left(names: list[str]) -> list[str]:
+    """The tensors of an SD / SDXL kohya file the converter does not consume (it then
+    raises)."""
+    return [n for n in names if not n.endswith(KOHYA_SD_SUFFIXES) and not n.endswith(DORA_SUFFIX)]
+
+
+def kohya_sd_unprefixed(names: list[str]) -> list[str]:
+    """The keys that stop a kohya file from being converted (none of the four prefixes)."""
+    return [n for n in names if not n.startswith(KOHYA_SD_PREFIXES)]

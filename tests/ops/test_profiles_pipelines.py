@@ -1,0 +1,248 @@
+"""``validate --profile diffusers`` / ``--profile comfyui``: pipeline LoRA files against the two
+loaders' rules.
+
+diffusers is the oracle here: each file is loaded with ``load_lora_weights`` into the tiny SD
+pipeline (``tests/consumers.py``) and what diffusers does (refuses it, filters tensors out with a
+warning, loads nothing, applies another scale) must be what the profile reports, and a file it
+loads right must get no finding. ComfyUI does not run here (no install): its cases are written
+from comfy/lora.py and comfy/weight_adapter/*.py (docs/rules.md names the commits), each case a
+different rule.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
+
+from lora_tools.formats import load_adapter
+from lora_tools.ops.validate import validate
+from tests import consumers as oracle
+
+FIX = Path(__file__).resolve().parents[2] / "fixtures"
+SD = FIX / "bases/tiny-sd"
+SD_KOHYA = FIX / "kohya/sd-lora.safetensors"
+SD_DIFFUSERS = FIX / "diffusers/sd-lora/pytorch_lora_weights.safetensors"
+ONE_MODULE = "lora_unet_down_blocks_1_attentions_0_proj_in"
+
+
+def profile_codes(path: Path, profile: str) -> list[str]:
+    report = validate([path], profiles=profile)
+    assert not [f for f in report.findings if not f.rule.code.startswith(("LT5", "LT1"))]
+    return sorted({f.rule.code for f in report.findings if f.rule.code.startswith("LT5")})
+
+
+def rewrite(src: Path, out: Path, change) -> Path:
+    """``src`` with its tensors (and metadata) changed by ``change(tensors, metadata)``."""
+    tensors = load_file(src)
+    with safe_open(src, "np") as f:
+        metadata = dict(f.metadata() or {})
+    change(tensors, metadata)
+    for key in ("sshs_model_hash", "sshs_legacy_hash"):  # the tensors changed
+        metadata.pop(key, None)
+    save_file(tensors, out, metadata=metadata)
+    return out
+
+
+def diffusers_metadata(change) -> callable:
+    def edit(tensors, metadata):
+        config = json.loads(metadata["lora_adapter_metadata"])
+        change(config)
+        metadata["lora_adapter_metadata"] = json.dumps(config)
+
+    return edit
+
+
+def _drop_alpha(tensors, metadata):
+    del tensors[f"{ONE_MODULE}.alpha"]
+
+
+def _extra_key(tensors, metadata):
+    # one T5 module (Flux's lora_te3_), copied from a text-encoder module of the file
+    like = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    for role in ("lora_down.weight", "lora_up.weight", "alpha"):
+        tensors[f"lora_te3_encoder_block_0_layer_0_SelfAttention_q.{role}"] = tensors[
+            f"{like}.{role}"
+        ]
+
+
+def _diff_b(tensors, metadata):
+    out = tensors[f"{ONE_MODULE}.lora_up.weight"].shape[0]
+    tensors[f"{ONE_MODULE}.diff_b"] = np.full((out,), 0.01, np.float32)
+
+
+def _peft_dora(tensors, metadata):
+    for key in [k for k in tensors if k.endswith(".lora_B.weight")]:
+        stem = key.removesuffix(".lora_B.weight")
+        tensors[f"{stem}.lora_magnitude_vector"] = np.ones(tensors[key].shape[0], np.float32)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("pipeline-profiles")
+    out = {
+        "kohya": SD_KOHYA,
+        "kohya-noalpha": FIX / "kohya/sd-lora-noalpha.safetensors",
+        "locon": FIX / "kohya/sd-locon.safetensors",
+        "loha": FIX / "kohya/sd-loha.safetensors",
+        "kohya-dora": FIX / "kohya/sd-dora.safetensors",
+        "diffusers": SD_DIFFUSERS,
+        "diffusers-old": FIX / "diffusers-old/sd-attn-procs.safetensors",
+        "peft-unet": FIX / "peft/sd-unet-conv/adapter_model.safetensors",
+        "peft-llama": FIX / "peft/llama-lora/adapter_model.safetensors",
+    }
+    out["kohya-partial-alpha"] = rewrite(SD_KOHYA, tmp / "partial.safetensors", _drop_alpha)
+    out["kohya-extra-key"] = rewrite(SD_KOHYA, tmp / "extra.safetensors", _extra_key)
+    out["kohya-diff-b"] = rewrite(SD_KOHYA, tmp / "diff-b.safetensors", _diff_b)
+    out["diffusers-dora"] = rewrite(
+        SD_DIFFUSERS,
+        tmp / "dora.safetensors",
+        lambda t, m: (_peft_dora(t, m), diffusers_metadata(_use_dora)(t, m)),
+    )
+    out["diffusers-rslora"] = rewrite(
+        SD_DIFFUSERS, tmp / "rslora.safetensors", diffusers_metadata(_use_rslora)
+    )
+    return out
+
+
+def _use_dora(config):
+    for key in [k for k in config if k.endswith(".r")]:
+        config[key.removesuffix(".r") + ".use_dora"] = True
+
+
+def _use_rslora(config):
+    for key in [k for k in config if k.endswith(".r")]:
+        config[key.removesuffix(".r") + ".use_rslora"] = True
+
+
+# what diffusers 0.42.1 does with each file (measured by the oracle test below), and the
+# profile's finding for it
+DIFFUSERS = {
+    "kohya": ("loads", []),
+    "kohya-noalpha": ("loads", []),
+    "locon": ("loads", []),
+    "diffusers": ("loads", []),
+    "diffusers-old": ("loads", []),
+    "diffusers-dora": ("loads", []),
+    "diffusers-rslora": ("loads", []),
+    "loha": ("refuses", ["LT542"]),
+    "kohya-diff-b": ("refuses", ["LT542"]),
+    "kohya-dora": ("drops dora_scale", ["LT543"]),
+    "peft-unet": ("loads nothing", ["LT541"]),
+    "peft-llama": ("loads nothing", ["LT541"]),
+    "kohya-extra-key": ("loads nothing", ["LT544"]),
+    "kohya-partial-alpha": ("other scale", ["LT545"]),
+}
+
+
+def diffusers_verdict(path: Path) -> str:
+    """What ``load_lora_weights`` does with the file on the tiny SD pipeline."""
+    from peft.tuners.lora import LoraLayer
+
+    pipe = oracle.model_copy("pipeline", SD)
+    try:
+        with oracle.captured() as messages:
+            pipe.load_lora_weights(str(path), adapter_name="x")
+    except ValueError as exc:
+        assert "have not been correctly renamed" in str(exc)
+        return "refuses"
+    named = {
+        f"{comp}.{name}": layer
+        for comp in ("unet", "text_encoder")
+        for name, layer in getattr(pipe, comp).named_modules()
+        if isinstance(layer, LoraLayer)
+    }
+    layers = list(named.values())
+    if not layers:
+        return "loads nothing"
+    if any("DoRA checkpoint" in m for m in messages):
+        return "drops dora_scale"
+    adapter = load_adapter(path)
+    intended = {round(m.scale, 9) for m in adapter.modules.values()}
+    if adapter.format == "kohya" and any(m.alpha is None for m in adapter.modules.values()):
+        # a module without alpha is scale 1 as kohya and ComfyUI read it; diffusers gives it
+        # the common alpha: the layers' scales are not the file's
+        served = {round(layer.scaling["x"], 9) for layer in layers}
+        return "loads" if served == intended else "other scale"
+    if adapter.format == "diffusers":
+        scales = {key: layer.scaling["x"] for key, layer in named.items()}
+        wrong = [k for k, m in adapter.modules.items() if not math.isclose(scales[k], m.scale)]
+        if wrong:
+            return "other scale"
+    for layer in layers:
+        dora = layer.lora_magnitude_vector
+        assert ("x" in dora) == adapter.modules[next(iter(adapter.modules))].dora
+    return "loads"
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("name", sorted(DIFFUSERS))
+def test_diffusers_profile_matches_what_diffusers_does(files, name):
+    verdict, expected = DIFFUSERS[name]
+    assert diffusers_verdict(files[name]) == verdict
+    assert profile_codes(files[name], "diffusers") == expected
+
+
+def test_diffusers_scale_finding_names_both_scales(files):
+    report = validate([files["kohya-partial-alpha"]], profiles="diffusers")
+    (finding,) = [f for f in report.findings if f.rule.code == "LT545"]
+    # kohya / ComfyUI: no alpha means scale 1; diffusers gives the module the common alpha 2 / 4
+    assert finding.module == ONE_MODULE
+    assert (finding.expected, finding.found) == ("1", "0.5")
+
+
+# ComfyUI (read, not run): load_lora reads the spellings of comfy/weight_adapter/lora.py and the
+# LyCORIS types, drops every other tensor with "lora key not loaded", and scales by the .alpha
+# tensor alone
+COMFYUI = {
+    "kohya": [],
+    "kohya-noalpha": [],
+    "kohya-partial-alpha": [],  # no alpha: scale 1, as kohya meant
+    "kohya-extra-key": [],
+    "kohya-diff-b": [],
+    "locon": [],
+    "loha": [],
+    "kohya-dora": [],  # dora_scale: weight_decompose
+    "diffusers-old": [],
+    "diffusers": ["LT553"],  # alpha only in lora_adapter_metadata (PR 15830)
+    "diffusers-rslora": ["LT553"],
+    "diffusers-dora": ["LT552", "LT553"],  # lora_magnitude_vector is not read
+    "peft-unet": ["LT551"],
+    "peft-llama": ["LT551"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMFYUI))
+def test_comfyui_verdicts(files, name):
+    assert profile_codes(files[name], "comfyui") == COMFYUI[name]
+
+
+def test_comfyui_unread_tensors_are_named(files):
+    report = validate([files["diffusers-dora"]], profiles="comfyui")
+    (finding,) = [f for f in report.findings if f.rule.code == "LT552"]
+    assert finding.module.endswith(".lora_magnitude_vector") and "40 tensor(s)" in finding.message
+
+
+def test_comfyui_scale_finding_values(files):
+    report = validate([files["diffusers"]], profiles="comfyui")
+    (finding,) = report.findings
+    # the text encoder's lora_alpha 8 at r 4 is 2 in diffusers, 1 in ComfyUI
+    assert finding.found == "1" and math.isclose(float(finding.expected), 2.0)
+
+
+def test_comfyui_spellings_cover_what_loratool_writes(tmp_path):
+    # every tensor loratool writes for ComfyUI, kohya and diffusers is one load_lora reads
+    from lora_tools.consumers.comfyui import tensor_read
+    from lora_tools.formats import save_adapter
+    from lora_tools.ops.convert import convert_adapter
+
+    for fmt in ("comfyui", "kohya", "diffusers"):
+        result = convert_adapter(load_adapter(SD_KOHYA), fmt, base=SD)
+        out = save_adapter(result.adapter, tmp_path / f"{fmt}.safetensors")
+        names = list(load_file(out))
+        assert names and all(tensor_read(k) for k in names), fmt
