@@ -43,6 +43,11 @@ MERGE_RECORD_KEY = "loratool_merge"
 #: The safetensors metadata key of every adapter loratool writes (a JSON list of operations,
 #: oldest first).
 HISTORY_KEY = "loratool_history"
+#: The safetensors metadata key listing the modules loratool added with all-zero factors on
+#: purpose (a JSON list of module keys; ``convert --for sglang`` adds the q_proj / gate_proj
+#: parts SGLang stacks its neighbours from). Their update is exactly zero by design, so the
+#: zero-factor rule (LT203) leaves them out.
+ZERO_MODULES_KEY = "loratool_zero_modules"
 #: The model card of a folder (the Hub shows it as the repository's front page).
 CARD_NAME = "README.md"
 

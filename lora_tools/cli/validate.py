@@ -34,8 +34,9 @@ run (e.g. BASE unreadable), 130 interrupted."""
     "profiles",
     multiple=True,
     metavar="NAME[:VERSION]",
-    help="Check that a consumer loads and serves the adapter as PEFT does: vllm, sglang (LT5xx "
-    "rules). Comma-separated or repeated; VERSION defaults to the newest checked (vllm:0.30).",
+    help="Check that a consumer loads the adapter and applies it as trained: vllm, sglang, tgi, "
+    "llamacpp, diffusers, comfyui, peft (LT5xx rules). Comma-separated or repeated; VERSION "
+    "defaults to the newest checked (vllm:0.30).",
 )
 @click.option(
     "--max-lora-rank",

@@ -43,7 +43,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -52,6 +54,7 @@ from typing import Any
 import numpy as np
 
 from lora_tools.adapter import CONV, Adapter, LoraModule
+from lora_tools.constants import ZERO_MODULES_KEY
 from lora_tools.errors import UnsupportedAdapterError, UsageError
 from lora_tools.lowrank import split_scalar
 from lora_tools.ops._algebra import add_history, exact_targets, targets_cover, with_factors
@@ -298,7 +301,7 @@ def convert_for(
         modules=out_modules,
         passthrough={},
         foreign={},
-        metadata={**adapter.metadata, "format": "pt"},
+        metadata=_metadata(adapter.metadata, added),
         config=config,
         source=adapter.source,
         config_source=adapter.config_source,
@@ -326,6 +329,20 @@ def convert_for(
 
 def _path(m: LoraModule) -> str:
     return m.path or m.key
+
+
+def _metadata(metadata: dict[str, str], added: dict[str, LoraModule]) -> dict[str, str]:
+    """The output's metadata: ``format: pt``, and the added zero modules listed under
+    :data:`ZERO_MODULES_KEY` (with any an earlier conversion listed), so that validate's
+    zero-factor rule knows they are zero on purpose."""
+    out = {**metadata, "format": "pt"}
+    if added:
+        earlier = out.get(ZERO_MODULES_KEY)
+        keys = set(added)
+        with contextlib.suppress(TypeError, ValueError):
+            keys |= {k for k in json.loads(earlier) if isinstance(k, str)} if earlier else set()
+        out[ZERO_MODULES_KEY] = json.dumps(sorted(keys))
+    return out
 
 
 def _refuse(adapter: Adapter, message: str, hint: str = _MERGE_HINT) -> UnsupportedAdapterError:

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
 
 from lora_tools.errors import UnsupportedAdapterError, UsageError
 from lora_tools.formats import load_adapter, save_adapter
@@ -320,3 +321,43 @@ def test_sglang_gets_the_zero_parts_it_stacks_from_the_base(fixtures_dir, tmp_pa
     merged_in, merged_out = peft_merged(fixtures_dir, src), peft_merged(fixtures_dir, out)
     for key, value in merged_in.items():
         np.testing.assert_allclose(merged_out[key], value, rtol=0, atol=1e-6, err_msg=key)
+    # loratool's own output passes validate with no warning: the added modules are listed as
+    # zero on purpose, so the zero-factor rule (LT203) leaves them out
+    from lora_tools.constants import ZERO_MODULES_KEY
+    from lora_tools.ops.validate import validate
+
+    report = validate([out], base=fixtures_dir / LLAMA, profiles="sglang")
+    assert [f.rule.code for f in report.findings] == []
+    with safe_open(out / "adapter_model.safetensors", "np") as f:
+        listed = json.loads(f.metadata()[ZERO_MODULES_KEY])
+    assert listed == sorted(f"base_model.model.{path}" for path in added)
+    # converting the output again keeps the list (nothing more to add)
+    again = convert_for(load_adapter(out), "sglang", base=fixtures_dir / LLAMA)
+    assert not any(m.added for m in again.modules)
+    assert json.loads(again.adapter.metadata[ZERO_MODULES_KEY]) == listed
+
+
+def test_zero_modules_not_listed_are_still_reported(fixtures_dir, tmp_path):
+    # the list names modules, it does not switch LT203 off: a zero module that loratool did not
+    # add is reported, on the same file
+    from lora_tools.constants import ZERO_MODULES_KEY
+    from lora_tools.ops.validate import validate
+
+    src = peft_adapter(
+        tmp_path, fixtures_dir, "v-up", r=4, lora_alpha=8, target_modules=["v_proj", "up_proj"]
+    )
+    out = write(convert_for(load_adapter(src), "sglang", base=fixtures_dir / LLAMA), tmp_path / "o")
+    weights = out / "adapter_model.safetensors"
+    with safe_open(weights, "np") as f:
+        metadata = f.metadata()
+    tensors = load_file(weights)
+    victim = "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"
+    tensors[victim] = np.zeros_like(tensors[victim])
+    save_file(tensors, weights, metadata=metadata)
+    report = validate([out])
+    assert [(f.rule.code, f.module) for f in report.findings] == [
+        ("LT203", "base_model.model.model.layers.0.self_attn.v_proj")
+    ]
+    metadata[ZERO_MODULES_KEY] = "not json"  # a malformed list marks nothing
+    save_file(tensors, weights, metadata=metadata)
+    assert len([f for f in validate([out]).findings if f.rule.code == "LT203"]) == 5

@@ -6,6 +6,7 @@ pass over the data buffer (arithmetic in :mod:`lora_tools.ops.validate.scan`).
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 from collections import Counter
@@ -13,6 +14,7 @@ from collections import Counter
 import numpy as np
 
 from lora_tools.adapter import Adapter
+from lora_tools.constants import ZERO_MODULES_KEY
 from lora_tools.deltas import FULL, LOHA, LOKR, TUCKER_LOCON, DeltaModule
 from lora_tools.io.safetensors import Header, SafetensorsFile, TensorSpec, reference_order
 from lora_tools.ops.inspect import robust_outliers
@@ -200,10 +202,26 @@ def _reference_order_sha256(ctx: Context, header: Header, buffer_sha256: str) ->
     return digest.hexdigest()
 
 
+def added_zero_modules(adapter: Adapter) -> set[str]:
+    """The modules loratool added with zero factors on purpose (:data:`ZERO_MODULES_KEY`).
+
+    A malformed value marks nothing: LT203 then reports those modules as it would without it.
+    """
+    raw = adapter.metadata.get(ZERO_MODULES_KEY)
+    if not raw:
+        return set()
+    try:
+        keys = json.loads(raw)
+    except ValueError:
+        return set()
+    return {k for k in keys if isinstance(k, str)} if isinstance(keys, list) else set()
+
+
 def _zero_rules(ctx: Context, adapter: Adapter, zero: dict[str, list[str]]) -> None:
     modules = {**adapter.modules, **adapter.deltas}
     if not zero:
         return
+    added = added_zero_modules(adapter)
     names: dict[str, str] = {"down": "down (lora_A)", "up": "up (lora_B)"}
     for stem in zero:
         if stem in adapter.deltas:
@@ -221,6 +239,8 @@ def _zero_rules(ctx: Context, adapter: Adapter, zero: dict[str, list[str]]) -> N
         )
         return
     for stem, roles in zero.items():
+        if stem in added:
+            continue
         kind = f"{adapter.deltas[stem].type} module" if stem in adapter.deltas else "module"
         ctx.add(
             "LT203",
