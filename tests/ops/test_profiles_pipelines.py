@@ -11,24 +11,16 @@ different rule.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
-from safetensors import safe_open
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 from lora_tools.formats import load_adapter
 from lora_tools.ops.validate import validate
 from tests import consumers as oracle
-
-FIX = Path(__file__).resolve().parents[2] / "fixtures"
-SD = FIX / "bases/tiny-sd"
-SD_KOHYA = FIX / "kohya/sd-lora.safetensors"
-SD_DIFFUSERS = FIX / "diffusers/sd-lora/pytorch_lora_weights.safetensors"
-ONE_MODULE = "lora_unet_down_blocks_1_attentions_0_proj_in"
+from tests.ops.pipeline_adapters import ONE_MODULE, SD, SD_KOHYA, make_files
 
 
 def profile_codes(path: Path, profile: str) -> list[str]:
@@ -37,87 +29,9 @@ def profile_codes(path: Path, profile: str) -> list[str]:
     return sorted({f.rule.code for f in report.findings if f.rule.code.startswith("LT5")})
 
 
-def rewrite(src: Path, out: Path, change) -> Path:
-    """``src`` with its tensors (and metadata) changed by ``change(tensors, metadata)``."""
-    tensors = load_file(src)
-    with safe_open(src, "np") as f:
-        metadata = dict(f.metadata() or {})
-    change(tensors, metadata)
-    for key in ("sshs_model_hash", "sshs_legacy_hash"):  # the tensors changed
-        metadata.pop(key, None)
-    save_file(tensors, out, metadata=metadata)
-    return out
-
-
-def diffusers_metadata(change) -> callable:
-    def edit(tensors, metadata):
-        config = json.loads(metadata["lora_adapter_metadata"])
-        change(config)
-        metadata["lora_adapter_metadata"] = json.dumps(config)
-
-    return edit
-
-
-def _drop_alpha(tensors, metadata):
-    del tensors[f"{ONE_MODULE}.alpha"]
-
-
-def _extra_key(tensors, metadata):
-    # one T5 module (Flux's lora_te3_), copied from a text-encoder module of the file
-    like = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
-    for role in ("lora_down.weight", "lora_up.weight", "alpha"):
-        tensors[f"lora_te3_encoder_block_0_layer_0_SelfAttention_q.{role}"] = tensors[
-            f"{like}.{role}"
-        ]
-
-
-def _diff_b(tensors, metadata):
-    out = tensors[f"{ONE_MODULE}.lora_up.weight"].shape[0]
-    tensors[f"{ONE_MODULE}.diff_b"] = np.full((out,), 0.01, np.float32)
-
-
-def _peft_dora(tensors, metadata):
-    for key in [k for k in tensors if k.endswith(".lora_B.weight")]:
-        stem = key.removesuffix(".lora_B.weight")
-        tensors[f"{stem}.lora_magnitude_vector"] = np.ones(tensors[key].shape[0], np.float32)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
-    tmp = tmp_path_factory.mktemp("pipeline-profiles")
-    out = {
-        "kohya": SD_KOHYA,
-        "kohya-noalpha": FIX / "kohya/sd-lora-noalpha.safetensors",
-        "locon": FIX / "kohya/sd-locon.safetensors",
-        "loha": FIX / "kohya/sd-loha.safetensors",
-        "kohya-dora": FIX / "kohya/sd-dora.safetensors",
-        "diffusers": SD_DIFFUSERS,
-        "diffusers-old": FIX / "diffusers-old/sd-attn-procs.safetensors",
-        "peft-unet": FIX / "peft/sd-unet-conv/adapter_model.safetensors",
-        "peft-llama": FIX / "peft/llama-lora/adapter_model.safetensors",
-    }
-    out["kohya-partial-alpha"] = rewrite(SD_KOHYA, tmp / "partial.safetensors", _drop_alpha)
-    out["kohya-extra-key"] = rewrite(SD_KOHYA, tmp / "extra.safetensors", _extra_key)
-    out["kohya-diff-b"] = rewrite(SD_KOHYA, tmp / "diff-b.safetensors", _diff_b)
-    out["diffusers-dora"] = rewrite(
-        SD_DIFFUSERS,
-        tmp / "dora.safetensors",
-        lambda t, m: (_peft_dora(t, m), diffusers_metadata(_use_dora)(t, m)),
-    )
-    out["diffusers-rslora"] = rewrite(
-        SD_DIFFUSERS, tmp / "rslora.safetensors", diffusers_metadata(_use_rslora)
-    )
-    return out
-
-
-def _use_dora(config):
-    for key in [k for k in config if k.endswith(".r")]:
-        config[key.removesuffix(".r") + ".use_dora"] = True
-
-
-def _use_rslora(config):
-    for key in [k for k in config if k.endswith(".r")]:
-        config[key.removesuffix(".r") + ".use_rslora"] = True
+    return make_files(tmp_path_factory.mktemp("pipeline-profiles"))
 
 
 # what diffusers 0.42.1 does with each file (measured by the oracle test below), and the
@@ -130,6 +44,7 @@ DIFFUSERS = {
     "diffusers-old": ("loads", []),
     "diffusers-dora": ("loads", []),
     "diffusers-rslora": ("loads", []),
+    "diffusers-patterns": ("loads", []),
     "loha": ("refuses", ["LT542"]),
     "kohya-diff-b": ("refuses", ["LT542"]),
     "kohya-dora": ("drops dora_scale", ["LT543"]),
@@ -211,6 +126,7 @@ COMFYUI = {
     "diffusers-old": [],
     "diffusers": ["LT553"],  # alpha only in lora_adapter_metadata (PR 15830)
     "diffusers-rslora": ["LT553"],
+    "diffusers-patterns": ["LT553"],
     "diffusers-dora": ["LT552", "LT553"],  # lora_magnitude_vector is not read
     "peft-unet": ["LT551"],
     "peft-llama": ["LT551"],

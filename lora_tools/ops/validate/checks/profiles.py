@@ -715,7 +715,7 @@ def _diffusers(ctx: Context, adapter: Adapter, profile: Profile, deployment: Dep
                 f"({listed(outside)}), so no key is converted and nothing loads",
                 module=outside[0],
                 hint="remove those tensors, or convert the file with "
-                "`loratool convert ADAPTER --to diffusers -o OUT`",
+                "`loratool convert ADAPTER --to diffusers --base BASE -o OUT`",
             )
             return
         left = facts.kohya_sd_left(names)
@@ -744,8 +744,8 @@ def _diffusers(ctx: Context, adapter: Adapter, profile: Profile, deployment: Dep
         who,
         adapter,
         "diffusers",
-        "give every module its own alpha tensor, or bake the scales into the factors "
-        "(`loratool convert ADAPTER --to diffusers -o OUT`)",
+        "give every module its own alpha tensor, or convert the file to diffusers names "
+        "(`loratool convert ADAPTER --to diffusers --base BASE -o OUT`)",
     )
 
 
@@ -791,7 +791,7 @@ def _comfyui(ctx: Context, adapter: Adapter, profile: Profile, deployment: Deplo
         adapter,
         "comfyui",
         "store each module's alpha as a <module>.alpha tensor (`loratool convert ADAPTER "
-        "--to comfyui -o OUT`)",
+        "--to comfyui --base BASE -o OUT`)",
     )
 
 
