@@ -56,7 +56,7 @@ ADAPTERS = {
     "LoHa / LoKr": (None, "loha"),
     "kohya names, SD": (None, "kohya"),
     "kohya names, alpha on some modules only": (None, "kohya-partial-alpha"),
-    "diffusers names, alpha in `lora_adapter_metadata`": (None, "diffusers"),
+    "diffusers names (`unet.` / `text_encoder.`, `lora_A` / `lora_B`)": (None, "diffusers"),
     "old diffusers names (attention processors)": (None, "diffusers-old"),
 }
 

@@ -18,11 +18,19 @@ files loratool writes in the tests.
   BOFT, full ``diff`` / ``diff_b``, ``w_norm`` / ``b_norm`` and ``set_weight``. PEFT's DoRA
   magnitudes (``lora_magnitude_vector``), LoRA biases (``lora_B.bias``) and embedding LoRAs
   (``lora_embedding_A``) are none of them.
+- Diffusers names map only as ``model_lora_keys_unet`` / ``model_lora_keys_clip`` build them:
+  an SD / SDXL UNet's attention projections as ``unet.<path>.processor.to_q`` (the old
+  attention-processor spelling; ``.to_out.0`` without the ``.0``), so PEFT-style
+  ``unet.<path>.to_q`` modules match nothing; text-encoder modules only as
+  ``text_encoder(_2).text_model.encoder.layers.N.<mlp.fc1|mlp.fc2|self_attn.q/k/v/out_proj>``
+  (the CLIP layers of ``LORA_CLIP_MAP``).
 - Scale: ``alpha / rank`` from the module's ``.alpha`` tensor, 1 without one; an alpha kept
   only in metadata (diffusers' ``lora_adapter_metadata``) is not read (PR 15830, open).
 """
 
 from __future__ import annotations
+
+import re
 
 from lora_tools.consumers import Consumer
 
@@ -97,3 +105,46 @@ READ_SUFFIXES = (
 def tensor_read(name: str) -> bool:
     """Whether ``load_lora`` reads a tensor named ``name`` (given that its module maps)."""
     return name.endswith(READ_SUFFIXES)
+
+
+#: ``LORA_CLIP_MAP``'s layers: the text-encoder modules the diffusers names map to.
+_CLIP_DIFFUSERS = re.compile(
+    r"text_encoder(?:_2)?\.text_model\.encoder\.layers\.\d+\."
+    r"(?:mlp\.fc1|mlp\.fc2|self_attn\.(?:q|k|v|out)_proj)"
+)
+#: A UNet attention projection spelled without ``.processor.``.
+_UNET_ATTENTION = re.compile(r"\.to_(?:q|k|v|out\.0)$")
+
+
+#: The up-factor spellings of ``LoRAAdapter.load``, longest first: what follows the module stem
+#: ComfyUI looks up.
+_UP_SPELLINGS = (
+    ".lora_linear_layer.up.weight",
+    ".lora_B.default.weight",
+    "_lora.up.weight",
+    ".lora_up.weight",
+    ".lora.up.weight",
+    ".lora_B.weight",
+    ".lora_B",
+)
+
+
+def module_stem(up_key: str) -> str:
+    """The module stem ``load_lora`` looks ``up_key`` up under (``...attn1.processor.to_q`` for
+    ``...attn1.processor.to_q_lora.up.weight``)."""
+    for spelling in _UP_SPELLINGS:
+        if up_key.endswith(spelling):
+            return up_key[: -len(spelling)]
+    return up_key
+
+
+def diffusers_name_unmapped(up_key: str) -> bool:
+    """Whether the module of a diffusers-named up factor (``unet.down_blocks...attn1.to_q.
+    lora_B.weight``) is one that ComfyUI's key maps never contain, so that its tensors are
+    "lora key not loaded"."""
+    stem = module_stem(up_key)
+    if stem.startswith("unet."):
+        return bool(_UNET_ATTENTION.search(stem)) and ".processor." not in stem
+    if stem.startswith(("text_encoder.", "text_encoder_2.")):
+        return _CLIP_DIFFUSERS.fullmatch(stem) is None
+    return False

@@ -45,6 +45,7 @@ DIFFUSERS = {
     "diffusers-dora": ("loads", []),
     "diffusers-rslora": ("loads", []),
     "diffusers-patterns": ("loads", []),
+    "diffusers-text-model": ("loads", []),
     "loha": ("refuses", ["LT542"]),
     "kohya-diff-b": ("refuses", ["LT542"]),
     "kohya-dora": ("drops dora_scale", ["LT543"]),
@@ -85,8 +86,15 @@ def diffusers_verdict(path: Path) -> str:
         served = {round(layer.scaling["x"], 9) for layer in layers}
         return "loads" if served == intended else "other scale"
     if adapter.format == "diffusers":
+        # transformers 5 names the text encoder's modules without text_model.
         scales = {key: layer.scaling["x"] for key, layer in named.items()}
-        wrong = [k for k, m in adapter.modules.items() if not math.isclose(scales[k], m.scale)]
+        wrong = [
+            k
+            for k, m in adapter.modules.items()
+            if not math.isclose(scales[k.replace(".text_model.", ".", 1)], m.scale)
+        ]
+        if len(named) != len(adapter.modules):
+            return "loads part"
         if wrong:
             return "other scale"
     for layer in layers:
@@ -123,11 +131,15 @@ COMFYUI = {
     "locon": [],
     "loha": [],
     "kohya-dora": [],  # dora_scale: weight_decompose
-    "diffusers-old": [],
-    "diffusers": ["LT553"],  # alpha only in lora_adapter_metadata (PR 15830)
-    "diffusers-rslora": ["LT553"],
-    "diffusers-patterns": ["LT553"],
-    "diffusers-dora": ["LT552", "LT553"],  # lora_magnitude_vector is not read
+    "diffusers-old": [],  # unet ...processor.to_q_lora, text_encoder.text_model...
+    # alpha only in lora_adapter_metadata (PR 15830); unet ...attn1.to_q and text_encoder.
+    # encoder.layers... (no text_model.) are in no key map
+    "diffusers": ["LT554"],
+    "diffusers-rslora": ["LT554"],
+    "diffusers-patterns": ["LT554"],
+    "diffusers-dora": ["LT552", "LT554"],  # lora_magnitude_vector is not read
+    # text_encoder.text_model... maps, at scale 1 instead of 2 (the unet attention does not)
+    "diffusers-text-model": ["LT553", "LT554"],
     "peft-unet": ["LT551"],
     "peft-llama": ["LT551"],
 }
@@ -144,11 +156,33 @@ def test_comfyui_unread_tensors_are_named(files):
     assert finding.module.endswith(".lora_magnitude_vector") and "40 tensor(s)" in finding.message
 
 
-def test_comfyui_scale_finding_values(files):
+def test_comfyui_unmapped_modules(files):
+    from lora_tools.consumers.comfyui import diffusers_name_unmapped, module_stem
+
     report = validate([files["diffusers"]], profiles="comfyui")
-    (finding,) = report.findings
+    (finding,) = [f for f in report.findings if f.rule.code == "LT554"]
+    assert "40 of 40" in finding.message
+    # what model_lora_keys_unet / model_lora_keys_clip map, and what they do not
+    unet = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1"
+    assert diffusers_name_unmapped(f"{unet}.to_q.lora_B.weight")
+    assert diffusers_name_unmapped(f"{unet}.to_out.0.lora_B.weight")
+    assert not diffusers_name_unmapped(f"{unet}.processor.to_q_lora.up.weight")
+    assert not diffusers_name_unmapped("unet.down_blocks.1.attentions.0.proj_in.lora_B.weight")
+    te = "text_encoder.text_model.encoder.layers.3.self_attn.q_proj"
+    assert not diffusers_name_unmapped(f"{te}.lora_linear_layer.up.weight")
+    assert diffusers_name_unmapped("text_encoder.encoder.layers.3.self_attn.q_proj.lora_B.weight")
+    assert diffusers_name_unmapped("text_encoder.text_model.embeddings.token_embedding.lora_B")
+    assert module_stem(f"{unet}.processor.to_q_lora.up.weight") == f"{unet}.processor.to_q"
+
+
+def test_comfyui_scale_finding_values(files):
+    report = validate([files["diffusers-text-model"]], profiles="comfyui")
+    (finding,) = [f for f in report.findings if f.rule.code == "LT553"]
     # the text encoder's lora_alpha 8 at r 4 is 2 in diffusers, 1 in ComfyUI
     assert finding.found == "1" and math.isclose(float(finding.expected), 2.0)
+    assert "8 module(s)" in finding.message and finding.module.startswith("text_encoder.")
+    (unmapped,) = [f for f in report.findings if f.rule.code == "LT554"]
+    assert "32 of 40" in unmapped.message
 
 
 def test_comfyui_spellings_cover_what_loratool_writes(tmp_path):

@@ -176,6 +176,9 @@ _CATALOGUE = (
     Rule("LT551", "comfyui-not-lora-file", ERROR, "ComfyUI does not load PEFT or MLX files"),
     Rule("LT552", "comfyui-unread-tensor", ERROR, "tensor ComfyUI's load_lora does not read"),
     Rule("LT553", "comfyui-scale-differs", ERROR, "module ComfyUI applies at another scale"),
+    Rule(
+        "LT554", "comfyui-unmapped-module", ERROR, "diffusers-named module ComfyUI maps to nothing"
+    ),
     Rule("LT561", "peft-not-peft", ERROR, "PeftModel.from_pretrained loads PEFT folders only"),
     Rule("LT562", "peft-unknown-key", ERROR, "config key the PEFT version refuses (before 0.14)"),
     Rule("LT563", "peft-key-dropped", ERROR, "config key the PEFT version drops (0.14 on)"),

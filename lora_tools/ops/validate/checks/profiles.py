@@ -658,10 +658,17 @@ def file_tensor_names(adapter: Adapter) -> list[str]:
 
 
 def scale_findings(
-    ctx: Context, code: str, who: str, adapter: Adapter, consumer: str, hint: str
+    ctx: Context,
+    code: str,
+    who: str,
+    adapter: Adapter,
+    consumer: str,
+    hint: str,
+    left_out: frozenset[str] = frozenset(),
 ) -> None:
     """One finding for the modules ``consumer`` (:mod:`lora_tools.consumers.scales`) applies
-    at another scale than loratool's (the trainer's)."""
+    at another scale than loratool's (the trainer's); modules in ``left_out`` (keys), which
+    another finding says the consumer never applies, are not counted."""
     from lora_tools.consumers.scales import consumer_scales, same_scale
 
     (scales,) = consumer_scales(adapter, [consumer]).consumers
@@ -670,6 +677,8 @@ def scale_findings(
     wrong = []
     for m in adapter.modules.values():
         served = scales.scales.get(m.key)
+        if m.key in left_out:
+            continue
         if m.alpha_unknown is None and served is not None and not same_scale(served, m.scale):
             wrong.append((m, served))
     if wrong:
@@ -784,6 +793,24 @@ def _comfyui(ctx: Context, adapter: Adapter, profile: Profile, deployment: Deplo
             hint="merge what they hold into the base (`loratool merge`), or load the file "
             "with diffusers",
         )
+    unmapped = {
+        m.key: facts.module_stem(m.keys["up"])
+        for m in adapter.modules.values()
+        if adapter.format in ("diffusers", "diffusers-old")
+        and "up" in m.keys
+        and facts.diffusers_name_unmapped(m.keys["up"])
+    }
+    if unmapped:
+        stems = list(unmapped.values())
+        ctx.add(
+            "LT554",
+            f"{who} maps {len(stems)} of {len(adapter.modules)} diffusers-named module(s) to "
+            "no model weight (an SD UNet's attention projections only as unet.<path>.processor."
+            "to_q..., text encoders only as text_encoder.text_model.encoder.layers.N...): their "
+            f'tensors are "lora key not loaded", dropped: {listed(stems)}',
+            module=stems[0],
+            hint="convert it with `loratool convert ADAPTER --to comfyui --base BASE -o OUT`",
+        )
     scale_findings(
         ctx,
         "LT553",
@@ -792,6 +819,7 @@ def _comfyui(ctx: Context, adapter: Adapter, profile: Profile, deployment: Deplo
         "comfyui",
         "store each module's alpha as a <module>.alpha tensor (`loratool convert ADAPTER "
         "--to comfyui --base BASE -o OUT`)",
+        left_out=frozenset(unmapped),
     )
 
 
