@@ -17,7 +17,9 @@ consumer's own loading code (docs/rules.md, LT590, names the files and versions 
   and other converters bake each module's own alpha / r into the factors.
 - ``comfyui``: comfy/lora.py ``load_lora`` reads ``<module>.alpha`` tensors only, and
   comfy/weight_adapter/lora.py scales by ``alpha / rank`` or 1 without one (an alpha kept only
-  in metadata runs at scale 1: ComfyUI PR 15830 is open).
+  in metadata runs at scale 1: ComfyUI PR 15830 is open); diffusers-named modules its key maps
+  do not hold (PEFT-style SD UNet attention, text encoders without ``text_model.``) are left
+  out (:mod:`lora_tools.consumers.comfyui`).
 - ``vllm``: vllm/lora/peft_helper.py: one ``lora_alpha / r`` (``/ sqrt(r)`` with
   ``use_rslora``) from the config for every module; ``rank_pattern`` / ``alpha_pattern`` are
   not read.
@@ -501,13 +503,28 @@ def _comfyui(adapter: Adapter) -> ConsumerScales:
             _format_reason(adapter, "loratool models ComfyUI on pipeline LoRA files only"),
         )
     scales: dict[str, float | None] = {}
+    skipped: dict[str, str] = {}
     for m in adapter.modules.values():
+        if adapter.format in ("diffusers", "diffusers-old") and comfyui_unmapped(m):
+            scales[m.key] = None
+            skipped[m.key] = (
+                "ComfyUI's key maps hold no such diffusers name: 'lora key not loaded' (LT554)"
+            )
+            continue
         alpha = _stored_alpha(m)
         scales[m.key] = 1.0 if alpha is None else _divide(alpha, m.rank)
     rule = "each module's .alpha tensor / rank; scale 1 without one"
     if adapter.format == "diffusers" and diffusers_component_configs(adapter.metadata):
         rule += " (the lora_adapter_metadata alpha is not read: ComfyUI PR 15830)"
-    return ConsumerScales("comfyui", loads=True, rule=rule, scales=scales)
+    return ConsumerScales("comfyui", loads=True, rule=rule, scales=scales, skipped=skipped)
+
+
+def comfyui_unmapped(m: LoraModule) -> bool:
+    """A diffusers-named module ComfyUI's key maps never hold (an SD UNet's attention
+    projection without ``.processor.``, a text-encoder module without ``text_model.``)."""
+    from lora_tools.consumers.comfyui import diffusers_name_unmapped
+
+    return "up" in m.keys and diffusers_name_unmapped(m.keys["up"])
 
 
 def _served(name: str, what: str) -> Callable[[Adapter], ConsumerScales | None]:

@@ -92,7 +92,7 @@ def make_files(tmp: Path) -> dict[str, Path]:
         SD_DIFFUSERS, tmp / "patterns.safetensors", diffusers_metadata(_alpha_pattern)
     )
     out["diffusers-text-model"] = rewrite(
-        SD_DIFFUSERS, tmp / "text-model.safetensors", _text_model_level
+        SD_DIFFUSERS, tmp / "text-model.safetensors", text_model_level
     )
     out["diffusers-rslora"] = rewrite(
         SD_DIFFUSERS, tmp / "rslora.safetensors", diffusers_metadata(_use_rslora)
@@ -110,7 +110,7 @@ def _alpha_pattern(config):
     config["unet.alpha_pattern"] = {"to_q": 16}
 
 
-def _text_model_level(tensors, metadata):
+def text_model_level(tensors, metadata):
     # the text encoder named as transformers 4 saved it (text_encoder.text_model.encoder...)
     for key in [k for k in tensors if k.startswith("text_encoder.encoder.")]:
         tensors[key.replace("text_encoder.", "text_encoder.text_model.", 1)] = tensors.pop(key)
