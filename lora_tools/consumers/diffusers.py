@@ -18,7 +18,8 @@ diffusers``, ``_convert_kohya_flux_lora_to_diffusers``), ``loaders/peft.py``
   ``lora_te2_``) go through ``_convert_non_diffusers_lora_to_diffusers``, which takes
   ``lora_down`` / ``lora_up`` / ``alpha`` only: any other tensor left (LoHa ``hada_*``, LoKr
   ``lokr_*``, Tucker ``lora_mid``, ``diff`` / ``diff_b``...) raises "The following keys have not
-  been correctly renamed". A kohya file with one key outside those prefixes is not converted at
+  been correctly renamed" (LoKr files of Z-Image and Flux 2 pipelines have their own converter,
+  ``_convert_non_diffusers_lokr_to_diffusers``, and load). A kohya file with one key outside those prefixes is not converted at
   all: its ``lora_unet_`` keys match no component and nothing loads.
 - The scale of each module is :mod:`lora_tools.consumers.scales` ``_diffusers`` (network_alphas
   for SD / SDXL kohya files, PR 14409 for diffusers files without metadata).

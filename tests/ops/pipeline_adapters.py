@@ -55,6 +55,21 @@ def _extra_key(tensors, metadata):
         ]
 
 
+def _lokr(tensors, metadata):
+    # every linear module as a LoKr: w1 [1, 1] (x) w2 [out, in] (full), the same alpha
+    rng = np.random.default_rng(0)
+    for key in [k for k in tensors if k.endswith(".lora_down.weight")]:
+        stem = key.removesuffix(".lora_down.weight")
+        down, up = tensors.pop(key), tensors.pop(f"{stem}.lora_up.weight")
+        if down.ndim != 2:
+            tensors.pop(f"{stem}.alpha", None)
+            continue
+        tensors[f"{stem}.lokr_w1"] = np.ones((1, 1), np.float32)
+        tensors[f"{stem}.lokr_w2"] = rng.normal(0, 0.01, (up.shape[0], down.shape[1])).astype(
+            np.float32
+        )
+
+
 def _diff_b(tensors, metadata):
     out = tensors[f"{ONE_MODULE}.lora_up.weight"].shape[0]
     tensors[f"{ONE_MODULE}.diff_b"] = np.full((out,), 0.01, np.float32)
@@ -82,6 +97,7 @@ def make_files(tmp: Path) -> dict[str, Path]:
     }
     out["kohya-partial-alpha"] = rewrite(SD_KOHYA, tmp / "partial.safetensors", _drop_alpha)
     out["kohya-extra-key"] = rewrite(SD_KOHYA, tmp / "extra.safetensors", _extra_key)
+    out["lokr"] = rewrite(SD_KOHYA, tmp / "lokr.safetensors", _lokr)
     out["kohya-diff-b"] = rewrite(SD_KOHYA, tmp / "diff-b.safetensors", _diff_b)
     out["diffusers-dora"] = rewrite(
         SD_DIFFUSERS,

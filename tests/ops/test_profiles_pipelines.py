@@ -47,6 +47,7 @@ DIFFUSERS = {
     "diffusers-patterns": ("loads", []),
     "diffusers-text-model": ("loads", []),
     "loha": ("refuses", ["LT542"]),
+    "lokr": ("refuses", ["LT542"]),
     "kohya-diff-b": ("refuses", ["LT542"]),
     "kohya-dora": ("drops dora_scale", ["LT543"]),
     "peft-unet": ("loads nothing", ["LT541"]),
@@ -130,6 +131,7 @@ COMFYUI = {
     "kohya-diff-b": [],
     "locon": [],
     "loha": [],
+    "lokr": [],
     "kohya-dora": [],  # dora_scale: weight_decompose
     "diffusers-old": [],  # unet ...processor.to_q_lora, text_encoder.text_model...
     # alpha only in lora_adapter_metadata (PR 15830); unet ...attn1.to_q and text_encoder.
