@@ -1,6 +1,8 @@
 """diffusers: what ``load_lora_weights`` (``lora_state_dict``, ``load_lora_adapter``) reads.
 
-Read from diffusers 0.42.1 (huggingface/diffusers, installed here and run on the test files):
+Read from diffusers 0.42.1 (huggingface/diffusers, installed here and run on the test files), and
+from the wheels of 0.35.2, 0.38.0, 0.39.0, 0.40.0 and 0.41.0 (0.39.0 also run, in a separate
+environment, on a mixed-rank file):
 ``loaders/lora_pipeline.py`` (``StableDiffusionLoraLoaderMixin.lora_state_dict`` and the other
 pipelines' copies), ``loaders/lora_conversion_utils.py`` (``_convert_non_diffusers_lora_to_
 diffusers``, ``_convert_kohya_flux_lora_to_diffusers``), ``loaders/peft.py``
@@ -22,22 +24,31 @@ diffusers``, ``_convert_kohya_flux_lora_to_diffusers``), ``loaders/peft.py``
   ``_convert_non_diffusers_lokr_to_diffusers``, and load). A kohya file with one key outside those prefixes is not converted at
   all: its ``lora_unet_`` keys match no component and nothing loads.
 - The scale of each module is :mod:`lora_tools.consumers.scales` ``_diffusers`` (network_alphas
-  for SD / SDXL kohya files, PR 14409 for diffusers files without metadata).
+  for SD / SDXL kohya files, PR 14409 for diffusers files without metadata) from 0.40. Before
+  0.40, ``get_peft_kwargs`` on a component without ``lora_adapter_metadata`` and with mixed
+  ranks sets ``lora_alpha`` to the rank of the component's first ``lora_B`` key (in key order)
+  and writes no ``alpha_pattern``: a module of another rank runs at ``first_rank / rank``
+  instead of 1 (measured on 0.39.0: rank-2 modules at 2 beside a first rank of 4, rank-4
+  modules at 0.5 beside a first rank of 2). The other facts are the same from 0.35.2 to 0.42.1.
 """
 
 from __future__ import annotations
 
-from lora_tools.consumers import Consumer
+from lora_tools.adapter import LoraModule
+from lora_tools.consumers import Consumer, Version
 
 CONSUMER = Consumer(
     name="diffusers",
     title="diffusers",
     family="LT54",
     current=(0, 42),
-    oldest=(0, 42),
-    checked=("0.42.1",),
+    oldest=(0, 35),
+    checked=("0.35.2", "0.38.0", "0.39.0", "0.40.0", "0.41.0", "0.42.1"),
     repository="huggingface/diffusers",
 )
+
+#: ``get_peft_kwargs`` mirrors each rank into its alpha when a file carries no alphas.
+MIRRORED_ALPHAS_SINCE: Version = (0, 40)
 
 #: The prefixes every key of an SD / SDXL kohya file must have to be converted.
 KOHYA_SD_PREFIXES = ("lora_te_", "lora_unet_", "lora_te1_", "lora_te2_")
@@ -56,3 +67,13 @@ def kohya_sd_left(names: list[str]) -> list[str]:
 def kohya_sd_unprefixed(names: list[str]) -> list[str]:
     """The keys that stop a kohya file from being converted (none of the four prefixes)."""
     return [n for n in names if not n.startswith(KOHYA_SD_PREFIXES)]
+
+
+def first_rank_scales(modules: list[LoraModule]) -> dict[str, float]:
+    """Before 0.40, the scale of each module of one component loaded without metadata: the rank
+    of the first ``lora_B`` key (in key order) over the module's own rank."""
+    ordered = sorted(modules, key=lambda m: m.keys.get("up", m.key))
+    if not ordered:
+        return {}
+    first = ordered[0].rank
+    return {m.key: first / m.rank for m in ordered if m.rank}

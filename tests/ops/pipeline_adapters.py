@@ -70,6 +70,17 @@ def _lokr(tensors, metadata):
         )
 
 
+def mixed_ranks_without_metadata(tensors, metadata):
+    """Rank 2 for the first text-encoder module (in key order) and every UNet ``attn2`` module
+    (the rest stay rank 4); no ``lora_adapter_metadata``."""
+    for key in [k for k in tensors if k.endswith(".lora_A.weight")]:
+        if "layers.0.self_attn.k_proj" in key or ".attn2." in key:
+            stem = key.removesuffix(".lora_A.weight")
+            tensors[key] = tensors[key][:2].copy()
+            tensors[f"{stem}.lora_B.weight"] = tensors[f"{stem}.lora_B.weight"][:, :2].copy()
+    metadata.pop("lora_adapter_metadata")
+
+
 def _diff_b(tensors, metadata):
     out = tensors[f"{ONE_MODULE}.lora_up.weight"].shape[0]
     tensors[f"{ONE_MODULE}.diff_b"] = np.full((out,), 0.01, np.float32)
@@ -98,6 +109,9 @@ def make_files(tmp: Path) -> dict[str, Path]:
     out["kohya-partial-alpha"] = rewrite(SD_KOHYA, tmp / "partial.safetensors", _drop_alpha)
     out["kohya-extra-key"] = rewrite(SD_KOHYA, tmp / "extra.safetensors", _extra_key)
     out["lokr"] = rewrite(SD_KOHYA, tmp / "lokr.safetensors", _lokr)
+    out["diffusers-mixed-ranks"] = rewrite(
+        SD_DIFFUSERS, tmp / "mixed-ranks.safetensors", mixed_ranks_without_metadata
+    )
     out["kohya-diff-b"] = rewrite(SD_KOHYA, tmp / "diff-b.safetensors", _diff_b)
     out["diffusers-dora"] = rewrite(
         SD_DIFFUSERS,

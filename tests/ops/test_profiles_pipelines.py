@@ -46,6 +46,7 @@ DIFFUSERS = {
     "diffusers-rslora": ("loads", []),
     "diffusers-patterns": ("loads", []),
     "diffusers-text-model": ("loads", []),
+    "diffusers-mixed-ranks": ("loads", []),  # 0.40 on: every alpha mirrors its rank
     "loha": ("refuses", ["LT542"]),
     "lokr": ("refuses", ["LT542"]),
     "kohya-diff-b": ("refuses", ["LT542"]),
@@ -120,6 +121,27 @@ def test_diffusers_scale_finding_names_both_scales(files):
     assert (finding.expected, finding.found) == ("1", "0.5")
 
 
+def test_diffusers_before_0_40_scales_mixed_ranks_by_the_first_rank(files):
+    # measured with diffusers 0.39.0 (its wheel, in a separate environment, on this file): the
+    # text encoder's first lora_B key has rank 2, so its rank-4 modules run at 2 / 4; the
+    # UNet's first has rank 4, so its rank-2 attn2 modules run at 4 / 2. From 0.40 all are 1.
+    path = files["diffusers-mixed-ranks"]
+    assert profile_codes(path, "diffusers") == []
+    report = validate([path], profiles="diffusers:0.39")
+    (finding,) = report.findings
+    assert finding.rule.code == "LT545" and "23 module(s)" in finding.message
+    assert finding.module == "text_encoder.encoder.layers.0.self_attn.out_proj"
+    assert (finding.expected, finding.found) == ("1", "0.5")
+    assert profile_codes(path, "diffusers:0.40") == []
+    from lora_tools.consumers.diffusers import first_rank_scales
+
+    unet = [m for m in load_adapter(path).modules.values() if m.component == "unet"]
+    assert {m.rank: s for m in unet for k, s in first_rank_scales(unet).items() if k == m.key} == {
+        4: 1.0,
+        2: 2.0,
+    }
+
+
 # ComfyUI (read, not run): load_lora reads the spellings of comfy/weight_adapter/lora.py and the
 # LyCORIS types, drops every other tensor with "lora key not loaded", and scales by the .alpha
 # tensor alone
@@ -142,6 +164,7 @@ COMFYUI = {
     "diffusers-dora": ["LT552", "LT554"],  # lora_magnitude_vector is not read
     # text_encoder.text_model... maps, at scale 1 instead of 2 (the unet attention does not)
     "diffusers-text-model": ["LT553", "LT554"],
+    "diffusers-mixed-ranks": ["LT554"],
     "peft-unet": ["LT551"],
     "peft-llama": ["LT551"],
 }

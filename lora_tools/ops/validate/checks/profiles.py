@@ -665,18 +665,27 @@ def scale_findings(
     consumer: str,
     hint: str,
     left_out: frozenset[str] = frozenset(),
+    version_scales: dict[str, float] | None = None,
+    version_rule: str = "",
 ) -> None:
     """One finding for the modules ``consumer`` (:mod:`lora_tools.consumers.scales`) applies
     at another scale than loratool's (the trainer's); modules in ``left_out`` (keys), which
-    another finding says the consumer never applies, are not counted."""
+    another finding says the consumer never applies, are not counted. ``version_scales``
+    replaces the current version's scale of the modules it names (an older version's rule,
+    ``version_rule``)."""
     from lora_tools.consumers.scales import consumer_scales, same_scale
 
     (scales,) = consumer_scales(adapter, [consumer]).consumers
     if not scales.loads:
         return
+    rule = scales.rule
+    applied = dict(scales.scales)
+    if version_scales:
+        applied.update(version_scales)
+        rule = version_rule
     wrong = []
     for m in adapter.modules.values():
-        served = scales.scales.get(m.key)
+        served = applied.get(m.key)
         if m.key in left_out:
             continue
         if m.alpha_unknown is None and served is not None and not same_scale(served, m.scale):
@@ -687,7 +696,7 @@ def scale_findings(
             code,
             f"{who} applies {len(wrong)} module(s) at another scale than the file's alpha / r, "
             f"e.g. {module_name(m)} at {fmt_number(served)} instead of {fmt_number(m.scale)}; "
-            f"its rule here: {scales.rule}",
+            f"its rule here: {rule}",
             module=module_name(m),
             expected=fmt_number(m.scale),
             found=fmt_number(served),
@@ -747,6 +756,17 @@ def _diffusers(ctx: Context, adapter: Adapter, profile: Profile, deployment: Dep
             module=dora[0],
             hint="merge the adapter into the base (`loratool merge`), or load it with ComfyUI",
         )
+    legacy: dict[str, float] = {}
+    if adapter.format == "diffusers" and not profile.since(facts.MIRRORED_ALPHAS_SINCE):
+        from lora_tools.formats.peft import diffusers_component_configs
+
+        configs = diffusers_component_configs(adapter.metadata)
+        components: dict[str, list[LoraModule]] = {}
+        for m in adapter.modules.values():
+            if m.component not in configs:
+                components.setdefault(m.component or "", []).append(m)
+        for members in components.values():
+            legacy.update(facts.first_rank_scales(members))
     scale_findings(
         ctx,
         "LT545",
@@ -755,6 +775,10 @@ def _diffusers(ctx: Context, adapter: Adapter, profile: Profile, deployment: Dep
         "diffusers",
         "give every module its own alpha tensor, or convert the file to diffusers names "
         "(`loratool convert ADAPTER --to diffusers --base BASE -o OUT`)",
+        version_scales=legacy,
+        version_rule="no lora_adapter_metadata: lora_alpha is the rank of the component's "
+        "first lora_B key and no alpha_pattern is written (before diffusers "
+        f"{fmt_version(facts.MIRRORED_ALPHAS_SINCE)})",
     )
 
 
