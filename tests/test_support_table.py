@@ -58,6 +58,7 @@ ADAPTERS = {
     "kohya names, SD": (None, "kohya"),
     "kohya names, alpha on some modules only": (None, "kohya-partial-alpha"),
     "diffusers names (`unet.` / `text_encoder.`, `lora_A` / `lora_B`)": (None, "diffusers"),
+    "diffusers names, mixed ranks, no `lora_adapter_metadata`": (None, "diffusers-mixed-ranks"),
     "old diffusers names (attention processors)": (None, "diffusers-old"),
 }
 
