@@ -14,8 +14,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 from lora_tools.formats import load_adapter
 from lora_tools.ops.validate import validate
@@ -221,3 +222,16 @@ def test_comfyui_spellings_cover_what_loratool_writes(tmp_path):
         out = save_adapter(result.adapter, tmp_path / f"{fmt}.safetensors")
         names = list(load_file(out))
         assert names and all(tensor_read(k) for k in names), fmt
+
+
+def test_xlabs_flux_files_are_left_to_the_flux_loader(tmp_path):
+    # diffusers' FluxLoraLoaderMixin converts XLabs names (_convert_xlabs_flux_lora_to_diffusers)
+    rng = np.random.default_rng(0)
+    tensors = {
+        "double_blocks.0.processor.proj_lora1.up.weight": rng.normal(size=(64, 4)),
+        "double_blocks.0.processor.proj_lora1.down.weight": rng.normal(size=(4, 64)),
+    }
+    path = tmp_path / "xlabs.safetensors"
+    save_file({k: v.astype(np.float32) for k, v in tensors.items()}, path)
+    assert load_adapter(path).format == "xlabs"
+    assert profile_codes(path, "diffusers") == []

@@ -709,6 +709,8 @@ def _diffusers(ctx: Context, adapter: Adapter, profile: Profile, deployment: Dep
 
     facts = diffusers_facts
     who = profile.label
+    if adapter.format == "xlabs":
+        return  # FluxLoraLoaderMixin converts XLabs files (_convert_xlabs_flux_lora_to_diffusers)
     (scales,) = consumer_scales(adapter, ["diffusers"]).consumers
     if not scales.loads:
         ctx.add(
