@@ -56,6 +56,8 @@ KOHYA_SD_PREFIXES = ("lora_te_", "lora_unet_", "lora_te1_", "lora_te2_")
 #: is filtered out before it, with a warning).
 KOHYA_SD_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 DORA_SUFFIX = ".dora_scale"
+#: Flux kohya names, which ``_convert_kohya_flux_lora_to_diffusers`` converts instead.
+FLUX_KOHYA_PREFIXES = ("lora_unet_double_blocks_", "lora_unet_single_blocks_")
 
 
 def kohya_sd_left(names: list[str]) -> list[str]:

@@ -685,9 +685,9 @@ def scale_findings(
         rule = version_rule
     wrong = []
     for m in adapter.modules.values():
-        served = applied.get(m.key)
         if m.key in left_out:
             continue
+        served = applied.get(m.key)
         if m.alpha_unknown is None and served is not None and not same_scale(served, m.scale):
             wrong.append((m, served))
     if wrong:
@@ -725,7 +725,7 @@ def _diffusers(ctx: Context, adapter: Adapter, profile: Profile, deployment: Dep
     kohya_sd = adapter.format == "kohya" and any(
         n.startswith(facts.KOHYA_SD_PREFIXES) for n in names
     )
-    if kohya_sd and not _flux_kohya(names):
+    if kohya_sd and not any(n.startswith(facts.FLUX_KOHYA_PREFIXES) for n in names):
         outside = facts.kohya_sd_unprefixed(names)
         if outside:
             ctx.add(
@@ -781,13 +781,6 @@ def _diffusers(ctx: Context, adapter: Adapter, profile: Profile, deployment: Dep
         version_rule="no lora_adapter_metadata: lora_alpha is the rank of the component's "
         "first lora_B key and no alpha_pattern is written (before diffusers "
         f"{fmt_version(facts.MIRRORED_ALPHAS_SINCE)})",
-    )
-
-
-def _flux_kohya(names: list[str]) -> bool:
-    """Flux kohya names (``lora_unet_double_blocks_...``): another converter."""
-    return any(
-        n.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_")) for n in names
     )
 
 
