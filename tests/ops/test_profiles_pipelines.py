@@ -235,3 +235,12 @@ def test_xlabs_flux_files_are_left_to_the_flux_loader(tmp_path):
     save_file({k: v.astype(np.float32) for k, v in tensors.items()}, path)
     assert load_adapter(path).format == "xlabs"
     assert profile_codes(path, "diffusers") == []
+
+
+def test_flux_kohya_files_take_the_flux_converter():
+    # _convert_kohya_flux_lora_to_diffusers bakes each alpha into the factors (no tiny Flux
+    # pipeline here; tests/ops/test_consumer_scales.py runs the converter): no LT542 / LT544,
+    # though Flux names are none of the SD prefixes' modules
+    flux = SD_KOHYA.parent / "flux-lora.safetensors"
+    assert profile_codes(flux, "diffusers") == []
+    assert profile_codes(flux, "comfyui") == []
