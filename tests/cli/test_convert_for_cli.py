@@ -2,33 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
-import sys
-from types import SimpleNamespace
 
 import pytest
 
-from lora_tools.cli import main
 from lora_tools.formats import load_adapter
 from lora_tools.results import json_schema
+from tests.console import run_console
 
-
-def invoke(*args):
-    """The CLI in-process, through the console script's error mapping."""
-    out, err = io.StringIO(), io.StringIO()
-    argv, sys.argv = sys.argv, ["loratool", *map(str, args)]
-    code = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.argv = argv
-    return SimpleNamespace(exit_code=code, output=out.getvalue() + err.getvalue())
+invoke = run_console
 
 
 def digest(folder):

@@ -3,20 +3,17 @@ bounded time with one line (or validate findings), exit 3 or 1, and writes nothi
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from lora_tools.cli import main
 from lora_tools.io.safetensors import SafetensorsFile, save_tensors
+from tests.console import run_console
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 FIXTURES = ROOT / "fixtures"
@@ -38,26 +35,7 @@ def llama_config(**changes) -> str:
     return json.dumps(config)
 
 
-@dataclass
-class Result:
-    exit_code: int
-    output: str
-
-
-def invoke(*args: object) -> Result:
-    """The CLI in-process, through the same error mapping as the console script."""
-    out, err = io.StringIO(), io.StringIO()
-    argv = sys.argv
-    sys.argv = ["loratool", *map(str, args)]
-    code = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.argv = argv
-    return Result(code, out.getvalue() + err.getvalue())
+invoke = run_console
 
 
 def one_line_error(result, *needles: str) -> None:
