@@ -60,11 +60,50 @@ def _fp8(scheme: Scheme) -> type:
 
 
 def _cast_fp8(values: np.ndarray, scheme: Scheme, *, in_place: bool = False) -> np.ndarray:
-    """Clamp to ±finfo.max, then round to nearest even (ml_dtypes' cast); ``in_place`` clamps
-    ``values`` itself (a temporary of the caller's)."""
+    """Clamp to ±finfo.max, then round to nearest even (ml_dtypes' cast, or the same bytes
+    by :func:`_float32_to_fp8` for float32); ``in_place`` works in ``values`` itself (a
+    temporary of the caller's)."""
     top = FP8_MAX[scheme.fp8_dtype or "F8_E4M3"]
     clamped = np.clip(values, -top, top, out=values if in_place else None)
-    return clamped.astype(_fp8(scheme))
+    if clamped.dtype != np.float32 or np.isnan(clamped).any():
+        return clamped.astype(_fp8(scheme))
+    return _float32_to_fp8(clamped, scheme.fp8_dtype or "F8_E4M3")
+
+
+#: fp8 format -> (mantissa bits, exponent bias).
+_FP8_LAYOUT = {"F8_E4M3": (3, 7), "F8_E5M2": (2, 15)}
+
+
+def _float32_to_fp8(values: np.ndarray, fp8: str) -> np.ndarray:
+    """Finite float32 values within ±finfo.max, rounded to nearest even fp8, on the bits (twice
+    as fast as ml_dtypes' cast; the same bytes). ``values`` is overwritten.
+
+    Adding ``c = 2^(e + 23 - m)`` (``e`` the value's exponent, at least the smallest normal
+    one) and subtracting it again rounds ``|x|`` to the fp8 grid in float32's own arithmetic
+    (round to nearest even); the rounded value's float32 bits then hold the fp8 code, once
+    rebiased. Subnormals are moved up by the smallest normal value (exact) to take the same
+    road and moved back in the code.
+    """
+    mantissa, bias = _FP8_LAYOUT[fp8]
+    tiny_exponent = 127 - bias + 1  # float32 exponent field of the smallest normal fp8 value
+    sign = _scratch("fp8.sign", np.uint32, values.shape)
+    np.right_shift(values.view(np.uint32), np.uint32(24), out=sign)
+    sign &= np.uint32(0x80)
+    a = np.abs(values, out=values)
+    magic = _scratch("fp8.magic", np.uint32, values.shape)
+    np.bitwise_and(a.view(np.uint32), np.uint32(0x7F80_0000), out=magic)
+    np.maximum(magic, np.uint32(tiny_exponent << 23), out=magic)
+    magic += np.uint32((23 - mantissa) << 23)
+    a += magic.view(np.float32)
+    a -= magic.view(np.float32)  # |x| on the fp8 grid, rounded to nearest even
+    small = _scratch("fp8.small", np.bool_, values.shape)
+    np.less(a, np.float32(2.0 ** (1 - bias)), out=small)
+    np.add(a, np.float32(2.0 ** (1 - bias)), out=a, where=small)
+    code = np.right_shift(a.view(np.uint32), np.uint32(23 - mantissa), out=magic)
+    code -= np.uint32((127 - bias) << mantissa)
+    np.subtract(code, np.uint32(1 << mantissa), out=code, where=small)
+    code |= sign
+    return code.astype(np.uint8).view(_FP8_NUMPY[fp8])
 
 
 def _fp8_to_float64(codes: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
