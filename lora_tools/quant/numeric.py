@@ -363,7 +363,7 @@ _LOW29 = np.uint64((1 << 29) - 1)
 
 def round_to(values: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarray:
     """``values`` (float64) rounded once, to nearest even, to the float ``dtype`` (``--dtype``),
-    into ``out`` if given.
+    into ``out`` (C-contiguous, ``values``' shape) if given.
 
     numpy rounds float64 to float32 and float16 directly; ml_dtypes' (and torch's) bfloat16
     goes through float32, two roundings. For bfloat16 the float32 step rounds to odd instead
@@ -398,9 +398,9 @@ def round_to(values: np.ndarray, dtype: str, out: np.ndarray | None = None) -> n
     work -= np.uint32(0x0080_0000)  # normal and inf: 0..0x7F000000; zero: 0xFF800000
     slow = _scratch("round.slow", np.bool_, values.shape)
     np.greater(work, np.uint32(0x7F00_0000), out=slow)  # float32 subnormal or NaN, or zero
-    zero = _scratch("round.zero", np.bool_, values.shape)
-    np.not_equal(work, np.uint32(0xFF80_0000), out=zero)
-    slow &= zero
+    nonzero = _scratch("round.nonzero", np.bool_, values.shape)
+    np.not_equal(work, np.uint32(0xFF80_0000), out=nonzero)
+    slow &= nonzero
     where = np.flatnonzero(slow) if slow.any() else None
     slow_values = None if where is None else _odd_float32(values.reshape(-1)[where]).astype(target)
     # float32 -> bfloat16 to nearest even on the bits, as ml_dtypes rounds it (faster)
