@@ -6,6 +6,8 @@ Usage (from the repository root; prints markdown tables for docs/benchmarks.md):
     .venv/bin/python bench/bench_fp8_merge.py                      # 8 and 16 layers, 3 runs
     .venv/bin/python bench/bench_fp8_merge.py --layers 16 --runs 5 --prefault-gb 4
     .venv/bin/python bench/bench_fp8_merge.py --work /tmp/fp8-bench  # big files elsewhere
+    git worktree add /tmp/old COMMIT && \
+      .venv/bin/python bench/bench_fp8_merge.py --compare-with /tmp/old  # before / after
 
 Generated under ``--work`` (default bench/_work/, gitignored), per size:
 
@@ -24,6 +26,8 @@ Each contender runs as a child process, as in bench_merge.py: wall time around i
 CPU time (user + system) from ``os.wait4``; the page cache holds both bases (read before timing);
 ``sync`` before each run; the contenders take turns in each round; ``--prefault-gb`` as there.
 A contender whose command fails (a loratool that refuses fp8 bases) is reported as such.
+``--compare-with DIR`` adds the two fp8 merges run from another checkout of loratool (``python
+-m lora_tools`` with DIR as the working directory, this interpreter), in the same rounds.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -177,6 +182,14 @@ def bench_size(args: argparse.Namespace, layers: int) -> None:
         [*cmd, "--dtype", "bf16", "--quiet"],
         out,
     )
+    if args.compare_with:
+        other = Path(args.compare_with).resolve()
+        for extra in ([], ["--dtype", "bf16"]):
+            out = work / f"out-other{'-to-bf16' if extra else ''}"
+            merge = [py, "-m", "lora_tools", "merge", str(bases["fp8"]), str(work / "adapter")]
+            line = shlex.join([*merge, "-o", str(out), *extra, "--quiet"])
+            name = f"loratool merge (fp8 base) {' '.join(extra)} [{other.name}]".replace("  ", " ")
+            contenders[name] = (["sh", "-c", f"cd {shlex.quote(str(other))} && exec {line}"], out)
     results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in contenders}
     failed: dict[str, str] = {}
     loads = [os.getloadavg()[0]]
@@ -237,6 +250,9 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the generated files afterwards")
     ap.add_argument(
         "--prefault-gb", type=float, default=0, help="GiB to touch before each run (bench_merge)"
+    )
+    ap.add_argument(
+        "--compare-with", metavar="DIR", help="also run the fp8 merges from this checkout"
     )
     ap.add_argument("--generate-only", type=int, metavar="LAYERS", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -14,6 +14,6 @@ What a merge does per merged weight ``name`` of a base whose ``scheme.quantized`
    ``scheme.marker`` included, is copied byte for byte.
 """
 
-from lora_tools.quant.schemes import FP8_MAX, Scheme, detect_scheme, is_gguf
+from lora_tools.quant.schemes import FP8_MAX, Scheme, component_scheme, detect_scheme, is_gguf
 
-__all__ = ["FP8_MAX", "Scheme", "detect_scheme", "is_gguf"]
+__all__ = ["FP8_MAX", "Scheme", "component_scheme", "detect_scheme", "is_gguf"]

@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -129,6 +130,38 @@ class Scheme:
         layer = self.layer_of(weight_name)
         return tuple(f"{layer}.{s}" for s in suffixes if s)
 
+    def scale_mismatch(
+        self, weight_shape: tuple[int, ...], scale_shape: tuple[int, ...]
+    ) -> str | None:
+        """None when a weight scale of ``scale_shape`` fits a weight of ``weight_shape`` in
+        this scheme; else the shape expected (for the refusal: a scale that does not fit is
+        never broadcast some other way).
+
+        Example:
+            >>> Scheme("hf-block-fp8", "F8_E4M3", "block", (128, 128)).scale_mismatch(
+            ...     (300, 256), (2, 2))
+            '[..., 3, 2] (128x128 blocks, partial edge blocks included)'
+        """
+        size = math.prod(scale_shape)
+        lead = tuple(weight_shape[:-2])
+        if self.granularity == "block" and self.block_size and len(weight_shape) >= 2:
+            grid = tuple(
+                -(-n // b) for n, b in zip(weight_shape[-2:], self.block_size, strict=True)
+            )
+            if tuple(scale_shape[-2:]) == grid and tuple(scale_shape[:-2]) in (lead, ()):
+                return None
+            rows, cols = self.block_size
+            return (
+                f"[..., {grid[0]}, {grid[1]}] ({rows}x{cols} blocks, partial edge blocks included)"
+            )
+        if self.granularity == "channel" and weight_shape:
+            if size == weight_shape[0] and len(scale_shape) <= 2:
+                return None
+            return f"[{weight_shape[0]}, 1] (one per output channel)"
+        if size == 1 or (lead and size == math.prod(lead) and self.name == "hf-block-fp8"):
+            return None
+        return "[] or [1] (one per tensor)"
+
     def is_scale(self, name: str) -> bool:
         suffixes = [s for s in (self.weight_scale_suffix, self.input_scale_suffix) if s]
         return any(name.endswith("." + s) for s in suffixes) or name == self.marker
@@ -157,6 +190,13 @@ def _one_fp8_dtype(dtypes: set[str]) -> Scheme | str:
     return next(iter(dtypes), "F8_E4M3")
 
 
+def _only_e4m3(dtype: Scheme | str, scheme: str) -> Scheme | str:
+    """transformers' FP8 and compressed-tensors quantize to F8_E4M3 only (their max is 448)."""
+    if dtype == "F8_E5M2":
+        return _refused(f"{scheme} with F8_E5M2 weights (its quantizer writes F8_E4M3 only)")
+    return dtype
+
+
 def _quant_config(config: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
     if not config:
         return None
@@ -170,11 +210,12 @@ def _quant_config(config: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
 def _from_hf_fp8(qc: Mapping[str, Any], fp8: dict[str, str]) -> Scheme:
     if str(qc.get("fmt", "e4m3")).lower() not in ("e4m3", "float8_e4m3fn"):
         return _refused(f"fp8 fmt {qc.get('fmt')!r}")
-    block = qc.get("weight_block_size")
+    # transformers' FineGrainedFP8Config: 128x128 when the key is absent, per tensor when null
+    block = qc.get("weight_block_size", [128, 128])
     scale_fmt = str(qc.get("scale_fmt") or "float")
     if scale_fmt not in ("float", "ue8m0"):
         return _refused(f"fp8 scale_fmt {scale_fmt!r}")
-    dtype = _one_fp8_dtype(set(fp8.values()))
+    dtype = _only_e4m3(_one_fp8_dtype(set(fp8.values())), "Hugging Face fp8")
     if isinstance(dtype, Scheme):
         return dtype
     return Scheme(
@@ -204,7 +245,7 @@ def _from_compressed_tensors(qc: Mapping[str, Any], fp8: dict[str, str]) -> Sche
         return _refused("compressed-tensors fp8 with asymmetric or dynamic weights")
     if strategy not in ("tensor", "channel"):
         return _refused(f"compressed-tensors fp8 strategy {strategy!r}")
-    dtype = _one_fp8_dtype(set(fp8.values()))
+    dtype = _only_e4m3(_one_fp8_dtype(set(fp8.values())), "compressed-tensors fp8")
     if isinstance(dtype, Scheme):
         return dtype
     return Scheme(
@@ -318,6 +359,22 @@ def detect_scheme(
     if isinstance(dtype, Scheme):
         return dtype
     return Scheme(name="plain-fp8", fp8_dtype=dtype)
+
+
+def component_scheme(component: Any) -> Scheme:
+    """The scheme of one component of a checkpoint (:class:`~lora_tools.io.checkpoint.Component`):
+    :func:`detect_scheme` on every shard's headers and metadata together and its config.json.
+
+    Header-only: it reads the shards' headers, never their tensors. ``merge`` (its plan) and
+    ``validate --base`` (rules LT401-LT405) both ask it.
+    """
+    headers: dict[str, Any] = {}
+    metadata: dict[str, str] = {}
+    for path in component.files:
+        header = component.open(path).header
+        headers.update(header.tensors)
+        metadata.update(header.metadata or {})
+    return detect_scheme(headers, metadata=metadata, config=component.config)
 
 
 def is_gguf(head: bytes) -> bool:

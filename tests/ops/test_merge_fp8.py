@@ -489,6 +489,22 @@ def test_a_merged_fp8_weight_without_its_scale_is_refused(llama, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_scale_grid_that_does_not_fit_its_weight_is_refused_naming_both(llama, tmp_path):
+    """A config whose block size disagrees with the stored grids (here 32x32 grids read as
+    64x64 blocks) would broadcast each scale over the wrong elements: refused, naming the
+    weight, the scale and the shape expected."""
+    block_base(llama, tmp_path / "base", [32, 32])
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    config["quantization_config"]["weight_block_size"] = [64, 64]
+    (tmp_path / "base" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        UnsupportedBaseError,
+        match=r"weight_scale_inv' is \[\d+, \d+\], expected \[\.\.\., \d+, \d+\]",
+    ):
+        merge(tmp_path / "base", [llama.adapter], tmp_path / "out", device="cpu")
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_f64_oracle_is_the_float_merge(merged):
     """The oracle itself: the F64 merge is dequant(W) + the adapter's update, to float32
     product precision (so the byte checks above compare against the exact sum)."""

@@ -68,6 +68,51 @@ def test_hf_block_fp8_without_config_defaults_to_128_blocks():
     assert (scheme.name, scheme.block_size) == ("hf-block-fp8", (128, 128))
 
 
+def test_hf_fp8_config_without_weight_block_size_means_128_blocks_and_null_per_tensor():
+    """transformers' FineGrainedFP8Config: weight_block_size defaults to (128, 128); an
+    explicit null is per-tensor quantization."""
+    headers = {"l.weight": F8, "l.weight_scale_inv": ("F32", ())}
+    absent = {"quantization_config": {"quant_method": "fp8"}}
+    assert detect_scheme(headers, config=absent).block_size == (128, 128)
+    null = {"quantization_config": {"quant_method": "fp8", "weight_block_size": None}}
+    scheme = detect_scheme(headers, config=null)
+    assert (scheme.granularity, scheme.block_size) == ("tensor", None)
+
+
+@pytest.mark.parametrize(
+    ("config", "scale", "named"),
+    [
+        (HF_CONFIG, "weight_scale_inv", "Hugging Face fp8 with F8_E5M2"),
+        (_ct_config("tensor"), "weight_scale", "compressed-tensors fp8 with F8_E5M2"),
+    ],
+)
+def test_e5m2_weights_are_refused_where_the_quantizer_writes_e4m3_only(config, scale, named):
+    headers = {"l.weight": ("F8_E5M2", (256, 200)), f"l.{scale}": ("F32", (2, 2))}
+    assert named in detect_scheme(headers, config=config).describe()
+
+
+@pytest.mark.parametrize(
+    ("scheme", "weight", "scale", "fits"),
+    [
+        (("block", (128, 128)), (300, 256), (3, 2), True),  # partial edge block
+        (("block", (128, 128)), (300, 256), (2, 2), False),
+        (("block", (128, 128)), (4, 300, 256), (4, 3, 2), True),  # stacked experts
+        (("channel", None), (300, 256), (300, 1), True),
+        (("channel", None), (300, 256), (1,), False),
+        (("tensor", None), (300, 256), (1,), True),
+        (("tensor", None), (300, 256), (), True),
+        (("tensor", None), (300, 256), (300, 1), False),
+    ],
+)
+def test_scale_mismatch_names_the_shape_expected(scheme, weight, scale, fits):
+    from lora_tools.quant.schemes import Scheme
+
+    granularity, block = scheme
+    s = Scheme("hf-block-fp8", "F8_E4M3", granularity, block, "weight_scale_inv")
+    found = s.scale_mismatch(weight, scale)
+    assert (found is None) == fits, found
+
+
 @pytest.mark.parametrize("strategy", ["tensor", "channel"])
 def test_compressed_tensors_fp8(strategy):
     headers = {

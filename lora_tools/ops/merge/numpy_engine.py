@@ -175,6 +175,9 @@ class NumpyEngine:
         count = min(item.rows, start + item.step) - start
         shape = (count, item.cols)
         raw = buffers.get("in", numpy_dtype(job.info.dtype), shape)
+        out_dtype = numpy_dtype(job.out_dtype)
+        raw_out = self._outputs.take(count * item.cols * out_dtype.itemsize)
+        out = _view(raw_out, out_dtype, shape)
         values, scale = merge_rows(
             job.quant,
             reader,
@@ -183,11 +186,11 @@ class NumpyEngine:
             count,
             buffers.get("delta", np.float32, shape),
             raw,
+            buffers.get("acc64", np.float64, shape),
+            None if job.quant.keeps_scheme else out,  # --dtype: rounded straight into it
         )
-        out_dtype = numpy_dtype(job.out_dtype)
-        raw_out = self._outputs.take(count * item.cols * out_dtype.itemsize)
-        out = _view(raw_out, out_dtype, shape)
-        np.copyto(out, values.reshape(shape), casting="unsafe")
+        if values is not out:
+            np.copyto(out, values.reshape(shape), casting="unsafe")
         return _Block(job, start * item.cols * out_dtype.itemsize, out, raw_out, scale)
 
     def _merge_block(

@@ -35,6 +35,7 @@ from lora_tools.io.safetensors import Tensor
 from lora_tools.lowrank import max_abs_update
 from lora_tools.ops.merge.arithmetic import FLOAT_DTYPES
 from lora_tools.ops.merge.jobs import FilePlan, Source, TensorJob
+from lora_tools.quant.schemes import component_scheme
 from lora_tools.resolve import ModuleMatch, Resolution, resolve
 
 #: --dtype spellings -> safetensors dtype names (``keep`` keeps each tensor's own).
@@ -364,20 +365,6 @@ class _QuantPlan:
     dropped: set[str] = field(default_factory=set)
 
 
-def component_scheme(comp: Any) -> Any:
-    """The quantization scheme of one component (:func:`lora_tools.quant.detect_scheme` on
-    every shard's headers and metadata and the config), header-only."""
-    from lora_tools.quant import detect_scheme
-
-    headers: dict[str, Any] = {}
-    metadata: dict[str, str] = {}
-    for path in comp.files:
-        reader = comp.open(path)
-        headers.update(reader.header.tensors)
-        metadata.update(reader.header.metadata or {})
-    return detect_scheme(headers, metadata=metadata, config=comp.config)
-
-
 def _quant_jobs(
     comp: Any,
     per_tensor: dict[tuple[str, str], list[Source]],
@@ -427,6 +414,17 @@ def _quant_jobs(
                 "ignore the scale",
                 path=path,
                 hint="check that every shard of the base is present",
+                kind="unsupported-base",
+            )
+        expected = scale and scheme.scale_mismatch(comp.info(name).shape, comp.info(scale).shape)
+        if expected:
+            raise UnsupportedBaseError(
+                f"base tensor {name!r} is {comp.info(name).dtype} {list(comp.info(name).shape)} "
+                f"({scheme.describe()}) but its scale {scale!r} is "
+                f"{list(comp.info(scale).shape)}, expected {expected}; merging would misread "
+                "the scale",
+                path=comp.file_for(scale),
+                hint="check the base's config.json quantization_config against its tensors",
                 kind="unsupported-base",
             )
         job = QuantJob(
@@ -484,7 +482,7 @@ def _refuse_unsupported_scheme(comp: Any) -> None:
 
 def _refuse_quantized(comp: Any, reader: Any, info: Any, path: Path) -> NoReturn:
     """UnsupportedBaseError naming the quantization scheme the base's tensors and config say
-    (:func:`component_scheme`, header-only), for a merged tensor that is neither a float
+    (:func:`~lora_tools.quant.schemes.component_scheme`, header-only), for a merged tensor that is neither a float
     weight nor an fp8 weight of a supported scheme."""
     scheme = component_scheme(comp)
     raise UnsupportedBaseError(

@@ -161,8 +161,11 @@ class QuantJob:
             return scale.reshape(-1, 1)[start : start + count]
         return scale
 
-    def dequantize_rows(self, raw: np.ndarray, start: int, shape: tuple[int, ...]) -> np.ndarray:
-        """Rows ``start : start + len(raw)`` of the weight, exactly, in float64 (2-D)."""
+    def dequantize_rows(
+        self, raw: np.ndarray, start: int, shape: tuple[int, ...], out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Rows ``start : start + len(raw)`` of the weight, exactly, in float64 (2-D), into
+        ``out`` (float64, ``raw``'s shape) if given."""
         from lora_tools.quant.numeric import dequantize
 
         rows, cols = dims_2d(shape)
@@ -170,18 +173,20 @@ class QuantJob:
         scale = self._scale_rows(start, raw.shape[0], shape)
         if scale is not None and self.scheme.granularity == "channel":
             scale = scale.reshape(-1, 1)
-        values = dequantize(self.scheme, raw.reshape(block_shape), scale)
+        target = None if out is None else out.reshape(block_shape)
+        values = dequantize(self.scheme, raw.reshape(block_shape), scale, target)
         return np.ascontiguousarray(values.reshape(raw.shape[0], cols))
 
     def finish_rows(
-        self, merged: np.ndarray, shape: tuple[int, ...]
+        self, merged: np.ndarray, shape: tuple[int, ...], out: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """The rows as written (fp8, or the ``--dtype``), and their piece of the new scale."""
+        """The rows as written (fp8, or the ``--dtype``: into ``out`` if given), and their
+        piece of the new scale."""
         from lora_tools.quant.numeric import quantize, round_to
 
         if not self.keeps_scheme:
             assert self.to_dtype is not None
-            return round_to(merged, self.to_dtype), None
+            return round_to(merged, self.to_dtype, out), None
         rows = dims_2d(shape)[0]
         values = merged.reshape(shape) if merged.shape[0] == rows else merged
         q, scale = quantize(
@@ -242,12 +247,18 @@ def merge_rows(
     count: int,
     scratch: np.ndarray | None = None,
     raw: np.ndarray | None = None,
+    acc: np.ndarray | None = None,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Read rows ``start : start + count`` of a quantized weight, merge ``terms`` into them
-    and requantize (or round to the ``--dtype``): the rows written, and their scale piece."""
+    and requantize (or round to the ``--dtype``): the rows written, and their scale piece.
+
+    ``scratch`` (float32), ``raw`` (the weight's dtype), ``acc`` (float64) and ``out`` (the
+    ``--dtype``) are the caller's reused ``[count, cols]`` buffers; None allocates.
+    """
     assert quant.job is not None
-    merged = _merged_rows(quant, reader, terms, start, count, scratch, raw)
-    return quant.finish_rows(merged, quant.job.info.shape)
+    merged = _merged_rows(quant, reader, terms, start, count, scratch, raw, acc)
+    return quant.finish_rows(merged, quant.job.info.shape, out)
 
 
 def _merged_rows(
@@ -258,6 +269,7 @@ def _merged_rows(
     count: int,
     scratch: np.ndarray | None = None,
     raw: np.ndarray | None = None,
+    acc: np.ndarray | None = None,
 ) -> np.ndarray:
     """Rows ``start : start + count`` of ``W' = dequant(W) + dW...`` in float64."""
     assert quant.job is not None
@@ -266,8 +278,8 @@ def _merged_rows(
     if raw is None:
         raw = np.empty((count, cols), numpy_dtype(info.dtype))
     reader.read_into(info.name, raw, row_start=start)
-    acc = quant.dequantize_rows(raw, start, info.shape)
-    return apply_terms(acc, terms, start, np.dtype(np.float64), scratch)
+    values = quant.dequantize_rows(raw, start, info.shape, acc)
+    return apply_terms(values, terms, start, np.dtype(np.float64), scratch)
 
 
 __all__ = ["QuantJob", "merge_rows", "quant_rows"]

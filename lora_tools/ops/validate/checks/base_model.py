@@ -9,7 +9,7 @@ from typing import Any
 
 from lora_tools.adapter import Adapter
 from lora_tools.ops.validate.context import Context
-from lora_tools.quant.schemes import FP8_MAX, Scheme, detect_scheme
+from lora_tools.quant.schemes import FP8_MAX, Scheme, component_scheme
 
 #: The dtypes merge adds into as they are (lora_tools.ops.merge.arithmetic.FLOAT_DTYPES; that
 #: module is not imported here: it loads the merge engine).
@@ -95,7 +95,7 @@ def check_base(ctx: Context, adapter: Adapter) -> None:
 
 class _Schemes:
     """The quantization scheme of each component of a base (from its headers, metadata and
-    config.json: :func:`lora_tools.quant.detect_scheme`), read once, when a rule asks."""
+    config.json: :func:`lora_tools.quant.component_scheme`), read once, when a rule asks."""
 
     def __init__(self, checkpoint: Any) -> None:
         self.checkpoint = checkpoint
@@ -116,14 +116,7 @@ class _Schemes:
 
     def component(self, component: str) -> Scheme:
         if component not in self.found:
-            comp = self.checkpoint.components[component]
-            headers: dict[str, Any] = {}
-            metadata: dict[str, str] = {}
-            for path in comp.files:
-                header = comp.open(path).header
-                headers.update(header.tensors)
-                metadata.update(header.metadata or {})
-            self.found[component] = detect_scheme(headers, metadata=metadata, config=comp.config)
+            self.found[component] = component_scheme(self.checkpoint.components[component])
         return self.found[component]
 
 
