@@ -159,7 +159,8 @@ class GgufFile:
 
     Raises:
         UsageError: the ``gguf`` package is not installed.
-        FormatError: the file is no GGUF the gguf package can read (kind ``gguf-invalid``).
+        FormatError: the file is no GGUF the gguf package can read (kind ``gguf-invalid``;
+            ``duplicate-key`` for a key or tensor name written twice).
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -175,8 +176,17 @@ class GgufFile:
         except (ValueError, KeyError, IndexError, OverflowError, TypeError) as exc:
             # gguf's reader checks the magic, version, counts and types as it parses; what it
             # cannot parse surfaces as one of these (a truncated header as an IndexError)
+            text = str(exc.args[0]) if exc.args else type(exc).__name__
+            if text.startswith(("Duplicate", "Found duplicated tensor")):
+                raise FormatError(
+                    f"a key or tensor name appears twice in the GGUF header ({text}); "
+                    "llama.cpp's gguf_init_from_file refuses the file",
+                    path=self.path,
+                    hint="re-write the file with each key once",
+                    kind="duplicate-key",
+                ) from None
             raise FormatError(
-                f"not a valid GGUF file: {exc or type(exc).__name__}",
+                f"not a valid GGUF file: {text}",
                 path=self.path,
                 hint="the file is truncated or corrupt, or no GGUF at all",
                 kind="gguf-invalid",
@@ -185,9 +195,8 @@ class GgufFile:
         self.version = int(reader.fields["GGUF.version"].parts[0][0])
         self.kv: dict[str, KeyValue] = {}
         for name, field in reader.fields.items():
-            if name in _READER_FIELDS:
-                continue
-            self.kv[name] = _key_value(gguf, name, field)
+            if name not in _READER_FIELDS:
+                self.kv[name] = _key_value(gguf, name, field)
         self.tensors: dict[str, GgufTensor] = {}
         self._raw: dict[str, Any] = {}
         for t in reader.tensors:
