@@ -401,3 +401,14 @@ def test_validate_json_names_the_format(tmp_path):
 
     doc = json.loads(json.dumps(to_json(validate([path]))))
     assert doc["files"][0]["format"] == "gguf"
+
+
+def test_consumers_llama_cpp_loads_the_gguf_at_its_own_scales(tmp_path):
+    path = write(tmp_path / "c.gguf")
+    table = inspect_adapter(path, consumers=True).consumers
+    loading = {c["name"]: c for c in table["consumers"] if c["loads"]}
+    assert list(loading) == ["llamacpp"]
+    for row in table["modules"]:
+        rank = GOOD[row["module"]][0]
+        assert row["scales"]["llamacpp"] == row["intended"] == 16.0 / rank
+    assert table["disagreements"] == 0
