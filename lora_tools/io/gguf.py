@@ -21,6 +21,7 @@ import contextlib
 import os
 import stat
 from dataclasses import dataclass
+from dataclasses import field as dc_field
 from pathlib import Path
 from typing import Any
 
@@ -76,19 +77,26 @@ def is_gguf(path: str | os.PathLike[str]) -> bool:
 
 @dataclass(frozen=True)
 class KeyValue:
-    """One key-value of the GGUF header.
+    """One key-value of the GGUF header; an array's items are decoded only when asked for
+    (a model GGUF's vocabulary is a 150,000-string array).
 
     Attributes:
         key: the key (``adapter.lora.alpha``).
         type: its GGUF value type (``STRING``, ``FLOAT32``, ``UINT32``, ``ARRAY``...).
-        value: the value (a list for arrays).
         item_type: an array's element type, else None.
+        count: an array's length (1 for a single value).
     """
 
     key: str
     type: str
-    value: Any
-    item_type: str | None = None
+    item_type: str | None
+    count: int
+    field: Any = dc_field(repr=False, compare=False)
+
+    @property
+    def value(self) -> Any:
+        """The value: a str, int, float or bool; a list for an array."""
+        return self.field.contents()
 
     @property
     def spelled_type(self) -> str:
@@ -98,10 +106,9 @@ class KeyValue:
     def text(self) -> str:
         """The value as metadata shows it: arrays as their type and length."""
         if self.type == "ARRAY":
-            return f"[{len(self.value)} x {self.item_type}]"
-        if isinstance(self.value, float):
-            return repr(self.value)
-        return str(self.value)
+            return f"[{self.count} x {self.item_type}]"
+        value = self.value
+        return repr(value) if isinstance(value, float) else str(value)
 
 
 class GgufTensor(Tensor):
@@ -273,10 +280,10 @@ class GgufFile:
 def _key_value(gguf: Any, name: str, field: Any) -> KeyValue:
     types = [gguf.GGUFValueType(t).name for t in field.types]
     main = types[0] if types else "UNKNOWN"
-    value = field.contents()
     if main == "ARRAY":
-        return KeyValue(name, main, list(value), types[-1] if len(types) > 1 else "UNKNOWN")
-    return KeyValue(name, main, value)
+        item = types[-1] if len(types) > 1 else "UNKNOWN"
+        return KeyValue(name, main, item, len(field.data), field)
+    return KeyValue(name, main, None, 1, field)
 
 
 __all__ = [

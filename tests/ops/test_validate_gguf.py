@@ -412,3 +412,73 @@ def test_consumers_llama_cpp_loads_the_gguf_at_its_own_scales(tmp_path):
         rank = GOOD[row["module"]][0]
         assert row["scales"]["llamacpp"] == row["intended"] == 16.0 / rank
     assert table["disagreements"] == 0
+
+
+# -- --base: the base tensors llama.cpp looks each pair up in ------------------------------------
+
+
+def _model_gguf(path: Path, base: Path, *, arch: str = "llama", drop=(), resize=()) -> Path:
+    """A GGUF model of ``base``'s weights under the names llama.cpp's converter gives them
+    (gguf's own tensor map), as zeros of the right shape: only names and shapes matter."""
+    from lora_tools.io.safetensors import SafetensorsFile
+
+    config = json.loads((base / "config.json").read_text())
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_type("model")
+    with SafetensorsFile(base / "model.safetensors") as f:
+        for key, info in f.header.tensors.items():
+            name = names.get_name(key=key, try_suffixes=(".weight", ".bias"))
+            if name is None or name in drop:
+                continue
+            shape = tuple(d + 1 for d in info.shape) if name in resize else info.shape
+            writer.add_tensor(name, np.zeros(shape, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture
+def patterns_gguf(tmp_path, fixtures_dir) -> Path:
+    out = tmp_path / "patterns.gguf"
+    base = fixtures_dir / "bases/tiny-llama"
+    convert_to_gguf(load_adapter(fixtures_dir / "peft/llama-patterns"), out, base=base)
+    return out
+
+
+def test_base_hf_folder_and_gguf_model_agree(patterns_gguf, tmp_path, fixtures_dir):
+    base = fixtures_dir / "bases/tiny-llama"
+    assert codes(patterns_gguf, base=base) == []
+    assert codes(patterns_gguf, base=_model_gguf(tmp_path / "m.gguf", base)) == []
+
+
+def test_base_architecture_mismatch(patterns_gguf, tmp_path, fixtures_dir):
+    model = _model_gguf(tmp_path / "m.gguf", fixtures_dir / "bases/tiny-llama", arch="qwen2")
+    assert codes(patterns_gguf, base=model) == ["LT406"]
+
+
+def test_base_lacks_a_tensor_or_its_shape(patterns_gguf, tmp_path, fixtures_dir):
+    base = fixtures_dir / "bases/tiny-llama"
+    missing = _model_gguf(tmp_path / "m.gguf", base, drop=("blk.1.attn_q.weight",))
+    report = validate([patterns_gguf], base=missing)
+    assert [(f.rule.code, f.module) for f in report.findings] == [("LT401", "blk.1.attn_q.weight")]
+    wrong = _model_gguf(tmp_path / "w.gguf", base, resize=("blk.0.attn_v.weight",))
+    (finding,) = validate([patterns_gguf], base=wrong).findings
+    assert (finding.rule.code, finding.module) == ("LT403", "blk.0.attn_v.weight")
+    assert "incorrect shape" in finding.message
+
+
+def test_base_of_another_size(tmp_path, fixtures_dir):
+    """An adapter for a 64-wide Llama against the 32-wide tiny-llama: every pair's shape."""
+    out = tmp_path / "wide.gguf"
+    convert_to_gguf(load_adapter(DATA / "adapters/llama"), out, base=DATA / "bases/llama")
+    found = codes(out, base=fixtures_dir / "bases/tiny-llama")
+    assert found and set(found) == {"LT403"}
+
+
+def test_gguf_base_with_a_safetensors_adapter_is_a_usage_error(tmp_path, fixtures_dir):
+    model = _model_gguf(tmp_path / "m.gguf", fixtures_dir / "bases/tiny-llama")
+    with pytest.raises(UsageError, match="checks llama.cpp GGUF adapters only"):
+        validate([fixtures_dir / "peft/llama-patterns"], base=model)

@@ -145,6 +145,7 @@ _CATALOGUE = (
     Rule("LT403", "base-shape-mismatch", ERROR, "module update does not fit the base weight"),
     Rule("LT404", "no-module-matches-base", ERROR, "0 of N modules match the base"),
     Rule("LT405", "dtype-differs", INFO, "adapter dtype differs from the base dtype"),
+    Rule("LT406", "gguf-architecture-mismatch", ERROR, "GGUF architecture differs from the base's"),
     # -- LT5xx deployment profiles (--profile; docs/rules.md names each rule's source)
     Rule("LT501", "vllm-not-peft", ERROR, "vLLM loads PEFT folders only"),
     Rule("LT502", "vllm-refused-feature", ERROR, "config uses a feature vLLM refuses"),

@@ -12,7 +12,11 @@ The layers are the safetensors ones, on the GGUF's own facts:
    pairs, ranks and shapes, from the header alone;
 4. values (``LT201``-``LT204``): every tensor decoded once (F32, F16, BF16, Q8_0 and the other
    block types through ``gguf.quants.dequantize``);
-5. profiles (``--profile``): the serving engines' rules, which refuse a GGUF (llama.cpp's own
+5. base (``LT401``, ``LT403``, ``LT404``, ``LT406``, with ``--base``): each pair's base tensor
+   exists in the base as llama.cpp names it, with the shape llama.cpp checks, and the
+   architectures agree; the base is a GGUF model, or a Hugging Face folder whose weights are
+   named through llama.cpp's tensor map (``gguf.get_tensor_name_map``);
+6. profiles (``--profile``): the serving engines' rules, which refuse a GGUF (llama.cpp's own
    rules are the ones above).
 """
 
@@ -37,6 +41,7 @@ from lora_tools.formats.gguf import (
     build_gguf_adapter,
     parse_key,
 )
+from lora_tools.formats.gguf_arch import ARCHITECTURES, read_base_config
 from lora_tools.io.gguf import GgufFile, gguf_package
 from lora_tools.ops.validate.checks.profiles import check_profiles
 from lora_tools.ops.validate.checks.values import report_outliers, report_zero_modules
@@ -70,6 +75,8 @@ def check_gguf(ctx: Context) -> None:
         adapter = build_gguf_adapter(file, keys=set(file.tensors) - bad)
         if ctx.runs("LT2"):
             _check_values(ctx, file, adapter)
+        if ctx.checkpoint is not None and ctx.runs("LT4"):
+            _check_base(ctx, file, adapter)
         if ctx.deployment is not None:
             others = tuple(
                 p for p in ctx.deployment.profiles if p.consumer.name != "llamacpp"
@@ -385,3 +392,97 @@ def _gram(values: np.ndarray, role: str, *, transposed: bool) -> np.ndarray | Fa
     if rank > other:
         return Factor(mat)
     return mat.T @ mat if role == "up" else mat @ mat.T
+
+
+# -- base ----------------------------------------------------------------------------------------
+
+
+def _check_base(ctx: Context, file: GgufFile, adapter: Adapter) -> None:
+    """LT406 for another architecture than the base's; LT401 / LT404 for pairs whose base
+    tensor the base lacks (llama.cpp: "does not exist in base model"); LT403 for shapes
+    llama.cpp's shape check refuses ("has incorrect shape")."""
+    base_arch, shapes, where = _base_tensors(ctx, adapter)
+    kv = file.kv.get(GENERAL_ARCHITECTURE)
+    arch = kv.value if kv is not None and kv.type == "STRING" else None
+    if arch is not None and base_arch is not None and arch != base_arch:
+        ctx.add(
+            "LT406",
+            f"general.architecture is {arch!r} but the base {where} is {base_arch!r}: {_SOURCE} "
+            "refuses the adapter ('model arch and LoRA arch mismatch')",
+            module=GENERAL_ARCHITECTURE,
+            expected=repr(base_arch),
+            found=repr(arch),
+            hint="is this adapter made for this base model?",
+        )
+    unmatched = []
+    for stem, m in adapter.modules.items():
+        shape = shapes.get(stem)
+        if shape is None:
+            unmatched.append(stem)
+            continue
+        a, b = file.tensor(m.keys["down"]).shape, file.tensor(m.keys["up"]).shape
+        # llama.cpp compares GGML dims: the weight's ne = [in, out] against lora_a ne[0] and
+        # lora_b ne[1]; the token embedding's ne = [n_embd, n_vocab] against lora_b ne[1]
+        # and lora_a ne[1] (numpy order here: the dims reversed)
+        want = (a[0], b[0]) if m.kind == EMBEDDING else (b[0], a[1])
+        if tuple(shape) != want:
+            ctx.add(
+                "LT403",
+                f"module {stem!r}: lora_a {fmt_shape(a)} and lora_b {fmt_shape(b)} make an update "
+                f"of {fmt_shape(want)}, but the base {where} holds {stem} as {fmt_shape(shape)}; "
+                f"{_SOURCE} refuses the file ('has incorrect shape')",
+                module=stem,
+                expected=fmt_shape(shape),
+                found=fmt_shape(want),
+                hint="is this the right base model?",
+            )
+    for stem in unmatched:
+        ctx.add(
+            "LT401",
+            f"module {stem!r}: the base {where} has no tensor {stem}; {_SOURCE} refuses the "
+            "whole file ('does not exist in base model')",
+            module=stem,
+            expected="one base tensor",
+            found="none",
+            hint="is this adapter made for this base model?",
+        )
+    if adapter.modules and len(unmatched) == len(adapter.modules):
+        ctx.add(
+            "LT404",
+            f"0 of {len(adapter.modules)} modules match this base ({where})",
+            expected=f"{len(adapter.modules)} matching modules",
+            found="0",
+            hint="the adapter was made for another model",
+        )
+
+
+def _base_tensors(
+    ctx: Context, adapter: Adapter
+) -> tuple[str | None, dict[str, tuple[int, ...]], str]:
+    """``(architecture, tensor name -> numpy shape, how messages name the base)`` of the
+    ``--base`` as llama.cpp sees it: a GGUF model's own; for a Hugging Face folder, its
+    config.json's architecture as llama.cpp converts it and its weights under the names
+    llama.cpp's converter gives them (the tied or dropped ``output.weight`` left out, as the
+    converted base lacks it)."""
+    base = ctx.checkpoint
+    if isinstance(base, GgufFile):
+        kv = base.kv.get(GENERAL_ARCHITECTURE)
+        arch = kv.value if kv is not None and kv.type == "STRING" else None
+        return arch, {name: t.shape for name, t in base.tensors.items()}, str(base.path)
+    gguf = gguf_package()
+    folder = base.path if base.path.is_dir() else base.path.parent
+    config = read_base_config(adapter, folder, operation="validate --base")
+    spec = ARCHITECTURES[config.hf_arch]
+    model_arch = gguf.MODEL_ARCH[spec.gguf_arch]
+    names = gguf.get_tensor_name_map(model_arch, config.n_layer)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for component in base.components.values():
+        for key in component:
+            name = names.get_name(
+                key=key.replace("language_model.", ""), try_suffixes=(".weight", ".bias")
+            )
+            if name is not None:
+                shapes[name] = tuple(component.info(key).shape)
+    if config.tied or spec.head_dropped:
+        shapes.pop("output.weight", None)
+    return gguf.MODEL_ARCH_NAMES[model_arch], shapes, str(base.path)
