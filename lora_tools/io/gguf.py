@@ -91,12 +91,14 @@ class KeyValue:
     type: str
     item_type: str | None
     count: int
-    field: Any = dc_field(repr=False, compare=False)
+    scalar: Any = None
+    field: Any = dc_field(default=None, repr=False, compare=False)
 
     @property
     def value(self) -> Any:
-        """The value: a str, int, float or bool; a list for an array."""
-        return self.field.contents()
+        """The value: a str, int, float or bool; a list for an array (decoded now; an array
+        of strings that are no UTF-8 raises UnicodeDecodeError)."""
+        return self.field.contents() if self.type == "ARRAY" else self.scalar
 
     @property
     def spelled_type(self) -> str:
@@ -199,13 +201,23 @@ class GgufFile:
                 kind="gguf-invalid",
             ) from None
         self._reader: Any = reader
+        self._raw: dict[str, Any] = {}
         self.version = int(reader.fields["GGUF.version"].parts[0][0])
         self.kv: dict[str, KeyValue] = {}
         for name, field in reader.fields.items():
-            if name not in _READER_FIELDS:
+            if name in _READER_FIELDS:
+                continue
+            try:
                 self.kv[name] = _key_value(gguf, name, field)
+            except (ValueError, IndexError) as exc:  # a string that is no UTF-8, a bad type
+                self.close()
+                raise FormatError(
+                    f"not a valid GGUF file: key-value {name!r} cannot be read ({exc})",
+                    path=self.path,
+                    hint="the file is truncated or corrupt",
+                    kind="gguf-invalid",
+                ) from None
         self.tensors: dict[str, GgufTensor] = {}
-        self._raw: dict[str, Any] = {}
         for t in reader.tensors:
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))
             self.tensors[t.name] = GgufTensor(
@@ -282,8 +294,8 @@ def _key_value(gguf: Any, name: str, field: Any) -> KeyValue:
     main = types[0] if types else "UNKNOWN"
     if main == "ARRAY":
         item = types[-1] if len(types) > 1 else "UNKNOWN"
-        return KeyValue(name, main, item, len(field.data), field)
-    return KeyValue(name, main, None, 1, field)
+        return KeyValue(name, main, item, len(field.data), field=field)
+    return KeyValue(name, main, None, 1, scalar=field.contents())
 
 
 __all__ = [

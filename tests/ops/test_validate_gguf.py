@@ -482,3 +482,11 @@ def test_gguf_base_with_a_safetensors_adapter_is_a_usage_error(tmp_path, fixture
     model = _model_gguf(tmp_path / "m.gguf", fixtures_dir / "bases/tiny-llama")
     with pytest.raises(UsageError, match="checks llama.cpp GGUF adapters only"):
         validate([fixtures_dir / "peft/llama-patterns"], base=model)
+
+
+def test_a_string_that_is_no_utf8_is_unparsable(tmp_path):
+    """Found by fuzzing: gguf decodes key-value strings as UTF-8."""
+    path = write(tmp_path / "u.gguf", kv={"general.name": ("naming", gguf.GGUFValueType.STRING)})
+    path.write_bytes(path.read_bytes().replace(b"naming", b"nam\xe5\xffg"))
+    (finding,) = validate([path]).findings
+    assert finding.rule.code == "LT019" and "general.name" in finding.message
