@@ -89,8 +89,8 @@ def gguf_alpha(file: GgufFile) -> float | None:
 
 
 def build_gguf_adapter(file: GgufFile, keys: set[str] | None = None) -> Adapter:
-    """The :class:`Adapter` of an open LoRA GGUF: one module per complete ``lora_a`` /
-    ``lora_b`` pair of 2-D tensors, the other tensors kept as pass-through.
+    """The :class:`Adapter` of an open LoRA GGUF: one module per ``lora_a`` / ``lora_b`` pair
+    of matrices of one rank, the other tensors kept as pass-through.
 
     Args:
         file: the open file.
@@ -110,10 +110,11 @@ def build_gguf_adapter(file: GgufFile, keys: set[str] | None = None) -> Adapter:
             parts.setdefault(parsed.stem, {})[parsed.role] = key
     for stem, roles in parts.items():
         a, b = (file.tensor(roles[r]) if r in roles else None for r in ("down", "up"))
-        if a is None or b is None or len(a.shape) != 2 or len(b.shape) != 2:
+        embedding = stem.endswith(TOKEN_EMBEDDING)
+        if a is None or b is None or not _pair(a.shape, b.shape, embedding):
+            # no LoRA module (validate says why): kept as tensors, never computed with
             adapter.passthrough.update((key, file.tensor(key)) for key in roles.values())
             continue
-        embedding = stem.endswith(TOKEN_EMBEDDING)
         adapter.modules[stem] = LoraModule(
             key=stem,
             down=TransposedTensor(a) if embedding else a,
@@ -124,6 +125,13 @@ def build_gguf_adapter(file: GgufFile, keys: set[str] | None = None) -> Adapter:
             keys={"down": roles["down"], "up": roles["up"]},
         )
     return adapter
+
+
+def _pair(a: tuple[int, ...], b: tuple[int, ...], embedding: bool) -> bool:
+    """Whether ``lora_a`` and ``lora_b`` shapes make a LoRA: two matrices of one rank."""
+    if len(a) != 2 or len(b) != 2:
+        return False
+    return (a[1] if embedding else a[0]) == b[1]
 
 
 def read_gguf_adapter(path: str | os.PathLike[str]) -> Adapter:

@@ -18,8 +18,10 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import stat
+import struct
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from pathlib import Path
@@ -28,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from lora_tools.errors import FormatError, UsageError
+from lora_tools.io.safetensors.reader import file_kind
 from lora_tools.io.safetensors.tensors import Tensor
 
 #: The first four bytes of every GGUF file.
@@ -177,6 +180,16 @@ class GgufFile:
         gguf = gguf_package()
         self._gguf = gguf
         try:
+            mode = os.stat(self.path).st_mode
+            if not stat.S_ISREG(mode):  # a FIFO would block the reader, a device never end
+                raise FormatError(
+                    f"not a regular file (a {file_kind(mode)}); reading it would block or "
+                    "never end",
+                    path=self.path,
+                    hint="pass the .gguf file itself",
+                    kind="not-regular",
+                )
+            check_array_bounds(self.path)
             reader = gguf.GGUFReader(self.path)
         except OSError as exc:
             raise FormatError(
@@ -287,6 +300,76 @@ class GgufFile:
                 kind="gguf-type",
             ) from None
         return values.reshape(info.shape)
+
+
+#: Bytes of each GGUF scalar value type (``GGUFValueType``: 8 is STRING, 9 ARRAY).
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+
+
+def check_array_bounds(path: str | os.PathLike[str]) -> None:
+    """Walk the key-values of a GGUF header and check every length against the bytes left,
+    as llama.cpp's reader does (``gguf_reader::read``: ``nbytes_remain < n * sizeof(T)``).
+
+    GGUFReader trusts an array's length: past the end of the file its reads come back empty
+    and it loops ``length`` times, so one hostile length (``2**63``) hangs it. This walk is
+    bounded by the header's size; what it cannot place (a version or a type it does not know)
+    it leaves to GGUFReader, which raises.
+
+    Raises:
+        ValueError: a string or array that cannot fit in the file.
+    """
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size < 24:
+            return
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            _walk_key_values(data, size)
+
+
+def _walk_key_values(data: mmap.mmap, size: int) -> None:
+    (version,) = struct.unpack_from("<I", data, 4)
+    order = ">" if version & 0xFFFF == 0 else "<"
+    (version,) = struct.unpack_from(order + "I", data, 4)
+    if version not in (2, 3):
+        return
+    n_kv = struct.unpack_from(order + "Q", data, 16)[0]
+    pos = 24
+
+    def take(count: int, what: str) -> int:
+        nonlocal pos
+        if count > size - pos:
+            raise ValueError(f"{what} of {count} bytes runs past the end of the file")
+        start, pos = pos, pos + count
+        return start
+
+    def number(fmt: str) -> int:
+        return struct.unpack_from(order + fmt, data, take(struct.calcsize(fmt), "a number"))[0]
+
+    def value(vtype: int) -> bool:
+        if vtype in _SCALAR_BYTES:
+            take(_SCALAR_BYTES[vtype], "a value")
+        elif vtype == _STRING:
+            take(number("Q"), "a string")
+        elif vtype == _ARRAY:
+            item, count = number("I"), number("Q")
+            smallest = _SCALAR_BYTES.get(item, 8 if item == _STRING else 12)
+            if count > (size - pos) // smallest:
+                raise ValueError(f"an array of {count} items runs past the end of the file")
+            if item in _SCALAR_BYTES:
+                take(count * smallest, "an array")
+            else:
+                for _ in range(count):
+                    if not value(item):
+                        return False
+        else:
+            return False  # a type GGUFReader names in its own error
+        return True
+
+    for _ in range(n_kv):
+        take(number("Q"), "a key")
+        if not value(number("I")):
+            return
 
 
 def _key_value(gguf: Any, name: str, field: Any) -> KeyValue:

@@ -10,6 +10,8 @@ llama.cpp ships): shapes, types, alpha and the scale llama.cpp applies, ``alpha 
 from __future__ import annotations
 
 import json
+import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -490,3 +492,30 @@ def test_a_string_that_is_no_utf8_is_unparsable(tmp_path):
     path.write_bytes(path.read_bytes().replace(b"naming", b"nam\xe5\xffg"))
     (finding,) = validate([path]).findings
     assert finding.rule.code == "LT019" and "general.name" in finding.message
+
+
+def test_a_fifo_named_gguf_is_not_opened(tmp_path):
+    fifo = tmp_path / "pipe.gguf"
+    os.mkfifo(fifo)
+    (finding,) = validate([fifo]).findings
+    assert finding.rule.code == "LT017" and "FIFO" in finding.message
+
+
+def test_a_hostile_array_length_is_refused_not_looped_on(tmp_path):
+    """gguf's reader loops over an array's length past the end of the file (found by
+    fuzzing); llama.cpp's reader refuses a length the bytes left cannot hold, and so does
+    loratool."""
+    tokens = {
+        "adapter.alora.invocation_tokens": (
+            [5, 7],
+            (gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32),
+        )
+    }
+    path = write(tmp_path / "t.gguf", kv=tokens)
+    raw = bytearray(path.read_bytes())
+    at = raw.index(b"adapter.alora.invocation_tokens") + len("adapter.alora.invocation_tokens")
+    assert struct.unpack_from("<IIQ", raw, at) == (9, 4, 2)  # ARRAY of UINT32, 2 items
+    struct.pack_into("<Q", raw, at + 8, 2**63)
+    path.write_bytes(bytes(raw))
+    (finding,) = validate([path]).findings
+    assert finding.rule.code == "LT019" and "runs past the end of the file" in finding.message

@@ -66,7 +66,9 @@ def check_gguf(ctx: Context) -> None:
     try:
         file = GgufFile(ctx.target.weights)
     except FormatError as exc:
-        code = {"io": "LT017", "duplicate-key": "LT014"}.get(exc.kind or "", "LT019")
+        code = {"io": "LT017", "not-regular": "LT017", "duplicate-key": "LT014"}.get(
+            exc.kind or "", "LT019"
+        )
         ctx.add(code, exc.message, hint=exc.hint)
         return
     try:
