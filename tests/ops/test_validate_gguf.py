@@ -519,3 +519,9 @@ def test_a_hostile_array_length_is_refused_not_looped_on(tmp_path):
     path.write_bytes(bytes(raw))
     (finding,) = validate([path]).findings
     assert finding.rule.code == "LT019" and "runs past the end of the file" in finding.message
+
+
+def test_a_model_gguf_is_one_finding(tmp_path, fixtures_dir):
+    """A base model given as the adapter: LT311, not one LT120 per weight."""
+    model = _model_gguf(tmp_path / "m.gguf", fixtures_dir / "bases/tiny-llama")
+    assert codes(model) == ["LT311"]

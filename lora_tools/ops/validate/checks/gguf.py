@@ -73,6 +73,9 @@ def check_gguf(ctx: Context) -> None:
         return
     try:
         _check_metadata(ctx, file)
+        kind = file.kv.get(GENERAL_TYPE)
+        if kind is not None and kind.value != "adapter":
+            return  # a model (or another GGUF): LT311 says so, its tensors are no LoRA's
         bad = _check_structure(ctx, file)
         adapter = build_gguf_adapter(file, keys=set(file.tensors) - bad)
         if ctx.runs("LT2"):
@@ -128,6 +131,8 @@ def _check_metadata(ctx: Context, file: GgufFile) -> None:
             found=found,
             hint="pass the adapter GGUF, not a model; `loratool convert --to gguf` writes one",
         )
+        if GENERAL_TYPE in typed:
+            return  # a model or another kind of GGUF: its other keys are no adapter's
     if _wrong(file, typed, ADAPTER_TYPE, "lora"):
         found = repr(typed[ADAPTER_TYPE]) if ADAPTER_TYPE in typed else "missing"
         ctx.add(
