@@ -525,3 +525,21 @@ def test_a_model_gguf_is_one_finding(tmp_path, fixtures_dir):
     """A base model given as the adapter: LT311, not one LT120 per weight."""
     model = _model_gguf(tmp_path / "m.gguf", fixtures_dir / "bases/tiny-llama")
     assert codes(model) == ["LT311"]
+
+
+@pytest.mark.parametrize("case", ["llama-patterns", "llama-rslora", "qwen2"])
+def test_inspect_stats_of_the_gguf_are_the_adapters(case, tmp_path):
+    """What llama.cpp applies from the GGUF (alpha / r * B' @ A, B' permuted and scale-baked) has
+    the norms and spectrum of the PEFT update it came from: a row permutation and the baked
+    factor leave ||dW||_F and sigma_max as PEFT's scale * B @ A has them."""
+    out = tmp_path / f"{case}.gguf"
+    base = "llama" if case.startswith("llama") else case
+    source = load_adapter(DATA / "adapters" / case)
+    result = convert_to_gguf(source, out, base=DATA / "bases" / base)
+    peft = {row["module"]: row for row in inspect_adapter(source, stats=True).stats["modules"]}
+    mine = {row["module"]: row for row in inspect_adapter(out, stats=True).stats["modules"]}
+    assert len(mine) == len(result.plan.modules)
+    for key, stem in result.plan.modules.items():
+        for field in ("frobenius", "spectral"):
+            assert mine[stem][field] == pytest.approx(peft[key][field], rel=1e-5), (key, field)
+        assert mine[stem]["rank"] == peft[key]["rank"]
