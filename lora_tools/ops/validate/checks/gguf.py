@@ -74,7 +74,7 @@ def check_gguf(ctx: Context) -> None:
     try:
         _check_metadata(ctx, file)
         kind = file.kv.get(GENERAL_TYPE)
-        if kind is not None and kind.value != "adapter":
+        if kind is not None and kind.type == "STRING" and kind.value != "adapter":
             return  # a model (or another GGUF): LT311 says so, its tensors are no LoRA's
         bad = _check_structure(ctx, file)
         adapter = build_gguf_adapter(file, keys=set(file.tensors) - bad)
