@@ -7,7 +7,7 @@ Each row is the median of N fresh processes, run from the repository root on the
 fixtures: wall time, and CPU time (user + system, from ``getrusage``), which a busy machine
 inflates far less than wall time. ``--before TREE`` times the same rows on another checkout
 (e.g. ``git worktree add /tmp/before HEAD~1``), alternating run by run with this one so that
-both see the same load. Each row's imports are probed once for ml_dtypes and torch.
+both see the same load. Each row's imports are probed once for ml_dtypes, torch and gguf.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ PROBE = (
     "    runpy.run_module('lora_tools', run_name='__main__')\n"
     "except SystemExit:\n"
     "    pass\n"
-    "sys.stderr.write(', '.join(m for m in ('ml_dtypes', 'torch') if m in sys.modules) or 'none')\n"
+    "sys.stderr.write(', '.join(m for m in ('ml_dtypes', 'torch', 'gguf') if m in sys.modules) or 'none')\n"
 )
 
 

@@ -35,7 +35,8 @@ from lora_tools.naming import PEFT_PREFIX
     }
 )
 def command(path: str, as_json: bool, stats: bool, show_consumers: bool, quiet: bool) -> None:
-    """Show what an adapter file or folder holds (PATH may be a Hub id user/name[@rev]).
+    """Show what an adapter file or folder holds (PATH may be a Hub id user/name[@rev], or a
+    llama.cpp LoRA GGUF: needs the gguf extra).
 
     \b
     Example:

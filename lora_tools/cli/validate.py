@@ -102,7 +102,8 @@ def command(
     quiet: bool,
 ) -> None:
     """Check adapter files and folders: file integrity, structure, values, config and metadata,
-    and (with --base) that every module fits the base model.
+    and (with --base) that every module fits the base model. A llama.cpp LoRA GGUF is checked
+    against what llama.cpp's loader refuses (needs the gguf extra).
 
     \b
     Example:

@@ -625,6 +625,13 @@ def _tgi(adapter: Adapter) -> ConsumerScales:
 
 
 def _llamacpp(adapter: Adapter) -> ConsumerScales:
+    if adapter.format == "gguf":  # its own file: the GGUF reader's modules carry its scale
+        return ConsumerScales(
+            "llamacpp",
+            loads=True,
+            rule="the file's adapter.lora.alpha / each tensor's rank (1 when alpha is 0)",
+            scales={m.key: m.scale for m in adapter.modules.values()},
+        )
     refused = _served("llamacpp", "convert_lora_to_gguf.py")(adapter)
     if refused is not None:
         return refused

@@ -1,7 +1,8 @@
 """Adapter formats: detection, reading and writing through one registry.
 
 Built-in formats: ``peft``, ``diffusers``, ``kohya``, ``diffusers-old``, ``comfyui``,
-``xlabs``, ``mlx``. Third-party packages add
+``xlabs``, ``mlx``; llama.cpp's LoRA GGUF, a container of its own, is read (not written) by
+:mod:`lora_tools.formats.gguf`. Third-party packages add
 formats through the ``lora_tools.formats`` entry-point group, naming an
 :class:`~lora_tools.formats.base.AdapterFormat` subclass.
 
@@ -20,7 +21,13 @@ from pathlib import Path
 
 from lora_tools.adapter import Adapter
 from lora_tools.constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHT_NAMES, CONFIG_WEIGHT_NAMES
-from lora_tools.errors import AdapterError, FormatError, UnsafeFileError, UsageError
+from lora_tools.errors import (
+    AdapterError,
+    FormatError,
+    UnsafeFileError,
+    UnsupportedAdapterError,
+    UsageError,
+)
 from lora_tools.formats.base import (
     AdapterFormat,
     AdapterSource,
@@ -30,11 +37,13 @@ from lora_tools.formats.base import (
 from lora_tools.formats.comfyui import ComfyUIFormat
 from lora_tools.formats.diffusers import DiffusersFormat
 from lora_tools.formats.diffusers_old import DiffusersOldFormat
+from lora_tools.formats.gguf import READ_ONLY_HINT, read_gguf_adapter
 from lora_tools.formats.kohya import KohyaFormat
 from lora_tools.formats.mlx import MlxFormat
 from lora_tools.formats.peft import PeftFormat
 from lora_tools.formats.xlabs import XLabsFormat
 from lora_tools.io.atomic import check_output
+from lora_tools.io.gguf import is_gguf
 from lora_tools.io.safetensors import PICKLE_SUFFIXES, SafetensorsFile, gc_paused
 
 __all__ = [
@@ -190,7 +199,9 @@ def detect_format(source: AdapterSource) -> AdapterFormat:
     return best
 
 
-def load_adapter(path: str | os.PathLike[str], *, format: str | None = None) -> Adapter:
+def load_adapter(
+    path: str | os.PathLike[str], *, format: str | None = None, gguf: bool = False
+) -> Adapter:
     """Read an adapter file or folder into an :class:`~lora_tools.adapter.Adapter`.
 
     Only the header is read; tensor values are read when first used (kohya alpha scalars are
@@ -199,7 +210,26 @@ def load_adapter(path: str | os.PathLike[str], *, format: str | None = None) -> 
     Args:
         path: an adapter file (``.safetensors``) or a folder holding one.
         format: force a format by name instead of detecting it.
+        gguf: also read a llama.cpp LoRA GGUF (:mod:`lora_tools.formats.gguf`); only callers
+            that read without converting ask for it (``inspect``): its factors are laid out
+            for llama.cpp, not as trained.
+
+    Raises:
+        UnsupportedAdapterError: ``path`` is a GGUF and ``gguf`` is False (kind
+            ``gguf-read-only``).
     """
+    if is_gguf(adapter_path(path)):
+        if not gguf:
+            raise UnsupportedAdapterError(
+                "a llama.cpp GGUF adapter: its factors are laid out for llama.cpp (q / k rows "
+                "permuted, one alpha), so only inspect and validate read it",
+                path=path,
+                hint=READ_ONLY_HINT,
+                kind="gguf-read-only",
+            )
+        adapter = read_gguf_adapter(adapter_path(path))
+        adapter.require_usable_scales()
+        return adapter
     source = open_source(path)
     fmt = get_format(format) if format else detect_format(source)
     with gc_paused():  # one module object per tensor pair: no cycles to collect

@@ -38,7 +38,7 @@ __all__ = ["SCHEMA_VERSION", "InspectResult", "architecture_of", "base_model_of"
 UNKNOWN = "unknown"
 
 _BLOCK_RE = re.compile(
-    r"(?:^|[._])(?P<family>layers|h|blocks|down_blocks|up_blocks|input_blocks|output_blocks|"
+    r"(?:^|[._])(?P<family>layers|h|blk|blocks|down_blocks|up_blocks|input_blocks|output_blocks|"
     r"double_blocks|single_blocks|transformer_blocks|single_transformer_blocks|resblocks)"
     r"[._](?P<index>\d+)(?=[._]|$)"
 )
@@ -68,6 +68,14 @@ NOTABLE_METADATA = (
     "modelspec.architecture",
     "modelspec.title",
     "sshs_model_hash",
+    # llama.cpp LoRA GGUF key-values (what llama_adapter_lora_init reads, and the card)
+    "general.architecture",
+    "general.type",
+    "adapter.type",
+    "adapter.lora.alpha",
+    "adapter.alora.invocation_tokens",
+    "general.name",
+    "general.base_model.0.name",
 )
 NOTABLE_CONFIG = (
     "peft_type",
@@ -131,6 +139,10 @@ def base_model_of(adapter: Adapter) -> dict[str, str] | None:
         ("adapter_config.json base_model_name_or_path", cfg.get("base_model_name_or_path")),
         ("adapter_config.json model", cfg.get("model") if adapter.format == "mlx" else None),
         ("metadata ss_sd_model_name", meta.get("ss_sd_model_name")),
+        (
+            "metadata general.base_model.0.name",
+            meta.get("general.base_model.0.name") if adapter.format == "gguf" else None,
+        ),
     ]
     for component, config in diffusers_component_configs(meta).items():
         source = f"metadata {DIFFUSERS_METADATA_KEY} {component}.base_model_name_or_path"
@@ -205,6 +217,10 @@ def architecture_of(adapter: Adapter) -> dict[str, str | None] | None:
     (``source: "module names"``, ``recorded`` None); None when neither says.
     """
     meta = adapter.metadata
+    if adapter.format == "gguf" and meta.get("general.architecture"):
+        # llama.cpp's own name for it (``llama``, ``qwen2``), which it checks at load
+        value = meta["general.architecture"]
+        return {"name": value, "source": "metadata general.architecture", "recorded": value}
     for key in ("modelspec.architecture", "ss_base_model_version"):
         value = meta.get(key)
         if value:
@@ -671,13 +687,16 @@ def inspect_adapter(
     """Describe an adapter; see docs/json.md for every field.
 
     Args:
-        path_or_adapter: an adapter file or folder, or an already loaded Adapter.
+        path_or_adapter: an adapter file or folder (a llama.cpp LoRA GGUF too), or an
+            already loaded Adapter.
         stats: also compute per-module norms and spectra from the factors (reads the data).
         consumers: also say the scale each consumer (PEFT, diffusers, ComfyUI, vLLM, SGLang,
             TGI, llama.cpp) applies to each module (header only).
     """
     adapter = (
-        path_or_adapter if isinstance(path_or_adapter, Adapter) else load_adapter(path_or_adapter)
+        path_or_adapter
+        if isinstance(path_or_adapter, Adapter)
+        else load_adapter(path_or_adapter, gguf=True)
     )
     modules = list(adapter.modules.values())
     deltas = list(adapter.deltas.values())

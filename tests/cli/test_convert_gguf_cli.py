@@ -56,6 +56,46 @@ def test_writes_the_scripts_file(tmp_path):
     assert result.exit_code == 0, result.stderr
     assert result.output == f"wrote {out}: peft -> gguf (llama, q8_0), 15 modules\n"
     assert hashlib.sha256(out.read_bytes()).hexdigest() == _facts("llama.q8_0.json")["file_sha256"]
+    check = invoke("validate", "--fail-on", "warning", out)
+    assert check.exit_code == 0, check.output + check.stderr
+
+
+@pytest.mark.parametrize("outtype", ["f32", "f16", "bf16", "q8_0"])
+def test_every_outtype_passes_validate_and_inspect_reads_it(tmp_path, outtype):
+    """What convert writes passes `validate --fail-on warning`; inspect shows llama.cpp's
+    alpha / r per module and the GGML types written."""
+    out = tmp_path / f"patterns.{outtype}.gguf"
+    result = invoke(
+        "convert", DATA / "adapters/llama-patterns", "--to", "gguf", "-o", out,
+        "--base", DATA / "bases/llama", "--outtype", outtype,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    check = invoke("validate", "--fail-on", "warning", out, "--output-format", "json")
+    assert check.exit_code == 0, check.output + check.stderr
+    assert json.loads(check.output)["files"][0]["format"] == "gguf"
+    shown = invoke("inspect", out, "--json")
+    assert shown.exit_code == 0, shown.stderr
+    doc = json.loads(shown.output)
+    jsonschema = pytest.importorskip("jsonschema")
+    schemas = SCHEMA.parent
+    jsonschema.validate(doc, json.loads((schemas / "inspect.json").read_text()))
+    jsonschema.validate(
+        json.loads(check.output), json.loads((schemas / "validate.json").read_text())
+    )
+    gguf = pytest.importorskip("gguf")
+    reader = gguf.GGUFReader(out)
+    alpha = float(reader.fields["adapter.lora.alpha"].contents())
+    ranks = {
+        t.name.removesuffix(".lora_b"): int(t.shape[0])
+        for t in reader.tensors
+        if t.name.endswith(".lora_b")
+    }
+    assert {row["module"]: row["scale"] for row in doc["modules"]} == {
+        stem: alpha / rank for stem, rank in ranks.items()
+    }
+    assert doc["alpha"]["histogram"] == {f"{alpha:g}": len(ranks)}
+    types = {t.tensor_type.name for t in reader.tensors}
+    assert set(doc["dtypes"]) == types
 
 
 def test_json_document(tmp_path):

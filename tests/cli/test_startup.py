@@ -1,4 +1,5 @@
-"""Start-up stays light: ``--help`` and header-only work import neither ml_dtypes nor torch.
+"""Start-up stays light: ``--help`` and header-only work import neither ml_dtypes nor torch
+(nor the gguf package, which only GGUF paths import).
 
 ``import ml_dtypes`` takes about 1 s with ml_dtypes 0.7 (it registers its ufunc loops
 slowly), so it is imported only when a tensor of one of its dtypes (bf16, fp8, fp4) is decoded.
@@ -14,12 +15,14 @@ import sys
 from pathlib import Path
 
 import ml_dtypes
+import numpy as np
+import pytest
 
 from lora_tools.cli import COMMANDS
 from lora_tools.io.safetensors import SafetensorsFile, save_tensors
 
 ROOT = Path(__file__).resolve().parents[2]
-HEAVY = ("ml_dtypes", "torch", "numpy")
+HEAVY = ("ml_dtypes", "torch", "numpy", "gguf")
 
 PROBE = """
 import contextlib, io, json, sys
@@ -106,3 +109,43 @@ def test_decoding_a_bf16_tensor_still_works(fixtures_dir, tmp_path):
     (entry,) = run_probe([["validate", str(kohya), "--output-format", "json"]])
     assert entry["code"] == 0, entry
     assert entry["heavy"] == ["ml_dtypes", "numpy"]
+
+
+def test_gguf_paths_import_gguf_and_nothing_heavier(tmp_path):
+    """A GGUF is read through the gguf package, imported for it alone: header-only work on it
+    imports neither torch nor ml_dtypes, and neither does decoding its BF16 / Q8_0 values
+    (gguf.quants dequantizes them with numpy)."""
+    gguf = pytest.importorskip("gguf")
+    paths = {}
+    for name, qtype in (
+        ("bf16", gguf.GGMLQuantizationType.BF16),
+        ("q8", gguf.GGMLQuantizationType.Q8_0),
+    ):
+        path = tmp_path / f"{name}.gguf"
+        writer = gguf.GGUFWriter(path, "llama")
+        writer.add_type("adapter")
+        writer.add_string("adapter.type", "lora")
+        writer.add_float32("adapter.lora.alpha", 8.0)
+        rng = np.random.default_rng(0)
+        a = rng.standard_normal((4, 64)).astype(np.float32)
+        b = rng.standard_normal((64, 4)).astype(np.float32)
+        writer.add_tensor(
+            "blk.0.attn_q.weight.lora_a", gguf.quants.quantize(a, qtype), raw_dtype=qtype
+        )
+        writer.add_tensor("blk.0.attn_q.weight.lora_b", b)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        paths[name] = str(path)
+    report = run_probe(
+        [
+            ["inspect", paths["bf16"], "--json"],
+            ["validate", "--ignore", "LT2", paths["q8"]],
+            ["validate", "--fail-on", "warning", paths["bf16"], paths["q8"]],
+        ]
+    )
+    for entry in report:
+        assert entry["code"] in (0, None), entry
+        assert entry["heavy"] == ["gguf", "numpy"], f"{entry['args']} imported {entry['heavy']}"
+    assert json.loads(report[0]["output"])["dtypes"] == {"BF16": 1, "F32": 1}

@@ -37,6 +37,7 @@ from lora_tools.ops.to_gguf import (  # noqa: E402
     plan_gguf,
     read_base_config,
 )
+from lora_tools.ops.validate import validate  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "gguf"
 FACTS = sorted((DATA / "facts").glob("*.json"))
@@ -76,6 +77,10 @@ def test_same_file_as_convert_lora_to_gguf(facts, tmp_path):
     """Key-values and tensors as the script wrote them; the uniform adapters byte for byte."""
     ref = _record(facts)
     out = _convert(tmp_path, ref["case"], ref["base"], ref["outtype"])
+    # what loratool writes passes its own validate (read back as llama.cpp reads it)
+    report = validate([out])
+    assert report.files[0].format == "gguf"
+    assert not report.failed("warning"), [str(f.message) for f in report.findings]
     mine = _maker().gguf_facts(out)
     assert mine["kv"] == ref["kv"]
     assert [t["name"] for t in mine["tensors"]] == [t["name"] for t in ref["tensors"]]

@@ -41,10 +41,12 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterable
+from typing import Any
 
 from lora_tools.constants import ADAPTER_CONFIG_NAME
 from lora_tools.consumers import parse_profiles
 from lora_tools.errors import UsageError
+from lora_tools.io.gguf import GgufFile, is_gguf
 from lora_tools.io.safetensors import PICKLE_SUFFIXES, gc_paused
 from lora_tools.ops.validate.checks import check_target
 from lora_tools.ops.validate.checks.profiles import Deployment
@@ -83,7 +85,8 @@ def validate(
     Args:
         paths: adapter files or folders (``adapter_config.json`` alone means its folder).
         base: a base checkpoint (file, HF folder, sharded folder, diffusers folder or Hub id)
-            to resolve every module against (``LT4xx`` rules).
+            to resolve every module against (``LT4xx`` rules); for GGUF adapters also a GGUF
+            model.
         select: rule codes, prefixes (``LT2``), names or ``ALL`` (default: all rules).
         ignore: rules to leave out, in the same spelling.
         progress: told how many data bytes the value rules will read, then each chunk.
@@ -109,13 +112,10 @@ def validate(
     deployment = _deployment(profiles, max_lora_rank, target_modules)
     if deployment is not None:
         rules |= select_rules(list(deployment.families), ignore)
-    checkpoint = None
-    if base is not None:
-        from lora_tools.io.checkpoint import open_checkpoint
-        from lora_tools.io.hub import resolve_input
-
-        checkpoint = open_checkpoint(resolve_input(base, role="base"))
+    checkpoint: Any = None
     targets = discover(paths)
+    if base is not None:
+        checkpoint = _open_base(base, targets)
     if progress is not None and any(code.startswith("LT2") for code in rules):
         total = 0
         for t in targets:
@@ -136,6 +136,30 @@ def validate(
         if checkpoint is not None:
             checkpoint.close()
     return Report(files, rules, os.fspath(base) if base is not None else None)
+
+
+def _open_base(base: str | os.PathLike[str], targets: list[Target]) -> Any:
+    """The ``--base`` opened: a base checkpoint, or a GGUF model (which only GGUF adapters
+    are checked against: llama.cpp names its tensors).
+
+    Raises:
+        UsageError: a GGUF base with an adapter that is no GGUF.
+    """
+    from lora_tools.io.hub import resolve_input
+
+    path = resolve_input(base, role="base")
+    if not is_gguf(path):
+        from lora_tools.io.checkpoint import open_checkpoint
+
+        return open_checkpoint(path)
+    others = [t.path for t in targets if t.weights is None or not is_gguf(t.weights)]
+    if others:
+        raise UsageError(
+            f"--base {os.fspath(base)} is a GGUF model: it checks llama.cpp GGUF adapters only, "
+            f"not {others[0]}",
+            hint="validate the other adapters against the Hugging Face base (--base FOLDER)",
+        )
+    return GgufFile(path)
 
 
 def _deployment(

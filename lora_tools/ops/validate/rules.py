@@ -4,10 +4,10 @@ Every rule has a code (``LT012``), a one-line kebab-case name (``truncated``), a
 and a page in docs/rules.md (what it checks, why it matters, an example, how to fix). Codes never
 change meaning and are never reused; the hundreds digit is the category:
 
-- ``LT0xx`` file integrity: the safetensors container (header only), pickles
+- ``LT0xx`` file integrity: the safetensors or GGUF container (header only), pickles
 - ``LT1xx`` structure: factors, ranks, shapes, alphas, adapter types, keys (header only)
 - ``LT2xx`` values: read the tensor data, each byte once (NaN/Inf, zero factors, outliers, hash)
-- ``LT3xx`` config and metadata: adapter_config.json, diffusers and kohya metadata
+- ``LT3xx`` config and metadata: adapter_config.json, diffusers, kohya and GGUF metadata
 - ``LT4xx`` base: every module against a ``--base`` checkpoint
 - ``LT5xx`` deployment profiles (``--profile``): what a consumer refuses or serves wrong, one
   family per consumer (``LT50x`` vLLM, ``LT51x`` SGLang, ``LT52x`` TGI, ``LT53x`` llama.cpp,
@@ -92,6 +92,7 @@ _CATALOGUE = (
     Rule("LT016", "pickle-file", ERROR, "pickle-based weights (.bin/.pt/.ckpt) can run code"),
     Rule("LT017", "unreadable-file", ERROR, "path does not exist or cannot be read"),
     Rule("LT018", "no-adapter-weights", ERROR, "folder holds no adapter weights file"),
+    Rule("LT019", "gguf-invalid", ERROR, "GGUF file the gguf package cannot parse"),
     # -- LT1xx structure (header only)
     Rule("LT101", "missing-partner", ERROR, "LoRA factor without its partner factor"),
     Rule("LT102", "rank-mismatch", ERROR, "rank of the down factor differs from the up factor"),
@@ -112,6 +113,7 @@ _CATALOGUE = (
     Rule("LT117", "type-shape-mismatch", ERROR, "LyCORIS module's tensor shapes make no update"),
     Rule("LT118", "lokr-alpha-ignored", INFO, "LoKr alpha stored with both factors whole"),
     Rule("LT119", "lokr-rank-ambiguous", ERROR, "LoKr factors decomposed with different ranks"),
+    Rule("LT120", "gguf-unexpected-tensor", ERROR, "GGUF tensor that is no .lora_a / .lora_b"),
     # -- LT2xx values (read the data, each byte once)
     Rule("LT201", "non-finite", ERROR, "tensor holds NaN or infinite values"),
     Rule("LT202", "untrained-adapter", ERROR, "every module's update is exactly zero"),
@@ -132,12 +134,18 @@ _CATALOGUE = (
     Rule("LT308", "dora-mismatch", ERROR, "use_dora disagrees with the magnitude vectors"),
     Rule("LT309", "network-dim-mismatch", WARNING, "ss_network_dim contradicts the tensors"),
     Rule("LT310", "network-alpha-mismatch", WARNING, "ss_network_alpha contradicts the tensors"),
+    Rule("LT311", "gguf-not-adapter", ERROR, "GGUF general.type is not 'adapter'"),
+    Rule("LT312", "gguf-not-lora", ERROR, "GGUF adapter.type is not 'lora'"),
+    Rule("LT313", "gguf-unknown-architecture", ERROR, "GGUF general.architecture is unknown"),
+    Rule("LT314", "gguf-kv-type", ERROR, "GGUF key-value of a type llama.cpp does not read"),
+    Rule("LT315", "gguf-alpha-missing", INFO, "GGUF adapter.lora.alpha absent or 0 (scale 1)"),
     # -- LT4xx base checkpoint
     Rule("LT401", "unresolved-module", ERROR, "module resolves to no base weight"),
     Rule("LT402", "ambiguous-module", ERROR, "module resolves to more than one base weight"),
     Rule("LT403", "base-shape-mismatch", ERROR, "module update does not fit the base weight"),
     Rule("LT404", "no-module-matches-base", ERROR, "0 of N modules match the base"),
     Rule("LT405", "dtype-differs", INFO, "adapter dtype differs from the base dtype"),
+    Rule("LT406", "gguf-architecture-mismatch", ERROR, "GGUF architecture differs from the base's"),
     # -- LT5xx deployment profiles (--profile; docs/rules.md names each rule's source)
     Rule("LT501", "vllm-not-peft", ERROR, "vLLM loads PEFT folders only"),
     Rule("LT502", "vllm-refused-feature", ERROR, "config uses a feature vLLM refuses"),

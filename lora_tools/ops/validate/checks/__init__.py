@@ -7,7 +7,8 @@ on what the previous one could establish:
 - ``values`` (``LT2xx``): one streaming pass over the data;
 - ``base_model`` (``LT4xx``): every module against the ``--base`` checkpoint;
 - ``profiles`` (``LT5xx``): the rules of each ``--profile`` consumer.
-- ``consumers`` (``LT59x``): what the consumers that load the file do with its scales.
+- ``consumers`` (``LT59x``): what the consumers that load the file do with its scales;
+- ``gguf``: the same layers on a llama.cpp LoRA GGUF, from its own facts.
 
 They share one :class:`~lora_tools.ops.validate.context.Context` per target, which holds the
 findings and drops those of disabled rules.
@@ -20,6 +21,7 @@ from typing import Any
 
 from lora_tools.errors import LoraToolError
 from lora_tools.formats.base import AdapterSource
+from lora_tools.io.gguf import is_gguf
 from lora_tools.io.safetensors import SafetensorsFile
 from lora_tools.ops.validate.checks.base_model import check_base
 from lora_tools.ops.validate.checks.config import (
@@ -29,6 +31,7 @@ from lora_tools.ops.validate.checks.config import (
     readable_config,
 )
 from lora_tools.ops.validate.checks.consumers import check_consumer_scales
+from lora_tools.ops.validate.checks.gguf import check_gguf
 from lora_tools.ops.validate.checks.integrity import check_container
 from lora_tools.ops.validate.checks.profiles import check_profiles
 from lora_tools.ops.validate.checks.structure import check_structure, detect_format
@@ -68,6 +71,9 @@ def check_target(
         chunk_bytes=chunk_bytes,
         deployment=deployment,
     )
+    if target.problem is None and target.weights is not None and is_gguf(target.weights):
+        check_gguf(ctx)
+        return ctx.report
     container = check_container(ctx)
     if container is None:
         check_config_only(ctx)

@@ -129,8 +129,8 @@ def check_values(ctx: Context, adapter: Adapter, header: Header, clean: bool) ->
         killing = _zero_by_product(adapter.deltas[stem], parts)
         if killing:
             zero[stem] = killing
-    _zero_rules(ctx, adapter, zero)
-    _outliers(ctx, adapter, grams, zero, non_finite)
+    report_zero_modules(ctx, adapter, zero)
+    report_outliers(ctx, adapter, grams, zero, non_finite)
     if digest is not None and expected_hash is not None:
         _check_model_hash(ctx, header, expected_hash, digest.hexdigest())
 
@@ -217,7 +217,10 @@ def added_zero_modules(adapter: Adapter) -> set[str]:
     return {k for k in keys if isinstance(k, str)} if isinstance(keys, list) else set()
 
 
-def _zero_rules(ctx: Context, adapter: Adapter, zero: dict[str, list[str]]) -> None:
+def report_zero_modules(ctx: Context, adapter: Adapter, zero: dict[str, list[str]]) -> None:
+    """LT202 when every module's update is zero, else LT203 per module (``zero``: stem -> the
+    roles found all-zero), leaving out the modules loratool added on purpose; the GGUF rules
+    share it."""
     modules = {**adapter.modules, **adapter.deltas}
     if not zero:
         return
@@ -251,13 +254,16 @@ def _zero_rules(ctx: Context, adapter: Adapter, zero: dict[str, list[str]]) -> N
         )
 
 
-def _outliers(
+def report_outliers(
     ctx: Context,
     adapter: Adapter,
     grams: dict[str, dict[str, np.ndarray | Factor]],
     zero: dict[str, list[str]],
     non_finite: set[str],
 ) -> None:
+    """LT204 for update norms far from the file's median, from each module's two Grams
+    (``grams``: stem -> role -> :func:`~lora_tools.ops.validate.scan.gram`); the GGUF rules
+    share it."""
     stems, norms = [], []
     for stem, m in adapter.modules.items():
         pair = grams.get(stem, {})
