@@ -237,10 +237,24 @@ class LoraModule:
         :attr:`delta_shape`); for embeddings it is ``[dim, num_embeddings]``, the transpose of
         the update.
         """
+        self._require_fitting_factors()
         self._require_memory(np.dtype(dtype).itemsize)
         up = self.up.numpy().astype(dtype).reshape(self.out_features, self.rank)
         down = self.down.numpy().astype(dtype).reshape(self.rank, -1)
         return up, down
+
+    def _require_fitting_factors(self) -> None:
+        """AdapterError naming the module when up and down do not share the rank: such a
+        module (validate's LT102) has no update to compute."""
+        if self.up.numel == self.out_features * self.rank:
+            return
+        source = getattr(self.down, "file", None)
+        raise AdapterError(
+            f"module {self.key!r}: up {list(self.up.shape)} does not fit down "
+            f"{list(self.down.shape)} (rank {self.rank}), so the module has no update",
+            path=source.path if source is not None else None,
+            hint="run loratool validate on the file: its structure rules say what is wrong",
+        )
 
     def _require_memory(self, itemsize: int) -> None:
         """AdapterError naming the module when its factors, as ``itemsize``-byte floats, and

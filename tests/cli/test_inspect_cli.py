@@ -72,6 +72,17 @@ def test_stats_view(fixtures_dir):
 )
 def test_bad_input_is_one_line_with_exit_3(fixtures_dir, target, code, needle):
     proc = run_cli("inspect", str(fixtures_dir / target))
+    _one_line_error(proc, code, needle)
+
+
+def test_stats_of_a_module_whose_factors_do_not_fit_is_one_line_with_exit_3(fixtures_dir):
+    # without --stats the broken file is shown; its update cannot be computed
+    assert run_cli("inspect", str(fixtures_dir / "broken/rank-mismatch")).returncode == 0
+    proc = run_cli("inspect", str(fixtures_dir / "broken/rank-mismatch"), "--stats")
+    _one_line_error(proc, 3, "'base_model.model.model.layers.0.self_attn.k_proj': up [16, 3]")
+
+
+def _one_line_error(proc, code, needle):
     assert proc.returncode == code
     assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
