@@ -225,3 +225,21 @@ def test_relative_error_is_that_of_the_written_bf16_factors(tmp_path: Path) -> N
         assert err == pytest.approx(row.relative_error, rel=1e-6)
         moved += abs(row.relative_error - row.svd_relative_error) > 1e-7
     assert moved  # bf16 rounding changes the error: the two fields are not the same number
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_the_streamed_dense_fallback_never_takes_the_matrix_whole(monkeypatch, transposed) -> None:
+    """No certificate on a tall streamed matrix (an embedding's shape): the float64 Gram
+    route gives LAPACK's optimum, without ``whole()``."""
+    flat = np.random.default_rng(4).standard_normal((300, 40)).astype(np.float32)
+    want = truncate(flat.T if transposed else flat, rank=5)
+    want_rank = truncate(flat.T if transposed else flat, energy=0.5).rank
+    monkeypatch.setattr(svd._Op, "whole", lambda self: pytest.fail("took the matrix whole"))
+    got = truncate(streamed(flat, 23)[0], rank=5, transposed=transposed)
+    assert got.method == want.method == svd.EXACT and got.rank == 5
+    assert got.relative_error == pytest.approx(want.relative_error, rel=1e-9)
+    assert got.excess_bound < 1e-9
+    np.testing.assert_allclose(got.up @ got.down, want.up @ want.down, atol=1e-9)
+    # and the energy rule picks LAPACK's rank
+    e_got = truncate(streamed(flat, 23)[0], energy=0.5, transposed=transposed)
+    assert e_got.rank == want_rank

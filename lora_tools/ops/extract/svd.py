@@ -560,17 +560,24 @@ def truncate(
         )
 
 
-def _dense(Aw: _Op, be: Backend, rule: _Rule, total: float, flip: bool) -> Truncation:
-    """The dense float64 SVD: exact (Eckart-Young), for any rule."""
-    u, S, vh = be.dense_svd(Aw.whole())
+def _dense_rank(S: np.ndarray, rule: _Rule, total: float) -> int:
     dim = len(S)
     if total == 0:
-        k = 1
-    elif rule.rank is not None:
+        return 1
+    if rule.rank is not None:
         live = int(np.count_nonzero(S[0] * dim * np.finfo(np.float64).eps < S))
-        k = max(1, min(rule.rank, live))
-    else:
-        k = select_rank(S, energy=rule.energy, min_rank=rule.min_rank, max_rank=rule.max_rank)
+        return max(1, min(rule.rank, live))
+    return select_rank(S, energy=rule.energy, min_rank=rule.min_rank, max_rank=rule.max_rank)
+
+
+def _dense(Aw: _Op, be: Backend, rule: _Rule, total: float, flip: bool) -> Truncation:
+    """The dense float64 SVD: exact (Eckart-Young), for any rule. A streamed matrix whose
+    short side is the stored columns (an embedding, lm_head) takes :func:`_gram` instead, which
+    never holds it whole."""
+    if not Aw.source.resident and Aw.flip and total > 0:
+        return _gram(Aw, rule, total, flip)
+    u, S, vh = be.dense_svd(Aw.whole())
+    k = _dense_rank(S, rule, total)
     root = np.sqrt(S[:k])
     up, down = u[:, :k] * root, vh[:k] * root[:, None]
     up, down = (down.T, up.T) if flip else (up, down)
@@ -586,6 +593,48 @@ def _dense(Aw: _Op, be: Backend, rule: _Rule, total: float, flip: bool) -> Trunc
         retained_energy=kept / energy if energy > 0 else 1.0,
         method=EXACT,
         excess_bound=0.0,
+        failure_probability=0.0,
+        precision="float64",
+    )
+
+
+def _gram(Aw: _Op, rule: _Rule, total: float, flip: bool) -> Truncation:
+    """The exact truncation of a streamed ``A = S^T`` (``[m, n]``, ``m`` the stored columns)
+    from the float64 Gram matrix ``G = A A^T = sum_b S_b^T S_b`` (``[m, m]``, one pass):
+    ``G = W diag(s^2) W^T``; the approximation is the projection ``W_k W_k^T A`` (one more
+    pass, ``P = A^T W_k = S W_k``), whose error ``||A||_F^2 - ||P||_F^2`` is exact. Its
+    distance to the optimum is at rounding level: ``e^2 - e_opt^2 <= delta = 4 k n eps s_1^2``
+    (the eigensolver is backward stable; the Gram sum over ``n`` rows), reported as the
+    excess bound."""
+    m, n = Aw.shape
+    G = np.zeros((m, m))
+    for _, block in Aw.source.blocks(np.float64):
+        G += block.T @ block
+    lam, W = np.linalg.eigh(G)
+    lam, W = lam[::-1], W[:, ::-1]
+    S = np.sqrt(np.clip(lam, 0.0, None))
+    k = _dense_rank(S, rule, total)
+    Wk = np.ascontiguousarray(W[:, :k])
+    P = np.empty((n, k))
+    for start, block in Aw.source.blocks(np.float64):
+        P[start : start + block.shape[0]] = block @ Wk
+    kept = float(np.einsum("ij,ij->", P, P))
+    err2 = max(total - kept, 0.0)
+    root = np.sqrt(S[:k])
+    live = root > 0
+    inv = np.where(live, 1 / np.where(live, root, 1.0), 0.0)
+    up, down = Wk * root, (P * inv).T  # A ~ (W_k sqrt(s)) (diag(1/sqrt(s)) P^T)
+    up, down = (down.T, up.T) if flip else (up, down)
+    delta = 4 * k * n * np.finfo(np.float64).eps * float(lam[0])
+    return Truncation(
+        up=np.ascontiguousarray(up),
+        down=np.ascontiguousarray(down),
+        S=S[:k],
+        frobenius=math.sqrt(total),
+        relative_error=math.sqrt(err2 / total),
+        retained_energy=min(kept / total, 1.0),
+        method=EXACT,
+        excess_bound=_excess_ratio(err2, err2 - delta, math.sqrt(total)),
         failure_probability=0.0,
         precision="float64",
     )
