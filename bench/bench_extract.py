@@ -4,6 +4,10 @@ Usage (from the repository root; prints a markdown table for docs/benchmarks.md)
 
     .venv/bin/python bench/bench_extract.py --mergekit /path/to/venv/bin/mergekit-extract-lora
     .venv/bin/python bench/bench_extract.py --size 8b --no-mergekit --runs 1 --sample 3
+    .venv/bin/python bench/bench_extract.py --size 8b-4l --no-mergekit --runs 1 --sample 3
+
+(``8b`` writes a 32 GB pair under ``--work``: check ``df -h`` first; ``8b-4l`` has the same
+largest tensors, so the same per-pair memory, in 7.7 GB.)
 
 mergekit is not a dependency: install it in a separate venv (``pip install torch==2.13.0`` first,
 the CPU build, then ``pip install mergekit``) and pass its ``mergekit-extract-lora``.

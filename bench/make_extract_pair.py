@@ -2,7 +2,7 @@
 
 Usage (from the repository root):
 
-    .venv/bin/python bench/make_extract_pair.py OUT_DIR [--size 1b|8b|tiny]
+    .venv/bin/python bench/make_extract_pair.py OUT_DIR [--size 1b|8b|8b-4l|tiny]
 
 writes ``OUT_DIR/base`` and ``OUT_DIR/finetuned``: HF folders (``config.json`` for
 ``LlamaForCausalLM``, safetensors shards and ``model.safetensors.index.json``), streamed tensor
@@ -43,12 +43,15 @@ SHAPES = {
     "1b": dict(hidden=2048, layers=16, inter=5632, vocab=32000, heads=32, kv=4),
     # 16.06 GB per checkpoint (8.03 G parameters), Llama-3-8B's shapes
     "8b": dict(hidden=4096, layers=32, inter=14336, vocab=128256, heads=32, kv=8),
+    # Llama-3-8B's shapes, 4 of its 32 layers: the same largest tensors (so the same peak
+    # memory for a streaming extractor), 3.85 GB per checkpoint
+    "8b-4l": dict(hidden=4096, layers=4, inter=14336, vocab=128256, heads=32, kv=8),
     # for tests: a few MB
     "tiny": dict(hidden=128, layers=2, inter=320, vocab=512, heads=4, kv=2),
 }
 #: Shard size like HF's defaults: 5 GB for 8b, 512 MiB for the 1b (several shards, as a real
 #: checkpoint has), 256 KiB for tiny.
-MAX_SHARD_BYTES = {"1b": 1 << 29, "8b": 5 * 10**9, "tiny": 1 << 18}
+MAX_SHARD_BYTES = {"1b": 1 << 29, "8b": 5 * 10**9, "8b-4l": 5 * 10**9, "tiny": 1 << 18}
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TRUE_RANK = 24
 DECAY = 8.0

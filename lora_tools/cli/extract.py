@@ -171,9 +171,9 @@ def render(result: Any, written: Path) -> None:
         f"{c['stored']} stored whole, {c['listed']} listed, {c['resized']} resized)"
     )
     click.echo(
-        f"overall relative error {s['overall_relative_error']:.3e}, max "
+        f"overall relative error {s['overall_relative_error']:.3e} (as written), max "
         f"{s['max_relative_error']:.3e}, min energy kept {s['min_retained_energy']:.6f}; "
-        f"certified within {s['max_excess_bound']:.1e} of the optimum; "
+        f"SVDs certified within {s['max_excess_bound']:.1e} of the optimum; "
         f"{s['lora_parameters']:,} LoRA parameters"
     )
     click.echo(f"wrote {written}")

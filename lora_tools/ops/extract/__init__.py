@@ -35,6 +35,7 @@ import dataclasses
 import math
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,13 +44,15 @@ import numpy as np
 from lora_tools.adapter import CONV, EMBEDDING, LINEAR, Adapter, LoraModule
 from lora_tools.errors import DeviceError, FormatError, ResolveError, ShapeError, UsageError
 from lora_tools.io.checkpoint import Checkpoint, Component, open_checkpoint
-from lora_tools.io.safetensors import ArrayTensor, Tensor, TensorInfo, numpy_dtype
+from lora_tools.io.safetensors import ArrayTensor, Tensor, numpy_dtype
 from lora_tools.naming import PEFT_PREFIX, kohya_name
 from lora_tools.ops._algebra import Progress, add_history
 from lora_tools.ops.extract.svd import (
     NumpyBackend,
+    Rows,
     TorchBackend,
     Truncation,
+    residual_error,
     truncate,
 )
 from lora_tools.resolve import CONV1D_MODEL_TYPES, CONV1D_NAMES, SINGLE_FILE_PREFIXES
@@ -78,6 +81,11 @@ EMBEDDING_NAMES = (
 #: Layers whose rows are the vocabulary: a fine-tune that added tokens has more of them.
 VOCAB_NAMES = (*EMBEDDING_NAMES, "lm_head", "embed_out", "output")
 
+#: A difference up to this many bytes (in float32, or float64 for F64 inputs) is held whole
+#: for its SVD; a larger one (an embedding, lm_head) is streamed: read again from the two
+#: files in row blocks on every pass of the sketch, so it is never whole in memory.
+RESIDENT_BYTES = 256 << 20
+
 #: Tensor statuses of the non-LoRA rows.
 UNCHANGED = "unchanged"
 STORED = "stored"
@@ -95,7 +103,10 @@ class ModuleExtract:
         shape: the weight's shape.
         rank: the rank written.
         retained_energy: ``||dW_k||_F^2 / ||dW||_F^2``.
-        relative_error: ``||dW - dW_k||_F / ||dW||_F`` (before rounding to the output dtype).
+        relative_error: ``||dW - up @ down||_F / ||dW||_F`` of the factors as written (rounded
+            to the output dtype), measured in float64 over the true difference.
+        svd_relative_error: the same before the rounding: the truncated SVD's own error (what
+            ``excess_bound`` certifies against the Eckart-Young optimum).
         frobenius: ``||dW||_F``.
         method: ``randomized`` (certified) or ``exact`` (dense float64 SVD).
         excess_bound: certified ``error / optimal error - 1`` (0 for ``exact``).
@@ -108,6 +119,7 @@ class ModuleExtract:
     rank: int
     retained_energy: float
     relative_error: float
+    svd_relative_error: float
     frobenius: float
     method: str
     excess_bound: float
@@ -341,24 +353,96 @@ def _pairs(base: Checkpoint, ft: Checkpoint) -> list[tuple[Component, Component,
     return out
 
 
-def _as_float(raw: np.ndarray, info: TensorInfo) -> np.ndarray:
-    """The raw bytes of a float tensor as float32 (float64 for F64), exactly."""
-    shape = tuple(info.shape)
-    if info.dtype == "BF16":
+#: Bytes of raw data read per side and row block when comparing and differencing a pair.
+PAIR_BLOCK_BYTES = 4 << 20
+
+
+def _decode(raw: np.ndarray, dtype: str, rows: int, wide: Any) -> np.ndarray:
+    """Raw bytes of ``rows`` rows of a float tensor as a new ``[rows, -1]`` array of ``wide``
+    (one array: no temporaries of the block's size)."""
+    if dtype == "BF16":
         # bfloat16 is the top half of a float32: widening is a shift (no ml_dtypes needed)
-        return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32).reshape(shape)
-    if info.dtype == "F16":
-        return raw.view("<f2").astype(np.float32).reshape(shape)
-    if info.dtype == "F32":
-        return raw.view("<f4").reshape(shape)
-    return raw.view("<f8").reshape(shape)
+        bits = np.empty(raw.nbytes // 2, np.uint32)
+        bits[:] = raw.view("<u2")
+        bits <<= 16
+        out = bits.view(np.float32)
+    elif dtype == "F16":
+        out = raw.view("<f2").astype(np.float32)
+    elif dtype == "F32":
+        out = raw.view("<f4").copy()
+    else:
+        out = raw.view("<f8").copy()
+    out = out if out.dtype == wide else out.astype(wide)
+    return out.reshape(rows, -1)
 
 
-def _read_raw(comp: Component, key: str) -> np.ndarray:
-    info = comp.info(key)
-    out = np.empty(info.nbytes, np.uint8)
-    comp.open(comp.file_for(key)).read_into(key, out)
-    return out
+class _Pair:
+    """One (base, fine-tune) tensor pair, read in row blocks of about ``PAIR_BLOCK_BYTES`` per side:
+    neither tensor is ever read whole (the difference is, where it is small enough)."""
+
+    def __init__(self, comp_b: Component, comp_f: Component, key: str) -> None:
+        self.key = key
+        self.info_b, self.info_f = comp_b.info(key), comp_f.info(key)
+        self.file_b = comp_b.open(comp_b.file_for(key))
+        self.file_f = comp_f.open(comp_f.file_for(key))
+        self.shape = tuple(self.info_f.shape)
+        self.rows = self.shape[0] if self.shape else 1
+        self.cols = math.prod(self.shape[1:]) if self.shape else 1
+        self.numel = self.rows * self.cols
+        widest = max(self.info_b.nbytes, self.info_f.nbytes) // max(self.rows, 1)
+        self.rows_per_block = max(1, PAIR_BLOCK_BYTES // max(widest, 1))
+        self.float = self.info_b.dtype in FLOAT_DTYPES and self.info_f.dtype in FLOAT_DTYPES
+        self.wide = np.float64 if "F64" in (self.info_b.dtype, self.info_f.dtype) else np.float32
+
+    def raw_blocks(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """``(first row, base bytes, fine-tune bytes)`` per row block; the buffers are reused."""
+        rb = self.info_b.nbytes // max(self.rows, 1)
+        rf = self.info_f.nbytes // max(self.rows, 1)
+        buf_b = np.empty(rb * min(self.rows_per_block, self.rows), np.uint8)
+        buf_f = np.empty(rf * min(self.rows_per_block, self.rows), np.uint8)
+        for start in range(0, self.rows, self.rows_per_block):
+            n = min(self.rows_per_block, self.rows - start)
+            if not self.shape:  # a scalar: one "row"
+                yield (
+                    0,
+                    self.file_b.read_into(self.key, buf_b),
+                    self.file_f.read_into(self.key, buf_f),
+                )
+                return
+            a = self.file_b.read_into(self.key, buf_b[: n * rb], row_start=start)
+            b = self.file_f.read_into(self.key, buf_f[: n * rf], row_start=start)
+            yield start, a, b
+
+    def bit_equal(self) -> bool:
+        """Same dtype and same bytes, compared block by block (stops at the first change)."""
+        if self.info_b.dtype != self.info_f.dtype:
+            return False
+        return all(np.array_equal(a, b) for _, a, b in self.raw_blocks())
+
+    def diff_blocks(self, dtype: Any = None) -> Iterator[tuple[int, np.ndarray]]:
+        """``(first row, W_ft - W_base)`` per row block, ``[rows, cols]``, in ``dtype`` (the
+        difference is formed in :attr:`wide`, exactly for bf16 / fp16 inputs)."""
+        for start, a, b in self.raw_blocks():
+            n = a.nbytes * self.rows // max(self.info_b.nbytes, 1) if self.shape else 1
+            d = _decode(b, self.info_f.dtype, n, self.wide)
+            d -= _decode(a, self.info_b.dtype, n, self.wide)
+            yield start, d if dtype is None or d.dtype == dtype else d.astype(dtype)
+
+    def diff(self) -> np.ndarray:
+        """The whole difference, ``[rows, cols]`` in :attr:`wide`, filled block by block."""
+        out = np.empty((self.rows, self.cols), self.wide)
+        for start, d in self.diff_blocks():
+            out[start : start + d.shape[0]] = d
+        return out
+
+    def stats(self) -> tuple[bool, bool, float]:
+        """``(all finite, any nonzero, ||dW||_F^2)``, one streamed pass."""
+        finite, nonzero, total = True, False, 0.0
+        for _, d in self.diff_blocks():
+            finite = finite and bool(np.isfinite(d).all())
+            nonzero = nonzero or bool(d.any())
+            total += float(np.einsum("ij,ij->", d, d, dtype=np.float64))
+        return finite, nonzero, total
 
 
 # -- naming -----------------------------------------------------------------------------------
@@ -611,53 +695,76 @@ class _Run:
         )
 
     def work(self, comp_b: Component, comp_f: Component, key: str) -> tuple[Any, ...]:
-        """One pair, in a worker: ``("same",)``, ``("other", why, diff)`` or
-        ``("lora", kind, shape, truncation)``. Mutates nothing."""
-        info_b, info_f = comp_b.info(key), comp_f.info(key)
+        """One pair, in a worker: ``("same",)``, ``("other", why, diff, norm)`` or ``("lora",
+        kind, shape, truncation, up, down, error)``. Mutates nothing.
+
+        Memory: two row blocks of the pair while comparing; the difference whole only when it
+        is at most :data:`RESIDENT_BYTES` (else every pass streams it); a non-LoRA difference
+        only when it will be stored (``keep_diffs``: kohya's ``.diff``, PEFT's bias)."""
+        pair = _Pair(comp_b, comp_f, key)
         label = _label(comp_b, key)
-        raw_f = _read_raw(comp_f, key)
-        raw_b = _read_raw(comp_b, key)
-        if info_b.dtype == info_f.dtype and np.array_equal(raw_b, raw_f):
+        if pair.bit_equal():
             return ("same",)
-        if info_b.dtype not in FLOAT_DTYPES or info_f.dtype not in FLOAT_DTYPES:
-            return ("other", f"{info_f.dtype} tensor (not a float weight) changed", None)
-        wide = np.float64 if "F64" in (info_b.dtype, info_f.dtype) else np.float32
-        diff = _as_float(raw_f, info_f).astype(wide, copy=True)
-        del raw_f
-        diff -= _as_float(raw_b, info_b)
-        del raw_b
-        if not np.isfinite(diff).all():
+        if not pair.float:
+            return ("other", f"{pair.info_f.dtype} tensor (not a float weight) changed", None, 0.0)
+        resident = pair.numel * np.dtype(pair.wide).itemsize <= RESIDENT_BYTES
+        whole = pair.diff() if resident else None
+        if whole is not None:
+            finite, nonzero = bool(np.isfinite(whole).all()), bool(whole.any())
+            total = float(np.einsum("ij,ij->", whole, whole, dtype=np.float64))
+        else:
+            finite, nonzero, total = pair.stats()
+        if not finite:
             raise FormatError(
                 f"tensor {label!r}: the difference holds NaN/Inf values",
                 path=self.ckpt_f.path,
                 hint="check both checkpoints for NaN/Inf weights",
                 kind="non-finite",
             )
-        if not diff.any():
+        if not nonzero:
             return ("same",)  # other bits, same values (-0.0 and 0.0, or another dtype)
+        shape, ndim = pair.shape, len(pair.shape)
         selected = self.pattern is None or self.pattern.search(label) is not None
-        if not (diff.ndim >= 2 and key.endswith(".weight") and selected):
-            if diff.ndim < 2:
-                why = "1-D (a norm or a bias)" if diff.ndim == 1 else "a scalar"
+        if not (ndim >= 2 and key.endswith(".weight") and selected):
+            if ndim < 2:
+                why = "1-D (a norm or a bias)" if ndim == 1 else "a scalar"
             elif not key.endswith(".weight"):
                 why = "not a layer weight"
             else:
                 why = "left out by --modules"
-            return ("other", why, diff)
-        path = self.naming.module(comp_b, key)[2]
+            # kohya's .diff needs the values; PEFT stores the fine-tuned tensors (but biases)
+            needed = self.keep_diffs and (self.format == "kohya" or ndim <= 1)
+            if needed and whole is None:
+                whole = pair.diff()
+            kept = whole.reshape(shape) if needed and whole is not None else None
+            return ("other", why, kept, math.sqrt(total))
         layer = key.removesuffix(".weight").rsplit(".", 1)[-1]
-        shape = diff.shape
-        if self.format == "peft" and layer in EMBEDDING_NAMES and diff.ndim == 2:
-            kind, A = EMBEDDING, diff.T  # PEFT's embedding update is (B @ A)^T
-        elif self.format == "peft" and self.conv1d and layer in CONV1D_NAMES and diff.ndim == 2:
-            kind, A = LINEAR, diff.T  # GPT-2 Conv1D stores [in, out] (fan_in_fan_out)
-        elif diff.ndim > 2:
-            kind, A = CONV, diff.reshape(shape[0], -1)
+        source = (
+            Rows.of(whole)
+            if whole is not None
+            else Rows((pair.rows, pair.cols), blocks=pair.diff_blocks, dtype=pair.wide)
+        )
+        if self.format == "peft" and layer in EMBEDDING_NAMES and ndim == 2:
+            kind, transposed = EMBEDDING, True  # PEFT's embedding update is (B @ A)^T
+        elif self.format == "peft" and self.conv1d and layer in CONV1D_NAMES and ndim == 2:
+            kind, transposed = LINEAR, True  # GPT-2 Conv1D stores [in, out] (fan_in_fan_out)
         else:
-            kind, A = LINEAR, diff
-        del path
-        t = truncate(A, **self._rule(), backend=self.backend, seed=self.seed, exact=self.exact)
-        return ("lora", kind, shape, t)
+            kind, transposed = (CONV if ndim > 2 else LINEAR), False  # a conv flattened
+        t = truncate(
+            source,
+            **self._rule(),
+            backend=self.backend,
+            seed=self.seed,
+            exact=self.exact,
+            transposed=transposed,
+        )
+        # the error of what is written: the factors rounded to the output dtype
+        out_dtype = self.dtype or pair.info_f.dtype
+        up = t.up.astype(numpy_dtype(out_dtype))
+        down = t.down.astype(numpy_dtype(out_dtype))
+        err = residual_error(source, up, down, transposed)
+        written = err / t.frobenius if t.frobenius > 0 else 0.0
+        return ("lora", kind, shape, t, up, down, written)
 
     def apply(self, pair: tuple[Component, Component, str], outcome: tuple[Any, ...]) -> None:
         """Record a worker's outcome (main thread, in pair order)."""
@@ -668,26 +775,22 @@ class _Run:
             self.unchanged += 1
             return
         if outcome[0] == "other":
-            _, why, diff = outcome
-            if diff is None:
-                shape = tuple(comp_f.info(key).shape)
+            _, why, diff, norm = outcome
+            shape = tuple(comp_f.info(key).shape)
+            if norm == 0.0:  # not a float tensor: nothing to measure or store
                 self.others.append(TensorExtract(label, shape, LISTED, f"{why}; not stored", 0.0))
                 return
-            norm = float(np.linalg.norm(diff))
-            # kohya's .diff needs the values; PEFT stores the fine-tuned tensors (but biases)
-            small = self.format == "kohya" or diff.ndim <= 1  # PEFT's lora_B.bias needs them
-            kept = diff.astype(numpy_dtype(out_dtype)) if small else None
+            # only what will be stored is kept (keep_diffs): a diff, never the whole walk's
+            kept = diff.astype(numpy_dtype(out_dtype)) if diff is not None else None
             self.diffs.append((comp_b, comp_f, key, kept))
-            self.others.append(TensorExtract(label, tuple(diff.shape), LISTED, why, norm))
+            self.others.append(TensorExtract(label, shape, LISTED, why, norm))
             return
-        _, kind, shape, t = outcome
+        _, kind, shape, t, up, down, written = outcome
         stem, component, path, keys = self.naming.module(comp_b, key)
         k = t.rank
         if kind == CONV:
-            down = t.down.reshape(k, *shape[1:])
-            up = t.up.reshape(shape[0], k, *[1] * (len(shape) - 2))
-        else:
-            down, up = t.down, t.up
+            down = down.reshape(k, *shape[1:])
+            up = up.reshape(shape[0], k, *[1] * (len(shape) - 2))
         module = LoraModule(
             key=stem,
             down=ArrayTensor(down, out_dtype),
@@ -702,7 +805,7 @@ class _Run:
             module.alpha_tensor = ArrayTensor(np.array(float(k), np.float32), "F32")
         self.loras[stem] = module
         self.sources[stem] = (comp_b.name, key)
-        self.rows.append(_row(stem, label, tuple(shape), t))
+        self.rows.append(_row(stem, label, tuple(shape), t, written))
 
     def _rule(self) -> dict[str, Any]:
         r = self.rule
@@ -858,14 +961,17 @@ class _Run:
         return [i for i, row in enumerate(self.others) if row.status == LISTED and row.frobenius]
 
 
-def _row(stem: str, label: str, shape: tuple[int, ...], t: Truncation) -> ModuleExtract:
+def _row(
+    stem: str, label: str, shape: tuple[int, ...], t: Truncation, written: float
+) -> ModuleExtract:
     return ModuleExtract(
         module=stem,
         tensor=label,
         shape=shape,
         rank=t.rank,
         retained_energy=t.retained_energy,
-        relative_error=t.relative_error,
+        relative_error=written,
+        svd_relative_error=t.relative_error,
         frobenius=t.frobenius,
         method=t.method,
         excess_bound=t.excess_bound,

@@ -37,6 +37,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,6 +142,9 @@ class NumpyBackend:
     def dense_svd(self, a: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return np.linalg.svd(np.asarray(a, dtype=np.float64), full_matrices=False)
 
+    def vcat(self, parts: list[Any]) -> Any:
+        return np.concatenate(parts, axis=0)
+
 
 class TorchBackend:
     """torch tensors on a device (``cuda:N``, or ``cpu`` for checking the torch path)."""
@@ -187,8 +191,144 @@ class TorchBackend:
         u, s, vh = self.torch.linalg.svd(a.to(self.torch.float64), full_matrices=False)
         return u.cpu().numpy(), s.cpu().numpy(), vh.cpu().numpy()
 
+    def vcat(self, parts: list[Any]) -> Any:
+        return self.torch.cat(parts, dim=0)
+
 
 Backend = NumpyBackend | TorchBackend
+
+
+# -- the matrix, resident or streamed in row blocks ----------------------------------------
+
+#: Bytes of one row block converted (float32 -> float64) or read from disk at a time.
+BLOCK_BYTES = 8 << 20
+
+BlockSource = Callable[[Any], Iterator[tuple[int, np.ndarray]]]
+
+
+class Rows:
+    """A matrix ``[m, n]`` as row blocks: resident (one ndarray) or streamed (``blocks(dtype)``
+    yields ``(first row, block)`` in order, read anew on every pass, so the whole matrix is
+    never in memory).
+
+    Every product the SVD takes is a sum or a stack over row blocks: ``S @ X`` stacks
+    ``S_b @ X``; ``S^T @ Y`` sums ``S_b^T @ Y_b``; ``||S||_F^2`` sums the blocks'.
+    """
+
+    def __init__(
+        self,
+        shape: tuple[int, int],
+        *,
+        array: np.ndarray | None = None,
+        blocks: BlockSource | None = None,
+        dtype: Any = np.float32,
+    ) -> None:
+        if (array is None) == (blocks is None):
+            raise ValueError("give exactly one of array and blocks")
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.array = None if array is None else np.ascontiguousarray(array)
+        self._blocks = blocks
+        self.dtype = np.dtype(self.array.dtype if self.array is not None else dtype)
+
+    @classmethod
+    def of(cls, a: np.ndarray) -> Rows:
+        return cls(a.shape, array=a)
+
+    @property
+    def resident(self) -> bool:
+        return self.array is not None
+
+    def blocks(self, dtype: Any) -> Iterator[tuple[int, np.ndarray]]:
+        """Row blocks in ``dtype``: the resident array itself when it already has it."""
+        dtype = np.dtype(dtype)
+        if self.array is None:
+            assert self._blocks is not None
+            yield from self._blocks(dtype)
+            return
+        if self.array.dtype == dtype:
+            yield 0, self.array
+            return
+        rows = _rows_per_block(self.shape[1], dtype.itemsize)
+        for start in range(0, self.shape[0], rows):
+            yield start, self.array[start : start + rows].astype(dtype)
+
+
+def _rows_per_block(n: int, itemsize: int) -> int:
+    return max(1, BLOCK_BYTES // max(1, n * itemsize))
+
+
+class _Op:
+    """The oriented matrix ``A`` (``S`` or ``S^T`` for the stored ``S``), on a backend, in the
+    working dtype: the products the sketch takes, block by block over ``S``'s rows."""
+
+    def __init__(self, source: Rows, flip: bool, be: Backend, dtype: Any) -> None:
+        self.source, self.flip, self.be = source, flip, be
+        self.np_dtype = np.dtype(dtype)
+        self.like = be.asarray(np.zeros((1, 1)), dtype)
+        m, n = source.shape
+        self.shape = (n, m) if flip else (m, n)
+        self._device = None
+        if isinstance(be, TorchBackend) and source.resident:
+            # a resident matrix goes to the device once, in the working dtype
+            assert source.array is not None
+            self._device = be.asarray(source.array, dtype)
+
+    def _blocks(self) -> Iterator[tuple[int, Any]]:
+        if self._device is not None:
+            yield 0, self._device
+            return
+        for start, block in self.source.blocks(self.np_dtype):
+            yield start, self.be.asarray(block, self.np_dtype)
+
+    def _stack(self, X: Any) -> Any:
+        """``S @ X``."""
+        parts = [block @ X for _, block in self._blocks()]
+        return parts[0] if len(parts) == 1 else self.be.vcat(parts)
+
+    def _sum(self, Y: Any) -> Any:
+        """``S^T @ Y``."""
+        acc = None
+        for start, block in self._blocks():
+            part = block.T @ Y[start : start + block.shape[0]]
+            acc = part if acc is None else acc + part
+        assert acc is not None
+        return acc
+
+    def dot(self, X: Any) -> Any:
+        """``A @ X``."""
+        return self._sum(X) if self.flip else self._stack(X)
+
+    def tdot(self, Y: Any) -> Any:
+        """``A^T @ Y``."""
+        return self._stack(Y) if self.flip else self._sum(Y)
+
+    def sumsq(self) -> float:
+        return sum(self.be.sumsq(block) for _, block in self._blocks())
+
+    def whole(self) -> Any:
+        """The oriented matrix whole (the dense SVD's input; a streamed one is read in)."""
+        if self._device is not None:
+            whole = self._device
+        elif self.source.resident:
+            assert self.source.array is not None
+            whole = self.be.asarray(self.source.array, self.np_dtype)
+        else:
+            whole = self.be.vcat([block for _, block in self._blocks()])
+        return whole.T if self.flip else whole
+
+
+def residual_error(source: Rows, up: np.ndarray, down: np.ndarray, transposed: bool) -> float:
+    """``||A - up @ down||_F`` in float64, row block by row block of the stored ``S``
+    (``A = S^T`` when ``transposed``): the error of factors as they are (e.g. rounded)."""
+    up64, down64 = np.asarray(up, np.float64), np.asarray(down, np.float64)
+    # in S's orientation: S ~ L @ R
+    L, R = (down64.T, up64.T) if transposed else (up64, down64)
+    total = 0.0
+    for start, block in source.blocks(np.float64):
+        r = np.array(block, np.float64, copy=True)  # a resident block may be the matrix
+        r -= L[start : start + block.shape[0]] @ R
+        total += float(np.einsum("ij,ij->", r, r))
+    return math.sqrt(total)
 
 
 # -- the certificate ----------------------------------------------------------------------------
@@ -221,37 +361,38 @@ def excess_bounds(theta: np.ndarray, eta2: float, kappa: float) -> np.ndarray:
 
 
 def _sketch(
-    A: Any, width: int, be: Backend, seed: int
+    A: _Op, width: int, be: Backend, seed: int
 ) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, float, float]:
     """``(Q, Ub, t, Vh, eta2, kappa)`` of a width-``width`` sketch of ``A`` (``[m, n]``).
 
-    Passes over ``A``: ``2 q + 1`` for the range finder, then two that also start the
-    residual's power iterations (``A^T [Q | X]`` gives ``B^T`` and ``R^T X``; ``A [B^T | W]``
-    gives the coupling ``E`` and the next iterate), then two per further power iteration.
+    Passes over ``A`` (each one row block at a time, :class:`_Op`): ``2 q + 1`` for the range
+    finder, then two that also start the residual's power iterations (``A^T [Q | X]`` gives
+    ``B^T`` and ``R^T X``; ``A [B^T | W]`` gives the coupling ``E`` and the next iterate),
+    then two per further power iteration.
     """
     rng = np.random.default_rng(seed)
-    dtype = np.float64 if _is64(A) else np.float32
-    Q = be.qr(A @ be.gaussian(rng, (A.shape[1], width), A))
+    dtype = A.np_dtype
+    Q = be.qr(A.dot(be.gaussian(rng, (A.shape[1], width), A.like)))
     for _ in range(POWER_ITERATIONS):
-        Q = be.qr(A @ be.qr(A.T @ Q))
-    X = be.gaussian(rng, (A.shape[0], RESIDUAL_VECTORS), A)
+        Q = be.qr(A.dot(be.qr(A.tdot(Q))))
+    X = be.gaussian(rng, (A.shape[0], RESIDUAL_VECTORS), A.like)
     X = _unit_columns(X - Q @ (Q.T @ X), be, dtype)
     # the residual R = (I - Q Q^T) A has R^T x = A^T x for x orthogonal to Q
-    both = A.T @ _hcat(be, Q, X)
+    both = A.tdot(_hcat(be, Q, X))
     Bt, W = both[:, :width], both[:, width:]
     B64 = be.numpy64(Bt).T
     Ub, t, Vh = np.linalg.svd(B64, full_matrices=False)
     mu = be.colsumsq(W)  # x^T R R^T x for unit x: the first power step
-    both = A @ _hcat(be, Bt, W)
+    both = A.dot(_hcat(be, Bt, W))
     F, X = both[:, :width], both[:, width:]
     # E^T = (I - Q Q^T) A B^T: the coupling of range(Q) with the rest
     F = F - Q @ (Q.T @ F)
     eta2 = be.sumsq(F)
     for _ in range(RESIDUAL_PRODUCTS - 1):
         X = _unit_columns(X - Q @ (Q.T @ X), be, dtype)
-        W = A.T @ X
+        W = A.tdot(X)
         mu = be.colsumsq(W)
-        X = A @ W
+        X = A.dot(W)
     kappa = float(mu.max(initial=0.0)) / (1 - RESIDUAL_EPS)
     return Q, Ub, t, Vh, eta2, kappa
 
@@ -276,10 +417,6 @@ def _excess_ratio(err2_high: float, opt2_low: float, frob: float) -> float:
     if opt2_low <= 0:
         return math.inf
     return max(math.sqrt(err2_high / opt2_low) - 1, 0.0)
-
-
-def _is64(A: Any) -> bool:
-    return str(A.dtype).endswith("float64")
 
 
 @dataclass(frozen=True)
@@ -317,7 +454,7 @@ def _choose_certified(
 
 
 def truncate(
-    A: np.ndarray,
+    A: np.ndarray | Rows,
     *,
     rank: int | None = None,
     energy: float | None = None,
@@ -327,6 +464,7 @@ def truncate(
     seed: int = 0,
     exact: bool = False,
     tolerance: float = TOLERANCE,
+    transposed: bool = False,
 ) -> Truncation:
     """The optimal rank-k approximation of ``A`` (``[m, n]``, float32 or float64).
 
@@ -336,12 +474,15 @@ def truncate(
     dense float64 SVD otherwise (and with ``exact``).
 
     Args:
-        A: the difference, 2-D.
+        A: the difference, 2-D: an array (a transposed view is not copied), or :class:`Rows`
+            (streamed in row blocks: only blocks of it are ever in memory, but for the dense
+            fallback).
         rank, energy, min_rank, max_rank: the rule (exactly one of ``rank`` / ``energy``).
         backend: :class:`NumpyBackend` (default) or :class:`TorchBackend`.
         seed: seed of the Gaussian test matrices.
         exact: always take the dense SVD.
         tolerance: the certificate's relative tolerance.
+        transposed: approximate ``A^T`` instead (the factors are those of ``A^T``).
 
     Returns:
         A :class:`Truncation` with ``up`` ``[m, k]`` and ``down`` ``[k, n]``.
@@ -350,13 +491,20 @@ def truncate(
         raise ValueError("exactly one of rank and energy is needed")
     be = backend or NumpyBackend()
     rule = _Rule(rank, energy, min_rank, max_rank)
-    m, n = A.shape
+    if isinstance(A, np.ndarray):
+        if not A.flags.c_contiguous and A.T.flags.c_contiguous:
+            A, transposed = A.T, not transposed  # the stored rows, read in order
+        source = Rows.of(A if A.dtype in (np.float32, np.float64) else A.astype(np.float32))
+    else:
+        source = A
+    m, n = source.shape[::-1] if transposed else source.shape
     flip = m > n  # sketch the short side: Q is [min(m, n), l]
-    host = A.T if flip else A
     dim = min(m, n)
-    work64 = A.dtype == np.float64
-    Aw = be.asarray(host, np.float64 if work64 else np.float32)
-    total = be.sumsq(Aw)
+    work64 = source.dtype == np.float64
+    # the oriented A is S (stored) or S^T; the sketch works on its short side
+    swap = flip != transposed
+    Aw = _Op(source, swap, be, np.float64 if work64 else np.float32)
+    total = Aw.sumsq()
     frob = math.sqrt(total)
     if total == 0 or exact:
         return _dense(Aw, be, rule, total, flip)
@@ -385,7 +533,7 @@ def truncate(
             and _excess_ratio(err2, err2 - excess, frob) <= (tolerance / 2)
         ):
             work64 = True  # the spectrum needs more digits than float32 keeps
-            Aw = be.asarray(host, np.float64)
+            Aw = _Op(source, swap, be, np.float64)
             continue
         if ratio > tolerance:
             if rank is not None or width >= DENSE_FRACTION * dim:
@@ -412,17 +560,24 @@ def truncate(
         )
 
 
-def _dense(Aw: Any, be: Backend, rule: _Rule, total: float, flip: bool) -> Truncation:
-    """The dense float64 SVD: exact (Eckart-Young), for any rule."""
-    u, S, vh = be.dense_svd(Aw)
+def _dense_rank(S: np.ndarray, rule: _Rule, total: float) -> int:
     dim = len(S)
     if total == 0:
-        k = 1
-    elif rule.rank is not None:
+        return 1
+    if rule.rank is not None:
         live = int(np.count_nonzero(S[0] * dim * np.finfo(np.float64).eps < S))
-        k = max(1, min(rule.rank, live))
-    else:
-        k = select_rank(S, energy=rule.energy, min_rank=rule.min_rank, max_rank=rule.max_rank)
+        return max(1, min(rule.rank, live))
+    return select_rank(S, energy=rule.energy, min_rank=rule.min_rank, max_rank=rule.max_rank)
+
+
+def _dense(Aw: _Op, be: Backend, rule: _Rule, total: float, flip: bool) -> Truncation:
+    """The dense float64 SVD: exact (Eckart-Young), for any rule. A streamed matrix whose
+    short side is the stored columns (an embedding, lm_head) takes :func:`_gram` instead, which
+    never holds it whole."""
+    if not Aw.source.resident and Aw.flip and total > 0:
+        return _gram(Aw, rule, total, flip)
+    u, S, vh = be.dense_svd(Aw.whole())
+    k = _dense_rank(S, rule, total)
     root = np.sqrt(S[:k])
     up, down = u[:, :k] * root, vh[:k] * root[:, None]
     up, down = (down.T, up.T) if flip else (up, down)
@@ -443,13 +598,57 @@ def _dense(Aw: Any, be: Backend, rule: _Rule, total: float, flip: bool) -> Trunc
     )
 
 
+def _gram(Aw: _Op, rule: _Rule, total: float, flip: bool) -> Truncation:
+    """The exact truncation of a streamed ``A = S^T`` (``[m, n]``, ``m`` the stored columns)
+    from the float64 Gram matrix ``G = A A^T = sum_b S_b^T S_b`` (``[m, m]``, one pass):
+    ``G = W diag(s^2) W^T``; the approximation is the projection ``W_k W_k^T A`` (one more
+    pass, ``P = A^T W_k = S W_k``), whose error ``||A||_F^2 - ||P||_F^2`` is exact. Its
+    distance to the optimum is at rounding level: ``e^2 - e_opt^2 <= delta = 4 k n eps s_1^2``
+    (the eigensolver is backward stable; the Gram sum over ``n`` rows), reported as the
+    excess bound."""
+    m, n = Aw.shape
+    G = np.zeros((m, m))
+    for _, block in Aw.source.blocks(np.float64):
+        G += block.T @ block
+    lam, W = np.linalg.eigh(G)
+    lam, W = lam[::-1], W[:, ::-1]
+    S = np.sqrt(np.clip(lam, 0.0, None))
+    k = _dense_rank(S, rule, total)
+    Wk = np.ascontiguousarray(W[:, :k])
+    P = np.empty((n, k))
+    for start, block in Aw.source.blocks(np.float64):
+        P[start : start + block.shape[0]] = block @ Wk
+    kept = float(np.einsum("ij,ij->", P, P))
+    err2 = max(total - kept, 0.0)
+    root = np.sqrt(S[:k])
+    live = root > 0
+    inv = np.where(live, 1 / np.where(live, root, 1.0), 0.0)
+    up, down = Wk * root, (P * inv).T  # A ~ (W_k sqrt(s)) (diag(1/sqrt(s)) P^T)
+    up, down = (down.T, up.T) if flip else (up, down)
+    delta = 4 * k * n * np.finfo(np.float64).eps * float(lam[0])
+    return Truncation(
+        up=np.ascontiguousarray(up),
+        down=np.ascontiguousarray(down),
+        S=S[:k],
+        frobenius=math.sqrt(total),
+        relative_error=math.sqrt(err2 / total),
+        retained_energy=min(kept / total, 1.0),
+        method=EXACT,
+        excess_bound=_excess_ratio(err2, err2 - delta, math.sqrt(total)),
+        failure_probability=0.0,
+        precision="float64",
+    )
+
+
 __all__ = [
     "EXACT",
     "RANDOMIZED",
     "NumpyBackend",
+    "Rows",
     "TorchBackend",
     "Truncation",
     "excess_bounds",
+    "residual_error",
     "residual_failure_probability",
     "truncate",
 ]
