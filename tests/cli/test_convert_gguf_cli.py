@@ -2,44 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("gguf")
 
-from lora_tools.cli import main
+from tests.console import run_console
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "gguf"
 SCHEMA = Path(__file__).resolve().parents[2] / "lora_tools" / "schemas" / "convert.json"
 
 
-@dataclass
-class Result:
-    exit_code: int
-    output: str
-    stderr: str
-
-
-def invoke(*args) -> Result:
-    """``loratool ARGS`` through the console-script entry point (its error mapping included)."""
-    out, err = io.StringIO(), io.StringIO()
-    argv, sys.argv = sys.argv, ["loratool", *map(str, args)]
-    code = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.argv = argv
-    return Result(code, out.getvalue(), err.getvalue())
+invoke = run_console
 
 
 def _facts(name: str) -> dict:
@@ -54,10 +31,10 @@ def test_writes_the_scripts_file(tmp_path):
         "--base", DATA / "bases/llama", "--outtype", "q8_0",
     )  # fmt: skip
     assert result.exit_code == 0, result.stderr
-    assert result.output == f"wrote {out}: peft -> gguf (llama, q8_0), 15 modules\n"
+    assert result.stdout == f"wrote {out}: peft -> gguf (llama, q8_0), 15 modules\n"
     assert hashlib.sha256(out.read_bytes()).hexdigest() == _facts("llama.q8_0.json")["file_sha256"]
     check = invoke("validate", "--fail-on", "warning", out)
-    assert check.exit_code == 0, check.output + check.stderr
+    assert check.exit_code == 0, check.stdout + check.stderr
 
 
 @pytest.mark.parametrize("outtype", ["f32", "f16", "bf16", "q8_0"])
@@ -71,16 +48,16 @@ def test_every_outtype_passes_validate_and_inspect_reads_it(tmp_path, outtype):
     )  # fmt: skip
     assert result.exit_code == 0, result.stderr
     check = invoke("validate", "--fail-on", "warning", out, "--output-format", "json")
-    assert check.exit_code == 0, check.output + check.stderr
-    assert json.loads(check.output)["files"][0]["format"] == "gguf"
+    assert check.exit_code == 0, check.stdout + check.stderr
+    assert json.loads(check.stdout)["files"][0]["format"] == "gguf"
     shown = invoke("inspect", out, "--json")
     assert shown.exit_code == 0, shown.stderr
-    doc = json.loads(shown.output)
+    doc = json.loads(shown.stdout)
     jsonschema = pytest.importorskip("jsonschema")
     schemas = SCHEMA.parent
     jsonschema.validate(doc, json.loads((schemas / "inspect.json").read_text()))
     jsonschema.validate(
-        json.loads(check.output), json.loads((schemas / "validate.json").read_text())
+        json.loads(check.stdout), json.loads((schemas / "validate.json").read_text())
     )
     gguf = pytest.importorskip("gguf")
     reader = gguf.GGUFReader(out)
@@ -105,8 +82,8 @@ def test_json_document(tmp_path):
         "convert", DATA / "adapters/llama-patterns", "--to", "gguf", "-o", out,
         "--base", DATA / "bases/llama", "--json",
     )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    doc = json.loads(result.output)
+    assert result.exit_code == 0, result.stdout
+    doc = json.loads(result.stdout)
     jsonschema.validate(doc, json.loads(SCHEMA.read_text()))
     assert doc["to"] == "gguf" and doc["architecture"] == "llama" and doc["outtype"] == "f32"
     assert doc["counts"]["modules"] == 14 and doc["counts"]["scales_baked"] == 4
@@ -151,7 +128,7 @@ def test_existing_output_needs_force(tmp_path):
     assert result.exit_code == 3 and "output already exists" in result.stderr
     assert out.read_bytes() == b"old"
     result = invoke(*args, "--base", DATA / "bases/gemma", "--force")
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 0, result.stdout
     assert hashlib.sha256(out.read_bytes()).hexdigest() == _facts("gemma.f32.json")["file_sha256"]
 
 

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from lora_tools.cli import main
 from lora_tools.formats import load_adapter
 from lora_tools.io.safetensors import SafetensorsFile, save_tensors
+from tests.console import run_console
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ROOT / "fixtures/bases/tiny-llama"
@@ -22,19 +19,9 @@ FT = ROOT / "fixtures/finetuned/tiny-llama-ft"
 
 
 def run(*args: object) -> tuple[int, str, str]:
-    """The CLI in-process, through the console script's error mapping."""
-    out, err = io.StringIO(), io.StringIO()
-    argv = sys.argv
-    sys.argv = ["loratool", *map(str, args)]
-    code = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.argv = argv
-    return code, out.getvalue(), err.getvalue()
+    """The CLI in-process: exit code, stdout, stderr."""
+    r = run_console(*args)
+    return r.exit_code, r.stdout, r.stderr
 
 
 def test_writes_a_peft_folder_and_reports_each_module(tmp_path: Path) -> None:
