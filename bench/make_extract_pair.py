@@ -38,6 +38,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other bench scripts
+from bench_merge import llama_tensors  # the Llama tensor list, shared with bench_merge
+
 SHAPES = {
     # 1.67 GB per checkpoint (836 M parameters), bench_merge.py's "1b"
     "1b": dict(hidden=2048, layers=16, inter=5632, vocab=32000, heads=32, kv=4),
@@ -59,27 +62,6 @@ NOISE = 1e-4
 UPDATE_RMS = 4.7e-4  # s0 = UPDATE_RMS * sqrt(out * in)
 BASE_STD = 0.02
 ROWS = 1024  # row block: the streaming unit (fixed: the random streams depend on it)
-
-
-def llama_tensors(s: dict) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of every tensor of a LlamaForCausalLM with untied embeddings."""
-    h, i, v, hd = s["hidden"], s["inter"], s["vocab"], s["hidden"] // s["heads"]
-    kv = s["kv"] * hd
-    out = [("model.embed_tokens.weight", (v, h))]
-    for n in range(s["layers"]):
-        p = f"model.layers.{n}."
-        out += [
-            (p + "input_layernorm.weight", (h,)),
-            (p + "mlp.down_proj.weight", (h, i)),
-            (p + "mlp.gate_proj.weight", (i, h)),
-            (p + "mlp.up_proj.weight", (i, h)),
-            (p + "post_attention_layernorm.weight", (h,)),
-            (p + "self_attn.k_proj.weight", (kv, h)),
-            (p + "self_attn.o_proj.weight", (h, h)),
-            (p + "self_attn.q_proj.weight", (h, h)),
-            (p + "self_attn.v_proj.weight", (kv, h)),
-        ]
-    return [*out, ("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
 
 
 def kind(name: str) -> str:
