@@ -489,6 +489,27 @@ def test_a_merged_fp8_weight_without_its_scale_is_refused(llama, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_scale_under_another_spelling_is_refused_naming_it(llama, tmp_path):
+    """transformers also loads block scales named ``<layer>.scale`` (DeepSeek-V4-Flash): the
+    refusal names the tensor found, not a missing shard."""
+    block_base(llama, tmp_path / "base", [32, 32])
+    shard = tmp_path / "base" / "model-00004-of-00004.safetensors"
+    from safetensors.torch import load_file
+
+    content = load_file(shard)
+    old, new = "model.layers.1.mlp.up_proj.weight_scale_inv", "model.layers.1.mlp.up_proj.scale"
+    content[new] = content.pop(old)
+    save_file(content, shard)
+    index = json.loads((tmp_path / "base" / INDEX).read_text())
+    index["weight_map"][new] = index["weight_map"].pop(old)
+    (tmp_path / "base" / INDEX).write_text(json.dumps(index))
+    with pytest.raises(
+        UnsupportedBaseError, match="scale stored as 'model.layers.1.mlp.up_proj.scale'"
+    ):
+        merge(tmp_path / "base", [llama.adapter], tmp_path / "out", device="cpu")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_scale_grid_that_does_not_fit_its_weight_is_refused_naming_both(llama, tmp_path):
     """A config whose block size disagrees with the stored grids (here 32x32 grids read as
     64x64 blocks) would broadcast each scale over the wrong elements: refused, naming the

@@ -408,6 +408,16 @@ def _quant_jobs(
             )
         scale = scheme.weight_scale_name(name)
         if scale is not None and scale not in comp:
+            other = next((n for n in _other_scale_names(name) if n in comp), None)
+            if other is not None:
+                raise UnsupportedBaseError(
+                    f"base tensor {name!r} is {comp.info(name).dtype} ({scheme.describe()}) "
+                    f"with its scale stored as {other!r}, a spelling loratool does not read "
+                    f"(it reads {scale!r}); merging without it would ignore the scale",
+                    path=path,
+                    hint="merge into the unquantized base",
+                    kind="unsupported-base",
+                )
             raise UnsupportedBaseError(
                 f"base tensor {name!r} is {comp.info(name).dtype} ({scheme.describe()}) but "
                 f"its scale {scale!r} is not in the checkpoint; merging without it would "
@@ -534,3 +544,14 @@ def output_path(out: str | os.PathLike[str], base: Path) -> Path:
             hint="give a folder path for -o (the weight files keep the base's names)",
         )
     return given
+
+
+#: Scale spellings of block-FP8 checkpoints that transformers 5.24 also loads and loratool
+#: does not (DeepSeek-V4-Flash ``<layer>.scale``, Mistral Large 4 ``<layer>.qscale_weight``):
+#: named in the refusal instead of "not in the checkpoint".
+OTHER_SCALE_SUFFIXES = ("scale", "qscale_weight")
+
+
+def _other_scale_names(weight: str) -> list[str]:
+    stem = weight.removesuffix("weight")
+    return [stem + suffix for suffix in OTHER_SCALE_SUFFIXES] if stem != weight else []
