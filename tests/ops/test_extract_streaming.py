@@ -6,6 +6,8 @@ and against numpy float64."""
 from __future__ import annotations
 
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -243,3 +245,45 @@ def test_the_streamed_dense_fallback_never_takes_the_matrix_whole(monkeypatch, t
     # and the energy rule picks LAPACK's rank
     e_got = truncate(streamed(flat, 23)[0], energy=0.5, transposed=transposed)
     assert e_got.rank == want_rank
+
+
+def test_the_workers_together_hold_at_most_the_resident_budget(monkeypatch) -> None:
+    """Two workers never hold more than RESIDENT_BYTES of whole differences at once: a worker
+    waits for room instead of streaming, so the adapter is the one-worker adapter bit for bit
+    (which tensors stream depends on their sizes alone)."""
+    held, peak, asked, lock = [0], [0], [], threading.Lock()
+    hold = ex._ByteBudget.hold
+
+    def counting(self, nbytes):
+        inner = hold(self, nbytes)
+        asked.append(nbytes)
+
+        class _Count:
+            def __enter__(self_):
+                inner.__enter__()
+                with lock:
+                    held[0] += nbytes
+                    peak[0] = max(peak[0], held[0])
+                time.sleep(0.02)  # hold it long enough for the other worker to want room
+
+            def __exit__(self_, *exc):
+                with lock:
+                    held[0] -= nbytes
+                return inner.__exit__(*exc)
+
+        return _Count()
+
+    monkeypatch.setattr(ex._ByteBudget, "hold", counting)
+    one = extract(LLAMA, LLAMA_FT, rank=3, workers=1)
+    largest = max(asked)
+    assert asked.count(largest) >= 3  # the MLP differences: two of them do not fit together
+    budget = 2 * largest - 1
+    monkeypatch.setattr(ex, "RESIDENT_BYTES", budget)
+    peak[0] = 0
+    two = extract(LLAMA, LLAMA_FT, rank=3, workers=2)
+    assert largest <= peak[0] <= budget and held[0] == 0
+    assert [r.module for r in two.modules] == [r.module for r in one.modules]
+    for key, m in one.adapter.modules.items():
+        other = two.adapter.modules[key]
+        assert other.up.numpy().tobytes() == m.up.numpy().tobytes(), key
+        assert other.down.numpy().tobytes() == m.down.numpy().tobytes(), key

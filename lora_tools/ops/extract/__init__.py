@@ -31,10 +31,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import re
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -81,9 +83,10 @@ EMBEDDING_NAMES = (
 #: Layers whose rows are the vocabulary: a fine-tune that added tokens has more of them.
 VOCAB_NAMES = (*EMBEDDING_NAMES, "lm_head", "embed_out", "output")
 
-#: A difference up to this many bytes (in float32, or float64 for F64 inputs) is held whole
-#: for its SVD; a larger one (an embedding, lm_head) is streamed: read again from the two
-#: files in row blocks on every pass of the sketch, so it is never whole in memory.
+#: The worker threads together hold at most this many bytes of whole differences (in float32,
+#: or float64 for F64 inputs) for their SVDs; a larger difference (an embedding, lm_head) is
+#: streamed: read again from the two files in row blocks on every pass of the sketch, so it
+#: is never whole in memory.
 RESIDENT_BYTES = 256 << 20
 
 #: Tensor statuses of the non-LoRA rows.
@@ -481,6 +484,28 @@ class _Naming:
         return "unet", path
 
 
+class _ByteBudget:
+    """Bytes of whole differences the workers may hold at once. A worker waits for its share
+    rather than streaming instead, so which tensors are streamed depends on their sizes alone
+    and the output does not depend on the timing of the threads."""
+
+    def __init__(self, total_bytes: int) -> None:
+        self.free_bytes = total_bytes
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, nbytes: int) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: self.free_bytes >= nbytes)
+            self.free_bytes -= nbytes
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.free_bytes += nbytes
+                self._cond.notify_all()
+
+
 def _default_name(ckpt: Checkpoint, given: str) -> str:
     """base_model_name_or_path: the base config's ``_name_or_path``, else the base as given."""
     comp = next(iter(ckpt.components.values()))
@@ -626,6 +651,7 @@ class _Run:
         self.diffs: list[tuple[Component, Component, str, np.ndarray]] = []
         comp = next(iter(ckpt_b.components.values()))
         self.conv1d = comp.model_type in CONV1D_MODEL_TYPES
+        self.resident = _ByteBudget(RESIDENT_BYTES)
 
     def go(self, progress: Progress | None, workers: int | None = None) -> None:
         """Walk every pair: the shapes first (header-only, so a mismatch is reported before
@@ -699,16 +725,27 @@ class _Run:
         kind, shape, truncation, up, down, error)``. Mutates nothing.
 
         Memory: two row blocks of the pair while comparing; the difference whole only when it
-        is at most :data:`RESIDENT_BYTES` (else every pass streams it); a non-LoRA difference
+        is at most :data:`RESIDENT_BYTES` and the differences the other workers hold leave
+        room for it (it waits for that; a larger one is streamed on every pass); a non-LoRA
+        difference
         only when it will be stored (``keep_diffs``: kohya's ``.diff``, PEFT's bias)."""
         pair = _Pair(comp_b, comp_f, key)
-        label = _label(comp_b, key)
         if pair.bit_equal():
             return ("same",)
         if not pair.float:
             return ("other", f"{pair.info_f.dtype} tensor (not a float weight) changed", None, 0.0)
-        resident = pair.numel * np.dtype(pair.wide).itemsize <= RESIDENT_BYTES
-        whole = pair.diff() if resident else None
+        nbytes = pair.numel * np.dtype(pair.wide).itemsize
+        if nbytes > RESIDENT_BYTES:
+            return self.changed(comp_b, pair, key, None)
+        with self.resident.hold(nbytes):  # all workers together hold RESIDENT_BYTES at most
+            return self.changed(comp_b, pair, key, pair.diff())
+
+    def changed(
+        self, comp_b: Component, pair: _Pair, key: str, whole: np.ndarray | None
+    ) -> tuple[Any, ...]:
+        """The rest of :meth:`work` for a pair that is not bit-equal: ``whole`` is its
+        difference, or None when it is streamed."""
+        label = _label(comp_b, key)
         if whole is not None:
             finite, nonzero = bool(np.isfinite(whole).all()), bool(whole.any())
             total = float(np.einsum("ij,ij->", whole, whole, dtype=np.float64))
