@@ -27,6 +27,12 @@ fixtures/peft:
 
     PYTHONPATH=LCP python tests/data/gguf/compare_logits.py BASE DIR/base.gguf DIR NAME...
 
+NAME is a fixtures/peft adapter or a path to an adapter folder (tests/data/gguf/adapters/mistral);
+``tokenizer BASE SOURCE`` copies the base folder SOURCE instead of tiny-llama, e.g. SOURCE made
+by ``random-base SOURCE tests/data/gguf/bases/mistral tests/data/gguf/adapters/mistral``. An adapter that
+targets embed_tokens carries PEFT's ``base_layer.weight``, which PEFT loads over the base's
+embedding and the GGUF drops: give it a base with that same embedding.
+
 For each adapter, both GGUFs are run on the same token ids and their last-layer logits compared
 with PeftModel's (float32): max |difference|, and the adapter's effect ``|logits - base|``
 relative to PEFT's (1.0 is the right strength).
@@ -66,15 +72,15 @@ def hf_logits(base: Path, adapter: Path | None) -> np.ndarray:
         return model(torch.tensor([TOKENS])).logits[0].double().numpy()
 
 
-def write_tokenizer(dest: Path) -> None:
-    """Copy tiny-llama to ``dest`` with a tokenizer convert_hf_to_gguf.py reads (LlamaHfVocab)."""
+def write_tokenizer(dest: Path, source: Path) -> None:
+    """Copy the base ``source`` to ``dest`` with a tokenizer convert_hf_to_gguf.py reads
+    (LlamaHfVocab): Llama-style BPE with byte fallback, as many tokens as the config's vocab."""
     import json
     import shutil
     import string
 
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
 
-    source = Path(__file__).resolve().parents[3] / "fixtures" / "bases" / "tiny-llama"
     shutil.copytree(source, dest)
     config = json.loads((dest / "config.json").read_text())
     specials = ["<unk>", "<s>", "</s>"]
@@ -113,9 +119,30 @@ def write_tokenizer(dest: Path) -> None:
     (dest / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
 
 
+def write_random_base(dest: Path, config_folder: Path, adapter: Path) -> None:
+    """A float32 base from ``config_folder``'s config.json, random (seed 0) but for the embedding
+    the adapter saved, if it saved one (PEFT loads it over the base's)."""
+    import torch
+    import transformers
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.from_pretrained(config_folder)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    saved = load_file(adapter / "adapter_model.safetensors")
+    embedding = saved.get("base_model.model.model.embed_tokens.base_layer.weight")
+    if embedding is not None:
+        model.get_input_embeddings().weight.data.copy_(embedding)
+    model.save_pretrained(dest)
+
+
 def main() -> None:
     if sys.argv[1] == "tokenizer":
-        write_tokenizer(Path(sys.argv[2]))
+        default = Path(__file__).resolve().parents[3] / "fixtures" / "bases" / "tiny-llama"
+        write_tokenizer(Path(sys.argv[2]), Path(sys.argv[3]) if len(sys.argv) > 3 else default)
+        return
+    if sys.argv[1] == "random-base":
+        write_random_base(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
         return
     base, base_gguf, folder, *names = sys.argv[1:]
     fixtures = Path(__file__).resolve().parents[3] / "fixtures" / "peft"
@@ -123,7 +150,9 @@ def main() -> None:
     cpp_base = llama_cpp_logits(Path(base_gguf), None)
     print(f"base: max |llama.cpp - transformers| = {np.abs(cpp_base - ref_base).max():.2e}")
     for name in names:
-        ref = hf_logits(Path(base), fixtures / name)
+        adapter = fixtures / name if "/" not in name else Path(name)
+        name = adapter.name
+        ref = hf_logits(Path(base), adapter)
         effect = np.linalg.norm(ref - ref_base)
         for tool in ("loratool", "script"):
             got = llama_cpp_logits(Path(base_gguf), Path(folder) / f"{name}.{tool}.gguf")
