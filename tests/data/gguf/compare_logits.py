@@ -16,7 +16,8 @@ convert_hf_to_gguf.py needs a tokenizer it recognises (tiny-llama's is a WordLev
 Llama-style BPE tokenizer (byte fallback); the token ids below are given directly, so which
 tokenizer does not matter. Its Llama set_vocab imports sentencepiece before it looks for a
 tokenizer.model, so without sentencepiece put a stub ``sentencepiece`` package on PYTHONPATH
-(STUB; never called, as BASE has no tokenizer.model). Then, for each adapter NAME in
+(STUB/sentencepiece/__init__.py holding ``class SentencePieceProcessor: pass``; never
+called, as BASE has no tokenizer.model). Then, for each adapter NAME in
 fixtures/peft:
 
     python tests/data/gguf/compare_logits.py tokenizer BASE
@@ -28,9 +29,9 @@ fixtures/peft:
     PYTHONPATH=LCP python tests/data/gguf/compare_logits.py BASE DIR/base.gguf DIR NAME...
 
 NAME is a fixtures/peft adapter or a path to an adapter folder (tests/data/gguf/adapters/mistral);
-``tokenizer BASE SOURCE`` copies the base folder SOURCE instead of tiny-llama, e.g. SOURCE made
-by ``random-base SOURCE tests/data/gguf/bases/mistral tests/data/gguf/adapters/mistral``. An adapter that
-targets embed_tokens carries PEFT's ``base_layer.weight``, which PEFT loads over the base's
+``tokenizer BASE SOURCE`` copies the base folder SOURCE instead of tiny-llama, e.g. SOURCE
+made by ``random-base SOURCE tests/data/gguf/bases/mistral tests/data/gguf/adapters/mistral``.
+An adapter that targets embed_tokens carries PEFT's ``base_layer.weight``, which PEFT loads over the base's
 embedding and the GGUF drops: give it a base with that same embedding.
 
 For each adapter, both GGUFs are run on the same token ids and their last-layer logits compared
