@@ -31,8 +31,8 @@ fixtures/peft:
 NAME is a fixtures/peft adapter or a path to an adapter folder (tests/data/gguf/adapters/mistral);
 ``tokenizer BASE SOURCE`` copies the base folder SOURCE instead of tiny-llama, e.g. SOURCE
 made by ``random-base SOURCE tests/data/gguf/bases/mistral tests/data/gguf/adapters/mistral``.
-An adapter that targets embed_tokens carries PEFT's ``base_layer.weight``, which PEFT loads over the base's
-embedding and the GGUF drops: give it a base with that same embedding.
+An adapter that targets embed_tokens carries PEFT's ``base_layer.weight``, which PEFT loads
+over the base's embedding and the GGUF drops: give it a base with that same embedding.
 
 For each adapter, both GGUFs are run on the same token ids and their last-layer logits compared
 with PeftModel's (float32): max |difference|, and the adapter's effect ``|logits - base|``
