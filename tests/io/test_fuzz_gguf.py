@@ -6,24 +6,20 @@ as for tests/io/test_fuzz_validate.py.
 
 from __future__ import annotations
 
-import os
 import struct
-import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from lora_tools.errors import LoraToolError
 from lora_tools.ops.inspect import inspect_adapter
 from lora_tools.ops.validate import validate
+from tests.io.fuzzing import FUZZ_SETTINGS, bounded
 
 gguf = pytest.importorskip("gguf")
-
-EXAMPLES = int(os.environ.get("LORATOOL_FUZZ_EXAMPLES", "60"))
-PEAK_BYTES = 64 << 20
 
 
 def _seed(qtype, tokens: bool) -> bytes:
@@ -92,32 +88,17 @@ def scratch(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("fuzz-gguf") / "adapter.gguf"
 
 
-def _bounded(fn, *args, **kwargs):
-    tracemalloc.start()
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-        assert peak < PEAK_BYTES, f"peak allocation {peak} bytes"
-
-
-@settings(
-    max_examples=EXAMPLES,
-    deadline=5000,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    derandomize=os.environ.get("LORATOOL_FUZZ_RANDOM") is None,
-)
+@FUZZ_SETTINGS
 @given(data=mutated())
 def test_mutated_gguf_ends_in_findings_or_one_error(scratch, data):
     scratch.write_bytes(data)
-    report = _bounded(validate, [scratch])
+    report = bounded(validate, [scratch])
     for finding in report.findings:
         assert finding.rule.code.startswith("LT") and finding.message
     if data in SEEDS:
         assert report.findings == []
     try:
-        _bounded(inspect_adapter, scratch, stats=True, consumers=True)
+        bounded(inspect_adapter, scratch, stats=True, consumers=True)
     except LoraToolError as exc:
         assert "\n" not in str(exc)
 

@@ -10,24 +10,21 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import struct
-import tracemalloc
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from lora_tools.errors import LoraToolError
 from lora_tools.formats import load_adapter, registry
 from lora_tools.io.safetensors import DTYPES, check_header, read_header
 from lora_tools.ops.validate import validate
+from tests.io.fuzzing import FUZZ_SETTINGS, bounded
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
-EXAMPLES = int(os.environ.get("LORATOOL_FUZZ_EXAMPLES", "60"))
 #: No input may make one validation allocate more than this (the inputs are a few KB).
-PEAK_BYTES = 64 << 20
 
 SEEDS = [
     FIXTURES / "peft" / "llama-lora" / "adapter_model.safetensors",
@@ -38,13 +35,6 @@ SEEDS = [
     FIXTURES / "diffusers-old" / "sd-attn-procs.safetensors",
 ]
 SEED_BYTES = [p.read_bytes() for p in SEEDS]
-
-FUZZ_SETTINGS = settings(
-    max_examples=EXAMPLES,
-    deadline=5000,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    derandomize=os.environ.get("LORATOOL_FUZZ_RANDOM") is None,
-)
 
 
 @st.composite
@@ -97,21 +87,11 @@ def scratch(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("fuzz") / "adapter.safetensors"
 
 
-def _bounded(fn, *args, **kwargs):
-    tracemalloc.start()
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-        assert peak < PEAK_BYTES, f"peak allocation {peak} bytes"
-
-
 @FUZZ_SETTINGS
 @given(data=mutated())
 def test_validate_mutated_files_ends_in_findings(scratch, data):
     scratch.write_bytes(data)
-    report = _bounded(validate, [scratch])
+    report = bounded(validate, [scratch])
     if data in SEED_BYTES:
         return
     for finding in report.findings:
@@ -123,7 +103,7 @@ def test_validate_mutated_files_ends_in_findings(scratch, data):
 def test_every_format_reader_on_mutated_files(scratch, data, fmt):
     scratch.write_bytes(data)
     try:
-        adapter = _bounded(load_adapter, scratch, format=fmt)
+        adapter = bounded(load_adapter, scratch, format=fmt)
     except LoraToolError:
         return
     for module in adapter.modules.values():  # lazy tensors stay readable or fail cleanly
@@ -186,7 +166,7 @@ def headers(draw) -> tuple[bytes, int, int]:
 @given(case=headers())
 def test_check_header_on_random_headers(case):
     raw, n, size = case
-    header, problems = _bounded(check_header, raw, n, size)
+    header, problems = bounded(check_header, raw, n, size)
     if not problems:
         assert header is not None
         spans = sorted((t.begin, t.end) for t in header.tensors.values())
@@ -209,6 +189,6 @@ def test_check_header_on_random_bytes(raw, size_extra):
 def test_read_header_raises_only_typed_errors(scratch, data):
     scratch.write_bytes(data)
     try:
-        _bounded(read_header, scratch)
+        bounded(read_header, scratch)
     except LoraToolError as exc:
         assert exc.kind, exc
