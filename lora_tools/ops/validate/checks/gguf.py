@@ -44,6 +44,7 @@ from lora_tools.formats.gguf import (
 from lora_tools.formats.gguf_arch import ARCHITECTURES, read_base_config
 from lora_tools.io.gguf import GgufFile, gguf_package
 from lora_tools.ops.validate.checks.profiles import check_profiles
+from lora_tools.ops.validate.checks.structure import report_rank_zero
 from lora_tools.ops.validate.checks.values import report_outliers, report_zero_modules
 from lora_tools.ops.validate.context import Context, fmt_number, fmt_shape
 from lora_tools.ops.validate.scan import Factor
@@ -318,13 +319,7 @@ def _check_pair(ctx: Context, file: GgufFile, stem: str, roles: dict[str, str]) 
         )
         return False
     if rank_a == 0:
-        ctx.add(
-            "LT103",
-            f"module {stem!r} has rank 0: its update is empty and its scale alpha / r "
-            "divides by zero",
-            module=stem,
-            hint="drop the module, or re-train it with r >= 1",
-        )
+        report_rank_zero(ctx, stem)
         return False
     return ok
 

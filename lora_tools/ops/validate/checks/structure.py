@@ -612,13 +612,7 @@ def _check_stem(
         )
         return False
     if rank_down == 0:
-        ctx.add(
-            "LT103",
-            f"module {stem!r} has rank 0: its update is empty and its scale alpha / r "
-            "divides by zero",
-            module=stem,
-            hint="drop the module, or re-train it with r >= 1",
-        )
+        report_rank_zero(ctx, stem)
         return False
     out = up_shape[0]
     for role, expected in (("magnitude", out), ("bias", out), ("bias_diff", out)):
@@ -761,3 +755,13 @@ def check_alpha_value(
             path=path,
         )
     return True
+
+
+def report_rank_zero(ctx: Context, stem: str) -> None:
+    """LT103 for a module whose factors have rank 0 (the GGUF rules share it)."""
+    ctx.add(
+        "LT103",
+        f"module {stem!r} has rank 0: its update is empty and its scale alpha / r divides by zero",
+        module=stem,
+        hint="drop the module, or re-train it with r >= 1",
+    )
