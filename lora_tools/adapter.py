@@ -243,16 +243,21 @@ class LoraModule:
         down = self.down.numpy().astype(dtype).reshape(self.rank, -1)
         return up, down
 
+    @property
+    def source_path(self) -> Path | None:
+        """The file the module's factors were read from, if any (for error messages)."""
+        source = getattr(self.down, "file", None)
+        return source.path if source is not None else None
+
     def _require_fitting_factors(self) -> None:
         """AdapterError naming the module when up and down do not share the rank: such a
         module (validate's LT102) has no update to compute."""
         if self.up.numel == self.out_features * self.rank:
             return
-        source = getattr(self.down, "file", None)
         raise AdapterError(
             f"module {self.key!r}: up {list(self.up.shape)} does not fit down "
             f"{list(self.down.shape)} (rank {self.rank}), so the module has no update",
-            path=source.path if source is not None else None,
+            path=self.source_path,
             hint="run loratool validate on the file: its structure rules say what is wrong",
         )
 
@@ -267,12 +272,11 @@ class LoraModule:
             return
         layer = self.delta_shape
         thin = min(self.out_features, max(self.in_features * math.prod(self.kernel), 1))
-        source = getattr(self.down, "file", None)
         raise AdapterError(
             f"module {self.key!r}: rank {self.rank} on a {' x '.join(map(str, layer))} layer "
             f"needs about {need / 2**30:.1f} GiB of working memory, more than the "
             f"{budget / 2**30:.1f} GiB available",
-            path=source.path if source is not None else None,
+            path=self.source_path,
             hint=f"a rank above min(out, in) = {thin} adds nothing but size; export the "
             f"adapter at rank <= {thin}"
             if self.rank > thin
@@ -301,11 +305,10 @@ class LoraModule:
 def unknown_scale_error(module: LoraModule, operation: str) -> UnknownScaleError:
     """The one-line error for an operation that needs the scale of a module whose alpha the
     file does not say."""
-    source = getattr(module.down, "file", None)
     return UnknownScaleError(
         f"alpha unknown: {module.alpha_unknown}; {operation} needs every module's scale "
         f"lora_alpha / r (e.g. {module.key!r}, rank {module.rank})",
-        path=source.path if source is not None else None,
+        path=module.source_path,
         hint=UNKNOWN_SCALE_HINT,
         kind="alpha-unknown",
     )
@@ -321,11 +324,10 @@ def require_finite(
     """
     finite = np.isfinite(values)
     if not finite.all():
-        source = getattr(module.down, "file", None)
         raise AdapterError(
             f"module {module.key!r}: the {what} holds {values.size - int(finite.sum())} "
             f"NaN/Inf values; {consequence}",
-            path=source.path if source is not None else None,
+            path=module.source_path,
             hint="run `loratool validate` on the adapter; use an earlier checkpoint",
             kind="non-finite",
         )
