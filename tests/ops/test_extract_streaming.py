@@ -15,7 +15,7 @@ import pytest
 
 import lora_tools.ops.extract as ex
 from lora_tools.io.checkpoint import open_checkpoint
-from lora_tools.io.safetensors import SafetensorsFile, save_tensors
+from lora_tools.io.safetensors import SafetensorsFile, SpooledTensor, save_tensors
 from lora_tools.ops._algebra import write_adapter
 from lora_tools.ops.extract import extract, svd
 from lora_tools.ops.extract.svd import Rows, truncate
@@ -203,7 +203,7 @@ def test_no_difference_is_kept_unless_it_will_be_stored(monkeypatch, keep, fmt) 
     extract(LLAMA, LLAMA_FT, rank=3, format=fmt, keep_diffs=keep)
     assert len(seen) == 2  # the two changed norms of layer 0, listed either way
     if keep:
-        assert all(isinstance(d, np.ndarray) and d.shape == (32,) for d in seen)
+        assert all(isinstance(d, SpooledTensor) and d.shape == (32,) for d in seen)
     else:
         assert seen == [None, None]
 
@@ -287,3 +287,42 @@ def test_the_workers_together_hold_at_most_the_resident_budget(monkeypatch) -> N
         other = two.adapter.modules[key]
         assert other.up.numpy().tobytes() == m.up.numpy().tobytes(), key
         assert other.down.numpy().tobytes() == m.down.numpy().tobytes(), key
+
+
+def _layered_pair(tmp_path: Path, layers: int, n: int = 256) -> tuple[Path, Path]:
+    """Two single-file checkpoints of ``layers`` changed ``n x n`` float32 weights."""
+    rng = np.random.default_rng(layers)
+    base = {
+        f"layers.{i}.proj.weight": rng.standard_normal((n, n)).astype(np.float32)
+        for i in range(layers)
+    }
+    ft = {k: v + knee(n, n, seed=i) for i, (k, v) in enumerate(base.items())}
+    save_tensors(tmp_path / "base.safetensors", base)
+    save_tensors(tmp_path / "ft.safetensors", ft)
+    return tmp_path / "base.safetensors", tmp_path / "ft.safetensors"
+
+
+def test_the_factors_wait_for_the_output_on_disk_not_in_memory(tmp_path: Path) -> None:
+    """What the run holds does not grow with the layer count: every factor goes to the spool
+    as its module finishes (the result holds under a tenth of their bytes), and the written
+    file has every factor's exact bytes."""
+    import tracemalloc
+
+    base, ft = _layered_pair(tmp_path, layers=12)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        result = extract(base, ft, rank=64, workers=1)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    factors = [t for m in result.adapter.modules.values() for t in (m.up, m.down)]
+    factor_bytes = sum(t.nbytes for t in factors)
+    assert len(factors) == 24 and factor_bytes == 12 * 2 * 64 * 256 * 4
+    assert all(isinstance(t, SpooledTensor) for t in factors)
+    assert held < factor_bytes / 10, (held, factor_bytes)
+    out = write_adapter(result.adapter, tmp_path / "out.safetensors", [base, ft])
+    with SafetensorsFile(out) as f:
+        for m in result.adapter.modules.values():
+            assert f.read(m.keys["up"]).tobytes() == m.up.numpy().tobytes()
+            assert f.read(m.keys["down"]).tobytes() == m.down.numpy().tobytes()

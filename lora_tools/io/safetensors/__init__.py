@@ -12,6 +12,7 @@ One module per concern, each importing only those before it:
   :class:`ArrayTensor`;
 - :mod:`.header`: :func:`check_header`, every rule of the reference reader on the JSON header;
 - :mod:`.reader`: :func:`read_header` and :class:`SafetensorsFile` (lazy, positioned reads);
+- :mod:`.spool`: :class:`Spool` (tensors kept in an anonymous temporary file until written);
 - :mod:`.writer`: :class:`SafetensorsWriter` (streamed, atomic) and :func:`save_tensors`.
 
 Import from here: ``from lora_tools.io.safetensors import SafetensorsFile``.
@@ -45,6 +46,7 @@ from lora_tools.io.safetensors.reader import (
     read_header,
     read_header_bytes,
 )
+from lora_tools.io.safetensors.spool import Spool, SpooledTensor
 from lora_tools.io.safetensors.tensors import ArrayTensor, Tensor, TensorInfo, as_tensor
 from lora_tools.io.safetensors.writer import (
     SafetensorsWriter,
@@ -66,6 +68,8 @@ __all__ = [
     "Problem",
     "SafetensorsFile",
     "SafetensorsWriter",
+    "Spool",
+    "SpooledTensor",
     "Tensor",
     "TensorInfo",
     "TensorSpec",

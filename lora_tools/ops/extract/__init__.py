@@ -46,7 +46,7 @@ import numpy as np
 from lora_tools.adapter import CONV, EMBEDDING, LINEAR, Adapter, LoraModule
 from lora_tools.errors import DeviceError, FormatError, ResolveError, ShapeError, UsageError
 from lora_tools.io.checkpoint import Checkpoint, Component, open_checkpoint
-from lora_tools.io.safetensors import ArrayTensor, Tensor, numpy_dtype
+from lora_tools.io.safetensors import ArrayTensor, Spool, Tensor, numpy_dtype
 from lora_tools.naming import PEFT_PREFIX, kohya_name
 from lora_tools.ops._algebra import Progress, add_history
 from lora_tools.ops.extract.svd import (
@@ -647,11 +647,14 @@ class _Run:
         self.loras: dict[str, LoraModule] = {}
         #: module stem -> (component name, base key) it came from
         self.sources: dict[str, tuple[str, str]] = {}
-        #: changed non-LoRA tensors: (comp_b, comp_f, key, diff array)
-        self.diffs: list[tuple[Component, Component, str, np.ndarray]] = []
+        #: changed non-LoRA tensors: (comp_b, comp_f, key, the difference when it is stored)
+        self.diffs: list[tuple[Component, Component, str, Tensor | None]] = []
         comp = next(iter(ckpt_b.components.values()))
         self.conv1d = comp.model_type in CONV1D_MODEL_TYPES
         self.resident = _ByteBudget(RESIDENT_BYTES)
+        #: the factors written so far: on disk until the output is written, so what the run
+        #: holds does not grow with the number of layers
+        self.spool = Spool()
 
     def go(self, progress: Progress | None, workers: int | None = None) -> None:
         """Walk every pair: the shapes first (header-only, so a mismatch is reported before
@@ -818,7 +821,7 @@ class _Run:
                 self.others.append(TensorExtract(label, shape, LISTED, f"{why}; not stored", 0.0))
                 return
             # only what will be stored is kept (keep_diffs): a diff, never the whole walk's
-            kept = diff.astype(numpy_dtype(out_dtype)) if diff is not None else None
+            kept = self.spool.put(diff, out_dtype) if diff is not None else None
             self.diffs.append((comp_b, comp_f, key, kept))
             self.others.append(TensorExtract(label, shape, LISTED, why, norm))
             return
@@ -830,8 +833,8 @@ class _Run:
             up = up.reshape(shape[0], k, *[1] * (len(shape) - 2))
         module = LoraModule(
             key=stem,
-            down=ArrayTensor(down, out_dtype),
-            up=ArrayTensor(up, out_dtype),
+            down=self.spool.put(down, out_dtype),
+            up=self.spool.put(up, out_dtype),
             alpha=float(k),
             kind=kind,
             path=path,
@@ -936,7 +939,7 @@ class _Run:
                 diff = bias_diffs.get(path)
                 if diff is None:
                     diff = np.zeros(m.up.shape[0], numpy_dtype(m.up.dtype))
-                m.bias = ArrayTensor(diff, m.up.dtype)
+                m.bias = ArrayTensor(np.asarray(diff), m.up.dtype)
         layers: dict[str, Component] = {}
         for _comp_b, comp_f, key, _ in self.diffs:
             path = key.rsplit(".", 1)[0] if "." in key else key
@@ -961,8 +964,8 @@ class _Run:
                     row, status=STORED, reason=f"{row.reason}; {how}"
                 )
         if self.dtype is not None:
-            for key, tensor in list(passthrough.items()):
-                passthrough[key] = ArrayTensor(tensor.numpy(), self.dtype)
+            for key, tensor in list(passthrough.items()):  # one at a time, onto the spool
+                passthrough[key] = self.spool.put(tensor.numpy(), self.dtype)
         return sorted(layers), lora_bias
 
     def _base_comp(self) -> Component:
@@ -981,12 +984,10 @@ class _Run:
             stem, component, inner, _ = self.naming.module(comp_b, path + ".weight")
             module = by_path.get((component, inner))
             if leaf == "bias" and module is not None:
-                module.bias_diff = ArrayTensor(diff, None)
+                module.bias_diff = diff
                 module.keys["bias_diff"] = f"{stem}.diff_b"
             else:
-                passthrough[f"{stem}.{'diff' if leaf == 'weight' else 'diff_b'}"] = ArrayTensor(
-                    diff, None
-                )
+                passthrough[f"{stem}.{'diff' if leaf == 'weight' else 'diff_b'}"] = diff
             row = self.others[row_index]
             self.others[row_index] = dataclasses.replace(
                 row,
