@@ -350,6 +350,22 @@ def test_gguf_found_by_magic_without_the_suffix(tmp_path):
     assert codes(renamed) == ["LT101"]
 
 
+def test_a_folder_means_its_gguf_files(tmp_path):
+    """A folder holding only LoRA GGUFs is those adapters (not LT018), each checked; the
+    adapter_config.json beside them is not theirs."""
+    write(tmp_path / "good.gguf")
+    bad = good_tensors()
+    bad["blk.0.attn_q.weight.lora_b"][0, 0] = np.nan
+    write(tmp_path / "bad.gguf", bad)
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 99}')
+    report = validate([tmp_path])
+    assert sorted(r.path for r in report.files) == sorted(
+        os.path.join(str(tmp_path), n) for n in ("bad.gguf", "good.gguf")
+    )
+    by_path = {os.path.basename(r.path): [f.rule.code for f in r.findings] for r in report.files}
+    assert by_path["good.gguf"] == [] and "LT201" in by_path["bad.gguf"]
+
+
 def test_profiles_on_a_gguf(tmp_path):
     """vLLM loads no GGUF; the llama.cpp profile adds nothing to llama.cpp's own rules."""
     path = write(tmp_path / "p.gguf")

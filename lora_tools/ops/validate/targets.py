@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_tools.constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHT_NAMES, CONFIG_WEIGHT_NAMES
+from lora_tools.io.gguf import GGUF_SUFFIX
 from lora_tools.io.hub import local_reason, parse_hub_id, resolve_input
 from lora_tools.io.safetensors import PICKLE_SUFFIXES, file_kind
 
@@ -43,12 +44,20 @@ def _folder_targets(display: str, folder: Path) -> list[Target]:
     cfg = config if config.is_file() else None
     cfg_display = _join(display, ADAPTER_CONFIG_NAME) if cfg else None
     standard = [folder / n for n in ADAPTER_WEIGHT_NAMES if (folder / n).is_file()]
-    files = standard or sorted(p for p in folder.glob("*.safetensors") if p.is_file())
+    files = standard or sorted(
+        p
+        for p in folder.iterdir()
+        if p.suffix.lower() in (".safetensors", GGUF_SUFFIX) and p.is_file()
+    )
     if files:
         targets = []
         for weights in files:
-            # The config belongs to PEFT's or mlx-lm's weights file, or to the folder's only weights file.
-            attach = cfg is not None and (weights.name in CONFIG_WEIGHT_NAMES or len(files) == 1)
+            # The config belongs to PEFT's or mlx-lm's weights file, or to the folder's only
+            # safetensors file (a GGUF carries its own metadata).
+            attach = cfg is not None and (
+                weights.name in CONFIG_WEIGHT_NAMES
+                or (len(files) == 1 and weights.suffix.lower() != GGUF_SUFFIX)
+            )
             targets.append(
                 Target(
                     _join(display, weights.name),
@@ -69,7 +78,7 @@ def _folder_targets(display: str, folder: Path) -> list[Target]:
             cfg_display,
             problem="LT018",
             problem_message="no adapter weights here (looked for adapter_model.safetensors, "
-            "pytorch_lora_weights.safetensors, *.safetensors)",
+            "pytorch_lora_weights.safetensors, *.safetensors, *.gguf)",
         )
     ]
 
@@ -78,7 +87,7 @@ def discover(paths: Iterable[str | os.PathLike[str]]) -> list[Target]:
     """The adapters named by ``paths`` (files, folders or Hub ids), each once.
 
     A folder means its adapter weights (PEFT's or diffusers' file name, else every
-    ``*.safetensors`` in it); ``adapter_config.json`` alone means its folder; a weights file
+    ``*.safetensors`` and ``*.gguf`` in it); ``adapter_config.json`` alone means its folder; a weights file
     named ``adapter_model.safetensors`` takes the config beside it. Paths naming the same files
     are validated once.
     """
