@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -282,6 +283,7 @@ def test_real_pre_commit_try_repo(tmp_path):
     git("init", "-q", cwd=work)
     shutil.copytree(GOOD, work / "good")
     (work / "notes.md").write_text("not an adapter\n")
+    gguf_file = _converted_gguf(work / "gguf" / "llama.gguf")
     git("add", ".", cwd=work)
     env = {
         **os.environ,
@@ -308,12 +310,31 @@ def test_real_pre_commit_try_repo(tmp_path):
     (work / "bad").mkdir()
     shutil.copy(BROKEN / "truncated.safetensors", work / "bad" / "lora.safetensors")
     shutil.copytree(BROKEN / "missing-partner", work / "partner")
+    if gguf_file is not None:  # the hook matches GGUFs: a cut one fails, the good one passes
+        data = gguf_file.read_bytes()
+        (work / "gguf" / "cut.gguf").write_bytes(data[: len(data) // 2])
     git("add", ".", cwd=work)
     failed = try_repo()
     assert failed.returncode == 1, failed.stdout + failed.stderr
     assert "Failed" in failed.stdout
     assert "LT012" in failed.stdout and "bad/lora.safetensors" in failed.stdout
     assert "LT101" in failed.stdout and "good/adapter_model.safetensors" not in failed.stdout
+    if gguf_file is not None:
+        assert "LT019" in failed.stdout and "gguf/cut.gguf" in failed.stdout
+        assert "gguf/llama.gguf" not in failed.stdout
+
+
+def _converted_gguf(out: Path) -> Path | None:
+    """A LoRA GGUF loratool converted (None without the gguf package)."""
+    if importlib.util.find_spec("gguf") is None:
+        return None
+    from lora_tools.formats import load_adapter
+    from lora_tools.ops.to_gguf import convert_to_gguf
+
+    data = ROOT / "tests" / "data" / "gguf"
+    out.parent.mkdir(parents=True)
+    convert_to_gguf(load_adapter(data / "adapters" / "llama"), out, base=data / "bases" / "llama")
+    return out
 
 
 @pytest.mark.slow
