@@ -55,6 +55,8 @@ CONSUMER = Consumer(
     oldest=(),
     checked=(
         "comfy/lora.py@41444b5",
+        "comfy/lora.py@17358c8 (model_lora_keys_unet's base_model.model. keys)",
+        "comfy/utils.py@09708ea",
         "comfy/weight_adapter/lora.py@0323d87",
         "comfy/weight_adapter/__init__.py@0bca89e",
     ),

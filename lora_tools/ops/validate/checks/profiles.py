@@ -877,6 +877,13 @@ def _comfyui_base_family(ctx: Context) -> str | None:
     )
 
 
+#: LT551's hint for a PEFT file.
+_COMFYUI_PEFT_HINT = (
+    "for a diffusion model, convert it with `loratool convert ADAPTER --to comfyui --base BASE "
+    "-o OUT`"
+)
+
+
 def _comfyui_peft_unmapped(
     ctx: Context, adapter: Adapter, who: str
 ) -> tuple[dict[str, str], str] | None:
@@ -895,7 +902,7 @@ def _comfyui_peft_unmapped(
             f"{who} does not load this peft file on the --base model ({base}): "
             "model_lora_keys_unet maps base_model.model.* keys only for "
             f'{families}; every key is logged as "lora key not loaded" and dropped',
-            hint="convert it with `loratool convert ADAPTER --to comfyui --base BASE -o OUT`",
+            hint=_COMFYUI_PEFT_HINT,
         )
         return None
     family = base or facts.peft_family(list(paths.values()))
@@ -918,7 +925,7 @@ def _comfyui_peft_unmapped(
             )
             + f' ({listed(outside)}): every key is logged as "lora key not loaded" and dropped',
             module=outside[0] if outside else None,
-            hint="convert it with `loratool convert ADAPTER --to comfyui --base BASE -o OUT`",
+            hint=_COMFYUI_PEFT_HINT,
         )
         return None
     unmapped = {
@@ -932,7 +939,7 @@ def _comfyui_peft_unmapped(
             f"that model's map holds under base_model.model. ({listed(list(paths.values()))}); "
             'every key is logged as "lora key not loaded" and dropped',
             module=next(iter(paths.values()), None),
-            hint="convert it with `loratool convert ADAPTER --to comfyui --base BASE -o OUT`",
+            hint=_COMFYUI_PEFT_HINT,
         )
         return None
     return unmapped, family
