@@ -19,7 +19,8 @@ consumer's own loading code (docs/rules.md, LT590, names the files and versions 
   comfy/weight_adapter/lora.py scales by ``alpha / rank`` or 1 without one (an alpha kept only
   in metadata runs at scale 1: ComfyUI PR 15830 is open); diffusers-named modules its key maps
   do not hold (PEFT-style SD UNet attention, text encoders without ``text_model.``) are left
-  out (:mod:`lora_tools.consumers.comfyui`).
+  out; PEFT files are loaded only with the SD3, PixArt or HunyuanDiT module paths whose
+  ``base_model.model.`` keys ComfyUI maps, at scale 1 (:mod:`lora_tools.consumers.comfyui`).
 - ``vllm``: vllm/lora/peft_helper.py: one ``lora_alpha / r`` (``/ sqrt(r)`` with
   ``use_rslora``) from the config for every module; ``rank_pattern`` / ``alpha_pattern`` are
   not read.
@@ -497,6 +498,11 @@ def _diffusers_network_alphas(mods: list[LoraModule]) -> ConsumerScales:
 
 
 def _comfyui(adapter: Adapter) -> ConsumerScales:
+    if adapter.format == "peft" and _comfyui_peft_family(adapter):
+        # SD3 / PixArt / HunyuanDiT PEFT names: no .alpha tensor, so scale 1 (lora_alpha is in
+        # adapter_config.json, which ComfyUI does not read)
+        scales = {m.key: 1.0 for m in adapter.modules.values()}
+        return ConsumerScales("comfyui", loads=True, rule=_COMFYUI_PEFT_RULE, scales=scales)
     if adapter.format not in _PIPELINE_FORMATS:
         return _not_loaded(
             "comfyui",
@@ -517,6 +523,19 @@ def _comfyui(adapter: Adapter) -> ConsumerScales:
     if adapter.format == "diffusers" and diffusers_component_configs(adapter.metadata):
         rule += " (the lora_adapter_metadata alpha is not read: ComfyUI PR 15830)"
     return ConsumerScales("comfyui", loads=True, rule=rule, scales=scales, skipped=skipped)
+
+
+_COMFYUI_PEFT_RULE = (
+    "scale 1: a PEFT file has no .alpha tensor, and adapter_config.json's lora_alpha is not read"
+)
+
+
+def _comfyui_peft_family(adapter: Adapter) -> str | None:
+    """The model family whose ``base_model.model.`` keys ComfyUI maps that every module path of
+    a PEFT file fits (:func:`lora_tools.consumers.comfyui.peft_family`)."""
+    from lora_tools.consumers.comfyui import peft_family
+
+    return peft_family([m.path or m.key for m in adapter.modules.values()])
 
 
 def comfyui_unmapped(m: LoraModule) -> bool:

@@ -790,17 +790,33 @@ def _diffusers(ctx: Context, adapter: Adapter, profile: Profile, deployment: Dep
 def _comfyui(ctx: Context, adapter: Adapter, profile: Profile, deployment: Deployment) -> None:
     facts = comfyui_facts
     who = profile.label
-    if adapter.format in ("peft", "mlx"):
+    if adapter.format == "mlx":
         ctx.add(
             "LT551",
-            f"{who} does not load this {adapter.format} file: load_lora maps base_model.model.* "
-            "keys only for SD3 and HunyuanDiT models and never language models' modules; every "
-            'other key is logged as "lora key not loaded" and dropped',
+            f"{who} does not load this mlx file: load_lora maps no key of MLX's naming and no "
+            'language model\'s module; every key is logged as "lora key not loaded" and dropped',
             hint="for a diffusion model, convert it with `loratool convert ADAPTER --to comfyui "
             "--base BASE -o OUT`",
         )
         return
-    if adapter.format not in ("kohya", "diffusers", "diffusers-old", "comfyui"):
+    unmapped: dict[str, str] = {}
+    family = ""
+    if adapter.format == "peft":
+        found = _comfyui_peft_unmapped(ctx, adapter, who)
+        if found is None:
+            return
+        unmapped, family = found
+        named = "PEFT-named"
+    elif adapter.format in ("kohya", "diffusers", "diffusers-old", "comfyui"):
+        unmapped = {
+            m.key: facts.module_stem(m.keys["up"])
+            for m in adapter.modules.values()
+            if adapter.format in ("diffusers", "diffusers-old")
+            and "up" in m.keys
+            and facts.diffusers_name_unmapped(m.keys["up"])
+        }
+        named = "diffusers-named"
+    else:
         return
     unread = [n for n in file_tensor_names(adapter) if not facts.tensor_read(n)]
     if unread:
@@ -812,18 +828,22 @@ def _comfyui(ctx: Context, adapter: Adapter, profile: Profile, deployment: Deplo
             hint="merge what they hold into the base (`loratool merge`), or load the file "
             "with diffusers",
         )
-    unmapped = {
-        m.key: facts.module_stem(m.keys["up"])
-        for m in adapter.modules.values()
-        if adapter.format in ("diffusers", "diffusers-old")
-        and "up" in m.keys
-        and facts.diffusers_name_unmapped(m.keys["up"])
-    }
-    if unmapped:
+    if unmapped and adapter.format == "peft":
         stems = list(unmapped.values())
         ctx.add(
             "LT554",
-            f"{who} maps {len(stems)} of {len(adapter.modules)} diffusers-named module(s) to "
+            f"{who} maps {len(stems)} of {len(adapter.modules)} {named} module(s) to no model "
+            f"weight (the --base is {facts.family_title(family)}; its map holds no "
+            'base_model.model.<path> for them): their tensors are "lora key not loaded", '
+            f"dropped: {listed(stems)}",
+            module=stems[0],
+            hint="convert it with `loratool convert ADAPTER --to comfyui --base BASE -o OUT`",
+        )
+    elif unmapped:
+        stems = list(unmapped.values())
+        ctx.add(
+            "LT554",
+            f"{who} maps {len(stems)} of {len(adapter.modules)} {named} module(s) to "
             "no model weight (an SD UNet's attention projections only as unet.<path>.processor."
             "to_q..., text encoders only as text_encoder.text_model.encoder.layers.N...): their "
             f'tensors are "lora key not loaded", dropped: {listed(stems)}',
@@ -840,6 +860,89 @@ def _comfyui(ctx: Context, adapter: Adapter, profile: Profile, deployment: Deplo
         "--to comfyui --base BASE -o OUT`)",
         left_out=frozenset(unmapped),
     )
+
+
+def _comfyui_base_family(ctx: Context) -> str | None:
+    """The ``--base`` model's family as :func:`comfyui_facts.base_family` tells it, or None
+    (no base, or one loratool cannot place)."""
+    components = getattr(ctx.checkpoint, "components", None)
+    if not components:
+        return None
+    models = [c for name, c in components.items() if name in ("", "transformer", "unet")]
+    configs = [c.config or {} for c in models]
+    return comfyui_facts.base_family(
+        [key for c in models for key in c],
+        [config.get("_class_name", "") for config in configs],
+        [config.get("model_type", "") for config in configs],
+    )
+
+
+#: LT551's hint for a PEFT file.
+_COMFYUI_PEFT_HINT = (
+    "for a diffusion model, convert it with `loratool convert ADAPTER --to comfyui --base BASE "
+    "-o OUT`"
+)
+
+
+def _comfyui_peft_unmapped(
+    ctx: Context, adapter: Adapter, who: str
+) -> tuple[dict[str, str], str] | None:
+    """The modules of a PEFT file ComfyUI maps to no weight (key -> stem) and the model family
+    they were judged for, or None after an ``LT551`` finding: nothing of the file loads.
+
+    The model is the ``--base``'s when loratool can tell its family; without one, the module
+    paths alone decide, and every module must be one family's (``peft_family``)."""
+    facts = comfyui_facts
+    paths = {m.key: m.path or m.key for m in adapter.modules.values()}
+    families = "; ".join(map(facts.family_title, facts.PEFT_FAMILIES))
+    base = _comfyui_base_family(ctx)
+    if base is not None and base not in facts.PEFT_FAMILIES:
+        ctx.add(
+            "LT551",
+            f"{who} does not load this peft file on the --base model ({base}): "
+            "model_lora_keys_unet maps base_model.model.* keys only for "
+            f'{families}; every key is logged as "lora key not loaded" and dropped',
+            hint=_COMFYUI_PEFT_HINT,
+        )
+        return None
+    family = base or facts.peft_family(list(paths.values()))
+    if family is None:
+        closest = facts.peft_closest(list(paths.values()))
+        outside = [
+            p for p in paths.values() if closest is None or not facts.peft_mapped(p, closest)
+        ]
+        ctx.add(
+            "LT551",
+            f"{who} does not load this peft file: model_lora_keys_unet maps "
+            f"base_model.model.* keys only for {families}, and no text encoder's; judged "
+            "from the module paths alone ("
+            + ("no --base" if ctx.checkpoint is None else "loratool cannot tell the --base's model")
+            + "), "
+            + (
+                f"{len(outside)} of {len(paths)} module(s) are not {closest}'s"
+                if closest
+                else "they are none of those models'"
+            )
+            + f' ({listed(outside)}): every key is logged as "lora key not loaded" and dropped',
+            module=outside[0] if outside else None,
+            hint=_COMFYUI_PEFT_HINT,
+        )
+        return None
+    unmapped = {
+        k: m.key for k, m in adapter.modules.items() if not facts.peft_mapped(paths[k], family)
+    }
+    if len(unmapped) == len(paths):
+        ctx.add(
+            "LT551",
+            f"{who} does not load this peft file on the --base model "
+            f"({facts.family_title(family)}): none of its {len(paths)} module path(s) is one "
+            f"that model's map holds under base_model.model. ({listed(list(paths.values()))}); "
+            'every key is logged as "lora key not loaded" and dropped',
+            module=next(iter(paths.values()), None),
+            hint=_COMFYUI_PEFT_HINT,
+        )
+        return None
+    return unmapped, family
 
 
 # -- PEFT (LT56x) --------------------------------------------------------------------------------
