@@ -433,7 +433,9 @@ def detect_scheme(
         return _from_hf_fp8({"weight_block_size": [128, 128]}, fp8, tensors)
     if not fp8:
         return Scheme(name="float")
-    if any(n.endswith((".weight_scale", ".scale_weight")) for n in tensors):
+    if any(
+        n.endswith((".weight_scale", ".scale_weight", ".qscale_weight")) for n in tensors
+    ) or any(w[: -len("weight")] + "scale" in tensors for w in fp8):
         return _refused("fp8 weights with scales but no config naming their scheme")
     dtype = _one_fp8_dtype(set(fp8.values()))
     if isinstance(dtype, Scheme):

@@ -139,6 +139,12 @@ def test_hf_fp8_scales_named_qscale_weight_carry_qscale_act_beside_them():
     assert (scheme.granularity, scheme.weight_scale_suffix) == ("tensor", "qscale_weight")
 
 
+def test_a_norm_scale_beside_no_weight_leaves_plain_fp8_plain():
+    """Flux's ``query_norm.scale`` sits beside no ``.weight``: no scale of an fp8 weight."""
+    headers = {"b.norm.query_norm.scale": ("BF16", (8,)), "b.qkv.weight": F8}
+    assert detect_scheme(headers).name == "plain-fp8"
+
+
 def test_an_inkling2_scale_is_a_norm_not_a_weight_scale():
     """transformers leaves Inkling2's ``.scale`` tensors alone (its ``q_norm.scale``)."""
     headers = {"l.weight": F8, "l.weight_scale_inv": ("F32", (2, 2)), "l.scale": ("BF16", (8,))}
@@ -261,6 +267,8 @@ def test_comfy_current_quantization_metadata():
         ),
         ({"l.weight": ("F8_E4M3FNUZ", (2, 2))}, None, None, "F8_E4M3FNUZ"),
         ({"l.weight": F8, "l.weight_scale": ("F32", ())}, None, None, "no config"),
+        ({"l.weight": F8, "l.scale": ("F8_E8M0", (2, 2))}, None, None, "no config"),
+        ({"l.weight": F8, "l.qscale_weight": ("F32", ())}, None, None, "no config"),
     ],
 )
 def test_refusals_name_the_scheme(headers, metadata, config, named):
