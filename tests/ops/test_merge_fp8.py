@@ -523,6 +523,50 @@ def test_a_respelled_base_gets_the_bytes_of_transformers_own_quantizer(merged):
         assert merged.after[scale_name][3] == theirs.view(torch.uint8).numpy().tobytes(), name
 
 
+def test_a_per_tensor_qscale_weight_base_merges_and_loads_in_transformers_as_before(
+    llama, tmp_path
+):
+    """Mistral Small 4's layout: one F32 ``qscale_weight`` per projection (no
+    weight_block_size), a ``qscale_act`` beside it. The merged weights lie within one fp8 step
+    of the float64 sum, keep their names, dtypes and shapes, and transformers loads the output
+    as it loads the base (``qscale_act`` left over in both)."""
+    scheme = Scheme("hf-block-fp8", "F8_E4M3", "tensor", None, "qscale_weight", "qscale_act")
+    content = {}
+    for name, value in llama.weights.items():
+        if "_proj." not in name:
+            content[name] = value.to(torch.bfloat16)
+            continue
+        q, inv = quantize(scheme, value.float().numpy())
+        layer = name[: -len("weight")]
+        content[name] = torch.from_numpy(q.view(np.uint8)).view(torch.float8_e4m3fn)
+        content[layer + "qscale_weight"] = torch.from_numpy(np.asarray(inv)).reshape(())
+        content[layer + "qscale_act"] = torch.tensor(0.0123)
+    config = llama.config.to_dict()
+    config["quantization_config"] = {
+        "quant_method": "fp8",
+        "activation_scheme": "dynamic",
+        "weight_block_size": None,
+    }
+    write_folder(tmp_path / "base", {"model.safetensors": content}, config)
+    summary = merge(tmp_path / "base", [llama.adapter], tmp_path / "out", device="cpu")
+    assert summary.quantization["scales_rewritten"] == 12
+    before, after = tensors_of(tmp_path / "base"), tensors_of(tmp_path / "out")
+    assert {n: e[:3] for n, e in after.items()} == {n: e[:3] for n, e in before.items()}
+    for name in (n for n in before if n.endswith("qscale_act")):
+        assert after[name] == before[name]
+    for name in (n for n, e in before.items() if e[1].startswith("F8") and is_target(n)):
+        reference = dequantized(before, scheme, name) + lora_delta(llama.adapter, name)
+        step = fp8_step(scheme, reference, array(after[scheme.weight_scale_name(name)]))
+        assert np.all(np.abs(dequantized(after, scheme, name) - reference) <= step), name
+    loaded = {}
+    for side in ("base", "out"):
+        _, loaded[side] = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path / side, output_loading_info=True
+        )
+    assert loaded["out"] == loaded["base"] and not loaded["out"]["missing_keys"]
+    assert len(loaded["out"]["unexpected_keys"]) == 14  # the qscale_act tensors
+
+
 def test_the_torch_engine_writes_the_same_bytes_as_the_numpy_engine(merged, tmp_path):
     if merged.name not in ("block-48-partial-edges", "ct-tensor"):
         pytest.skip("one per kind of scale")
