@@ -41,6 +41,21 @@ _REFUSED_METHODS: dict[str, str] = {
     "bitnet": "BitNet",
 }
 
+#: The names Hugging Face fp8 checkpoints give a weight's block scale, after ``<layer>.``, with
+#: the activation scale's name beside it. transformers 5.24+ reads all three (its FP8 quantizer
+#: renames ``<layer>.scale``, DeepSeek-V4, and ``<layer>.qscale_weight``, Mistral's own format,
+#: to ``weight_scale_inv``: the same multiplier, grid and dtype); Mistral's static activation
+#: scale is ``qscale_act`` (vLLM's ``input_scale``). FORMATS.md section 6.
+HF_FP8_SCALE_SPELLINGS: dict[str, str] = {
+    "weight_scale_inv": "activation_scale",
+    "qscale_weight": "qscale_act",
+    "scale": "activation_scale",
+}
+
+#: safetensors dtypes a Hugging Face fp8 weight scale may have: floats, and F8_E8M0 (a power of
+#: two, exactly) for ``scale_fmt: ue8m0`` only.
+_HF_SCALE_DTYPES = ("F32", "BF16", "F16", "F8_E8M0")
+
 #: Tensor-name endings that only packed-integer schemes write, with the scheme they name.
 _REFUSED_SUFFIXES: tuple[tuple[str, str], ...] = (
     (".qweight", "GPTQ/AWQ int4"),
@@ -75,7 +90,9 @@ class Scheme:
         fp8_dtype: the weights' safetensors dtype, ``F8_E4M3`` or ``F8_E5M2``.
         granularity: one scale per ``tensor``, per output ``channel``, per ``block``; ``none``.
         block_size: (rows, cols) of a block for ``block``; None otherwise.
-        weight_scale_suffix: the scale tensor's name ending after ``<layer>.``.
+        weight_scale_suffix: the scale tensor's name ending after ``<layer>.`` (for
+            ``hf-block-fp8`` the base's own spelling: ``weight_scale_inv``, ``scale`` or
+            ``qscale_weight``, :data:`HF_FP8_SCALE_SPELLINGS`).
         input_scale_suffix: the activation scale's ending, kept untouched by a merge.
         scale_fmt: ``float``, or ``ue8m0`` (power-of-two scales, DeepSeek-V3.1).
         unsupported: for ``unsupported``, the scheme found ("GPTQ", "bitsandbytes NF4", ...).
@@ -113,6 +130,8 @@ class Scheme:
             detail.append(f"per-{self.granularity} scale")
         if self.scale_fmt != "float":
             detail.append(f"{self.scale_fmt} scales")
+        if self.name == "hf-block-fp8" and self.weight_scale_suffix != "weight_scale_inv":
+            detail.append(f"scales as <layer>.{self.weight_scale_suffix}")
         return f"{self.name} ({', '.join(detail)})"
 
     def layer_of(self, weight_name: str) -> str:
@@ -207,7 +226,12 @@ def _quant_config(config: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
     return config if "quant_method" in config else None
 
 
-def _from_hf_fp8(qc: Mapping[str, Any], fp8: dict[str, str]) -> Scheme:
+def _from_hf_fp8(
+    qc: Mapping[str, Any],
+    fp8: dict[str, str],
+    tensors: Mapping[str, tuple[str, tuple[int, ...]]],
+    config: Mapping[str, Any] | None = None,
+) -> Scheme:
     if str(qc.get("fmt", "e4m3")).lower() not in ("e4m3", "float8_e4m3fn"):
         return _refused(f"fp8 fmt {qc.get('fmt')!r}")
     # transformers' FineGrainedFP8Config: 128x128 when the key is absent, per tensor when null
@@ -218,15 +242,71 @@ def _from_hf_fp8(qc: Mapping[str, Any], fp8: dict[str, str]) -> Scheme:
     dtype = _only_e4m3(_one_fp8_dtype(set(fp8.values())), "Hugging Face fp8")
     if isinstance(dtype, Scheme):
         return dtype
+    suffix = _hf_scale_spelling(fp8, tensors, config)
+    if isinstance(suffix, Scheme):
+        return suffix
+    odd = _odd_hf_scale(fp8, tensors, suffix, scale_fmt)
+    if odd is not None:
+        return odd
     return Scheme(
         name="hf-block-fp8",
         fp8_dtype=dtype,
         granularity="block" if block else "tensor",
         block_size=(int(block[0]), int(block[1])) if block else None,
-        weight_scale_suffix="weight_scale_inv",
-        input_scale_suffix="activation_scale",
+        weight_scale_suffix=suffix,
+        input_scale_suffix=HF_FP8_SCALE_SPELLINGS[suffix],
         scale_fmt=scale_fmt,
     )
+
+
+def _hf_scale_spelling(
+    fp8: dict[str, str],
+    tensors: Mapping[str, tuple[str, tuple[int, ...]]],
+    config: Mapping[str, Any] | None,
+) -> str | Scheme:
+    """The one spelling the fp8 weights' scales use (``weight_scale_inv`` where none is found:
+    the merge then names the scale missing), or a refusal naming two scales spelled differently
+    (of two weights, or both of one: transformers would load either into its place)."""
+    spellings = list(HF_FP8_SCALE_SPELLINGS)
+    if str((config or {}).get("model_type") or "").startswith("inkling2"):
+        # transformers leaves Inkling2's `.scale` tensors (norms) alone
+        spellings.remove("scale")
+    found: dict[str, str] = {}
+    for weight in sorted(fp8):
+        layer = weight[: -len(".weight")]
+        for suffix in spellings:
+            if f"{layer}.{suffix}" in tensors:
+                found.setdefault(suffix, f"{layer}.{suffix}")
+    if len(found) > 1:
+        names = " and ".join(repr(n) for n in found.values())
+        return _refused(f"Hugging Face fp8 with its scales spelled two ways ({names})")
+    return next(iter(found), "weight_scale_inv")
+
+
+def _odd_hf_scale(
+    fp8: dict[str, str],
+    tensors: Mapping[str, tuple[str, tuple[int, ...]]],
+    suffix: str,
+    scale_fmt: str,
+) -> Scheme | None:
+    """A refusal naming the first weight scale whose dtype loratool would misread or could not
+    write back: MXFP8 exponent bytes (U8, ``2^(byte - 127)``), an F8_E8M0 scale outside
+    ``scale_fmt: ue8m0`` (a recomputed float scale does not fit it), anything else."""
+    for weight in sorted(fp8):
+        name = f"{weight[: -len('.weight')]}.{suffix}"
+        scale_dtype = tensors[name][0] if name in tensors else None
+        if scale_dtype is None or scale_dtype in ("F32", "BF16", "F16"):
+            continue
+        if scale_dtype == "F8_E8M0" and scale_fmt == "ue8m0":
+            continue
+        if scale_dtype == "F8_E8M0":
+            what = "without scale_fmt 'ue8m0' in its quantization_config"
+        elif scale_dtype == "U8":
+            what = "(MXFP8 exponent bytes)"
+        else:
+            what = f"(loratool reads {', '.join(_HF_SCALE_DTYPES)})"
+        return _refused(f"Hugging Face fp8 with {scale_dtype} scale {name!r} {what}")
+    return None
 
 
 def _from_compressed_tensors(qc: Mapping[str, Any], fp8: dict[str, str]) -> Scheme:
@@ -300,7 +380,7 @@ def detect_scheme(
     if qc is not None:
         method = str(qc.get("quant_method") or "").lower().replace("_", "-")
         if method == "fp8":
-            return _from_hf_fp8(qc, fp8)
+            return _from_hf_fp8(qc, fp8, tensors, config)
         if method == "compressed-tensors":
             return _from_compressed_tensors(qc, fp8)
         refused = _REFUSED_METHODS.get(method.replace("-", "_"))
@@ -350,10 +430,12 @@ def detect_scheme(
         )
     if any(n.endswith(".weight_scale_inv") for n in tensors):
         # block FP8 without its config.json: transformers' default block is 128x128
-        return _from_hf_fp8({"weight_block_size": [128, 128]}, fp8)
+        return _from_hf_fp8({"weight_block_size": [128, 128]}, fp8, tensors)
     if not fp8:
         return Scheme(name="float")
-    if any(n.endswith((".weight_scale", ".scale_weight")) for n in tensors):
+    if any(
+        n.endswith((".weight_scale", ".scale_weight", ".qscale_weight")) for n in tensors
+    ) or any(w[: -len("weight")] + "scale" in tensors for w in fp8):
         return _refused("fp8 weights with scales but no config naming their scheme")
     dtype = _one_fp8_dtype(set(fp8.values()))
     if isinstance(dtype, Scheme):

@@ -25,7 +25,7 @@ from lora_tools.errors import UnsupportedBaseError
 from lora_tools.io.safetensors import SafetensorsFile
 from lora_tools.ops.merge import merge
 from lora_tools.quant.numeric import dequantize, fp8_step, quantize
-from lora_tools.quant.schemes import Scheme
+from lora_tools.quant.schemes import HF_FP8_SCALE_SPELLINGS, Scheme
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -144,14 +144,27 @@ def write_folder(folder: Path, shards: dict[str, dict[str, torch.Tensor]], confi
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
-def block_base(llama, folder: Path, block: list[int], scale_fmt: str = "float") -> Scheme:
+def block_base(
+    llama,
+    folder: Path,
+    block: list[int],
+    scale_fmt: str = "float",
+    spelling: str = "weight_scale_inv",
+    scale_dtype: torch.dtype = torch.float32,
+    act_scales: bool = False,
+) -> Scheme:
     """The Llama in Hugging Face block FP8, in four shards: layer 1's attention scales sit in
     the shard before their weights, layer 0's MLP scales in the shard after, and the last shard
-    holds only a norm and a scale of a merged layer."""
+    holds only a norm and a scale of a merged layer. ``spelling`` names the scales
+    (``<layer>.weight_scale_inv``, DeepSeek-V4's ``<layer>.scale``, Mistral's
+    ``<layer>.qscale_weight``) and ``scale_dtype`` stores them (F8_E8M0 for DeepSeek-V4's
+    ue8m0 grids); ``act_scales`` adds a static activation scale to each attention projection
+    (Mistral's ``qscale_act``)."""
     shards: dict[str, dict[str, torch.Tensor]] = {
         f"model-0000{i}-of-00004.safetensors": {} for i in (1, 2, 3, 4)
     }
     names = list(shards)
+    act_suffix = HF_FP8_SCALE_SPELLINGS[spelling]
     for name, value in llama.weights.items():
         layer = name.split(".")[2] if name.startswith("model.layers.") else None
         home = names[0] if layer == "0" else names[1] if layer == "1" else names[2]
@@ -167,7 +180,9 @@ def block_base(llama, folder: Path, block: list[int], scale_fmt: str = "float") 
             scale_home = names[1]
         if name == "model.layers.1.mlp.up_proj.weight":
             scale_home = names[3]
-        shards[scale_home][name[: -len("weight")] + "weight_scale_inv"] = inv
+        shards[scale_home][name[: -len("weight")] + spelling] = inv.to(scale_dtype)
+        if act_scales and "self_attn" in name:
+            shards[home][name[: -len("weight")] + act_suffix] = torch.tensor(0.0123)
     shards[names[3]]["model.norm.weight"] = shards[names[2]].pop("model.norm.weight")
     config = llama.config.to_dict()
     qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic"}
@@ -175,14 +190,18 @@ def block_base(llama, folder: Path, block: list[int], scale_fmt: str = "float") 
     if scale_fmt != "float":
         qc["scale_fmt"] = scale_fmt
     config["quantization_config"] = qc
+    if scale_dtype == torch.float8_e8m0fnu:
+        # as DeepSeek-V4's: without it transformers guesses the dtype from the first shard's
+        # tensors, and its guess does not know F8_E8M0
+        config["dtype"] = "bfloat16"
     write_folder(folder, shards, config)
     return Scheme(
         "hf-block-fp8",
         "F8_E4M3",
         "block",
         tuple(block),
-        "weight_scale_inv",
-        "activation_scale",
+        spelling,
+        act_suffix,
         scale_fmt,
     )
 
@@ -264,6 +283,14 @@ BASES = {
     "block-32": lambda llama, f: block_base(llama, f, [32, 32]),
     "block-48-partial-edges": lambda llama, f: block_base(llama, f, [48, 48]),
     "block-32-ue8m0": lambda llama, f: block_base(llama, f, [32, 32], "ue8m0"),
+    # DeepSeek-V4-Flash: `<layer>.scale`, ue8m0 grids stored as F8_E8M0
+    "block-32-scale-e8m0": lambda llama, f: block_base(
+        llama, f, [32, 32], "ue8m0", "scale", torch.float8_e8m0fnu
+    ),
+    # Mistral's own format: `<layer>.qscale_weight`, `<layer>.qscale_act` beside it
+    "block-32-qscale-weight": lambda llama, f: block_base(
+        llama, f, [32, 32], spelling="qscale_weight", act_scales=True
+    ),
     "ct-tensor": lambda llama, f: ct_base(llama, f, "tensor"),
     "ct-channel": lambda llama, f: ct_base(llama, f, "channel"),
 }
@@ -350,9 +377,9 @@ def test_untouched_tensors_scales_config_and_index_stay_byte_identical(merged):
         assert merged.after[name][:3] == entry[:3], name  # file, dtype, shape
         if name not in changed:
             assert merged.after[name][3] == entry[3], name
-    assert any(
-        n.endswith("o_proj.weight_scale") or n.endswith("o_proj.weight_scale_inv")
-        for n in merged.before
+    # o_proj is not merged: its scale (and each activation scale) keeps its bytes
+    assert (
+        merged.scheme.weight_scale_name("model.layers.0.self_attn.o_proj.weight") in merged.before
     )
     for side in ("config.json", INDEX):
         if (merged.base / side).exists():
@@ -446,20 +473,98 @@ def test_dtype_dequantizes_every_weight_drops_the_scales_and_the_quantization_co
 
 
 def test_transformers_loads_the_block_fp8_output_and_dequantizes_it_as_loratool(merged):
-    if merged.name != "block-32":
+    """transformers (dequantizing on a CPU) loads the output as it loads the base: the same
+    keys read and left over (Mistral's ``qscale_act``, which it does not read), each merged
+    weight the stored fp8 times its grid, whichever spelling the base gives its scales."""
+    if merged.name not in ("block-32", "block-32-scale-e8m0", "block-32-qscale-weight"):
         pytest.skip("transformers' Fp8Dequantize refuses grids that do not divide")
+    _, base_info = transformers.AutoModelForCausalLM.from_pretrained(
+        merged.base, output_loading_info=True
+    )
     model, info = transformers.AutoModelForCausalLM.from_pretrained(
         merged.out, output_loading_info=True
     )
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert info == base_info and not info["missing_keys"], info
+    act = merged.scheme.input_scale_suffix
+    assert set(info["unexpected_keys"]) == {n for n in merged.before if n.endswith("." + act)}
     params = dict(model.named_parameters())
     for name in merged_fp8(merged):
         q = array(merged.after[name]).astype(np.float32)
-        inv = array(merged.after[merged.scheme.weight_scale_name(name)])
+        inv = array(merged.after[merged.scheme.weight_scale_name(name)]).astype(np.float32)
         ours = torch.from_numpy(q * np.repeat(np.repeat(inv, 32, 0), 32, 1)).to(params[name].dtype)
         assert torch.equal(params[name].detach(), ours), name
     ids = torch.arange(8)[None]
     assert torch.isfinite(model(ids).logits).all()
+
+
+def test_a_respelled_base_gets_the_bytes_of_transformers_own_quantizer(merged):
+    """For ``<layer>.scale`` (F8_E8M0, ue8m0) and ``<layer>.qscale_weight`` bases, each merged
+    weight and its scale are transformers' ``Fp8Quantize`` of the exact float64 sum, byte for
+    byte, under the base's own names and dtypes."""
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+
+    if merged.scheme.name != "hf-block-fp8" or merged.name == "block-32" or "48" in merged.name:
+        pytest.skip("the respelled bases (the others: the test above and tests/quant)")
+    scheme = merged.scheme
+    qc = types.SimpleNamespace(
+        weight_block_size=list(scheme.block_size), scale_fmt=scheme.scale_fmt
+    )
+    quantizer = Fp8Quantize(types.SimpleNamespace(quantization_config=qc))
+    for name in merged_fp8(merged):
+        exact = torch.from_numpy(array(merged.exact[name]))
+        out = quantizer._quantize_one(name, exact)
+        scale_name = scheme.weight_scale_name(name)
+        stored = merged.before[scale_name]
+        theirs = out[name[: -len("weight")] + "weight_scale_inv"].to(
+            getattr(torch, array(stored).dtype.name)
+        )
+        assert merged.after[name][3] == out[name].view(torch.uint8).numpy().tobytes(), name
+        assert merged.after[scale_name][:3] == stored[:3]
+        assert merged.after[scale_name][3] == theirs.view(torch.uint8).numpy().tobytes(), name
+
+
+def test_a_per_tensor_qscale_weight_base_merges_and_loads_in_transformers_as_before(
+    llama, tmp_path
+):
+    """Mistral Small 4's layout: one F32 ``qscale_weight`` per projection (no
+    weight_block_size), a ``qscale_act`` beside it. The merged weights lie within one fp8 step
+    of the float64 sum, keep their names, dtypes and shapes, and transformers loads the output
+    as it loads the base (``qscale_act`` left over in both)."""
+    scheme = Scheme("hf-block-fp8", "F8_E4M3", "tensor", None, "qscale_weight", "qscale_act")
+    content = {}
+    for name, value in llama.weights.items():
+        if "_proj." not in name:
+            content[name] = value.to(torch.bfloat16)
+            continue
+        q, inv = quantize(scheme, value.float().numpy())
+        layer = name[: -len("weight")]
+        content[name] = torch.from_numpy(q.view(np.uint8)).view(torch.float8_e4m3fn)
+        content[layer + "qscale_weight"] = torch.from_numpy(np.asarray(inv)).reshape(())
+        content[layer + "qscale_act"] = torch.tensor(0.0123)
+    config = llama.config.to_dict()
+    config["quantization_config"] = {
+        "quant_method": "fp8",
+        "activation_scheme": "dynamic",
+        "weight_block_size": None,
+    }
+    write_folder(tmp_path / "base", {"model.safetensors": content}, config)
+    summary = merge(tmp_path / "base", [llama.adapter], tmp_path / "out", device="cpu")
+    assert summary.quantization["scales_rewritten"] == 12
+    before, after = tensors_of(tmp_path / "base"), tensors_of(tmp_path / "out")
+    assert {n: e[:3] for n, e in after.items()} == {n: e[:3] for n, e in before.items()}
+    for name in (n for n in before if n.endswith("qscale_act")):
+        assert after[name] == before[name]
+    for name in (n for n, e in before.items() if e[1].startswith("F8") and is_target(n)):
+        reference = dequantized(before, scheme, name) + lora_delta(llama.adapter, name)
+        step = fp8_step(scheme, reference, array(after[scheme.weight_scale_name(name)]))
+        assert np.all(np.abs(dequantized(after, scheme, name) - reference) <= step), name
+    loaded = {}
+    for side in ("base", "out"):
+        _, loaded[side] = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path / side, output_loading_info=True
+        )
+    assert loaded["out"] == loaded["base"] and not loaded["out"]["missing_keys"]
+    assert len(loaded["out"]["unexpected_keys"]) == 14  # the qscale_act tensors
 
 
 def test_the_torch_engine_writes_the_same_bytes_as_the_numpy_engine(merged, tmp_path):
@@ -489,24 +594,27 @@ def test_a_merged_fp8_weight_without_its_scale_is_refused(llama, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_scale_under_another_spelling_is_refused_naming_it(llama, tmp_path):
-    """transformers also loads block scales named ``<layer>.scale`` (DeepSeek-V4-Flash): the
-    refusal names the tensor found, not a missing shard."""
+@pytest.mark.parametrize("spelling", ["scale", "qscale_weight"])
+def test_scales_spelled_two_ways_are_refused_naming_one_of_each(llama, tmp_path, spelling):
+    """transformers reads ``<layer>.weight_scale_inv``, ``.scale`` and ``.qscale_weight`` alike;
+    a base that mixes them is not one any tool writes: refused, naming a tensor of each."""
     block_base(llama, tmp_path / "base", [32, 32])
     shard = tmp_path / "base" / "model-00004-of-00004.safetensors"
     from safetensors.torch import load_file
 
     content = load_file(shard)
-    old, new = "model.layers.1.mlp.up_proj.weight_scale_inv", "model.layers.1.mlp.up_proj.scale"
+    layer = "model.layers.1.mlp.up_proj"
+    old, new = f"{layer}.weight_scale_inv", f"{layer}.{spelling}"
     content[new] = content.pop(old)
     save_file(content, shard)
     index = json.loads((tmp_path / "base" / INDEX).read_text())
     index["weight_map"][new] = index["weight_map"].pop(old)
     (tmp_path / "base" / INDEX).write_text(json.dumps(index))
-    with pytest.raises(
-        UnsupportedBaseError, match="scale stored as 'model.layers.1.mlp.up_proj.scale'"
-    ):
+    with pytest.raises(UnsupportedBaseError) as caught:
         merge(tmp_path / "base", [llama.adapter], tmp_path / "out", device="cpu")
+    message = str(caught.value)
+    assert "scales spelled two ways" in message and repr(new) in message, message
+    assert "weight_scale_inv'" in message and "\n" not in message
     assert not (tmp_path / "out").exists()
 
 

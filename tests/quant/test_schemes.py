@@ -91,6 +91,93 @@ def test_e5m2_weights_are_refused_where_the_quantizer_writes_e4m3_only(config, s
     assert named in detect_scheme(headers, config=config).describe()
 
 
+UE8M0_CONFIG = {
+    "model_type": "deepseek_v4",
+    "quantization_config": {**HF_CONFIG["quantization_config"], "scale_fmt": "ue8m0"},
+}
+
+
+def test_hf_fp8_scales_named_scale_are_read_under_their_own_name():
+    """DeepSeek-V4-Flash: ``<layer>.scale`` F8_E8M0 grids beside F8_E4M3 weights (transformers
+    renames them to ``weight_scale_inv``); its FP4 experts (I8) have ``.scale`` too."""
+    headers = {
+        "layers.0.attn.wq_a.weight": F8,
+        "layers.0.attn.wq_a.scale": ("F8_E8M0", (2, 2)),
+        "layers.0.ffn.experts.0.w1.weight": ("I8", (256, 100)),
+        "layers.0.ffn.experts.0.w1.scale": ("F8_E8M0", (256, 7)),
+        "layers.0.attn_norm.weight": ("BF16", (200,)),
+    }
+    scheme = detect_scheme(headers, config=UE8M0_CONFIG)
+    assert (scheme.name, scheme.block_size, scheme.scale_fmt) == (
+        "hf-block-fp8",
+        (128, 128),
+        "ue8m0",
+    )
+    assert scheme.weight_scale_name("layers.0.attn.wq_a.weight") == "layers.0.attn.wq_a.scale"
+    assert scheme.input_scale_suffix == "activation_scale"
+    assert scheme.describe() == (
+        "hf-block-fp8 (F8_E4M3, 128x128 blocks, ue8m0 scales, scales as <layer>.scale)"
+    )
+
+
+def test_hf_fp8_scales_named_qscale_weight_carry_qscale_act_beside_them():
+    """Mistral's own format: ``<layer>.qscale_weight`` (transformers: ``weight_scale_inv``),
+    ``<layer>.qscale_act`` the static activation scale (vLLM: ``input_scale``)."""
+    headers = {
+        "layers.0.attention.wq.weight": F8,
+        "layers.0.attention.wq.qscale_weight": ("F32", (2, 2)),
+        "layers.0.attention.wq.qscale_act": ("F32", ()),
+    }
+    scheme = detect_scheme(headers, config=HF_CONFIG)
+    assert scheme.scale_names("layers.0.attention.wq.weight") == (
+        "layers.0.attention.wq.qscale_weight",
+        "layers.0.attention.wq.qscale_act",
+    )
+    per_tensor = {"quantization_config": {"quant_method": "fp8", "weight_block_size": None}}
+    headers["layers.0.attention.wq.qscale_weight"] = ("F32", ())
+    scheme = detect_scheme(headers, config=per_tensor)
+    assert (scheme.granularity, scheme.weight_scale_suffix) == ("tensor", "qscale_weight")
+
+
+def test_a_norm_scale_beside_no_weight_leaves_plain_fp8_plain():
+    """Flux's ``query_norm.scale`` sits beside no ``.weight``: no scale of an fp8 weight."""
+    headers = {"b.norm.query_norm.scale": ("BF16", (8,)), "b.qkv.weight": F8}
+    assert detect_scheme(headers).name == "plain-fp8"
+
+
+def test_an_inkling2_scale_is_a_norm_not_a_weight_scale():
+    """transformers leaves Inkling2's ``.scale`` tensors alone (its ``q_norm.scale``)."""
+    headers = {"l.weight": F8, "l.weight_scale_inv": ("F32", (2, 2)), "l.scale": ("BF16", (8,))}
+    config = {**HF_CONFIG, "model_type": "inkling2"}
+    assert detect_scheme(headers, config=config).weight_scale_suffix == "weight_scale_inv"
+    assert not detect_scheme(headers, config=HF_CONFIG).supported  # elsewhere: two spellings
+
+
+@pytest.mark.parametrize(
+    ("scale", "config", "named"),
+    [
+        (("l.weight_scale_inv", "U8"), UE8M0_CONFIG, "U8 scale 'l.weight_scale_inv' (MXFP8"),
+        (("l.scale", "F8_E8M0"), HF_CONFIG, "F8_E8M0 scale 'l.scale' without scale_fmt 'ue8m0'"),
+        (("l.qscale_weight", "I32"), HF_CONFIG, "I32 scale 'l.qscale_weight' (loratool reads"),
+        (("l.weight_scale_inv", "F8_E4M3"), HF_CONFIG, "F8_E4M3 scale"),
+    ],
+)
+def test_hf_fp8_scales_of_a_dtype_loratool_would_misread_are_refused(scale, config, named):
+    headers = {"l.weight": F8, scale[0]: (scale[1], (2, 2))}
+    assert named in detect_scheme(headers, config=config).describe()
+
+
+def test_hf_fp8_scales_spelled_two_ways_are_refused_naming_both():
+    headers = {
+        "a.weight": F8,
+        "a.weight_scale_inv": ("F32", (2, 2)),
+        "b.weight": F8,
+        "b.qscale_weight": ("F32", (2, 2)),
+    }
+    described = detect_scheme(headers, config=HF_CONFIG).describe()
+    assert "scales spelled two ways ('a.weight_scale_inv' and 'b.qscale_weight')" in described
+
+
 @pytest.mark.parametrize(
     ("scheme", "weight", "scale", "fits"),
     [
@@ -180,6 +267,8 @@ def test_comfy_current_quantization_metadata():
         ),
         ({"l.weight": ("F8_E4M3FNUZ", (2, 2))}, None, None, "F8_E4M3FNUZ"),
         ({"l.weight": F8, "l.weight_scale": ("F32", ())}, None, None, "no config"),
+        ({"l.weight": F8, "l.scale": ("F8_E8M0", (2, 2))}, None, None, "no config"),
+        ({"l.weight": F8, "l.qscale_weight": ("F32", ())}, None, None, "no config"),
     ],
 )
 def test_refusals_name_the_scheme(headers, metadata, config, named):

@@ -408,16 +408,6 @@ def _quant_jobs(
             )
         scale = scheme.weight_scale_name(name)
         if scale is not None and scale not in comp:
-            other = next((n for n in _other_scale_names(name) if n in comp), None)
-            if other is not None:
-                raise UnsupportedBaseError(
-                    f"base tensor {name!r} is {comp.info(name).dtype} ({scheme.describe()}) "
-                    f"with its scale stored as {other!r}, a spelling loratool does not read "
-                    f"(it reads {scale!r}); merging without it would ignore the scale",
-                    path=path,
-                    hint="merge into the unquantized base",
-                    kind="unsupported-base",
-                )
             raise UnsupportedBaseError(
                 f"base tensor {name!r} is {comp.info(name).dtype} ({scheme.describe()}) but "
                 f"its scale {scale!r} is not in the checkpoint; merging without it would "
@@ -449,10 +439,29 @@ def _quant_jobs(
         if scale is not None and not dequantize:
             plan.scales[scale] = job
     if dequantize:
+        _refuse_packed(comp, scheme)
         plan.dropped = {n for n in comp if scheme.is_scale(n) or n.endswith(".comfy_quant")} - set(
             plan.weights
         )
     return plan
+
+
+def _refuse_packed(comp: Any, scheme: Any) -> None:
+    """UnsupportedBaseError for ``--dtype`` on a base with weights packed in integers beside
+    their scales (DeepSeek-V4's FP4 experts: I8, two e2m1 values a byte, ``expert_dtype:
+    fp4``): loratool does not dequantize them, and dropping their scales and
+    ``quantization_config`` would leave them unreadable."""
+    for name in comp:
+        scale = scheme.weight_scale_name(name)
+        if comp.info(name).dtype in ("I8", "U8") and scale is not None and scale in comp:
+            raise UnsupportedBaseError(
+                f"base tensor {name!r} is {comp.info(name).dtype} with its scale {scale!r} "
+                f"(packed fp4 beside {scheme.describe()}), which --dtype cannot dequantize; "
+                "dropping the scales would leave it unreadable",
+                path=comp.file_for(name),
+                hint="merge keeping the base's scheme (leave out --dtype)",
+                kind="unsupported-base",
+            )
 
 
 def _refuse_gguf(base: Path) -> None:
@@ -544,14 +553,3 @@ def output_path(out: str | os.PathLike[str], base: Path) -> Path:
             hint="give a folder path for -o (the weight files keep the base's names)",
         )
     return given
-
-
-#: Scale spellings of block-FP8 checkpoints that transformers 5.24 also loads and loratool
-#: does not (DeepSeek-V4-Flash ``<layer>.scale``, Mistral Large 4 ``<layer>.qscale_weight``):
-#: named in the refusal instead of "not in the checkpoint".
-OTHER_SCALE_SUFFIXES = ("scale", "qscale_weight")
-
-
-def _other_scale_names(weight: str) -> list[str]:
-    stem = weight.removesuffix("weight")
-    return [stem + suffix for suffix in OTHER_SCALE_SUFFIXES] if stem != weight else []
