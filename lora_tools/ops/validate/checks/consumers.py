@@ -15,8 +15,9 @@ from lora_tools.consumers.scales import CONSUMERS, Disagreement, consumer_scales
 from lora_tools.ops.base_copies import CopyDifference, differing_copies, saved_base_layers
 from lora_tools.ops.validate.context import Context, fmt_number
 
-#: The rules that report :attr:`Context.copy_differences`: LT591, and each server profile's.
-SAVED_LAYER_RULES = frozenset({"LT508", "LT517", "LT527", "LT536", "LT591"})
+#: The rule of each server profile that reports :attr:`Context.copy_differences` (LT591
+#: reports them without ``--profile``).
+SAVED_LAYER_RULES = {"vllm": "LT508", "sglang": "LT517", "tgi": "LT527", "llamacpp": "LT536"}
 #: What a finding about a differing saved layer tells the user to do.
 SAVED_LAYER_HINT = (
     "serve the adapter on the base it was saved with, or merge it into this base "
@@ -88,7 +89,14 @@ def _applied(d: Disagreement) -> str:
 def compare_saved_layers(ctx: Context, adapter: Adapter) -> None:
     """Fill :attr:`Context.copy_differences` from ``--base``, when a rule reports them and the
     adapter holds saved base layers (reads both tensors, block by block of rows)."""
-    if ctx.checkpoint is None or not SAVED_LAYER_RULES & ctx.rules:
+    if ctx.checkpoint is None:
+        return
+    if ctx.deployment is None:
+        wanted = {"LT591"}
+    else:
+        names = [profile.consumer.name for profile in ctx.deployment.profiles]
+        wanted = {SAVED_LAYER_RULES[n] for n in names if n in SAVED_LAYER_RULES}
+    if not wanted & ctx.rules:
         return
     if saved_base_layers(adapter):
         ctx.copy_differences = differing_copies(
