@@ -34,15 +34,16 @@ import numpy as np
 from lora_tools.adapter import Adapter
 from lora_tools.errors import UnsupportedAdapterError
 from lora_tools.io.checkpoint import Checkpoint
-from lora_tools.io.safetensors import FileTensor, Tensor
+from lora_tools.io.safetensors import FileTensor, Tensor, numpy_dtype
 
 #: The suffix of PEFT's saved base layers (``save_embedding_layers``).
 BASE_LAYER_SUFFIX = ".base_layer.weight"
 #: The saved embeddings vLLM skips (``is_base_embedding_weights``); SGLang and TGI drop them
 #: too, and every other tensor that is no LoRA factor is another rule's finding there.
 EMBEDDING_BASE_SUFFIXES = (".embed_tokens.base_layer.weight", ".lm_head.base_layer.weight")
-#: The dtypes compared (floating-point weights; a copy in another one is not compared).
-_FLOATS = ("F16", "BF16", "F32", "F64")
+#: The dtypes compared (floating-point weights; a copy in another one is not compared), by
+#: precision: two tensors are compared at the narrower one's.
+_PRECISION = {"F16": 1, "BF16": 1, "F32": 2, "F64": 3}
 #: Bytes of each of the two row blocks held at a time.
 CHUNK_BYTES = 8 << 20
 
@@ -57,7 +58,7 @@ class CopyDifference:
         base_file: the base file holding that tensor.
         rows: rows that differ.
         total_rows: rows of the tensor.
-        max_abs_diff: the largest ``|copy - base|`` (the base rounded to the copy's dtype).
+        max_abs_diff: the largest ``|copy - base|``, both at the narrower dtype's precision.
         first_row: the first row that differs.
     """
 
@@ -90,9 +91,11 @@ def differing_copies(
     A copy is compared with the base tensor it resolves to (same key, same shape); one that
     resolves to none (another shape: a resized vocabulary, or a base without that layer) is
     left out, as are copies or base tensors that are not float16 / bfloat16 / float32 /
-    float64. The base values are rounded to the copy's dtype before the comparison (a bf16 copy
-    of a float32 base that equals the base in bf16 is the same weight at that precision).
-    Same bytes: no difference.
+    float64. Two dtypes are compared at the narrower one's precision: the wider tensor is
+    rounded to it (a float32 copy of a bf16 base, or a bf16 copy of a float32 base, that equals
+    the base in bf16 is the same weight: loaded into a bf16 model it is the base's; only a
+    model run in float32 would see the rounding); float16 against bfloat16 compares the values
+    as float32. Same values: no difference.
 
     Args:
         adapter: the adapter (not modified).
@@ -109,12 +112,13 @@ def differing_copies(
     for key in keys:
         target = targets.get(key)
         copy = adapter.passthrough[key]
-        if target is None or copy.dtype not in _FLOATS or target.info.dtype not in _FLOATS:
+        if target is None or not copy.shape:
             continue
-        if not copy.shape:
+        dtype = _common_dtype(copy.dtype, target.info.dtype)
+        if dtype is None:
             continue
         reader = ckpt.components[target.component].open(target.file)
-        found = _compare(copy, partial(reader.read, target.key), chunk_bytes)
+        found = _compare(copy, partial(reader.read, target.key), dtype, chunk_bytes)
         if found is not None:
             rows, max_abs, first = found
             out.append(
@@ -155,17 +159,30 @@ def refuse_differing_copies(
     )
 
 
+def _common_dtype(ours: str, theirs: str) -> str | None:
+    """The dtype two tensors are compared in: the narrower one's (float32 for float16 against
+    bfloat16), or None when one is no float type compared here."""
+    if ours not in _PRECISION or theirs not in _PRECISION:
+        return None
+    if ours == theirs:
+        return ours
+    if _PRECISION[ours] == _PRECISION[theirs]:
+        return "F32"
+    return ours if _PRECISION[ours] < _PRECISION[theirs] else theirs
+
+
 def _compare(
-    copy: Tensor, base_rows: Callable[[slice], np.ndarray], chunk_bytes: int
+    copy: Tensor, base_rows: Callable[[slice], np.ndarray], dtype: str, chunk_bytes: int
 ) -> tuple[int, float, int] | None:
     """``(rows that differ, max |diff|, first such row)``, or None when every row is equal.
 
-    Values are compared once the base block is in the copy's dtype: NaNs in the same places
-    are equal, and so are 0 and -0; a NaN against a number counts as an infinite difference."""
+    Values are compared once both blocks are in ``dtype``: NaNs in the same places are equal,
+    and so are 0 and -0; a NaN against a number counts as an infinite difference."""
+    as_dtype = numpy_dtype(dtype)
     differ, max_abs, first = 0, 0.0, -1
     for start, ours, theirs in _blocks(copy, base_rows, chunk_bytes):
-        ours = ours.reshape(ours.shape[0], -1)
-        theirs = theirs.astype(ours.dtype, copy=False).reshape(ours.shape)
+        ours = ours.astype(as_dtype, copy=False).reshape(ours.shape[0], -1)
+        theirs = theirs.astype(as_dtype, copy=False).reshape(ours.shape)
         same = (ours == theirs) | (np.isnan(ours) & np.isnan(theirs))
         rows = np.flatnonzero(~same.all(axis=1))
         if not rows.size:

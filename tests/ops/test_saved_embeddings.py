@@ -124,6 +124,38 @@ def test_bf16_copy_of_a_float32_base_is_the_same_weight(root, tmp_path):
     assert (d.rows, d.first_row) == (3, 3)
 
 
+@pytest.mark.parametrize("base", ["tiny-llama", "tiny-llama-sharded", "tiny-llama-bf16"])
+def test_fixture_adapter_on_its_base_in_every_layout(base):
+    """fixtures/peft/llama-embedding was saved on tiny-llama: its copy is that base's embedding,
+    sharded as well, and in bf16 it is the bf16 base's (a float32 copy compared at bf16)."""
+    fixtures = Path(__file__).resolve().parents[2] / "fixtures"
+    adapter = load_adapter(fixtures / "peft" / "llama-embedding")
+    with open_checkpoint(fixtures / "bases" / base) as ckpt:
+        assert differing_copies(adapter, ckpt) == []
+
+
+def test_float32_copy_against_a_moved_bf16_base(root, tmp_path):
+    import ml_dtypes
+
+    def bf16_base(source: Path, name: str) -> Path:
+        from safetensors.numpy import load_file, save_file
+
+        out = tmp_path / name
+        shutil.copytree(source, out)
+        path = out / "model.safetensors"
+        tensors = {k: v.astype(ml_dtypes.bfloat16) for k, v in load_file(path).items()}
+        save_file(tensors, path, metadata={"format": "pt"})
+        return out
+
+    adapter = load_adapter(root / "embedding")
+    with open_checkpoint(bf16_base(root / "base-128", "same")) as ckpt:
+        assert differing_copies(adapter, ckpt) == []
+    with open_checkpoint(bf16_base(root / "base-128-moved", "moved")) as ckpt:
+        (d,) = differing_copies(adapter, ckpt)
+    assert (d.rows, d.first_row) == (3, 3)
+    assert d.max_abs_diff == pytest.approx(SHIFT, abs=2e-2)  # at bf16 precision
+
+
 # -- validate ------------------------------------------------------------------------------------
 
 
