@@ -1,7 +1,8 @@
 """The base weights an adapter carries a copy of, against the base it is checked or served on.
 
-PEFT saves an embedding LoRA's (or a resized vocabulary's) embedding layer itself beside the
-factors (``save_embedding_layers``): ``<module>.base_layer.weight``, e.g.
+PEFT saves an embedding LoRA's embedding layer itself beside the factors
+(``save_embedding_layers``, on whenever ``target_modules`` names an embedding layer):
+``<module>.base_layer.weight``, e.g.
 ``base_model.model.model.embed_tokens.base_layer.weight`` or ``...lm_head.base_layer.weight``.
 ``PeftModel.from_pretrained`` loads that tensor over the base model's own (measured, PEFT
 0.21.2); the serving engines skip it (vLLM ``is_base_embedding_weights``, SGLang, TGI,
@@ -33,7 +34,7 @@ import numpy as np
 
 from lora_tools.adapter import Adapter
 from lora_tools.errors import UnsupportedAdapterError
-from lora_tools.io.checkpoint import Checkpoint
+from lora_tools.io.checkpoint import Checkpoint, open_checkpoint
 from lora_tools.io.safetensors import FileTensor, Tensor, numpy_dtype
 
 #: The suffix of PEFT's saved base layers (``save_embedding_layers``).
@@ -138,8 +139,6 @@ def refuse_differing_copies(
         UnsupportedAdapterError: kind ``saved-layer-differs``, naming the adapter's tensor, the
             base tensor and file, and how they differ.
     """
-    from lora_tools.io.checkpoint import open_checkpoint
-
     if not keys:
         return
     with open_checkpoint(base) as ckpt:
