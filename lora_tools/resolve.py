@@ -446,7 +446,7 @@ def resolve(adapter: Adapter, ckpt: Checkpoint) -> Resolution:
             matches[key] = _match(module, found[0])
         except ShapeError as exc:
             res.shape_errors[key] = exc.message
-    res.replacements = _resolve_passthrough(adapter, ckpt)
+    res.replacements = resolve_passthrough(adapter, ckpt)
     return res
 
 
@@ -876,9 +876,10 @@ def fit_delta(
     )
 
 
-def _resolve_passthrough(adapter: Adapter, ckpt: Checkpoint) -> dict[str, Target]:
+def resolve_passthrough(adapter: Adapter, ckpt: Checkpoint) -> dict[str, Target]:
     """Pass-through tensors (PEFT modules_to_save, saved embedding layers) that replace a base
-    tensor of the same key and shape."""
+    tensor of the same key and shape: adapter key -> that base tensor. A tensor of another
+    shape, or with no such base tensor, is not in it."""
     out: dict[str, Target] = {}
     for key, tensor in adapter.passthrough.items():
         component, rest = split_stem(key)
@@ -909,4 +910,5 @@ __all__ = [
     "foreign_update_dims",
     "resolve",
     "resolve_foreign",
+    "resolve_passthrough",
 ]

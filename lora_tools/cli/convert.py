@@ -56,7 +56,10 @@ from lora_tools.cli.options import (
     "--to lora: the base weights that modules of base-dependent types (dora_scale, OFT...) "
     "read, and each module's kernel shape. With --to gguf: the base model folder (its "
     "config.json: architecture, layer and head counts; default: the adapter's "
-    "base_model_name_or_path when that is a local folder).",
+    "base_model_name_or_path when that is a local folder). With --to gguf (when the folder "
+    "holds the weights) and --for: PEFT's saved base embedding (embed_tokens.base_layer."
+    "weight), which the engines skip, is compared with the base's; one that differs is "
+    "refused.",
 )
 @click.option(
     "--rank",

@@ -34,6 +34,12 @@ What no equivalent adapter can express is refused by name (exit 3): DoRA, lora_B
 tensors (modules_to_save), base-changing inits, convolutions; the hint is to merge the adapter
 into its base with ``loratool merge`` and serve the merged model.
 
+PEFT's saved copy of an embedding LoRA's base layer (``<module>.base_layer.weight``) is left out:
+the engines skip it and serve the base's embedding, while PEFT loads the copy over it. With
+``base`` given, each copy is compared with the base's tensor (block by block of rows) and a copy
+that differs is refused (:func:`lora_tools.ops.base_copies.refuse_differing_copies`): on that
+base the served adapter would not be the one PEFT loads. Without ``base`` nothing is compared.
+
 Example:
     >>> from lora_tools.formats import load_adapter                               # doctest: +SKIP
     >>> res = convert_for(load_adapter("fixtures/peft/llama-patterns"), "vllm")   # doctest: +SKIP
@@ -236,7 +242,8 @@ def convert_for(
         adapter: the adapter, in any naming loratool converts to PEFT (not modified).
         target: ``vllm``, ``sglang`` or ``llamacpp``.
         base: base checkpoint: needed for kohya names (module paths) and checks every module
-            fits it, as ``convert --to peft``.
+            fits it, as ``convert --to peft``; the base embeddings PEFT saved in the adapter
+            (left out of the output) are compared with it, and refused where they differ.
         component: the pipeline component to keep, as ``convert --to peft``.
         max_lora_rank: the server's ``--max-lora-rank`` (vLLM: one of
             :data:`VLLM_MAX_LORA_RANKS`); a larger rank is refused.
@@ -247,7 +254,8 @@ def convert_for(
     Raises:
         UsageError: unknown target, bad ``max_lora_rank``; what ``convert --to peft`` raises.
         UnsupportedAdapterError: a feature the target cannot serve (named), a rank above
-            ``max_lora_rank`` (or vLLM's largest), a module SGLang has no LoRA layer for.
+            ``max_lora_rank`` (or vLLM's largest), a module SGLang has no LoRA layer for, a
+            saved base embedding that differs from ``base``'s (the engines serve the base's).
     """
     if target not in TARGETS:
         raise UsageError(f"--for must be one of {', '.join(TARGETS)}, not {target!r}")
@@ -255,6 +263,11 @@ def convert_for(
     name = _NAMES[target]
     adapter.require_plain_lora(f"convert --for {target}")
     _refuse_features(adapter, name)
+    if base is not None:
+        from lora_tools.ops.base_copies import refuse_differing_copies
+
+        copies = [k for k in adapter.passthrough if _base_copy(adapter, k)]
+        refuse_differing_copies(adapter, base, copies, name, f"convert --for {target}")
     source = adapter
     inputs = adapter_inputs(adapter)
     if adapter.format != "peft" or base is not None or component is not None:

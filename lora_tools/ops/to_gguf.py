@@ -26,6 +26,12 @@ each such module's factor ``scale / (lora_alpha / r)`` is multiplied into its B 
 llama.cpp's one alpha gives every module its exact scale; the other modules' bytes are the
 script's. A ``rank_pattern`` alone needs nothing: llama.cpp reads each module's rank.
 
+PEFT's saved copies of base layers (``<module>.base_layer.weight``, saved with embedding LoRAs)
+are skipped, as the script skips them: llama.cpp serves the base's embedding, PEFT the copy.
+When the base folder holds safetensors weights, each copy is compared with the base's tensor
+(block by block of rows) and a copy that differs is refused; with a config.json alone nothing is
+compared.
+
 Refused, by name, because llama.cpp would reject the file or serve it wrong: DoRA
 (magnitude vectors), ``lora_bias``, full tensors (``modules_to_save``), a LoRA on ``lm_head``
 when the base ties it to the embeddings (its GGUF has no ``output.weight``), conv modules,
@@ -254,7 +260,9 @@ def plan_gguf(
     Args:
         adapter: a LoRA adapter of a transformers language model (PEFT, mlx-lm...).
         base: the base model folder (or its config.json); default: the adapter config's
-            ``base_model_name_or_path`` when that is a local folder.
+            ``base_model_name_or_path`` when that is a local folder. Where the folder holding
+            the config.json also holds ``*.safetensors`` weights, the adapter's saved base
+            layers are compared with them (a copy that differs is refused).
         outtype: one of :data:`OUTTYPES`.
     """
     if outtype not in OUTTYPES:
@@ -262,6 +270,11 @@ def plan_gguf(
     gguf = _gguf()
     skipped = _check_convertible(adapter)
     config = read_base_config(adapter, base)
+    weights = config.path.parent
+    if skipped and any(weights.glob("*.safetensors")):
+        from lora_tools.ops.base_copies import refuse_differing_copies
+
+        refuse_differing_copies(adapter, weights, skipped, "llama.cpp", OPERATION)
     arch = ARCHITECTURES[config.hf_arch]
     model_arch = gguf.MODEL_ARCH[arch.gguf_arch]
     tensor_map = gguf.get_tensor_name_map(model_arch, config.n_layer)

@@ -103,3 +103,19 @@ def save_base(folder: Path, *, vocab_size: int = 128, tied: bool = False) -> Pat
     out = folder / (f"base-{vocab_size}" + ("-tied" if tied else ""))
     _model(vocab_size, tied).save_pretrained(out)
     return out
+
+
+def save_moved_base(base: Path, rows: list[int], shift: float) -> Path:
+    """A copy of the base folder ``base`` whose input embedding has ``rows`` moved by ``shift``
+    (``base`` + ``-moved``): a base on which an embedding LoRA's saved copy differs."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    out = base.with_name(base.name + "-moved")
+    shutil.copytree(base, out)
+    path = out / "model.safetensors"
+    tensors = {k: v.copy() for k, v in load_file(path).items()}
+    tensors["model.embed_tokens.weight"][rows] += shift
+    save_file(tensors, path, metadata={"format": "pt"})
+    return out

@@ -31,6 +31,9 @@ class Context:
         nonfinite_alphas: modules whose non-finite alpha LT108 reported, so that the value
             scan does not report the same alpha tensor again as LT201.
         deployment: the ``--profile`` consumers and server settings (``LT5xx``), if any.
+        copy_differences: the adapter's saved base layers whose ``--base`` tensor holds other
+            values (:func:`lora_tools.ops.base_copies.differing_copies`), once compared; the
+            consumer and profile rules report them.
     """
 
     target: Target
@@ -41,6 +44,7 @@ class Context:
     chunk_bytes: int = CHUNK_BYTES
     nonfinite_alphas: set[str] = field(default_factory=set)
     deployment: Any | None = None
+    copy_differences: list[Any] = field(default_factory=list)
 
     @property
     def path(self) -> str:

@@ -154,6 +154,12 @@ _CATALOGUE = (
     Rule("LT505", "vllm-outside-targets", ERROR, "module outside the server's target modules"),
     Rule("LT506", "vllm-scale-ignored", ERROR, "vLLM version ignores per-module scales"),
     Rule("LT507", "vllm-vocab-mismatch", ERROR, "embedding LoRA vocabulary differs from base"),
+    Rule(
+        "LT508",
+        "vllm-saved-embedding-skipped",
+        ERROR,
+        "vLLM skips a saved embedding that differs from the base's",
+    ),
     Rule("LT511", "sglang-not-peft", ERROR, "SGLang loads PEFT folders only"),
     Rule("LT512", "sglang-refused-feature", ERROR, "config uses a feature SGLang refuses"),
     Rule("LT513", "sglang-rank-above-max", ERROR, "rank above SGLang's --max-lora-rank"),
@@ -165,17 +171,35 @@ _CATALOGUE = (
     ),
     Rule("LT515", "sglang-scale-ignored", ERROR, "SGLang ignores per-module scales and rsLoRA"),
     Rule("LT516", "sglang-dropped-tensors", ERROR, "tensors SGLang drops without a word"),
+    Rule(
+        "LT517",
+        "sglang-saved-embedding-skipped",
+        ERROR,
+        "SGLang skips a saved embedding that differs from the base's",
+    ),
     Rule("LT521", "tgi-not-peft", ERROR, "TGI loads PEFT folders with safetensors only"),
     Rule("LT522", "tgi-unused-tensors", ERROR, "tensors TGI logs as unused and drops"),
     Rule("LT523", "tgi-scale-ignored", ERROR, "TGI ignores per-module scales"),
     Rule("LT524", "tgi-partial-layer-type", ERROR, "layer type missing on some decoder layers"),
     Rule("LT525", "tgi-mixed-ranks", ERROR, "ranks differ within one layer type"),
     Rule("LT526", "tgi-init-ignored", ERROR, "base-changing init (PiSSA...) TGI does not apply"),
+    Rule(
+        "LT527",
+        "tgi-saved-embedding-skipped",
+        ERROR,
+        "TGI skips a saved embedding that differs from the base's",
+    ),
     Rule("LT531", "llamacpp-not-peft", ERROR, "convert_lora_to_gguf.py reads PEFT folders only"),
     Rule("LT532", "llamacpp-refused-tensor", ERROR, "tensor convert_lora_to_gguf.py refuses"),
     Rule("LT533", "llamacpp-scale-ignored", ERROR, "llama.cpp ignores alpha_pattern and rsLoRA"),
     Rule("LT534", "llamacpp-tied-lm-head", ERROR, "LoRA on lm_head of a tied-embedding base"),
     Rule("LT535", "llamacpp-init-ignored", ERROR, "base-changing init llama.cpp does not apply"),
+    Rule(
+        "LT536",
+        "llamacpp-saved-embedding-skipped",
+        ERROR,
+        "llama.cpp skips a saved embedding that differs from the base's",
+    ),
     Rule("LT541", "diffusers-not-pipeline-file", ERROR, "diffusers loads pipeline LoRA files only"),
     Rule("LT542", "diffusers-refused-tensor", ERROR, "tensor diffusers' kohya converter refuses"),
     Rule("LT543", "diffusers-dora-dropped", ERROR, "kohya DoRA scales diffusers filters out"),
@@ -190,8 +214,14 @@ _CATALOGUE = (
     Rule("LT561", "peft-not-peft", ERROR, "PeftModel.from_pretrained loads PEFT folders only"),
     Rule("LT562", "peft-unknown-key", ERROR, "config key the PEFT version refuses (before 0.14)"),
     Rule("LT563", "peft-key-dropped", ERROR, "config key the PEFT version drops (0.14 on)"),
-    # -- LT59x consumers' scales
+    # -- LT59x consumers compared
     Rule("LT590", "consumer-scales-differ", INFO, "consumers apply different scales to a module"),
+    Rule(
+        "LT591",
+        "saved-embedding-differs",
+        INFO,
+        "PEFT loads a saved embedding the servers skip; it differs",
+    ),
 )
 
 #: Every rule by code, in code order.

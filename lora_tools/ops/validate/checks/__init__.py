@@ -7,7 +7,8 @@ on what the previous one could establish:
 - ``values`` (``LT2xx``): one streaming pass over the data;
 - ``base_model`` (``LT4xx``): every module against the ``--base`` checkpoint;
 - ``profiles`` (``LT5xx``): the rules of each ``--profile`` consumer.
-- ``consumers`` (``LT59x``): what the consumers that load the file do with its scales;
+- ``consumers`` (``LT59x``): what the consumers that load the file do with its scales, and
+  with the base layers PEFT saved in it;
 - ``gguf``: the same layers on a llama.cpp LoRA GGUF, from its own facts.
 
 They share one :class:`~lora_tools.ops.validate.context.Context` per target, which holds the
@@ -30,7 +31,11 @@ from lora_tools.ops.validate.checks.config import (
     read_config,
     readable_config,
 )
-from lora_tools.ops.validate.checks.consumers import check_consumer_scales
+from lora_tools.ops.validate.checks.consumers import (
+    check_consumer_scales,
+    check_saved_layers,
+    compare_saved_layers,
+)
 from lora_tools.ops.validate.checks.gguf import check_gguf
 from lora_tools.ops.validate.checks.integrity import check_container
 from lora_tools.ops.validate.checks.profiles import check_profiles
@@ -126,6 +131,9 @@ def check_target(
             check_values(ctx, adapter, container.trusted, container.clean)
         if checkpoint is not None and ctx.runs("LT4"):
             check_base(ctx, adapter)
-        if deployment is not None:
+        compare_saved_layers(ctx, adapter)
+        if deployment is None:
+            check_saved_layers(ctx)
+        else:
             check_profiles(ctx, adapter, deployment)
     return ctx.report

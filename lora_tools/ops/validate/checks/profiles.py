@@ -6,8 +6,10 @@ left out, a scale not applied). Both are errors. Each rule family is ``LT5`` + t
 digit: ``LT50x`` vLLM, ``LT51x`` SGLang, ``LT52x`` TGI, ``LT53x`` llama.cpp, ``LT54x``
 diffusers, ``LT55x`` ComfyUI, ``LT56x`` PEFT.
 
-Everything is decided from the header, the config and the folder's file names: no tensor data
-is read.
+Everything is decided from the header, the config and the folder's file names, but for the
+saved base layers (LT508, LT517, LT527, LT536): those compare the adapter's copy of a base
+embedding with ``--base``'s, as :func:`lora_tools.ops.validate.checks.consumers.
+compare_saved_layers` read it.
 """
 
 from __future__ import annotations
@@ -27,11 +29,10 @@ from lora_tools.consumers import sglang as sglang_facts
 from lora_tools.consumers import tgi as tgi_facts
 from lora_tools.consumers import vllm as vllm_facts
 from lora_tools.errors import UsageError
+from lora_tools.ops.base_copies import BASE_LAYER_SUFFIX, EMBEDDING_BASE_SUFFIXES
+from lora_tools.ops.validate.checks.consumers import saved_layer_finding
 from lora_tools.ops.validate.context import Context, fmt_number
 
-#: Base embedding weights PEFT saves beside an embedding LoRA (``save_embedding_layers``): the
-#: base's own rows, which servers skip (vLLM's ``is_base_embedding_weights``).
-EMBEDDING_BASE_SUFFIXES = (".embed_tokens.base_layer.weight", ".lm_head.base_layer.weight")
 #: Modules a finding lists by name before it says "and N more".
 SHOWN_MODULES = 4
 
@@ -123,6 +124,14 @@ def base_vocab_size(ctx: Context) -> int | None:
         if isinstance(vocab, int):
             return vocab
     return None
+
+
+def skipped_copies(ctx: Context, code: str, who: str, suffixes: tuple[str, ...]) -> None:
+    """``code`` for each saved base layer the consumer skips (keys ending in ``suffixes``)
+    whose ``--base`` tensor differs (:attr:`Context.copy_differences`)."""
+    for d in ctx.copy_differences:
+        if d.key.endswith(suffixes):
+            saved_layer_finding(ctx, code, who, d)
 
 
 def peft_folder_problem(ctx: Context, adapter: Adapter, weights_names: tuple[str, ...]) -> str:
@@ -266,6 +275,8 @@ def _vllm(ctx: Context, adapter: Adapter, profile: Profile, deployment: Deployme
                     found=m.in_features,
                     hint="train the embedding LoRA on the base model it is served with",
                 )
+    if profile.since(facts.SKIPPED_SINCE):  # before, LT504 refuses the saved embeddings
+        skipped_copies(ctx, "LT508", who, EMBEDDING_BASE_SUFFIXES)
 
 
 def _vllm_refused(config: dict[str, Any], profile: Profile) -> list[str]:
@@ -460,6 +471,7 @@ def _sglang(ctx: Context, adapter: Adapter, profile: Profile, deployment: Deploy
             module=dropped[0],
             hint="merge what they hold into the base model, or serve with PEFT",
         )
+    skipped_copies(ctx, "LT517", who, EMBEDDING_BASE_SUFFIXES)
 
 
 def _added_tokens(ctx: Context, vocab: int | None) -> int:
@@ -559,6 +571,7 @@ def _tgi(ctx: Context, adapter: Adapter, profile: Profile, deployment: Deploymen
             found=fmt_number(served),
             hint="bake the scales into the factors (`loratool convert ADAPTER --for vllm`)",
         )
+    skipped_copies(ctx, "LT527", who, EMBEDDING_BASE_SUFFIXES)
 
 
 def _base_layers(ctx: Context) -> int | None:
@@ -636,6 +649,8 @@ def _llamacpp(ctx: Context, adapter: Adapter, profile: Profile, deployment: Depl
                 module=heads[0],
                 hint="retrain without lm_head in target_modules",
             )
+    # the converter skips every saved base layer (its other tensors are LT532's)
+    skipped_copies(ctx, "LT536", who, (BASE_LAYER_SUFFIX,))
 
 
 def _tied_embeddings(ctx: Context) -> bool:
