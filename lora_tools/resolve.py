@@ -145,6 +145,10 @@ class Resolution:
     shape_errors: dict[str, str] = field(default_factory=dict)
     #: pass-through tensors that replace a base tensor (modules_to_save, saved embeddings).
     replacements: dict[str, Target] = field(default_factory=dict)
+    #: pass-through tensors that name a base tensor of another shape -> the message.
+    replacement_shape_errors: dict[str, str] = field(default_factory=dict)
+    #: pass-through tensors under the adapter's prefix that name no base tensor.
+    replacement_unmatched: list[str] = field(default_factory=list)
     total: int = 0
 
     def raise_for_problems(self, adapter: Adapter, *, allow_unmatched: bool = False) -> None:
@@ -178,6 +182,21 @@ class Resolution:
             raise ResolveError(
                 f"{len(self.unmatched)} of {self.total} modules match no base weight: {names}"
                 + (" ..." if len(self.unmatched) > 3 else ""),
+                path=source,
+                hint="is this adapter made for this base model?",
+                kind="unmatched",
+            )
+        if self.replacement_shape_errors:  # PEFT refuses to load these (a size mismatch)
+            key, msg = next(iter(self.replacement_shape_errors.items()))
+            raise ShapeError(msg, path=source, hint="is this the right base model?")
+        if self.replacement_unmatched and not allow_unmatched:
+            names = ", ".join(repr(k) for k in self.replacement_unmatched[:3])
+            count = len(self.replacement_unmatched)
+            raise ResolveError(
+                f"{count} full tensor(s) of the adapter (modules_to_save or saved layers) "
+                f"name no tensor of the base: {names}"
+                + (" ..." if count > 3 else "")
+                + "; the merge would drop them",
                 path=source,
                 hint="is this adapter made for this base model?",
                 kind="unmatched",
@@ -446,7 +465,10 @@ def resolve(adapter: Adapter, ckpt: Checkpoint) -> Resolution:
             matches[key] = _match(module, found[0])
         except ShapeError as exc:
             res.shape_errors[key] = exc.message
-    res.replacements = resolve_passthrough(adapter, ckpt)
+    passthrough = _passthrough(adapter, ckpt)
+    res.replacements = passthrough.targets
+    res.replacement_shape_errors = passthrough.shape_errors
+    res.replacement_unmatched = passthrough.unmatched
     return res
 
 
@@ -879,22 +901,80 @@ def fit_delta(
 def resolve_passthrough(adapter: Adapter, ckpt: Checkpoint) -> dict[str, Target]:
     """Pass-through tensors (PEFT modules_to_save, saved embedding layers) that replace a base
     tensor of the same key and shape: adapter key -> that base tensor. A tensor of another
-    shape, or with no such base tensor, is not in it."""
-    out: dict[str, Target] = {}
+    shape, or with no such base tensor, is not in it (:func:`resolve` reports those)."""
+    return _passthrough(adapter, ckpt).targets
+
+
+@dataclass
+class _Passthrough:
+    targets: dict[str, Target] = field(default_factory=dict)
+    shape_errors: dict[str, str] = field(default_factory=dict)
+    unmatched: list[str] = field(default_factory=list)
+
+
+def _passthrough(adapter: Adapter, ckpt: Checkpoint) -> _Passthrough:
+    """Where each full tensor under the adapter's prefix goes (PEFT loads them over the base
+    tensors of the same name with ``load_state_dict``): same shape -> ``targets``; a base
+    tensor of that name but another shape (torch refuses the load) -> ``shape_errors``; no
+    base tensor of that name (PEFT drops it) -> ``unmatched``. A tensor under one of the
+    adapter's own modules (a saved ``<module>.base_layer.weight``: a tied ``lm_head`` has no
+    tensor of its own in the checkpoint) is left to that module's resolution."""
+    out = _Passthrough()
     for key, tensor in adapter.passthrough.items():
         component, rest = split_stem(key)
         if classify_foreign(key) is not None or not (key.startswith(PEFT_PREFIX) or component):
             continue
         for marker in (".modules_to_save.default.", ".base_layer.", ".original_module."):
             rest = rest.replace(marker, ".")
+        other: tuple[Component, str] | None = None
         for comp in _candidate_components(ckpt, component):
             for path in _path_candidates(rest):
-                if path in comp and tuple(comp.info(path).shape) == tuple(tensor.shape):
-                    out[key] = _target(comp, path)
+                if path not in comp:
+                    continue
+                if tuple(comp.info(path).shape) == tuple(tensor.shape):
+                    out.targets[key] = _target(comp, path)
                     break
-            if key in out:
+                other = other or (comp, path)
+            if key in out.targets:
                 break
+        if key in out.targets or _of_a_module(adapter, key):
+            continue
+        if other is not None:
+            comp, path = other
+            out.shape_errors[key] = _passthrough_shape_message(key, tensor.shape, comp, path)
+        else:
+            out.unmatched.append(key)
     return out
+
+
+def _of_a_module(adapter: Adapter, key: str) -> bool:
+    """``key`` lies under one of the adapter's modules (``<module>.base_layer.weight``, an
+    AdaLoRA ``lora_E``...): that module's own resolution says whether it fits the base."""
+    stem = key
+    while "." in stem:
+        stem = stem.rpartition(".")[0]
+        if stem in adapter.modules or stem in adapter.deltas:
+            return True
+    return False
+
+
+def _passthrough_shape_message(key: str, shape: tuple[int, ...], comp: Component, path: str) -> str:
+    base_shape = list(comp.info(path).shape)
+    message = (
+        f"full tensor {key!r} (modules_to_save or a saved layer) is {list(shape)}, but the "
+        f"base's {path!r} is {base_shape}"
+    )
+    if (
+        len(shape) == 2
+        and len(base_shape) == 2
+        and shape[1] == base_shape[1]
+        and shape[0] != base_shape[0]
+    ):
+        message += (
+            f": a resized vocabulary (the base needs {shape[0]} rows first, e.g. "
+            "transformers' resize_token_embeddings)"
+        )
+    return message
 
 
 __all__ = [

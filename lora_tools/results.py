@@ -232,18 +232,20 @@ class MergeResult(Result):
         adapters = []
         for a in summary["adapters"]:
             unmatched = list(a["unmatched"])
+            tensors = list(a.get("unmatched_tensors", ()))
             adapters.append(
                 {
                     "spec": a["path"],
                     "weights_file": a["weights_file"],
                     "format": a["format"],
                     "weight": a["weight"],
-                    "unmatched": unmatched,
+                    "unmatched": unmatched + tensors,
                     "counts": {
                         "modules": a["modules"],
                         "modules_merged": a["merged"],
                         "modules_unmatched": len(unmatched),
                         "tensors_replaced": a["replaced_tensors"],
+                        "tensors_unmatched": len(tensors),
                     },
                 }
             )
@@ -267,8 +269,12 @@ class MergeResult(Result):
 
     @property
     def unmatched(self) -> int:
-        """Adapter modules, over all adapters, that matched no base weight (skipped)."""
-        return sum(a["counts"]["modules_unmatched"] for a in self.adapters)
+        """Adapter modules and full tensors, over all adapters, that matched no base tensor
+        (skipped)."""
+        return sum(
+            a["counts"]["modules_unmatched"] + a["counts"].get("tensors_unmatched", 0)
+            for a in self.adapters
+        )
 
     def inputs(self) -> list[dict[str, Any]]:
         refs = [input_ref(self.base_path or self.base, "base")]

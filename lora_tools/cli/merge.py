@@ -131,8 +131,8 @@ def command(
     unmatched = summary.unmatched
     if unmatched:
         click.echo(
-            f"loratool: warning: {unmatched} adapter modules matched no base weight and were "
-            "skipped (--allow-unmatched)",
+            f"loratool: warning: {unmatched} adapter modules or full tensors matched no base "
+            "tensor and were skipped (--allow-unmatched)",
             err=True,
         )
     for item in summary.skipped_files:

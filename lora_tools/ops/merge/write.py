@@ -468,6 +468,7 @@ def _summary(
                 "merged": len(r.resolution.matches) + len(r.resolution.deltas),
                 "replaced_tensors": len(r.resolution.replacements),
                 "unmatched": list(r.resolution.unmatched),
+                "unmatched_tensors": list(r.resolution.replacement_unmatched),
             }
             for r in plan.adapters
         ],

@@ -66,6 +66,24 @@ def check_base(ctx: Context, adapter: Adapter) -> None:
             module=key,
             hint=unread_hint if refused else "is this the right base model?",
         )
+    # full tensors PEFT loads over the base's (modules_to_save, saved layers)
+    for key, message in res.replacement_shape_errors.items():
+        ctx.add(
+            "LT403",
+            message + "; PEFT's load_state_dict refuses it (a size mismatch)",
+            module=key,
+            hint="is this the right base model?",
+        )
+    for key in res.replacement_unmatched:
+        ctx.add(
+            "LT401",
+            f"full tensor {key!r} (modules_to_save or a saved layer) names no tensor of the "
+            f"base {base}: loaders skip it silently",
+            module=key,
+            expected="one base tensor of that name",
+            found="none",
+            hint="is this adapter made for this base model?",
+        )
     total = res.total + other.total
     if total and len(unmatched) == total:
         ctx.add(

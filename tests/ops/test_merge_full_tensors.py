@@ -1,0 +1,101 @@
+"""Full tensors of a PEFT adapter (modules_to_save, saved layers) against the base: PEFT loads
+each over the base tensor of its name with load_state_dict, refuses one of another shape (a
+resized vocabulary) and drops one that names nothing, without a word. merge and validate --base
+say so instead of skipping them (they did: "0 replaced" and "All checks passed")."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lora_tools.errors import ResolveError, ShapeError
+from lora_tools.io.safetensors import SafetensorsFile, save_tensors
+from lora_tools.ops.merge import merge
+from lora_tools.ops.validate import validate
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = ROOT / "fixtures" / "bases" / "tiny-llama"
+MTS = ROOT / "fixtures" / "peft" / "llama-modules-to-save"
+HEAD = "base_model.model.lm_head.weight"
+
+
+def with_tensors(tmp_path: Path, extra: dict[str, np.ndarray], drop: tuple[str, ...] = ()) -> Path:
+    """llama-modules-to-save with ``extra`` full tensors added (``drop`` removed)."""
+    out = tmp_path / "adapter"
+    shutil.copytree(MTS, out)
+    weights = out / "adapter_model.safetensors"
+    with SafetensorsFile(weights) as f:
+        tensors = {k: f.read(k) for k in f if k not in drop}
+    save_tensors(weights, {**tensors, **extra})
+    return out
+
+
+def resized(tmp_path: Path) -> Path:
+    """lm_head in modules_to_save with 130 rows: a fine-tune that added two tokens."""
+    return with_tensors(tmp_path, {HEAD: np.ones((130, 32), np.float32)})
+
+
+def stray(tmp_path: Path) -> Path:
+    return with_tensors(tmp_path, {"base_model.model.model.norm_x.weight": np.ones(32, np.float32)})
+
+
+def codes(adapter: Path) -> list[tuple[str, str | None]]:
+    return [(f.rule.code, f.module) for f in validate([adapter], base=BASE).findings]
+
+
+def test_intact_modules_to_save_replaces_the_base_tensor(tmp_path) -> None:
+    summary = merge(BASE, [MTS], tmp_path / "out")
+    assert summary.tensors["replaced"] == 1 and summary.unmatched == 0
+    assert codes(MTS) == []
+
+
+def test_a_resized_vocabulary_is_refused_by_merge_and_an_error_in_validate(tmp_path) -> None:
+    adapter = resized(tmp_path)
+    with pytest.raises(ShapeError) as exc:
+        merge(BASE, [adapter], tmp_path / "out")
+    message = exc.value.message
+    assert f"{HEAD!r}" in message and "[130, 32]" in message and "[128, 32]" in message
+    assert "resized vocabulary" in message and "130 rows" in message
+    assert not (tmp_path / "out").exists()
+    assert codes(adapter) == [("LT403", HEAD)]
+
+
+def test_a_full_tensor_naming_nothing_is_refused_unless_allowed(tmp_path) -> None:
+    adapter = stray(tmp_path)
+    key = "base_model.model.model.norm_x.weight"
+    with pytest.raises(ResolveError, match=r"1 full tensor\(s\).*'base_model.model.model.norm_x"):
+        merge(BASE, [adapter], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    summary = merge(BASE, [adapter], tmp_path / "out", allow_unmatched=True)
+    (record,) = summary.adapters
+    assert record["unmatched"] == [key] and record["counts"]["tensors_unmatched"] == 1
+    assert summary.unmatched == 1 and summary.tensors["replaced"] == 1
+    assert codes(adapter) == [("LT401", key)]
+
+
+def test_peft_refuses_the_resized_tensor_and_drops_the_stray_one_silently(tmp_path) -> None:
+    """The oracle for the two severities: PEFT itself."""
+    pytest.importorskip("peft")
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), resized(tmp_path))
+    adapter = stray(tmp_path / "s")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["lm_head"]
+    base = AutoModelForCausalLM.from_pretrained(BASE)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = PeftModel.from_pretrained(base, adapter)
+    assert not any("norm_x" in str(w.message) for w in caught)  # not a word
+    state = model.base_model.model.state_dict()
+    assert not any("norm_x" in k for k in state)
+    assert torch.equal(state["model.norm.weight"], before["model.norm.weight"])
