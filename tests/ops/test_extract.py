@@ -232,6 +232,59 @@ def test_a_resized_vocabulary_is_reported_not_refused(tmp_path: Path) -> None:
     assert row.tensor == "model.embed_tokens.weight" and "128 to 130" in row.reason
 
 
+def _resized_ft(tmp_path: Path) -> Path:
+    """tiny-llama-ft with two tokens added (130 rows of embedding and lm_head), in its dtype."""
+    ft = tmp_path / "ft"
+    shutil.copytree(LLAMA_FT, ft)
+    with SafetensorsFile(LLAMA_FT / "model.safetensors") as f:
+        tensors = {k: f.read(k) for k in f}
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        rows = tensors[key]
+        tensors[key] = np.concatenate([rows, (0.5 * rows[:2]).astype(rows.dtype)])
+    save_tensors(ft / "model.safetensors", tensors)
+    return ft
+
+
+def test_a_resized_vocabulary_is_stored_whole_with_keep_diffs_and_peft_loads_it(tmp_path) -> None:
+    """--keep-diffs stores the fine-tuned embedding in modules_to_save; PEFT loads it onto the
+    base once the base has the rows (resize_token_embeddings), and the model's weights are the
+    fine-tune's: the embedding exactly, the LoRA layers within the reported error."""
+    pytest.importorskip("peft")
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ft = _resized_ft(tmp_path)
+    plain = extract(LLAMA, ft, rank=8)
+    assert any("resized" in n and "--keep-diffs" in n for n in plain.notes)
+    assert not plain.adapter.passthrough
+    result = extract(LLAMA, ft, rank=8, keep_diffs=True)
+    rows = [t for t in result.tensors if t.status == "resized"]
+    assert [t.tensor for t in rows] == ["lm_head.weight", "model.embed_tokens.weight"]
+    assert all("modules_to_save" in t.reason and "130 rows" in t.reason for t in rows)
+    assert {"model.embed_tokens", "lm_head"} <= set(result.adapter.config["modules_to_save"])
+    out = write_adapter(result.adapter, tmp_path / "out", [])
+    base = AutoModelForCausalLM.from_pretrained(LLAMA, dtype=torch.float32)
+    base.resize_token_embeddings(130)
+    merged = PeftModel.from_pretrained(base, out.parent).merge_and_unload().state_dict()
+    want = read_all(ft)
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        np.testing.assert_array_equal(merged[key].numpy(), want[key])
+    for m in result.modules:
+        got = merged[m.tensor].numpy().astype(np.float64)
+        base_w, ft_w = read_all(LLAMA)[m.tensor], want[m.tensor]
+        err = np.linalg.norm(ft_w - got) / np.linalg.norm(ft_w - base_w)
+        assert err <= m.relative_error + 1e-4, m.tensor
+    # on the base as it is, PEFT refuses it, and so do merge and validate
+    found = [(f.rule.code, f.module) for f in validate([out.parent], base=LLAMA).findings]
+    assert sorted(found) == [
+        ("LT403", "base_model.model.lm_head.weight"),
+        ("LT403", "base_model.model.model.embed_tokens.weight"),
+    ]
+    with pytest.raises(ShapeError, match="resized vocabulary"):
+        merge(LLAMA, [out.parent], tmp_path / "merged")
+
+
 def test_identical_checkpoints_extract_nothing() -> None:
     with pytest.raises(UsageError, match="21 tensors are bit-equal"):
         extract(LLAMA, LLAMA, rank=2)

@@ -647,6 +647,8 @@ class _Run:
         self.loras: dict[str, LoraModule] = {}
         #: module stem -> (component name, base key) it came from
         self.sources: dict[str, tuple[str, str]] = {}
+        #: resized vocabulary tensors: (comp_f, key), the fine-tune's component
+        self.resized: list[tuple[Component, str]] = []
         #: changed non-LoRA tensors: (comp_b, comp_f, key, the difference when it is stored)
         self.diffs: list[tuple[Component, Component, str, Tensor | None]] = []
         comp = next(iter(ckpt_b.components.values()))
@@ -703,14 +705,14 @@ class _Run:
             and info_b.shape[1] == info_f.shape[1]
             and _is_vocab(key)
         ):
+            self.resized.append((comp_f, key))
             self.others.append(
                 TensorExtract(
                     label,
                     tuple(info_f.shape),
                     RESIZED,
                     f"vocabulary resized from {info_b.shape[0]} to {info_f.shape[0]} rows; "
-                    "a LoRA cannot change a layer's shape (resize the base's embeddings "
-                    "first, then extract)",
+                    "a LoRA cannot change a layer's shape",
                     0.0,
                 )
             )
@@ -863,23 +865,33 @@ class _Run:
         passthrough: dict[str, Tensor] = {}
         to_save: list[str] = []
         lora_bias = False
-        if self.diffs and self.keep_diffs:
+        if (self.diffs or self.resized) and self.keep_diffs:
             if self.format == "peft":
                 to_save, lora_bias = self._peft_diffs(passthrough)
             elif self.format == "kohya":
                 self._kohya_diffs(passthrough)
+                if self.resized:
+                    self.notes.append(self._resized_note("kohya"))
             else:
                 self.notes.append(
-                    f"{len(self.diffs)} changed tensors are no LoRA module; diffusers LoRA "
-                    "files cannot hold full tensors, so they are listed, not stored (use "
-                    "--format peft or kohya to keep them)"
+                    f"{len(self.diffs) + len(self.resized)} changed tensors are no LoRA "
+                    "module; diffusers LoRA files cannot hold full tensors, so they are "
+                    "listed, not stored (use --format peft or kohya to keep them)"
                 )
-        elif self.diffs:
-            self.notes.append(
-                f"{len(self.diffs)} changed tensors are no LoRA module (e.g. "
-                f"{self.others[0].tensor!r}); they are listed, not stored: --keep-diffs "
-                "stores them"
-            )
+        else:
+            if self.diffs:
+                listed = next(row.tensor for row in self.others if row.status == LISTED)
+                self.notes.append(
+                    f"{len(self.diffs)} changed tensors are no LoRA module (e.g. {listed!r}); "
+                    "they are listed, not stored: --keep-diffs stores them"
+                )
+            if self.resized:
+                names = ", ".join(repr(key) for _, key in self.resized)
+                self.notes.append(
+                    f"the vocabulary is resized ({names}); it is listed, not stored: "
+                    "--keep-diffs stores the fine-tuned layer (PEFT modules_to_save), or "
+                    "resize the base's embeddings first and extract from that"
+                )
         if not self.loras and not passthrough:
             raise UsageError(
                 "nothing to extract: no changed weight becomes a LoRA module"
@@ -946,11 +958,23 @@ class _Run:
             if path in lora_paths:
                 continue  # a bias handled above, or not stored
             layers[path] = comp_f
+        # a resized vocabulary: the fine-tune's whole layer (PEFT loads it once the base has
+        # the rows: resize_token_embeddings)
+        for comp_f, key in self.resized:
+            layers[key.removesuffix(".weight")] = comp_f
         for path, comp_f in layers.items():
             for key in comp_f:
                 if key.startswith(path + ".") and "." not in key[len(path) + 1 :]:
                     passthrough[PEFT_PREFIX + key] = comp_f.open(comp_f.file_for(key)).tensor(key)
         for row_index, row in enumerate(self.others):
+            if row.status == RESIZED:
+                self.others[row_index] = dataclasses.replace(
+                    row,
+                    reason=f"{row.reason}; the fine-tuned layer is stored in modules_to_save "
+                    f"({row.tensor.removesuffix('.weight')}): resize the base to "
+                    f"{row.shape[0]} rows before loading the adapter",
+                )
+                continue
             if row.status != LISTED:
                 continue
             path = row.tensor.rsplit(".", 1)[0]
@@ -967,6 +991,14 @@ class _Run:
             for key, tensor in list(passthrough.items()):  # one at a time, onto the spool
                 passthrough[key] = self.spool.put(tensor.numpy(), self.dtype)
         return sorted(layers), lora_bias
+
+    def _resized_note(self, fmt: str) -> str:
+        names = ", ".join(repr(key) for _, key in self.resized)
+        return (
+            f"the resized vocabulary ({names}) is not stored: a {fmt} file cannot change a "
+            "layer's shape (use --format peft, which stores the fine-tuned layer in "
+            "modules_to_save)"
+        )
 
     def _base_comp(self) -> Component:
         return next(iter(self.ckpt_b.components.values()))
