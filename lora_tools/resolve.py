@@ -149,6 +149,9 @@ class Resolution:
     replacement_shape_errors: dict[str, str] = field(default_factory=dict)
     #: pass-through tensors under the adapter's prefix that name no base tensor.
     replacement_unmatched: list[str] = field(default_factory=list)
+    #: pass-through tensors of a ``modules_to_save`` module the base checkpoint does not hold
+    #: (a head the task's model class creates: a classifier's ``score``) -> that module.
+    replacement_heads: dict[str, str] = field(default_factory=dict)
     total: int = 0
 
     def raise_for_problems(self, adapter: Adapter, *, allow_unmatched: bool = False) -> None:
@@ -189,6 +192,18 @@ class Resolution:
         if self.replacement_shape_errors:  # PEFT refuses to load these (a size mismatch)
             key, msg = next(iter(self.replacement_shape_errors.items()))
             raise ShapeError(msg, path=source, hint="is this the right base model?")
+        if self.replacement_heads and not allow_unmatched:
+            key, module = next(iter(self.replacement_heads.items()))
+            count = len(self.replacement_heads)
+            raise ResolveError(
+                f"full tensor {key!r} of modules_to_save {module!r} has no tensor in the base"
+                + (f" (and {count - 1} more)" if count > 1 else "")
+                + ": a head the task's model class creates (a classifier); the merged "
+                "checkpoint would not hold it",
+                path=source,
+                hint="merge into a checkpoint of the task's model class, which holds the head",
+                kind="unmatched",
+            )
         if self.replacement_unmatched and not allow_unmatched:
             names = ", ".join(repr(k) for k in self.replacement_unmatched[:3])
             count = len(self.replacement_unmatched)
@@ -469,6 +484,7 @@ def resolve(adapter: Adapter, ckpt: Checkpoint) -> Resolution:
     res.replacements = passthrough.targets
     res.replacement_shape_errors = passthrough.shape_errors
     res.replacement_unmatched = passthrough.unmatched
+    res.replacement_heads = passthrough.heads
     return res
 
 
@@ -910,13 +926,16 @@ class _Passthrough:
     targets: dict[str, Target] = field(default_factory=dict)
     shape_errors: dict[str, str] = field(default_factory=dict)
     unmatched: list[str] = field(default_factory=list)
+    heads: dict[str, str] = field(default_factory=dict)
 
 
 def _passthrough(adapter: Adapter, ckpt: Checkpoint) -> _Passthrough:
     """Where each full tensor under the adapter's prefix goes (PEFT loads them over the base
     tensors of the same name with ``load_state_dict``): same shape -> ``targets``; a base
     tensor of that name but another shape (torch refuses the load) -> ``shape_errors``; no
-    base tensor of that name (PEFT drops it) -> ``unmatched``. A tensor under one of the
+    base tensor of that name -> ``heads`` when it is a ``modules_to_save`` module of the
+    config (PEFT loads it into the module the task's model class creates, a classifier's
+    ``score``), else ``unmatched`` (PEFT drops it without a word). A tensor under one of the
     adapter's own modules (a saved ``<module>.base_layer.weight``: a tied ``lm_head`` has no
     tensor of its own in the checkpoint) is left to that module's resolution."""
     out = _Passthrough()
@@ -942,9 +961,22 @@ def _passthrough(adapter: Adapter, ckpt: Checkpoint) -> _Passthrough:
         if other is not None:
             comp, path = other
             out.shape_errors[key] = _passthrough_shape_message(key, tensor.shape, comp, path)
+        elif (module := _saved_module(adapter, rest)) is not None:
+            out.heads[key] = module
         else:
             out.unmatched.append(key)
     return out
+
+
+def _saved_module(adapter: Adapter, path: str) -> str | None:
+    """The ``modules_to_save`` entry naming the module of tensor ``path`` (PEFT matches the
+    module's name or a dotted suffix of it), or None."""
+    names = (adapter.config or {}).get("modules_to_save") or []
+    module = path.rpartition(".")[0]
+    for name in names:
+        if isinstance(name, str) and (module == name or module.endswith("." + name)):
+            return name
+    return None
 
 
 def _of_a_module(adapter: Adapter, key: str) -> bool:

@@ -99,3 +99,34 @@ def test_peft_refuses_the_resized_tensor_and_drops_the_stray_one_silently(tmp_pa
     state = model.base_model.model.state_dict()
     assert not any("norm_x" in k for k in state)
     assert torch.equal(state["model.norm.weight"], before["model.norm.weight"])
+
+
+def _classifier_adapter(tmp_path: Path) -> Path:
+    """A sequence-classification adapter as PEFT saves it: the new ``score`` head (not in the
+    causal-LM base checkpoint) in modules_to_save beside the LoRA."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(BASE, num_labels=3)
+    config = LoraConfig(r=2, target_modules=["q_proj"], task_type="SEQ_CLS")
+    get_peft_model(model, config).save_pretrained(tmp_path / "cls")
+    return tmp_path / "cls"
+
+
+def test_a_new_head_in_modules_to_save_is_no_finding_but_merge_says_it_cannot_hold_it(
+    tmp_path,
+) -> None:
+    """PEFT loads the head into the module the task's model class creates: an intact adapter,
+    so validate --base finds nothing; a merge into the causal-LM checkpoint would lose it, so
+    merge refuses (--allow-unmatched merges the LoRA and counts the head as skipped)."""
+    pytest.importorskip("peft")
+    adapter = _classifier_adapter(tmp_path)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert "score" in config["modules_to_save"]
+    assert [c for c in codes(adapter) if c[0] != "LT202"] == []  # LT202: untrained, lora_B = 0
+    with pytest.raises(ResolveError, match="'base_model.model.score.weight' of modules_to_save"):
+        merge(BASE, [adapter], tmp_path / "out")
+    summary = merge(BASE, [adapter], tmp_path / "out", allow_unmatched=True)
+    (record,) = summary.adapters
+    assert record["unmatched"] == ["base_model.model.score.weight"]
+    assert record["counts"]["tensors_unmatched"] == 1 and summary.unmatched == 1

@@ -468,7 +468,10 @@ def _summary(
                 "merged": len(r.resolution.matches) + len(r.resolution.deltas),
                 "replaced_tensors": len(r.resolution.replacements),
                 "unmatched": list(r.resolution.unmatched),
-                "unmatched_tensors": list(r.resolution.replacement_unmatched),
+                "unmatched_tensors": [
+                    *r.resolution.replacement_unmatched,
+                    *r.resolution.replacement_heads,
+                ],
             }
             for r in plan.adapters
         ],
