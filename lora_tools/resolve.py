@@ -38,13 +38,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lora_tools.adapter import CONV, EMBEDDING, Adapter, LoraModule
 from lora_tools.deltas import DeltaError, DeltaModule
 from lora_tools.errors import ResolveError, ShapeError
 from lora_tools.formats.base import classify_foreign
 from lora_tools.io.checkpoint import Checkpoint, Component
-from lora_tools.io.safetensors import TensorInfo
+from lora_tools.io.safetensors import Tensor, TensorInfo
 from lora_tools.layouts import Layout, Piece, diffusers_layout, native_layout
 from lora_tools.layouts.base import tiles
 from lora_tools.naming import PEFT_PREFIX, flatten_path, split_name, split_stem
@@ -152,6 +153,12 @@ class Resolution:
     #: pass-through tensors of a ``modules_to_save`` module the base checkpoint does not hold
     #: (a head the task's model class creates: a classifier's ``score``) -> that module.
     replacement_heads: dict[str, str] = field(default_factory=dict)
+    #: PEFT trainable tokens (``trainable_token_indices``): the adapter's
+    #: ``<layer>.token_adapter.trainable_tokens_delta`` -> the rows of the base tensor (in
+    #: :attr:`replacements`) its rows replace.
+    token_rows: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    #: trainable tokens that do not fit their base tensor -> the message.
+    token_errors: dict[str, str] = field(default_factory=dict)
     total: int = 0
 
     def raise_for_problems(self, adapter: Adapter, *, allow_unmatched: bool = False) -> None:
@@ -189,6 +196,9 @@ class Resolution:
                 hint="is this adapter made for this base model?",
                 kind="unmatched",
             )
+        if self.token_errors:
+            key, msg = next(iter(self.token_errors.items()))
+            raise ShapeError(msg, path=source, hint="is this the right base model?")
         if self.replacement_shape_errors:  # PEFT refuses to load these (a size mismatch)
             key, msg = next(iter(self.replacement_shape_errors.items()))
             raise ShapeError(msg, path=source, hint="is this the right base model?")
@@ -485,6 +495,8 @@ def resolve(adapter: Adapter, ckpt: Checkpoint) -> Resolution:
     res.replacement_shape_errors = passthrough.shape_errors
     res.replacement_unmatched = passthrough.unmatched
     res.replacement_heads = passthrough.heads
+    res.token_rows = passthrough.token_rows
+    res.token_errors = passthrough.token_errors
     return res
 
 
@@ -927,6 +939,12 @@ class _Passthrough:
     shape_errors: dict[str, str] = field(default_factory=dict)
     unmatched: list[str] = field(default_factory=list)
     heads: dict[str, str] = field(default_factory=dict)
+    token_rows: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    token_errors: dict[str, str] = field(default_factory=dict)
+
+
+#: The tensor PEFT's trainable tokens save per layer: the new values of the chosen rows.
+TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"
 
 
 def _passthrough(adapter: Adapter, ckpt: Checkpoint) -> _Passthrough:
@@ -942,6 +960,9 @@ def _passthrough(adapter: Adapter, ckpt: Checkpoint) -> _Passthrough:
     for key, tensor in adapter.passthrough.items():
         component, rest = split_stem(key)
         if classify_foreign(key) is not None or not (key.startswith(PEFT_PREFIX) or component):
+            continue
+        if key.endswith(TOKENS_SUFFIX):
+            _token_rows(adapter, ckpt, key, tensor, out)
             continue
         for marker in (".modules_to_save.default.", ".base_layer.", ".original_module."):
             rest = rest.replace(marker, ".")
@@ -966,6 +987,65 @@ def _passthrough(adapter: Adapter, ckpt: Checkpoint) -> _Passthrough:
         else:
             out.unmatched.append(key)
     return out
+
+
+def _token_rows(
+    adapter: Adapter, ckpt: Checkpoint, key: str, tensor: Tensor, out: _Passthrough
+) -> None:
+    """PEFT's trainable tokens of one layer: its rows replace rows ``trainable_token_indices``
+    of the layer's weight (``TrainableTokensLayer.merge``: ``index_copy``, values, not
+    deltas, despite the name)."""
+    component, rest = split_stem(key)
+    layer = rest.removesuffix(TOKENS_SUFFIX)
+    indices = _token_indices(adapter.config or {}, layer)
+    weight = None
+    for comp in _candidate_components(ckpt, component):
+        weight = next((p for p in _path_candidates(layer + ".weight") if p in comp), None)
+        if weight is not None:
+            break
+    if weight is None:
+        out.unmatched.append(key)
+        return
+    shape = tuple(comp.info(weight).shape)
+    found = tuple(tensor.shape)
+    problem = None
+    if indices is None:
+        problem = f"adapter_config.json's trainable_token_indices names no rows for {layer!r}"
+    elif len(found) != 2 or len(shape) != 2 or found != (len(indices), shape[1]):
+        problem = (
+            f"is {list(found)}, but {len(indices)} token rows of the base's {weight!r} "
+            f"{list(shape)} are [{len(indices)}, {shape[1] if len(shape) > 1 else '?'}]"
+        )
+    elif any(not 0 <= i < shape[0] for i in indices) or len(set(indices)) != len(indices):
+        bad = next((i for i in indices if not 0 <= i < shape[0]), None)
+        problem = (
+            f"token row {bad} is outside the base's {weight!r} ({shape[0]} rows)"
+            if bad is not None
+            else "trainable_token_indices names a row twice"
+        )
+    if problem is not None:
+        out.token_errors[key] = f"trainable tokens {key!r}: {problem}"
+        return
+    out.targets[key] = _target(comp, weight)
+    out.token_rows[key] = tuple(indices)
+
+
+def _token_indices(config: dict[str, Any], layer: str) -> list[int] | None:
+    """The rows ``trainable_token_indices`` gives layer ``layer``: a list means the input
+    embedding (the layer the key names), a dict maps a module name (or a dotted suffix of the
+    layer's path) to its rows."""
+    spec = config.get("trainable_token_indices")
+    if isinstance(spec, list):
+        rows = spec
+    elif isinstance(spec, dict):
+        rows = next(
+            (v for k, v in spec.items() if layer == k or layer.endswith("." + str(k))), None
+        )
+    else:
+        return None
+    if not isinstance(rows, list) or not all(isinstance(i, int) for i in rows):
+        return None
+    return rows
 
 
 def _saved_module(adapter: Adapter, path: str) -> str | None:

@@ -298,6 +298,10 @@ class MergeResult(Result):
                 "tensors_replaced": t["replaced"],
                 "tensors_copied": t["copied"],
                 "tensors_cast": t.get("cast", 0),
+                # the adapters' full tensors skipped (--allow-unmatched), not the base's
+                "tensors_unmatched": sum(
+                    a["counts"].get("tensors_unmatched", 0) for a in self.adapters
+                ),
             },
             "adapters": [dict(a) for a in self.adapters],
             "files": list(self.files),

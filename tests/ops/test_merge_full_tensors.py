@@ -130,3 +130,58 @@ def test_a_new_head_in_modules_to_save_is_no_finding_but_merge_says_it_cannot_ho
     (record,) = summary.adapters
     assert record["unmatched"] == ["base_model.model.score.weight"]
     assert record["counts"]["tensors_unmatched"] == 1 and summary.unmatched == 1
+
+
+def _trainable_tokens_adapter(tmp_path: Path, indices, dtype=None) -> Path:
+    """A LoRA with PEFT's trainable tokens (``trainable_token_indices``), trained a little: the
+    token rows and lora_B get random values."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(BASE, dtype=dtype or torch.float32)
+    config = LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=indices)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "trainable_tokens_delta" in name or "lora_B" in name:
+                p.copy_(torch.randn_like(p))
+    peft_model.save_pretrained(tmp_path / "tokens")
+    return tmp_path / "tokens"
+
+
+@pytest.mark.parametrize("indices", [[3, 5, 100], {"embed_tokens": [7, 0]}])
+def test_trainable_tokens_merge_as_peft_merges_them(tmp_path, indices) -> None:
+    """The token rows replace the base's rows (index_copy), bit for bit as merge_and_unload;
+    validate --base finds nothing (before: merge dropped them without a word)."""
+    pytest.importorskip("peft")
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = _trainable_tokens_adapter(tmp_path, indices)
+    with SafetensorsFile(adapter / "adapter_model.safetensors") as f:
+        assert "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta" in f
+    assert codes(adapter) == []
+    summary = merge(BASE, [adapter], tmp_path / "out")
+    assert summary.tensors["replaced"] == 1
+    base = AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float32)
+    want = PeftModel.from_pretrained(base, adapter).merge_and_unload().state_dict()
+    merge(BASE, [adapter], tmp_path / "torch", device="torch-cpu")
+    for out in ("out", "torch"):
+        with SafetensorsFile(tmp_path / out / "model.safetensors") as f:
+            for key in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"):
+                assert f.read(key).tobytes() == want[key].numpy().tobytes(), (out, key)
+
+
+def test_trainable_tokens_that_do_not_fit_the_base_are_refused(tmp_path) -> None:
+    pytest.importorskip("peft")
+    adapter = _trainable_tokens_adapter(tmp_path, [3, 5])
+    config_path = adapter / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["trainable_token_indices"] = [3, 500]
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ShapeError, match="token row 500 is outside the base's"):
+        merge(BASE, [adapter], tmp_path / "out")
+    assert [c for c, _ in codes(adapter)] == ["LT403"]

@@ -299,14 +299,36 @@ def plan_merge(
                         source = (match, spec.weight, role, part.rows)
                         per_tensor.setdefault((t.component, t.key), []).append(source)
         for key, target in res.replacements.items():
+            rows = res.token_rows.get(key)
+            what = "trainable tokens" if rows is not None else "modules_to_save"
             if spec.weight != 1.0:
                 raise UsageError(
                     f"{key!r} is a full tensor that replaces the base's {target.key!r} "
-                    f"(modules_to_save); a merge weight of {spec.weight} is not defined for it",
+                    f"({what}); a merge weight of {spec.weight} is not defined for it",
                     path=adapter.source,
                     hint="merge this adapter with weight 1",
                 )
-            replacements[(target.component, target.key)] = adapter.passthrough[key]
+            where = (target.component, target.key)
+            if where in replacements:
+                raise UsageError(
+                    f"{key!r} replaces the base's {target.key!r}, which another adapter of this "
+                    "merge replaces too; which one wins is not defined",
+                    path=adapter.source,
+                    hint="merge the adapters one at a time, in the order you mean",
+                )
+            tensor = adapter.passthrough[key]
+            if rows is not None:
+                tensor = TokenRows(ckpt, target, rows, tensor)
+            replacements[where] = tensor
+        for key in res.token_rows:
+            target = res.replacements[key]
+            if (target.component, target.key) in per_tensor:
+                raise UsageError(
+                    f"{key!r}: trainable tokens and a LoRA both change the base's "
+                    f"{target.key!r}; loratool does not know PEFT's order for the two",
+                    path=adapter.source,
+                    hint="merge them with PEFT's merge_and_unload",
+                )
 
     files: list[FilePlan] = []
     schemes: dict[str, Any] = {}
@@ -553,3 +575,26 @@ def output_path(out: str | os.PathLike[str], base: Path) -> Path:
             hint="give a folder path for -o (the weight files keep the base's names)",
         )
     return given
+
+
+class TokenRows(Tensor):
+    """A base weight with some rows replaced by PEFT's trainable tokens (values in the base's
+    dtype, cast as ``TrainableTokensLayer.merge`` casts them: ``.to(weight)``), read when the
+    merge reaches it."""
+
+    def __init__(self, ckpt: Checkpoint, target: Any, rows: tuple[int, ...], values: Tensor):
+        self.ckpt, self.target, self.rows, self.values = ckpt, target, rows, values
+        self.dtype = target.info.dtype
+        self.shape = tuple(target.info.shape)
+
+    def numpy(self) -> np.ndarray:
+        from lora_tools.io.safetensors import numpy_dtype
+
+        comp = self.ckpt.components[self.target.component]
+        weight = comp.open(comp.file_for(self.target.key)).read(self.target.key).copy()
+        values = np.asarray(self.values.numpy())
+        weight[list(self.rows)] = values.astype(numpy_dtype(self.dtype))
+        return weight
+
+    def tobytes(self) -> bytes:
+        return self.numpy().tobytes()

@@ -74,6 +74,8 @@ def check_base(ctx: Context, adapter: Adapter) -> None:
             module=key,
             hint="is this the right base model?",
         )
+    for key, message in res.token_errors.items():
+        ctx.add("LT403", message, module=key, hint="is this the right base model?")
     for key in res.replacement_unmatched:
         ctx.add(
             "LT401",
