@@ -39,6 +39,7 @@ def test_json_summary(tmp_path: Path) -> None:
         "tensors_replaced": 0,
         "tensors_copied": 13,
         "tensors_cast": 0,
+        "tensors_unmatched": 0,
     }
     assert doc["bytes_written"] == sum(p.stat().st_size for p in out.glob("*.safetensors")) - sum(
         8 + int.from_bytes(p.read_bytes()[:8], "little") for p in out.glob("*.safetensors")
