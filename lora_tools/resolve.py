@@ -44,6 +44,7 @@ from lora_tools.adapter import CONV, EMBEDDING, Adapter, LoraModule
 from lora_tools.deltas import DeltaError, DeltaModule
 from lora_tools.errors import ResolveError, ShapeError
 from lora_tools.formats.base import classify_foreign
+from lora_tools.formats.peft import VARIANT_KINDS
 from lora_tools.io.checkpoint import Checkpoint, Component
 from lora_tools.io.safetensors import Tensor, TensorInfo
 from lora_tools.layouts import Layout, Piece, diffusers_layout, native_layout
@@ -774,6 +775,10 @@ def foreign_update_dims(kind: str, shapes: dict[str, tuple[int, ...]]) -> tuple[
     raise ValueError(f"the shape of a {kind} update is not known to loratool")
 
 
+#: The type :func:`resolve_foreign` places by the module owning the parameters.
+PARAMETERS_KIND = VARIANT_KINDS["target_parameters"]
+
+
 def resolve_foreign(adapter: Adapter, ckpt: Checkpoint) -> ForeignResolution:
     """Find the base weight of every non-LoRA module that :func:`resolve` does not place (the
     types loratool detects but does not compute: no :attr:`Adapter.deltas` entry) by name, as
@@ -799,7 +804,11 @@ def resolve_foreign(adapter: Adapter, ckpt: Checkpoint) -> ForeignResolution:
     flat_index = _LazyFlatIndex(ckpt)
     for kind, stems in adapter.foreign.items():
         for stem in stems:
-            if stem not in stems_of:
+            if stem not in stems_of or kind == PARAMETERS_KIND:
+                # PEFT's ParamWrapper names the module owning the parameters as transformers
+                # builds it; the checkpoint may store them under other names (transformers 5
+                # fuses Mixtral's per-expert block_sparse_moe.experts.N.w1 / w3 into
+                # mlp.experts.gate_up_proj on load): no name check is possible here.
                 continue
             res.total += 1
             res.kinds[stem] = kind
@@ -1061,11 +1070,13 @@ def _saved_module(adapter: Adapter, path: str) -> str | None:
 
 def _of_a_module(adapter: Adapter, key: str) -> bool:
     """``key`` lies under one of the adapter's modules (``<module>.base_layer.weight``, an
-    AdaLoRA ``lora_E``...): that module's own resolution says whether it fits the base."""
+    AdaLoRA ``lora_E``, a KaSA ``lora_diag``...): that module's own resolution (or, for a type
+    loratool does not compute, its refusal) says whether it fits the base."""
     stem = key
+    foreign = adapter._foreign_seen.values()
     while "." in stem:
         stem = stem.rpartition(".")[0]
-        if stem in adapter.modules or stem in adapter.deltas:
+        if stem in adapter.modules or stem in adapter.deltas or any(stem in s for s in foreign):
             return True
     return False
 

@@ -317,10 +317,15 @@ class AdapterFormat:
         otherwise (mlx-lm: transposed). ``loratool validate`` checks shapes through it."""
         return shape
 
-    def foreign_kind(self, stem: str, shapes: dict[str, tuple[int, ...]]) -> str | None:
+    def foreign_kind(
+        self,
+        stem: str,
+        shapes: dict[str, tuple[int, ...]],
+        config: dict[str, Any] | None = None,
+    ) -> str | None:
         """The adapter type of a module whose LoRA-named tensors (role -> shape) are of a kind
-        loratool does not compute with (mlx-lm's mixture-of-experts LoRA), else None. The
-        reader and ``loratool validate`` both ask it."""
+        loratool does not compute with (mlx-lm's mixture-of-experts LoRA, a PEFT LoRA variant
+        its ``config`` turns on), else None. The reader and ``loratool validate`` both ask it."""
         return None
 
     def score(self, keys: list[str], metadata: dict[str, str]) -> int:

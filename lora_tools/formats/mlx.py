@@ -174,7 +174,12 @@ class MlxFormat(AdapterFormat):
             return (shape[1], shape[0])
         return shape
 
-    def foreign_kind(self, stem: str, shapes: dict[str, tuple[int, ...]]) -> str | None:
+    def foreign_kind(
+        self,
+        stem: str,
+        shapes: dict[str, tuple[int, ...]],
+        config: dict[str, Any] | None = None,
+    ) -> str | None:
         if len(shapes.get("down", ())) == 3:
             return SWITCH_KIND
         if _is_embedding(stem) and "magnitude" in shapes:

@@ -34,6 +34,7 @@ from lora_tools.formats.base import (
     add_foreign,
     classify_foreign,
     ensure,
+    note_foreign,
     unresolved_error,
 )
 from lora_tools.io.atomic import atomic_dir
@@ -105,6 +106,70 @@ _ROLES = {
 }
 
 
+#: PEFT LoRA variants whose module computes more than ``B @ A * scale`` on the weight it names,
+#: by the config field that turns each on, and the type name loratool reports them by: KaSA also
+#: truncates the base weight's smallest singular components and puts ``lora_diag`` between the
+#: factors (``KasaLinearVariant``); BD-LoRA stores a block-diagonal factor compactly
+#: (``BdLoraLinearVariant``); ``target_parameters`` wraps an ``nn.Parameter`` (``ParamWrapper``:
+#: one rank-``r`` pair per expert, stacked, on a fused 3-D expert tensor).
+VARIANT_KINDS = {
+    "kasa_config": "KaSA (kasa_config)",
+    "use_bdlora": "BD-LoRA (use_bdlora)",
+    "target_parameters": "LoRA on parameters (target_parameters)",
+}
+
+
+def variant_kind(config: dict[str, Any] | None, path: str) -> str | None:
+    """The :data:`VARIANT_KINDS` type of the module at ``path`` under a PEFT config, or None
+    for a plain LoRA module.
+
+    Example:
+        >>> variant_kind({"target_parameters": ["experts.down_proj"]}, "model.mlp.experts")
+        'LoRA on parameters (target_parameters)'
+    """
+    if not isinstance(config, dict):
+        return None
+    if config.get("kasa_config"):
+        return VARIANT_KINDS["kasa_config"]
+    bdlora = config.get("use_bdlora")
+    if isinstance(bdlora, dict):
+        # PEFT: a pattern that is a substring of the layer's name (``pattern in target_name``)
+        names = [
+            *(bdlora.get("target_modules_bd_a") or []),
+            *(bdlora.get("target_modules_bd_b") or []),
+        ]
+        if any(isinstance(n, str) and n in path for n in names):
+            return VARIANT_KINDS["use_bdlora"]
+    params = config.get("target_parameters")
+    if isinstance(params, list) and params and _wraps_parameter(config, params, path):
+        return VARIANT_KINDS["target_parameters"]
+    return None
+
+
+def _wraps_parameter(config: dict[str, Any], params: list[Any], path: str) -> bool:
+    """Whether module ``path`` is one PEFT wraps for ``target_parameters`` (``ParamWrapper``).
+
+    PEFT matches ``<module>.<parameter>`` against each entry as a name or a dotted suffix; a
+    second parameter of one module nests the wrappers, so the saved path gains ``.base_layer``.
+    An entry without a module part may name a parameter of any module not in target_modules.
+    """
+    if ".base_layer." in f".{path}.":
+        return True
+    targets = config.get("target_modules") or []
+    for entry in params:
+        if not isinstance(entry, str):
+            continue
+        owner = entry.rpartition(".")[0]
+        if owner and (path == owner or path.endswith("." + owner)):
+            return True
+        named = isinstance(targets, list) and any(
+            path == t or path.endswith(f".{t}") for t in targets if isinstance(t, str)
+        )
+        if not owner and isinstance(targets, list) and not named:
+            return True
+    return False
+
+
 def module_scale_params(config: dict[str, Any] | None, path: str, rank: int) -> tuple[float, bool]:
     """``(alpha, use_rslora)`` for one module under a PEFT config (alpha = rank without one,
     as diffusers reads a file without ``lora_adapter_metadata``; a config without
@@ -147,6 +212,16 @@ class PeftFormat(AdapterFormat):
 
     def _prefixed(self, stem: str) -> bool:
         return split_stem(stem)[0] is None
+
+    def foreign_kind(
+        self,
+        stem: str,
+        shapes: dict[str, tuple[int, ...]],
+        config: dict[str, Any] | None = None,
+    ) -> str | None:
+        """A PEFT LoRA variant loratool does not compute (:func:`variant_kind`), else None."""
+        component, path = split_stem(stem)
+        return None if component else variant_kind(config, path)
 
     def parse_key(self, key: str) -> ParsedKey | None:
         """``<stem>.lora_A.weight`` -> ``(stem, "down")``; embeddings, DoRA and bias too.
@@ -204,6 +279,12 @@ class PeftFormat(AdapterFormat):
                 # A factor without its partner is not a module: keep the tensors, validate says why.
                 for key, tensor in roles.values():
                     adapter.passthrough[key] = tensor
+                continue
+            config = source.config if not split_stem(stem)[0] else None
+            other = self.foreign_kind(stem, {r: t.shape for r, (_, t) in roles.items()}, config)
+            if other is not None:
+                for key, tensor in roles.values():
+                    note_foreign(adapter, other, stem, key, tensor)
                 continue
             component, path = split_stem(stem)
             down_key, down = roles["down"]

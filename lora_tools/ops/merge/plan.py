@@ -41,9 +41,12 @@ from lora_tools.resolve import ModuleMatch, Resolution, resolve
 #: --dtype spellings -> safetensors dtype names (``keep`` keeps each tensor's own).
 DTYPE_NAMES = {"keep": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 
-#: PEFT variants whose adapters only make sense on a base they also changed, or that cannot be
-#: folded into weights at all.
-_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "eva")
+#: PEFT inits that also change the base weights (``pissa*``, ``olora``, ``corda``, ``loftq``,
+#: ``lora_ga``: PEFT's ``save_pretrained`` converts all but LoftQ with
+#: ``path_initial_model_for_weight_conversion``). EVA only sets ``lora_A`` from data and zeroes
+#: ``lora_B`` (``init_lora_weights == "eva"`` in ``LoraLayer.update_layer``): once trained it
+#: is a plain LoRA, and PEFT's merge_and_unload of it equals loratool's.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 @dataclass

@@ -90,9 +90,20 @@ def check_target(
     weights = target.weights
     assert weights is not None
 
+    config = None
+    if target.config is not None and fmt.name in ("peft", "mlx"):
+        config = read_config(ctx)
+    elif target.config is not None:
+        read_config(ctx)  # report a broken config even when it is not used
     with SafetensorsFile(weights, header=container.trusted) as file:
         bad_stems, stems = check_structure(
-            ctx, fmt, container.names, container.trusted, container.untrusted, file
+            ctx,
+            fmt,
+            container.names,
+            container.trusted,
+            container.untrusted,
+            file,
+            readable_config(config),
         )
     # The reader sees neither untrusted tensors nor the modules structure rules rejected, so it
     # reads what loaders would load and never trips over what is already reported.
@@ -102,11 +113,6 @@ def check_target(
         container.trusted,
         tensors={n: i for n, i in container.trusted.tensors.items() if n not in excluded},
     )
-    config = None
-    if target.config is not None and fmt.name in ("peft", "mlx"):
-        config = read_config(ctx)
-    elif target.config is not None:
-        read_config(ctx)  # report a broken config even when it is not used
     with SafetensorsFile(weights, header=reader_header) as file:
         source = AdapterSource(
             weights=weights,

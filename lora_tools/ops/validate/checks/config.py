@@ -127,6 +127,8 @@ def check_adapter_config(
 
 #: PEFT's peft_type for the adapter types loratool detects but does not compute with.
 PEFT_TYPE_KINDS = peft_format.OTHER_PEFT_TYPES
+#: The LoRA variants of PEFT's own LoRA type that loratool does not compute.
+VARIANTS = frozenset(peft_format.VARIANT_KINDS.values())
 
 
 def _is_other_peft_type(config: dict[str, Any], adapter: Adapter) -> bool:
@@ -139,8 +141,10 @@ def _check_peft_type(
     ctx: Context, config: dict[str, Any], display: str, adapter: Adapter | None = None
 ) -> None:
     peft_type = config.get("peft_type")
-    if peft_type == "LORA" and adapter is not None and adapter.foreign:
-        kinds = ", ".join(adapter.foreign)
+    # PEFT's own LoRA variants (KaSA, BD-LoRA, target_parameters) are LoRA modules to PEFT
+    others = [k for k in adapter.foreign if k not in VARIANTS] if adapter is not None else []
+    if peft_type == "LORA" and others:
+        kinds = ", ".join(others)
         ctx.add(
             "LT303",
             f"peft_type is 'LORA' but the file holds {kinds} tensors; PEFT creates LoRA "

@@ -66,6 +66,7 @@ def check_structure(
     header: Header,
     untrusted: set[str],
     file: SafetensorsFile,
+    config: dict[str, Any] | None = None,
 ) -> tuple[set[str], dict[str, Stem]]:
     """Check every module stem's tensors (LT101-LT115).
 
@@ -76,6 +77,8 @@ def check_structure(
         header: the trusted tensors (no container problem names them).
         untrusted: tensors a container rule already reported.
         file: the weights over ``header``; only kohya's scalar alphas are read from it.
+        config: the adapter's config, which may turn a module into a LoRA variant loratool
+            does not compute (:meth:`~lora_tools.formats.base.AdapterFormat.foreign_kind`).
 
     Returns:
         The stems that cannot be loaded, and every stem's tensors by role.
@@ -102,7 +105,7 @@ def check_structure(
     info = header.tensors
     for stem, entry in stems.items():
         shapes = {role: info[key].shape for role, key in entry.roles.items() if key in info}
-        kind = fmt.foreign_kind(stem, shapes)
+        kind = fmt.foreign_kind(stem, shapes, config)
         if kind is not None:
             foreign.setdefault(kind, {})[stem] = None
     foreign_stems = {s for group in foreign.values() for s in group}
