@@ -160,6 +160,11 @@ class Resolution:
     token_rows: dict[str, tuple[int, ...]] = field(default_factory=dict)
     #: trainable tokens that do not fit their base tensor -> the message.
     token_errors: dict[str, str] = field(default_factory=dict)
+    #: modules on a tied head whose adapter PEFT ties to the input embedding's
+    #: (``ensure_weight_tying``): the same update, applied once, through the embedding's module.
+    shared: set[str] = field(default_factory=set)
+    #: modules on an output head that resolved to the input embedding it is tied to.
+    tied_heads: set[str] = field(default_factory=set)
     total: int = 0
 
     def raise_for_problems(self, adapter: Adapter, *, allow_unmatched: bool = False) -> None:
@@ -479,8 +484,16 @@ def resolve(adapter: Adapter, ckpt: Checkpoint) -> Resolution:
         (key, module, res.matches) for key, module in adapter.modules.items()
     ]
     modules += [(key, module, res.deltas) for key, module in adapter.deltas.items()]
+    tied_heads: list[str] = []
     for key, module, matches in modules:
         found = _hits(ckpt, flat_index, module.key, module.path, module.component)
+        if not found and module.path is not None:
+            tied = _tied_head(ckpt, module.component, module.path)
+            if tied is not None:
+                comp, weight = tied
+                logical = module.component or comp.name
+                found = [((comp, weight, logical, weight.removesuffix(".weight"), None),)]
+                tied_heads.append(key)
         if not found:
             res.unmatched.append(key)
             continue
@@ -491,6 +504,8 @@ def resolve(adapter: Adapter, ckpt: Checkpoint) -> Resolution:
             matches[key] = _match(module, found[0])
         except ShapeError as exc:
             res.shape_errors[key] = exc.message
+    res.tied_heads = set(tied_heads)
+    res.shared = _shared_heads(adapter, res, tied_heads)
     passthrough = _passthrough(adapter, ckpt)
     res.replacements = passthrough.targets
     res.replacement_shape_errors = passthrough.shape_errors
@@ -685,6 +700,54 @@ def _hits(
     for candidate in found:
         unique.setdefault(tuple((c.name, k, r) for c, k, _, _, r in candidate), candidate)
     return list(unique.values())
+
+
+#: Output heads a model may tie to its input embedding, and the input embeddings' names.
+HEAD_NAMES = ("lm_head", "embed_out")
+INPUT_EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings", "embed_in")
+
+
+def _tied_head(ckpt: Checkpoint, component: str | None, path: str) -> tuple[Component, str] | None:
+    """The input embedding an output head ``path`` (``lm_head``) is tied to, for a base
+    checkpoint without a tensor of its own for the head: a tied model (GPT-2, Gemma, small
+    Llamas) saves the shared weight once, as the embedding's, and the head *is* that weight, so
+    PEFT's merge of a LoRA on the head changes it (the input embeddings with it)."""
+    path = path.removesuffix(".weight")
+    if path.rpartition(".")[2] not in HEAD_NAMES:
+        return None
+    for comp in _candidate_components(ckpt, component):
+        if any(k.rpartition(".")[0].rpartition(".")[2] in HEAD_NAMES for k in comp):
+            return None  # the head has its own tensor: not tied
+        found = [
+            k
+            for k in comp
+            if k.endswith(".weight")
+            and k.split(".")[-2:-1]
+            and k.split(".")[-2] in INPUT_EMBEDDING_NAMES
+        ]
+        if len(found) == 1:
+            return comp, found[0]
+    return None
+
+
+def _shared_heads(adapter: Adapter, res: Resolution, tied_heads: list[str]) -> set[str]:
+    """The tied-head modules PEFT does not apply on their own: with ``ensure_weight_tying`` it
+    ties the head's LoRA to the input embedding's (one adapter on the shared weight, saved
+    under both names), so the update counts once; without it the two are separate adapters
+    on one weight, and both apply."""
+    if not (adapter.config or {}).get("ensure_weight_tying"):
+        return set()
+    shared = set()
+    for key in tied_heads:
+        match = res.matches.get(key)
+        if match is None:
+            continue
+        if any(
+            other is not match and other.target.key == match.target.key
+            for other in (*res.matches.values(), *res.deltas.values())
+        ):
+            shared.add(key)
+    return shared
 
 
 def _describe(candidate: _Candidate) -> str:
@@ -986,6 +1049,10 @@ def _passthrough(adapter: Adapter, ckpt: Checkpoint) -> _Passthrough:
                 other = other or (comp, path)
             if key in out.targets:
                 break
+        if key not in out.targets and other is None:
+            tied = _tied_head(ckpt, component, rest)
+            if tied is not None and tuple(tied[0].info(tied[1]).shape) == tuple(tensor.shape):
+                out.targets[key] = _target(*tied)  # the head's copy is the shared weight's
         if key in out.targets or _of_a_module(adapter, key):
             continue
         if other is not None:

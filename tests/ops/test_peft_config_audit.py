@@ -124,6 +124,20 @@ EQUAL = {
     "monteclora_config": ("llama", lora(monteclora_config=MontecloraConfig()), None),
     "use_qalora": ("llama", lora(use_qalora=True, qalora_group_size=8), None),
     "trainable_token_indices": ("llama", lora(trainable_token_indices=[1, 2]), None),
+    # GPT-2 ties lm_head to wte (the checkpoint holds wte only): the LoRA merges into it
+    "tied_lm_head": ("gpt2", lora(target_modules=["lm_head"]), None),
+    "tied_lm_head_ensure_weight_tying": (
+        "gpt2",
+        lora(target_modules=["lm_head"], ensure_weight_tying=True),
+        None,
+    ),
+    # two adapters on the shared weight (no ensure_weight_tying): both apply
+    "tied_lm_head_and_wte": ("gpt2", lora(target_modules=["lm_head", "wte"]), None),
+    "tied_lm_head_with_conv1d": (
+        "gpt2",
+        lora(target_modules=["lm_head", "c_attn"], fan_in_fan_out=True),
+        None,
+    ),
 }
 
 #: field -> (base, config, words the refusal must hold, the codes validate --base reports)

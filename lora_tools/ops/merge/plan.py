@@ -270,6 +270,7 @@ def plan_merge(
     reports: list[AdapterReport] = []
     per_tensor: dict[tuple[str, str], list[Source]] = {}
     replacements: dict[tuple[str, str], Tensor] = {}
+    replaced_by: dict[tuple[str, str], tuple[Any, str]] = {}
     for spec in adapters:
         if not math.isfinite(spec.weight):
             raise UsageError(
@@ -287,7 +288,13 @@ def plan_merge(
         res = resolve(adapter, ckpt)
         res.raise_for_problems(adapter, allow_unmatched=allow_unmatched)
         reports.append(AdapterReport(spec, adapter, res))
-        for match in (*res.matches.values(), *res.deltas.values()):
+        # a tied head after the input embedding, as PEFT merges them (in the model's order)
+        items = sorted(
+            (*res.matches.items(), *res.deltas.items()), key=lambda kv: kv[0] in res.tied_heads
+        )
+        for key, match in items:
+            if key in res.shared:
+                continue  # PEFT ties it to the input embedding's module: applied through that
             module = match.module
             _check_placements(match, adapter)
             for part in match.placements:
@@ -312,14 +319,19 @@ def plan_merge(
                     hint="merge this adapter with weight 1",
                 )
             where = (target.component, target.key)
+            tensor = adapter.passthrough[key]
             if where in replacements:
+                earlier_spec, earlier_key = replaced_by[where]
+                if earlier_spec is spec and _same_bytes(tensor, adapter.passthrough[earlier_key]):
+                    continue  # a tied weight saved under both names (lm_head and the embedding)
+                whose = "this adapter's" if earlier_spec is spec else "another adapter's"
                 raise UsageError(
-                    f"{key!r} replaces the base's {target.key!r}, which another adapter of this "
-                    "merge replaces too; which one wins is not defined",
+                    f"{key!r} replaces the base's {target.key!r}, and so does {whose} "
+                    f"{earlier_key!r} with other values; which one wins is not defined",
                     path=adapter.source,
                     hint="merge the adapters one at a time, in the order you mean",
                 )
-            tensor = adapter.passthrough[key]
+            replaced_by[where] = (spec, key)
             if rows is not None:
                 tensor = TokenRows(ckpt, target, rows, tensor)
             replacements[where] = tensor
@@ -578,6 +590,25 @@ def output_path(out: str | os.PathLike[str], base: Path) -> Path:
             hint="give a folder path for -o (the weight files keep the base's names)",
         )
     return given
+
+
+def _same_bytes(a: Tensor, b: Tensor) -> bool:
+    """Same dtype, shape and bytes, compared chunk by chunk."""
+    if (a.dtype, tuple(a.shape)) != (b.dtype, tuple(b.shape)):
+        return False
+    left, right = b"", b""
+    chunks_a, chunks_b = iter(a.iter_bytes()), iter(b.iter_bytes())
+    while True:
+        if not left:
+            left = bytes(next(chunks_a, b""))
+        if not right:
+            right = bytes(next(chunks_b, b""))
+        if not left or not right:
+            return not left and not right
+        n = min(len(left), len(right))
+        if left[:n] != right[:n]:
+            return False
+        left, right = left[n:], right[n:]
 
 
 class TokenRows(Tensor):

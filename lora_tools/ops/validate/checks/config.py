@@ -302,7 +302,12 @@ def _check_targets(
         )
         return
     excluded = _excluded_modules(config)
-    missing = [m for m in modules if not covered(m.path or m.key) or excluded(m.path or m.key)]
+    tied = _tied_head_covered(config, modules, covered)
+    missing = [
+        m
+        for m in modules
+        if not (covered(m.path or m.key) or tied(m.path or m.key)) or excluded(m.path or m.key)
+    ]
     shown = targets if isinstance(targets, str) else ", ".join(targets)
     if config.get("exclude_modules"):
         shown += f"; exclude_modules: {config['exclude_modules']}"
@@ -339,6 +344,23 @@ def _check_targets(
             path=display,
             hint=f"add {m.target_name!r} to target_modules",
         )
+
+
+def _tied_head_covered(
+    config: dict[str, Any], modules: list[Any], covered: Callable[[str], bool]
+) -> Callable[[str], bool]:
+    """With ``ensure_weight_tying``, PEFT saves a tied head's LoRA (``lm_head``) beside the
+    input embedding's and rewrites target_modules to the embedding alone; loading, it ties the
+    head's layer to the embedding's again, so the head's tensors are not dropped."""
+    from lora_tools.resolve import HEAD_NAMES, INPUT_EMBEDDING_NAMES
+
+    if not config.get("ensure_weight_tying"):
+        return lambda path: False
+    embedding = any(
+        covered(m.path or m.key) and (m.path or m.key).rpartition(".")[2] in INPUT_EMBEDDING_NAMES
+        for m in modules
+    )
+    return lambda path: embedding and path.rpartition(".")[2] in HEAD_NAMES
 
 
 def _excluded_modules(config: dict[str, Any]) -> Callable[[str], bool]:
