@@ -531,6 +531,41 @@ class Adapter:
                     kind="alpha-not-finite",
                 )
 
+    def require_config_ranks(self) -> None:
+        """Raise AdapterError unless each PEFT LoRA module's rank as the file's config gives it
+        (``rank_pattern``'s first matching key, else ``r``) is its tensors': PEFT builds the
+        layer at the config's rank and its load fails on the tensors ("size mismatch"), so no
+        result could be PEFT's. Checked on adapters read from files (an adapter changed in
+        memory gets its config rewritten when written)."""
+        config = self.config or {}
+        if self.format != "peft" or config.get("peft_type", "LORA") != "LORA":
+            return
+        if not isinstance(config.get("r"), int):
+            return
+        from lora_tools.naming import pattern_key
+
+        patterns = config.get("rank_pattern")
+        patterns = patterns if isinstance(patterns, dict) else {}
+        for m in self.modules.values():
+            if m.path is None:
+                continue
+            key = pattern_key(patterns, m.path, name="rank_pattern") if patterns else None
+            expected = patterns[key] if key is not None else config["r"]
+            if isinstance(expected, int) and not isinstance(expected, bool) and expected != m.rank:
+                self._config_rank_error(m, key, expected)
+
+    def _config_rank_error(self, m: LoraModule, key: str | None, expected: int) -> None:
+        source = f"rank_pattern[{key!r}]" if key is not None else "r"
+        raise AdapterError(
+            f"module {m.key!r} has rank {m.rank} in its tensors, but adapter_config.json gives "
+            f"it {source} = {expected}: PEFT builds the layer at {expected} and fails to load "
+            "the tensors (size mismatch)",
+            path=self.config_source or self.source,
+            hint="set r / rank_pattern to the tensors' ranks; `loratool validate` lists every "
+            "problem",
+            kind="config-invalid",
+        )
+
     def require_writable(self) -> None:
         """Raise AdapterError unless every module's update is finite where consumers compute it.
 

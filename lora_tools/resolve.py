@@ -36,6 +36,8 @@ Example:
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -485,8 +487,13 @@ def resolve(adapter: Adapter, ckpt: Checkpoint) -> Resolution:
     ]
     modules += [(key, module, res.deltas) for key, module in adapter.deltas.items()]
     tied_heads: list[str] = []
+    replicated = _replicated_layers(adapter.config or {})
     for key, module, matches in modules:
         found = _hits(ckpt, flat_index, module.key, module.path, module.component)
+        if not found and replicated is not None and module.path is not None:
+            source = replicated(module.path)
+            if source is not None:
+                found = _hits(ckpt, flat_index, module.key, source, module.component)
         if not found and module.path is not None:
             tied = _tied_head(ckpt, module.component, module.path)
             if tied is not None:
@@ -728,6 +735,38 @@ def _tied_head(ckpt: Checkpoint, component: str | None, path: str) -> tuple[Comp
         if len(found) == 1:
             return comp, found[0]
     return None
+
+
+#: The layer lists PEFT's replicate_layers finds (``model.layers``, BERT's ``encoder.layer``,
+#: Falcon's ``h``), as they appear in module paths.
+_REPLICATED = re.compile(r"(^|\.)(layers|layer|h)\.(\d+)\.")
+
+
+def _replicated_layers(config: dict[str, Any]) -> Callable[[str], str | None] | None:
+    """For a PEFT ``layer_replication`` config (``[[0, 4], [2, 5]]``: layers 0-3 then 2-4,
+    sharing weights), the module path in the base of a path in the replicated model (layer j
+    of the new list is layer ``sources[j]`` of the base), or None without one."""
+    spec = config.get("layer_replication")
+    if not isinstance(spec, list) or not spec:
+        return None
+    sources: list[int] = []
+    for pair in spec:
+        if not (
+            isinstance(pair, list | tuple)
+            and len(pair) == 2
+            and all(isinstance(i, int) and not isinstance(i, bool) for i in pair)
+        ):
+            return None
+        sources.extend(range(pair[0], pair[1]))
+
+    def source(path: str) -> str | None:
+        found = _REPLICATED.search(path)
+        if found is None or int(found.group(3)) >= len(sources):
+            return None
+        index = sources[int(found.group(3))]
+        return f"{path[: found.start(3)]}{index}{path[found.end(3) :]}"
+
+    return source
 
 
 def _shared_heads(adapter: Adapter, res: Resolution, tied_heads: list[str]) -> set[str]:

@@ -200,7 +200,11 @@ def detect_format(source: AdapterSource) -> AdapterFormat:
 
 
 def load_adapter(
-    path: str | os.PathLike[str], *, format: str | None = None, gguf: bool = False
+    path: str | os.PathLike[str],
+    *,
+    format: str | None = None,
+    gguf: bool = False,
+    strict: bool = True,
 ) -> Adapter:
     """Read an adapter file or folder into an :class:`~lora_tools.adapter.Adapter`.
 
@@ -213,6 +217,9 @@ def load_adapter(
         gguf: also read a llama.cpp LoRA GGUF (:mod:`lora_tools.formats.gguf`); only callers
             that read without converting ask for it (``inspect``): its factors are laid out
             for llama.cpp, not as trained.
+        strict: refuse a PEFT config whose ranks contradict the tensors (PEFT cannot load
+            it: :meth:`~lora_tools.adapter.Adapter.require_config_ranks`); callers that only
+            read and report (``inspect``) pass False.
 
     Raises:
         UnsupportedAdapterError: ``path`` is a GGUF and ``gguf`` is False (kind
@@ -242,6 +249,8 @@ def load_adapter(
             kind="no-modules",
         )
     adapter.require_usable_scales()
+    if strict:
+        adapter.require_config_ranks()
     return adapter
 
 

@@ -696,7 +696,7 @@ def inspect_adapter(
     adapter = (
         path_or_adapter
         if isinstance(path_or_adapter, Adapter)
-        else load_adapter(path_or_adapter, gguf=True)
+        else load_adapter(path_or_adapter, gguf=True, strict=False)
     )
     modules = list(adapter.modules.values())
     deltas = list(adapter.deltas.values())

@@ -190,7 +190,7 @@ def test_tgi_leaves_embedding_modules_out(tmp):
 
 
 def test_peft_refuses_a_config_rank_that_contradicts_the_tensors():
-    table = consumer_scales(load_adapter(FIX / "broken/wrong-alpha-config"))
+    table = consumer_scales(load_adapter(FIX / "broken/wrong-alpha-config", strict=False))
     peft = next(c for c in table.consumers if c.consumer == "peft")
     assert not peft.loads and "LT304" in (peft.reason or "")
 

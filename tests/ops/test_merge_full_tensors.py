@@ -185,3 +185,28 @@ def test_trainable_tokens_that_do_not_fit_the_base_are_refused(tmp_path) -> None
     with pytest.raises(ShapeError, match="token row 500 is outside the base's"):
         merge(BASE, [adapter], tmp_path / "out")
     assert [c for c, _ in codes(adapter)] == ["LT403"]
+
+
+def test_a_config_rank_other_than_the_tensors_is_refused_as_peft_refuses_it(tmp_path) -> None:
+    """r (or the rank_pattern key PEFT matches first) builds the layer; tensors of another rank
+    fail PEFT's load, so no command computes with them (validate reports LT304)."""
+    pytest.importorskip("peft")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lora_tools.errors import AdapterError
+
+    adapter = with_tensors(tmp_path, {})
+    path = adapter / "adapter_config.json"
+    config = json.loads(path.read_text())
+    rank = config["r"]
+    config["rank_pattern"] = {"q_proj": rank + 2}
+    path.write_text(json.dumps(config))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), adapter)
+    with pytest.raises(
+        AdapterError, match=rf"rank {rank} in its tensors.*rank_pattern\['q_proj'\]"
+    ):
+        merge(BASE, [adapter], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert "LT304" in [c for c, _ in codes(adapter)]

@@ -151,6 +151,13 @@ REFUSED = {
         [],
     ),
     "kasa_config": ("llama", lora(kasa_config=KasaConfig()), "kasa_config", ["LT110"]),
+    # layers 0-1 then 1 again (sharing weights): modules on layers.2 are layer 1's in the base
+    "layer_replication": (
+        "llama",
+        lora(layer_replication=[[0, 2], [1, 2]]),
+        "layer_replication",
+        [],
+    ),
     "use_bdlora": (
         "llama",
         lora(
