@@ -147,27 +147,19 @@ class Resolution:
     unmatched: list[str] = field(default_factory=list)
     ambiguous: dict[str, list[str]] = field(default_factory=dict)
     shape_errors: dict[str, str] = field(default_factory=dict)
-    #: pass-through tensors that replace a base tensor (modules_to_save, saved embeddings).
-    replacements: dict[str, Target] = field(default_factory=dict)
-    #: pass-through tensors that name a base tensor of another shape -> the message.
-    replacement_shape_errors: dict[str, str] = field(default_factory=dict)
-    #: pass-through tensors under the adapter's prefix that name no base tensor.
-    replacement_unmatched: list[str] = field(default_factory=list)
-    #: pass-through tensors of a ``modules_to_save`` module the base checkpoint does not hold
-    #: (a head the task's model class creates: a classifier's ``score``) -> that module.
-    replacement_heads: dict[str, str] = field(default_factory=dict)
-    #: PEFT trainable tokens (``trainable_token_indices``): the adapter's
-    #: ``<layer>.token_adapter.trainable_tokens_delta`` -> the rows of the base tensor (in
-    #: :attr:`replacements`) its rows replace.
-    token_rows: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    #: trainable tokens that do not fit their base tensor -> the message.
-    token_errors: dict[str, str] = field(default_factory=dict)
+    #: where the adapter's full tensors go (modules_to_save, saved layers, trainable tokens).
+    full: FullTensors = field(default_factory=lambda: FullTensors())
     #: modules on a tied head whose adapter PEFT ties to the input embedding's
     #: (``ensure_weight_tying``): the same update, applied once, through the embedding's module.
     shared: set[str] = field(default_factory=set)
     #: modules on an output head that resolved to the input embedding it is tied to.
     tied_heads: set[str] = field(default_factory=set)
     total: int = 0
+
+    @property
+    def replacements(self) -> dict[str, Target]:
+        """Full tensors that replace a base tensor: adapter key -> that tensor."""
+        return self.full.targets
 
     def raise_for_problems(self, adapter: Adapter, *, allow_unmatched: bool = False) -> None:
         """Raise ResolveError / ShapeError as the CLI reports them (see module docstring)."""
@@ -204,15 +196,14 @@ class Resolution:
                 hint="is this adapter made for this base model?",
                 kind="unmatched",
             )
-        if self.token_errors:
-            key, msg = next(iter(self.token_errors.items()))
-            raise ShapeError(msg, path=source, hint="is this the right base model?")
-        if self.replacement_shape_errors:  # PEFT refuses to load these (a size mismatch)
-            key, msg = next(iter(self.replacement_shape_errors.items()))
-            raise ShapeError(msg, path=source, hint="is this the right base model?")
-        if self.replacement_heads and not allow_unmatched:
-            key, module = next(iter(self.replacement_heads.items()))
-            count = len(self.replacement_heads)
+        full = self.full
+        for errors in (full.token_errors, full.shape_errors):  # PEFT refuses these to load
+            if errors:
+                key, msg = next(iter(errors.items()))
+                raise ShapeError(msg, path=source, hint="is this the right base model?")
+        if full.heads and not allow_unmatched:
+            key, module = next(iter(full.heads.items()))
+            count = len(full.heads)
             raise ResolveError(
                 f"full tensor {key!r} of modules_to_save {module!r} has no tensor in the base"
                 + (f" (and {count - 1} more)" if count > 1 else "")
@@ -222,9 +213,9 @@ class Resolution:
                 hint="merge into a checkpoint of the task's model class, which holds the head",
                 kind="unmatched",
             )
-        if self.replacement_unmatched and not allow_unmatched:
-            names = ", ".join(repr(k) for k in self.replacement_unmatched[:3])
-            count = len(self.replacement_unmatched)
+        if full.unmatched and not allow_unmatched:
+            names = ", ".join(repr(k) for k in full.unmatched[:3])
+            count = len(full.unmatched)
             raise ResolveError(
                 f"{count} full tensor(s) of the adapter (modules_to_save or saved layers) "
                 f"name no tensor of the base: {names}"
@@ -513,13 +504,7 @@ def resolve(adapter: Adapter, ckpt: Checkpoint) -> Resolution:
             res.shape_errors[key] = exc.message
     res.tied_heads = set(tied_heads)
     res.shared = _shared_heads(adapter, res, tied_heads)
-    passthrough = _passthrough(adapter, ckpt)
-    res.replacements = passthrough.targets
-    res.replacement_shape_errors = passthrough.shape_errors
-    res.replacement_unmatched = passthrough.unmatched
-    res.replacement_heads = passthrough.heads
-    res.token_rows = passthrough.token_rows
-    res.token_errors = passthrough.token_errors
+    res.full = _passthrough(adapter, ckpt)
     return res
 
 
@@ -1045,7 +1030,22 @@ def resolve_passthrough(adapter: Adapter, ckpt: Checkpoint) -> dict[str, Target]
 
 
 @dataclass
-class _Passthrough:
+class FullTensors:
+    """Where an adapter's full tensors go (PEFT loads them over the base tensors of their name
+    with ``load_state_dict``; :func:`resolve` fills it).
+
+    Attributes:
+        targets: adapter key -> the base tensor it replaces (same shape), or whose rows it
+            replaces (trainable tokens, :attr:`token_rows`).
+        shape_errors: adapter key -> message, for a base tensor of its name but another shape.
+        unmatched: adapter keys that name no base tensor (PEFT drops them without a word).
+        heads: adapter key -> its ``modules_to_save`` module, absent from the base checkpoint
+            (a head the task's model class creates: a classifier's ``score``).
+        token_rows: PEFT trainable tokens (``<layer>.token_adapter.trainable_tokens_delta``) ->
+            the rows of their target they replace.
+        token_errors: trainable tokens that do not fit their base tensor -> message.
+    """
+
     targets: dict[str, Target] = field(default_factory=dict)
     shape_errors: dict[str, str] = field(default_factory=dict)
     unmatched: list[str] = field(default_factory=list)
@@ -1058,7 +1058,7 @@ class _Passthrough:
 TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"
 
 
-def _passthrough(adapter: Adapter, ckpt: Checkpoint) -> _Passthrough:
+def _passthrough(adapter: Adapter, ckpt: Checkpoint) -> FullTensors:
     """Where each full tensor under the adapter's prefix goes (PEFT loads them over the base
     tensors of the same name with ``load_state_dict``): same shape -> ``targets``; a base
     tensor of that name but another shape (torch refuses the load) -> ``shape_errors``; no
@@ -1067,7 +1067,7 @@ def _passthrough(adapter: Adapter, ckpt: Checkpoint) -> _Passthrough:
     ``score``), else ``unmatched`` (PEFT drops it without a word). A tensor under one of the
     adapter's own modules (a saved ``<module>.base_layer.weight``: a tied ``lm_head`` has no
     tensor of its own in the checkpoint) is left to that module's resolution."""
-    out = _Passthrough()
+    out = FullTensors()
     for key, tensor in adapter.passthrough.items():
         component, rest = split_stem(key)
         if classify_foreign(key) is not None or not (key.startswith(PEFT_PREFIX) or component):
@@ -1105,7 +1105,7 @@ def _passthrough(adapter: Adapter, ckpt: Checkpoint) -> _Passthrough:
 
 
 def _token_rows(
-    adapter: Adapter, ckpt: Checkpoint, key: str, tensor: Tensor, out: _Passthrough
+    adapter: Adapter, ckpt: Checkpoint, key: str, tensor: Tensor, out: FullTensors
 ) -> None:
     """PEFT's trainable tokens of one layer: its rows replace rows ``trainable_token_indices``
     of the layer's weight (``TrainableTokensLayer.merge``: ``index_copy``, values, not
@@ -1208,6 +1208,7 @@ def _passthrough_shape_message(key: str, shape: tuple[int, ...], comp: Component
 
 __all__ = [
     "ForeignResolution",
+    "FullTensors",
     "ModuleMatch",
     "Part",
     "Resolution",

@@ -309,7 +309,7 @@ def plan_merge(
                         source = (match, spec.weight, role, part.rows)
                         per_tensor.setdefault((t.component, t.key), []).append(source)
         for key, target in res.replacements.items():
-            rows = res.token_rows.get(key)
+            rows = res.full.token_rows.get(key)
             what = "trainable tokens" if rows is not None else "modules_to_save"
             if spec.weight != 1.0:
                 raise UsageError(
@@ -335,7 +335,7 @@ def plan_merge(
             if rows is not None:
                 tensor = TokenRows(ckpt, target, rows, tensor)
             replacements[where] = tensor
-        for key in res.token_rows:
+        for key in res.full.token_rows:
             target = res.replacements[key]
             if (target.component, target.key) in per_tensor:
                 raise UsageError(

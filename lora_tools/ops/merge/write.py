@@ -469,8 +469,8 @@ def _summary(
                 "replaced_tensors": len(r.resolution.replacements),
                 "unmatched": list(r.resolution.unmatched),
                 "unmatched_tensors": [
-                    *r.resolution.replacement_unmatched,
-                    *r.resolution.replacement_heads,
+                    *r.resolution.full.unmatched,
+                    *r.resolution.full.heads,
                 ],
             }
             for r in plan.adapters

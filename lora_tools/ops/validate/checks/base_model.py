@@ -67,16 +67,16 @@ def check_base(ctx: Context, adapter: Adapter) -> None:
             hint=unread_hint if refused else "is this the right base model?",
         )
     # full tensors PEFT loads over the base's (modules_to_save, saved layers)
-    for key, message in res.replacement_shape_errors.items():
+    for key, message in res.full.shape_errors.items():
         ctx.add(
             "LT403",
             message + "; PEFT's load_state_dict refuses it (a size mismatch)",
             module=key,
             hint="is this the right base model?",
         )
-    for key, message in res.token_errors.items():
+    for key, message in res.full.token_errors.items():
         ctx.add("LT403", message, module=key, hint="is this the right base model?")
-    for key in res.replacement_unmatched:
+    for key in res.full.unmatched:
         ctx.add(
             "LT401",
             f"full tensor {key!r} (modules_to_save or a saved layer) names no tensor of the "
