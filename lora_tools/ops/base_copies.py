@@ -29,13 +29,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lora_tools.adapter import Adapter
 from lora_tools.errors import UnsupportedAdapterError
-from lora_tools.io.checkpoint import Checkpoint, open_checkpoint
 from lora_tools.io.safetensors import FileTensor, Tensor, numpy_dtype
+
+if TYPE_CHECKING:  # the checkpoint module (and the layouts it loads) only when a base is read
+    from lora_tools.io.checkpoint import Checkpoint
 
 #: The suffix of PEFT's saved base layers (``save_embedding_layers``).
 BASE_LAYER_SUFFIX = ".base_layer.weight"
@@ -141,6 +144,8 @@ def refuse_differing_copies(
     """
     if not keys:
         return
+    from lora_tools.io.checkpoint import open_checkpoint
+
     with open_checkpoint(base) as ckpt:
         found = [d for d in differing_copies(adapter, ckpt) if d.key in keys]
     if not found:

@@ -352,10 +352,10 @@ def _tied_head_covered(
     """With ``ensure_weight_tying``, PEFT saves a tied head's LoRA (``lm_head``) beside the
     input embedding's and rewrites target_modules to the embedding alone; loading, it ties the
     head's layer to the embedding's again, so the head's tensors are not dropped."""
-    from lora_tools.resolve import HEAD_NAMES, INPUT_EMBEDDING_NAMES
-
     if not config.get("ensure_weight_tying"):
         return lambda path: False
+    from lora_tools.resolve import HEAD_NAMES, INPUT_EMBEDDING_NAMES  # resolve is not light
+
     embedding = any(
         covered(m.path or m.key) and (m.path or m.key).rpartition(".")[2] in INPUT_EMBEDDING_NAMES
         for m in modules
