@@ -625,7 +625,8 @@ class TokenRows(Tensor):
         from lora_tools.io.safetensors import numpy_dtype
 
         comp = self.ckpt.components[self.target.component]
-        weight = comp.open(comp.file_for(self.target.key)).read(self.target.key).copy()
+        # a fresh array (the reader allocates it): its rows can be set in place
+        weight = comp.open(comp.file_for(self.target.key)).read(self.target.key)
         values = np.asarray(self.values.numpy())
         weight[list(self.rows)] = values.astype(numpy_dtype(self.dtype))
         return weight
