@@ -457,6 +457,8 @@ class _Naming:
 
     format: str
     kind: str
+    #: single-file key prefix -> its OpenCLIP text encoder's layout (None: another model)
+    _openclip: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def module(self, comp: Component, key: str) -> tuple[str, str | None, str, dict[str, str]]:
         """``(stem, component, path, keys)`` of the module updating base tensor ``key``."""
@@ -480,8 +482,24 @@ class _Naming:
             return comp.name, path
         for prefix, component in SINGLE_FILE_PREFIXES:
             if path.startswith(prefix):
-                return component, path[len(prefix) :]
+                return component, self._kohya_path(comp, prefix, path[len(prefix) :])
         return "unet", path
+
+    def _kohya_path(self, comp: Component, prefix: str, path: str) -> str:
+        """The module path kohya names: an OpenCLIP text encoder's (SD2's, SDXL's second) in
+        transformers' layout, as sd-scripts trains it and diffusers and ComfyUI map it
+        (``transformer.resblocks.0.attn.out_proj`` ->
+        ``text_model.encoder.layers.0.self_attn.out_proj``); every other model's as stored."""
+        layout = self._openclip.get(prefix)
+        if prefix not in self._openclip:
+            from lora_tools.layouts import open_clip
+
+            shapes = {
+                k[len(prefix) :]: tuple(comp.info(k).shape) for k in comp if k.startswith(prefix)
+            }
+            layout = self._openclip[prefix] = open_clip.from_native(shapes) if prefix else None
+        pieces = layout.to_diffusers(path) if layout is not None else ()
+        return pieces[0].diffusers if len(pieces) == 1 and pieces[0].whole else path
 
 
 class _ByteBudget:
@@ -870,6 +888,7 @@ class _Run:
                 to_save, lora_bias = self._peft_diffs(passthrough)
             elif self.format == "kohya":
                 self._kohya_diffs(passthrough)
+                self._kohya_diff_notes()
                 if self.resized:
                     self.notes.append(self._resized_note("kohya"))
             else:
@@ -892,6 +911,8 @@ class _Run:
                     "--keep-diffs stores the fine-tuned layer (PEFT modules_to_save), or "
                     "resize the base's embeddings first and extract from that"
                 )
+        if self.format == "kohya":
+            self._kohya_attention_note()
         if not self.loras and not passthrough:
             raise UsageError(
                 "nothing to extract: no changed weight becomes a LoRA module"
@@ -1026,6 +1047,41 @@ class _Run:
                 status=STORED,
                 reason=f"{row.reason}; stored as {stem}.diff" + ("_b" if leaf == "bias" else ""),
             )
+
+    def _kohya_diff_notes(self) -> None:
+        """What --keep-diffs could not store in a kohya file, and who reads what it did."""
+        left = [row.tensor for row in self.others if row.status == LISTED and row.frobenius]
+        if left:
+            self.notes.append(
+                f"{len(left)} changed tensors are not stored (e.g. {left[0]!r}): a kohya "
+                "file names a layer's .weight / .bias only (use --format peft to keep them)"
+            )
+        if any(row.status == STORED for row in self.others):
+            self.notes.append(
+                "the .diff / .diff_b tensors are applied by ComfyUI; diffusers' "
+                "load_lora_weights refuses an SD / SDXL kohya file holding them and drops "
+                "them from a Flux one (logged at info level only): for diffusers, extract "
+                "without --keep-diffs"
+            )
+
+    def _kohya_attention_note(self) -> None:
+        """diffusers (0.42) converts a kohya text encoder's ``self_attn_q/k/v_proj`` to the
+        old attention-processor names and renames those only when the same text encoder
+        has an ``out_proj`` module: without one they are dropped (transformers' load report
+        lists them as UNEXPECTED), or the file is refused ("Could not automatically infer
+        state dict type") when the text encoder has no other module."""
+        for prefix in ("lora_te_", "lora_te1_", "lora_te2_"):
+            stems = [s for s in self.loras if s.startswith(prefix)]
+            qkv = [s for s in stems if s.endswith(("_q_proj", "_k_proj", "_v_proj"))]
+            if qkv and not any(s.endswith("_self_attn_out_proj") for s in stems):
+                self.notes.append(
+                    f"{len(qkv)} text-encoder attention modules ({prefix}..., e.g. {qkv[0]!r}) "
+                    "and no self_attn_out_proj module beside them: diffusers' "
+                    "load_lora_weights does not load them (it renames q/k/v only in a text "
+                    "encoder with an out_proj module: it drops them, or refuses the file when "
+                    "the text encoder has no other module); ComfyUI applies them (from a pipeline folder, "
+                    "--format diffusers writes names diffusers loads)"
+                )
 
     def _listed_indices(self) -> list[int]:
         return [i for i, row in enumerate(self.others) if row.status == LISTED and row.frobenius]
