@@ -66,6 +66,22 @@ def kohya_sd_left(names: list[str]) -> list[str]:
     return [n for n in names if not n.endswith(KOHYA_SD_SUFFIXES) and not n.endswith(DORA_SUFFIX)]
 
 
+def kohya_flux_dropped(names: list[str]) -> tuple[list[str], list[str]]:
+    """Of a Flux kohya file's ``.diff`` / ``.diff_b`` tensors, ``(dropped, refused)`` by
+    ``_convert_kohya_flux_lora_to_diffusers`` (0.42, loaders/lora_conversion_utils.py): every
+    ``diff_b`` under lora_unet_ / lora_te_ / lora_te1_ is filtered out with an info log; once a
+    key holds both ``.norm`` and ``.diff`` every key with either goes the same way; any other
+    ``.diff`` is left for the converter, which raises ("Incompatible keys detected")."""
+    dropped = [
+        n for n in names if "diff_b" in n and n.startswith(("lora_unet_", "lora_te_", "lora_te1_"))
+    ]
+    rest = [n for n in names if ".diff_b" not in n]
+    if any(".norm" in n and ".diff" in n for n in rest):
+        dropped += [n for n in rest if ".norm" in n or ".diff" in n]
+        rest = [n for n in rest if not (".norm" in n or ".diff" in n)]
+    return dropped, [n for n in rest if n.endswith(".diff")]
+
+
 def kohya_sd_unprefixed(names: list[str]) -> list[str]:
     """The keys that stop a kohya file from being converted (none of the four prefixes)."""
     return [n for n in names if not n.startswith(KOHYA_SD_PREFIXES)]

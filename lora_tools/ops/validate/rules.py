@@ -205,6 +205,7 @@ _CATALOGUE = (
     Rule("LT543", "diffusers-dora-dropped", ERROR, "kohya DoRA scales diffusers filters out"),
     Rule("LT544", "diffusers-unconverted-kohya", ERROR, "kohya file diffusers does not convert"),
     Rule("LT545", "diffusers-scale-differs", ERROR, "module diffusers applies at another scale"),
+    Rule("LT546", "diffusers-diff-dropped", ERROR, "Flux kohya diff tensors diffusers filters out"),
     Rule("LT551", "comfyui-not-lora-file", ERROR, "ComfyUI does not load PEFT or MLX files"),
     Rule("LT552", "comfyui-unread-tensor", ERROR, "tensor ComfyUI's load_lora does not read"),
     Rule("LT553", "comfyui-scale-differs", ERROR, "module ComfyUI applies at another scale"),

@@ -764,6 +764,27 @@ def _diffusers(ctx: Context, adapter: Adapter, profile: Profile, deployment: Dep
                 hint="merge the adapter into the base (`loratool merge`), or load it with ComfyUI",
             )
             return
+    if adapter.format == "kohya" and any(n.startswith(facts.FLUX_KOHYA_PREFIXES) for n in names):
+        dropped, refused = facts.kohya_flux_dropped(names)
+        if refused:
+            ctx.add(
+                "LT542",
+                f"{who}'s Flux kohya converter takes no full diff tensors and refuses the file "
+                f'("Incompatible keys detected"): {len(refused)} tensor(s) such as '
+                f"{listed(refused)}",
+                module=refused[0],
+                hint="merge the adapter into the base (`loratool merge`), or load it with ComfyUI",
+            )
+            return
+        if dropped:
+            ctx.add(
+                "LT546",
+                f"{who}'s Flux kohya converter filters out {len(dropped)} diff tensor(s) with an "
+                f"info log only (a bias or norm change the file holds is not applied): "
+                f"{listed(dropped)}",
+                module=dropped[0],
+                hint="merge the adapter into the base (`loratool merge`), or load it with ComfyUI",
+            )
     dora = [n for n in names if n.endswith(facts.DORA_SUFFIX)]
     if dora:
         ctx.add(
