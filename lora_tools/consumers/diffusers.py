@@ -82,6 +82,30 @@ def kohya_flux_dropped(names: list[str]) -> tuple[list[str], list[str]]:
     return dropped, [n for n in rest if n.endswith(".diff")]
 
 
+def kohya_te_attention_dropped(stems: list[str]) -> dict[str, tuple[list[str], bool]]:
+    """Per kohya text-encoder prefix (``lora_te_``, ``lora_te1_``, ``lora_te2_``): the
+    ``self_attn_q/k/v_proj`` modules diffusers 0.42 does not load, and whether it then refuses
+    the file. ``_convert_text_encoder_lora_key`` renames them to the old attention-processor
+    names (``to_q_lora``), which ``convert_state_dict_to_diffusers`` / ``_to_peft`` take as old
+    diffusers only when a key of the same text encoder holds ``to_out_lora`` (an
+    ``self_attn_out_proj`` module); otherwise they stay unexpected keys (dropped, in
+    transformers' load report), or, when the text encoder has nothing else, no state-dict type
+    is inferred ("Could not automatically infer state dict type")."""
+    out: dict[str, tuple[list[str], bool]] = {}
+    for prefix in ("lora_te_", "lora_te1_", "lora_te2_"):
+        mine = [s for s in stems if s.startswith(prefix)]
+        if any(s.endswith("_self_attn_out_proj") for s in mine):
+            continue
+        qkv = [
+            s
+            for s in mine
+            if s.endswith(("_self_attn_q_proj", "_self_attn_k_proj", "_self_attn_v_proj"))
+        ]
+        if qkv:
+            out[prefix] = (qkv, len(qkv) == len(mine))
+    return out
+
+
 def kohya_sd_unprefixed(names: list[str]) -> list[str]:
     """The keys that stop a kohya file from being converted (none of the four prefixes)."""
     return [n for n in names if not n.startswith(KOHYA_SD_PREFIXES)]

@@ -130,6 +130,8 @@ def test_kohya_text_encoder_q_proj_without_out_proj_is_noted(tmp_path, sd_ft) ->
     write_adapter(result.adapter, out, [])
     consumed = oracle.diffusers_consume(SD, out)
     assert any("UNEXPECTED" in m for m in consumed.messages)  # what the note says
+    found = [(f.rule.code, f.module) for f in validate([out], profiles="diffusers").findings]
+    assert ("LT547", stem) in found
     q = "text_encoder/encoder.layers.0.self_attn.q_proj.weight"
     np.testing.assert_array_equal(consumed.merged[q], consumed.base[q])
     # with q_proj alone in the text encoder, diffusers refuses the file
@@ -138,6 +140,12 @@ def test_kohya_text_encoder_q_proj_without_out_proj_is_noted(tmp_path, sd_ft) ->
     write_adapter(alone.adapter, tmp_path / "alone.safetensors", [])
     with pytest.raises(ValueError, match="Could not automatically infer"):
         oracle.diffusers_consume(SD, tmp_path / "alone.safetensors")
+    (finding,) = [
+        f
+        for f in validate([tmp_path / "alone.safetensors"], profiles="diffusers").findings
+        if f.rule.code == "LT547"
+    ]
+    assert "refuses the file" in finding.message
     # with out_proj beside it (the full extract above), no note
     assert not [
         n for n in extract(SD, sd_ft, rank=2, format="kohya").notes if "no self_attn_out_proj" in n

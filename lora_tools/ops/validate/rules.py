@@ -206,6 +206,12 @@ _CATALOGUE = (
     Rule("LT544", "diffusers-unconverted-kohya", ERROR, "kohya file diffusers does not convert"),
     Rule("LT545", "diffusers-scale-differs", ERROR, "module diffusers applies at another scale"),
     Rule("LT546", "diffusers-diff-dropped", ERROR, "Flux kohya diff tensors diffusers filters out"),
+    Rule(
+        "LT547",
+        "diffusers-text-encoder-qkv-dropped",
+        ERROR,
+        "kohya text-encoder q/k/v diffusers does not load",
+    ),
     Rule("LT551", "comfyui-not-lora-file", ERROR, "ComfyUI does not load PEFT or MLX files"),
     Rule("LT552", "comfyui-unread-tensor", ERROR, "tensor ComfyUI's load_lora does not read"),
     Rule("LT553", "comfyui-scale-differs", ERROR, "module ComfyUI applies at another scale"),

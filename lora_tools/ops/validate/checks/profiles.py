@@ -764,6 +764,24 @@ def _diffusers(ctx: Context, adapter: Adapter, profile: Profile, deployment: Dep
                 hint="merge the adapter into the base (`loratool merge`), or load it with ComfyUI",
             )
             return
+        for prefix, (dropped, refused) in facts.kohya_te_attention_dropped(
+            list(adapter.modules)
+        ).items():
+            what = (
+                'refuses the file ("Could not automatically infer state dict type")'
+                if refused
+                else "leaves them as unexpected keys (not loaded; transformers' load report "
+                "lists them)"
+            )
+            ctx.add(
+                "LT547",
+                f"{who} renames a kohya text encoder's q/k/v modules only when the same text "
+                f"encoder ({prefix}) has a self_attn_out_proj module; it has none, so diffusers "
+                f"{what}: {len(dropped)} module(s) such as {listed(dropped)}",
+                module=dropped[0],
+                hint="convert the file to diffusers names (`loratool convert ADAPTER --to "
+                "diffusers --base BASE -o OUT`), or load it with ComfyUI",
+            )
     if adapter.format == "kohya" and any(n.startswith(facts.FLUX_KOHYA_PREFIXES) for n in names):
         dropped, refused = facts.kohya_flux_dropped(names)
         if refused:
