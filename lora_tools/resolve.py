@@ -704,22 +704,25 @@ def _tied_head(ckpt: Checkpoint, component: str | None, path: str) -> tuple[Comp
     checkpoint without a tensor of its own for the head: a tied model (GPT-2, Gemma, small
     Llamas) saves the shared weight once, as the embedding's, and the head *is* that weight, so
     PEFT's merge of a LoRA on the head changes it (the input embeddings with it)."""
-    path = path.removesuffix(".weight")
-    if path.rpartition(".")[2] not in HEAD_NAMES:
+    if _layer_name(path.removesuffix(".weight")) not in HEAD_NAMES:
         return None
     for comp in _candidate_components(ckpt, component):
-        if any(k.rpartition(".")[0].rpartition(".")[2] in HEAD_NAMES for k in comp):
+        layers = {k: _layer_name(k.rpartition(".")[0]) for k in comp}
+        if any(layer in HEAD_NAMES for layer in layers.values()):
             return None  # the head has its own tensor: not tied
         found = [
             k
-            for k in comp
-            if k.endswith(".weight")
-            and k.split(".")[-2:-1]
-            and k.split(".")[-2] in INPUT_EMBEDDING_NAMES
+            for k, layer in layers.items()
+            if k.endswith(".weight") and layer in INPUT_EMBEDDING_NAMES
         ]
         if len(found) == 1:
             return comp, found[0]
     return None
+
+
+def _layer_name(path: str) -> str:
+    """The last segment of a module path (``model.embed_tokens`` -> ``embed_tokens``)."""
+    return path.rpartition(".")[2]
 
 
 #: The layer lists PEFT's replicate_layers finds (``model.layers``, BERT's ``encoder.layer``,
@@ -1068,6 +1071,7 @@ def _passthrough(adapter: Adapter, ckpt: Checkpoint) -> FullTensors:
     adapter's own modules (a saved ``<module>.base_layer.weight``: a tied ``lm_head`` has no
     tensor of its own in the checkpoint) is left to that module's resolution."""
     out = FullTensors()
+    owned = _module_stems(adapter)
     for key, tensor in adapter.passthrough.items():
         component, rest = split_stem(key)
         if classify_foreign(key) is not None or not (key.startswith(PEFT_PREFIX) or component):
@@ -1092,7 +1096,7 @@ def _passthrough(adapter: Adapter, ckpt: Checkpoint) -> FullTensors:
             tied = _tied_head(ckpt, component, rest)
             if tied is not None and tuple(tied[0].info(tied[1]).shape) == tuple(tensor.shape):
                 out.targets[key] = _target(*tied)  # the head's copy is the shared weight's
-        if key in out.targets or _of_a_module(adapter, key):
+        if key in out.targets or _of_a_module(owned, key):
             continue
         if other is not None:
             comp, path = other
@@ -1174,15 +1178,20 @@ def _saved_module(adapter: Adapter, path: str) -> str | None:
     return None
 
 
-def _of_a_module(adapter: Adapter, key: str) -> bool:
-    """``key`` lies under one of the adapter's modules (``<module>.base_layer.weight``, an
+def _module_stems(adapter: Adapter) -> set[str]:
+    """The stems of every module of the adapter: LoRA, computed types and detected ones."""
+    foreign = (stem for stems in adapter.foreign.values() for stem in stems)
+    return {*adapter.modules, *adapter.deltas, *foreign}
+
+
+def _of_a_module(stems: set[str], key: str) -> bool:
+    """``key`` lies under one of the modules ``stems`` (``<module>.base_layer.weight``, an
     AdaLoRA ``lora_E``, a KaSA ``lora_diag``...): that module's own resolution (or, for a type
     loratool does not compute, its refusal) says whether it fits the base."""
     stem = key
-    foreign = adapter._foreign_seen.values()
     while "." in stem:
         stem = stem.rpartition(".")[0]
-        if stem in adapter.modules or stem in adapter.deltas or any(stem in s for s in foreign):
+        if stem in stems:
             return True
     return False
 

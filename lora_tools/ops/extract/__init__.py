@@ -1065,23 +1065,20 @@ class _Run:
             )
 
     def _kohya_attention_note(self) -> None:
-        """diffusers (0.42) converts a kohya text encoder's ``self_attn_q/k/v_proj`` to the
-        old attention-processor names and renames those only when the same text encoder
-        has an ``out_proj`` module: without one they are dropped (transformers' load report
-        lists them as UNEXPECTED), or the file is refused ("Could not automatically infer
-        state dict type") when the text encoder has no other module."""
-        for prefix in ("lora_te_", "lora_te1_", "lora_te2_"):
-            stems = [s for s in self.loras if s.startswith(prefix)]
-            qkv = [s for s in stems if s.endswith(("_q_proj", "_k_proj", "_v_proj"))]
-            if qkv and not any(s.endswith("_self_attn_out_proj") for s in stems):
-                self.notes.append(
-                    f"{len(qkv)} text-encoder attention modules ({prefix}..., e.g. {qkv[0]!r}) "
-                    "and no self_attn_out_proj module beside them: diffusers' "
-                    "load_lora_weights does not load them (it renames q/k/v only in a text "
-                    "encoder with an out_proj module: it drops them, or refuses the file when "
-                    "the text encoder has no other module); ComfyUI applies them (from a pipeline folder, "
-                    "--format diffusers writes names diffusers loads)"
-                )
+        """A kohya text encoder's ``self_attn_q/k/v_proj`` modules without an ``out_proj``
+        module beside them, which diffusers does not load
+        (:func:`lora_tools.consumers.diffusers.kohya_te_attention_dropped`, LT547)."""
+        from lora_tools.consumers.diffusers import kohya_te_attention_dropped
+
+        for prefix, (qkv, _) in kohya_te_attention_dropped(list(self.loras)).items():
+            self.notes.append(
+                f"{len(qkv)} text-encoder attention modules ({prefix}..., e.g. {qkv[0]!r}) "
+                "and no self_attn_out_proj module beside them: diffusers' "
+                "load_lora_weights does not load them (it renames q/k/v only in a text "
+                "encoder with an out_proj module: it drops them, or refuses the file when "
+                "the text encoder has no other module); ComfyUI applies them (from a pipeline "
+                "folder, --format diffusers writes names diffusers loads)"
+            )
 
     def _listed_indices(self) -> list[int]:
         return [i for i, row in enumerate(self.others) if row.status == LISTED and row.frobenius]
